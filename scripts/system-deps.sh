@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian/Ubuntu packages fedge's set-up needs, only when something is missing.
+# Runs as root (CI) or through sudo; does nothing on a machine that already has everything.
+set -euo pipefail
+
+need=()
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
+command -v make >/dev/null || need+=(make)
+
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+if ! command -v apt-get >/dev/null; then
+    echo "system-deps: missing ${need[*]} and no apt-get here; install them by hand" >&2
+    exit 1
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+echo "system-deps: installing ${need[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
