@@ -1,0 +1,47 @@
+"""PNG plots of training runs (matplotlib, from the ``demo`` extra; headless Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from protocol.errors import FedgeError
+
+
+def plot_history(
+    path: Path,
+    title: str,
+    steps: Sequence[int],
+    train_loss: Sequence[float],
+    test_loss: Sequence[float],
+    test_metric: Sequence[float | None],
+    metric_name: str = "held-out accuracy",
+    step_name: str = "epoch",
+) -> Path:
+    """Loss (left axis) and accuracy (right axis) per epoch or round, written as a PNG."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional, demo-only dependency
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        raise FedgeError("plotting needs matplotlib: pip install 'fedge[demo]'") from None
+    fig, ax_loss = plt.subplots(figsize=(7, 4), dpi=100)
+    ax_loss.plot(steps, train_loss, label="train loss", color="tab:blue")
+    ax_loss.plot(steps, test_loss, label="held-out loss", color="tab:orange")
+    ax_loss.set_xlabel(step_name)
+    ax_loss.set_ylabel("loss")
+    metric = [m for m in test_metric if m is not None]
+    if metric:
+        ax_acc = ax_loss.twinx()
+        ax_acc.plot(steps[: len(metric)], metric, label=metric_name, color="tab:green")
+        ax_acc.set_ylabel(metric_name)
+        ax_acc.set_ylim(0.0, 1.0)
+        ax_acc.legend(loc="lower right")
+    ax_loss.legend(loc="upper right")
+    ax_loss.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
