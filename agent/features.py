@@ -77,6 +77,8 @@ def window_labels(labels: np.ndarray, window: WindowSpec | None, kind: ModelKind
     arr = np.asarray(labels)
     if arr.ndim != 1:
         raise FeatureError(f"labels must be one-dimensional, got shape {arr.shape}")
+    if kind == "classification" and arr.size and arr.min() < 0:
+        raise FeatureError("class indices must be >= 0")
     if window is None:
         return arr.astype(np.int32 if kind == "classification" else np.float32)
     n_win = window_count(arr.shape[0], window)
@@ -86,8 +88,6 @@ def window_labels(labels: np.ndarray, window: WindowSpec | None, kind: ModelKind
     if kind == "regression":
         means: np.ndarray = win.astype(np.float64).mean(axis=1).astype(np.float32)
         return means
-    if arr.size and arr.min() < 0:
-        raise FeatureError("class indices must be >= 0")
     counts = np.apply_along_axis(np.bincount, 1, win.astype(np.int64), minlength=int(arr.max()) + 1)
     majority: np.ndarray = counts.argmax(axis=1).astype(np.int32)
     return majority

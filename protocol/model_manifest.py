@@ -24,7 +24,7 @@ from protocol.task import TaskSpec, task_spec_from_dict
 MANIFEST_FORMAT = "fedge-model/1"
 #: Manifests are small; anything larger is refused before ``json.loads`` allocates it.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch
 
 #: Signature names and their input/output names, identical in every fedge model.
 SIGNATURES: dict[str, dict[str, list[str]]] = {
@@ -90,7 +90,10 @@ class Normalisation:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
             ):
                 raise ManifestError(f"normalisation.{key}: must be a list of numbers")
-        return Normalisation(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+        try:
+            return Normalisation(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+        except OverflowError:  # an integer beyond float range
+            raise ManifestError("normalisation: values must be finite") from None
 
 
 @dataclass(frozen=True)
@@ -141,12 +144,20 @@ class ModelManifest:
 
 def manifest_from_json(raw: bytes | str) -> ModelManifest:
     """Parse and cross-check a manifest; every inconsistency is a :class:`ManifestError`."""
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest is {len(raw)} bytes, over the limit {MAX_MANIFEST_BYTES}")
+    # Checked on the cheap length first, then on the UTF-8 size of a str (a character may be
+    # up to 4 bytes), before json.loads allocates anything.
+    size = len(raw)
+    if size <= MAX_MANIFEST_BYTES and isinstance(raw, str):
+        size = len(raw.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest is over the limit of {MAX_MANIFEST_BYTES} bytes")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors; so is an integer over
+        # Python's digit limit. Deep nesting exhausts the decoder's recursion.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ManifestError(f"manifest is not valid JSON: {reason}") from None
     if not isinstance(data, dict):
         raise ManifestError("manifest must be a JSON object")
     if data.get("format") != MANIFEST_FORMAT:
@@ -158,7 +169,7 @@ def manifest_from_json(raw: bytes | str) -> ModelManifest:
     except FedgeError as exc:
         raise ManifestError(f"manifest: {exc}") from None
     for key in ("model_sha256", "initial_weights_sha256"):
-        if not isinstance(data.get(key), str) or not _SHA256_RE.match(data[key]):
+        if not isinstance(data.get(key), str) or not _SHA256_RE.fullmatch(data[key]):
             raise ManifestError(f"manifest: {key} must be 64 lowercase hex digits")
     model_file = data.get("model_file")
     if not isinstance(model_file, str) or "/" in model_file or model_file in ("", ".", ".."):
@@ -187,14 +198,24 @@ def manifest_from_json(raw: bytes | str) -> ModelManifest:
         tensorflow_version=tf_version,
     )
     # Derived fields must agree with the task: a manifest edited by hand is caught here.
-    if data.get("parameter_count") != manifest.parameter_count:
-        raise ManifestError(
-            f"manifest: parameter_count {data.get('parameter_count')} does not match the task's "
-            f"{manifest.parameter_count}"
-        )
-    if data.get("task_sha256") != task.sha256():
+    # Compared as canonical JSON, so 5447.0 or "5447" does not pass for 5447.
+    if _canonical(data.get("task_sha256")) != _canonical(task.sha256()):
         raise ManifestError("manifest: task_sha256 does not match the embedded task")
+    expected = manifest.to_dict()
+    for key in _DERIVED_FIELDS:
+        if _canonical(data.get(key)) != _canonical(expected[key]):
+            raise ManifestError(
+                f"manifest: {key} {_canonical(data.get(key))[:80]} does not match the task's "
+                f"{_canonical(expected[key])[:80]}"
+            )
     return manifest
+
+
+_DERIVED_FIELDS = ("parameter_count", "layout", "input_dim", "output_dim", "feature_names", "signatures")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def normalisation_from_moments(

@@ -41,7 +41,7 @@ WINDOW_STATISTICS: tuple[str, ...] = (
 ModelKind = Literal["classification", "regression"]
 OptimizerName = Literal["sgd", "adam"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
 # Guards against specs that would build absurd models on a gateway or a board.
 MAX_FEATURES = 4096
 MAX_HIDDEN_UNITS = 4096
@@ -168,8 +168,11 @@ def parse_task_spec(text: str) -> TaskSpec:
     """Parse TOML text into a validated :class:`TaskSpec`."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TaskSpecError("<toml>", f"not valid TOML: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # TOMLDecodeError is a ValueError; so is an integer literal over Python's digit limit,
+        # and deeply nested arrays exhaust the parser's recursion.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise TaskSpecError("<toml>", f"not valid TOML: {reason}") from None
     return task_spec_from_dict(data)
 
 
@@ -182,6 +185,8 @@ def task_spec_from_dict(data: Mapping[str, Any]) -> TaskSpec:
     if not isinstance(data, Mapping):
         raise TaskSpecError("<root>", "must be a table")
     # Accept both the TOML layout ([task] name=...) and the canonical JSON layout (name=...).
+    if "task" not in data and "name" not in data:
+        raise TaskSpecError("task", "missing table")
     if "task" in data:
         _only_keys(data, "", {"task", "features", "label", "model", "training"})
         head = _table(data, "task")
@@ -304,7 +309,8 @@ _MISSING = object()
 def _only_keys(t: Mapping[str, Any], where: str, allowed: set[str]) -> None:
     for key in t:
         if key not in allowed:
-            path = f"{where}.{key}" if where else str(key)
+            shown = str(key) if key else "<empty key>"
+            path = f"{where}.{shown}" if where else shown
             raise TaskSpecError(path, f"unknown key; expected one of: {', '.join(sorted(allowed))}")
 
 
@@ -336,7 +342,7 @@ def _str(t: Mapping[str, Any], path: str, default: Any = _MISSING) -> str:
 
 def _name(t: Mapping[str, Any], path: str) -> str:
     value = _str(t, path)
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise TaskSpecError(path, f"{value!r} is not a valid name (letters, digits, _ . -)")
     return value
 
@@ -356,7 +362,7 @@ def _name_list(t: Mapping[str, Any], path: str, max_len: int) -> tuple[str, ...]
     if len(names) > max_len:
         raise TaskSpecError(path, f"more than {max_len} entries")
     for i, n in enumerate(names):
-        if not _NAME_RE.match(n):
+        if not _NAME_RE.fullmatch(n):
             raise TaskSpecError(f"{path}[{i}]", f"{n!r} is not a valid resource name")
     if len(set(names)) != len(names):
         raise TaskSpecError(path, "lists a resource twice")
@@ -376,7 +382,10 @@ def _float(t: Mapping[str, Any], path: str, default: Any) -> float:
     value = _get(t, path, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TaskSpecError(path, "must be a number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float range, e.g. 10**400 in a JSON manifest
+        raise TaskSpecError(path, "must be finite") from None
     if not math.isfinite(value):
         raise TaskSpecError(path, "must be finite")
     return value
