@@ -107,7 +107,7 @@ def test_shipped_har_watch_spec_parses_with_documented_shape() -> None:
     # Hyper-parameter values are tuned over time; only their kind and validity are pinned here.
     assert isinstance(spec.training.learning_rate, float) and spec.training.learning_rate > 0
     assert 0 <= spec.training.momentum < 1
-    assert (spec.training.batch_size, spec.training.local_epochs) == (32, 1)
+    assert (spec.training.batch_size, spec.training.local_epochs) == (32, 3)
     assert (spec.input_dim, spec.output_dim) == (48, 7)
     assert spec.layer_sizes == (48, 64, 32, 7)
 
