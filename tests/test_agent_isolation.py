@@ -78,7 +78,7 @@ def _imports(package: str) -> dict[str, set[str]]:
 
 def test_dependencies_point_one_way() -> None:
     forbidden = {
-        "protocol": {"agent", "aggregator", "fedge", "tensorflow", "numpy", "paho", "requests", "socket"},
+        "protocol": {"agent", "aggregator", "fedge", "tensorflow", "paho", "requests", "socket", "sqlite3"},
         "agent": {"aggregator", "fedge", "tensorflow", "keras", "seglearn", "pandas"},
         "aggregator": {"agent", "fedge"},
     }
