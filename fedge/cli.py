@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedge import __version__
 from protocol.errors import FedgeError
@@ -87,7 +88,11 @@ def cmd_train_local(args: argparse.Namespace) -> int:
 
     bar = ProgressBar("train-local", enabled=False if args.no_progress else None)
     result = train_local(
-        task, args.epochs, seed=args.seed, model_dir=args.model_dir, runtime=args.runtime,
+        task,
+        args.epochs,
+        seed=args.seed,
+        model_dir=args.model_dir,
+        runtime=args.runtime,
         progress=bar,
     )
     if args.plot is not None:
@@ -124,6 +129,90 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(verbose: bool) -> None:
+    import logging  # noqa: PLC0415
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_aggregator_run(args: argparse.Namespace) -> int:
+    from aggregator.config import load_aggregator_config  # noqa: PLC0415
+    from aggregator.service import run_aggregator  # noqa: PLC0415
+
+    config = load_aggregator_config(args.config, os.environ)
+    _setup_logging(args.verbose)
+    return run_aggregator(config)
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    from agent.config import load_agent_config  # noqa: PLC0415
+    from agent.service import run_agent  # noqa: PLC0415
+
+    config = load_agent_config(args.config, os.environ)
+    _setup_logging(args.verbose)
+    subject = config.data.subject
+
+    def har_watch_data(task: TaskSpec) -> tuple[Any, Any]:
+        # Until the EdgeX issue, a device's data is one subject of the recorded data set.
+        from fedge.har_watch import load_devices  # noqa: PLC0415 - needs the demo extra
+
+        data = load_devices(task, [subject])[subject]
+        return data.x, data.y
+
+    return run_agent(config, har_watch_data)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedge.demo import DemoOptions, render_table, run_demo, write_outputs  # noqa: PLC0415
+
+    task = read_task(args.task)
+    _quiet_tensorflow()
+    options = DemoOptions(
+        task=task,
+        out=args.out,
+        devices=args.devices,
+        rounds=args.rounds,
+        codec=args.codec,
+        broker_url=args.broker,
+        round_timeout_s=args.round_timeout,
+        min_devices=args.min_devices,
+        mqtt_protocol=3 if args.mqtt_v311 else 5,
+        server_learning_rate=args.server_lr,
+    )
+    progress = _demo_progress(args.rounds, enabled=not args.json and not args.no_progress)
+    summary = run_demo(options, on_progress=progress)
+    summary_path, plot = write_outputs(summary, args.out)
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(render_table(summary))
+        print(f"summary: {summary_path}" + (f"\nplot: {plot}" if plot else ""))
+    return 0
+
+
+def _demo_progress(rounds: int, enabled: bool) -> Any:
+    from fedge.progress import ProgressBar  # noqa: PLC0415
+
+    bar = ProgressBar("fedge demo", enabled=None if enabled else False)
+
+    def show(observer: Any) -> None:
+        view = observer.view
+        done = max((e.after_round for e in view.evaluations), default=0)
+        acc = next((e.accuracy for e in reversed(view.evaluations)), None)
+        status = view.aggregator_status
+        reported = len(status.get("reported", []))
+        suffix = f"round {min(done + 1, rounds)}/{rounds} devices {reported}/{status.get('selected', 0)}"
+        if acc is not None:
+            suffix += f" held-out acc {acc:.3f}"
+        bar(done, rounds, suffix)
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedge", description="Federated learning for IoT edge devices in smart buildings."
@@ -150,13 +239,44 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
     tl.add_argument("--model-dir", type=Path, help="use a model from 'fedge model build'")
     tl.add_argument(
-        "--runtime", choices=["auto", "ai_edge_litert", "tflite_runtime"], default="auto",
+        "--runtime",
+        choices=["auto", "ai_edge_litert", "tflite_runtime"],
+        default="auto",
         help="TFLite runtime (default: ai_edge_litert, else tflite_runtime)",
     )
     tl.add_argument("--plot", type=Path, help="write a PNG of loss and accuracy per epoch")
     tl.add_argument("--json", action="store_true", help="print the result as JSON")
     tl.add_argument("--no-progress", action="store_true", help="no progress bar")
     tl.set_defaults(func=cmd_train_local)
+
+    agg = sub.add_parser("aggregator", help="the gateway side: federated rounds over MQTT")
+    agg_sub = agg.add_subparsers(dest="aggregator_command", metavar="SUBCOMMAND", required=True)
+    agg_run = agg_sub.add_parser("run", help="run the round engine")
+    agg_run.add_argument("--config", type=Path, required=True, help="aggregator config (TOML)")
+    agg_run.add_argument("--verbose", action="store_true")
+    agg_run.set_defaults(func=cmd_aggregator_run)
+
+    ag = sub.add_parser("agent", help="the device side: train locally, send sealed updates")
+    ag_sub = ag.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", required=True)
+    ag_run = ag_sub.add_parser("run", help="run the device agent")
+    ag_run.add_argument("--config", type=Path, required=True, help="agent config (TOML)")
+    ag_run.add_argument("--verbose", action="store_true")
+    ag_run.set_defaults(func=cmd_agent_run)
+
+    demo = sub.add_parser("demo", help="broker + aggregator + agents on the real smartwatch data")
+    demo.add_argument("--task", type=Path, default=Path("tasks/har-watch.toml"), help="task spec (TOML)")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory")
+    demo.add_argument("--devices", type=int, default=7, help="number of devices (1-7, default 7)")
+    demo.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
+    demo.add_argument("--codec", choices=["fp32", "fp16", "int8"], default="fp32", help="update encoding")
+    demo.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
+    demo.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds")
+    demo.add_argument("--min-devices", type=int, help="quorum per round (default: half the devices)")
+    demo.add_argument("--server-lr", type=float, default=1.5, help="server learning rate (default 1.5)")
+    demo.add_argument("--mqtt-v311", action="store_true", help="MQTT 3.1.1 instead of MQTT 5")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

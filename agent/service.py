@@ -1,0 +1,445 @@
+"""``fedge agent run``: the device's I/O shell around the trainer.
+
+Threads: paho's network thread only verifies nothing and queues (manifests, blobs, acks); one
+worker thread verifies manifests, fetches blobs, trains and seals. Sealed messages go through
+the on-disk outbox first and leave it only when the broker acknowledges them (PUBACK), so an
+update survives a crash or a broker outage; updates of rounds that closed are dropped (and
+logged) when a newer manifest arrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from nacl.public import PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import AgentConfig
+from agent.device_state import DeviceStateStore, ManifestRollbackError
+from agent.outbox import Outbox
+from agent.trainer import LiteRTTrainer
+from protocol.config_source import ConfigError
+from protocol.errors import FedgeError
+from protocol.messages import Evaluation, encode_moments, encode_update
+from protocol.round_manifest import RoundManifest, RoundManifestError, round_manifest_from_dict
+from protocol.sealing import SealedHeader, private_key_from_text, seal
+from protocol.signing import SignatureError, verify_document
+from protocol.task import TaskSpec
+from protocol.topics import FleetTopics
+
+log = logging.getLogger("fedge.agent")
+MANIFEST_DOC_TYPE = "round-manifest"
+MAX_MANIFEST_FRAME_BYTES = 8 * 1024 * 1024
+MAX_BLOB_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """The device's own samples (raw features), split into training and held-out parts."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_holdout: np.ndarray
+    y_holdout: np.ndarray
+
+
+def split_holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> LocalData:
+    """A seeded random split; the held-out part evaluates each received global model."""
+    order = np.random.default_rng(seed).permutation(x.shape[0])
+    n_hold = round(fraction * x.shape[0])
+    hold, train = order[:n_hold], order[n_hold:]
+    return LocalData(x[train], y[train], x[hold], y[hold])
+
+
+#: Turns the device's local readings into (features, labels) as a task spec says.
+DataProvider = Callable[[TaskSpec], tuple[np.ndarray, np.ndarray]]
+
+
+class AgentService:
+    def __init__(
+        self, config: AgentConfig, data_provider: DataProvider, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self.data_provider = data_provider
+        self.data: LocalData | None = None
+        self._data_task: str | None = None
+        self.clock = clock
+        self.topics = FleetTopics(config.fleet)
+        try:
+            key_text = config.key_file.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read device key {config.key_file}: {exc}") from None
+        self.device_key: PrivateKey = private_key_from_text(key_text)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state = DeviceStateStore(config.state_dir / "state.json")
+        self.state.load()  # a corrupt state file is an error now, not a silent reset
+        self.outbox = Outbox(config.state_dir / "outbox.sqlite")
+        self.trainer: LiteRTTrainer | None = None
+        self.model_sha256: str | None = None
+        self.current: RoundManifest | None = None
+        self.rejected_manifests: dict[str, int] = {}
+        self.phase_state = "starting"
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending_manifest: bytes | None = None
+        self._blobs: dict[str, bytes] = {}
+        self._wanted_blobs: set[str] = set()
+        # Outbox message id -> paho's handle; PUBACK is read off the handle by the worker, so no
+        # lock is ever held across client.publish() (paho calls back under its own mutex).
+        self._in_flight: dict[int, mqtt.MQTTMessageInfo] = {}
+        self.stop_requested = threading.Event()
+        self.connected = threading.Event()
+        self.client = self._make_client()
+
+    # --- MQTT --------------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.config.mqtt
+        if s.protocol == 5:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=s.client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=False,
+            )
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.tls:
+            client.tls_set()
+        offline = json.dumps({"device_id": self.config.device_id, "state": "offline"}).encode()
+        client.will_set(self.topics.status(self.config.device_id), offline, qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _connect(self) -> None:
+        s = self.config.mqtt
+        if s.protocol == 5:
+            # clean_start=False with a session expiry: the broker keeps our subscriptions and
+            # queued QoS 1 messages across our reconnects and its own restarts.
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.session_expiry_s
+            self.client.connect_async(s.host, s.port, s.keepalive, clean_start=False, properties=props)
+        else:
+            self.client.connect_async(s.host, s.port, s.keepalive)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        client.subscribe([(self.topics.manifest, 1)])
+        with self._lock:
+            for sha in self._wanted_blobs:
+                client.subscribe(self.topics.blob(sha), qos=1)
+        self.connected.set()
+        log.info("connected to %s", self.config.mqtt.url)
+        self._publish_status()
+        with self._wake:
+            self._wake.notify_all()  # the worker flushes the outbox
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        self.connected.clear()
+        if not self.stop_requested.is_set():
+            log.warning("disconnected (%s); reconnecting with backoff", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
+        with self._wake:
+            if msg.topic == self.topics.manifest:
+                if payload:
+                    self._pending_manifest = payload  # only the newest matters
+            elif msg.topic.startswith(self.topics.base + "/blob/"):
+                sha = msg.topic.rsplit("/", 1)[-1]
+                if (
+                    sha in self._wanted_blobs
+                    and len(payload) <= MAX_BLOB_BYTES
+                    and hashlib.sha256(payload).hexdigest() == sha
+                ):
+                    self._blobs[sha] = payload
+            self._wake.notify_all()
+
+    def _publish_status(self) -> None:
+        with self._lock:
+            status = self.status()
+        self.client.publish(
+            self.topics.status(self.config.device_id), json.dumps(status).encode(), qos=1, retain=True
+        )
+
+    def status(self) -> dict[str, Any]:
+        st = self.state.load()
+        outbox = self.outbox.stats()
+        return {
+            "device_id": self.config.device_id,
+            "state": self.phase_state,
+            "model_version": st.manifest_version,
+            "round_id": self.current.round_id if self.current else None,
+            "samples": int(self.data.x_train.shape[0]) if self.data else None,
+            "holdout_samples": int(self.data.x_holdout.shape[0]) if self.data else None,
+            "runtime": self.trainer.runtime.name if self.trainer else None,
+            "outbox_pending": outbox.pending,
+            "outbox_dropped_total": outbox.dropped_total,
+            "rejected_manifests": dict(self.rejected_manifests),
+            "last_error": self.last_error,
+            "time": self.clock(),
+        }
+
+    # --- the worker ----------------------------------------------------------------------------
+
+    def _flush_outbox(self) -> None:
+        """Acknowledges what the broker PUBACKed, then publishes what is not yet in flight."""
+        for message_id, info in list(self._in_flight.items()):
+            if info.is_published():
+                self.outbox.acknowledge(message_id)
+                del self._in_flight[message_id]
+                log.info("message %d acknowledged by the broker", message_id)
+        if not self.connected.is_set():
+            return
+        for message in self.outbox.pending():
+            if message.id in self._in_flight:
+                continue  # paho itself retries messages in flight on this session
+            info = self.client.publish(message.topic, message.payload, qos=message.qos)
+            self.outbox.mark_in_flight(message.id, info.mid)
+            self.outbox.record_attempt(message.id)
+            self._in_flight[message.id] = info
+
+    def _reject_manifest(self, reason: str, detail: str) -> None:
+        self.rejected_manifests[reason] = self.rejected_manifests.get(reason, 0) + 1
+        self.last_error = f"manifest rejected: {detail}"
+        log.warning("manifest rejected (%s): %s", reason, detail)
+
+    def _accept_manifest(self, frame: bytes) -> RoundManifest | None:
+        if len(frame) > MAX_MANIFEST_FRAME_BYTES:
+            self._reject_manifest("too_large", f"{len(frame)} bytes")
+            return None
+        try:
+            doc, _ = verify_document(
+                frame, MANIFEST_DOC_TYPE, self.config.trusted_keys, MAX_MANIFEST_FRAME_BYTES
+            )
+            manifest = round_manifest_from_dict(doc)
+        except SignatureError as exc:
+            self._reject_manifest(exc.reason, str(exc))
+            return None
+        except RoundManifestError as exc:
+            self._reject_manifest("bad_manifest", str(exc))
+            return None
+        if manifest.fleet != self.config.fleet:
+            self._reject_manifest("wrong_fleet", f"manifest for fleet {manifest.fleet!r}")
+            return None
+        if self.clock() > manifest.expires_at:
+            self._reject_manifest("expired", f"manifest v{manifest.version} expired")
+            return None
+        try:
+            is_new = self.state.accept_manifest(manifest.version, manifest.sha256())
+        except ManifestRollbackError as exc:
+            self._reject_manifest("rollback", str(exc))
+            return None
+        if not is_new and self.current is not None and self.current.version == manifest.version:
+            return None  # the same manifest again (retained re-delivery)
+        return manifest
+
+    def _fetch_blobs(self, manifest: RoundManifest) -> tuple[bytes, bytes] | None:
+        wanted = {manifest.model_sha256, manifest.weights_sha256}
+        if self.model_sha256 == manifest.model_sha256:
+            wanted.discard(manifest.model_sha256)
+        with self._wake:
+            self._wanted_blobs = set(wanted)
+            self._blobs = {k: v for k, v in self._blobs.items() if k in wanted}
+        for sha in wanted:
+            self.client.subscribe(self.topics.blob(sha), qos=1)
+        deadline = time.monotonic() + self.config.blob_timeout_s
+        with self._wake:
+            while not wanted <= set(self._blobs):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.stop_requested.is_set() or self._pending_manifest is not None:
+                    break
+                self._wake.wait(min(remaining, 0.5))
+            got = dict(self._blobs)
+            self._wanted_blobs = set()
+        for sha in wanted:
+            self.client.unsubscribe(self.topics.blob(sha))
+        if not wanted <= set(got):
+            if self._pending_manifest is None:
+                self.last_error = f"blobs for manifest v{manifest.version} did not arrive"
+                log.warning("%s", self.last_error)
+            return None
+        model = got.get(manifest.model_sha256, b"")
+        weights = got[manifest.weights_sha256]
+        if len(weights) != manifest.weights_bytes:
+            self._reject_manifest("bad_blob", "weights blob has the wrong size")
+            return None
+        return model, weights
+
+    def _load(self, manifest: RoundManifest, model: bytes, weights_raw: bytes) -> LiteRTTrainer:
+        if self.trainer is None or self.model_sha256 != manifest.model_sha256:
+            self.trainer = LiteRTTrainer(model, manifest.model_manifest, self.config.runtime)  # type: ignore[arg-type]
+            self.model_sha256 = manifest.model_sha256
+        self.trainer.normalisation = manifest.normalisation
+        self.trainer.set_weights(np.frombuffer(weights_raw, "<f4").astype(np.float32))
+        return self.trainer
+
+    def _local_data(self, task: TaskSpec) -> LocalData:
+        """Features for the manifest's task, computed once per task and split (seeded)."""
+        if self.data is None or self._data_task != task.sha256():
+            x, y = self.data_provider(task)
+            if x.shape[0] < 2:
+                raise ConfigError(
+                    f"device {self.config.device_id} has {x.shape[0]} samples; needs at least 2"
+                )
+            d = self.config.data
+            self.data = split_holdout(x, y, d.holdout_fraction, d.seed)
+            self._data_task = task.sha256()
+        return self.data
+
+    def _seal_and_queue(
+        self, manifest: RoundManifest, kind: str, header: dict[str, Any], body: bytes
+    ) -> None:
+        counter = self.state.next_counter()  # persisted before sealing: never reused after a crash
+        sealed_header = SealedHeader(
+            self.config.fleet, self.config.device_id, manifest.round_id, counter, kind, manifest.version
+        )
+        frame = seal(sealed_header, header, body, self.device_key, self.config.aggregator_public_key)
+        self.outbox.put(self.topics.update(self.config.device_id), frame, 1, manifest.round_id, kind)
+        log.info(
+            "%s for round %s sealed (%d bytes, counter %d)", kind, manifest.round_id, len(frame), counter
+        )
+
+    def _work_on(self, manifest: RoundManifest) -> None:
+        dropped = self.outbox.drop_rounds(lambda r: r != manifest.round_id)
+        if dropped:
+            log.info("dropped %d queued message(s) of rounds that closed", dropped)
+        pending = {m.id for m in self.outbox.pending()}
+        self._in_flight = {k: v for k, v in self._in_flight.items() if k in pending}
+        blobs = self._fetch_blobs(manifest)
+        if blobs is None:
+            return
+        trainer = self._load(manifest, *blobs)
+        self.current = manifest
+        st = self.state.load()
+        if manifest.phase == "final" or not manifest.is_selected(self.config.device_id):
+            self.phase_state = "idle"
+            self._publish_status()
+            return
+        if st.last_round_id == manifest.round_id:
+            return  # already contributed to this round (e.g. restarted after sealing)
+        if self.clock() > manifest.deadline:
+            self.phase_state = "idle"
+            log.info("round %s closed before this device could take part", manifest.round_id)
+            return
+        self.phase_state = "training"
+        self._publish_status()
+        data = self._local_data(manifest.model_manifest.task)
+        if manifest.phase == "moments":
+            x = data.x_train.astype(np.float64)
+            header, body = encode_moments(x.shape[0], x.sum(axis=0), (x * x).sum(axis=0))
+        else:
+            global_weights = trainer.get_weights()
+            evaluation = None
+            if data.x_holdout.shape[0] > 0:
+                ev = trainer.evaluate(data.x_holdout, data.y_holdout)
+                evaluation = Evaluation(ev.examples, ev.loss, ev.accuracy, ev.mse)
+            losses = trainer.fit(
+                data.x_train,
+                data.y_train,
+                rng=np.random.default_rng([self.config.data.seed, manifest.version]),
+            )
+            delta = trainer.get_weights() - global_weights
+            header, body = encode_update(
+                delta.astype(np.float32),
+                manifest.model_manifest.layout,
+                manifest.codec,
+                int(data.x_train.shape[0]),
+                losses[-1],
+                evaluation,
+            )
+        if self.clock() > manifest.deadline:
+            log.warning("round %s closed while training; update not sent", manifest.round_id)
+            self.phase_state = "idle"
+            return
+        self._seal_and_queue(
+            manifest, manifest.phase if manifest.phase == "moments" else "update", header, body
+        )
+        self.state.update(lambda s: replace(s, last_round_id=manifest.round_id))
+        self.phase_state = "idle"
+        self._flush_outbox()
+        self._publish_status()
+
+    def _worker(self) -> None:
+        next_status = 0.0
+        while not self.stop_requested.is_set():
+            with self._wake:
+                if self._pending_manifest is None:
+                    self._wake.wait(0.5)
+                frame, self._pending_manifest = self._pending_manifest, None
+            try:
+                self._flush_outbox()
+                if frame is not None:
+                    manifest = self._accept_manifest(frame)
+                    if manifest is not None:
+                        self._work_on(manifest)
+                if time.monotonic() >= next_status and self.connected.is_set():
+                    self._publish_status()
+                    next_status = time.monotonic() + self.config.status_interval_s
+            except FedgeError as exc:  # bad data, full outbox...: reported, never a crash
+                self.last_error = str(exc)
+                log.error("%s", exc)
+
+    def run(self) -> int:
+        self._connect()
+        self.client.loop_start()
+        worker = threading.Thread(target=self._worker, name="fedge-agent-worker", daemon=True)
+        worker.start()
+        try:
+            while not self.stop_requested.wait(0.5):
+                if not worker.is_alive():
+                    log.error("worker thread died")
+                    return 1
+            return 0
+        finally:
+            self.stop_requested.set()
+            with self._wake:
+                self._wake.notify_all()
+            worker.join(timeout=10)
+            self.phase_state = "offline"
+            if self.connected.is_set():
+                info = self.client.publish(
+                    self.topics.status(self.config.device_id),
+                    json.dumps(self.status()).encode(),
+                    qos=1,
+                    retain=True,
+                )
+                info.wait_for_publish(timeout=2)
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.outbox.close()
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self.stop_requested.set()
+
+
+def run_agent(config: AgentConfig, data_provider: DataProvider) -> int:
+    service = AgentService(config, data_provider)
+    signal.signal(signal.SIGTERM, service.request_stop)
+    signal.signal(signal.SIGINT, service.request_stop)
+    return service.run()

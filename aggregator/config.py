@@ -1,0 +1,108 @@
+"""The aggregator's configuration: a TOML file overlaid with ``FEDGE_AGGREGATOR__*`` variables.
+
+Relative paths are resolved against the config file's directory, so a config and its keys can
+be moved together (a Kubernetes ConfigMap and Secret, a demo's output directory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.codec import Codec
+from protocol.config_source import ConfigError, Table, overlay_env, parse_toml
+from protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_table
+from protocol.topics import TopicError, check_id
+
+ENV_PREFIX = "FEDGE_AGGREGATOR"
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    rounds: int
+    min_devices: int
+    devices_per_round: int  # 0 = every enrolled device
+    round_timeout_s: float
+    server_learning_rate: float
+    codec: Codec
+    max_examples_per_update: int
+    max_update_bytes: int
+    manifest_ttl_s: float
+    wait_for_devices_s: float
+    selection_seed: int
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    fleet: str
+    model_dir: Path
+    state_dir: Path
+    registry_file: Path
+    box_key_file: Path
+    signing_key_file: Path
+    exit_when_done: bool
+    mqtt: MqttSettings
+    rounds: RoundSettings
+
+
+def load_aggregator_config(path: Path, env: Mapping[str, str]) -> AggregatorConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    data = overlay_env(parse_toml(text, str(path)), env, ENV_PREFIX)
+    unknown = sorted(set(data) - {"aggregator", "mqtt", "rounds"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: aggregator, mqtt, rounds")
+    base = path.parent
+    agg = Table(
+        data,
+        "aggregator",
+        {"fleet", "model_dir", "state_dir", "registry", "box_key_file", "signing_key_file", "exit_when_done"},
+    )
+    try:
+        fleet = check_id(agg.text("fleet"), "fleet id")
+    except TopicError as exc:
+        raise ConfigError(f"[aggregator] fleet: {exc}") from None
+    r = Table(
+        data,
+        "rounds",
+        {
+            "rounds",
+            "min_devices",
+            "devices_per_round",
+            "round_timeout_s",
+            "server_learning_rate",
+            "codec",
+            "max_examples_per_update",
+            "max_update_bytes",
+            "manifest_ttl_s",
+            "wait_for_devices_s",
+            "selection_seed",
+        },
+    )
+    rounds = RoundSettings(
+        rounds=r.integer("rounds", 20, 1, 1_000_000),
+        min_devices=r.integer("min_devices", 2, 1, 1_000_000),
+        devices_per_round=r.integer("devices_per_round", 0, 0, 1_000_000),
+        round_timeout_s=r.number("round_timeout_s", 60.0, 0.1, 7 * 24 * 3600.0),
+        server_learning_rate=r.number("server_learning_rate", 1.0, 1e-6, 100.0),
+        codec=Codec(r.choice("codec", "fp32", tuple(c.value for c in Codec))),
+        max_examples_per_update=r.integer("max_examples_per_update", 1_000_000, 1, 2**31 - 1),
+        max_update_bytes=r.integer("max_update_bytes", 16 * 1024 * 1024, 1024, 256 * 1024 * 1024),
+        manifest_ttl_s=r.number("manifest_ttl_s", 24 * 3600.0, 1.0, 365 * 24 * 3600.0),
+        wait_for_devices_s=r.number("wait_for_devices_s", 30.0, 0.0, 24 * 3600.0),
+        selection_seed=r.integer("selection_seed", 0, 0, 2**31 - 1),
+    )
+    return AggregatorConfig(
+        fleet=fleet,
+        model_dir=base / agg.text("model_dir"),
+        state_dir=base / agg.text("state_dir"),
+        registry_file=base / agg.text("registry"),
+        box_key_file=base / agg.text("box_key_file"),
+        signing_key_file=base / agg.text("signing_key_file"),
+        exit_when_done=agg.flag("exit_when_done", False),
+        mqtt=mqtt_settings_from_table(Table(data, "mqtt", MQTT_KEYS), f"fedge-aggregator-{fleet}"),
+        rounds=rounds,
+    )

@@ -1,0 +1,313 @@
+"""``fedge aggregator run``: the thin I/O shell around :class:`RoundEngine`.
+
+paho's network thread only queues incoming messages; one loop thread owns the engine, so no
+rule about updates ever runs concurrently with another. The shell checkpoints the engine's
+state *before* publishing a manifest (a restart never reuses a version) and after every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from aggregator.config import AggregatorConfig
+from aggregator.registry import load_registry
+from aggregator.round_engine import EngineState, Publication, RoundEngine
+from protocol.config_source import ConfigError
+from protocol.errors import FedgeError
+from protocol.model_manifest import ModelManifest, manifest_from_json
+from protocol.mqtt_settings import MqttSettings
+from protocol.sealing import private_key_from_text
+from protocol.signing import signing_key_from_text
+from protocol.topics import FleetTopics
+
+log = logging.getLogger("fedge.aggregator")
+CHECKPOINT_FILE = "checkpoint.bin"
+MAX_CHECKPOINT_BYTES = 1024 * 1024 * 1024
+_INBOX_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    manifest: ModelManifest
+    model: bytes
+    initial_weights: np.ndarray
+
+
+def load_model(model_dir: Path) -> LoadedModel:
+    """Reads a ``fedge model build`` directory and checks hashes and sizes."""
+    try:
+        manifest = manifest_from_json((model_dir / "manifest.json").read_bytes())
+        model = (model_dir / manifest.model_file).read_bytes()
+        weights_raw = (model_dir / "initial_weights.f32").read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read model directory {model_dir}: {exc}") from None
+    if hashlib.sha256(model).hexdigest() != manifest.model_sha256:
+        raise ConfigError(f"{model_dir}: model.tflite does not match its manifest's SHA-256")
+    if hashlib.sha256(weights_raw).hexdigest() != manifest.initial_weights_sha256:
+        raise ConfigError(f"{model_dir}: initial_weights.f32 does not match its manifest's SHA-256")
+    return LoadedModel(manifest, model, np.frombuffer(weights_raw, "<f4").astype(np.float32))
+
+
+def read_key_file(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+
+
+def state_from_checkpoint(ck: Checkpoint) -> EngineState:
+    meta = dict(ck.metadata)
+    return EngineState(
+        version=ck.model_version,
+        last_manifest_sha256=ck.parent_hash or "",
+        completed_rounds=ck.round_number,
+        weights=np.asarray(ck.weights, np.float32).copy(),
+        normalisation=ck.normalisation,
+        counters=dict(ck.device_counters),
+        rejected_total={str(k): int(v) for k, v in dict(meta.get("rejected_total", {})).items()},
+        history=list(meta.get("history", [])),
+    )
+
+
+def checkpoint_from_state(state: EngineState) -> Checkpoint:
+    return Checkpoint(
+        weights=state.weights,
+        model_version=state.version,
+        round_number=state.completed_rounds,
+        round_id=f"v{state.version}",
+        parent_hash=state.last_manifest_sha256 or None,
+        device_counters=dict(state.counters),
+        normalisation=state.normalisation,
+        metadata={"rejected_total": dict(state.rejected_total), "history": list(state.history)},
+    )
+
+
+def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
+    """A paho 2.x client; MQTT 5 by default with a persistent session (clean_start=False)."""
+    if settings.protocol == 5:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    else:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False
+        )
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        client.tls_set()
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.max_queued_messages_set(0)
+    return client
+
+
+def connect(client: mqtt.Client, settings: MqttSettings) -> None:
+    if settings.protocol == 5:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = settings.session_expiry_s
+        client.connect_async(
+            settings.host, settings.port, settings.keepalive, clean_start=False, properties=props
+        )
+    else:
+        client.connect_async(settings.host, settings.port, settings.keepalive)
+
+
+class AggregatorService:
+    def __init__(self, config: AggregatorConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.topics = FleetTopics(config.fleet)
+        loaded = load_model(config.model_dir)
+        registry = load_registry(config.registry_file)
+        if len(registry) < config.rounds.min_devices:
+            raise ConfigError(
+                f"{len(registry)} enrolled devices cannot satisfy min_devices={config.rounds.min_devices}"
+            )
+        box_key: PrivateKey = private_key_from_text(read_key_file(config.box_key_file, "box key"))
+        signing_key: SigningKey = signing_key_from_text(read_key_file(config.signing_key_file, "signing key"))
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = config.state_dir / CHECKPOINT_FILE
+        ck = load_checkpoint(self.checkpoint_path, MAX_CHECKPOINT_BYTES)
+        if ck is None:
+            state = EngineState(
+                version=0,
+                last_manifest_sha256="",
+                completed_rounds=0,
+                weights=loaded.initial_weights.copy(),
+                normalisation=loaded.manifest.normalisation,
+                counters={},
+            )
+        else:
+            if ck.weights.shape != loaded.initial_weights.shape:
+                raise ConfigError(f"{self.checkpoint_path} is for another model (parameter count differs)")
+            state = state_from_checkpoint(ck)
+            log.info(
+                "resuming from checkpoint: version %d, %d rounds done%s",
+                state.version,
+                state.completed_rounds,
+                " (recovered from .prev)" if ck.recovered_from_previous else "",
+            )
+        self.engine = RoundEngine(
+            config.fleet, config.rounds, loaded.manifest, loaded.model, box_key, signing_key, registry, state
+        )
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=_INBOX_LIMIT)
+        self.online: set[str] = set()
+        self.connected = threading.Event()
+        self.stop_requested = threading.Event()
+        self.client = make_client(config.mqtt, config.mqtt.client_id)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # --- paho callbacks (network thread: only queue and flag) ------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        client.subscribe([(self.topics.update_filter, 1), (self.topics.status_filter, 1)])
+        self.connected.set()
+        log.info("connected to %s", self.config.mqtt.url)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        self.connected.clear()
+        if not self.stop_requested.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put((msg.topic, bytes(msg.payload)))
+
+    # --- main loop (one thread owns the engine) ---------------------------------------------
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        while not info.is_published():
+            if self.stop_requested.is_set():
+                return
+            info.wait_for_publish(timeout=0.5)
+
+    def _announce(self, pub: Publication) -> None:
+        save_checkpoint(self.checkpoint_path, checkpoint_from_state(self.engine.snapshot()))
+        for topic, blob in pub.blobs.items():
+            self._publish(topic, blob, retain=True)
+        self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
+        for topic in pub.clear_blobs:
+            self._publish(topic, b"", retain=True)
+        m = pub.manifest
+        log.info(
+            "published manifest v%d: %s round %s, %d devices selected, deadline in %.0fs",
+            m.version,
+            m.phase,
+            m.round_id,
+            len(m.selected_devices),
+            m.deadline - m.issued_at,
+        )
+
+    def _publish_status(self) -> None:
+        status = self.engine.status(self.clock())
+        status["online_devices"] = sorted(self.online)
+        self.client.publish(self.topics.aggregator_status, json.dumps(status).encode(), qos=1, retain=True)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            topic, payload = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if topic.startswith(self.topics.base + "/status/"):
+            self._track_status(topic, payload)
+            return
+        outcome = self.engine.handle(topic, payload, self.clock())
+        if outcome.accepted:
+            log.info("accepted %s from %s", outcome.kind, outcome.device_id)
+        else:
+            log.warning("rejected message from %s on %s: %s", outcome.device_id or "?", topic, outcome.reason)
+        self._publish_status()
+
+    def _track_status(self, topic: str, payload: bytes) -> None:
+        try:
+            device = self.topics.device_of(topic, "status")
+            state = json.loads(payload).get("state") if payload else "offline"
+        except (FedgeError, ValueError, AttributeError):
+            return
+        if state == "offline":
+            self.online.discard(device)
+        else:
+            self.online.add(device)
+
+    def _wait_for_devices(self) -> None:
+        """Before the first round, give enrolled devices a moment to connect (bounded)."""
+        wanted = set(self.engine.registry)
+        until = self.clock() + self.config.rounds.wait_for_devices_s
+        while not self.stop_requested.is_set() and self.clock() < until and not wanted <= self.online:
+            self._drain(0.1)
+        log.info("%d of %d enrolled devices online", len(self.online & wanted), len(wanted))
+
+    def run(self) -> int:
+        connect(self.client, self.config.mqtt)
+        self.client.loop_start()
+        try:
+            while not self.connected.wait(0.2):
+                if self.stop_requested.is_set():
+                    return 0
+            self._wait_for_devices()
+            if self.stop_requested.is_set():
+                return 0
+            self._announce(self.engine.open_round(self.clock()))
+            self._publish_status()
+            while not self.stop_requested.is_set():
+                if self.engine.current is None:  # final model published
+                    if self.config.exit_when_done:
+                        break
+                    self._drain(0.5)
+                    continue
+                self._drain(0.1)
+                if self.engine.round_due(self.clock()):
+                    record = self.engine.close_round()
+                    log.info(
+                        "round %s %s: %d/%d devices, fed. eval accuracy %s, rejected %s",
+                        record.round_id,
+                        record.outcome,
+                        record.reported,
+                        record.selected,
+                        record.fed_eval_accuracy,
+                        record.rejected or "none",
+                    )
+                    self._announce(self.engine.open_round(self.clock()))
+                    self._publish_status()
+            return 0
+        finally:
+            self._publish_status()
+            self.client.disconnect()
+            self.client.loop_stop()
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self.stop_requested.set()
+
+
+def run_aggregator(config: AggregatorConfig, env: Mapping[str, str] | None = None) -> int:
+    service = AggregatorService(config)
+    signal.signal(signal.SIGTERM, service.request_stop)
+    signal.signal(signal.SIGINT, service.request_stop)
+    return service.run()

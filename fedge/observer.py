@@ -1,0 +1,136 @@
+"""Watches a fleet from the outside, as a building-management system or the demo would.
+
+Subscribes to the retained manifest and statuses, verifies each manifest's signature with the
+aggregator's verify key, fetches the weights it names, and evaluates every global model on
+held-out data with LiteRT. It never sees an update in the clear: those are sealed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from nacl.signing import VerifyKey
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.trainer import LiteRTTrainer
+from protocol.errors import FedgeError
+from protocol.round_manifest import RoundManifest, round_manifest_from_dict
+from protocol.signing import key_id, verify_document
+from protocol.topics import FleetTopics
+
+
+@dataclass
+class ModelEvaluation:
+    """A global model, evaluated on held-out data: ``after_round`` rounds of training went in."""
+
+    version: int
+    after_round: int
+    phase: str
+    loss: float
+    accuracy: float | None
+
+
+@dataclass
+class FleetView:
+    manifests: list[RoundManifest] = field(default_factory=list)
+    evaluations: list[ModelEvaluation] = field(default_factory=list)
+    aggregator_status: dict[str, Any] = field(default_factory=dict)
+    device_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rounds: dict[str, dict[str, Any]] = field(default_factory=dict)  # round_id -> record
+    errors: list[str] = field(default_factory=list)
+
+
+class FleetObserver:
+    def __init__(
+        self,
+        fleet: str,
+        host: str,
+        port: int,
+        verify_key: VerifyKey,
+        model: bytes,
+        x_test: np.ndarray,
+        y_test: np.ndarray,
+    ) -> None:
+        self.topics = FleetTopics(fleet)
+        self.trusted = {key_id(verify_key): verify_key}
+        self.model = model
+        self.model_sha256 = hashlib.sha256(model).hexdigest()
+        self.x_test, self.y_test = x_test, y_test
+        self.view = FleetView()
+        self.changed = threading.Condition()
+        self._trainer: LiteRTTrainer | None = None
+        self._awaiting: dict[str, RoundManifest] = {}
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.host, self.port = host, port
+
+    def start(self) -> None:
+        self.client.connect(self.host, self.port, 30)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        client.subscribe(
+            [(self.topics.manifest, 1), (self.topics.aggregator_status, 1), (self.topics.status_filter, 1)]
+        )
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
+        try:
+            if msg.topic == self.topics.manifest and payload:
+                self._manifest(payload)
+            elif msg.topic == self.topics.aggregator_status and payload:
+                status = json.loads(payload)
+                self.view.aggregator_status = status
+                for record in status.get("history", []):
+                    self.view.rounds[record["round_id"]] = record
+            elif msg.topic.startswith(self.topics.base + "/status/") and payload:
+                device = self.topics.device_of(msg.topic, "status")
+                self.view.device_status[device] = json.loads(payload)
+            elif msg.topic.startswith(self.topics.base + "/blob/"):
+                self._weights(msg.topic.rsplit("/", 1)[-1], payload)
+        except (FedgeError, ValueError, KeyError) as exc:
+            self.view.errors.append(f"{msg.topic}: {exc}")
+        with self.changed:
+            self.changed.notify_all()
+
+    def _manifest(self, frame: bytes) -> None:
+        doc, _ = verify_document(frame, "round-manifest", self.trusted)
+        manifest = round_manifest_from_dict(doc)
+        if self.view.manifests and manifest.version <= self.view.manifests[-1].version:
+            return
+        self.view.manifests.append(manifest)
+        if manifest.model_sha256 != self.model_sha256:
+            raise FedgeError("the fleet's model is not the one this observer evaluates")
+        if manifest.phase in ("train", "final"):
+            self._awaiting[manifest.weights_sha256] = manifest
+            self.client.subscribe(self.topics.blob(manifest.weights_sha256), qos=1)
+
+    def _weights(self, sha: str, payload: bytes) -> None:
+        manifest = self._awaiting.pop(sha, None)
+        if manifest is None or hashlib.sha256(payload).hexdigest() != sha:
+            return
+        self.client.unsubscribe(self.topics.blob(sha))
+        if self._trainer is None:
+            self._trainer = LiteRTTrainer(self.model, manifest.model_manifest)
+        self._trainer.normalisation = manifest.normalisation
+        self._trainer.set_weights(np.frombuffer(payload, "<f4").astype(np.float32))
+        ev = self._trainer.evaluate(self.x_test, self.y_test)
+        after = manifest.round_number if manifest.phase == "final" else manifest.round_number - 1
+        self.view.evaluations.append(
+            ModelEvaluation(manifest.version, after, manifest.phase, ev.loss, ev.accuracy)
+        )
+
+    def wait(self, timeout: float) -> None:
+        with self.changed:
+            self.changed.wait(timeout)

@@ -1,0 +1,120 @@
+"""Creates a fleet on disk: keys, the device registry, and aggregator and agent configs.
+
+Used by ``fedge demo`` and the end-to-end tests. Private keys are written with mode 0600 and
+never printed; configs refer to key files by relative path, so a fleet directory can move.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from aggregator.registry import render_registry
+from protocol.sealing import key_to_text
+from protocol.signing import signing_key_to_text
+
+
+@dataclass(frozen=True)
+class FleetFiles:
+    root: Path
+    aggregator_config: Path
+    agent_configs: dict[str, Path]
+    registry: Path
+    signing_key: SigningKey
+    box_key: PrivateKey
+    device_keys: dict[str, PrivateKey]
+
+
+def write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(text + "\n")
+    os.chmod(path, 0o600)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def render_toml(tables: dict[str, dict[str, object]]) -> str:
+    out: list[str] = []
+    for name, values in tables.items():
+        out.append(f"[{name}]")
+        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def create_fleet(
+    root: Path,
+    fleet: str,
+    model_dir: Path,
+    broker_url: str,
+    subjects: dict[str, int],
+    rounds: dict[str, object],
+    mqtt_protocol: int = 5,
+    agent_overrides: dict[str, object] | None = None,
+) -> FleetFiles:
+    """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject."""
+    root.mkdir(parents=True, exist_ok=True)
+    keys = root / "keys"
+    signing = SigningKey.generate()
+    box = PrivateKey.generate()
+    write_private(keys / "aggregator.sign", signing_key_to_text(signing))
+    write_private(keys / "aggregator.box", key_to_text(box))
+    device_keys: dict[str, PrivateKey] = {}
+    agent_configs: dict[str, Path] = {}
+    for device_id, subject in subjects.items():
+        key = PrivateKey.generate()
+        device_keys[device_id] = key
+        write_private(keys / f"{device_id}.box", key_to_text(key))
+        agent_tables: dict[str, dict[str, object]] = {
+            "agent": {
+                "device_id": device_id,
+                "fleet": fleet,
+                "state_dir": f"state/{device_id}",
+                "key_file": f"keys/{device_id}.box",
+                "aggregator_public_key": key_to_text(box.public_key),
+                "aggregator_verify_keys": [signing_key_to_text(signing.verify_key)],
+                "status_interval_s": 5.0,
+                **(agent_overrides or {}),
+            },
+            "mqtt": {"broker": broker_url, "protocol": mqtt_protocol},
+            "data": {"source": "har-watch", "subject": subject},
+        }
+        path = root / f"agent-{device_id}.toml"
+        path.write_text(render_toml(agent_tables))
+        agent_configs[device_id] = path
+    registry = root / "devices.toml"
+    registry.write_text(render_registry({d: key_to_text(k.public_key) for d, k in device_keys.items()}))
+    aggregator_config = root / "aggregator.toml"
+    aggregator_config.write_text(
+        render_toml(
+            {
+                "aggregator": {
+                    "fleet": fleet,
+                    "model_dir": os.path.relpath(model_dir.resolve(), root.resolve()),
+                    "state_dir": "state/aggregator",
+                    "registry": "devices.toml",
+                    "box_key_file": "keys/aggregator.box",
+                    "signing_key_file": "keys/aggregator.sign",
+                    "exit_when_done": True,
+                },
+                "mqtt": {"broker": broker_url, "protocol": mqtt_protocol},
+                "rounds": dict(rounds),
+            }
+        )
+    )
+    return FleetFiles(root, aggregator_config, agent_configs, registry, signing, box, device_keys)
