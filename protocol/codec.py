@@ -7,7 +7,8 @@ Byte layouts (little-endian throughout):
 - ``fp16``: P float16 values (encoding refuses values outside float16's finite range).
 - ``int8``: for each tensor in layout order, ``lo`` and ``scale`` as float32 (8 bytes per tensor),
   then P uint8 codes; a value decodes as ``lo + code * scale``. With ``scale = (max - min) / 255``
-  the rounding error per value is at most ``scale / 2``.
+  the rounding error per value is at most ``scale / 2`` plus half a float32 step of the value
+  (the decoded value is itself a float32).
 
 The decoder knows the exact size from the layout and checks it before touching the bytes.
 """
@@ -59,6 +60,22 @@ def _check_flat(flat: np.ndarray, layout: Sequence[TensorLayout]) -> None:
         raise CodecError("tensor values must be finite")
 
 
+def _int8_params(lo: float, hi: float) -> tuple[float, float]:
+    """float32 ``lo`` and ``scale`` the decoder can use: scale > 0 and ``lo + 255*scale`` finite.
+
+    A range below float32's smallest step would round the scale to 0, and a range near
+    float32's limit could overflow at the top code; both are nudged to the nearest safe value.
+    """
+    lo32 = np.float32(lo)
+    scale32 = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
+    scale32 = max(scale32, np.finfo(np.float32).smallest_subnormal)
+    # The decoder computes lo + code * scale in float64 and rounds to float32 once.
+    with np.errstate(over="ignore"):
+        while not np.isfinite(np.float32(float(lo32) + 255.0 * float(scale32))):
+            scale32 = np.nextafter(scale32, np.float32(0.0))
+    return float(lo32), float(scale32)
+
+
 def encode_tensors(flat: np.ndarray, layout: Sequence[TensorLayout], codec: Codec) -> bytes:
     _check_flat(flat, layout)
     if codec is Codec.FP32:
@@ -72,11 +89,10 @@ def encode_tensors(flat: np.ndarray, layout: Sequence[TensorLayout], codec: Code
     for i, t in enumerate(layout):
         part = flat[t.offset : t.offset + t.size].astype(np.float64)
         lo, hi = float(part.min()), float(part.max())
-        scale = (hi - lo) / 255.0 if hi > lo else 1.0
-        params[i] = (lo, scale)
+        lo32, scale32 = _int8_params(lo, hi)
+        params[i] = (lo32, scale32)
         # Round with the float32 parameters the decoder will use, so decode(encode(x)) is exact
-        # to within half a step.
-        lo32, scale32 = float(params[i, 0]), float(params[i, 1])
+        # to within half a step (plus float32 rounding of the result).
         codes[t.offset : t.offset + t.size] = np.clip(np.rint((part - lo32) / scale32), 0, 255)
     return params.tobytes() + codes.tobytes()
 

@@ -56,9 +56,16 @@ class Frame:
     body: bytes
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
 def encode_frame(kind: FrameKind, header: dict[str, Any], body: bytes = b"") -> bytes:
     """Serialises a frame; the header is canonical JSON (sorted keys, no spaces)."""
-    raw_header = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        raw_header = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise FrameError("bad_header", f"header cannot be encoded: {exc}") from None
     if len(raw_header) > MAX_HEADER_BYTES:
         raise FrameError("header_too_large", f"{len(raw_header)} bytes > {MAX_HEADER_BYTES}")
     return _PREFIX.pack(MAGIC, FRAME_VERSION, int(kind), 0, len(raw_header), len(body)) + raw_header + body
@@ -88,7 +95,9 @@ def decode_frame(data: bytes, expected_kind: FrameKind, max_body: int = DEFAULT_
         )
     raw_header = data[PREFIX_BYTES : PREFIX_BYTES + header_len]
     try:
-        header = json.loads(raw_header)
+        # Strict UTF-8 (json.loads on bytes would also guess UTF-16/32) and no NaN/Infinity,
+        # which encode_frame never writes.
+        header = json.loads(bytes(raw_header).decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise FrameError("bad_header", "header is not UTF-8 JSON") from None
     if not isinstance(header, dict):

@@ -105,13 +105,15 @@ def decode_moments(header: dict[str, Any], body: bytes, features: int) -> Moment
     if set(header) != {"count", "features"}:
         raise MessageError("bad_schema", "moments header must have count and features")
     count = _count(header["count"], "count")
-    if header["features"] != features:
+    if isinstance(header["features"], bool) or header["features"] != features:
         raise MessageError("bad_shape", f"moments for {header['features']} features, the task has {features}")
     if len(body) != 16 * features:
         raise MessageError("bad_shape", f"moments body is {len(body)} bytes, expected {16 * features}")
     values = np.frombuffer(body, "<f8").astype(np.float64)
     if not np.all(np.isfinite(values)):
         raise MessageError("not_finite", "moments must be finite")
+    if np.any(values[features:] < 0):
+        raise MessageError("bad_moments", "sums of squares must be >= 0")
     return MomentsPayload(count, values[:features].copy(), values[features:].copy())
 
 

@@ -137,12 +137,18 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         codec = parse_codec(data["codec"]) if isinstance(data["codec"], str) else parse_codec("")
         model_manifest = manifest_from_json(canonical_json(data["model_manifest"]))
         norm = None if data["normalisation"] is None else Normalisation.from_dict(data["normalisation"])
-    except (CodecError, FedgeError) as exc:
+    except (CodecError, FedgeError, ValueError) as exc:
         raise RoundManifestError(str(exc)) from None
     if norm is not None and len(norm.mean) != model_manifest.task.input_dim:
         raise RoundManifestError("normalisation length does not match the task's input")
     if ints["weights_bytes"] != 4 * model_manifest.parameter_count:
         raise RoundManifestError("weights_bytes does not match the model's parameter count")
+    if data["model_sha256"] != model_manifest.model_sha256 or ints["model_bytes"] != model_manifest.model_bytes:
+        raise RoundManifestError("model_sha256/model_bytes differ from the embedded model manifest")
+    if len(set(selected)) != len(selected):
+        raise RoundManifestError("selected_devices lists a device twice")
+    if data["phase"] != "final" and ints["min_devices"] > len(selected):
+        raise RoundManifestError("min_devices exceeds the number of selected devices")
     if data["phase"] == "train" and norm is None:
         raise RoundManifestError("a train round needs a normalisation")
     return RoundManifest(

@@ -90,7 +90,7 @@ def seal(
     inner = encode_frame(
         FrameKind.PAYLOAD, {"bind": header.to_dict(), "payload": payload_header}, payload_body
     )
-    box = Box(device_key, aggregator_key)
+    box = _box(device_key, aggregator_key)
     encrypted = box.encrypt(inner, nonce if nonce is not None else nacl_random(NONCE_BYTES))
     return encode_frame(FrameKind.SEALED, header.to_dict(), bytes(encrypted))
 
@@ -141,7 +141,17 @@ def public_key_from_text(text: str) -> PublicKey:
     raw = _b64(text, 32, "public key")
     if raw == bytes(32):
         raise SealError("bad_key", "public key is all zeros")
-    return PublicKey(raw)
+    key = PublicKey(raw)
+    _box(PrivateKey.generate(), key)  # refuses low-order points: no shared secret can be made
+    return key
+
+
+def _box(private: PrivateKey, public: PublicKey) -> Box:
+    """``Box``, with libsodium's refusal of a low-order public key as a :class:`SealError`."""
+    try:
+        return Box(private, public)
+    except CryptoError:
+        raise SealError("bad_key", "public key is a low-order point") from None
 
 
 def private_key_from_text(text: str) -> PrivateKey:

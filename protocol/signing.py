@@ -34,6 +34,10 @@ class SignatureError(FedgeError):
         self.reason = reason
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
 def key_id(key: VerifyKey) -> str:
     return hashlib.sha256(bytes(key)).hexdigest()[:16]
 
@@ -79,7 +83,7 @@ def verify_document(
     except BadSignatureError:
         raise SignatureError("bad_signature", "signature does not verify") from None
     try:
-        document = json.loads(body)
+        document = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise SignatureError("bad_document", "signed document is not JSON") from None
     if not isinstance(document, dict):

@@ -48,7 +48,7 @@ class FleetTopics:
 
     def blob(self, sha256: str) -> str:
         """Retained blob (model or weights) named by its SHA-256, as the manifest lists it."""
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise TopicError(f"invalid blob hash {sha256!r}")
         return f"{self.base}/blob/{sha256}"
 
