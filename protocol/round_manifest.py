@@ -143,7 +143,10 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         raise RoundManifestError("normalisation length does not match the task's input")
     if ints["weights_bytes"] != 4 * model_manifest.parameter_count:
         raise RoundManifestError("weights_bytes does not match the model's parameter count")
-    if data["model_sha256"] != model_manifest.model_sha256 or ints["model_bytes"] != model_manifest.model_bytes:
+    if (
+        data["model_sha256"] != model_manifest.model_sha256
+        or ints["model_bytes"] != model_manifest.model_bytes
+    ):
         raise RoundManifestError("model_sha256/model_bytes differ from the embedded model manifest")
     if len(set(selected)) != len(selected):
         raise RoundManifestError("selected_devices lists a device twice")
