@@ -91,7 +91,7 @@ class AgentService:
         self.model_sha256: str | None = None
         self.current: RoundManifest | None = None
         self.rejected_manifests: dict[str, int] = {}
-        self.phase_state = "starting"
+        self.phase_state = "online"
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)

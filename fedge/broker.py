@@ -41,13 +41,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from protocol import mqtt_settings
+from protocol.config_source import ConfigError
 from protocol.errors import FedgeError
 
 log = logging.getLogger(__name__)
@@ -208,34 +209,12 @@ def render_mosquitto_conf(settings: BrokerSettings, port: int) -> str:
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` to ``(host, port)``.
-
-    The port defaults to 1883 (mqtt) or 8883 (mqtts). IPv6 hosts are written in brackets
-    (``mqtt://[::1]:1883``) and returned without them.
-    """
-    if not url or any(ch.isspace() for ch in url):
-        raise BrokerError(f"broker URL {url!r} must be non-empty without whitespace")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("mqtt", "mqtts") or "://" not in url:
-        raise BrokerError(f"broker URL {url!r}: must start with mqtt:// or mqtts://")
-    if parts.username is not None or parts.password is not None:
-        raise BrokerError(f"broker URL {url!r}: credentials do not belong in the URL")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise BrokerError(f"broker URL {url!r}: must be scheme://host[:port] with no path, query or fragment")
-    host = parts.hostname
-    if not host:
-        raise BrokerError(f"broker URL {url!r}: has no host")
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` to ``(host, port)``; see
+    :func:`protocol.mqtt_settings.parse_broker_url`, which agents and the aggregator use too."""
     try:
-        port = parts.port
-    except ValueError:
-        raise BrokerError(f"broker URL {url!r}: port must be a number from 1 to 65535") from None
-    if port is None:
-        if parts.netloc.endswith(":"):
-            raise BrokerError(f"broker URL {url!r}: port is empty")
-        port = DEFAULT_MQTTS_PORT if scheme == "mqtts" else DEFAULT_MQTT_PORT
-    if not 1 <= port <= 65535:
-        raise BrokerError(f"broker URL {url!r}: port must be a number from 1 to 65535")
+        host, port, _ = mqtt_settings.parse_broker_url(url)
+    except ConfigError as exc:
+        raise BrokerError(str(exc)) from None
     return host, port
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +108,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[FleetObserver], None] 
         raise FedgeError(f"--min-devices {min_devices} exceeds --devices {options.devices}")
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
+    # A demo is a fresh fleet: new keys, no checkpoint, no broker state from an earlier run
+    # (a retained manifest signed with an old key would only be rejected by the new agents).
+    for owned in ("fleet", "broker", "logs"):
+        shutil.rmtree(out / owned, ignore_errors=True)
     start = time.perf_counter()
     model_dir = out / "model"
     build_model_files(options.task, model_dir)
@@ -115,10 +120,14 @@ def run_demo(options: DemoOptions, on_progress: Callable[[FleetObserver], None] 
     x_test, y_test = har_watch.pooled(devices.values())
 
     broker = None
+    mqtt_protocol = options.mqtt_protocol
     if options.broker_url is None:
-        from fedge.broker import BrokerSettings, MosquittoBroker  # noqa: PLC0415
+        from fedge.broker import AmqttBroker, BrokerSettings, local_broker  # noqa: PLC0415
 
-        broker = MosquittoBroker(BrokerSettings(data_dir=out / "broker")).start()
+        (out / "broker").mkdir(parents=True)
+        broker = local_broker(BrokerSettings(data_dir=out / "broker")).start()
+        if isinstance(broker, AmqttBroker):
+            mqtt_protocol = 3  # the embedded fallback speaks MQTT 3.1.1 only
         broker_url = broker.url
     else:
         broker_url = options.broker_url
@@ -138,7 +147,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[FleetObserver], None] 
             "server_learning_rate": options.server_learning_rate,
             "wait_for_devices_s": 60.0,
         },
-        mqtt_protocol=options.mqtt_protocol,
+        mqtt_protocol=mqtt_protocol,
     )
     observer = FleetObserver(
         FLEET,
@@ -148,6 +157,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[FleetObserver], None] 
         (model_dir / "model.tflite").read_bytes(),
         x_test,
         y_test,
+        mqtt_protocol=mqtt_protocol,
     )
     procs: dict[str, subprocess.Popen[bytes]] = {}
     exit_codes: dict[str, int | None] = {}

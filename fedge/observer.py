@@ -56,6 +56,7 @@ class FleetObserver:
         model: bytes,
         x_test: np.ndarray,
         y_test: np.ndarray,
+        mqtt_protocol: int = 5,
     ) -> None:
         self.topics = FleetTopics(fleet)
         self.trusted = {key_id(verify_key): verify_key}
@@ -66,7 +67,8 @@ class FleetObserver:
         self.changed = threading.Condition()
         self._trainer: LiteRTTrainer | None = None
         self._awaiting: dict[str, RoundManifest] = {}
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        version = mqtt.MQTTv5 if mqtt_protocol == 5 else mqtt.MQTTv311
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=version)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.host, self.port = host, port

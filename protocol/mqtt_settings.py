@@ -28,20 +28,37 @@ class MqttSettings:
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
-    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (host, port, tls)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"broker URL {url!r}: {exc}") from None
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r}: no host")
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (host, port, tls).
+
+    The port defaults to 1883 (mqtt) or 8883 (mqtts). IPv6 hosts are written in brackets
+    (``mqtt://[::1]:1883``) and returned without them. Credentials never go in the URL (they
+    would end up in logs and process lists): use the ``username``/``password`` settings.
+    """
+    if not url or any(ch.isspace() for ch in url):
+        raise ConfigError(f"broker URL {url!r} must be non-empty without whitespace")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("mqtt", "mqtts") or "://" not in url:
+        raise ConfigError(f"broker URL {url!r}: must start with mqtt:// or mqtts://")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"broker URL {url!r}: credentials do not belong in the URL")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"broker URL {url!r}: must not have a path, query or fragment")
-    tls = parts.scheme == "mqtts"
-    return parts.hostname, port if port is not None else (8883 if tls else 1883), tls
+        raise ConfigError(f"broker URL {url!r}: must be scheme://host[:port] with no path, query or fragment")
+    host = parts.hostname
+    if not host:
+        raise ConfigError(f"broker URL {url!r}: has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"broker URL {url!r}: port must be a number from 1 to 65535") from None
+    tls = scheme == "mqtts"
+    if port is None:
+        if parts.netloc.endswith(":"):
+            raise ConfigError(f"broker URL {url!r}: port is empty")
+        port = 8883 if tls else 1883
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"broker URL {url!r}: port must be a number from 1 to 65535")
+    return host, port, tls
 
 
 def mqtt_settings_from_table(table: Table, default_client_id: str) -> MqttSettings:

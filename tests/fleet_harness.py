@@ -1,0 +1,138 @@
+"""A real fleet for end-to-end tests: Mosquitto, an aggregator process and agent processes.
+
+Every part is the product itself (``python -m fedge.cli aggregator run`` / ``agent run``),
+talking through a real broker with real keys; the harness only provisions, starts, stops,
+kills and freezes processes, and reads what crosses the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mqtt_fixtures import RecordedMessage, TrafficRecorder
+
+from fedge.provision import FleetFiles, create_fleet
+from protocol.round_manifest import RoundManifest, round_manifest_from_dict
+from protocol.signing import key_id, verify_document
+from protocol.topics import FleetTopics
+
+REPO = Path(__file__).resolve().parent.parent
+FLEET = "e2e"
+
+
+class Fleet:
+    def __init__(
+        self,
+        root: Path,
+        broker_url: str,
+        model_dir: Path,
+        devices: int,
+        rounds: dict[str, object],
+        mqtt_protocol: int = 5,
+    ) -> None:
+        subjects = {f"watch-{s:02d}": s for s in range(1, devices + 1)}
+        settings: dict[str, object] = {"wait_for_devices_s": 20.0, **rounds}
+        self.files: FleetFiles = create_fleet(
+            root, FLEET, model_dir, broker_url, subjects, settings, mqtt_protocol=mqtt_protocol
+        )
+        self.root = root
+        self.topics = FleetTopics(FLEET)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # --- processes -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("ab")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedge.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_agent(self, device_id: str) -> subprocess.Popen[bytes]:
+        return self._spawn(device_id, ["agent", "run", "--config", str(self.files.agent_configs[device_id])])
+
+    def start_aggregator(self) -> subprocess.Popen[bytes]:
+        return self._spawn("aggregator", ["aggregator", "run", "--config", str(self.files.aggregator_config)])
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        self.procs[name].send_signal(sig)
+
+    def kill(self, name: str) -> None:
+        self.procs[name].kill()
+        self.procs[name].wait(10)
+
+    def wait_exit(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{name} did not exit in {timeout}s; log:\n{self.log(name)[-3000:]}"
+            ) from None
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # --- what crossed the broker ------------------------------------------------------------
+
+    def manifests(self, recorder: TrafficRecorder) -> list[RoundManifest]:
+        """Every distinct manifest published, verified with the aggregator's key, in order."""
+        trusted = {key_id(self.files.signing_key.verify_key): self.files.signing_key.verify_key}
+        seen: dict[int, RoundManifest] = {}
+        for m in recorder.matching(self.topics.manifest):
+            if m.payload:
+                doc, _ = verify_document(m.payload, "round-manifest", trusted)
+                manifest = round_manifest_from_dict(doc)
+                seen.setdefault(manifest.version, manifest)
+        return [seen[v] for v in sorted(seen)]
+
+
+def latest_status(messages: list[RecordedMessage], topic: str) -> dict[str, Any]:
+    for m in reversed(messages):
+        if m.topic == topic and m.payload:
+            status: dict[str, Any] = json.loads(m.payload)
+            return status
+    return {}
+
+
+def wait_status(
+    recorder: TrafficRecorder, fleet: Fleet, predicate: Any, timeout: float, what: str
+) -> dict[str, Any]:
+    topic = fleet.topics.aggregator_status
+    recorder.wait_for(lambda ms: bool(predicate(latest_status(ms, topic))), timeout, what)
+    return latest_status(recorder.messages, topic)
+
+
+def wait_device_online(recorder: TrafficRecorder, fleet: Fleet, device_id: str, timeout: float = 60) -> None:
+    topic = fleet.topics.status(device_id)
+    recorder.wait_for(
+        lambda ms: latest_status(ms, topic).get("state") not in (None, "offline"),
+        timeout,
+        f"{device_id} online",
+    )

@@ -1,0 +1,60 @@
+"""``fedge demo`` as a user runs it: the issue's accuracy, size and time targets on real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def run_demo(out: Path, *args: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedge.cli", "demo", "--out", str(out), "--json", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        check=False,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary: dict[str, Any] = json.loads(proc.stdout)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return summary
+
+
+def test_default_demo_meets_the_accuracy_size_and_time_targets(tmp_path: Path) -> None:
+    fp32 = run_demo(tmp_path / "fp32")
+    int8 = run_demo(tmp_path / "int8", "--codec", "int8")
+    for s in (fp32, int8):
+        assert (s["devices"], s["rounds_completed"]) == (7, 20)
+        assert s["rejected"] == {}
+        assert all(r["reported"] == 7 for r in s["per_round"])
+        assert all(code == 0 for code in s["processes"].values()), s["processes"]
+        assert s["seconds"] < 300
+    assert fp32["final_accuracy"] >= 0.80
+    assert fp32["final_accuracy"] >= 0.95 * fp32["centralized_accuracy"]
+    assert int8["final_accuracy"] >= fp32["final_accuracy"] - 0.01
+    assert int8["mean_update_bytes"] <= 0.30 * fp32["mean_update_bytes"]
+
+
+def test_demo_refuses_more_devices_than_training_subjects(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedge.cli", "demo", "--out", str(tmp_path), "--devices", "8"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--devices must be 1..7 (subjects 1-7; 8-10 are held out for testing)" in proc.stderr
