@@ -95,6 +95,11 @@ def load_aggregator_config(path: Path, env: Mapping[str, str]) -> AggregatorConf
         wait_for_devices_s=r.number("wait_for_devices_s", 30.0, 0.0, 24 * 3600.0),
         selection_seed=r.integer("selection_seed", 0, 0, 2**31 - 1),
     )
+    if 0 < rounds.devices_per_round < rounds.min_devices:
+        raise ConfigError(
+            f"[rounds] devices_per_round={rounds.devices_per_round} is below min_devices="
+            f"{rounds.min_devices}: every round would be aborted"
+        )
     return AggregatorConfig(
         fleet=fleet,
         model_dir=base / agg.text("model_dir"),

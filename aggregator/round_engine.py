@@ -14,6 +14,7 @@ reported) or aborts, and the next :meth:`open_round` publishes the result.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -75,6 +76,7 @@ class RoundRecord:
     fed_eval_examples: int
     mean_update_bytes: float | None
     rejected: dict[str, int]
+    failure: str | None = None  # why an aggregation with a quorum was aborted
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -92,6 +94,7 @@ class EngineState:
     counters: dict[str, int]
     rejected_total: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    published_weights_sha256: str | None = None  # to clear that blob once it is superseded
 
 
 class _OpenRound:
@@ -121,6 +124,11 @@ class RoundEngine:
         registry: dict[str, PublicKey],
         state: EngineState,
     ) -> None:
+        k = settings.devices_per_round
+        if 0 < k < settings.min_devices:
+            raise FedgeError(
+                f"devices_per_round={k} is below min_devices={settings.min_devices}: no round could pass"
+            )
         self.fleet = fleet
         self.topics = FleetTopics(fleet)
         self.settings = settings
@@ -133,7 +141,6 @@ class RoundEngine:
         self.state = state
         self.layout = model_manifest.layout
         self.current: _OpenRound | None = None
-        self._published_weights_topic: str | None = None
 
     # --- round lifecycle ---------------------------------------------------------------------
 
@@ -190,10 +197,9 @@ class RoundEngine:
         )
         frame = sign_document(MANIFEST_DOC_TYPE, manifest.to_dict(), self.signing_key)
         weights_topic = self.topics.blob(weights_sha)
-        clear: tuple[str, ...] = ()
-        if self._published_weights_topic not in (None, weights_topic):
-            clear = (str(self._published_weights_topic),)
-        self._published_weights_topic = weights_topic
+        previous = self.state.published_weights_sha256
+        clear = (self.topics.blob(previous),) if previous not in (None, weights_sha) else ()
+        self.state.published_weights_sha256 = weights_sha
         self.state.version = version
         self.state.last_manifest_sha256 = manifest.sha256()
         self.current = (
@@ -227,11 +233,18 @@ class RoundEngine:
         r = self.current
         m = r.manifest
         enough = len(r.reported) >= self.settings.min_devices
-        if enough and m.phase == "moments":
-            self.state.normalisation = r.moments.normalisation()
-        elif enough:
-            self.state.weights = r.fedavg.result(self.state.weights, self.settings.server_learning_rate)
-            self.state.completed_rounds += 1
+        failure: str | None = None
+        try:
+            if enough and m.phase == "moments":
+                self.state.normalisation = r.moments.normalisation()
+            elif enough:
+                self.state.weights = r.fedavg.result(self.state.weights, self.settings.server_learning_rate)
+                self.state.completed_rounds += 1
+        except AggregationError as exc:
+            # E.g. fewer than 2 samples for a normalisation, or weights overflowing float32: the
+            # round is aborted (no new model), never a crash of the aggregator.
+            enough = False
+            failure = str(exc)
         # Counters advance for every authentic update, aggregated or not: a counter is never reused.
         self.state.counters.update(r.reported)
         record = RoundRecord(
@@ -249,6 +262,7 @@ class RoundEngine:
             fed_eval_examples=int(r.eval_loss.total_weight),
             mean_update_bytes=r.update_bytes / len(r.reported) if r.reported else None,
             rejected=dict(r.rejected),
+            failure=failure,
         )
         self.state.history.append(record.to_dict())
         self.current = None
@@ -312,24 +326,36 @@ class RoundEngine:
         try:
             if expected_kind == "moments":
                 moments = decode_moments(payload_header, body, self.model_manifest.task.input_dim)
-                r.moments.add(moments.count, moments.sums, moments.sums_sq)
+                if moments.count > self.settings.max_examples_per_update:
+                    return Outcome(False, "too_many_examples", device, header.kind)
+                try:
+                    r.moments.add(moments.count, moments.sums, moments.sums_sq)
+                except AggregationError:  # moments no real data can have, or too many samples
+                    return Outcome(False, "bad_moments", device, header.kind)
             else:
                 update = decode_update(payload_header, body, self.layout, m.codec)
-                if update.examples > self.settings.max_examples_per_update:
-                    return Outcome(False, "too_many_examples", device, header.kind)
-                r.fedavg.add(update.delta, update.examples)
-                r.train_loss.add(update.train_loss, update.examples)
                 ev = update.evaluation
+                limit = self.settings.max_examples_per_update
+                if update.examples > limit or (ev is not None and ev.examples > limit):
+                    return Outcome(False, "too_many_examples", device, header.kind)
+                # All or nothing: the metrics go into copies first; the delta, whose add also
+                # checks before it changes anything, goes in last; then the copies are kept.
+                train_loss, eval_loss, eval_acc = (
+                    copy.copy(r.train_loss),
+                    copy.copy(r.eval_loss),
+                    copy.copy(r.eval_accuracy),
+                )
+                train_loss.add(update.train_loss, update.examples)
                 if ev is not None:
-                    r.eval_loss.add(ev.loss, ev.examples)
+                    eval_loss.add(ev.loss, ev.examples)
                     if ev.accuracy is not None:
-                        r.eval_accuracy.add(ev.accuracy, ev.examples)
+                        eval_acc.add(ev.accuracy, ev.examples)
+                r.fedavg.add(update.delta, update.examples)
+                r.train_loss, r.eval_loss, r.eval_accuracy = train_loss, eval_loss, eval_acc
         except MessageError as exc:
             return Outcome(False, exc.reason, device, header.kind)
         except AggregationError:
             return Outcome(False, "rejected_by_aggregation", device, header.kind)
-        except FedgeError:  # moments that cannot come from real data
-            return Outcome(False, "bad_moments", device, header.kind)
         r.reported[device] = header.counter
         r.update_bytes += len(payload)
         return Outcome(True, "accepted", device, header.kind)

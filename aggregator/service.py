@@ -86,6 +86,7 @@ def state_from_checkpoint(ck: Checkpoint) -> EngineState:
         counters=dict(ck.device_counters),
         rejected_total={str(k): int(v) for k, v in dict(meta.get("rejected_total", {})).items()},
         history=list(meta.get("history", [])),
+        published_weights_sha256=meta.get("published_weights_sha256"),
     )
 
 
@@ -98,7 +99,11 @@ def checkpoint_from_state(state: EngineState) -> Checkpoint:
         parent_hash=state.last_manifest_sha256 or None,
         device_counters=dict(state.counters),
         normalisation=state.normalisation,
-        metadata={"rejected_total": dict(state.rejected_total), "history": list(state.history)},
+        metadata={
+            "rejected_total": dict(state.rejected_total),
+            "history": list(state.history),
+            "published_weights_sha256": state.published_weights_sha256,
+        },
     )
 
 

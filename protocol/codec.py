@@ -115,7 +115,8 @@ def decode_tensors(body: bytes, layout: Sequence[TensorLayout], codec: Codec) ->
         out = np.empty(codes.shape[0], np.float32)
         for (lo, scale), t in zip(params, layout, strict=True):
             seg = codes[t.offset : t.offset + t.size].astype(np.float64)
-            out[t.offset : t.offset + t.size] = (float(lo) + seg * float(scale)).astype(np.float32)
+            with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
+                out[t.offset : t.offset + t.size] = (float(lo) + seg * float(scale)).astype(np.float32)
     if not np.all(np.isfinite(out)):
         raise CodecError("tensor values must be finite")
     return out
