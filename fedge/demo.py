@@ -265,6 +265,9 @@ def write_outputs(summary: DemoSummary, out: Path) -> tuple[Path, Path | None]:
             [r["test_loss"] for r in rows],
             [r["test_accuracy"] for r in rows],
             step_name="round",
+            reference=summary.centralized_accuracy,
+            second_metric=[r["fed_eval_accuracy"] for r in rows],
+            second_metric_name="federated evaluation (devices' held-out)",
         )
     return path, plot
 

@@ -17,6 +17,10 @@ def plot_history(
     test_metric: Sequence[float | None],
     metric_name: str = "held-out accuracy",
     step_name: str = "epoch",
+    reference: float | None = None,
+    reference_name: str = "centralized",
+    second_metric: Sequence[float | None] | None = None,
+    second_metric_name: str = "federated evaluation",
 ) -> Path:
     """Loss (left axis) and accuracy (right axis) per epoch or round, written as a PNG."""
     try:
@@ -35,6 +39,20 @@ def plot_history(
     if metric:
         ax_acc = ax_loss.twinx()
         ax_acc.plot(steps[: len(metric)], metric, label=metric_name, color="tab:green")
+        if second_metric is not None:
+            pairs = [(s, m) for s, m in zip(steps, second_metric, strict=False) if m is not None]
+            if pairs:
+                ax_acc.plot(
+                    [p[0] for p in pairs],
+                    [p[1] for p in pairs],
+                    label=second_metric_name,
+                    color="tab:purple",
+                    linestyle=":",
+                )
+        if reference is not None:
+            ax_acc.axhline(
+                reference, color="tab:gray", linestyle="--", label=f"{reference_name} {reference:.3f}"
+            )
         ax_acc.set_ylabel(metric_name)
         ax_acc.set_ylim(0.0, 1.0)
         ax_acc.legend(loc="lower right")
