@@ -179,9 +179,7 @@ def _plain_json(metadata: Any) -> dict[str, Any]:
     except (TypeError, ValueError, RecursionError):
         copy = None
     if copy != original or not isinstance(copy, dict):
-        raise CheckpointError(
-            "checkpoint: metadata must be plain JSON (string keys, lists, finite numbers)"
-        )
+        raise CheckpointError("checkpoint: metadata must be plain JSON (string keys, lists, finite numbers)")
     return copy
 
 

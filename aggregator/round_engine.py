@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from nacl.public import PrivateKey, PublicKey
+from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
 from aggregator.config import RoundSettings
@@ -31,7 +31,7 @@ from protocol.errors import FedgeError
 from protocol.messages import MessageError, decode_moments, decode_update
 from protocol.model_manifest import ModelManifest, Normalisation
 from protocol.round_manifest import RoundManifest
-from protocol.sealing import SealError, open_sealed, read_header
+from protocol.sealing import SealError, box_for, open_sealed, read_header
 from protocol.signing import sign_document
 from protocol.topics import FleetTopics, TopicError
 
@@ -141,6 +141,9 @@ class RoundEngine:
         self.state = state
         self.layout = model_manifest.layout
         self.current: _OpenRound | None = None
+        self._model_published = False
+        # One Box per device: the X25519 shared key is computed once, not per message.
+        self._boxes: dict[str, Box] = {}
 
     # --- round lifecycle ---------------------------------------------------------------------
 
@@ -212,12 +215,11 @@ class RoundEngine:
                 self.model_manifest.task.input_dim,
             )
         )
-        return Publication(
-            manifest=manifest,
-            manifest_frame=frame,
-            blobs={self.topics.blob(self.model_sha256): self.model_bytes, weights_topic: weights_bytes},
-            clear_blobs=clear,
-        )
+        blobs = {weights_topic: weights_bytes}
+        if not self._model_published:  # retained: once per process is enough
+            blobs = {self.topics.blob(self.model_sha256): self.model_bytes, **blobs}
+            self._model_published = True
+        return Publication(manifest=manifest, manifest_frame=frame, blobs=blobs, clear_blobs=clear)
 
     def round_due(self, now: float) -> bool:
         """True once every selected device reported, or the deadline passed."""
@@ -317,9 +319,15 @@ class RoundEngine:
             return Outcome(False, "duplicate", device, header.kind)
         if header.counter <= self.state.counters.get(device, -1):
             return Outcome(False, "replayed_counter", device, header.kind)
+        box = self._boxes.get(device)
+        if box is None:
+            try:
+                box = self._boxes[device] = box_for(self.box_key, device_key)
+            except SealError as exc:
+                return Outcome(False, exc.reason, device, header.kind)
         try:
             payload_header, body = open_sealed(
-                header, ciphertext, self.box_key, device_key, self.settings.max_update_bytes
+                header, ciphertext, self.box_key, device_key, self.settings.max_update_bytes, box=box
             )
         except SealError as exc:
             return Outcome(False, exc.reason, device, header.kind)

@@ -43,7 +43,8 @@ from protocol.topics import FleetTopics
 log = logging.getLogger("fedge.aggregator")
 CHECKPOINT_FILE = "checkpoint.bin"
 MAX_CHECKPOINT_BYTES = 1024 * 1024 * 1024
-_INBOX_LIMIT = 10_000
+_INBOX_LIMIT = 100_000
+STATUS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,12 @@ def connect(client: mqtt.Client, settings: MqttSettings) -> None:
 
 
 class AggregatorService:
-    def __init__(self, config: AggregatorConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        clock: Callable[[], float] = time.time,
+        inbox_limit: int = _INBOX_LIMIT,
+    ) -> None:
         self.config = config
         self.clock = clock
         self.topics = FleetTopics(config.fleet)
@@ -173,7 +179,10 @@ class AggregatorService:
         self.engine = RoundEngine(
             config.fleet, config.rounds, loaded.manifest, loaded.model, box_key, signing_key, registry, state
         )
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=_INBOX_LIMIT)
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=inbox_limit)
+        self.inbox_overflow = 0
+        self._status_dirty = True
+        self._status_sent_at = float("-inf")
         self.online: set[str] = set()
         self.connected = threading.Event()
         self.stop_requested = threading.Event()
@@ -202,7 +211,14 @@ class AggregatorService:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put((msg.topic, bytes(msg.payload)))
+        # Never block paho's network thread: it also reads the PUBACKs the main thread waits
+        # for. A flood beyond the inbox is counted and reported, not queued without bound.
+        try:
+            self.inbox.put_nowait((msg.topic, bytes(msg.payload)))
+        except queue.Full:
+            self.inbox_overflow += 1
+            if self.inbox_overflow == 1:
+                log.error("inbox full (%d messages): dropping and counting messages", self.inbox.maxsize)
 
     # --- main loop (one thread owns the engine) ---------------------------------------------
 
@@ -230,15 +246,23 @@ class AggregatorService:
             m.deadline - m.issued_at,
         )
 
-    def _publish_status(self) -> None:
+    def _publish_status(self, force: bool = True) -> None:
+        """Retained status for operators and BMS; at most twice a second unless ``force``d."""
+        now = time.monotonic()
+        if not force and (not self._status_dirty or now - self._status_sent_at < STATUS_INTERVAL_S):
+            return
         status = self.engine.status(self.clock())
         status["online_devices"] = sorted(self.online)
+        status["inbox_overflow"] = self.inbox_overflow
         self.client.publish(self.topics.aggregator_status, json.dumps(status).encode(), qos=1, retain=True)
+        self._status_dirty = False
+        self._status_sent_at = now
 
     def _drain(self, timeout: float) -> None:
         try:
             topic, payload = self.inbox.get(timeout=timeout)
         except queue.Empty:
+            self._publish_status(force=False)
             return
         if topic.startswith(self.topics.base + "/status/"):
             self._track_status(topic, payload)
@@ -248,7 +272,8 @@ class AggregatorService:
             log.info("accepted %s from %s", outcome.kind, outcome.device_id)
         else:
             log.warning("rejected message from %s on %s: %s", outcome.device_id or "?", topic, outcome.reason)
-        self._publish_status()
+        self._status_dirty = True
+        self._publish_status(force=False)
 
     def _track_status(self, topic: str, payload: bytes) -> None:
         try:

@@ -15,6 +15,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from protocol.codec import Codec, CodecError, parse_codec
@@ -79,8 +80,12 @@ class RoundManifest:
         """Hash of the canonical document: what the next manifest's ``parent_sha256`` names."""
         return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
 
+    @cached_property
+    def _selected_set(self) -> frozenset[str]:
+        return frozenset(self.selected_devices)
+
     def is_selected(self, device_id: str) -> bool:
-        return device_id in self.selected_devices
+        return device_id in self._selected_set
 
 
 def round_manifest_from_dict(data: Any) -> RoundManifest:

@@ -270,3 +270,55 @@ def test_mqtt_311_fleet_completes_a_round(
         fleet.stop_all()
     status = latest_status(recorder.messages, fleet.topics.aggregator_status)
     assert status["completed_rounds"] == 1 and status["rejected_total"] == {}
+
+
+def test_a_flood_on_update_topics_neither_hangs_nor_stops_the_aggregator(
+    tmp_path: Path, mosquitto: MosquittoBroker, recorder: TrafficRecorder, har_model_dir: Path
+) -> None:
+    """Any client that may publish on update/+ could once fill the inbox, block paho's network
+    thread and, with it, the PUBACKs the aggregator waits for: a permanent hang."""
+    import threading
+
+    from aggregator.config import load_aggregator_config
+    from aggregator.service import AggregatorService
+
+    fleet = _fleet(
+        tmp_path,
+        mosquitto,
+        har_model_dir,
+        1,
+        rounds=1,
+        min_devices=1,
+        round_timeout_s=1.0,
+        wait_for_devices_s=0.0,
+    )
+    service = AggregatorService(load_aggregator_config(fleet.files.aggregator_config, {}), inbox_limit=20)
+    runner = threading.Thread(target=service.run, daemon=True)
+    runner.start()
+    try:
+        recorder.wait_for(
+            lambda ms: any(m.topic == fleet.topics.manifest for m in ms), 20, "a first manifest"
+        )
+        flooder = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        flooder.connect(mosquitto.host, mosquitto.port)
+        flooder.loop_start()
+        infos = [flooder.publish(fleet.topics.update("watch-01"), b"junk" * 64, qos=1) for _ in range(5000)]
+        for info in infos:
+            info.wait_for_publish(30)
+        flooder.disconnect()
+        flooder.loop_stop()
+        # Rounds keep going (no device answers, so they abort and are re-announced).
+        seen = len(fleet.manifests(recorder))
+        recorder.wait_for(lambda ms: len(fleet.manifests(recorder)) >= seen + 2, 30, "two more manifests")
+        status = wait_status(
+            recorder,
+            fleet,
+            lambda s: s.get("rejected_total", {}).get("frame_bad_magic", 0) > 0,
+            20,
+            "the junk counted",
+        )
+        assert status["rejected_total"]["frame_bad_magic"] + status["inbox_overflow"] >= 20
+    finally:
+        service.request_stop()
+        runner.join(15)
+    assert not runner.is_alive(), "the aggregator did not stop"
