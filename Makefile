@@ -50,6 +50,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/bench_training.py --out bench/results/training.json
+	$(BIN)/python bench/bench_rounds.py --out bench/results/rounds.json
 
 clean:
 	rm -rf $(VENV) $(TFLITE_VENV) out .pytest_cache .mypy_cache .ruff_cache
