@@ -25,10 +25,25 @@ ENV_PREFIX = "FEDGE_AGENT"
 
 @dataclass(frozen=True)
 class DataSettings:
-    source: str  # "har-watch" (issue 4 adds "edgex")
+    source: str  # "edgex" (readings from EdgeX) or "har-watch" (a recorded data set, for tests)
     subject: int
     holdout_fraction: float
     seed: int
+    task_file: Path | None  # the task this device was provisioned for (features, label)
+
+
+@dataclass(frozen=True)
+class EdgeXSettings:
+    """Where the device's readings come from: EdgeX's message bus, and core-data for backfill."""
+
+    bus: MqttSettings
+    prefix: str
+    device: str
+    profile_file: Path | None
+    core_data_url: str | None
+    token_file: Path | None
+    store_max_samples: int
+    store_max_age_s: float
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,7 @@ class AgentConfig:
     status_interval_s: float
     mqtt: MqttSettings
     data: DataSettings
+    edgex: EdgeXSettings
 
 
 def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
@@ -52,9 +68,9 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     data = overlay_env(parse_toml(text, str(path)), env, ENV_PREFIX)
-    unknown = sorted(set(data) - {"agent", "mqtt", "data"})
+    unknown = sorted(set(data) - {"agent", "mqtt", "data", "edgex"})
     if unknown:
-        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: agent, mqtt, data")
+        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: agent, mqtt, data, edgex")
     a = Table(
         data,
         "agent",
@@ -86,8 +102,53 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         raise
     except FedgeError as exc:
         raise ConfigError(f"[agent] {exc}") from None
-    d = Table(data, "data", {"source", "subject", "holdout_fraction", "seed"})
+    d = Table(data, "data", {"source", "subject", "holdout_fraction", "seed", "task"})
     base = path.parent
+    source = d.choice("source", "edgex", ("edgex", "har-watch"))
+    task_text = d.opt_text("task")
+    if source == "edgex" and not task_text:
+        raise ConfigError("[data] task: the task spec this device was provisioned for is required with EdgeX")
+    mqtt_settings = mqtt_settings_from_table(Table(data, "mqtt", MQTT_KEYS), f"fedge-agent-{device_id}")
+    e = Table(
+        data,
+        "edgex",
+        {
+            "broker",
+            "protocol",
+            "prefix",
+            "device",
+            "profile",
+            "core_data",
+            "token_file",
+            "store_max_samples",
+            "store_max_age_s",
+            "username",
+            "password",
+            "keepalive",
+        },
+    )
+    bus_table = {
+        "broker": e.raw.get("broker", mqtt_settings.url),
+        "protocol": e.raw.get("protocol", mqtt_settings.protocol),
+        "client_id": f"fedge-agent-{device_id}-edgex",
+    }
+    for key in ("username", "password", "keepalive"):
+        if key in e.raw:
+            bus_table[key] = e.raw[key]
+    profile_text = e.opt_text("profile")
+    token_text = e.opt_text("token_file")
+    edgex = EdgeXSettings(
+        bus=mqtt_settings_from_table(
+            Table({"edgex": bus_table}, "edgex", MQTT_KEYS), f"fedge-{device_id}-edgex"
+        ),
+        prefix=e.text("prefix", "edgex"),
+        device=e.text("device", device_id),
+        profile_file=base / profile_text if profile_text else None,
+        core_data_url=e.opt_text("core_data"),
+        token_file=base / token_text if token_text else None,
+        store_max_samples=e.integer("store_max_samples", 200_000, 1, 100_000_000),
+        store_max_age_s=e.number("store_max_age_s", 30 * 24 * 3600.0, 1.0, 10 * 365 * 24 * 3600.0),
+    )
     return AgentConfig(
         device_id=device_id,
         fleet=fleet,
@@ -98,11 +159,13 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         runtime=a.choice("runtime", "auto", ("auto", "ai_edge_litert", "tflite_runtime")),
         blob_timeout_s=a.number("blob_timeout_s", 30.0, 0.1, 3600.0),
         status_interval_s=a.number("status_interval_s", 30.0, 0.5, 3600.0),
-        mqtt=mqtt_settings_from_table(Table(data, "mqtt", MQTT_KEYS), f"fedge-agent-{device_id}"),
+        mqtt=mqtt_settings,
         data=DataSettings(
-            source=d.choice("source", "har-watch", ("har-watch",)),
+            source=source,
             subject=d.integer("subject", 1, 1, 10),
             holdout_fraction=d.number("holdout_fraction", 0.2, 0.0, 0.9),
             seed=d.integer("seed", 0, 0, 2**31 - 1),
+            task_file=base / task_text if task_text else None,
         ),
+        edgex=edgex,
     )

@@ -70,12 +70,16 @@ DataProvider = Callable[[TaskSpec], tuple[np.ndarray, np.ndarray]]
 
 class AgentService:
     def __init__(
-        self, config: AgentConfig, data_provider: DataProvider, clock: Callable[[], float] = time.time
+        self,
+        config: AgentConfig,
+        data_provider: DataProvider,
+        clock: Callable[[], float] = time.time,
+        data_report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.data_provider = data_provider
+        self.data_report = data_report
         self.data: LocalData | None = None
-        self._data_task: str | None = None
         self.clock = clock
         self.topics = FleetTopics(config.fleet)
         try:
@@ -202,6 +206,7 @@ class AgentService:
             "outbox_dropped_total": outbox.dropped_total,
             "rejected_manifests": dict(self.rejected_manifests),
             "last_error": self.last_error,
+            "data": self.data_report() if self.data_report is not None else None,
             "time": self.clock(),
         }
 
@@ -300,16 +305,12 @@ class AgentService:
         return self.trainer
 
     def _local_data(self, task: TaskSpec) -> LocalData:
-        """Features for the manifest's task, computed once per task and split (seeded)."""
-        if self.data is None or self._data_task != task.sha256():
-            x, y = self.data_provider(task)
-            if x.shape[0] < 2:
-                raise ConfigError(
-                    f"device {self.config.device_id} has {x.shape[0]} samples; needs at least 2"
-                )
-            d = self.config.data
-            self.data = split_holdout(x, y, d.holdout_fraction, d.seed)
-            self._data_task = task.sha256()
+        """This round's local data (a live source keeps growing), split (seeded) for evaluation."""
+        x, y = self.data_provider(task)
+        if x.shape[0] < 2:
+            raise ConfigError(f"device {self.config.device_id} has {x.shape[0]} samples; needs at least 2")
+        d = self.config.data
+        self.data = split_holdout(x, y, d.holdout_fraction, d.seed)
         return self.data
 
     def _seal_and_queue(
@@ -438,8 +439,10 @@ class AgentService:
         self.stop_requested.set()
 
 
-def run_agent(config: AgentConfig, data_provider: DataProvider) -> int:
-    service = AgentService(config, data_provider)
+def run_agent(
+    config: AgentConfig, data_provider: DataProvider, data_report: Callable[[], dict[str, Any]] | None = None
+) -> int:
+    service = AgentService(config, data_provider, data_report=data_report)
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
     return service.run()

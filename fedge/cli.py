@@ -154,14 +154,26 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
 
     config = load_agent_config(args.config, os.environ)
     _setup_logging(args.verbose)
+    if config.data.source == "edgex":
+        from agent.edgex.setup import build_ingest  # noqa: PLC0415
+
+        ingest = build_ingest(config)
+        ingest.start()
+        try:
+            return run_agent(config, ingest.training_data, ingest.report)
+        finally:
+            ingest.stop()
     subject = config.data.subject
+    cache: dict[str, tuple[Any, Any]] = {}
 
     def har_watch_data(task: TaskSpec) -> tuple[Any, Any]:
-        # Until the EdgeX issue, a device's data is one subject of the recorded data set.
+        # For tests and comparisons: one subject of the recorded data set, without EdgeX.
         from fedge.har_watch import load_devices  # noqa: PLC0415 - needs the demo extra
 
-        data = load_devices(task, [subject])[subject]
-        return data.x, data.y
+        if task.sha256() not in cache:
+            data = load_devices(task, [subject])[subject]
+            cache[task.sha256()] = (data.x, data.y)
+        return cache[task.sha256()]
 
     return run_agent(config, har_watch_data)
 
@@ -182,9 +194,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         min_devices=args.min_devices,
         mqtt_protocol=3 if args.mqtt_v311 else 5,
         server_learning_rate=args.server_lr,
+        data_path=args.data,
+        edgex_version=args.edgex_version,
+        task_file=args.task,
     )
-    progress = _demo_progress(args.rounds, enabled=not args.json and not args.no_progress)
-    summary = run_demo(options, on_progress=progress)
+    from fedge.progress import ProgressBar  # noqa: PLC0415
+
+    show = not args.json and not args.no_progress
+    progress = _demo_progress(args.rounds, enabled=show)
+    data_bar = ProgressBar("EdgeX replay (rows)", enabled=None if show else False)
+    summary = run_demo(options, on_progress=progress, on_data_progress=data_bar)
     summary_path, plot = write_outputs(summary, args.out)
     if args.json:
         print(json.dumps(summary.to_dict()))
@@ -211,6 +230,72 @@ def _demo_progress(rounds: int, enabled: bool) -> Any:
         bar(done, rounds, suffix)
 
     return show
+
+
+def cmd_edgex_tap(args: argparse.Namespace) -> int:
+    from fedge.edgex_tap import tap  # noqa: PLC0415
+
+    if args.count is not None and args.count < 1:
+        raise FedgeError("--count must be >= 1")
+    counters = tap(args.broker, args.prefix, args.count, args.json, args.timeout, 3 if args.mqtt_v311 else 5)
+    print(f"fedge edgex tap: {json.dumps(counters)}", file=sys.stderr)
+    return 0
+
+
+def cmd_edgex_simulate(args: argparse.Namespace) -> int:
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from fedge.edgex_simulate import SimulateOptions, simulate  # noqa: PLC0415
+    from fedge.progress import ProgressBar  # noqa: PLC0415
+
+    try:
+        subjects = tuple(int(s) for s in args.subjects.split(","))
+    except ValueError:
+        raise FedgeError("--subjects must be a comma-separated list of numbers, e.g. 1,2,3") from None
+    options = SimulateOptions(
+        broker_url=args.broker,
+        prefix=args.prefix,
+        version=args.edgex_version,
+        content_type="application/cbor" if args.cbor else "application/json",
+        speed=args.speed,
+        subjects=subjects,
+        max_rows=args.rows,
+    )
+    server = None
+    on_event = None
+    if args.core_data_port is not None:
+        from fedge.edgex_core_data_server import CoreDataServer  # noqa: PLC0415
+
+        server = CoreDataServer(port=args.core_data_port)
+        on_event = lambda event, dto: server.add_event(dto)  # noqa: E731
+    try:
+        report = simulate(options, on_event=on_event, progress=ProgressBar("edgex simulate"))
+        summary = {
+            "events": report.events,
+            "readings": report.readings,
+            "rows": report.rows_by_device,
+            "seconds": round(report.seconds, 2),
+            "core_data": server.url if server else None,
+        }
+        print(
+            json.dumps(summary)
+            if args.json
+            else f"published {report.events} events ({report.readings} readings) in {report.seconds:.1f}s"
+        )
+        if server is not None:
+            print(f"serving core-data at {server.url}; Ctrl-C to stop", file=sys.stderr)
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            try:
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if server is not None:
+            server.close()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,10 +358,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds")
     demo.add_argument("--min-devices", type=int, help="quorum per round (default: half the devices)")
     demo.add_argument("--server-lr", type=float, default=1.5, help="server learning rate (default 1.5)")
+    demo.add_argument(
+        "--data",
+        choices=["edgex", "direct"],
+        default="edgex",
+        help="edgex (default): a simulated EdgeX device service feeds the agents over MQTT; "
+        "direct: agents read the data set themselves",
+    )
+    demo.add_argument("--edgex-version", choices=["v3", "v4"], default="v4", help="EdgeX wire format")
     demo.add_argument("--mqtt-v311", action="store_true", help="MQTT 3.1.1 instead of MQTT 5")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
+
+    from fedge.edgex_provision import add_edgex_parser  # noqa: PLC0415 - stdlib-only import
+
+    edgex_sub = add_edgex_parser(sub)
+    tap = edgex_sub.add_parser("tap", help="print the readings an agent would parse, one JSON object each")
+    tap.add_argument("--broker", required=True, help="EdgeX message bus broker, mqtt://host:port")
+    tap.add_argument("--prefix", default="edgex", help="EdgeX topic prefix (default edgex)")
+    tap.add_argument("--count", type=int, help="stop after N readings")
+    tap.add_argument("--timeout", type=float, help="stop after S seconds")
+    tap.add_argument("--json", action="store_true", help="JSON lines (default: a table)")
+    tap.add_argument("--mqtt-v311", action="store_true", help="MQTT 3.1.1 instead of MQTT 5")
+    tap.set_defaults(func=cmd_edgex_tap)
+    sim = edgex_sub.add_parser("simulate", help="replay the smartwatch data as EdgeX device-service events")
+    sim.add_argument("--broker", required=True, help="broker to publish on, mqtt://host:port")
+    sim.add_argument("--prefix", default="edgex", help="EdgeX topic prefix (default edgex)")
+    sim.add_argument("--edgex-version", choices=["v3", "v4"], default="v4", help="wire format (default v4)")
+    sim.add_argument("--cbor", action="store_true", help="application/cbor payloads")
+    sim.add_argument(
+        "--speed", type=float, default=0.0, help="1 = real time, 10 = 10x; 0 = as fast as possible"
+    )
+    sim.add_argument("--subjects", default="1,2,3,4,5,6,7", help="subjects to replay (default 1-7)")
+    sim.add_argument("--rows", type=int, help="at most N rows per subject")
+    sim.add_argument("--core-data-port", type=int, help="also serve core-data on this loopback port")
+    sim.add_argument("--json", action="store_true", help="print a JSON report")
+    sim.set_defaults(func=cmd_edgex_simulate)
     return parser
 
 

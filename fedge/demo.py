@@ -45,6 +45,9 @@ class DemoOptions:
     min_devices: int | None = None
     mqtt_protocol: int = 5
     reference_epochs: int = 20
+    data_path: str = "edgex"  # "edgex": simulator -> broker -> agents; "direct": agents load the data set
+    edgex_version: str = "v4"
+    task_file: Path | None = None
     # FedAvg's averaged step over non-IID devices is shorter than each device's own step; a
     # server learning rate > 1 compensates (the "server optimizer" view of FedAvg). Measured on
     # the HAR task (3 local epochs, int8 updates, 2 seeds): 0.80-0.82 after 20 rounds at 1.0,
@@ -100,7 +103,72 @@ def _terminate(procs: dict[str, subprocess.Popen[bytes]], timeout: float = 10.0)
     return {name: p.returncode for name, p in procs.items()}
 
 
-def run_demo(options: DemoOptions, on_progress: Callable[[FleetObserver], None] | None = None) -> DemoSummary:
+def _wait(
+    condition: Callable[[], bool],
+    observer: FleetObserver,
+    timeout: float,
+    what: str,
+    procs: dict[str, subprocess.Popen[bytes]],
+) -> None:
+    until = time.monotonic() + timeout
+    while not condition():
+        dead = [name for name, p in procs.items() if p.poll() is not None]
+        if dead:
+            raise FedgeError(f"{', '.join(dead)} exited while waiting for {what}; see the logs")
+        if time.monotonic() > until:
+            raise FedgeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        observer.wait(0.2)
+
+
+def _feed_through_edgex(
+    options: DemoOptions,
+    observer: FleetObserver,
+    subjects: dict[str, int],
+    broker_url: str,
+    mqtt_protocol: int,
+    procs: dict[str, subprocess.Popen[bytes]],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Replays each device's recordings as EdgeX events and waits until every agent stored them."""
+    from fedge.edgex_simulate import SimulateOptions, simulate  # noqa: PLC0415
+
+    def data(device: str) -> dict[str, Any]:
+        status = observer.view.device_status.get(device, {})
+        report = status.get("data") if isinstance(status, dict) else None
+        return report if isinstance(report, dict) else {}
+
+    _wait(
+        lambda: all(data(d).get("bus_connected") for d in subjects),
+        observer,
+        120,
+        "the agents to subscribe to EdgeX",
+        procs,
+    )
+    loaded = har_watch.load_devices(options.task, subjects.values())
+    expected = {har_watch.device_id(s): d.x.shape[0] for s, d in loaded.items()}
+    simulate(
+        SimulateOptions(
+            broker_url=broker_url,
+            version=options.edgex_version,
+            subjects=tuple(subjects.values()),
+            mqtt_protocol=mqtt_protocol,
+        ),
+        progress=progress,
+    )
+    _wait(
+        lambda: all(data(d).get("stored_samples", 0) >= expected[d] for d in subjects),
+        observer,
+        180,
+        "every agent to store its samples",
+        procs,
+    )
+
+
+def run_demo(
+    options: DemoOptions,
+    on_progress: Callable[[FleetObserver], None] | None = None,
+    on_data_progress: Callable[[int, int], None] | None = None,
+) -> DemoSummary:
     if not 1 <= options.devices <= MAX_DEVICES:
         raise FedgeError(f"--devices must be 1..{MAX_DEVICES} (subjects 1-7; 8-10 are held out for testing)")
     min_devices = options.min_devices or max(1, (options.devices + 1) // 2)
@@ -133,6 +201,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[FleetObserver], None] 
         broker_url = options.broker_url
     host, port, _ = parse_broker_url(broker_url)
     subjects = {har_watch.device_id(s): s for s in har_watch.TRAIN_SUBJECTS[: options.devices]}
+    edgex = None
+    if options.data_path == "edgex":
+        profile = Path(__file__).resolve().parent.parent / "edgex_profiles" / "wearable-imu.yaml"
+        edgex = {"broker": broker_url, "protocol": mqtt_protocol, "prefix": "edgex", "profile": str(profile)}
     fleet = create_fleet(
         out / "fleet",
         FLEET,
@@ -148,6 +220,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[FleetObserver], None] 
             "wait_for_devices_s": 60.0,
         },
         mqtt_protocol=mqtt_protocol,
+        edgex=edgex,
+        task_file=options.task_file,
     )
     observer = FleetObserver(
         FLEET,
@@ -166,6 +240,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[FleetObserver], None] 
         for device_id, cfg in fleet.agent_configs.items():
             procs[device_id] = _spawn(
                 ["agent", "run", "--config", str(cfg)], out / "logs" / f"{device_id}.log"
+            )
+        if options.data_path == "edgex":
+            _feed_through_edgex(
+                options, observer, subjects, broker_url, mqtt_protocol, procs, on_data_progress
             )
         procs["aggregator"] = _spawn(
             ["aggregator", "run", "--config", str(fleet.aggregator_config)], out / "logs" / "aggregator.log"

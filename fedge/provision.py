@@ -66,6 +66,8 @@ def create_fleet(
     rounds: dict[str, object],
     mqtt_protocol: int = 5,
     agent_overrides: dict[str, object] | None = None,
+    edgex: dict[str, object] | None = None,
+    task_file: Path | None = None,
 ) -> FleetFiles:
     """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject."""
     root.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,12 @@ def create_fleet(
             "mqtt": {"broker": broker_url, "protocol": mqtt_protocol},
             "data": {"source": "har-watch", "subject": subject},
         }
+        if edgex is not None:
+            # Readings come from EdgeX; the device knows the task it was provisioned for.
+            if task_file is None:
+                raise ValueError("an EdgeX fleet needs the task file its devices are provisioned for")
+            agent_tables["data"] = {"source": "edgex", "task": str(task_file.resolve())}
+            agent_tables["edgex"] = {"device": device_id, **edgex}
         path = root / f"agent-{device_id}.toml"
         path.write_text(render_toml(agent_tables))
         agent_configs[device_id] = path
