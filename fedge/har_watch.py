@@ -112,9 +112,7 @@ def load_devices(task: TaskSpec, subjects: Iterable[int] = SUBJECTS) -> dict[int
     if bad:
         raise DatasetError(f"unknown subjects {bad}; the data set has subjects 1..10")
     recordings = load_recordings()
-    return {
-        s: recordings_to_device(s, (r for r in recordings if r.subject == s), task) for s in wanted
-    }
+    return {s: recordings_to_device(s, (r for r in recordings if r.subject == s), task) for s in wanted}
 
 
 def pooled(devices: Iterable[DeviceData]) -> tuple[np.ndarray, np.ndarray]:

@@ -28,8 +28,7 @@ class ProgressBar:
         filled = int(30 * frac)
         elapsed = now - self._start
         self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} "
-            f"{elapsed:5.1f}s {suffix}"
+            f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {elapsed:5.1f}s {suffix}"
         )
         if done >= total:
             self.stream.write("\n")

@@ -73,8 +73,7 @@ class Normalisation:
         for i, (m, s) in enumerate(zip(self.mean, self.std, strict=True)):
             if not (math.isfinite(m) and math.isfinite(s)) or s <= 0:
                 raise ManifestError(
-                    f"normalisation[{i}]: mean must be finite and std finite and > 0, "
-                    f"got mean={m}, std={s}"
+                    f"normalisation[{i}]: mean must be finite and std finite and > 0, got mean={m}, std={s}"
                 )
 
     def to_dict(self) -> dict[str, list[float]]:
@@ -181,8 +180,7 @@ def manifest_from_json(raw: bytes | str) -> ModelManifest:
     normalisation = None if norm_raw is None else Normalisation.from_dict(norm_raw)
     if normalisation is not None and len(normalisation.mean) != task.input_dim:
         raise ManifestError(
-            f"manifest: normalisation has {len(normalisation.mean)} features, "
-            f"the task has {task.input_dim}"
+            f"manifest: normalisation has {len(normalisation.mean)} features, the task has {task.input_dim}"
         )
     builder = data.get("builder")
     tf_version = builder.get("tensorflow") if isinstance(builder, dict) else None
@@ -233,7 +231,6 @@ def normalisation_from_moments(
         raise ManifestError("normalisation: sums and sums of squares differ in length")
     mean = [s / count for s in total]
     std = [
-        max(math.sqrt(max(sq / count - m * m, 0.0)), min_std)
-        for m, sq in zip(mean, total_sq, strict=True)
+        max(math.sqrt(max(sq / count - m * m, 0.0)), min_std) for m, sq in zip(mean, total_sq, strict=True)
     ]
     return Normalisation(tuple(mean), tuple(std))

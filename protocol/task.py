@@ -279,8 +279,7 @@ def _training(t: Mapping[str, Any]) -> TrainingSpec:
     _only_keys(
         t,
         "training",
-        {"optimizer", "learning_rate", "momentum", "beta1", "beta2", "epsilon", "batch_size",
-         "local_epochs"},
+        {"optimizer", "learning_rate", "momentum", "beta1", "beta2", "epsilon", "batch_size", "local_epochs"},
     )
     optimizer = _str(t, "training.optimizer")
     if optimizer not in ("sgd", "adam"):
