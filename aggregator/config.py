@@ -6,6 +6,7 @@ be moved together (a Kubernetes ConfigMap and Secret, a demo's output directory)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_t
 from protocol.topics import TopicError, check_id
 
 ENV_PREFIX = "FEDGE_AGGREGATOR"
+log = logging.getLogger("fedge.aggregator")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,12 @@ class RoundSettings:
     manifest_ttl_s: float
     wait_for_devices_s: float
     selection_seed: int
+    # Bounds one update's influence (a scaled "model replacement" update): an update whose L2
+    # norm exceeds the bound is clipped to it, or rejected. The bound is max_update_norm if set,
+    # else update_norm_ratio x the global model's norm (honest HAR deltas: 0.1-0.35 x).
+    max_update_norm: float = 0.0
+    update_norm_ratio: float = 1.0
+    update_norm_policy: str = "clip"
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,9 @@ def load_aggregator_config(path: Path, env: Mapping[str, str]) -> AggregatorConf
             "manifest_ttl_s",
             "wait_for_devices_s",
             "selection_seed",
+            "max_update_norm",
+            "update_norm_ratio",
+            "update_norm_policy",
         },
     )
     rounds = RoundSettings(
@@ -94,7 +105,12 @@ def load_aggregator_config(path: Path, env: Mapping[str, str]) -> AggregatorConf
         manifest_ttl_s=r.number("manifest_ttl_s", 24 * 3600.0, 1.0, 365 * 24 * 3600.0),
         wait_for_devices_s=r.number("wait_for_devices_s", 30.0, 0.0, 24 * 3600.0),
         selection_seed=r.integer("selection_seed", 0, 0, 2**31 - 1),
+        max_update_norm=r.number("max_update_norm", 0.0, 0.0, 1e12),
+        update_norm_ratio=r.number("update_norm_ratio", 1.0, 0.0, 1e6),
+        update_norm_policy=r.choice("update_norm_policy", "clip", ("clip", "reject")),
     )
+    if rounds.max_update_norm == 0.0 and rounds.update_norm_ratio == 0.0:
+        log.warning("[rounds] update norms are unbounded: one device can replace the global model")
     if 0 < rounds.devices_per_round < rounds.min_devices:
         raise ConfigError(
             f"[rounds] devices_per_round={rounds.devices_per_round} is below min_devices="

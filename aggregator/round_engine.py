@@ -77,6 +77,8 @@ class RoundRecord:
     mean_update_bytes: float | None
     rejected: dict[str, int]
     failure: str | None = None  # why an aggregation with a quorum was aborted
+    clipped: int = 0  # updates scaled down to the norm bound
+    norm_bound: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -109,6 +111,8 @@ class _OpenRound:
         self.eval_loss = WeightedMeanAccumulator()
         self.eval_accuracy = WeightedMeanAccumulator()
         self.update_bytes = 0
+        self.clipped = 0
+        self.norm_bound = 0.0  # 0: unbounded
         self.rejected: Counter[str] = Counter()
 
 
@@ -205,6 +209,10 @@ class RoundEngine:
         self.state.published_weights_sha256 = weights_sha
         self.state.version = version
         self.state.last_manifest_sha256 = manifest.sha256()
+        s = self.settings
+        norm_bound = s.max_update_norm or s.update_norm_ratio * float(
+            np.linalg.norm(self.state.weights.astype(np.float64))
+        )
         self.current = (
             None
             if phase == "final"
@@ -219,6 +227,8 @@ class RoundEngine:
         if not self._model_published:  # retained: once per process is enough
             blobs = {self.topics.blob(self.model_sha256): self.model_bytes, **blobs}
             self._model_published = True
+        if self.current is not None:
+            self.current.norm_bound = norm_bound
         return Publication(manifest=manifest, manifest_frame=frame, blobs=blobs, clear_blobs=clear)
 
     def round_due(self, now: float) -> bool:
@@ -265,6 +275,8 @@ class RoundEngine:
             mean_update_bytes=r.update_bytes / len(r.reported) if r.reported else None,
             rejected=dict(r.rejected),
             failure=failure,
+            clipped=r.clipped,
+            norm_bound=r.norm_bound,
         )
         self.state.history.append(record.to_dict())
         self.current = None
@@ -346,6 +358,14 @@ class RoundEngine:
                 limit = self.settings.max_examples_per_update
                 if update.examples > limit or (ev is not None and ev.examples > limit):
                     return Outcome(False, "too_many_examples", device, header.kind)
+                delta, clipped = update.delta, False
+                if r.norm_bound > 0.0:
+                    norm = float(np.linalg.norm(update.delta.astype(np.float64)))
+                    if norm > r.norm_bound:
+                        if self.settings.update_norm_policy == "reject":
+                            return Outcome(False, "norm_too_large", device, header.kind)
+                        scale = np.float32(r.norm_bound / norm)
+                        delta, clipped = (update.delta * scale).astype(np.float32), True
                 # All or nothing: the metrics go into copies first; the delta, whose add also
                 # checks before it changes anything, goes in last; then the copies are kept.
                 train_loss, eval_loss, eval_acc = (
@@ -358,8 +378,9 @@ class RoundEngine:
                     eval_loss.add(ev.loss, ev.examples)
                     if ev.accuracy is not None:
                         eval_acc.add(ev.accuracy, ev.examples)
-                r.fedavg.add(update.delta, update.examples)
+                r.fedavg.add(delta, update.examples)
                 r.train_loss, r.eval_loss, r.eval_accuracy = train_loss, eval_loss, eval_acc
+                r.clipped += clipped
         except MessageError as exc:
             return Outcome(False, exc.reason, device, header.kind)
         except AggregationError:

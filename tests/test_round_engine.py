@@ -1263,3 +1263,57 @@ def test_status_shows_the_last_five_rounds_and_is_a_copy() -> None:
     assert all(h["outcome"] == "aborted" for h in status["history"])
     status["rejected_total"]["x"] = 1
     assert engine.state.rejected_total == {}
+
+
+# --- a scaled "model replacement" update has bounded influence -------------------------------
+
+
+def _train_round(engine: RoundEngine, devs: dict[str, Device], deltas: dict[str, np.ndarray]) -> Publication:
+    """Skips to a train round (the initial state has a normalisation) and sends the deltas."""
+    pub = engine.open_round(T0)
+    assert pub.manifest.phase == "train"
+    for d, delta in deltas.items():
+        assert send(engine, devs[d], devs[d].update(pub.manifest, delta=delta, examples=100), T0 + 1).accepted
+    return pub
+
+
+def test_an_update_over_the_norm_bound_is_clipped_to_it() -> None:
+    weights_norm = float(np.linalg.norm(INITIAL_WEIGHTS.astype(np.float64)))
+    engine = make_engine(settings(update_norm_ratio=1.0, min_devices=3))
+    devs = devices(THREE)
+    honest = {d: delta_for(d, 1) for d in THREE[:2]}
+    attack = (delta_for(THREE[2], 1) * np.float32(1e4)).astype(np.float32)  # replaces the model
+    assert np.linalg.norm(attack) > 10 * weights_norm
+    _train_round(engine, devs, {**honest, THREE[2]: attack})
+    record = engine.close_round()
+    assert (record.clipped, record.norm_bound) == (1, pytest.approx(weights_norm))
+    clipped = attack * np.float32(weights_norm / float(np.linalg.norm(attack.astype(np.float64))))
+    expected = INITIAL_WEIGHTS + (honest[THREE[0]] + honest[THREE[1]] + clipped) / 3
+    np.testing.assert_allclose(engine.state.weights, expected, atol=1e-5)
+    # The attacker moved the model by at most the bound times its share of the examples.
+    assert np.linalg.norm(engine.state.weights - INITIAL_WEIGHTS) <= weights_norm / 3 + 0.1
+
+
+def test_honest_updates_are_not_clipped() -> None:
+    engine = make_engine(settings(update_norm_ratio=1.0, min_devices=3))
+    devs = devices(THREE)
+    deltas = {d: delta_for(d, 1) for d in THREE}
+    _train_round(engine, devs, deltas)
+    record = engine.close_round()
+    assert record.clipped == 0
+    np.testing.assert_allclose(engine.state.weights, INITIAL_WEIGHTS + sum(deltas.values()) / 3, atol=1e-6)
+
+
+def test_with_the_reject_policy_an_update_over_the_bound_is_rejected_and_changes_nothing() -> None:
+    engine = make_engine(settings(max_update_norm=0.5, update_norm_policy="reject", min_devices=2))
+    devs = devices(THREE)
+    pub = engine.open_round(T0)
+    big = (delta_for(THREE[0], 1) * np.float32(1000)).astype(np.float32)
+    out = send(engine, devs[THREE[0]], devs[THREE[0]].update(pub.manifest, delta=big, examples=100), T0 + 1)
+    assert out == Outcome(False, "norm_too_large", THREE[0], "update")
+    assert engine.state.rejected_total == {"norm_too_large": 1}
+    for d in THREE[1:]:
+        assert send(engine, devs[d], devs[d].update(pub.manifest, examples=100), T0 + 1).accepted
+    engine.close_round()
+    expected = INITIAL_WEIGHTS + (delta_for(THREE[1], 1) + delta_for(THREE[2], 1)) / 2
+    np.testing.assert_allclose(engine.state.weights, expected, atol=1e-6)
