@@ -61,3 +61,57 @@ def build_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[TaskS
 @pytest.fixture(scope="session")
 def har_model_dir(build_model_dir: Callable[[TaskSpec], Path], har_task: TaskSpec) -> Path:
     return build_model_dir(har_task)
+
+
+# Tests that attack fedge (bad, replayed, forged, tampered or oversized input; floods) carry
+# the `adversarial` marker, so `pytest -m adversarial` runs the whole attack suite. Modules
+# that are attacks throughout mark themselves; elsewhere the test's name says it.
+_ATTACK_MODULES = {
+    "test_round_engine.py",
+    "test_federated_e2e.py",
+    "test_sealing.py",
+    "test_framing.py",
+    "test_signing.py",
+    "test_messages.py",
+    "test_codec.py",
+    "test_round_manifest.py",
+    "test_edgex_wire.py",
+    "test_trainer.py",
+    "test_model_manifest.py",
+    "test_task_spec.py",
+    "test_edgex_profiles.py",
+    "test_edgex_core_data.py",
+}
+_ATTACK_WORDS = (
+    "reject",
+    "replay",
+    "refuse",
+    "forged",
+    "flip",
+    "tamper",
+    "flood",
+    "attack",
+    "fuzz",
+    "arbitrary",
+    "spoof",
+    "malformed",
+    "huge",
+    "declare",
+    "overflow",
+    "duplicate",
+    "not_finite",
+    "nan",
+    "bomb",
+    "oversize",
+    "too_large",
+    "wrong",
+    "unknown",
+    "garbage",
+    "bad",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in _ATTACK_MODULES and any(w in item.name.lower() for w in _ATTACK_WORDS):
+            item.add_marker(pytest.mark.adversarial)
