@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -33,9 +36,10 @@ from agent.outbox import Outbox
 from agent.trainer import LiteRTTrainer
 from protocol.config_source import ConfigError
 from protocol.errors import FedgeError
+from protocol.keyfile import MAX_KEY_FILE_BYTES, check_private_key_file
 from protocol.messages import Evaluation, encode_moments, encode_update
 from protocol.round_manifest import RoundManifest, RoundManifestError, round_manifest_from_dict
-from protocol.sealing import SealedHeader, private_key_from_text, seal
+from protocol.sealing import SealedHeader, seal
 from protocol.signing import SignatureError, verify_document
 from protocol.task import TaskSpec
 from protocol.topics import FleetTopics
@@ -54,6 +58,20 @@ class LocalData:
     y_train: np.ndarray
     x_holdout: np.ndarray
     y_holdout: np.ndarray
+
+
+def read_private_key(path: Path) -> bytes:
+    """The device's X25519 key; refuses a file others can read (``protocol.keyfile``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read device key {path}: {exc.strerror}") from None
+    try:
+        st_mode = os.fstat(fd).st_mode
+        raw = os.read(fd, MAX_KEY_FILE_BYTES + 1) if stat.S_ISREG(st_mode) else b""
+    finally:
+        os.close(fd)
+    return check_private_key_file(raw, st_mode, str(path), "box")
 
 
 def split_holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> LocalData:
@@ -82,11 +100,7 @@ class AgentService:
         self.data: LocalData | None = None
         self.clock = clock
         self.topics = FleetTopics(config.fleet)
-        try:
-            key_text = config.key_file.read_text(encoding="ascii")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read device key {config.key_file}: {exc}") from None
-        self.device_key: PrivateKey = private_key_from_text(key_text)
+        self.device_key = PrivateKey(read_private_key(config.key_file))
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.state = DeviceStateStore(config.state_dir / "state.json")
         self.state.load()  # a corrupt state file is an error now, not a silent reset

@@ -142,12 +142,21 @@ class RoundEngine:
         self.box_key = box_key
         self.signing_key = signing_key
         self.registry = dict(registry)
+        self.revoked: set[str] = set()
         self.state = state
         self.layout = model_manifest.layout
         self.current: _OpenRound | None = None
         self._model_published = False
         # One Box per device: the X25519 shared key is computed once, not per message.
         self._boxes: dict[str, Box] = {}
+
+    def set_registry(self, registry: dict[str, PublicKey], revoked: set[str] | None = None) -> None:
+        """New enrollments and revocations, effective from the next round."""
+        for device, key in list(self.registry.items()):
+            if registry.get(device) != key:
+                self._boxes.pop(device, None)
+        self.registry = dict(registry)
+        self.revoked = set(revoked or ()) - set(registry)
 
     # --- round lifecycle ---------------------------------------------------------------------
 
@@ -311,7 +320,8 @@ class RoundEngine:
             return Outcome(False, "wrong_fleet", device, header.kind)
         device_key = self.registry.get(device)
         if device_key is None:
-            return Outcome(False, "unknown_device", device, header.kind)
+            reason = "revoked_device" if device in self.revoked else "unknown_device"
+            return Outcome(False, reason, device, header.kind)
         r = self.current
         if r is None:
             return Outcome(False, "no_open_round", device, header.kind)

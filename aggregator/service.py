@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,14 +32,13 @@ from paho.mqtt.properties import Properties
 
 from aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aggregator.config import AggregatorConfig
-from aggregator.registry import load_registry
+from aggregator.registry import load_registry, load_registry_file
 from aggregator.round_engine import EngineState, Publication, RoundEngine
 from protocol.config_source import ConfigError
 from protocol.errors import FedgeError
+from protocol.keyfile import MAX_KEY_FILE_BYTES, KeyKind, check_private_key_file
 from protocol.model_manifest import ModelManifest, manifest_from_json
 from protocol.mqtt_settings import MqttSettings
-from protocol.sealing import private_key_from_text
-from protocol.signing import signing_key_from_text
 from protocol.topics import FleetTopics
 
 log = logging.getLogger("fedge.aggregator")
@@ -69,11 +70,18 @@ def load_model(model_dir: Path) -> LoadedModel:
     return LoadedModel(manifest, model, np.frombuffer(weights_raw, "<f4").astype(np.float32))
 
 
-def read_key_file(path: Path, what: str) -> str:
+def read_private_key(path: Path, kind: KeyKind) -> bytes:
+    """A private key file's 32 bytes; refuses files others can read (``protocol.keyfile``)."""
     try:
-        return path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read private key file {path}: {exc.strerror}") from None
+    try:
+        st_mode = os.fstat(fd).st_mode
+        raw = os.read(fd, MAX_KEY_FILE_BYTES + 1) if stat.S_ISREG(st_mode) else b""
+    finally:
+        os.close(fd)
+    return check_private_key_file(raw, st_mode, str(path), kind)
 
 
 def state_from_checkpoint(ck: Checkpoint) -> EngineState:
@@ -152,8 +160,8 @@ class AggregatorService:
             raise ConfigError(
                 f"{len(registry)} enrolled devices cannot satisfy min_devices={config.rounds.min_devices}"
             )
-        box_key: PrivateKey = private_key_from_text(read_key_file(config.box_key_file, "box key"))
-        signing_key: SigningKey = signing_key_from_text(read_key_file(config.signing_key_file, "signing key"))
+        box_key = PrivateKey(read_private_key(config.box_key_file, "box"))
+        signing_key = SigningKey(read_private_key(config.signing_key_file, "signing"))
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = config.state_dir / CHECKPOINT_FILE
         ck = load_checkpoint(self.checkpoint_path, MAX_CHECKPOINT_BYTES)
@@ -246,6 +254,15 @@ class AggregatorService:
             m.deadline - m.issued_at,
         )
 
+    def _reload_registry(self) -> None:
+        """Enrollments and revocations take effect from the next round on."""
+        try:
+            registry = load_registry_file(self.config.registry_file)
+        except FedgeError as exc:
+            log.error("device registry unreadable, keeping the previous one: %s", exc)
+            return
+        self.engine.set_registry(registry.devices, set(registry.revoked))
+
     def _publish_status(self, force: bool = True) -> None:
         """Retained status for operators and BMS; at most twice a second unless ``force``d."""
         now = time.monotonic()
@@ -304,6 +321,7 @@ class AggregatorService:
             self._wait_for_devices()
             if self.stop_requested.is_set():
                 return 0
+            self._reload_registry()
             self._announce(self.engine.open_round(self.clock()))
             self._publish_status()
             while not self.stop_requested.is_set():
@@ -324,6 +342,7 @@ class AggregatorService:
                         record.fed_eval_accuracy,
                         record.rejected or "none",
                     )
+                    self._reload_registry()
                     self._announce(self.engine.open_round(self.clock()))
                     self._publish_status()
             return 0

@@ -372,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from fedge.edgex_provision import add_edgex_parser  # noqa: PLC0415 - stdlib-only import
+    from fedge.keys import add_keys_parser  # noqa: PLC0415 - stdlib-only import
 
+    add_keys_parser(sub)  # fedge keys aggregator|device|rotate, fedge enroll, revoke, registry list
     edgex_sub = add_edgex_parser(sub)
     tap = edgex_sub.add_parser("tap", help="print the readings an agent would parse, one JSON object each")
     tap.add_argument("--broker", required=True, help="EdgeX message bus broker, mqtt://host:port")

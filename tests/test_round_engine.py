@@ -1317,3 +1317,20 @@ def test_with_the_reject_policy_an_update_over_the_bound_is_rejected_and_changes
     engine.close_round()
     expected = INITIAL_WEIGHTS + (delta_for(THREE[1], 1) + delta_for(THREE[2], 1)) / 2
     np.testing.assert_allclose(engine.state.weights, expected, atol=1e-6)
+
+
+def test_a_revoked_device_is_refused_from_the_next_round_on() -> None:
+    engine = make_engine(settings(min_devices=2))
+    devs = devices(THREE)
+    pub = engine.open_round(T0)
+    report_all(engine, pub, devs, T0 + 1)  # revoked during this round: still counted here
+    engine.close_round()
+    revoked = THREE[2]
+    engine.set_registry({d: devs[d].key.public_key for d in THREE[:2]}, {revoked})
+    nxt = engine.open_round(T0 + 100)
+    assert revoked not in nxt.manifest.selected_devices
+    payload = devs[revoked].update(nxt.manifest)
+    assert send(engine, devs[revoked], payload, T0 + 101) == Outcome(
+        False, "revoked_device", revoked, "update"
+    )
+    assert engine.state.rejected_total == {"revoked_device": 1}
