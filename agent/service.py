@@ -34,8 +34,10 @@ from agent.config import AgentConfig
 from agent.device_state import DeviceStateStore, ManifestRollbackError
 from agent.outbox import Outbox
 from agent.trainer import LiteRTTrainer
+from agent.trust import TrustStore
 from protocol.config_source import ConfigError
 from protocol.errors import FedgeError
+from protocol.key_rotation import read_rotation_unverified
 from protocol.keyfile import MAX_KEY_FILE_BYTES, check_private_key_file
 from protocol.messages import Evaluation, encode_moments, encode_update
 from protocol.round_manifest import RoundManifest, RoundManifestError, round_manifest_from_dict
@@ -74,6 +76,14 @@ def read_private_key(path: Path) -> bytes:
     return check_private_key_file(raw, st_mode, str(path), "box")
 
 
+def rotation_sequence_of(frame: bytes) -> int:
+    """Sorting key: the claimed sequence (verified later); unreadable frames sort first."""
+    try:
+        return read_rotation_unverified(frame).sequence
+    except FedgeError:
+        return 0
+
+
 def split_holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> LocalData:
     """A seeded random split; the held-out part evaluates each received global model."""
     order = np.random.default_rng(seed).permutation(x.shape[0])
@@ -105,6 +115,12 @@ class AgentService:
         self.state = DeviceStateStore(config.state_dir / "state.json")
         self.state.load()  # a corrupt state file is an error now, not a silent reset
         self.outbox = Outbox(config.state_dir / "outbox.sqlite")
+        # Pinned at provisioning, then moved only by rotations a trusted key vouches for.
+        self.trust = TrustStore.open_or_create(
+            config.state_dir / "trust.json", config.fleet, config.trusted_keys.values()
+        )
+        self._pending_rotations: list[bytes] = []
+        self._parked_manifest: bytes | None = None
         self.trainer: LiteRTTrainer | None = None
         self.model_sha256: str | None = None
         self.current: RoundManifest | None = None
@@ -165,7 +181,7 @@ class AgentService:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
-        client.subscribe([(self.topics.manifest, 1)])
+        client.subscribe([(self.topics.manifest, 1), (self.topics.rotation_filter, 1)])
         with self._lock:
             for sha in self._wanted_blobs:
                 client.subscribe(self.topics.blob(sha), qos=1)
@@ -188,6 +204,9 @@ class AgentService:
             if msg.topic == self.topics.manifest:
                 if payload:
                     self._pending_manifest = payload  # only the newest matters
+            elif msg.topic.startswith(self.topics.base + "/keys/rotation/"):
+                if payload and len(payload) <= MAX_MANIFEST_FRAME_BYTES:
+                    self._pending_rotations.append(payload)
             elif msg.topic.startswith(self.topics.base + "/blob/"):
                 sha = msg.topic.rsplit("/", 1)[-1]
                 if (
@@ -243,6 +262,24 @@ class AgentService:
             self.outbox.record_attempt(message.id)
             self._in_flight[message.id] = info
 
+    def _apply_rotations(self) -> bool:
+        """Applies queued signing-key rotations in sequence order; True if one was accepted."""
+        with self._lock:
+            frames, self._pending_rotations = self._pending_rotations, []
+        accepted = False
+        for frame in sorted(frames, key=rotation_sequence_of):
+            try:
+                if self.trust.accept_rotation(frame, self.clock()):
+                    accepted = True
+                    log.info("accepted signing-key rotation %d", self.trust.rotation_sequence)
+            except FedgeError as exc:
+                reason = getattr(exc, "reason", "bad_rotation")
+                self.rejected_manifests[f"rotation_{reason}"] = (
+                    self.rejected_manifests.get(f"rotation_{reason}", 0) + 1
+                )
+                log.warning("signing-key rotation refused: %s", exc)
+        return accepted
+
     def _reject_manifest(self, reason: str, detail: str) -> None:
         self.rejected_manifests[reason] = self.rejected_manifests.get(reason, 0) + 1
         self.last_error = f"manifest rejected: {detail}"
@@ -254,10 +291,12 @@ class AgentService:
             return None
         try:
             doc, _ = verify_document(
-                frame, MANIFEST_DOC_TYPE, self.config.trusted_keys, MAX_MANIFEST_FRAME_BYTES
+                frame, MANIFEST_DOC_TYPE, self.trust.trusted_keys(), MAX_MANIFEST_FRAME_BYTES
             )
             manifest = round_manifest_from_dict(doc)
         except SignatureError as exc:
+            if exc.reason == "unknown_key":
+                self._parked_manifest = frame  # maybe signed by a key a rotation will vouch for
             self._reject_manifest(exc.reason, str(exc))
             return None
         except RoundManifestError as exc:
@@ -409,6 +448,8 @@ class AgentService:
                 frame, self._pending_manifest = self._pending_manifest, None
             try:
                 self._flush_outbox()
+                if self._apply_rotations() and frame is None and self._parked_manifest is not None:
+                    frame, self._parked_manifest = self._parked_manifest, None
                 if frame is not None:
                     manifest = self._accept_manifest(frame)
                     if manifest is not None:

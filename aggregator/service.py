@@ -43,6 +43,7 @@ from protocol.topics import FleetTopics
 
 log = logging.getLogger("fedge.aggregator")
 CHECKPOINT_FILE = "checkpoint.bin"
+ROTATION_FILE_PREFIX = "aggregator.rotation."  # written by `fedge keys rotate`
 MAX_CHECKPOINT_BYTES = 1024 * 1024 * 1024
 _INBOX_LIMIT = 100_000
 STATUS_INTERVAL_S = 0.5
@@ -254,6 +255,20 @@ class AggregatorService:
             m.deadline - m.issued_at,
         )
 
+    def _publish_rotations(self) -> None:
+        """Every rotation document ``fedge keys rotate`` left beside the signing key, retained,
+        so a device that was offline for several rotations can follow them in order."""
+        directory = self.config.signing_key_file.parent
+        for path in sorted(directory.glob(f"{ROTATION_FILE_PREFIX}[0-9]*")):
+            try:
+                sequence = int(path.name[len(ROTATION_FILE_PREFIX) :])
+                frame = path.read_bytes()
+            except (ValueError, OSError) as exc:
+                log.error("skipping rotation file %s: %s", path, exc)
+                continue
+            self._publish(self.topics.rotation(sequence), frame, retain=True)
+            log.info("published signing-key rotation %d", sequence)
+
     def _reload_registry(self) -> None:
         """Enrollments and revocations take effect from the next round on."""
         try:
@@ -318,6 +333,7 @@ class AggregatorService:
             while not self.connected.wait(0.2):
                 if self.stop_requested.is_set():
                     return 0
+            self._publish_rotations()
             self._wait_for_devices()
             if self.stop_requested.is_set():
                 return 0

@@ -56,6 +56,17 @@ class FleetTopics:
     def blob_filter(self) -> str:
         return f"{self.base}/blob/+"
 
+    def rotation(self, sequence: int) -> str:
+        """Retained signing-key rotation documents, one per sequence number (devices that missed
+        several apply them in order)."""
+        if isinstance(sequence, bool) or not isinstance(sequence, int) or not 1 <= sequence < 10**9:
+            raise TopicError(f"invalid rotation sequence {sequence!r}")
+        return f"{self.base}/keys/rotation/{sequence:06d}"
+
+    @property
+    def rotation_filter(self) -> str:
+        return f"{self.base}/keys/rotation/+"
+
     @property
     def aggregator_status(self) -> str:
         """Retained JSON status of the aggregator: round, version, rejected updates by reason."""

@@ -227,3 +227,32 @@ def test_a_tampered_weights_blob_is_never_loaded(setup: tuple[Aggregator, Traffi
     # The signed manifest was accepted, but nothing was computed from the tampered weights.
     sent = [read_header(m.payload)[0] for m in recorder.matching(TOPICS.update(DEVICE)) if m.payload]
     assert pub.manifest.round_id not in {h.round_id for h in sent}
+
+
+def test_a_rotated_signing_key_is_followed_and_the_old_one_retired(
+    setup: tuple[Aggregator, TrafficRecorder, object],
+) -> None:
+    from protocol.key_rotation import sign_rotation
+
+    aggregator, recorder, _ = setup
+    old = aggregator.signing
+    new = SigningKey.generate()
+    # A manifest signed by the new key before the device saw the rotation: parked, not lost.
+    aggregator.engine.signing_key = new
+    aggregator.announce(NOW)
+    recorder.wait_for(lambda ms: _rejected(recorder).get("unknown_key") == 1, 20, "new key not yet trusted")
+    aggregator.publish(TOPICS.rotation(1), sign_rotation(old, new.verify_key, FLEET, 1, NOW))
+    recorder.wait_for(
+        lambda ms: _status(recorder).get("model_version") == 2, 30, "the parked manifest accepted"
+    )
+    # The old key is retired: a manifest it signs is refused even though it once was trusted.
+    aggregator.engine.signing_key = old
+    aggregator.announce(NOW)
+    recorder.wait_for(lambda ms: _rejected(recorder).get("unknown_key") == 2, 20, "old key refused")
+    assert _status(recorder)["model_version"] == 2
+    # A rotation signed by a key nobody trusts is refused.
+    intruder = SigningKey.generate()
+    aggregator.publish(
+        TOPICS.rotation(2), sign_rotation(intruder, SigningKey.generate().verify_key, FLEET, 2, NOW)
+    )
+    recorder.wait_for(lambda ms: _rejected(recorder).get("rotation_unknown_key") == 1, 20, "forged rotation")
