@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -267,6 +268,61 @@ def mqtt_ping(
             sock.close()
 
 
+def mqtt_answers(
+    host: str,
+    port: int,
+    *,
+    timeout: float = 1.0,
+    tls_context: ssl.SSLContext | None = None,
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
+) -> bool:
+    """Whether an MQTT broker at ``host:port`` answers CONNECT with a CONNACK, *even a refusal*.
+
+    :func:`mqtt_ping` wants a successful CONNACK, which a broker with ``allow_anonymous false``
+    never gives an anonymous probe; its "Not authorized" still proves that it is up and parsed
+    its configuration, which is all a readiness check needs. No credentials are sent. With
+    ``tls_context`` the probe speaks TLS (a listener with ``require_certificate true`` needs a
+    context holding a client certificate, or the handshake fails and this returns ``False``).
+    """
+    answers: list[ReasonCode] = []
+
+    def on_connect(
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        answers.append(reason_code)
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"fedge-probe-{uuid.uuid4().hex[:12]}",
+        protocol=protocol,
+        reconnect_on_failure=False,
+    )
+    client.connect_timeout = timeout
+    client.on_connect = on_connect
+    if tls_context is not None:
+        client.tls_set_context(tls_context)
+    deadline = time.monotonic() + timeout
+    try:
+        try:
+            client.connect(host, port, keepalive=10)
+        except (OSError, ValueError):  # refused, TLS handshake failed (ssl.SSLError is an OSError)
+            return False
+        while not answers and time.monotonic() < deadline:
+            if client.loop(timeout=_POLL_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        if answers and not answers[0].is_failure:
+            client.disconnect()
+        return bool(answers)
+    finally:
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+
+
 class _PortInUse(BrokerError):
     """The broker exited because its port is taken (retried when the port was our pick)."""
 
@@ -306,6 +362,10 @@ class BrokerProcess:
 
     def _log_paths(self) -> list[Path]:
         return [self.output_path]
+
+    def _answers(self, port: int, timeout: float) -> bool:
+        """The readiness probe of :meth:`start`: whether the broker answers on ``port`` yet."""
+        return mqtt_ping(self.host, port, timeout=timeout, protocol=self.probe_protocol)
 
     # -- properties --------------------------------------------------------------------------
 
@@ -463,7 +523,7 @@ class BrokerProcess:
                     f"{self.name} (pid {proc.pid}) did not answer MQTT on {where} within "
                     f"{self._startup_timeout:.0f} s\n{self.log_tail()}"
                 )
-            answered = mqtt_ping(self.host, port, timeout=min(1.0, remaining), protocol=self.probe_protocol)
+            answered = self._answers(port, min(1.0, remaining))
             if answered and proc.poll() is None:
                 log.debug("%s ready on %s (pid %d)", self.name, where, proc.pid)
                 return
@@ -524,6 +584,65 @@ class MosquittoBroker(BrokerProcess):
 
     def _log_paths(self) -> list[Path]:
         return [self._settings.log_path, self.output_path]
+
+
+class ConfiguredMosquitto(MosquittoBroker):
+    """Mosquitto run with a ``mosquitto.conf`` written elsewhere (``fedge broker config``), as is.
+
+    The configuration decides listeners, TLS, authentication and ACLs; nothing is rendered or
+    rewritten, so what runs is exactly what would be deployed. This class only has to know
+    where the broker listens (``port``: the configuration's listener port; there is no free-port
+    pick, the port is in the file) and how to probe it: the readiness probe is
+    :func:`mqtt_answers` (any CONNACK counts, since such a broker rightly refuses the probe's
+    anonymous CONNECT), over TLS when ``tls_context`` is given. ``work_dir`` is the process's
+    working directory and receives its stdout/stderr (``mosquitto.out``), where a configuration
+    without ``log_dest file`` logs.
+    """
+
+    def __init__(
+        self,
+        conf_path: Path,
+        *,
+        port: int,
+        work_dir: Path,
+        host: str = LOOPBACK,
+        tls_context: ssl.SSLContext | None = None,
+        executable: Path | None = None,
+        startup_timeout: float = STARTUP_TIMEOUT_S,
+    ) -> None:
+        if not 1 <= port <= 65535:
+            raise BrokerError(
+                f"configured mosquitto: port must be the configuration's listener port, not {port}"
+            )
+        super().__init__(
+            BrokerSettings(data_dir=work_dir, host=host, port=port),
+            executable=executable,
+            startup_timeout=startup_timeout,
+        )
+        self._conf_path = conf_path
+        self._tls_context = tls_context
+
+    @property
+    def conf_path(self) -> Path:
+        return self._conf_path
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self._tls_context is not None else 'mqtt'}://{host}:{self.port}"
+
+    def _command(self) -> list[str]:
+        return [str(self.executable), "-c", str(self._conf_path)]
+
+    def _write_config(self, port: int) -> None:
+        self.executable  # noqa: B018 - fail with a clear message before starting anything
+        if not self._conf_path.is_file():
+            raise BrokerError(f"mosquitto configuration {self._conf_path} does not exist")
+
+    def _answers(self, port: int, timeout: float) -> bool:
+        return mqtt_answers(
+            self.host, port, timeout=timeout, tls_context=self._tls_context, protocol=self.probe_protocol
+        )
 
 
 def render_amqtt_config(settings: BrokerSettings, port: int) -> str:

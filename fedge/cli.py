@@ -371,10 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
+    from fedge.broker_config import add_broker_parser  # noqa: PLC0415 - stdlib-only import
     from fedge.edgex_provision import add_edgex_parser  # noqa: PLC0415 - stdlib-only import
     from fedge.keys import add_keys_parser  # noqa: PLC0415 - stdlib-only import
 
     add_keys_parser(sub)  # fedge keys aggregator|device|rotate, fedge enroll, revoke, registry list
+    add_broker_parser(sub)  # fedge broker config
     edgex_sub = add_edgex_parser(sub)
     tap = edgex_sub.add_parser("tap", help="print the readings an agent would parse, one JSON object each")
     tap.add_argument("--broker", required=True, help="EdgeX message bus broker, mqtt://host:port")

@@ -1,0 +1,1016 @@
+"""``fedge broker config`` against a real Mosquitto: authentication, TLS and the ACL, proven.
+
+Every broker here runs the generated ``mosquitto.conf`` unchanged (``ConfiguredMosquitto``) on a
+free loopback port, with the lab CA and the generated passwords or client certificates; the
+clients are paho 2.x, configured from the generated ``credentials/*.txt`` files the way agents
+and the aggregator will be. No mocks; every wait is bounded.
+
+What "denied" looks like with mosquitto 2.0.11 (checked here, see docs/broker-security.md):
+
+- CONNECT without or with wrong credentials: CONNACK 0x87 "Not authorized" (MQTT 5) or return
+  code 5 (MQTT 3.1.1); never 0x86 "Bad user name or password".
+- PUBLISH to a topic the ACL does not grant: dropped; an MQTT 5 client gets PUBACK 0x87, an
+  MQTT 3.1.1 client a plain PUBACK (it cannot tell).
+- SUBSCRIBE is always granted (SUBACK "Granted QoS 1"); the ACL filters what is *delivered*.
+- A Last Will on a topic the client may not write is accepted at CONNECT and dropped when
+  it would fire.
+
+"Never delivered" is proven without sleeping: after the forbidden message, an allowed one (a
+sentinel) goes the same way; mosquitto handles one client's packets in order, so once the
+sentinel has arrived, the forbidden message would have arrived before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import grp
+import json
+import logging
+import os
+import pwd
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from mqtt_fixtures import require_mosquitto
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fedge.broker import ConfiguredMosquitto, free_loopback_port
+from fedge.broker_config import (
+    PACKET_HEADROOM,
+    BrokerConfigError,
+    BrokerConfigRequest,
+    BrokerConfigResult,
+    BrokerLimits,
+    FleetAccess,
+    ListenerConf,
+    TlsFiles,
+    _OpenSSL,
+    add_broker_parser,
+    hash_password,
+    render_acl,
+    render_conf,
+    verify_password,
+    write_broker_config,
+)
+from protocol.errors import FedgeError
+from protocol.topics import FleetTopics
+
+WAIT_S = 10.0  # upper bound of every wait; a passing test never comes close
+FLEET = "f1"
+T = FleetTopics(FLEET)
+AGG = "agg"
+BMS = "bms-1"
+EDGEX = "edgex-core"
+DEV_A, DEV_B = "dev-a", "dev-b"
+V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
+NOT_AUTHORIZED = 0x87
+BLOB = T.blob("ab" * 32)
+
+
+def access() -> FleetAccess:
+    return FleetAccess(
+        fleet=FLEET, devices=(DEV_B, DEV_A), aggregator=AGG, bms=(BMS,), edgex_services=(EDGEX,)
+    )
+
+
+def request(tmp: Path, **changes: Any) -> BrokerConfigRequest:
+    """A request for a broker on a free loopback port, its files and persistence in ``tmp``."""
+    data_dir = tmp / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    values: dict[str, Any] = {
+        "access": access(),
+        "out_dir": tmp / "broker",
+        "tls": "lab",
+        "port": free_loopback_port(),
+        "bind": "127.0.0.1",
+        "data_dir": data_dir,
+        # Started as root, mosquitto would drop to the 'mosquitto' user, which cannot read our 0600 files.
+        "run_as": "root" if os.geteuid() == 0 else None,
+        "limits": BrokerLimits.for_fleet(2, 50_000),
+    }
+    values.update(changes)
+    return BrokerConfigRequest(**values)
+
+
+# --- a broker running the generated configuration, and clients configured from credentials -------
+
+
+class Peer:
+    """A paho 2.x client that records CONNACK, SUBACKs, PUBACKs and messages; waits are bounded."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        tls: bool = True,
+        protocol: MQTTProtocolVersion = V5,
+        will: str | None = None,
+    ) -> None:
+        self.port = port
+        self.protocol = protocol
+        self.connack: ReasonCode | None = None
+        self.closed = False
+        self.messages: list[tuple[str, bytes]] = []
+        self._subacks: dict[int, list[ReasonCode]] = {}
+        self._pubacks: dict[int, ReasonCode] = {}
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"t-{uuid.uuid4().hex[:10]}",
+            protocol=protocol,
+            reconnect_on_failure=False,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set(
+                ca_certs=None if ca is None else str(ca),
+                certfile=None if cert is None else str(cert),
+                keyfile=None if key is None else str(key),
+            )
+        if will is not None:
+            self.client.will_set(will, b'{"state": "offline"}', qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+
+    def connect(self) -> ReasonCode | None:
+        """Connects; returns the CONNACK's reason code, or None if the broker closed first."""
+        self.client.connect("127.0.0.1", self.port, keepalive=30)
+        self.client.loop_start()
+        self._wait(lambda: self.connack is not None or self.closed, "CONNACK")
+        return self.connack
+
+    def connected(self) -> Peer:
+        rc = self.connect()
+        assert rc is not None and not rc.is_failure, f"CONNACK {rc}"
+        return self
+
+    def subscribe(self, *filters: str) -> list[ReasonCode]:
+        _, mid = self.client.subscribe([(f, 1) for f in filters])
+        assert mid is not None
+        self._wait(lambda: mid in self._subacks, f"SUBACK for {filters}")
+        return self._subacks[mid]
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> ReasonCode:
+        """QoS 1 publish; returns the PUBACK's reason code."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self._wait(lambda: info.mid in self._pubacks, f"PUBACK for {topic}")
+        return self._pubacks[info.mid]
+
+    def send(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """QoS 1 publish that the broker must accept (PUBACK success or "No matching subscribers")."""
+        rc = self.publish(topic, payload, retain)
+        assert not rc.is_failure, f"PUBACK {rc} for {topic}"
+
+    def wait_for(self, topic: str, payload: bytes) -> None:
+        self._wait(lambda: (topic, payload) in self.messages, f"{payload!r} on {topic}")
+
+    def got(self, payload: bytes) -> list[str]:
+        """The topics ``payload`` arrived on."""
+        with self._cond:
+            return [t for t, p in self.messages if p == payload]
+
+    def disconnect_with_will(self) -> None:
+        """MQTT 5 DISCONNECT 0x04: the broker publishes the Will as if the link had died."""
+        self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message"))
+        self._wait(lambda: self.closed, "the broker to close the connection")
+        self.client.loop_stop()
+
+    def close(self) -> None:
+        if self.client.is_connected():
+            self.client.disconnect()
+        self.client.loop_stop()
+
+    def _wait(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        with self._cond:
+            while not condition():
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"timed out after {WAIT_S} s waiting for {what}"
+                self._cond.wait(min(0.05, remaining))
+
+    def _on_connect(self, c: mqtt.Client, u: object, f: mqtt.ConnectFlags, rc: ReasonCode, p: Any) -> None:
+        with self._cond:
+            self.connack = rc
+            self._cond.notify_all()
+
+    def _on_disconnect(self, c: mqtt.Client, u: object, f: Any, rc: ReasonCode, p: Any) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def _on_subscribe(self, c: mqtt.Client, u: object, mid: int, rcs: list[ReasonCode], p: Any) -> None:
+        with self._cond:
+            self._subacks[mid] = rcs
+            self._cond.notify_all()
+
+    def _on_publish(self, c: mqtt.Client, u: object, mid: int, rc: ReasonCode, p: Any) -> None:
+        with self._cond:
+            self._pubacks[mid] = rc
+            self._cond.notify_all()
+
+    def _on_message(self, c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+            self._cond.notify_all()
+
+
+@dataclass
+class Deployment:
+    """A generated configuration directory and the broker running it."""
+
+    result: BrokerConfigResult
+    broker: ConfiguredMosquitto
+    peers: list[Peer]
+
+    @property
+    def out(self) -> Path:
+        return self.result.out_dir
+
+    def credentials(self, name: str) -> dict[str, Any]:
+        with (self.out / "credentials" / f"{name}.txt").open("rb") as f:
+            return tomllib.load(f)
+
+    def peer(self, name: str, **kwargs: Any) -> Peer:
+        """A client configured only from ``credentials/<name>.txt``, as an agent would be."""
+        creds = self.credentials(name)
+        base = self.out / "credentials"
+        assert creds["broker"] == f"mqtts://localhost:{self.broker.port}"
+        options: dict[str, Any] = {"ca": base / creds["ca_file"]}
+        if "cert_file" in creds:
+            options.update(cert=base / creds["cert_file"], key=base / creds["key_file"])
+        else:
+            options.update(username=creds["username"], password=creds["password"])
+        options.update(kwargs)
+        return self.new_peer(**options)
+
+    def new_peer(self, **kwargs: Any) -> Peer:
+        peer = Peer(self.broker.port, **kwargs)
+        self.peers.append(peer)
+        return peer
+
+    def close_peers(self) -> None:
+        for peer in self.peers:
+            peer.close()
+        self.peers.clear()
+
+
+def client_context(creds_dir: Path, name: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(creds_dir / "ca.crt"))
+    if name is not None:
+        context.load_cert_chain(creds_dir / f"{name}.crt", creds_dir / f"{name}.key")
+    return context
+
+
+def deploy(tmp: Path, **changes: Any) -> Iterator[Deployment]:
+    """Generates a configuration, starts mosquitto with it, and always stops it again."""
+    exe = require_mosquitto()
+    result = write_broker_config(request(tmp, **changes))
+    creds = result.out_dir / "credentials"
+    probe_identity = AGG if result.auth == "client-cert" else None
+    broker = ConfiguredMosquitto(
+        result.out_dir / "mosquitto.conf",
+        port=result.port,
+        work_dir=tmp / "run",
+        tls_context=client_context(creds, probe_identity) if result.tls != "none" else None,
+        executable=exe,
+    )
+    deployment = Deployment(result, broker, [])
+    with broker:
+        try:
+            yield deployment
+        finally:
+            deployment.close_peers()
+
+
+@pytest.fixture(scope="module")
+def passwords(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """TLS with the lab CA, password authentication: one broker for the module."""
+    yield from deploy(tmp_path_factory.mktemp("passwords"))
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """TLS with the lab CA, client certificates (CN = username): one broker for the module."""
+    yield from deploy(tmp_path_factory.mktemp("certificates"), client_certs=True)
+
+
+@pytest.fixture
+def pw(passwords: Deployment) -> Iterator[Deployment]:
+    """The password broker; the test's clients are disconnected when it ends."""
+    yield passwords
+    passwords.close_peers()
+
+
+@pytest.fixture
+def certs(certificates: Deployment) -> Iterator[Deployment]:
+    yield certificates
+    certificates.close_peers()
+
+
+def token(what: str) -> bytes:
+    return f"{what}-{uuid.uuid4().hex[:8]}".encode()
+
+
+def aggregator_listening(d: Deployment, **kwargs: Any) -> Peer:
+    agg = d.peer(AGG, **kwargs).connected()
+    assert not any(rc.is_failure for rc in agg.subscribe(T.update_filter, T.status_filter))
+    return agg
+
+
+# --- authentication and TLS ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [V5, V311], ids=["mqtt5", "mqtt311"])
+def test_anonymous_client_is_refused(pw: Deployment, protocol: MQTTProtocolVersion) -> None:
+    rc = pw.new_peer(ca=pw.out / "credentials" / "ca.crt", protocol=protocol).connect()
+    assert rc is not None and rc.is_failure
+    assert rc.value == NOT_AUTHORIZED, rc  # 2.0.11: "Not authorized" (v3.1.1: return code 5)
+
+
+@pytest.mark.parametrize("protocol", [V5, V311], ids=["mqtt5", "mqtt311"])
+def test_wrong_password_and_unknown_user_are_refused(pw: Deployment, protocol: MQTTProtocolVersion) -> None:
+    good = pw.credentials(DEV_A)["password"]
+    for username, password in ((DEV_A, good[:-1] + ("A" if good[-1] != "A" else "B")), ("nobody", good)):
+        rc = pw.peer(DEV_A, username=username, password=password, protocol=protocol).connect()
+        assert rc is not None and rc.is_failure, (username, rc)
+        assert rc.value in (0x86, NOT_AUTHORIZED), rc  # 2.0.11 sends 0x87, never 0x86
+    assert pw.peer(DEV_A, protocol=protocol).connect() == 0
+
+
+def test_tls_connects_only_with_the_lab_ca(pw: Deployment) -> None:
+    # The system's CAs do not know the lab CA: the handshake fails before any MQTT.
+    no_ca = pw.peer(DEV_A, ca=None)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        no_ca.connect()
+    # Plain MQTT on the TLS port: mosquitto never answers it with a CONNACK.
+    plain = pw.peer(DEV_A, tls=False)
+    rc = plain.connect()
+    assert rc is None and plain.closed
+    # There is no plain listener on 1883 on our behalf either: the conf has exactly one listener.
+    assert (pw.out / "mosquitto.conf").read_text().count("\nlistener ") == 1
+
+
+def test_the_server_certificate_names_the_hostnames(pw: Deployment) -> None:
+    with socket.create_connection(("127.0.0.1", pw.broker.port), timeout=WAIT_S) as raw:
+        context = client_context(pw.out / "credentials", None)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            cert = tls.getpeercert()
+    assert cert is not None
+    names = {value for _kind, value in cert["subjectAltName"]}
+    assert names == {"localhost", "127.0.0.1"}
+
+
+# --- the ACL -------------------------------------------------------------------------------------
+
+
+def test_device_cannot_publish_as_another_device_or_the_aggregator(pw: Deployment) -> None:
+    agg = aggregator_listening(pw)
+    bms = pw.peer(BMS).connected()
+    bms.subscribe(T.status_filter, T.aggregator_status, f"{T.base}/insight/#")
+    device = pw.peer(DEV_A).connected()
+    forged = token("forged")
+    for topic, retain in (
+        (T.update(DEV_B), False),
+        (T.status(DEV_B), True),
+        (T.manifest, True),
+        (BLOB, True),
+        (T.aggregator_status, True),
+        (f"{T.base}/insight/{DEV_A}", False),
+        ("edgex/events/device/svc/prof/dev-b/src", False),
+    ):
+        rc = device.publish(topic, forged, retain=retain)
+        assert rc.value == NOT_AUTHORIZED, (topic, rc)  # MQTT 5: PUBACK 0x87 Not authorized
+    sentinel = token("own")
+    device.send(T.update(DEV_A), sentinel)
+    device.send(T.status(DEV_A), sentinel, retain=True)
+    agg.wait_for(T.update(DEV_A), sentinel)
+    agg.wait_for(T.status(DEV_A), sentinel)
+    bms.wait_for(T.status(DEV_A), sentinel)
+    assert agg.got(forged) == [] and bms.got(forged) == []
+    # Nothing forged was retained either: a newcomer sees only dev-a's own status.
+    late = pw.peer(AGG).connected()
+    late.subscribe(f"{T.base}/#")
+    late.wait_for(T.status(DEV_A), sentinel)
+    assert late.got(forged) == []
+
+
+def test_mqtt311_device_gets_a_plain_puback_but_the_message_is_dropped(pw: Deployment) -> None:
+    agg = aggregator_listening(pw)
+    device = pw.peer(DEV_A, protocol=V311).connected()
+    forged, sentinel = token("forged"), token("own")
+    assert device.publish(T.update(DEV_B), forged) == 0  # MQTT 3.1.1 has no way to say no
+    device.send(T.update(DEV_A), sentinel)
+    agg.wait_for(T.update(DEV_A), sentinel)
+    assert agg.got(forged) == []
+
+
+def test_device_cannot_read_another_devices_updates_or_statuses(pw: Deployment) -> None:
+    spy = pw.peer(DEV_A).connected()
+    # mosquitto 2.0 grants every subscription; the ACL is applied to each delivery.
+    for rc in spy.subscribe(T.update_filter, T.update(DEV_B), T.status_filter, f"{T.base}/#", "#"):
+        assert not rc.is_failure, rc
+    victim = pw.peer(DEV_B).connected()
+    secret = token("secret")
+    victim.send(T.update(DEV_B), secret)
+    victim.send(T.status(DEV_B), secret, retain=True)
+    sentinel = token("manifest")
+    pw.peer(AGG).connected().send(T.manifest, sentinel, retain=True)
+    spy.wait_for(T.manifest, sentinel)
+    assert spy.got(secret) == []
+    # The aggregator, on the other hand, got both.
+    agg = aggregator_listening(pw)  # retained status arrives on subscribe
+    agg.wait_for(T.status(DEV_B), secret)
+
+
+def test_device_reads_manifest_and_blobs_and_writes_its_own_topics(pw: Deployment) -> None:
+    agg = aggregator_listening(pw)
+    manifest, blob = token("manifest"), token("blob")
+    agg.send(BLOB, blob, retain=True)
+    agg.send(T.manifest, manifest, retain=True)
+    device = pw.peer(DEV_B).connected()
+    device.subscribe(T.manifest, T.blob_filter)
+    device.wait_for(T.manifest, manifest)
+    device.wait_for(BLOB, blob)
+    update, status = token("update"), token("status")
+    device.send(T.update(DEV_B), update)
+    device.send(T.status(DEV_B), status, retain=True)
+    agg.wait_for(T.update(DEV_B), update)
+    agg.wait_for(T.status(DEV_B), status)
+
+
+def test_aggregator_publishes_the_model_but_cannot_speak_for_devices(pw: Deployment) -> None:
+    agg = aggregator_listening(pw)
+    for topic in (T.manifest, BLOB, T.aggregator_status):
+        agg.send(topic, token("ok"), retain=True)
+    forged = token("forged")
+    for topic in (T.update(DEV_A), T.status(DEV_A), f"{T.base}/insight/x", "edgex/events/device/s/p/dev-a/r"):
+        assert agg.publish(topic, forged).value == NOT_AUTHORIZED, topic
+    sentinel = token("own")
+    device = pw.peer(DEV_A).connected()
+    device.send(T.update(DEV_A), sentinel)
+    agg.wait_for(T.update(DEV_A), sentinel)
+    assert agg.got(forged) == []
+
+
+def test_bms_reads_statuses_but_publishes_nothing(pw: Deployment) -> None:
+    bms = pw.peer(BMS).connected()
+    bms.subscribe(T.status_filter, T.aggregator_status, f"{T.base}/insight/#", T.update_filter, T.manifest)
+    forged = token("bms")
+    for topic in (
+        T.status(BMS),
+        T.status(DEV_A),
+        T.update(BMS),
+        T.update(DEV_A),
+        T.aggregator_status,
+        T.manifest,
+        BLOB,
+        f"{T.base}/insight/room-1",
+        "edgex/events/device/s/p/dev-a/r",
+    ):
+        assert bms.publish(topic, forged, retain=True).value == NOT_AUTHORIZED, topic
+    status, agg_status, update = token("status"), token("agg-status"), token("update")
+    device = pw.peer(DEV_A).connected()
+    device.send(T.update(DEV_A), update)
+    device.send(T.status(DEV_A), status, retain=True)
+    pw.peer(AGG).connected().send(T.aggregator_status, agg_status, retain=True)
+    bms.wait_for(T.status(DEV_A), status)
+    bms.wait_for(T.aggregator_status, agg_status)
+    assert bms.got(forged) == [] and bms.got(update) == []  # not the (sealed) updates either
+
+
+def test_last_will_fires_on_the_devices_own_status_only(pw: Deployment) -> None:
+    agg = aggregator_listening(pw)
+    # 2.0.11 accepts a Will on a forbidden topic at CONNECT and drops it when it fires.
+    liar = pw.peer(DEV_A, will=T.status(DEV_B)).connected()
+    liar.disconnect_with_will()
+    honest = pw.peer(DEV_A, will=T.status(DEV_A)).connected()
+    honest.disconnect_with_will()
+    agg.wait_for(T.status(DEV_A), b'{"state": "offline"}')
+    assert T.status(DEV_B) not in agg.got(b'{"state": "offline"}')
+
+
+def test_devices_read_only_their_own_edgex_readings(pw: Deployment) -> None:
+    edgex = pw.peer(EDGEX).connected()
+    device = pw.peer(DEV_A).connected()
+    device.subscribe("edgex/events/#")  # what the agent does: the whole tree; the ACL narrows it
+    other, own = token("reading-b"), token("reading-a")
+    edgex.send(f"edgex/events/device/device-virtual/Wearable-IMU/{DEV_B}/imu", other)
+    edgex.send(f"edgex/events/core/device-virtual/Wearable-IMU/{DEV_B}/imu", other)
+    edgex.send(f"edgex/events/device/device-virtual/Wearable-IMU/{DEV_A}/imu", own)
+    edgex.send(f"edgex/events/core/device-virtual/Wearable-IMU/{DEV_A}/imu", own)
+    device.wait_for(f"edgex/events/core/device-virtual/Wearable-IMU/{DEV_A}/imu", own)
+    assert len(device.got(own)) == 2 and device.got(other) == []
+    # The EdgeX service cannot touch the fleet's topics.
+    assert edgex.publish(T.update(DEV_A), token("x")).value == NOT_AUTHORIZED
+
+
+def test_acl_reload_revokes_a_connected_device_at_once(tmp_path: Path) -> None:
+    """Revoking = regenerating + SIGHUP: the reloaded ACL applies to connected clients too."""
+    deployments = deploy(tmp_path)
+    d = next(deployments)
+    try:
+        device = d.peer(DEV_B).connected()
+        device.send(T.update(DEV_B), b"before")
+        without_b = FleetAccess(
+            fleet=FLEET, devices=(DEV_A,), aggregator=AGG, bms=(BMS,), edgex_services=(EDGEX,)
+        )
+        (d.out / "acl").write_text(render_acl(without_b))
+        assert d.broker.pid is not None
+        os.kill(d.broker.pid, signal.SIGHUP)
+        deadline = time.monotonic() + WAIT_S
+        while device.publish(T.update(DEV_B), b"after").value != NOT_AUTHORIZED:
+            assert time.monotonic() < deadline, "the reloaded ACL never applied to the connected device"
+            time.sleep(0.05)
+        assert device.client.is_connected()  # still connected, but can no longer do anything
+    finally:
+        deployments.close()
+
+
+# --- client certificates --------------------------------------------------------------------------
+
+
+def test_client_certificate_cn_is_the_username(certs: Deployment) -> None:
+    assert "password" not in certs.credentials(DEV_A)
+    assert not (certs.out / "passwd").exists()
+    agg = aggregator_listening(certs)
+    device = certs.peer(DEV_A).connected()
+    own, forged = token("own"), token("forged")
+    assert device.publish(T.update(DEV_B), forged).value == NOT_AUTHORIZED
+    device.send(T.update(DEV_A), own)
+    agg.wait_for(T.update(DEV_A), own)
+    # A username in CONNECT changes nothing: the certificate says who the client is.
+    claims_b = certs.peer(DEV_A, username=DEV_B, password="x").connected()
+    assert claims_b.publish(T.update(DEV_B), forged).value == NOT_AUTHORIZED
+    claims_b.send(T.update(DEV_A), own + b"2")
+    agg.wait_for(T.update(DEV_A), own + b"2")
+    assert agg.got(forged) == []
+
+
+def test_client_certificate_is_required(certs: Deployment) -> None:
+    creds = certs.out / "credentials"
+    no_cert = certs.new_peer(ca=creds / "ca.crt", username=DEV_A, password="x")
+    try:
+        rc = no_cert.connect()
+    except (ssl.SSLError, ConnectionError):
+        return  # TLS 1.2: the handshake fails
+    assert rc is None and no_cert.closed  # TLS 1.3: the server's alert arrives after the handshake
+
+
+def test_a_certificate_the_acl_does_not_name_gets_nothing(certs: Deployment, tmp_path: Path) -> None:
+    # Any certificate the CA signs authenticates; without an ACL block it can do nothing.
+    ca = (certs.out / "certs" / "ca.crt", certs.out / "certs" / "ca.key")
+    _OpenSSL(tmp_path).leaf(ca, tmp_path / "intruder.key", tmp_path / "intruder.crt", "intruder", days=1)
+    intruder = certs.new_peer(
+        ca=certs.out / "credentials" / "ca.crt", cert=tmp_path / "intruder.crt", key=tmp_path / "intruder.key"
+    ).connected()
+    intruder.subscribe("#")
+    forged = token("intruder")
+    for topic in (T.update("intruder"), T.status("intruder"), T.update(DEV_A), T.manifest):
+        assert intruder.publish(topic, forged).value == NOT_AUTHORIZED, topic
+    sentinel = token("manifest")
+    agg = aggregator_listening(certs)
+    agg.send(T.manifest, sentinel, retain=True)
+    device = certs.peer(DEV_A).connected()
+    device.subscribe(T.manifest)
+    device.wait_for(T.manifest, sentinel)  # delivered to the device, so it was routed...
+    assert intruder.messages == []  # ...but never to the intruder
+
+
+# --- the insecure mode, and real certificate files -------------------------------------------------
+
+
+def test_no_tls_is_explicit_and_still_authenticates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="fedge.broker_config"):
+        deployments = deploy(tmp_path, tls="none")
+        d = next(deployments)
+    try:
+        assert any("WITHOUT TLS" in r.message for r in caplog.records)
+        conf = (d.out / "mosquitto.conf").read_text()
+        assert "INSECURE" in conf and "cafile" not in conf and not (d.out / "certs").exists()
+        creds = d.credentials(DEV_A)
+        assert creds["broker"].startswith("mqtt://") and "ca_file" not in creds
+        assert d.result.to_dict()["warnings"]
+        assert d.new_peer(tls=False).connect() == NOT_AUTHORIZED
+        device = d.new_peer(tls=False, username=DEV_A, password=creds["password"]).connected()
+        assert device.publish(T.update(DEV_B), b"x").value == NOT_AUTHORIZED
+    finally:
+        deployments.close()
+
+
+def test_real_certificate_files_are_used_where_they_are(tmp_path: Path) -> None:
+    pki = write_broker_config(request(tmp_path / "pki"))  # stands in for a real PKI's files
+    files = TlsFiles(
+        ca=pki.out_dir / "certs" / "ca.crt",
+        cert=pki.out_dir / "certs" / "server.crt",
+        key=pki.out_dir / "certs" / "server.key",
+    )
+    deployments = deploy(tmp_path / "real", tls="files", tls_files=files)
+    d = next(deployments)
+    try:
+        conf = (d.out / "mosquitto.conf").read_text()
+        assert f"certfile {files.cert}" in conf and f"keyfile {files.key}" in conf
+        assert not (d.out / "certs").exists()
+        assert (d.out / "credentials" / "ca.crt").read_bytes() == files.ca.read_bytes()
+        d.peer(DEV_A).connected()
+    finally:
+        deployments.close()
+
+
+# --- pure rendering --------------------------------------------------------------------------------
+
+GOLDEN_ACL = """\
+# Mosquitto ACL for fedge fleet 'f1', written by `fedge broker config`.
+# Regenerate it rather than editing it. Everything not granted below is denied.
+# One `user` block per principal and no `pattern` lines: a pattern would apply to every
+# authenticated user, the aggregator and BMS users included (docs/broker-security.md).
+# mosquitto 2.0 grants every SUBSCRIBE; these rules decide what is delivered.
+
+# aggregator: agg
+user agg
+topic read fedge/v1/f1/update/+
+topic read fedge/v1/f1/status/+
+topic write fedge/v1/f1/manifest
+topic write fedge/v1/f1/blob/#
+topic write fedge/v1/f1/aggregator/status
+
+# building-management system (read-only): bms-1
+user bms-1
+topic read fedge/v1/f1/status/+
+topic read fedge/v1/f1/aggregator/status
+topic read fedge/v1/f1/insight/#
+
+# EdgeX service (its message bus): edgex-core
+user edgex-core
+topic readwrite site-7/edgex/#
+
+# device: dev-a
+user dev-a
+topic write fedge/v1/f1/update/dev-a
+topic write fedge/v1/f1/status/dev-a
+topic read fedge/v1/f1/manifest
+topic read fedge/v1/f1/blob/#
+topic read site-7/edgex/events/device/+/+/dev-a/#
+topic read site-7/edgex/events/core/+/+/dev-a/#
+
+# device: dev-b
+user dev-b
+topic write fedge/v1/f1/update/dev-b
+topic write fedge/v1/f1/status/dev-b
+topic read fedge/v1/f1/manifest
+topic read fedge/v1/f1/blob/#
+topic read site-7/edgex/events/device/+/+/dev-b/#
+topic read site-7/edgex/events/core/+/+/dev-b/#
+"""
+
+
+def test_rendered_acl_is_golden() -> None:
+    fleet = FleetAccess(
+        fleet=FLEET,
+        devices=(DEV_B, DEV_A),  # sorted on the way in: the order of the input does not matter
+        aggregator=AGG,
+        bms=(BMS,),
+        edgex_services=(EDGEX,),
+        edgex_prefix="site-7/edgex",
+    )
+    assert render_acl(fleet) == GOLDEN_ACL
+    assert "pattern" not in "\n".join(line for line in GOLDEN_ACL.splitlines() if not line.startswith("#"))
+
+
+def listener(**changes: Any) -> ListenerConf:
+    values: dict[str, Any] = {
+        "fleet": FLEET,
+        "port": 8883,
+        "acl_file": Path("/etc/fedge-broker/acl"),
+        "password_file": Path("/etc/fedge-broker/passwd"),
+        "tls": TlsFiles(Path("/etc/fb/ca.crt"), Path("/etc/fb/server.crt"), Path("/etc/fb/server.key")),
+    }
+    values.update(changes)
+    return ListenerConf(**values)
+
+
+def directives(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_rendered_conf_tls_passwords() -> None:
+    lines = directives(render_conf(listener(limits=BrokerLimits.for_fleet(1000, 22_258), bind="10.0.0.2")))
+    for expected in (
+        "per_listener_settings false",
+        "allow_anonymous false",
+        "password_file /etc/fedge-broker/passwd",
+        "acl_file /etc/fedge-broker/acl",
+        f"max_packet_size {2 * 22_258 + PACKET_HEADROOM}",
+        "max_queued_messages 200000",
+        "max_inflight_messages 20",
+        "max_keepalive 300",
+        "persistence true",
+        "persistence_location /var/lib/mosquitto/",
+        "listener 8883 10.0.0.2",
+        "cafile /etc/fb/ca.crt",
+        "tls_version tlsv1.2",
+        "require_certificate false",
+    ):
+        assert expected in lines, expected
+    assert [line for line in lines if line.startswith("listener")] == ["listener 8883 10.0.0.2"]
+    assert "use_identity_as_username true" not in lines and not any(
+        line.startswith("user ") for line in lines
+    )
+
+
+def test_rendered_conf_client_certs_and_plain() -> None:
+    lines = directives(render_conf(listener(password_file=None, client_certs=True, run_as="mosquitto")))
+    assert "require_certificate true" in lines and "use_identity_as_username true" in lines
+    assert not any(line.startswith("password_file") for line in lines)
+    assert "user mosquitto" in lines
+    plain = directives(render_conf(listener(tls=None, port=1883)))
+    assert [line for line in plain if line.startswith("listener")] == ["listener 1883"]
+    assert not any(line.startswith(("cafile", "certfile", "keyfile", "tls_")) for line in plain)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tls": None, "client_certs": True, "password_file": None}, "client certificates need TLS"),
+        ({"client_certs": True}, "exactly one of them"),
+        ({"password_file": None}, "exactly one of them"),
+        ({"acl_file": Path("acl")}, "must be an absolute path"),
+        ({"persistence_dir": Path("/var/lib/my broker")}, "whitespace"),
+        ({"port": 0}, "1..65535"),
+        ({"bind": "0.0.0.0 # all"}, "bind address"),
+    ],
+)
+def test_listener_conf_refuses_bad_input(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(BrokerConfigError, match=message):
+        listener(**changes)
+
+
+def test_limits_are_sized_from_the_fleet_and_the_model() -> None:
+    small = BrokerLimits.for_fleet(7)
+    assert small.max_packet_size == 16 * 1024 * 1024 and small.max_queued_messages == 10_000
+    big = BrokerLimits.for_fleet(5000, 1_000_000, max_inflight_messages=50)
+    assert big.max_packet_size == 2_000_000 + PACKET_HEADROOM and big.max_queued_messages == 1_000_000
+    assert big.max_inflight_messages == 50
+    with pytest.raises(BrokerConfigError, match="would disconnect the aggregator"):
+        BrokerLimits.for_fleet(7, 1_000_000, max_packet_size=1_000_000)
+    with pytest.raises(BrokerConfigError, match="max_keepalive"):
+        BrokerLimits.for_fleet(7, max_keepalive=5)
+
+
+def test_password_hashes_are_mosquitto_passwd_compatible(tmp_path: Path) -> None:
+    hashed = hash_password("s3cret", salt=b"0123456789ab")
+    assert hashed.startswith("$7$101$MDEyMzQ1Njc4OWFi$")
+    assert verify_password("s3cret", hashed) and not verify_password("s3cret!", hashed)
+    exe = Path("/usr/bin/mosquitto_passwd")
+    if not exe.exists():
+        pytest.skip("mosquitto_passwd is not installed (the broker tests prove the hashes anyway)")
+    pwfile = tmp_path / "pw"
+    pwfile.write_text("")
+    subprocess.run([str(exe), "-b", str(pwfile), "u", "s3cret"], check=True, capture_output=True, timeout=10)
+    theirs = pwfile.read_text().strip().split(":", 1)[1]
+    assert verify_password("s3cret", theirs)
+    salt = base64.b64decode(theirs.split("$")[3])
+    assert hash_password("s3cret", salt=salt) == theirs  # byte for byte the same format
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"fleet": "f/1"}, "invalid fleet id"),
+        ({"devices": ("dev-a", "dev+b")}, "invalid device name"),
+        ({"devices": ("dev-a", "#")}, "invalid device name"),
+        ({"devices": ()}, "no devices"),
+        ({"devices": ("dev-a", "dev-a")}, "listed twice"),
+        ({"bms": ("dev-a",)}, "as bms and as device"),
+        ({"aggregator": "dev-b"}, "as aggregator and as device"),
+        ({"aggregator": "agg gregator"}, "invalid aggregator name"),
+        ({"edgex_prefix": "fedge/v1/f1"}, "must not lie inside"),
+        ({"edgex_prefix": "edgex/#"}, "EdgeX topic prefix"),
+        ({"edgex_prefix": "edgex//x"}, "EdgeX topic prefix"),
+    ],
+)
+def test_fleet_access_refuses_bad_input(changes: dict[str, Any], message: str) -> None:
+    values: dict[str, Any] = {"fleet": FLEET, "devices": (DEV_A, DEV_B), "aggregator": AGG, "bms": (BMS,)}
+    values.update(changes)
+    with pytest.raises(BrokerConfigError, match=message) as info:
+        FleetAccess(**values)
+    assert isinstance(info.value, FedgeError)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"client_certs": True, "tls": "none"}, "use it with --tls lab"),
+        ({"tls": "files"}, "certificate files go with"),
+        ({"hostnames": ("broker.example.com", "bad_host!")}, "hostname 'bad_host!'"),
+        ({"hostnames": ()}, "at least one hostname"),
+        ({"cert_days": 0}, "validity"),
+        ({"port": 70000}, "1..65535"),
+        ({"install_dir": Path("etc/broker")}, "must be an absolute path"),
+    ],
+)
+def test_request_refuses_bad_input(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(BrokerConfigError, match=message):
+        request(tmp_path, **changes)
+
+
+def test_missing_certificate_files_are_named_and_nothing_is_written(tmp_path: Path) -> None:
+    files = TlsFiles(tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server-key.pem")
+    with pytest.raises(BrokerConfigError, match=r"--tls-ca .*ca\.pem: no such file"):
+        write_broker_config(request(tmp_path, tls="files", tls_files=files))
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "server.pem").write_text("not a certificate\n")
+    with pytest.raises(BrokerConfigError, match=r"--tls-cert .*server\.pem: not a PEM file"):
+        write_broker_config(request(tmp_path, tls="files", tls_files=files))
+    assert not (tmp_path / "broker").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+# --- what is written ---------------------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_files_modes_and_no_secrets_in_the_summary(tmp_path: Path) -> None:
+    result = write_broker_config(request(tmp_path))
+    out = result.out_dir
+    creds = out / "credentials"
+    assert mode(creds) == 0o700
+    for name in (AGG, BMS, EDGEX, DEV_A, DEV_B):
+        assert mode(creds / f"{name}.txt") == 0o600, name
+    for secret in (out / "passwd", out / "certs" / "ca.key", out / "certs" / "server.key"):
+        assert mode(secret) == 0o600, secret
+    assert mode(out / "acl") == 0o644 and mode(out / "certs" / "ca.crt") == 0o644
+    summary_text = (out / "summary.json").read_text()
+    summary = json.loads(summary_text)
+    assert summary == result.to_dict()
+    assert {p["name"]: p["role"] for p in summary["principals"]} == {
+        AGG: "aggregator", BMS: "bms", EDGEX: "edgex", DEV_A: "device", DEV_B: "device"
+    }  # fmt: skip
+    passwords = [tomllib.loads((creds / f"{n}.txt").read_text())["password"] for n in (AGG, DEV_A)]
+    passwd = (out / "passwd").read_text()
+    for password in passwords:
+        assert len(password) >= 43 and password not in summary_text and password not in passwd
+    assert sorted(line.split(":")[0] for line in passwd.splitlines()) == sorted(
+        [AGG, BMS, EDGEX, DEV_A, DEV_B]
+    )
+    assert len(set(passwords)) == len(passwords)
+
+
+def test_a_non_empty_directory_needs_force_which_replaces_only_generated_files(tmp_path: Path) -> None:
+    first = write_broker_config(request(tmp_path))
+    old_password = tomllib.loads((first.out_dir / "credentials" / "dev-a.txt").read_text())["password"]
+    keep = first.out_dir / "README.operator"
+    keep.write_text("mine\n")
+    with pytest.raises(BrokerConfigError, match="not empty: use --force"):
+        write_broker_config(request(tmp_path))
+    second = write_broker_config(request(tmp_path, force=True, client_certs=True))
+    out = second.out_dir
+    assert keep.read_text() == "mine\n"
+    assert not (out / "passwd").exists()  # the password mode's file went with --force
+    assert (out / "credentials" / "dev-a.crt").exists() and mode(out / "credentials" / "dev-a.key") == 0o600
+    assert old_password not in (out / "credentials" / "dev-a.txt").read_text()
+
+
+def test_broker_group_makes_broker_files_group_readable(tmp_path: Path) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name
+    out = write_broker_config(request(tmp_path, broker_group=group)).out_dir
+    for path, expected in ((out / "passwd", 0o640), (out / "certs" / "server.key", 0o640), (out, 0o750)):
+        assert (mode(path), path.stat().st_gid) == (expected, os.getgid()), path
+    assert mode(out / "certs" / "ca.key") == 0o600 and mode(out / "credentials") == 0o700
+    with pytest.raises(BrokerConfigError, match="no such group"):
+        write_broker_config(request(tmp_path / "x", broker_group="no-such-group-fedge"))
+
+
+def test_root_started_broker_reads_files_shared_with_its_group(tmp_path: Path) -> None:
+    """The Debian way: started as root, mosquitto drops to its own user *before* reading the
+    password file, ACL and TLS key; --broker-group mosquitto makes them readable to it."""
+    exe = require_mosquitto()
+    try:
+        mosquitto_uid = pwd.getpwnam("mosquitto").pw_uid
+        grp.getgrnam("mosquitto")
+    except KeyError:
+        pytest.skip("no 'mosquitto' user and group")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: only root can start mosquitto so that it drops privileges")
+    # pytest's tmp_path lies under a 0700 directory the mosquitto user cannot traverse.
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:
+        root = Path(shared)
+        root.chmod(0o755)
+        data = root / "data"
+        data.mkdir()
+        os.chown(data, mosquitto_uid, -1)
+        result = write_broker_config(request(root, broker_group="mosquitto", run_as=None, data_dir=data))
+        broker = ConfiguredMosquitto(
+            result.out_dir / "mosquitto.conf",
+            port=result.port,
+            work_dir=tmp_path,
+            tls_context=client_context(result.out_dir / "credentials", None),
+            executable=exe,
+        )
+        with broker:
+            d = Deployment(result, broker, [])
+            try:
+                d.peer(DEV_A).connected().send(T.update(DEV_A), b"x")
+            finally:
+                d.close_peers()
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="fedge")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_broker_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_cli_with_a_device_registry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nacl.public import PrivateKey
+
+    from aggregator.registry import render_registry
+    from protocol.sealing import key_to_text
+
+    registry = tmp_path / "devices.toml"
+    keys = {d: key_to_text(PrivateKey.generate().public_key) for d in ("watch-01", "watch-02")}
+    registry.write_text(render_registry(keys))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.tflite").write_bytes(b"\0" * 70_000)
+    (model / "initial_weights.f32").write_bytes(b"\0" * 21_788)
+    out = tmp_path / "broker"
+    code = run_cli(
+        "broker", "config", "--fleet", "demo", "--registry", str(registry), "--bms", "bms-a,bms-b",
+        "--out", str(out), "--tls", "lab", "--hostname", "broker.lan", "--hostname", "10.0.0.5",
+        "--model-dir", str(model), "--install-dir", "/etc/fedge-broker", "--json",
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["broker_url"] == "mqtts://broker.lan:8883"
+    assert [p["name"] for p in summary["principals"]] == [
+        "aggregator",
+        "bms-a",
+        "bms-b",
+        "watch-01",
+        "watch-02",
+    ]
+    assert summary["limits"]["max_packet_size"] == 2 * 70_000 + PACKET_HEADROOM
+    conf = (out / "mosquitto.conf").read_text()
+    assert "acl_file /etc/fedge-broker/acl" in conf and "certfile /etc/fedge-broker/certs/server.crt" in conf
+    assert "listener 8883\n" in conf  # all interfaces
+    cert = subprocess.run(
+        ["openssl", "x509", "-in", str(out / "certs" / "server.crt"), "-noout", "-ext", "subjectAltName"],
+        capture_output=True, text=True, check=True, timeout=10,
+    ).stdout  # fmt: skip
+    assert "DNS:broker.lan" in cert and "IP Address:10.0.0.5" in cert
+
+
+def test_cli_errors_are_fedge_errors(tmp_path: Path) -> None:
+    out = str(tmp_path / "o")
+    with pytest.raises(BrokerConfigError, match="--tls-cert needs --tls-key and --tls-ca"):
+        run_cli("broker", "config", "--fleet", "f", "--device", "d", "--out", out, "--tls-cert", "x.pem")
+    with pytest.raises(BrokerConfigError, match="go with --tls-cert"):
+        run_cli(
+            "broker", "config", "--fleet", "f", "--device", "d", "--out", out, "--no-tls", "--tls-ca", "c"
+        )
+    with pytest.raises(FedgeError, match="cannot read device registry"):
+        run_cli("broker", "config", "--fleet", "f", "--registry", out + ".toml", "--out", out, "--no-tls")
+    with pytest.raises(BrokerConfigError, match=r"no model\.tflite"):
+        run_cli(
+            "broker", "config", "--fleet", "f", "--device", "d", "--out", out, "--no-tls", "--model-dir", out
+        )
+    with pytest.raises(SystemExit):  # argparse: exactly one of --tls lab, --tls-cert, --no-tls
+        run_cli("broker", "config", "--fleet", "f", "--device", "d", "--out", out)
+    assert not Path(out).exists()
