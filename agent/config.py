@@ -108,7 +108,8 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
     task_text = d.opt_text("task")
     if source == "edgex" and not task_text:
         raise ConfigError("[data] task: the task spec this device was provisioned for is required with EdgeX")
-    mqtt_settings = mqtt_settings_from_table(Table(data, "mqtt", MQTT_KEYS), f"fedge-agent-{device_id}")
+    mqtt_table = Table(data, "mqtt", MQTT_KEYS)
+    mqtt_settings = mqtt_settings_from_table(mqtt_table, f"fedge-agent-{device_id}", str(path.parent))
     e = Table(
         data,
         "edgex",
@@ -125,21 +126,29 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
             "username",
             "password",
             "keepalive",
+            "ca_file",
+            "cert_file",
+            "key_file",
         },
     )
-    bus_table = {
-        "broker": e.raw.get("broker", mqtt_settings.url),
-        "protocol": e.raw.get("protocol", mqtt_settings.protocol),
-        "client_id": f"fedge-agent-{device_id}-edgex",
-    }
-    for key in ("username", "password", "keepalive"):
+    credential_keys = ("username", "password", "keepalive", "ca_file", "cert_file", "key_file")
+    # Without its own broker, the EdgeX bus is the fleet's broker: same credentials and TLS.
+    bus_table: dict[str, object] = (
+        {} if "broker" in e.raw else {k: mqtt_table.raw[k] for k in credential_keys if k in mqtt_table.raw}
+    )
+    bus_table.update(
+        broker=e.raw.get("broker", mqtt_settings.url),
+        protocol=e.raw.get("protocol", mqtt_settings.protocol),
+        client_id=f"fedge-agent-{device_id}-edgex",
+    )
+    for key in credential_keys:
         if key in e.raw:
             bus_table[key] = e.raw[key]
     profile_text = e.opt_text("profile")
     token_text = e.opt_text("token_file")
     edgex = EdgeXSettings(
         bus=mqtt_settings_from_table(
-            Table({"edgex": bus_table}, "edgex", MQTT_KEYS), f"fedge-{device_id}-edgex"
+            Table({"edgex": bus_table}, "edgex", MQTT_KEYS), f"fedge-{device_id}-edgex", str(path.parent)
         ),
         prefix=e.text("prefix", "edgex"),
         device=e.text("device", device_id),

@@ -155,7 +155,7 @@ class AgentService:
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls:
-            client.tls_set()
+            client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file)
         offline = json.dumps({"device_id": self.config.device_id, "state": "offline"}).encode()
         client.will_set(self.topics.status(self.config.device_id), offline, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)

@@ -124,6 +124,6 @@ def load_aggregator_config(path: Path, env: Mapping[str, str]) -> AggregatorConf
         box_key_file=base / agg.text("box_key_file"),
         signing_key_file=base / agg.text("signing_key_file"),
         exit_when_done=agg.flag("exit_when_done", False),
-        mqtt=mqtt_settings_from_table(Table(data, "mqtt", MQTT_KEYS), f"fedge-aggregator-{fleet}"),
+        mqtt=mqtt_settings_from_table(Table(data, "mqtt", MQTT_KEYS), f"fedge-aggregator-{fleet}", str(base)),
         rounds=rounds,
     )

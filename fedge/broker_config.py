@@ -104,10 +104,11 @@ DEFAULT_CERT_DAYS = 825
 OPENSSL_TIMEOUT_S = 30.0
 
 TlsMode = Literal["lab", "files", "none"]
-Role = Literal["aggregator", "bms", "edgex", "device"]
+Role = Literal["aggregator", "bms", "monitor", "edgex", "device"]
 ROLE_TITLES: dict[Role, str] = {
     "aggregator": "aggregator",
     "bms": "building-management system (read-only)",
+    "monitor": "fleet monitor: reads the global models and statuses (read-only)",
     "edgex": "EdgeX service (its message bus)",
     "device": "device",
 }
@@ -160,6 +161,7 @@ class FleetAccess:
     bms: tuple[str, ...] = ()
     edgex_services: tuple[str, ...] = ()
     edgex_prefix: str = DEFAULT_EDGEX_PREFIX
+    monitors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _checked(self.fleet, "fleet id")
@@ -168,6 +170,7 @@ class FleetAccess:
         object.__setattr__(self, "devices", tuple(sorted(self.devices)))
         object.__setattr__(self, "bms", tuple(sorted(self.bms)))
         object.__setattr__(self, "edgex_services", tuple(sorted(self.edgex_services)))
+        object.__setattr__(self, "monitors", tuple(sorted(self.monitors)))
         seen: dict[str, Role] = {}
         for principal in self.principals:
             _checked(principal.name, f"{principal.role} name")
@@ -190,6 +193,7 @@ class FleetAccess:
         return (
             Principal(self.aggregator, "aggregator"),
             *(Principal(n, "bms") for n in self.bms),
+            *(Principal(n, "monitor") for n in self.monitors),
             *(Principal(n, "edgex") for n in self.edgex_services),
             *(Principal(n, "device") for n in self.devices),
         )
@@ -204,6 +208,14 @@ class FleetAccess:
                 ("write", t.manifest),
                 ("write", f"{t.base}/blob/#"),
                 ("write", t.aggregator_status),
+                ("write", t.rotation_filter),
+            ]
+        if principal.role == "monitor":
+            return [
+                ("read", t.manifest),
+                ("read", f"{t.base}/blob/#"),
+                ("read", t.status_filter),
+                ("read", t.aggregator_status),
             ]
         if principal.role == "bms":
             return [
@@ -220,6 +232,7 @@ class FleetAccess:
             ("write", t.status(device)),
             ("read", t.manifest),
             ("read", f"{t.base}/blob/#"),
+            ("read", t.rotation_filter),  # signing-key rotations
             # Its own EdgeX readings: device services' events and core-data's republished ones.
             ("read", f"{self.edgex_prefix}/events/device/+/+/{device}/#"),
             ("read", f"{self.edgex_prefix}/events/core/+/+/{device}/#"),

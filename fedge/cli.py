@@ -195,6 +195,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         mqtt_protocol=3 if args.mqtt_v311 else 5,
         server_learning_rate=args.server_lr,
         data_path=args.data,
+        secure_broker=not args.insecure_broker,
+        broker_credentials=(
+            {
+                k: v
+                for k, v in (
+                    ("username", args.broker_username),
+                    ("password", args.broker_password),
+                    ("ca_file", args.broker_ca),
+                )
+                if v is not None
+            }
+            or None
+        ),
         edgex_version=args.edgex_version,
         task_file=args.task,
     )
@@ -365,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="edgex (default): a simulated EdgeX device service feeds the agents over MQTT; "
         "direct: agents read the data set themselves",
     )
+    demo.add_argument(
+        "--insecure-broker",
+        action="store_true",
+        help="start an anonymous broker without TLS (default: TLS, per-device passwords, ACLs)",
+    )
+    demo.add_argument("--broker-username", help="with --broker: username for every client")
+    demo.add_argument("--broker-password", help="with --broker: password for every client")
+    demo.add_argument("--broker-ca", help="with --broker: CA file of an mqtts:// broker")
     demo.add_argument("--edgex-version", choices=["v3", "v4"], default="v4", help="EdgeX wire format")
     demo.add_argument("--mqtt-v311", action="store_true", help="MQTT 3.1.1 instead of MQTT 5")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -10,6 +10,7 @@ evaluating every global model on the held-out subjects.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from protocol.mqtt_settings import parse_broker_url
 from protocol.task import TaskSpec
 
 FLEET = "demo"
+log = logging.getLogger("fedge.demo")
 MAX_DEVICES = len(har_watch.TRAIN_SUBJECTS)
 
 
@@ -53,6 +55,10 @@ class DemoOptions:
     # the HAR task (3 local epochs, int8 updates, 2 seeds): 0.80-0.82 after 20 rounds at 1.0,
     # 0.82-0.83 at 1.5, and at 2.0 it starts to oscillate between rounds (0.78 <-> 0.82).
     server_learning_rate: float = 1.5
+    # With no --broker, the demo's own broker is locked down like a real fleet's (TLS, per-device
+    # credentials, ACLs); secure_broker=False (--insecure-broker) starts an anonymous one.
+    secure_broker: bool = True
+    broker_credentials: dict[str, str] | None = None  # for --broker: username, password, ca_file
 
 
 @dataclass
@@ -120,6 +126,63 @@ def _wait(
         observer.wait(0.2)
 
 
+def _client_creds(c: dict[str, Any] | None) -> dict[str, Any]:
+    if not c:
+        return {}
+    return {"username": c.get("username"), "password": c.get("password"), "ca_file": c.get("ca_file")}
+
+
+def _start_secure_broker(
+    out: Path, devices: list[str], model_dir: Path
+) -> tuple[Any, str, dict[str, dict[str, Any]]]:
+    """Mosquitto with the configuration ``fedge broker config`` generates: TLS with a lab CA,
+    a password per principal, ACLs (a device reaches only its own topics), no anonymous access."""
+    import ssl  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+
+    from fedge.broker import ConfiguredMosquitto, free_loopback_port  # noqa: PLC0415
+    from fedge.broker_config import (  # noqa: PLC0415
+        BrokerConfigRequest,
+        BrokerLimits,
+        FleetAccess,
+        largest_blob_in,
+        write_broker_config,
+    )
+
+    access = FleetAccess(
+        FLEET, tuple(devices), aggregator="aggregator", monitors=("observer",), edgex_services=("simulator",)
+    )
+    data_dir = out / "broker" / "data"
+    data_dir.mkdir(parents=True)
+    result = write_broker_config(
+        BrokerConfigRequest(
+            access=access,
+            out_dir=out / "broker" / "config",
+            tls="lab",
+            port=free_loopback_port(),
+            bind="127.0.0.1",
+            data_dir=data_dir,
+            run_as="root" if os.geteuid() == 0 else None,
+            limits=BrokerLimits.for_fleet(len(devices), largest_blob_in(model_dir)),
+        )
+    )
+    creds: dict[str, dict[str, Any]] = {}
+    for principal in result.principals:
+        path = result.out_dir / principal.credentials
+        data = tomllib.loads(path.read_text())
+        if data.get("ca_file"):
+            data["ca_file"] = str((path.parent / str(data["ca_file"])).resolve())
+        creds[principal.name] = data
+    ca = creds["aggregator"]["ca_file"]
+    broker = ConfiguredMosquitto(
+        result.out_dir / "mosquitto.conf",
+        port=result.port,
+        work_dir=out / "broker" / "run",
+        tls_context=ssl.create_default_context(cafile=ca),
+    ).start()
+    return broker, result.broker_url, creds
+
+
 def _feed_through_edgex(
     options: DemoOptions,
     observer: FleetObserver,
@@ -128,6 +191,7 @@ def _feed_through_edgex(
     mqtt_protocol: int,
     procs: dict[str, subprocess.Popen[bytes]],
     progress: Callable[[int, int], None] | None,
+    simulator_creds: dict[str, Any] | None = None,
 ) -> None:
     """Replays each device's recordings as EdgeX events and waits until every agent stored them."""
     from fedge.edgex_simulate import SimulateOptions, simulate  # noqa: PLC0415
@@ -152,6 +216,7 @@ def _feed_through_edgex(
             version=options.edgex_version,
             subjects=tuple(subjects.values()),
             mqtt_protocol=mqtt_protocol,
+            **_client_creds(simulator_creds),
         ),
         progress=progress,
     )
@@ -187,11 +252,16 @@ def run_demo(
     devices = har_watch.load_devices(options.task, har_watch.TEST_SUBJECTS)
     x_test, y_test = har_watch.pooled(devices.values())
 
-    broker = None
+    broker: Any = None
     mqtt_protocol = options.mqtt_protocol
-    if options.broker_url is None:
+    subjects = {har_watch.device_id(s): s for s in har_watch.TRAIN_SUBJECTS[: options.devices]}
+    creds: dict[str, dict[str, Any]] = {}
+    if options.broker_url is None and options.secure_broker:
+        broker, broker_url, creds = _start_secure_broker(out, list(subjects), model_dir)
+    elif options.broker_url is None:
         from fedge.broker import AmqttBroker, BrokerSettings, local_broker  # noqa: PLC0415
 
+        log.warning("starting an anonymous broker without TLS (--insecure-broker)")
         (out / "broker").mkdir(parents=True)
         broker = local_broker(BrokerSettings(data_dir=out / "broker")).start()
         if isinstance(broker, AmqttBroker):
@@ -199,12 +269,15 @@ def run_demo(
         broker_url = broker.url
     else:
         broker_url = options.broker_url
+        if options.broker_credentials:
+            shared = dict(options.broker_credentials)
+            creds = {name: shared for name in [*subjects, "aggregator", "observer", "simulator"]}
     host, port, _ = parse_broker_url(broker_url)
-    subjects = {har_watch.device_id(s): s for s in har_watch.TRAIN_SUBJECTS[: options.devices]}
-    edgex = None
+    edgex: dict[str, object] | None = None
     if options.data_path == "edgex":
         profile = Path(__file__).resolve().parent.parent / "edgex_profiles" / "wearable-imu.yaml"
-        edgex = {"broker": broker_url, "protocol": mqtt_protocol, "prefix": "edgex", "profile": str(profile)}
+        # No broker of its own: the EdgeX bus is the fleet's broker, with the device's credentials.
+        edgex = {"prefix": "edgex", "profile": str(profile)}
     fleet = create_fleet(
         out / "fleet",
         FLEET,
@@ -222,6 +295,10 @@ def run_demo(
         mqtt_protocol=mqtt_protocol,
         edgex=edgex,
         task_file=options.task_file,
+        mqtt_extra={
+            name: {k: v for k, v in c.items() if k in ("username", "password", "ca_file")}
+            for name, c in creds.items()
+        },
     )
     observer = FleetObserver(
         FLEET,
@@ -232,6 +309,7 @@ def run_demo(
         x_test,
         y_test,
         mqtt_protocol=mqtt_protocol,
+        **_client_creds(creds.get("observer")),
     )
     procs: dict[str, subprocess.Popen[bytes]] = {}
     exit_codes: dict[str, int | None] = {}
@@ -243,7 +321,14 @@ def run_demo(
             )
         if options.data_path == "edgex":
             _feed_through_edgex(
-                options, observer, subjects, broker_url, mqtt_protocol, procs, on_data_progress
+                options,
+                observer,
+                subjects,
+                broker_url,
+                mqtt_protocol,
+                procs,
+                on_data_progress,
+                creds.get("simulator"),
             )
         procs["aggregator"] = _spawn(
             ["aggregator", "run", "--config", str(fleet.aggregator_config)], out / "logs" / "aggregator.log"

@@ -47,6 +47,9 @@ class SimulateOptions:
     gap_s: float = 2.0
     mqtt_protocol: int = 5
     qos: int = 1
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
 
 
 @dataclass
@@ -117,8 +120,10 @@ class EdgeXPublisher:
         version = mqtt.MQTTv5 if options.mqtt_protocol == 5 else mqtt.MQTTv311
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=version)
         self.client.max_inflight_messages_set(200)
+        if options.username is not None:
+            self.client.username_pw_set(options.username, options.password)
         if tls:
-            self.client.tls_set()
+            self.client.tls_set(ca_certs=options.ca_file)
         try:
             self.client.connect(host, port, 30)
         except OSError as exc:

@@ -62,8 +62,6 @@ EXIT_USAGE = 2
 _KIND_NAMES: dict[str, str] = {"box": "X25519 private key", "signing": "Ed25519 signing key seed"}
 
 
-
-
 # --- reading and writing private keys -------------------------------------------------------
 
 

@@ -57,6 +57,9 @@ class FleetObserver:
         x_test: np.ndarray,
         y_test: np.ndarray,
         mqtt_protocol: int = 5,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.topics = FleetTopics(fleet)
         self.trusted = {key_id(verify_key): verify_key}
@@ -69,6 +72,10 @@ class FleetObserver:
         self._awaiting: dict[str, RoundManifest] = {}
         version = mqtt.MQTTv5 if mqtt_protocol == 5 else mqtt.MQTTv311
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=version)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=ca_file)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.host, self.port = host, port

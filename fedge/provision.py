@@ -37,6 +37,14 @@ def write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
+def write_config(path: Path, text: str, secret: bool) -> None:
+    """A config file; one holding a password is private (0600) from its creation."""
+    if secret:
+        write_private(path, text.rstrip("\n"))
+    else:
+        path.write_text(text)
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -68,7 +76,11 @@ def create_fleet(
     agent_overrides: dict[str, object] | None = None,
     edgex: dict[str, object] | None = None,
     task_file: Path | None = None,
+    mqtt_extra: dict[str, dict[str, object]] | None = None,
 ) -> FleetFiles:
+    """``mqtt_extra``: per principal (device id or "aggregator"), extra ``[mqtt]`` settings such
+    as credentials and the broker's CA; configs holding a password are written mode 0600."""
+    extra = mqtt_extra or {}
     """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject."""
     root.mkdir(parents=True, exist_ok=True)
     keys = root / "keys"
@@ -93,7 +105,7 @@ def create_fleet(
                 "status_interval_s": 5.0,
                 **(agent_overrides or {}),
             },
-            "mqtt": {"broker": broker_url, "protocol": mqtt_protocol},
+            "mqtt": {"broker": broker_url, "protocol": mqtt_protocol, **extra.get(device_id, {})},
             "data": {"source": "har-watch", "subject": subject},
         }
         if edgex is not None:
@@ -103,12 +115,13 @@ def create_fleet(
             agent_tables["data"] = {"source": "edgex", "task": str(task_file.resolve())}
             agent_tables["edgex"] = {"device": device_id, **edgex}
         path = root / f"agent-{device_id}.toml"
-        path.write_text(render_toml(agent_tables))
+        write_config(path, render_toml(agent_tables), secret="password" in extra.get(device_id, {}))
         agent_configs[device_id] = path
     registry = root / "devices.toml"
     registry.write_text(render_registry({d: key_to_text(k.public_key) for d, k in device_keys.items()}))
     aggregator_config = root / "aggregator.toml"
-    aggregator_config.write_text(
+    write_config(
+        aggregator_config,
         render_toml(
             {
                 "aggregator": {
@@ -120,9 +133,10 @@ def create_fleet(
                     "signing_key_file": "keys/aggregator.sign",
                     "exit_when_done": True,
                 },
-                "mqtt": {"broker": broker_url, "protocol": mqtt_protocol},
+                "mqtt": {"broker": broker_url, "protocol": mqtt_protocol, **extra.get("aggregator", {})},
                 "rounds": dict(rounds),
             }
-        )
+        ),
+        secret="password" in extra.get("aggregator", {}),
     )
     return FleetFiles(root, aggregator_config, agent_configs, registry, signing, box, device_keys)

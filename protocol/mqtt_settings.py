@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from protocol.config_source import ConfigError, Table
 
-MQTT_KEYS = {"broker", "protocol", "keepalive", "username", "password", "client_id", "session_expiry_s"}
+MQTT_KEYS = {
+    "broker",
+    "protocol",
+    "keepalive",
+    "username",
+    "password",
+    "client_id",
+    "session_expiry_s",
+    "ca_file",
+    "cert_file",
+    "key_file",
+}
 
 
 @dataclass(frozen=True)
@@ -21,6 +33,11 @@ class MqttSettings:
     password: str | None
     client_id: str
     session_expiry_s: int
+    # TLS: the CA that signed the broker's certificate (None: the system's CAs), and a client
+    # certificate and key where the broker authenticates clients by certificate.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     @property
     def url(self) -> str:
@@ -61,7 +78,8 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     return host, port, tls
 
 
-def mqtt_settings_from_table(table: Table, default_client_id: str) -> MqttSettings:
+def mqtt_settings_from_table(table: Table, default_client_id: str, base_dir: str = "") -> MqttSettings:
+    """``base_dir``: the config file's directory, against which relative TLS paths resolve."""
     host, port, tls = parse_broker_url(table.text("broker", "mqtt://127.0.0.1:1883"))
     protocol = table.integer("protocol", 5, 3, 5)
     if protocol == 4:
@@ -76,4 +94,11 @@ def mqtt_settings_from_table(table: Table, default_client_id: str) -> MqttSettin
         password=table.opt_text("password"),
         client_id=table.text("client_id", default_client_id),
         session_expiry_s=table.integer("session_expiry_s", 7 * 24 * 3600, 0, 2**32 - 1),
+        ca_file=_path(table.opt_text("ca_file"), base_dir),
+        cert_file=_path(table.opt_text("cert_file"), base_dir),
+        key_file=_path(table.opt_text("key_file"), base_dir),
     )
+
+
+def _path(value: str | None, base_dir: str) -> str | None:
+    return None if not value else posixpath.join(base_dir, value) if base_dir else value

@@ -658,6 +658,7 @@ topic read fedge/v1/f1/status/+
 topic write fedge/v1/f1/manifest
 topic write fedge/v1/f1/blob/#
 topic write fedge/v1/f1/aggregator/status
+topic write fedge/v1/f1/keys/rotation/+
 
 # building-management system (read-only): bms-1
 user bms-1
@@ -675,6 +676,7 @@ topic write fedge/v1/f1/update/dev-a
 topic write fedge/v1/f1/status/dev-a
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
+topic read fedge/v1/f1/keys/rotation/+
 topic read site-7/edgex/events/device/+/+/dev-a/#
 topic read site-7/edgex/events/core/+/+/dev-a/#
 
@@ -684,6 +686,7 @@ topic write fedge/v1/f1/update/dev-b
 topic write fedge/v1/f1/status/dev-b
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
+topic read fedge/v1/f1/keys/rotation/+
 topic read site-7/edgex/events/device/+/+/dev-b/#
 topic read site-7/edgex/events/core/+/+/dev-b/#
 """

@@ -52,7 +52,9 @@ class EdgeXBusSubscriber:
         if settings.username is not None:
             self.client.username_pw_set(settings.username, settings.password)
         if settings.tls:
-            self.client.tls_set()
+            self.client.tls_set(
+                ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file
+            )
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
