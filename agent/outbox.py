@@ -21,12 +21,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from agent.sqlite_file import SQLiteFileKind, check_or_create_schema, write_transaction
 from protocol.errors import FedgeError
 
 DEFAULT_MAX_MESSAGES = 1000
@@ -61,6 +62,9 @@ INSERT INTO counters VALUES ('acknowledged_total', 0), ('dropped_total', 0);
 
 class OutboxError(FedgeError):
     """The outbox file is unusable (corrupt, foreign, unwritable) or a message is invalid."""
+
+
+_KIND = SQLiteFileKind("outbox", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, OutboxError)
 
 
 class OutboxFullError(OutboxError):
@@ -154,21 +158,7 @@ class Outbox:
             ) from None
 
     def _check_or_create_schema(self, conn: sqlite3.Connection) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        if app_id == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] == 0:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            return
-        if app_id != APPLICATION_ID:
-            raise OutboxError(f"{self.path} is an SQLite database but not a fedge outbox")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise OutboxError(
-                f"outbox {self.path} has schema version {version}; this fedge reads {SCHEMA_VERSION}"
-            )
+        check_or_create_schema(conn, self.path, _KIND)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -187,23 +177,9 @@ class Outbox:
     ) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """Holds the lock and one write transaction; SQLite errors become :class:`OutboxError`."""
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise OutboxError(f"outbox {self.path} is closed")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise OutboxError(f"outbox {self.path}: {exc}") from None
+        return write_transaction(self._lock, lambda: self._conn, self.path, _KIND)
 
     # --- messages ------------------------------------------------------------------------
 

@@ -33,8 +33,8 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +43,7 @@ from typing import Literal
 import numpy as np
 
 from agent.edgex.samples import Sample
+from agent.sqlite_file import SQLiteFileKind, check_or_create_schema, write_transaction
 from protocol.errors import FedgeError
 from protocol.task import MAX_FEATURES
 
@@ -79,6 +80,9 @@ INSERT INTO counters VALUES
 
 class SampleStoreError(FedgeError):
     """The store file is unusable (corrupt, foreign, unwritable) or a sample is invalid."""
+
+
+_KIND = SQLiteFileKind("sample store", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, SampleStoreError)
 
 
 @dataclass(frozen=True)
@@ -161,21 +165,7 @@ class SampleStore:
             ) from None
 
     def _check_or_create_schema(self, conn: sqlite3.Connection) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        if app_id == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] == 0:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            return
-        if app_id != APPLICATION_ID:
-            raise SampleStoreError(f"{self.path} is an SQLite database but not a fedge sample store")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise SampleStoreError(
-                f"sample store {self.path} has schema version {version}; this fedge reads {SCHEMA_VERSION}"
-            )
+        check_or_create_schema(conn, self.path, _KIND)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -194,23 +184,9 @@ class SampleStore:
     ) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """Holds the lock and one write transaction; SQLite errors become :class:`SampleStoreError`."""
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise SampleStoreError(f"sample store {self.path} is closed")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise SampleStoreError(f"sample store {self.path}: {exc}") from None
+        return write_transaction(self._lock, lambda: self._conn, self.path, _KIND)
 
     # --- samples -------------------------------------------------------------------------
 
