@@ -40,6 +40,5 @@ def find_runtime(preferred: RuntimeName = "auto") -> LiteRTRuntime:
             continue
         return LiteRTRuntime(name, module.Interpreter)
     raise RuntimeUnavailableError(
-        "no TFLite runtime: install 'ai-edge-litert' (or 'tflite-runtime' with numpy<2); "
-        + "; ".join(errors)
+        "no TFLite runtime: install 'ai-edge-litert' (or 'tflite-runtime' with numpy<2); " + "; ".join(errors)
     )

@@ -10,6 +10,9 @@ command -v make >/dev/null || need+=(make)
 # /usr/sbin, which is not on a normal user's PATH. Where systemd runs, the package also starts
 # a system broker on port 1883; fedge's own brokers use free ports and do not need it.
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+# The lab CA of `fedge broker config`, and the check of the agent's systemd unit.
+command -v openssl >/dev/null || need+=(openssl)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
