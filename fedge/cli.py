@@ -367,7 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     ag_run.set_defaults(func=cmd_agent_run)
 
     demo = sub.add_parser("demo", help="broker + aggregator + agents on the real smartwatch data")
-    demo.add_argument("--task", type=Path, default=Path("tasks/har-watch.toml"), help="task spec (TOML)")
+    demo.add_argument(
+        "--task",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "tasks" / "har-watch.toml",
+        help="task spec (TOML; default: the HAR watch task)",
+    )
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory")
     demo.add_argument("--devices", type=int, default=7, help="number of devices (1-7, default 7)")
     demo.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")

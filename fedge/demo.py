@@ -239,7 +239,7 @@ def run_demo(
     min_devices = options.min_devices or max(1, (options.devices + 1) // 2)
     if min_devices > options.devices:
         raise FedgeError(f"--min-devices {min_devices} exceeds --devices {options.devices}")
-    out = options.out
+    out = options.out.resolve()  # the broker's configuration names absolute paths
     out.mkdir(parents=True, exist_ok=True)
     # A demo is a fresh fleet: new keys, no checkpoint, no broker state from an earlier run
     # (a retained manifest signed with an old key would only be rejected by the new agents).

@@ -47,6 +47,36 @@ def test_default_demo_meets_the_accuracy_size_and_time_targets(tmp_path: Path) -
     assert int8["mean_update_bytes"] <= 0.30 * fp32["mean_update_bytes"]
 
 
+def test_demo_with_a_relative_output_directory(tmp_path: Path) -> None:
+    """As `make demo` runs it: --out relative to the working directory."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedge.cli",
+            "demo",
+            "--out",
+            "demo-out",
+            "--devices",
+            "2",
+            "--rounds",
+            "1",
+            "--data",
+            "direct",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["rounds_completed"] == 1
+    assert (tmp_path / "demo-out" / "summary.json").exists()
+
+
 def test_demo_refuses_more_devices_than_training_subjects(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedge.cli", "demo", "--out", str(tmp_path), "--devices", "8"],
