@@ -13,6 +13,7 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitt
 # The lab CA of `fedge broker config`, and the check of the agent's systemd unit.
 command -v openssl >/dev/null || need+=(openssl)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v shellcheck >/dev/null || need+=(shellcheck)  # the board installer scripts
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
