@@ -17,7 +17,6 @@ the one connection. One process owns an outbox file at a time.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from agent.sqlite_file import SQLiteFileKind, check_or_create_schema, write_transaction
+from agent.sqlite_file import SQLiteFileKind, open_sqlite_file, write_transaction
 from protocol.errors import FedgeError
 
 DEFAULT_MAX_MESSAGES = 1000
@@ -118,47 +117,8 @@ class Outbox:
     # --- opening -------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        _create_private_file(self.path)
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot open outbox {self.path}: {exc}") from None
-        try:
-            self._prepare(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _prepare(self, conn: sqlite3.Connection) -> None:
-        try:
-            # quick_check reads every page: a torn or overwritten file is caught here, at start,
-            # rather than when the first update needs to be stored.
-            check = conn.execute("PRAGMA quick_check").fetchall()
-            if check != [("ok",)]:
-                problems = "; ".join(str(row[0]) for row in check[:3])
-                raise OutboxError(f"outbox {self.path} is corrupt ({problems}); move it aside")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise OutboxError(f"outbox {self.path}: the file system does not support WAL mode")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._check_or_create_schema(conn)
-                # paho's message ids belong to the process that published; after a restart
-                # every message must be published again.
-                conn.execute("UPDATE messages SET mid = NULL WHERE mid IS NOT NULL")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise OutboxError(
-                f"outbox {self.path} is not a usable SQLite database ({exc}); move it aside"
-            ) from None
-
-    def _check_or_create_schema(self, conn: sqlite3.Connection) -> None:
-        check_or_create_schema(conn, self.path, _KIND)
+        # synchronous=FULL: an update the outbox accepted survives a power cut.
+        return open_sqlite_file(self.path, _KIND, "FULL", on_open=_forget_mids)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -319,24 +279,7 @@ def _bump(conn: sqlite3.Connection, name: str, by: int) -> None:
     conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (by, name))
 
 
-def _create_private_file(path: Path) -> None:
-    """Creates the database file mode 0600 and makes its directory entry durable.
-
-    SQLite would create it with the umask's mode and does not fsync the directory for the main
-    file, so a fresh outbox could vanish in a power cut despite ``synchronous=FULL``.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    except OSError as exc:
-        raise OutboxError(f"cannot create outbox {path}: {exc.strerror}") from None
-    os.close(fd)
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise OutboxError(f"cannot sync the directory of outbox {path}: {exc.strerror}") from None
+def _forget_mids(conn: sqlite3.Connection) -> None:
+    """paho's message ids belong to the process that published; after a restart every
+    message must be published again."""
+    conn.execute("UPDATE messages SET mid = NULL WHERE mid IS NOT NULL")

@@ -30,7 +30,6 @@ store file at a time.
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -43,7 +42,7 @@ from typing import Literal
 import numpy as np
 
 from agent.edgex.samples import Sample
-from agent.sqlite_file import SQLiteFileKind, check_or_create_schema, write_transaction
+from agent.sqlite_file import SQLiteFileKind, open_sqlite_file, write_transaction
 from protocol.errors import FedgeError
 from protocol.task import MAX_FEATURES
 
@@ -127,45 +126,7 @@ class SampleStore:
     # --- opening -------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        _create_private_file(self.path)
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
-        except sqlite3.Error as exc:
-            raise SampleStoreError(f"cannot open sample store {self.path}: {exc}") from None
-        try:
-            self._prepare(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _prepare(self, conn: sqlite3.Connection) -> None:
-        try:
-            # quick_check reads every page: a torn or overwritten file is reported at start,
-            # not when training first needs its samples.
-            check = conn.execute("PRAGMA quick_check").fetchall()
-            if check != [("ok",)]:
-                problems = "; ".join(str(row[0]) for row in check[:3])
-                raise SampleStoreError(f"sample store {self.path} is corrupt ({problems}); move it aside")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise SampleStoreError(f"sample store {self.path}: the file system does not support WAL mode")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._check_or_create_schema(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise SampleStoreError(
-                f"sample store {self.path} is not a usable SQLite database ({exc}); move it aside"
-            ) from None
-
-    def _check_or_create_schema(self, conn: sqlite3.Connection) -> None:
-        check_or_create_schema(conn, self.path, _KIND)
+        return open_sqlite_file(self.path, _KIND, "NORMAL", pragmas=("foreign_keys=ON",))
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -383,27 +344,3 @@ def _check_sample(i: int, sample: object) -> tuple[np.ndarray, float, LabelKind]
 def _bump(conn: sqlite3.Connection, name: str, by: int) -> None:
     if by:
         conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (by, name))
-
-
-def _create_private_file(path: Path) -> None:
-    """Creates the database file mode 0600 (SQLite gives its -wal and -shm files the same mode).
-
-    SQLite would create it with the umask's mode: samples are personal data of the building's
-    occupants, readable by the agent's user only. The directory is synced so a fresh store does
-    not vanish in a power cut.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    except OSError as exc:
-        raise SampleStoreError(f"cannot create sample store {path}: {exc.strerror}") from None
-    os.close(fd)
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise SampleStoreError(f"cannot sync the directory of sample store {path}: {exc.strerror}") from None
