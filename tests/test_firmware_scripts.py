@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -290,8 +291,20 @@ def test_install_refuses_non_root_without_root_dir(tmp_path: Path) -> None:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             pytest.skip("running as root and setpriv (util-linux) is missing")
-        cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    result = run(cmd, cwd="/")
+        # The unprivileged user must be able to reach the script wherever the checkout lives
+        # (a clone in a 0700 directory would fail with "Permission denied" before the check).
+        public = Path(tempfile.mkdtemp(prefix="fedge-install-"))
+        try:
+            public.chmod(0o755)
+            script = public / INSTALL.name
+            shutil.copy2(INSTALL, script)
+            script.chmod(0o755)
+            cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(script), "--no-apt"]
+            result = run(cmd, cwd="/")
+        finally:
+            shutil.rmtree(public)
+    else:
+        result = run(cmd, cwd="/")
     assert result.returncode == 1
     assert "must run as root" in result.stderr
 
