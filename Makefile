@@ -12,7 +12,7 @@ TFLITE_VENV ?= .venv-tflite
 TFLITE_STAMP := $(TFLITE_VENV)/.fedge-installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo bench clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo bench images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -51,6 +51,18 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench_training.py --out bench/results/training.json
 	$(BIN)/python bench/bench_rounds.py --out bench/results/rounds.json
+
+# The images, built with podman on a local debootstrap base (no registry, no Docker engine);
+# prints each image's size. `make test` builds the ones its tests run.
+images: system-deps
+	bash scripts/container-images.sh base agent aggregator docker/broker.Dockerfile=localhost/fedge-mosquitto:2.0.11
+
+# The arm64 agent image, built and run under qemu-user-static (slow: ~15 min; not in make test).
+images-arm64: install
+	bash scripts/system-deps.sh --arm64
+	mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+	update-binfmts --enable qemu-aarch64 2>/dev/null || true
+	FEDGE_ARM64=1 $(BIN)/pytest -q tests/test_arm64_image.py
 
 clean:
 	rm -rf $(VENV) $(TFLITE_VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -13,15 +13,19 @@ FROM ${BASE_IMAGE} AS builder
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Only what the device side needs: no aggregator/ (TensorFlow code), no tests, no bench.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+# Dependencies first, from pyproject.toml alone (no packages yet, a placeholder README):
+# this layer is rebuilt when the dependencies change, not on every source edit.
+RUN touch README.md && pip install --no-cache-dir "./[agent]" && pip uninstall --yes fedge
+COPY README.md ./
 COPY protocol/ protocol/
 COPY agent/ agent/
 COPY fedge/ fedge/
-RUN pip install --no-cache-dir "./[agent]"
+RUN pip install --no-cache-dir --no-deps ./
 
 FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0

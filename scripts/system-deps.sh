@@ -14,6 +14,16 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitt
 command -v openssl >/dev/null || need+=(openssl)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v shellcheck >/dev/null || need+=(shellcheck)  # the board installer scripts
+# The container images and their tests (scripts/container-images.sh): podman with runc (crun
+# refuses hosts whose cgroups are hybrid v1/v2), and debootstrap for the local base image, since
+# no registry is reachable. The systemd-in-a-container and `podman kube play` tests need them too.
+command -v podman >/dev/null || need+=(podman iptables containernetworking-plugins)
+command -v runc >/dev/null || [ -x /usr/sbin/runc ] || need+=(runc)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+# --arm64: the arm64 agent image builds and runs under emulation (make images-arm64).
+if [ "${1:-}" = "--arm64" ]; then
+    [ -x /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static binfmt-support)
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -109,7 +109,13 @@ def test_final_stage_runs_as_uid_10001(side: str) -> None:
 def test_installs_exactly_its_extra_without_pip_cache(side: str, extra: str) -> None:
     runs = args_of(DOCKERFILES[side], "RUN")
     installs = [r for r in runs if "pip install" in r]
-    assert installs == [f'pip install --no-cache-dir "./[{extra}]"']
+    # Dependencies from pyproject.toml alone (a cached layer), then fedge itself without deps.
+    assert installs == [
+        f'touch README.md && pip install --no-cache-dir "./[{extra}]" && pip uninstall --yes fedge',
+        "pip install --no-cache-dir --no-deps ./",
+    ]
+    copies = args_of(DOCKERFILES[side], "COPY")
+    assert copies.index("pyproject.toml ./") < copies.index("README.md ./")
 
 
 def test_agent_image_has_no_tensorflow_and_no_data_set_packages() -> None:
