@@ -215,6 +215,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ),
         edgex_version=args.edgex_version,
         task_file=args.task,
+        container_agents=args.container_agents,
+        agent_image=args.agent_image,
     )
     from fedge.progress import ProgressBar  # noqa: PLC0415
 
@@ -398,6 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--broker-ca", help="with --broker: CA file of an mqtts:// broker")
     demo.add_argument("--edgex-version", choices=["v3", "v4"], default="v4", help="EdgeX wire format")
     demo.add_argument("--mqtt-v311", action="store_true", help="MQTT 3.1.1 instead of MQTT 5")
+    demo.add_argument(
+        "--container-agents",
+        type=int,
+        default=0,
+        help="run the first N agents in the agent image with podman (host network; needs root)",
+    )
+    demo.add_argument(
+        "--agent-image",
+        default=None,
+        help="the agent image for --container-agents (make images builds localhost/fedge-agent:VERSION-ARCH)",
+    )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge import har_watch
+from fedge.container_agent import podman_run_command, stage_container_agent
 from fedge.observer import FleetObserver
 from fedge.provision import create_fleet
 from fedge.train_local import build_model_files, train_local
@@ -59,6 +60,10 @@ class DemoOptions:
     # credentials, ACLs); secure_broker=False (--insecure-broker) starts an anonymous one.
     secure_broker: bool = True
     broker_credentials: dict[str, str] | None = None  # for --broker: username, password, ca_file
+    # The first `container_agents` devices run in the agent image (podman, host network) instead
+    # of as host processes: what a board running `docker run` does, in the same fleet.
+    container_agents: int = 0
+    agent_image: str | None = None
 
 
 @dataclass
@@ -93,6 +98,23 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
             env=env,
             start_new_session=True,
         )
+
+
+def _spawn_container(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``podman run`` in the foreground: SIGTERM to it reaches the agent (podman's sig-proxy)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        try:
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        except FileNotFoundError:
+            raise FedgeError("--container-agents needs podman (apt-get install podman)") from None
+
+
+def _remove_containers(names: list[str]) -> None:
+    """A killed ``podman run`` client leaves its container behind: remove it for sure."""
+    for name in names:
+        command = ["podman", "rm", "--force", "--time", "5", name]
+        subprocess.run(command, capture_output=True, check=False, timeout=60)
 
 
 def _terminate(procs: dict[str, subprocess.Popen[bytes]], timeout: float = 10.0) -> dict[str, int | None]:
@@ -239,11 +261,15 @@ def run_demo(
     min_devices = options.min_devices or max(1, (options.devices + 1) // 2)
     if min_devices > options.devices:
         raise FedgeError(f"--min-devices {min_devices} exceeds --devices {options.devices}")
+    if not 0 <= options.container_agents <= options.devices:
+        raise FedgeError(f"--container-agents must be 0..{options.devices} (the number of devices)")
+    if options.container_agents and not options.agent_image:
+        raise FedgeError("--container-agents needs --agent-image (built by make images)")
     out = options.out.resolve()  # the broker's configuration names absolute paths
     out.mkdir(parents=True, exist_ok=True)
     # A demo is a fresh fleet: new keys, no checkpoint, no broker state from an earlier run
     # (a retained manifest signed with an old key would only be rejected by the new agents).
-    for owned in ("fleet", "broker", "logs"):
+    for owned in ("fleet", "broker", "logs", "containers"):
         shutil.rmtree(out / owned, ignore_errors=True)
     start = time.perf_counter()
     model_dir = out / "model"
@@ -313,12 +339,17 @@ def run_demo(
     )
     procs: dict[str, subprocess.Popen[bytes]] = {}
     exit_codes: dict[str, int | None] = {}
+    containers: list[str] = []
     try:
         observer.start()
-        for device_id, cfg in fleet.agent_configs.items():
-            procs[device_id] = _spawn(
-                ["agent", "run", "--config", str(cfg)], out / "logs" / f"{device_id}.log"
-            )
+        for index, (device_id, cfg) in enumerate(fleet.agent_configs.items()):
+            log_path = out / "logs" / f"{device_id}.log"
+            if index < options.container_agents and options.agent_image:
+                agent = stage_container_agent(cfg, out / "containers" / device_id, name_prefix="fedge-demo")
+                containers.append(agent.name)
+                procs[device_id] = _spawn_container(podman_run_command(agent, options.agent_image), log_path)
+            else:
+                procs[device_id] = _spawn(["agent", "run", "--config", str(cfg)], log_path)
         if options.data_path == "edgex":
             _feed_through_edgex(
                 options,
@@ -350,6 +381,7 @@ def run_demo(
                 raise FedgeError(f"the demo did not finish in time; see the logs in {out / 'logs'}")
     finally:
         exit_codes = _terminate(procs)
+        _remove_containers(containers)
         observer.stop()
         if broker is not None:
             broker.stop()

@@ -1,0 +1,202 @@
+"""The agent image, built with podman from a local debootstrap base and run for real.
+
+``scripts/container-images.sh`` builds it with ``--pull=never`` (no registry here) and the host's
+CA bundle mounted for pip. The tests then check what a board operator relies on: LiteRT and no
+TensorFlow, uid 10001, the healthcheck, and a container agent taking part in real rounds of
+``fedge demo`` against the demo's locked-down broker on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from podman_support import ROOT, build_images, podman, podman_env, remove_containers, require_podman
+
+from fedge.container_agent import STATE_DIR, container_config, podman_run_command, stage_container_agent
+from protocol.errors import FedgeError
+
+pytestmark = pytest.mark.slow
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.fixture(scope="module")
+def agent_image() -> tuple[str, int]:
+    require_podman()
+    sizes = build_images("agent")
+    [(tag, size)] = [(t, s) for t, s in sizes.items() if "fedge-agent" in t]
+    assert tag.startswith(f"localhost/fedge-agent:{VERSION}-")
+    return tag, size
+
+
+def test_agent_image_is_litert_only_non_root_and_small(agent_image: tuple[str, int]) -> None:
+    tag, size = agent_image
+    probe = (
+        "import importlib.util, json, os; "
+        "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in "
+        "('ai_edge_litert', 'tensorflow', 'keras', 'pandas', 'seglearn', 'agent', 'protocol', 'aggregator')}"
+        " | {'uid': os.getuid(), 'gid': os.getgid()}))"
+    )
+    result = podman("run", "--rm", "--entrypoint", "python", tag, "-c", probe)
+    found = json.loads(result.stdout)
+    assert found == {
+        "ai_edge_litert": True,
+        "tensorflow": False,
+        "keras": False,
+        "pandas": False,
+        "seglearn": False,
+        "agent": True,
+        "protocol": True,
+        "aggregator": False,
+        "uid": 10001,
+        "gid": 10001,
+    }
+    usage = podman("run", "--rm", tag, "--help")
+    assert "--config" in usage.stdout
+    # Measured 340 MB (base 161 MB: Debian minbase + python3; the venv is mostly LiteRT + numpy).
+    # A guard against TensorFlow or a data-set package sneaking in (each adds 100s of MB).
+    assert size < 450_000_000, f"agent image is {size / 1e6:.0f} MB"
+
+
+def test_agent_image_healthcheck_follows_the_heartbeat(agent_image: tuple[str, int]) -> None:
+    """The image's HEALTHCHECK (kept: built in docker format) fails without a fresh heartbeat."""
+    tag, _ = agent_image
+    config = json.loads(podman("image", "inspect", "--format", "{{json .Config.Healthcheck}}", tag).stdout)
+    assert config["Test"][0] == "CMD"
+    assert "FEDGE_HEALTH_FILE" in config["Test"][-1]
+    name = f"fedge-health-{os.getpid()}"
+    try:
+        podman("run", "-d", "--name", name, "--entrypoint", "sleep", tag, "120")
+        assert podman("healthcheck", "run", name, check=False).returncode != 0
+        podman("exec", name, "touch", f"{STATE_DIR}/heartbeat")
+        assert podman("healthcheck", "run", name, check=False).returncode == 0
+        old = "touch -d '@1' /var/lib/fedge/heartbeat"
+        podman("exec", name, "sh", "-c", old)
+        assert podman("healthcheck", "run", name, check=False).returncode != 0
+    finally:
+        remove_containers([name])
+
+
+@pytest.fixture
+def demo_out(tmp_path: Path) -> Iterator[Path]:
+    out = tmp_path / "demo"
+    yield out
+    remove_containers([f"fedge-demo-watch-{s:02d}" for s in (1, 2, 3)])
+
+
+def test_container_agent_takes_part_in_demo_rounds(agent_image: tuple[str, int], demo_out: Path) -> None:
+    """Two devices, quorum two: no round can aggregate without the containerised agent's update.
+
+    The container runs the image's entrypoint as uid 10001 with a read-only root filesystem, host
+    networking to the demo's TLS broker on loopback, and its data from EdgeX over that broker."""
+    tag, _ = agent_image
+    args = ["--devices", "2", "--min-devices", "2", "--rounds", "2", "--container-agents", "1"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedge.cli",
+            "demo",
+            "--out",
+            str(demo_out),
+            "--json",
+            "--agent-image",
+            tag,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+        env=dict(podman_env(), TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary: dict[str, Any] = json.loads(proc.stdout)
+    assert summary["rounds_completed"] == 2
+    assert [r["reported"] for r in summary["per_round"]] == [2, 2]
+    assert summary["rejected"] == {}
+    assert summary["processes"] == {"watch-01": 0, "watch-02": 0, "aggregator": 0}
+    container_log = (demo_out / "logs" / "watch-01.log").read_text()
+    assert "TensorFlow Lite XNNPACK delegate" in container_log, container_log[-2000:]  # LiteRT's
+    assert "update for round r0002-v3 sealed" in container_log, container_log[-2000:]
+    # The container wrote its state to its volume, as uid 10001.
+    state = demo_out / "containers" / "watch-01" / "state"
+    assert (state / "heartbeat").stat().st_uid == 10001
+    assert not (demo_out / "fleet" / "state" / "watch-01").exists()
+
+
+# --- the staging of a device's files for its container (no podman needed) ------------------------
+
+
+def test_container_config_rewrites_every_path_and_lists_the_copies(tmp_path: Path) -> None:
+    tables = {
+        "agent": {"device_id": "gw-1", "state_dir": "state/gw-1", "key_file": "keys/gw-1.box"},
+        "mqtt": {"broker": "mqtts://127.0.0.1:8883", "ca_file": "/etc/ssl/ca.crt", "password": "pw"},
+        "data": {"source": "edgex", "task": "../tasks/har.toml"},
+        "edgex": {"profile": "/opt/p.yaml"},
+    }
+    rewritten, copies = container_config(tables, tmp_path)
+    assert rewritten["agent"] == {
+        "device_id": "gw-1",
+        "state_dir": "/var/lib/fedge",
+        "key_file": "/etc/fedge/device.box",
+    }
+    assert rewritten["mqtt"] == {
+        "broker": "mqtts://127.0.0.1:8883",
+        "ca_file": "/etc/fedge/mqtt-ca.crt",
+        "password": "pw",
+    }
+    assert rewritten["data"]["task"] == "/etc/fedge/task.toml"
+    assert rewritten["edgex"]["profile"] == "/etc/fedge/profile.yaml"
+    assert copies == {
+        "device.box": tmp_path / "keys" / "gw-1.box",
+        "mqtt-ca.crt": Path("/etc/ssl/ca.crt"),
+        "task.toml": (tmp_path / ".." / "tasks" / "har.toml").resolve(),
+        "profile.yaml": Path("/opt/p.yaml"),
+    }
+    assert tables["agent"]["state_dir"] == "state/gw-1"  # the host config is not modified
+
+
+def test_container_config_refuses_a_non_path(tmp_path: Path) -> None:
+    with pytest.raises(FedgeError, match=r"^\[agent\] key_file must be a path, not int$"):
+        container_config({"agent": {"key_file": 3}}, tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="staging gives the files to uid 10001 (root only)")
+def test_stage_container_agent_gives_private_copies_to_the_image_user(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    key = tmp_path / "keys" / "gw-1.box"
+    key.write_text("secret")
+    key.chmod(0o600)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[agent]\ndevice_id = "gw-1"\nstate_dir = "s"\nkey_file = "keys/gw-1.box"\n[mqtt]\npassword = "pw"\n'
+    )
+    agent = stage_container_agent(cfg, tmp_path / "box")
+    assert agent.name == "fedge-agent-gw-1"
+    copied = agent.config_dir / "device.box"
+    assert copied.read_text() == "secret"
+    assert (copied.stat().st_mode & 0o777, copied.stat().st_uid) == (0o600, 10001)
+    written = agent.config_dir / "agent.toml"
+    assert written.stat().st_mode & 0o777 == 0o600  # it holds the MQTT password
+    assert tomllib.loads(written.read_text())["agent"]["key_file"] == "/etc/fedge/device.box"
+    assert (agent.state_dir.stat().st_mode & 0o777, agent.state_dir.stat().st_uid) == (0o700, 10001)
+    command = podman_run_command(agent, "localhost/fedge-agent:x")
+    assert command[-3:] == ["localhost/fedge-agent:x", "--config", "/etc/fedge/agent.toml"]
+    assert f"{agent.config_dir}:/etc/fedge:ro" in command and "--read-only" in command
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="staging runs as root")
+def test_stage_container_agent_names_a_missing_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\ndevice_id = "gw-1"\nkey_file = "nope.box"\n')
+    with pytest.raises(FedgeError, match=r"nope\.box \(named in the config\) does not exist$"):
+        stage_container_agent(cfg, tmp_path / "box")
