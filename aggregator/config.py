@@ -11,6 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.leader_config import (
+    LEADER_KEYS,
+    LEADER_OFF,
+    SA_NAMESPACE_FILE,
+    LeaderSettings,
+    leader_settings_from_table,
+)
 from protocol.codec import Codec
 from protocol.config_source import ConfigError, Table, overlay_env, parse_toml
 from protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_table
@@ -52,22 +59,41 @@ class AggregatorConfig:
     exit_when_done: bool
     mqtt: MqttSettings
     rounds: RoundSettings
+    # Touched by the main loop (also while a follower waits) so a liveness probe can tell a
+    # hung loop from a busy one; None: <state_dir>/heartbeat.
+    heartbeat_file: Path | None = None
+    leader: LeaderSettings = LEADER_OFF
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.heartbeat_file if self.heartbeat_file is not None else self.state_dir / "heartbeat"
 
 
-def load_aggregator_config(path: Path, env: Mapping[str, str]) -> AggregatorConfig:
+def load_aggregator_config(
+    path: Path, env: Mapping[str, str], sa_namespace_file: Path = SA_NAMESPACE_FILE
+) -> AggregatorConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     data = overlay_env(parse_toml(text, str(path)), env, ENV_PREFIX)
-    unknown = sorted(set(data) - {"aggregator", "mqtt", "rounds"})
+    unknown = sorted(set(data) - {"aggregator", "mqtt", "rounds", "leader"})
     if unknown:
-        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: aggregator, mqtt, rounds")
+        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: aggregator, leader, mqtt, rounds")
     base = path.parent
     agg = Table(
         data,
         "aggregator",
-        {"fleet", "model_dir", "state_dir", "registry", "box_key_file", "signing_key_file", "exit_when_done"},
+        {
+            "fleet",
+            "model_dir",
+            "state_dir",
+            "registry",
+            "box_key_file",
+            "signing_key_file",
+            "exit_when_done",
+            "heartbeat_file",
+        },
     )
     try:
         fleet = check_id(agg.text("fleet"), "fleet id")
@@ -116,6 +142,8 @@ def load_aggregator_config(path: Path, env: Mapping[str, str]) -> AggregatorConf
             f"[rounds] devices_per_round={rounds.devices_per_round} is below min_devices="
             f"{rounds.min_devices}: every round would be aborted"
         )
+    leader = leader_settings_from_table(Table(data, "leader", LEADER_KEYS), env, sa_namespace_file)
+    heartbeat = agg.opt_text("heartbeat_file")
     return AggregatorConfig(
         fleet=fleet,
         model_dir=base / agg.text("model_dir"),
@@ -126,4 +154,6 @@ def load_aggregator_config(path: Path, env: Mapping[str, str]) -> AggregatorConf
         exit_when_done=agg.flag("exit_when_done", False),
         mqtt=mqtt_settings_from_table(Table(data, "mqtt", MQTT_KEYS), f"fedge-aggregator-{fleet}", str(base)),
         rounds=rounds,
+        heartbeat_file=base / heartbeat if heartbeat else None,
+        leader=leader,
     )

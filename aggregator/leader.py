@@ -27,10 +27,11 @@ from typing import Any, Literal, Protocol
 from kubernetes.client import ApiException, V1Lease, V1LeaseSpec, V1ObjectMeta
 from urllib3.exceptions import HTTPError
 
+from aggregator.leader_config import LEASE_NAME as LEASE_NAME
+from aggregator.leader_config import STATUS_CONFIGMAP as STATUS_CONFIGMAP
+
 log = logging.getLogger("fedge.aggregator.leader")
 
-LEASE_NAME = "fedge-aggregator-leader"
-STATUS_CONFIGMAP = "fedge-aggregator-status"
 RELEASED_DURATION_S = 1  # what client-go writes on release: the next candidate need not wait
 
 Action = Literal["create", "renew", "acquire", "wait"]
@@ -146,11 +147,15 @@ class LeaseElector:
         renew_every_s: float = 5,
         clock: Callable[[], float] = time.time,
         request_timeout_s: float = 5.0,
+        renew_deadline_s: float | None = None,
     ) -> None:
+        """``renew_deadline_s`` defaults to ``duration_s - renew_every_s``."""
         if not identity:
             raise ValueError("leader election needs a non-empty identity")
-        if not 0 < renew_every_s < duration_s:
-            raise ValueError("renew_every_s must be positive and shorter than duration_s")
+        deadline = duration_s - renew_every_s if renew_deadline_s is None else renew_deadline_s
+        if not 0 < renew_every_s < deadline < duration_s:
+            raise ValueError("need 0 < renew_every_s < renew_deadline_s < duration_s")
+        self._renew_deadline_s = deadline
         self.api = api
         self.namespace = namespace
         self.name = name
@@ -164,7 +169,7 @@ class LeaseElector:
 
     @property
     def renew_deadline_s(self) -> float:
-        return self.duration_s - self.renew_every_s
+        return self._renew_deadline_s
 
     @property
     def is_leader(self) -> bool:

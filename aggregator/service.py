@@ -3,6 +3,12 @@
 paho's network thread only queues incoming messages; one loop thread owns the engine, so no
 rule about updates ever runs concurrently with another. The shell checkpoints the engine's
 state *before* publishing a manifest (a restart never reuses a version) and after every round.
+
+With leader election (:mod:`aggregator.leadership`) the service first campaigns, touching its
+heartbeat and connecting to nothing; only once it holds the Lease does it read the checkpoint
+(the one the previous leader wrote on the shared volume) and connect to the broker. Before
+every checkpoint write and every publish it checks that it still leads; when it does not, it
+stops at once and exits with :data:`EXIT_LEADERSHIP_LOST`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from paho.mqtt.properties import Properties
 
 from aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aggregator.config import AggregatorConfig
+from aggregator.heartbeat import Heartbeat
+from aggregator.leadership import EXIT_LEADERSHIP_LOST, Leadership, leadership_from_settings, status_data
 from aggregator.registry import load_registry, load_registry_file
 from aggregator.round_engine import EngineState, Publication, RoundEngine
 from protocol.config_source import ConfigError
@@ -145,26 +153,52 @@ def connect(client: mqtt.Client, settings: MqttSettings) -> None:
         client.connect_async(settings.host, settings.port, settings.keepalive)
 
 
+class LeadershipLost(Exception):
+    """Raised in the round loop the moment this replica may no longer act as leader."""
+
+
 class AggregatorService:
     def __init__(
         self,
         config: AggregatorConfig,
         clock: Callable[[], float] = time.time,
         inbox_limit: int = _INBOX_LIMIT,
+        leadership: Leadership | None = None,
     ) -> None:
+        """Everything that can be wrong with the configuration fails here; the checkpoint is
+        read here too, unless ``leadership`` defers it until this replica leads."""
         self.config = config
         self.clock = clock
+        self.leadership = leadership
+        self.heartbeat = Heartbeat(config.heartbeat_path)
         self.topics = FleetTopics(config.fleet)
-        loaded = load_model(config.model_dir)
-        registry = load_registry(config.registry_file)
-        if len(registry) < config.rounds.min_devices:
-            raise ConfigError(
-                f"{len(registry)} enrolled devices cannot satisfy min_devices={config.rounds.min_devices}"
-            )
-        box_key = PrivateKey(read_private_key(config.box_key_file, "box"))
-        signing_key = SigningKey(read_private_key(config.signing_key_file, "signing"))
+        self.loaded = load_model(config.model_dir)
+        self.registry = load_registry(config.registry_file)
+        enrolled, wanted = len(self.registry), config.rounds.min_devices
+        if enrolled < wanted:
+            raise ConfigError(f"{enrolled} enrolled devices cannot satisfy min_devices={wanted}")
+        self.box_key = PrivateKey(read_private_key(config.box_key_file, "box"))
+        self.signing_key = SigningKey(read_private_key(config.signing_key_file, "signing"))
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = config.state_dir / CHECKPOINT_FILE
+        self.engine: RoundEngine
+        if leadership is None:
+            self._load_state()
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=inbox_limit)
+        self.inbox_overflow = 0
+        self._status_dirty = True
+        self._status_sent_at = float("-inf")
+        self.online: set[str] = set()
+        self.connected = threading.Event()
+        self.stop_requested = threading.Event()
+        self.client = make_client(config.mqtt, config.mqtt.client_id)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def _load_state(self) -> None:
+        """The engine, from the checkpoint if there is one (else from the initial weights)."""
+        config, loaded = self.config, self.loaded
         ck = load_checkpoint(self.checkpoint_path, MAX_CHECKPOINT_BYTES)
         if ck is None:
             state = EngineState(
@@ -186,19 +220,15 @@ class AggregatorService:
                 " (recovered from .prev)" if ck.recovered_from_previous else "",
             )
         self.engine = RoundEngine(
-            config.fleet, config.rounds, loaded.manifest, loaded.model, box_key, signing_key, registry, state
+            config.fleet,
+            config.rounds,
+            loaded.manifest,
+            loaded.model,
+            self.box_key,
+            self.signing_key,
+            self.registry,
+            state,
         )
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=inbox_limit)
-        self.inbox_overflow = 0
-        self._status_dirty = True
-        self._status_sent_at = float("-inf")
-        self.online: set[str] = set()
-        self.connected = threading.Event()
-        self.stop_requested = threading.Event()
-        self.client = make_client(config.mqtt, config.mqtt.client_id)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
 
     # --- paho callbacks (network thread: only queue and flag) ------------------------------
 
@@ -231,14 +261,23 @@ class AggregatorService:
 
     # --- main loop (one thread owns the engine) ---------------------------------------------
 
+    def _ensure_leader(self) -> None:
+        """Before every checkpoint write and publish: a replica that no longer leads stops."""
+        if self.leadership is not None and not self.leadership.is_leader:
+            raise LeadershipLost
+
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self._ensure_leader()
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         while not info.is_published():
             if self.stop_requested.is_set():
                 return
+            self.heartbeat.beat()  # waiting for the broker is not hanging: paho reconnects
+            self._ensure_leader()
             info.wait_for_publish(timeout=0.5)
 
     def _announce(self, pub: Publication) -> None:
+        self._ensure_leader()
         save_checkpoint(self.checkpoint_path, checkpoint_from_state(self.engine.snapshot()))
         for topic, blob in pub.blobs.items():
             self._publish(topic, blob, retain=True)
@@ -283,14 +322,19 @@ class AggregatorService:
         now = time.monotonic()
         if not force and (not self._status_dirty or now - self._status_sent_at < STATUS_INTERVAL_S):
             return
+        self._ensure_leader()
         status = self.engine.status(self.clock())
         status["online_devices"] = sorted(self.online)
         status["inbox_overflow"] = self.inbox_overflow
         self.client.publish(self.topics.aggregator_status, json.dumps(status).encode(), qos=1, retain=True)
+        if self.leadership is not None:
+            self.leadership.set_status(status_data(status, self.leadership.identity, self.clock()))
         self._status_dirty = False
         self._status_sent_at = now
 
     def _drain(self, timeout: float) -> None:
+        self.heartbeat.beat()
+        self._ensure_leader()
         try:
             topic, payload = self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -326,11 +370,44 @@ class AggregatorService:
             self._drain(0.1)
         log.info("%d of %d enrolled devices online", len(self.online & wanted), len(wanted))
 
+    def _campaign(self, leadership: Leadership) -> bool:
+        """Waits (heartbeat fresh, nothing connected) until this replica leads; False if asked
+        to stop first."""
+        leadership.start()
+        reported: object = object()
+        while not self.stop_requested.is_set():
+            self.heartbeat.beat()
+            if leadership.is_leader:
+                log.info("%s leads: loading the checkpoint and starting rounds", leadership.identity)
+                return True
+            holder = leadership.holder
+            if holder != reported:
+                log.info("%s follows; the lease is held by %s", leadership.identity, holder or "nobody")
+                reported = holder
+            self.stop_requested.wait(0.1)
+        return False
+
     def run(self) -> int:
+        """0 when stopped or done; :data:`EXIT_LEADERSHIP_LOST` when the Lease was lost."""
+        self.heartbeat.beat()
+        if self.leadership is None:
+            return self._run_rounds()
+        try:
+            if not self._campaign(self.leadership):
+                return 0
+            self._load_state()
+            return self._run_rounds()
+        finally:
+            self.leadership.stop()
+
+    def _run_rounds(self) -> int:
         connect(self.client, self.config.mqtt)
         self.client.loop_start()
+        lost = False
         try:
             while not self.connected.wait(0.2):
+                self.heartbeat.beat()
+                self._ensure_leader()
                 if self.stop_requested.is_set():
                     return 0
             self._publish_rotations()
@@ -362,8 +439,16 @@ class AggregatorService:
                     self._announce(self.engine.open_round(self.clock()))
                     self._publish_status()
             return 0
+        except LeadershipLost:
+            lost = True
+            log.error(
+                "lost the lease: stopped publishing; exiting with %d to rejoin as a follower",
+                EXIT_LEADERSHIP_LOST,
+            )
+            return EXIT_LEADERSHIP_LOST
         finally:
-            self._publish_status()
+            if not lost and (self.leadership is None or self.leadership.is_leader):
+                self._publish_status()
             self.client.disconnect()
             self.client.loop_stop()
 
@@ -372,7 +457,8 @@ class AggregatorService:
 
 
 def run_aggregator(config: AggregatorConfig, env: Mapping[str, str] | None = None) -> int:
-    service = AggregatorService(config)
+    leadership = leadership_from_settings(config.leader) if config.leader.enabled else None
+    service = AggregatorService(config, leadership=leadership)
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
     return service.run()

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def test_rendered_overlay_passes_strict_validation(
 
 
 def test_replicas_and_update_strategy(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    for overlay, replicas in (("dev", 1), ("prod", 1)):  # prod: 2 once leader election lands
+    for overlay, replicas in (("dev", 1), ("prod", 2)):  # prod: two replicas elect a leader
         deployment = find(rendered[overlay], "Deployment", AGGREGATOR)
         assert deployment["spec"]["replicas"] == replicas, overlay
         # Shared checkpoint volume: never two generations side by side.
@@ -161,12 +162,71 @@ def test_images_and_probes(rendered: dict[str, list[dict[str, Any]]], overlay: s
         assert broker[probe]["tcpSocket"] == {"port": "mqtts"}, probe
 
 
-def test_probe_scripts_compile() -> None:
+def _aggregator_container() -> dict[str, Any]:
     docs = yaml.safe_load_all((K8S / "base" / "aggregator-deployment.yaml").read_text())
     (deployment,) = [d for d in docs if d]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+def test_probe_scripts_compile() -> None:
+    container = _aggregator_container()
     for probe in ("livenessProbe", "readinessProbe"):
         compile(container[probe]["exec"]["command"][2], probe, "exec")
+
+
+def _run_probe(container: dict[str, Any], probe: str, heartbeat: Path) -> int:
+    script = container[probe]["exec"]["command"][2].replace("/tmp/fedge-aggregator.heartbeat", str(heartbeat))
+    script = script.replace("/var/lib/fedge/model/manifest.json", str(heartbeat))  # exists when it does
+    script = script.replace("/var/lib/fedge/state", str(heartbeat.parent))
+    return subprocess.run([sys.executable, "-c", script], timeout=30, check=False).returncode
+
+
+def test_probes_read_the_heartbeat_the_config_names(tmp_path: Path) -> None:
+    """Liveness fails without a heartbeat or with a stale one; the file is the one the config
+    tells the aggregator to touch, on the pod's own /tmp volume (not the shared state PVC)."""
+    container = _aggregator_container()
+    cfg = load_aggregator_config(ROOT / "k8s" / "base" / "config" / "aggregator.toml", {})
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert str(cfg.heartbeat_path) in container[probe]["exec"]["command"][2], probe
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[str(cfg.heartbeat_path.parent)] == "tmp"
+    heartbeat = tmp_path / "heartbeat"
+    assert _run_probe(container, "livenessProbe", heartbeat) == 1  # none yet
+    heartbeat.write_text("")
+    assert _run_probe(container, "livenessProbe", heartbeat) == 0
+    assert _run_probe(container, "readinessProbe", heartbeat) == 0
+    old = time.time() - 61
+    os.utime(heartbeat, (old, old))
+    assert _run_probe(container, "livenessProbe", heartbeat) == 1
+    assert _run_probe(container, "readinessProbe", heartbeat) == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_leader_election_settings(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path
+) -> None:
+    """In a pod the config turns election on with the downward API's name and namespace and
+    the RBAC'd Lease and ConfigMap; without KUBERNETES_SERVICE_HOST (podman kube play) it is off."""
+    docs = rendered[overlay]
+    (container,) = pod_spec(docs, AGGREGATOR)["containers"]
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert env["POD_NAME"] == "metadata.name" and env["POD_NAMESPACE"] == "metadata.namespace"
+    toml = find(docs, "ConfigMap", "fedge-aggregator-config-")["data"]["aggregator.toml"]
+    config = tmp_path / "aggregator.toml"
+    config.write_text(toml)
+    assert load_aggregator_config(config, {}).leader.enabled is False
+    pod_env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "POD_NAME": "agg-0", "POD_NAMESPACE": "fedge"}
+    leader = load_aggregator_config(config, pod_env).leader
+    assert (leader.enabled, leader.identity, leader.namespace) == (True, "agg-0", "fedge")
+    (lease_rule,) = [
+        r
+        for r in find(docs, "Role", AGGREGATOR)["rules"]
+        if "get" in r["verbs"] and r["apiGroups"] == ["coordination.k8s.io"]
+    ]
+    assert lease_rule["resourceNames"] == [leader.lease_name]
+    find(docs, "ConfigMap", leader.status_configmap)
+    assert leader.retry_period_s < leader.renew_deadline_s < leader.lease_duration_s
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -282,7 +342,7 @@ def test_network_policies(rendered: dict[str, list[dict[str, Any]]], overlay: st
     agg = find(docs, "NetworkPolicy", AGGREGATOR)["spec"]
     assert _selects(agg["podSelector"], agg_labels)
     assert agg["policyTypes"] == ["Ingress", "Egress"] and agg["ingress"] == []
-    to_broker, to_dns = agg["egress"]
+    to_broker, to_dns, to_api = agg["egress"]
     (peer,) = to_broker["to"]
     assert set(peer) == {"podSelector"} and _selects(peer["podSelector"], broker_labels)
     assert to_broker["ports"] == [{"protocol": "TCP", "port": 8883}]
@@ -290,6 +350,9 @@ def test_network_policies(rendered: dict[str, list[dict[str, Any]]], overlay: st
     assert dns["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}
     assert dns["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
     assert sorted((p["protocol"], p["port"]) for p in to_dns["ports"]) == [("TCP", 53), ("UDP", 53)]
+    # The API server (Lease, status ConfigMap): its address is cluster-specific (see the manifest).
+    assert set(to_api) == {"ports"}
+    assert sorted((p["protocol"], p["port"]) for p in to_api["ports"]) == [("TCP", 443), ("TCP", 6443)]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

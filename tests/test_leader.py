@@ -312,3 +312,20 @@ def test_elector_rejects_bad_settings() -> None:
         LeaseElector(api, NS, LEASE_NAME, "", clock=FakeClock())
     with pytest.raises(ValueError):
         LeaseElector(api, NS, LEASE_NAME, "a", duration_s=5, renew_every_s=5)
+
+
+def test_explicit_renew_deadline_is_when_a_stalled_leader_steps_down(double: KubeApiDouble) -> None:
+    clock = FakeClock()
+    with _client(double.url) as c:
+        a = LeaseElector(
+            CoordinationV1Api(c), NS, LEASE_NAME, "aggregator-0", 15, 2, clock, renew_deadline_s=12
+        )
+        assert a.renew_deadline_s == 12
+        assert a.try_acquire_or_renew() is True
+        clock.t += 11.9
+        assert a.is_leader is True
+        clock.t += 0.2
+        assert a.is_leader is False  # 12.1 s: the default (15 - 2 = 13 s) would still lead
+    api = CoordinationV1Api(ApiClient(Configuration(host="http://127.0.0.1:9")))
+    with pytest.raises(ValueError, match="renew_every_s < renew_deadline_s < duration_s"):
+        LeaseElector(api, NS, LEASE_NAME, "a", duration_s=15, renew_every_s=2, renew_deadline_s=15)
