@@ -281,15 +281,22 @@ def journal_handler(
     socket_path: str = JOURNAL_SOCKET, *, use_libsystemd: bool = True
 ) -> logging.Handler | None:
     """A handler logging to the journal: systemd-python's JournalHandler if installed, else
-    :class:`JournalDatagramHandler` if journald's socket exists, else None."""
+    :class:`JournalDatagramHandler` if journald's socket exists, else None.
+
+    Its formatter is ``%(message)s`` (plus a traceback): the level and the logger travel as
+    PRIORITY= and LOGGER=. Set here, so ``logging.basicConfig(handlers=[...])``, which gives
+    every handler without a formatter its ``LEVEL:logger:message`` one, leaves it alone."""
     journal = _optional_module("systemd.journal") if use_libsystemd else None
+    handler: logging.Handler
     if journal is not None:
-        handler: logging.Handler = journal.JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
-        return handler
-    try:
-        is_socket = stat.S_ISSOCK(os.stat(socket_path).st_mode)
-    except OSError:
-        is_socket = False
-    if not is_socket:
-        return None
-    return JournalDatagramHandler(socket_path)
+        handler = journal.JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    else:
+        try:
+            is_socket = stat.S_ISSOCK(os.stat(socket_path).st_mode)
+        except OSError:
+            is_socket = False
+        if not is_socket:
+            return None
+        handler = JournalDatagramHandler(socket_path)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler

@@ -12,10 +12,18 @@
 #   - /etc/systemd/system/fedge-agent.service (0644): installed when missing or different;
 #   - /etc/fedge (0755) and /etc/fedge/agent.toml (0644, see below): the config is copied only
 #     when absent. An existing config is never overwritten;
-#   - /var/lib/fedge-agent (0700) and the device key (0600) from --key: copied only when absent.
-#     An existing key is never overwritten;
+#   - the state directory and the device key (0600) from --key: copied only when absent. An
+#     existing key is never overwritten. The directory is laid out as systemd lays out a
+#     DynamicUser= StateDirectory: /var/lib/private (0700) holds fedge-agent (0700) and
+#     /var/lib/fedge-agent is the symlink private/fedge-agent. A plain /var/lib/fedge-agent
+#     directory would make systemd move it at the first start, and that rename fails with EXDEV
+#     where /var/lib sits on overlayfs (containers, overlay-root firmware): the agent never starts;
+#   - /opt/fedge/tasks (0755): the task specs of this repository's tasks/ (0644), which
+#     provision-device.sh's --task names (/opt/fedge/tasks/har-watch.toml); replaced when different;
 #   - `systemctl daemon-reload` / `systemctl enable fedge-agent` when systemd is PID 1 and the
-#     target is the running system (not in a chroot, not with --root).
+#     target is the running system; where systemd is not running (image build, chroot) the unit
+#     is still enabled, offline (`systemctl enable` only makes the symlinks), so the image starts
+#     the agent at its first boot. Never with --root.
 #
 # agent.toml is installed 0644, not 0600: the unit runs with DynamicUser=, so the agent is not
 # root and cannot read a root-only file in /etc/fedge. Secrets belong in /etc/fedge/agent.env
@@ -42,6 +50,7 @@ CONFIG=""
 KEY=""
 USE_APT=1
 UNIT_SRC=$SCRIPT_DIR/systemd/fedge-agent.service
+TASKS_SRC=$REPO_DIR/tasks
 PYTHON=${FEDGE_PYTHON:-python3}
 
 usage() {
@@ -91,9 +100,13 @@ SOURCE=$(realpath -- "$SOURCE")
 
 ETC=$P/etc/fedge
 CONFIG_DST=$ETC/agent.toml
+# /var/lib/fedge-agent is what the config names; the files live where DynamicUser= wants them.
 STATE=$P/var/lib/fedge-agent
+STATE_PRIVATE=$P/var/lib/private/fedge-agent
+STATE_LINK_TARGET=private/fedge-agent
 VENV=$P/opt/fedge/venv
 UNIT_DST=$P/etc/systemd/system/fedge-agent.service
+TASKS_DST=$P/opt/fedge/tasks
 
 if [ -n "$CONFIG" ]; then
     [ -f "$CONFIG" ] || die "--config $CONFIG is not a file"
@@ -221,9 +234,42 @@ if [ -n "$CONFIG" ]; then
     copy_if_absent 0644 "$CONFIG" "$CONFIG_DST"
 fi
 
+# The StateDirectory as systemd makes it for DynamicUser=yes (see the top of this file).
+ensure_state_dir() {
+    if [ -d "$STATE" ] && [ ! -L "$STATE" ]; then
+        # An install from before this layout: systemd moves it into /var/lib/private at the next
+        # start (which needs /var/lib on one non-overlay file system). Left as it is.
+        ensure_dir 0700 "$STATE"
+        echo "$PROG: $STATE is a plain directory; systemd moves it to /var/lib/private at the next start" >&2
+        return
+    fi
+    ensure_dir 0700 "$(dirname "$STATE_PRIVATE")"
+    ensure_dir 0700 "$STATE_PRIVATE"
+    if [ ! -L "$STATE" ]; then
+        [ ! -e "$STATE" ] || die "$STATE exists and is neither a directory nor a symlink"
+        ln -s "$STATE_LINK_TARGET" "$STATE"
+        changed "linked $STATE -> $STATE_LINK_TARGET"
+    elif [ "$(readlink "$STATE")" != "$STATE_LINK_TARGET" ]; then
+        die "$STATE points to $(readlink "$STATE"), not $STATE_LINK_TARGET"
+    fi
+}
+
 if [ -n "$KEY" ]; then
-    ensure_dir 0700 "$STATE"
-    copy_if_absent 0600 "$KEY" "$STATE/$(basename "$KEY")"
+    ensure_state_dir
+    copy_if_absent 0600 "$KEY" "$STATE/$(basename "$KEY")"  # through the symlink
+fi
+
+# Task specs: shipped with the agent like the unit (never edited on the device), so replaced when
+# they differ.
+if [ -d "$TASKS_SRC" ]; then
+    for task in "$TASKS_SRC"/*.toml; do
+        [ -f "$task" ] || continue
+        ensure_dir 0755 "$TASKS_DST"
+        if ! cmp -s "$task" "$TASKS_DST/$(basename "$task")"; then
+            install -m 0644 "${OWNER_ARGS[@]}" "$task" "$TASKS_DST/$(basename "$task")"
+            changed "installed $TASKS_DST/$(basename "$task")"
+        fi
+    done
 fi
 
 # --- systemctl ----------------------------------------------------------------------------------
@@ -231,7 +277,17 @@ fi
 if [ -n "$P" ]; then
     echo "$PROG: staging root $P: not calling systemctl" >&2
 elif [ ! -d /run/systemd/system ]; then
-    echo "$PROG: systemd is not running (chroot or container?): skipping daemon-reload and enable" >&2
+    # An image build or a chroot: nothing to reload, but an image must start the agent at boot.
+    # Not booted with systemd, systemctl enable/is-enabled work offline (symlinks only).
+    if command -v systemctl >/dev/null; then
+        echo "$PROG: systemd is not running (chroot or container?): skipping daemon-reload, enabling offline" >&2
+        if ! systemctl is-enabled --quiet fedge-agent 2>/dev/null; then
+            systemctl enable --quiet fedge-agent
+            changed "enabled fedge-agent (offline; it starts at the next boot)"
+        fi
+    else
+        echo "$PROG: systemd is not running and there is no systemctl: skipping daemon-reload and enable" >&2
+    fi
 else
     if [ "$UNIT_CHANGED" -eq 1 ]; then
         systemctl daemon-reload

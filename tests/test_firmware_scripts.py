@@ -4,7 +4,8 @@ The installer runs into a ``--root`` staging directory with ``--no-apt``. Fast t
 tiny stub wheel named ``fedge`` (built here, no network, no build backend) through
 ``--source``; one slow test installs the real ``fedge[agent]`` from this repository (needs the
 package index: set FEDGE_SLOW_INSTALL=1 to run it, pip takes minutes for LiteRT and numpy).
-The debootstrap test (FEDGE_DEBOOTSTRAP=1) runs both scripts inside a clean Debian root.
+The clean-Debian-root test builds docker/systemd-agent.Dockerfile (podman, in CI too): the
+installer runs twice in a debootstrap bookworm root; tests/test_systemd_container.py then boots it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from podman_support import build_images, podman, require_podman
 
 from agent.config import load_agent_config
 
@@ -222,9 +224,15 @@ def test_install_twice_into_a_staging_root(tmp_path: Path, device_files: Path) -
     assert mode(root / "etc/fedge") == 0o755
     # 0644: the DynamicUser agent is not root and must read it (no secrets in agent.toml).
     assert config.read_bytes() == (device_files / "agent.toml").read_bytes() and mode(config) == 0o644
-    assert mode(root / "var/lib/fedge-agent") == 0o700
+    # DynamicUser='s layout, so systemd never has to move the directory (EXDEV on overlayfs).
+    assert os.readlink(root / "var/lib/fedge-agent") == "private/fedge-agent"
+    assert mode(root / "var/lib/private") == 0o700 and mode(root / "var/lib/private/fedge-agent") == 0o700
     assert key.read_bytes() == (device_files / "gw-0042.box").read_bytes() and mode(key) == 0o600
-    for path in (unit, config, key, root / "etc/fedge", root / "opt/fedge/venv"):
+    assert key.resolve() == (root / "var/lib/private/fedge-agent/gw-0042.box").resolve()
+    # The task specs provision-device.sh's --task names.
+    task = root / "opt/fedge/tasks/har-watch.toml"
+    assert task.read_bytes() == (REPO / "tasks/har-watch.toml").read_bytes() and mode(task) == 0o644
+    for path in (unit, config, key, task, root / "etc/fedge", root / "opt/fedge/venv"):
         assert path.stat().st_uid == os.geteuid()
     fedge = root / "opt/fedge/venv/bin/fedge"
     assert run([fedge]).stdout == "fedge stub\n"
@@ -262,6 +270,34 @@ def test_install_never_overwrites_config_or_key_and_upgrades_on_a_new_version(
     # An installed config makes --config optional.
     again = install(root, new_wheel)
     assert again.returncode == 0 and again.stdout == "install-agent: nothing to do\n"
+
+
+def test_install_keeps_a_plain_state_directory_of_an_older_install(
+    tmp_path: Path, device_files: Path
+) -> None:
+    """Before the DynamicUser= layout, /var/lib/fedge-agent was a plain directory: it is kept
+    (systemd moves it into /var/lib/private itself) and the key still goes into it."""
+    root = tmp_path / "root"
+    (root / "var/lib/fedge-agent").mkdir(parents=True, mode=0o700)
+    wheel = build_stub_wheel(tmp_path / "wheels")
+    args = ("--config", device_files / "agent.toml", "--key", device_files / "gw-0042.box")
+    result = install(root, wheel, *args)
+    assert result.returncode == 0, result.stderr
+    assert "is a plain directory" in result.stderr
+    assert not (root / "var/lib/private").exists()
+    assert mode(root / "var/lib/fedge-agent/gw-0042.box") == 0o600
+    assert install(root, wheel, *args).stdout == "install-agent: nothing to do\n"
+
+
+def test_install_refuses_a_state_symlink_elsewhere(tmp_path: Path, device_files: Path) -> None:
+    root = tmp_path / "root"
+    (root / "var/lib").mkdir(parents=True)
+    (root / "var/lib/fedge-agent").symlink_to("/somewhere/else")
+    wheel = build_stub_wheel(tmp_path / "wheels")
+    result = install(
+        root, wheel, "--config", device_files / "agent.toml", "--key", device_files / "gw-0042.box"
+    )
+    assert result.returncode == 1 and "not private/fedge-agent" in result.stderr
 
 
 def test_install_refuses_without_config(tmp_path: Path) -> None:
@@ -348,41 +384,43 @@ def test_real_install_of_this_repository(tmp_path: Path, device_files: Path) -> 
     assert snapshot(root) == before
 
 
-DEBOOTSTRAP_SCRIPT = r"""
-set -euo pipefail
-cd /src
-firmware_scripts/install-agent.sh --source /src --config /tmp/dev/agent.toml --key /tmp/dev/gw-0042.box
-firmware_scripts/install-agent.sh --source /src --config /tmp/dev/agent.toml --key /tmp/dev/gw-0042.box \
-    | tee /tmp/second.log
-grep -qx 'install-agent: nothing to do' /tmp/second.log
-/opt/fedge/venv/bin/fedge --help >/dev/null
-"""
+SYSTEMD_IMAGE = "localhost/fedge-systemd-agent:test"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("FEDGE_DEBOOTSTRAP") != "1",
-    reason="builds a Debian root with debootstrap (root, network, minutes); set FEDGE_DEBOOTSTRAP=1",
-)
-def test_install_in_a_clean_debian_root(tmp_path: Path, device_files: Path) -> None:
-    """A clean bookworm root (FEDGE_DEBOOTSTRAP_ROOT reuses a prepared one): the installer runs
-    inside it through chroot, with apt, so python3-venv comes from Debian and the venv's paths
-    are the real /opt/fedge/venv. No systemd runs in a chroot: the installer must say so."""
-    if not IS_ROOT or shutil.which("debootstrap") is None:
-        pytest.skip("needs root and debootstrap")
-    prepared = os.environ.get("FEDGE_DEBOOTSTRAP_ROOT")
-    target = Path(prepared) if prepared else tmp_path / "debian"
-    if not prepared:
-        boot = run(["debootstrap", "--variant=minbase", "bookworm", target, "http://deb.debian.org/debian"])
-        assert boot.returncode == 0, boot.stderr[-4000:]
-    src = target / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv*", ".git", "__pycache__", "*.egg-info"))
-    shutil.copytree(device_files, target / "tmp/dev")
-    shutil.copy("/etc/resolv.conf", target / "etc/resolv.conf")
-    # env -i: the host's PIP_* / PYTHON* settings must not leak into the clean root.
-    clean_env = ["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8"]
-    result = run(["chroot", target, *clean_env, "/bin/bash", "-c", DEBOOTSTRAP_SCRIPT])
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+def test_install_twice_in_a_clean_debian_root() -> None:
+    """A clean Debian bookworm root (debootstrap --variant=minbase, then systemd from apt): the
+    build of docker/systemd-agent.Dockerfile runs install-agent.sh in it as on a board, real pip
+    install of fedge[agent] included, then again, and fails unless the second run prints
+    exactly "install-agent: nothing to do" (its RUN step greps for it). Here: what that left in
+    the root, and a third run in a fresh container from the image still has nothing to do.
+    tests/test_systemd_container.py boots the same image with systemd as PID 1."""
+    require_podman()
+    build_images(f"docker/systemd-agent.Dockerfile={SYSTEMD_IMAGE}")
+    probe = r"""
+set -euo pipefail
+stat -c '%n %a %U' /etc/fedge /etc/fedge/agent.toml /var/lib/private /var/lib/private/fedge-agent \
+    /var/lib/private/fedge-agent/placeholder.box /opt/fedge/tasks/har-watch.toml \
+    /etc/systemd/system/fedge-agent.service
+echo "link $(readlink /var/lib/fedge-agent)"
+echo "enabled $(systemctl is-enabled fedge-agent)"
+/opt/fedge/venv/bin/python -I -c 'import ai_edge_litert, paho.mqtt, nacl, agent.service; print("imports ok")'
+cmp /src/firmware_scripts/systemd/fedge-agent.service /etc/systemd/system/fedge-agent.service
+cd /src
+firmware_scripts/install-agent.sh --source /src
+"""
+    result = podman("run", "--rm", "--network", "none", SYSTEMD_IMAGE, "/bin/bash", "-c", probe)
+    lines = result.stdout.splitlines()
+    assert lines[:7] == [
+        "/etc/fedge 755 root",
+        "/etc/fedge/agent.toml 644 root",
+        "/var/lib/private 700 root",
+        "/var/lib/private/fedge-agent 700 root",
+        "/var/lib/private/fedge-agent/placeholder.box 600 root",
+        "/opt/fedge/tasks/har-watch.toml 644 root",
+        "/etc/systemd/system/fedge-agent.service 644 root",
+    ], result.stdout
+    assert lines[7:10] == ["link private/fedge-agent", "enabled enabled", "imports ok"], result.stdout
+    # Offline (--network none) and with the installed config: a third run changes nothing.
+    assert lines[-1] == "install-agent: nothing to do", result.stdout + result.stderr
     assert "systemd is not running" in result.stderr
-    assert mode(target / "etc/fedge/agent.toml") == 0o644
-    assert mode(target / "var/lib/fedge-agent/gw-0042.box") == 0o600

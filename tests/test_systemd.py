@@ -314,6 +314,30 @@ def test_journal_fallback_sends_native_protocol(fake_journal: tuple[socket.socke
     assert (third["MESSAGE"], third["PRIORITY"]) == ("détail", "7")
 
 
+def test_journal_message_is_the_bare_message_after_basic_config(
+    fake_journal: tuple[socket.socket, str],
+) -> None:
+    """Regression: the agent's CLI installs the handler with logging.basicConfig(handlers=...),
+    which used to give it the ``LEVEL:logger:message`` format, so the journal showed
+    "INFO:fedge.agent:connected to ..." (found under a real systemd, test_systemd_container.py)."""
+    sock, path = fake_journal
+    handler = journal_handler(path, use_libsystemd=False)
+    assert handler is not None
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+        logging.getLogger("fedge.agent").info("connected to %s", "mqtt://b:1883")
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    fields = parse_journal_datagram(sock.recv(65536))
+    assert fields["MESSAGE"] == "connected to mqtt://b:1883"
+    assert (fields["PRIORITY"], fields["LOGGER"]) == ("6", "fedge.agent")
+
+
 def test_journal_message_is_truncated(fake_journal: tuple[socket.socket, str]) -> None:
     sock, path = fake_journal
     handler = JournalDatagramHandler(path)
@@ -342,8 +366,11 @@ def test_journal_handler_prefers_systemd_python(monkeypatch: pytest.MonkeyPatch,
 
     fake = types.SimpleNamespace(JournalHandler=FakeJournalHandler)
     monkeypatch.setattr(sn, "_optional_module", lambda name: fake if name == "systemd.journal" else None)
-    assert isinstance(journal_handler(str(tmp_path / "missing")), FakeJournalHandler)
+    handler = journal_handler(str(tmp_path / "missing"))
+    assert isinstance(handler, FakeJournalHandler)
     assert made == [{"SYSLOG_IDENTIFIER": "fedge-agent"}]
+    record = logging.LogRecord("fedge.agent", logging.INFO, __file__, 1, "up %d", (1,), None)
+    assert handler.format(record) == "up 1"  # no "INFO:fedge.agent:" prefix
 
 
 def test_priorities() -> None:
