@@ -256,18 +256,34 @@ def test_volumes_match_aggregator_config(rendered: dict[str, list[dict[str, Any]
     pvc = find(docs, "PersistentVolumeClaim", "fedge-aggregator-state")
     assert volumes["state"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
     secret = find(docs, "Secret", "fedge-aggregator-keys-")
-    keys = volumes["keys"]["secret"]
+    keys = volumes["key-secret"]["secret"]
     assert keys["secretName"] == secret["metadata"]["name"]
     assert keys["defaultMode"] == 0o400
+    assert {item["key"] for item in keys["items"]} <= set(secret["data"])
+    # Under fsGroup the kubelet makes Secret files root:10001 0440, which fedge's key check
+    # refuses (group-readable); the private-keys init container copies them as 0400 files of
+    # uid 10001 into a memory-backed emptyDir, which the aggregator mounts read-only.
+    assert volumes["keys"]["emptyDir"]["medium"] == "Memory"
     assert mounts["keys"]["readOnly"] is True
+    assert "key-secret" not in mounts  # the aggregator never sees the group-readable files
+    inits = {c["name"]: c for c in spec["initContainers"]}
+    copy = inits["private-keys"]
+    copy_mounts = {m["name"]: m for m in copy["volumeMounts"]}
+    assert copy_mounts["key-secret"]["readOnly"] is True
+    assert "readOnly" not in copy_mounts["keys"]
+    assert copy["command"][:3] == ["install", "-m", "0400"]
+    sources = {Path(copy_mounts["key-secret"]["mountPath"]) / item["path"] for item in keys["items"]}
+    assert set(map(Path, copy["command"][3:-1])) == sources
+    assert Path(copy["command"][-1]) == Path(copy_mounts["keys"]["mountPath"])
     key_paths = {Path(mounts["keys"]["mountPath"]) / item["path"] for item in keys["items"]}
     assert key_paths == {cfg.box_key_file, cfg.signing_key_file}
-    assert {item["key"] for item in keys["items"]} <= set(secret["data"])
+    assert copy["securityContext"]["runAsUser"] == spec["securityContext"]["runAsUser"]
     (env,) = [e for e in container["env"] if e["name"] in password_env]
     assert env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "mqtt-password"}
     assert str(cfg.model_dir) == mounts["model"]["mountPath"]
     assert "emptyDir" in volumes["model"]
-    (init,) = spec["initContainers"]
+    init = inits["build-model"]
+    assert list(inits) == ["private-keys", "build-model"]
     assert init["command"][init["command"].index("--out") + 1] == str(cfg.model_dir)
     task = Path(init["command"][init["command"].index("--task") + 1])
     assert task.name in config_map["data"] and str(task.parent) == mounts["config"]["mountPath"]

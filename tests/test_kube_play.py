@@ -234,12 +234,12 @@ def _write(path: Path, data: bytes, mode: int, uid: int, gid: int) -> None:
 
 
 def materialise(
-    volume: dict[str, Any], docs: list[dict[str, Any]], dest: Path, fs_group: int, run_as: int
+    volume: dict[str, Any], docs: list[dict[str, Any]], dest: Path, fs_group: int
 ) -> None:
     """Writes a secret or projected volume's files as the kubelet does (items, defaultMode,
-    owner root and group fsGroup, group-readable), from the rendered objects. One exception,
-    for private keys: the kubelet's result (0440 root:fsGroup) is refused by fedge's key check
-    (protocol/keyfile.py: no group or other bits), so key files get 0400 owned by runAsUser."""
+    owner root and group fsGroup, group-readable), from the rendered objects. The private keys
+    too: fedge's key check refuses the kubelet's 0440 root:fsGroup files, and the manifests'
+    private-keys init container makes the 0400 copies the aggregator reads, as in a cluster."""
     sources: list[tuple[str, str, list[dict[str, str]] | None]] = []
     mode = 0o644
     if "secret" in volume:
@@ -259,10 +259,7 @@ def materialise(
     for kind, name, items in sources:
         data = _secret_data(docs, kind, name)
         for item in items or [{"key": k, "path": k} for k in data]:
-            if item["key"].endswith((".box", ".sign")):
-                _write(dest / item["path"], data[item["key"]], 0o400, run_as, run_as)
-            else:
-                _write(dest / item["path"], data[item["key"]], mode | 0o440, 0, fs_group)
+            _write(dest / item["path"], data[item["key"]], mode | 0o440, 0, fs_group)
 
 
 def adapt_for_podman(
@@ -288,7 +285,7 @@ def adapt_for_podman(
                 #    explicit `optional`. Projected volumes are not implemented at all. So the
                 #    test writes the files as the kubelet would and mounts them (hostPath).
                 path = tmp / "volumes" / name / volume["name"]
-                materialise(volume, docs, path, ctx.get("fsGroup", 0), ctx.get("runAsUser", 0))
+                materialise(volume, docs, path, ctx.get("fsGroup", 0))
                 volume.pop("secret", None)
                 volume.pop("projected", None)
                 volume["hostPath"] = {"path": str(path), "type": "Directory"}
