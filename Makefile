@@ -55,9 +55,9 @@ bench: install
 # The images, built with podman on a local debootstrap base (no registry, no Docker engine);
 # prints each image's size. `make test` builds the ones its tests run.
 images: system-deps
-	bash scripts/container-images.sh base agent aggregator docker/broker.Dockerfile=localhost/fedge-mosquitto:2.0.11
+	bash scripts/container-images.sh base agent aggregator docker/broker.Dockerfile=localhost/fedge-broker:2.0.11-amd64
 
-# The arm64 agent image, built and run under qemu-user-static (slow: ~15 min; not in make test).
+# The arm64 agent image, built and started under qemu-user-static (slow: ~17 min; not in make test).
 images-arm64: install
 	bash scripts/system-deps.sh --arm64
 	mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
