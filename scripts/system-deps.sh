@@ -16,8 +16,9 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v shellcheck >/dev/null || need+=(shellcheck)  # the board installer scripts
 # The container images and their tests (scripts/container-images.sh): podman with runc (crun
 # refuses hosts whose cgroups are hybrid v1/v2), and debootstrap for the local base image, since
-# no registry is reachable. The systemd-in-a-container and `podman kube play` tests need them too.
-command -v podman >/dev/null || need+=(podman iptables containernetworking-plugins)
+# no registry is reachable. The systemd-in-a-container and `podman kube play` tests need them too
+# (catatonit: the init of kube play's pause image, which podman builds locally).
+command -v podman >/dev/null || need+=(podman iptables containernetworking-plugins catatonit)
 command -v runc >/dev/null || [ -x /usr/sbin/runc ] || need+=(runc)
 command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 # --arm64: the arm64 agent image builds and runs under emulation (make images-arm64).
