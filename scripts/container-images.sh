@@ -51,6 +51,15 @@ version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)"
 base="localhost/fedge-base:bookworm-$arch"
 ca_bundle="${FEDGE_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 
+rootfs_dirs=()
+cleanup() {
+    local dir
+    for dir in "${rootfs_dirs[@]}"; do
+        rm -rf "$dir" "$dir.log"
+    done
+}
+trap cleanup EXIT
+
 report() {
     local size
     size="$(podman image inspect --format '{{.Size}}' "$1")"
@@ -68,7 +77,9 @@ build_base() {
     fi
     local root
     root="$(mktemp -d /var/tmp/fedge-rootfs.XXXXXX)"
-    trap 'rm -rf "$root"' RETURN
+    # Removed on any exit (an EXIT trap, not RETURN: a RETURN trap stays set after this
+    # function and would fire, with `root` out of scope, when any later function returns).
+    rootfs_dirs+=("$root")
     echo "container-images: debootstrap bookworm ($arch) into $root" >&2
     if ! debootstrap --arch="$arch" --variant=minbase \
             --include=python3,python3-venv,ca-certificates \
