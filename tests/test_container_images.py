@@ -2,23 +2,19 @@
 
 ``scripts/container-images.sh`` builds it with ``--pull=never`` (no registry here) and the host's
 CA bundle mounted for pip. The tests then check what a board operator relies on: LiteRT and no
-TensorFlow, uid 10001, the healthcheck, and a container agent taking part in real rounds of
-``fedge demo`` against the demo's locked-down broker on the host.
+TensorFlow, uid 10001, the healthcheck. Container agents taking part in real rounds of
+``fedge demo`` (against the demo's locked-down broker on the host) are in tests/test_demo.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from podman_support import ROOT, build_images, podman, podman_env, remove_containers, require_podman
+from podman_support import ROOT, build_images, podman, remove_containers, require_podman
 
 from fedge.container_agent import STATE_DIR, container_config, podman_run_command, stage_container_agent
 from protocol.errors import FedgeError
@@ -82,55 +78,6 @@ def test_agent_image_healthcheck_follows_the_heartbeat(agent_image: tuple[str, i
         assert podman("healthcheck", "run", name, check=False).returncode != 0
     finally:
         remove_containers([name])
-
-
-@pytest.fixture
-def demo_out(tmp_path: Path) -> Iterator[Path]:
-    out = tmp_path / "demo"
-    yield out
-    remove_containers([f"fedge-demo-watch-{s:02d}" for s in (1, 2, 3)])
-
-
-def test_container_agent_takes_part_in_demo_rounds(agent_image: tuple[str, int], demo_out: Path) -> None:
-    """Two devices, quorum two: no round can aggregate without the containerised agent's update.
-
-    The container runs the image's entrypoint as uid 10001 with a read-only root filesystem, host
-    networking to the demo's TLS broker on loopback, and its data from EdgeX over that broker."""
-    tag, _ = agent_image
-    args = ["--devices", "2", "--min-devices", "2", "--rounds", "2", "--container-agents", "1"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedge.cli",
-            "demo",
-            "--out",
-            str(demo_out),
-            "--json",
-            "--agent-image",
-            tag,
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        check=False,
-        env=dict(podman_env(), TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary: dict[str, Any] = json.loads(proc.stdout)
-    assert summary["rounds_completed"] == 2
-    assert [r["reported"] for r in summary["per_round"]] == [2, 2]
-    assert summary["rejected"] == {}
-    assert summary["processes"] == {"watch-01": 0, "watch-02": 0, "aggregator": 0}
-    container_log = (demo_out / "logs" / "watch-01.log").read_text()
-    assert "TensorFlow Lite XNNPACK delegate" in container_log, container_log[-2000:]  # LiteRT's
-    assert "update for round r0002-v3 sealed" in container_log, container_log[-2000:]
-    # The container wrote its state to its volume, as uid 10001.
-    state = demo_out / "containers" / "watch-01" / "state"
-    assert (state / "heartbeat").stat().st_uid == 10001
-    assert not (demo_out / "fleet" / "state" / "watch-01").exists()
 
 
 # --- the staging of a device's files for its container (no podman needed) ------------------------
