@@ -92,6 +92,13 @@ def build_images(*targets: str, arch: str | None = None, timeout: float = 1500) 
     return sizes
 
 
+def build_agent_image(arch: str | None = None, timeout: float = 1500) -> tuple[str, int]:
+    """The agent image's tag and size (the build also reports the base when it had to make it)."""
+    sizes = build_images("agent", arch=arch, timeout=timeout)
+    [(tag, size)] = [(t, s) for t, s in sizes.items() if "/fedge-agent:" in t]
+    return tag, size
+
+
 def remove_containers(names: Sequence[str]) -> None:
     """Best-effort clean-up of containers a test started (never fails the test)."""
     for name in names:

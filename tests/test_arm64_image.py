@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from mqtt_fixtures import TrafficRecorder
-from podman_support import ROOT, build_images, podman, remove_containers, require_podman
+from podman_support import ROOT, build_agent_image, podman, remove_containers, require_podman
 
 from fedge.broker import MosquittoBroker
 from fedge.container_agent import podman_run_command, stage_container_agent
@@ -46,8 +46,7 @@ def arm64_image() -> str:
     require_podman()
     if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
         pytest.fail("no qemu-aarch64 binfmt handler: make images-arm64 registers it")
-    sizes = build_images("agent", arch="arm64", timeout=3600)
-    [(tag, size)] = [(t, s) for t, s in sizes.items() if "fedge-agent" in t]
+    tag, size = build_agent_image(arch="arm64", timeout=3600)
     assert tag.endswith("-arm64")
     print(f"\narm64 agent image {tag}: {size / 1e6:.0f} MB")
     return tag

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from podman_support import ROOT, build_images, podman, remove_containers, require_podman
+from podman_support import ROOT, build_agent_image, podman, remove_containers, require_podman
 
 from fedge.container_agent import STATE_DIR, container_config, podman_run_command, stage_container_agent
 from protocol.errors import FedgeError
@@ -26,8 +26,7 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 @pytest.fixture(scope="module")
 def agent_image() -> tuple[str, int]:
     require_podman()
-    sizes = build_images("agent")
-    [(tag, size)] = [(t, s) for t, s in sizes.items() if "fedge-agent" in t]
+    tag, size = build_agent_image()
     assert tag.startswith(f"localhost/fedge-agent:{VERSION}-")
     return tag, size
 

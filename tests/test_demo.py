@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from podman_support import build_images, podman_env, remove_containers, require_podman
+from podman_support import build_agent_image, podman_env, remove_containers, require_podman
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -46,8 +46,7 @@ def agent_image() -> str | None:
         require_podman()
     except pytest.skip.Exception:
         return None
-    [tag] = [t for t in build_images("agent") if "fedge-agent" in t]
-    return tag
+    return build_agent_image()[0]
 
 
 CONTAINER_DEVICES = ("watch-01", "watch-02")
