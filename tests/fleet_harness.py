@@ -47,10 +47,14 @@ class Fleet:
 
     # --- processes -------------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, args: list[str], env_overrides: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """``fedge ARGS`` as process ``name``, logging to ``root/name.log``. Never as if in a
+        pod: without KUBERNETES_SERVICE_HOST the aggregator's leader election stays off."""
         log = (self.root / f"{name}.log").open("ab")
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KUBERNETES_SERVICE_HOST")}
+        env.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", **(env_overrides or {}))
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedge.cli", *args],
             stdout=log,
@@ -63,10 +67,10 @@ class Fleet:
         return proc
 
     def start_agent(self, device_id: str) -> subprocess.Popen[bytes]:
-        return self._spawn(device_id, ["agent", "run", "--config", str(self.files.agent_configs[device_id])])
+        return self.spawn(device_id, ["agent", "run", "--config", str(self.files.agent_configs[device_id])])
 
     def start_aggregator(self) -> subprocess.Popen[bytes]:
-        return self._spawn("aggregator", ["aggregator", "run", "--config", str(self.files.aggregator_config)])
+        return self.spawn("aggregator", ["aggregator", "run", "--config", str(self.files.aggregator_config)])
 
     def signal(self, name: str, sig: signal.Signals) -> None:
         self.procs[name].send_signal(sig)

@@ -10,10 +10,8 @@ the follower takes over at once; a leader whose Lease is taken exits with
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -24,7 +22,7 @@ import pytest
 pytest.importorskip("kubernetes")
 pytest.importorskip("kubernetes_validate")
 
-from fleet_harness import REPO, Fleet, wait_device_online
+from fleet_harness import Fleet, wait_device_online
 from k8s_api_double import KubeApiDouble
 from mqtt_fixtures import TrafficRecorder
 
@@ -67,10 +65,7 @@ class Replicas:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KUBERNETES_SERVICE_HOST")}
-        env.update(
-            PYTHONPATH=str(REPO),
-            TF_CPP_MIN_LOG_LEVEL="2",
+        env = dict(
             FEDGE_AGGREGATOR__AGGREGATOR__EXIT_WHEN_DONE="false",
             FEDGE_AGGREGATOR__AGGREGATOR__HEARTBEAT_FILE=f"heartbeat-{name}",
             FEDGE_AGGREGATOR__LEADER__MODE="on",
@@ -82,23 +77,8 @@ class Replicas:
             FEDGE_AGGREGATOR__LEADER__RETRY_PERIOD_S="0.2",
             FEDGE_AGGREGATOR__LEADER__STATUS_INTERVAL_S="0.2",
         )
-        log = (self.fleet.root / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedge.cli",
-                "aggregator",
-                "run",
-                "--config",
-                str(self.fleet.files.aggregator_config),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
-        log.close()
+        config = str(self.fleet.files.aggregator_config)
+        proc = self.fleet.spawn(name, ["aggregator", "run", "--config", config], env)
         self.procs[name] = proc
         return proc
 
