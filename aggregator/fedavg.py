@@ -1,14 +1,16 @@
-"""Streaming FedAvg: the new global model as the example-weighted mean of device updates.
+"""Streaming FedAvg: the new global model as the weighted mean of device updates.
 
 An update is a delta ``local_weights - global_weights`` plus the number of examples the device
-trained on. The aggregator folds each update into a running ``sum(examples * delta)`` as it
-arrives and forgets it, so memory grows with the model (a few arrays of ``P`` floats), never
-with the number of devices in a round.
+trained on, and a weight: the example count in plain FedAvg, 1 or a capped count when the
+round engine bounds each device's influence (``[rounds] weighting``). The aggregator folds each
+update into a running ``sum(weight * delta)`` as it arrives and forgets it, so memory grows
+with the model (a few arrays of ``P`` floats), never with the number of devices in a round.
 
 The sum is kept in float64. In float32, rounding error grows with every addition and depends
 on the order updates arrive in (relative error up to ~``n * 6e-8`` over ``n`` updates), so two
-runs of the same round could publish different models. In float64 each ``examples * delta``
-product is exact (a float32 mantissa times an integer below 2**29) and summation error stays
+runs of the same round could publish different models. In float64 each ``weight * delta``
+product is exact for integer weights (a float32 mantissa times an integer below 2**29; equal
+weighting uses 1) and summation error stays
 near ``n * 1e-16``: far below float32's resolution, so any arrival order gives the same float32
 global model up to one final rounding step (~1e-7 relative).
 
@@ -69,7 +71,7 @@ def _check_weight_vector(array: Any, parameter_count: int, what: str) -> npt.NDA
 
 
 class StreamingFedAvg:
-    """Example-weighted mean of model deltas, accumulated one update at a time.
+    """Weighted mean of model deltas, accumulated one update at a time.
 
     Every ``add`` validates before it touches any state, and the accumulation itself allocates
     nothing (it multiplies into a preallocated buffer), so an update is counted completely or
@@ -84,6 +86,7 @@ class StreamingFedAvg:
         self._scratch = np.empty(self.parameter_count, dtype=np.float64)
         self._count = 0
         self._total_examples = 0
+        self._total_weight = 0.0
 
     @property
     def count(self) -> int:
@@ -95,8 +98,18 @@ class StreamingFedAvg:
         """The example counts of all accepted updates, summed."""
         return self._total_examples
 
-    def add(self, delta: npt.NDArray[np.float32], examples: int) -> None:
-        """Folds in one device's ``local_weights - global_weights`` trained on ``examples``."""
+    @property
+    def total_weight(self) -> float:
+        """The weights of all accepted updates, summed (the mean's denominator)."""
+        return self._total_weight
+
+    def add(self, delta: npt.NDArray[np.float32], examples: int, weight: float | None = None) -> None:
+        """Folds in one device's ``local_weights - global_weights`` trained on ``examples``.
+
+        ``weight`` is how much the update counts in the mean: ``examples`` by default (plain
+        FedAvg); the round engine passes 1 for equal weighting, or a capped claim, so that a
+        device's claimed example count cannot buy it the round (SECURITY.md).
+        """
         _check_weight_vector(delta, self.parameter_count, "delta")
         if (
             isinstance(examples, bool)
@@ -107,16 +120,20 @@ class StreamingFedAvg:
                 f"examples must be an integer in 1..{self.max_examples_per_update}, got {examples!r}"
             )
         n = int(examples)
-        np.multiply(delta, float(n), out=self._scratch, dtype=np.float64)
+        w = float(n) if weight is None else _finite_float(weight, "weight")
+        if w <= 0:
+            raise AggregationError(f"weight must be > 0, got {w}")
+        np.multiply(delta, w, out=self._scratch, dtype=np.float64)
         self._sum += self._scratch
         self._count += 1
         self._total_examples += n
+        self._total_weight += w
 
     def mean_delta(self) -> npt.NDArray[np.float64]:
-        """The example-weighted mean delta in float64 (a new array), e.g. for server momentum."""
+        """The weighted mean delta in float64 (a new array), e.g. for server momentum."""
         if self._count == 0:
             raise AggregationError("no updates were added; there is nothing to average")
-        out: npt.NDArray[np.float64] = self._sum / self._total_examples
+        out: npt.NDArray[np.float64] = self._sum / self._total_weight
         return out
 
     def result(
@@ -124,8 +141,8 @@ class StreamingFedAvg:
     ) -> npt.NDArray[np.float32]:
         """The next global model, ``global + server_learning_rate * mean_delta`` as float32.
 
-        With a server learning rate of 1 this is plain FedAvg: the example-weighted mean of
-        the devices' local weights. Computed in float64 and rounded once at the end.
+        With a server learning rate of 1 this is the weighted mean of the devices' local
+        weights. Computed in float64 and rounded once at the end.
         """
         _check_weight_vector(global_weights, self.parameter_count, "global_weights")
         lr = _finite_float(server_learning_rate, "server_learning_rate")

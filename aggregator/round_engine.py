@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,7 +29,7 @@ from aggregator.config import RoundSettings
 from aggregator.fedavg import AggregationError, StreamingFedAvg, WeightedMeanAccumulator
 from aggregator.moments import MomentsAccumulator
 from protocol.errors import FedgeError
-from protocol.messages import MessageError, decode_moments, decode_update
+from protocol.messages import MessageError, decode_moments, decode_update, max_sealed_bytes
 from protocol.model_manifest import ModelManifest, Normalisation
 from protocol.round_manifest import RoundManifest
 from protocol.sealing import SealError, box_for, open_sealed, read_header
@@ -78,7 +79,11 @@ class RoundRecord:
     rejected: dict[str, int]
     failure: str | None = None  # why an aggregation with a quorum was aborted
     clipped: int = 0  # updates scaled down to the norm bound
-    norm_bound: float = 0.0
+    norm_bound: float | None = None  # the round's clipping bound; None: unbounded
+    weighting: str = "examples"
+    weight_cap: float | None = None  # "examples" weighting: the largest weight one update had
+    spent: int = 0  # devices whose one authenticated message of the round was refused
+    outlier_devices: int = 0  # moments rounds: devices left out of at least one feature
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -97,23 +102,72 @@ class EngineState:
     rejected_total: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     published_weights_sha256: str | None = None  # to clear that blob once it is superseded
+    # The influence bounds' memory of earlier rounds (checkpointed with the rest):
+    #: median L2 norm of the updates accepted in the last train round that had any (before
+    #: clipping), the reference of ``update_norm_adaptive``;
+    update_norm_median: float | None = None
+    #: median example count claimed in the last round that had reports, the reference of
+    #: ``example_cap_ratio``;
+    claim_median: float | None = None
+    #: the initial model's L2 norm: the floor of the ``update_norm_ratio`` bound;
+    initial_norm: float | None = None
+    #: device -> fingerprint of the key its counter was seen under: a new key (re-enrollment)
+    #: starts a new counter sequence.
+    counter_keys: dict[str, str] = field(default_factory=dict)
+
+
+def _l2(vector: np.ndarray) -> float:
+    """The L2 norm, computed in float64 (a float32 sum of squares can overflow)."""
+    return float(np.linalg.norm(vector.astype(np.float64)))
+
+
+def key_fingerprint(key: PublicKey) -> str:
+    """A short, stable name for a device key (first 16 hex digits of its SHA-256)."""
+    return hashlib.sha256(bytes(key)).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class NormBounds:
+    """A round's bounds on one update's L2 norm. ``hard`` (absolute or relative to the model)
+    follows ``update_norm_policy``; ``clip`` (the smallest of all, the adaptive one included)
+    is where an update is clipped. None: that bound is off."""
+
+    hard: float | None
+    clip: float | None
 
 
 class _OpenRound:
     def __init__(
-        self, manifest: RoundManifest, parameter_count: int, settings: RoundSettings, n_features: int
+        self,
+        manifest: RoundManifest,
+        parameter_count: int,
+        settings: RoundSettings,
+        n_features: int,
+        bounds: NormBounds,
+        weight_cap: float | None,
     ) -> None:
         self.manifest = manifest
         self.reported: dict[str, int] = {}  # device -> accepted counter
+        # device -> counter of its one authenticated message, which was refused: the device's
+        # slot in the round is used up, so further messages cost no decryption.
+        self.spent: dict[str, int] = {}
         self.fedavg = StreamingFedAvg(parameter_count, settings.max_examples_per_update)
         self.moments = MomentsAccumulator(n_features, max_count_per_update=settings.max_examples_per_update)
+        self.moment_devices: list[str] = []  # row order of self.moments
         self.train_loss = WeightedMeanAccumulator()
         self.eval_loss = WeightedMeanAccumulator()
         self.eval_accuracy = WeightedMeanAccumulator()
         self.update_bytes = 0
         self.clipped = 0
-        self.norm_bound = 0.0  # 0: unbounded
+        self.bounds = bounds
+        self.weight_cap = weight_cap
+        self.raw_norms: list[float] = []  # accepted updates' norms before clipping
+        self.claims: list[int] = []  # accepted reports' claimed example counts
+        self.max_weight: float | None = None
         self.rejected: Counter[str] = Counter()
+
+    def done(self, device: str) -> bool:
+        return device in self.reported or device in self.spent
 
 
 class RoundEngine:
@@ -141,22 +195,40 @@ class RoundEngine:
         self.model_sha256 = hashlib.sha256(model_bytes).hexdigest()
         self.box_key = box_key
         self.signing_key = signing_key
-        self.registry = dict(registry)
+        self.registry: dict[str, PublicKey] = {}
         self.revoked: set[str] = set()
         self.state = state
         self.layout = model_manifest.layout
+        #: The largest message accepted on ``update/+``: configured, or derived from the model.
+        self.max_message_bytes = settings.max_update_bytes or max_sealed_bytes(
+            self.layout, settings.codec, model_manifest.task.input_dim
+        )
+        if state.initial_norm is None:  # a fresh state holds the initial weights
+            state.initial_norm = _l2(state.weights)
         self.current: _OpenRound | None = None
         self._model_published = False
         # One Box per device: the X25519 shared key is computed once, not per message.
         self._boxes: dict[str, Box] = {}
+        self.set_registry(registry)
 
     def set_registry(self, registry: dict[str, PublicKey], revoked: set[str] | None = None) -> None:
-        """New enrollments and revocations, effective from the next round."""
+        """New enrollments and revocations, effective from the next round.
+
+        A device enrolled again under a new key (revoked, then re-enrolled with fresh state)
+        starts a new counter sequence: its old counter is forgotten. That reopens no replay:
+        anything sealed with the old key fails to open with the new one.
+        """
         for device, key in list(self.registry.items()):
             if registry.get(device) != key:
                 self._boxes.pop(device, None)
         self.registry = dict(registry)
         self.revoked = set(revoked or ()) - set(registry)
+        for device, key in self.registry.items():
+            fingerprint = key_fingerprint(key)
+            known = self.state.counter_keys.get(device)
+            if known is not None and known != fingerprint:
+                self.state.counters.pop(device, None)
+            self.state.counter_keys[device] = fingerprint
 
     # --- round lifecycle ---------------------------------------------------------------------
 
@@ -218,10 +290,6 @@ class RoundEngine:
         self.state.published_weights_sha256 = weights_sha
         self.state.version = version
         self.state.last_manifest_sha256 = manifest.sha256()
-        s = self.settings
-        norm_bound = s.max_update_norm or s.update_norm_ratio * float(
-            np.linalg.norm(self.state.weights.astype(np.float64))
-        )
         self.current = (
             None
             if phase == "final"
@@ -230,22 +298,51 @@ class RoundEngine:
                 self.model_manifest.parameter_count,
                 self.settings,
                 self.model_manifest.task.input_dim,
+                self.norm_bounds(),
+                self.weight_cap(),
             )
         )
         blobs = {weights_topic: weights_bytes}
         if not self._model_published:  # retained: once per process is enough
             blobs = {self.topics.blob(self.model_sha256): self.model_bytes, **blobs}
             self._model_published = True
-        if self.current is not None:
-            self.current.norm_bound = norm_bound
         return Publication(manifest=manifest, manifest_frame=frame, blobs=blobs, clear_blobs=clear)
+
+    def norm_bounds(self) -> NormBounds:
+        """The next round's bounds on an update's L2 norm (see ``RoundSettings``).
+
+        "Unbounded" is None, never 0: a model driven to a norm of 0 (two colluding devices
+        sending ``-w``) must not switch the ratio bound off, so the ratio applies to the larger
+        of the model's and the initial model's norm, and to at least 1.
+        """
+        s = self.settings
+        hard: list[float] = []
+        if s.max_update_norm > 0:
+            hard.append(s.max_update_norm)
+        if s.update_norm_ratio > 0:
+            reference = max(_l2(self.state.weights), self.state.initial_norm or 0.0, 1.0)
+            hard.append(s.update_norm_ratio * reference)
+        clip = list(hard)
+        if s.update_norm_adaptive > 0 and self.state.update_norm_median:
+            clip.append(s.update_norm_adaptive * self.state.update_norm_median)
+        return NormBounds(min(hard) if hard else None, min(clip) if clip else None)
+
+    def weight_cap(self) -> float | None:
+        """``weighting = "examples"``: the largest weight one update may have in the next round
+        (``example_cap_ratio`` x the previous round's median claim); None with equal weights
+        or before any claim was seen, when every update counts once."""
+        s = self.settings
+        if s.weighting != "examples" or not self.state.claim_median:
+            return None
+        return max(1.0, s.example_cap_ratio * self.state.claim_median)
 
     def round_due(self, now: float) -> bool:
         """True once every selected device reported, or the deadline passed."""
         if self.current is None:
             return False
         m = self.current.manifest
-        return len(self.current.reported) >= len(m.selected_devices) or now >= m.deadline
+        finished = len(self.current.reported) + len(self.current.spent)
+        return finished >= len(m.selected_devices) or now >= m.deadline
 
     def close_round(self) -> RoundRecord:
         """Aggregates the open round if enough devices reported, else aborts it (no new model)."""
@@ -255,9 +352,11 @@ class RoundEngine:
         m = r.manifest
         enough = len(r.reported) >= self.settings.min_devices
         failure: str | None = None
+        outliers: list[str] = []
         try:
             if enough and m.phase == "moments":
-                self.state.normalisation = r.moments.normalisation()
+                self.state.normalisation = r.moments.normalisation(method=self.settings.moments_aggregation)
+                outliers = [r.moment_devices[i] for i in r.moments.last_outlier_devices]
             elif enough:
                 self.state.weights = r.fedavg.result(self.state.weights, self.settings.server_learning_rate)
                 self.state.completed_rounds += 1
@@ -266,8 +365,14 @@ class RoundEngine:
             # round is aborted (no new model), never a crash of the aggregator.
             enough = False
             failure = str(exc)
-        # Counters advance for every authentic update, aggregated or not: a counter is never reused.
+        # Counters advance for every authentic message, aggregated or refused: a counter is
+        # never reused.
+        self.state.counters.update(r.spent)
         self.state.counters.update(r.reported)
+        if r.claims:
+            self.state.claim_median = float(statistics.median(r.claims))
+        if r.raw_norms:
+            self.state.update_norm_median = float(statistics.median(r.raw_norms))
         record = RoundRecord(
             round_number=m.round_number,
             round_id=m.round_id,
@@ -285,7 +390,11 @@ class RoundEngine:
             rejected=dict(r.rejected),
             failure=failure,
             clipped=r.clipped,
-            norm_bound=r.norm_bound,
+            norm_bound=r.bounds.clip,
+            weighting=self.settings.weighting,
+            weight_cap=r.weight_cap,
+            spent=len(r.spent),
+            outlier_devices=len(outliers),
         )
         self.state.history.append(record.to_dict())
         self.current = None
@@ -303,14 +412,14 @@ class RoundEngine:
         return outcome
 
     def _check(self, topic: str, payload: bytes, now: float) -> Outcome:
-        if len(payload) > self.settings.max_update_bytes:
+        if len(payload) > self.max_message_bytes:
             return Outcome(False, "too_large", None)
         try:
             topic_device = self.topics.device_of(topic, "update")
         except TopicError:
             return Outcome(False, "bad_topic", None)
         try:
-            header, ciphertext = read_header(payload, self.settings.max_update_bytes)
+            header, ciphertext = read_header(payload, self.max_message_bytes)
         except SealError as exc:
             return Outcome(False, exc.reason, topic_device)
         device = header.device_id
@@ -337,7 +446,7 @@ class RoundEngine:
         expected_kind = "moments" if m.phase == "moments" else "update"
         if header.kind != expected_kind:
             return Outcome(False, "wrong_kind", device, header.kind)
-        if device in r.reported:
+        if r.done(device):
             return Outcome(False, "duplicate", device, header.kind)
         if header.counter <= self.state.counters.get(device, -1):
             return Outcome(False, "replayed_counter", device, header.kind)
@@ -349,55 +458,80 @@ class RoundEngine:
                 return Outcome(False, exc.reason, device, header.kind)
         try:
             payload_header, body = open_sealed(
-                header, ciphertext, self.box_key, device_key, self.settings.max_update_bytes, box=box
+                header, ciphertext, self.box_key, device_key, self.max_message_bytes, box=box
             )
         except SealError as exc:
             return Outcome(False, exc.reason, device, header.kind)
-        try:
-            if expected_kind == "moments":
-                moments = decode_moments(payload_header, body, self.model_manifest.task.input_dim)
-                if moments.count > self.settings.max_examples_per_update:
-                    return Outcome(False, "too_many_examples", device, header.kind)
-                try:
-                    r.moments.add(moments.count, moments.sums, moments.sums_sq)
-                except AggregationError:  # moments no real data can have, or too many samples
-                    return Outcome(False, "bad_moments", device, header.kind)
-            else:
-                update = decode_update(payload_header, body, self.layout, m.codec)
-                ev = update.evaluation
-                limit = self.settings.max_examples_per_update
-                if update.examples > limit or (ev is not None and ev.examples > limit):
-                    return Outcome(False, "too_many_examples", device, header.kind)
-                delta, clipped = update.delta, False
-                if r.norm_bound > 0.0:
-                    norm = float(np.linalg.norm(update.delta.astype(np.float64)))
-                    if norm > r.norm_bound:
-                        if self.settings.update_norm_policy == "reject":
-                            return Outcome(False, "norm_too_large", device, header.kind)
-                        scale = np.float32(r.norm_bound / norm)
-                        delta, clipped = (update.delta * scale).astype(np.float32), True
-                # All or nothing: the metrics go into copies first; the delta, whose add also
-                # checks before it changes anything, goes in last; then the copies are kept.
-                train_loss, eval_loss, eval_acc = (
-                    copy.copy(r.train_loss),
-                    copy.copy(r.eval_loss),
-                    copy.copy(r.eval_accuracy),
-                )
-                train_loss.add(update.train_loss, update.examples)
-                if ev is not None:
-                    eval_loss.add(ev.loss, ev.examples)
-                    if ev.accuracy is not None:
-                        eval_acc.add(ev.accuracy, ev.examples)
-                r.fedavg.add(delta, update.examples)
-                r.train_loss, r.eval_loss, r.eval_accuracy = train_loss, eval_loss, eval_acc
-                r.clipped += clipped
-        except MessageError as exc:
-            return Outcome(False, exc.reason, device, header.kind)
-        except AggregationError:
-            return Outcome(False, "rejected_by_aggregation", device, header.kind)
+        # Authentic: this message is the device's one for the round, accepted or not. A device
+        # sending bad content again and again would otherwise cost a decryption each time.
+        refused = self._fold_in(r, device, expected_kind, payload_header, body)
+        if refused is not None:
+            r.spent[device] = header.counter
+            return Outcome(False, refused, device, header.kind)
         r.reported[device] = header.counter
         r.update_bytes += len(payload)
         return Outcome(True, "accepted", device, header.kind)
+
+    def _fold_in(
+        self, r: _OpenRound, device: str, kind: str, payload_header: dict[str, Any], body: bytes
+    ) -> str | None:
+        """Adds an authentic payload to the round; the rejection reason, or None if accepted."""
+        m = r.manifest
+        limit = self.settings.max_examples_per_update
+        try:
+            if kind == "moments":
+                moments = decode_moments(payload_header, body, self.model_manifest.task.input_dim)
+                if moments.count > limit:
+                    return "too_many_examples"
+                try:
+                    r.moments.add(moments.count, moments.sums, moments.sums_sq)
+                except AggregationError:  # moments no real data can have, or too many samples
+                    return "bad_moments"
+                r.moment_devices.append(device)
+                r.claims.append(moments.count)
+                return None
+            update = decode_update(payload_header, body, self.layout, m.codec)
+            ev = update.evaluation
+            if update.examples > limit or (ev is not None and ev.examples > limit):
+                return "too_many_examples"
+            norm = _l2(update.delta)
+            delta, clipped = update.delta, False
+            bounds = r.bounds
+            rejects = self.settings.update_norm_policy == "reject"
+            if rejects and bounds.hard is not None and norm > bounds.hard:
+                return "norm_too_large"
+            if bounds.clip is not None and norm > bounds.clip:
+                delta, clipped = (update.delta * np.float32(bounds.clip / norm)).astype(np.float32), True
+            weight = self._weight(r, update.examples)
+            # All or nothing: the metrics go into copies first; the delta, whose add also
+            # checks before it changes anything, goes in last; then the copies are kept.
+            train_loss, eval_loss, eval_acc = (
+                copy.copy(r.train_loss),
+                copy.copy(r.eval_loss),
+                copy.copy(r.eval_accuracy),
+            )
+            train_loss.add(update.train_loss, update.examples)
+            if ev is not None:
+                eval_loss.add(ev.loss, ev.examples)
+                if ev.accuracy is not None:
+                    eval_acc.add(ev.accuracy, ev.examples)
+            r.fedavg.add(delta, update.examples, weight)
+            r.train_loss, r.eval_loss, r.eval_accuracy = train_loss, eval_loss, eval_acc
+            r.clipped += clipped
+            r.raw_norms.append(norm)
+            r.claims.append(update.examples)
+            return None
+        except MessageError as exc:
+            return exc.reason
+        except AggregationError:
+            return "rejected_by_aggregation"
+
+    def _weight(self, r: _OpenRound, examples: int) -> float:
+        """How much an update counts: 1 (equal weighting, or no claims seen yet), else its
+        claimed count capped at the round's cap."""
+        if self.settings.weighting != "examples" or r.weight_cap is None:
+            return 1.0
+        return min(float(examples), r.weight_cap)
 
     # --- status ------------------------------------------------------------------------------
 
@@ -414,9 +548,25 @@ class RoundEngine:
             "deadline": r.manifest.deadline if r else None,
             "selected": len(r.manifest.selected_devices) if r else 0,
             "reported": sorted(r.reported) if r else [],
+            "refused": sorted(r.spent) if r else [],
             "rejected_total": dict(self.state.rejected_total),
+            "limits": self.limits(),
             "history": self.state.history[-5:],
             "time": now,
+        }
+
+    def limits(self) -> dict[str, Any]:
+        """What bounds one device's influence right now, for operators (status) and logs."""
+        s = self.settings
+        bounds = self.current.bounds if self.current is not None else self.norm_bounds()
+        return {
+            "max_message_bytes": self.max_message_bytes,
+            "weighting": s.weighting,
+            "weight_cap": self.current.weight_cap if self.current is not None else self.weight_cap(),
+            "norm_bound": bounds.clip,
+            "norm_bound_hard": bounds.hard,
+            "norm_policy": s.update_norm_policy,
+            "moments_aggregation": s.moments_aggregation,
         }
 
     def snapshot(self) -> EngineState:
@@ -427,4 +577,5 @@ class RoundEngine:
             counters=dict(self.state.counters),
             rejected_total=dict(self.state.rejected_total),
             history=list(self.state.history),
+            counter_keys=dict(self.state.counter_keys),
         )

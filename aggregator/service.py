@@ -105,7 +105,21 @@ def state_from_checkpoint(ck: Checkpoint) -> EngineState:
         rejected_total={str(k): int(v) for k, v in dict(meta.get("rejected_total", {})).items()},
         history=list(meta.get("history", [])),
         published_weights_sha256=meta.get("published_weights_sha256"),
+        update_norm_median=_positive_or_none(meta.get("update_norm_median")),
+        claim_median=_positive_or_none(meta.get("claim_median")),
+        initial_norm=_positive_or_none(meta.get("initial_norm")),
+        counter_keys={
+            str(k): str(v) for k, v in dict(meta.get("counter_keys") or {}).items() if isinstance(v, str)
+        },
     )
+
+
+def _positive_or_none(value: object) -> float | None:
+    """A checkpointed bound reference; anything else (absent in checkpoints written before the
+    influence bounds existed) means "no history yet"."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        return None
+    return float(value)
 
 
 def checkpoint_from_state(state: EngineState) -> Checkpoint:
@@ -121,6 +135,10 @@ def checkpoint_from_state(state: EngineState) -> Checkpoint:
             "rejected_total": dict(state.rejected_total),
             "history": list(state.history),
             "published_weights_sha256": state.published_weights_sha256,
+            "update_norm_median": state.update_norm_median,
+            "claim_median": state.claim_median,
+            "initial_norm": state.initial_norm,
+            "counter_keys": dict(state.counter_keys),
         },
     )
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.codec import Codec, CodecError, decode_tensors, encode_tensors
+from protocol.codec import Codec, CodecError, decode_tensors, encode_tensors, encoded_size
 from protocol.errors import FedgeError
 from protocol.model_manifest import TensorLayout
 
@@ -29,6 +29,25 @@ class MessageError(FedgeError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+#: Room around a payload body in a sealed message: two frame prefixes, the cleartext header and
+#: the sealed JSON headers (about 470 bytes as fedge writes them, ~900 with 64-character ids),
+#: the nonce and the MAC. Generous, so no honest message comes near it.
+SEALED_HEADROOM_BYTES = 4096
+
+
+def max_sealed_bytes(layout: Sequence[TensorLayout], codec: Codec, features: int) -> int:
+    """The largest sealed message an honest device sends for this model and codec: an update
+    (the delta encoded with ``codec``) or feature moments, plus :data:`SEALED_HEADROOM_BYTES`.
+
+    Why it exists: a receiver that accepts 16 MiB for a 22 KB update lets one device make it
+    read, decrypt and hold 700 times more than any honest message needs. har-watch: 25,884
+    bytes for fp32, 14,990 for fp16, 9,591 for int8.
+    """
+    if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+        raise ValueError(f"features must be an integer >= 1, got {features!r}")
+    return max(encoded_size(layout, codec), 16 * features) + SEALED_HEADROOM_BYTES
 
 
 @dataclass(frozen=True)

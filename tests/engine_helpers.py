@@ -75,28 +75,38 @@ DEVICE_KEYS: dict[str, PrivateKey] = {d: PrivateKey.generate() for d in DEVICE_I
 
 
 def settings(**changes: Any) -> RoundSettings:
-    base = RoundSettings(
-        rounds=3,
-        min_devices=2,
-        devices_per_round=0,
-        round_timeout_s=60.0,
-        server_learning_rate=1.0,
-        codec=Codec.FP32,
-        max_examples_per_update=10_000,
-        max_update_bytes=64 * 1024,
-        manifest_ttl_s=3600.0,
-        wait_for_devices_s=0.0,
-        selection_seed=7,
-        # The aggregation tests use random deltas of any size; the norm bound has its own tests.
+    """The deployment defaults (``RoundSettings()``: what a fleet gets with an empty
+    ``[rounds]`` table), with these tests' round count and selection seed, plus ``changes``.
+
+    Tests of the mean's arithmetic ask for ``plain_fedavg()`` by name instead."""
+    return replace(RoundSettings(rounds=3, selection_seed=7), **changes)
+
+
+def plain_fedavg(**changes: Any) -> RoundSettings:
+    """Plain FedAvg with no influence bounds (claimed-example weighting, no norm bound): the
+    arithmetic the defaults bound, for tests of that arithmetic. Never a fleet's setting:
+    one device could then take over the model (``tests/test_influence_bounds.py``)."""
+    return settings(
+        weighting="examples",
+        example_cap_ratio=1000.0,
+        max_update_norm=0.0,
         update_norm_ratio=0.0,
+        update_norm_adaptive=0.0,
+        moments_aggregation="pooled",
+        **changes,
     )
-    return replace(base, **changes)
 
 
 def initial_state(
-    *, normalisation: Normalisation | None = NORMALISATION, weights: np.ndarray | None = None
+    *,
+    normalisation: Normalisation | None = NORMALISATION,
+    weights: np.ndarray | None = None,
+    claim_median: float | None = None,
 ) -> EngineState:
-    """A fresh engine state as the aggregator service builds one (no checkpoint yet)."""
+    """A fresh engine state as the aggregator service builds one (no checkpoint yet).
+
+    ``claim_median``: as if an earlier round's median claimed example count were known (the
+    reference of ``weighting = "examples"``; without one, every update counts once)."""
     return EngineState(
         version=0,
         last_manifest_sha256="",
@@ -104,7 +114,14 @@ def initial_state(
         weights=(INITIAL_WEIGHTS if weights is None else weights).astype(np.float32).copy(),
         normalisation=normalisation,
         counters={},
+        claim_median=claim_median,
     )
+
+
+def plain_fedavg_engine(**changes: Any) -> RoundEngine:
+    """An engine doing plain example-weighted FedAvg from its first round: ``plain_fedavg()``
+    settings and a claim history so large that no cap binds."""
+    return make_engine(plain_fedavg(**changes), initial_state(claim_median=1e9))
 
 
 def registry(devices: tuple[str, ...] = DEVICE_IDS[:3]) -> dict[str, PublicKey]:

@@ -290,7 +290,13 @@ def test_memory_does_not_grow_with_the_number_of_updates() -> None:
         tracemalloc.stop()
     assert _array_bytes(acc) == held
     assert set(vars(acc)) == {
-        "parameter_count", "max_examples_per_update", "_sum", "_scratch", "_count", "_total_examples"
+        "parameter_count",
+        "max_examples_per_update",
+        "_sum",
+        "_scratch",
+        "_count",
+        "_total_examples",
+        "_total_weight",
     }
     # add() allocates no arrays: the traced heap neither grows nor spikes by a model's size.
     assert end - start < 4096

@@ -41,6 +41,8 @@ from engine_helpers import (
     fedavg_oracle,
     initial_state,
     make_engine,
+    plain_fedavg,
+    plain_fedavg_engine,
     raw_payload_frame,
     seal_inner,
     settings,
@@ -53,7 +55,7 @@ from aggregator.round_engine import Outcome, Publication, RoundEngine, RoundReco
 from protocol.codec import Codec, decode_tensors, encode_tensors
 from protocol.errors import FedgeError
 from protocol.framing import FRAME_VERSION, MAGIC, MAX_HEADER_BYTES, FrameKind, decode_frame, encode_frame
-from protocol.messages import Evaluation, encode_moments
+from protocol.messages import Evaluation, encode_moments, max_sealed_bytes
 from protocol.model_manifest import normalisation_from_moments
 from protocol.round_manifest import RoundManifest, round_manifest_from_dict
 from protocol.signing import SignatureError, key_id, verify_document
@@ -227,7 +229,7 @@ def test_a_seeded_subset_is_selected_deterministically_per_version() -> None:
 
 
 def test_moments_give_the_normalisation_of_the_pooled_data() -> None:
-    engine = make_engine(settings(), initial_state(normalisation=None))
+    engine = make_engine(settings(moments_aggregation="pooled"), initial_state(normalisation=None))
     devs = devices(THREE)
     pub = engine.open_round(T0)
     assert pub.manifest.phase == "moments"
@@ -275,7 +277,7 @@ def test_a_constant_feature_gets_the_minimum_std() -> None:
 
 def test_fedavg_is_global_plus_server_lr_times_the_example_weighted_mean_delta() -> None:
     lr = 0.75
-    engine = make_engine(settings(server_learning_rate=lr))
+    engine = plain_fedavg_engine(server_learning_rate=lr)
     devs = devices(THREE)
     pub = engine.open_round(T0)
     m = pub.manifest
@@ -313,6 +315,8 @@ def test_fedavg_is_global_plus_server_lr_times_the_example_weighted_mean_delta()
         fed_eval_examples=32,
         mean_update_bytes=pytest.approx(sum(sizes) / 3),
         rejected={},
+        weighting="examples",
+        weight_cap=1000.0 * 1e9,
     )
     assert engine.state.history == [record.to_dict()]
     # The next manifest publishes exactly these weights.
@@ -336,7 +340,7 @@ def test_accuracy_is_weighted_only_over_evaluations_that_report_one() -> None:
 
 @pytest.mark.parametrize("codec", [Codec.FP16, Codec.INT8])
 def test_a_round_that_asks_for_a_compressed_codec_aggregates_the_decoded_deltas(codec: Codec) -> None:
-    engine = make_engine(settings(codec=codec))
+    engine = plain_fedavg_engine(codec=codec)
     devs = devices(THREE)
     m = engine.open_round(T0).manifest
     assert m.codec is codec
@@ -523,15 +527,29 @@ def run_round(
 
 
 def assert_same_aggregate(base: Run, hit: Run) -> None:
+    """The attack left no trace in the aggregate. One thing may differ, by design: a message
+    that authenticated (opened with the device's key) used up that device's slot in the round,
+    so its counter is consumed (``spent``) even though its content was refused."""
     assert hit.engine.state.weights.tobytes() == base.engine.state.weights.tobytes()
     assert hit.engine.state.normalisation == base.engine.state.normalisation
     assert hit.engine.state.completed_rounds == base.engine.state.completed_rounds
-    assert hit.engine.state.counters == base.engine.state.counters
+    hit_counters = dict(hit.engine.state.counters)
+    if hit.record.spent:
+        assert hit.record.spent == 1
+        (spender,) = [d for d in hit_counters if hit_counters[d] != base.engine.state.counters.get(d)]
+        assert hit_counters[spender] > base.engine.state.counters.get(spender, -1)
+        if spender in base.engine.state.counters:
+            hit_counters[spender] = base.engine.state.counters[spender]
+        else:
+            del hit_counters[spender]
+    assert hit_counters == base.engine.state.counters
     assert hit.engine.state.version == base.engine.state.version
     assert hit.engine.current is None and base.engine.current is None
     b, h = base.record.to_dict(), hit.record.to_dict()
     assert b.pop("rejected") == {}
     h.pop("rejected")
+    assert b.pop("spent") == 0
+    h.pop("spent")
     assert h == b
 
 
@@ -623,7 +641,7 @@ def test_malformed_frames_are_rejected_with_their_frame_reason(name: str) -> Non
 
 @pytest.mark.parametrize("size", ["garbage", "sealed"])
 def test_a_message_over_the_size_limit_is_too_large(size: str) -> None:
-    limit = settings().max_update_bytes
+    limit = make_engine(settings()).max_message_bytes  # derived from the model by default
 
     def attack(c: Ctx) -> Outcome:
         if size == "garbage":
@@ -991,7 +1009,9 @@ IMPOSSIBLE_MOMENTS: dict[str, tuple[Callable[[Ctx], bytes], str]] = {
     # Like an update's example count, a moments count over the limit would let one device
     # dominate the mean.
     "count over the limit": (
-        lambda c: _moments_payload(c, 10_001, np.zeros(N_FEATURES), np.ones(N_FEATURES)),
+        lambda c: _moments_payload(
+            c, RoundSettings().max_examples_per_update + 1, np.zeros(N_FEATURES), np.ones(N_FEATURES)
+        ),
         "too_many_examples",
     ),
 }
@@ -1108,7 +1128,8 @@ def test_moments_from_a_single_sample_abort_the_round_instead_of_raising() -> No
 
 
 def test_an_update_that_would_overflow_the_model_aborts_the_round_instead_of_raising() -> None:
-    engine = make_engine(settings(min_devices=1, server_learning_rate=2.0))
+    # Without norm bounds (by default such an update is clipped: test_influence_bounds.py).
+    engine = make_engine(plain_fedavg(min_devices=1, server_learning_rate=2.0))
     dev = Device("dev-a")
     m = engine.open_round(T0).manifest
     huge = np.full(INITIAL_WEIGHTS.shape, 3.0e38, dtype=np.float32)
@@ -1228,7 +1249,17 @@ def test_status_reports_the_round_the_reports_and_the_rejections() -> None:
         "deadline": None,
         "selected": 0,
         "reported": [],
+        "refused": [],
         "rejected_total": {},
+        "limits": {
+            "max_message_bytes": max_sealed_bytes(LAYOUT, Codec.FP32, N_FEATURES),
+            "weighting": "equal",
+            "weight_cap": None,
+            "norm_bound": pytest.approx(0.5 * float(np.linalg.norm(INITIAL_WEIGHTS.astype(np.float64)))),
+            "norm_bound_hard": pytest.approx(0.5 * float(np.linalg.norm(INITIAL_WEIGHTS.astype(np.float64)))),
+            "norm_policy": "clip",
+            "moments_aggregation": "robust",
+        },
         "history": [],
         "time": T0,
     }
