@@ -54,6 +54,8 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench_training.py --out bench/results/training.json
 	$(BIN)/python bench/bench_rounds.py --out bench/results/rounds.json
+	$(BIN)/python bench/bench_flood.py --out bench/results/flood.json
+	$(BIN)/python bench/bench_poisoning.py --out bench/results/poisoning.json
 
 # The images, built with podman on a local debootstrap base (no registry, no Docker engine);
 # prints each image's size. `make test` builds the ones its tests run.
