@@ -145,6 +145,7 @@ class _OpenRound:
         n_features: int,
         bounds: NormBounds,
         weight_cap: float | None,
+        claim_cap: float | None,
     ) -> None:
         self.manifest = manifest
         self.reported: dict[str, int] = {}  # device -> accepted counter
@@ -161,6 +162,7 @@ class _OpenRound:
         self.clipped = 0
         self.bounds = bounds
         self.weight_cap = weight_cap
+        self.claim_cap = claim_cap
         self.raw_norms: list[float] = []  # accepted updates' norms before clipping
         self.claims: list[int] = []  # accepted reports' claimed example counts
         self.max_weight: float | None = None
@@ -300,6 +302,7 @@ class RoundEngine:
                 self.model_manifest.task.input_dim,
                 self.norm_bounds(),
                 self.weight_cap(),
+                self.claim_cap(),
             )
         )
         blobs = {weights_topic: weights_bytes}
@@ -327,14 +330,20 @@ class RoundEngine:
             clip.append(s.update_norm_adaptive * self.state.update_norm_median)
         return NormBounds(min(hard) if hard else None, min(clip) if clip else None)
 
-    def weight_cap(self) -> float | None:
-        """``weighting = "examples"``: the largest weight one update may have in the next round
-        (``example_cap_ratio`` x the previous round's median claim); None with equal weights
-        or before any claim was seen, when every update counts once."""
-        s = self.settings
-        if s.weighting != "examples" or not self.state.claim_median:
+    def claim_cap(self) -> float | None:
+        """The most a claimed example count counts for in the next round: ``example_cap_ratio``
+        x the previous round's median claim, or None before any claim was seen. It caps the
+        weight of an update (``weighting = "examples"``) and of a device's training loss and
+        evaluation in the round's metrics, so a device claiming a million examples cannot
+        decide the federated evaluation an operator reads either."""
+        if not self.state.claim_median:
             return None
-        return max(1.0, s.example_cap_ratio * self.state.claim_median)
+        return max(1.0, self.settings.example_cap_ratio * self.state.claim_median)
+
+    def weight_cap(self) -> float | None:
+        """``weighting = "examples"``: the largest weight one update may have in the next round;
+        None with equal weights or before any claim was seen, when every update counts once."""
+        return self.claim_cap() if self.settings.weighting == "examples" else None
 
     def round_due(self, now: float) -> bool:
         """True once every selected device reported, or the deadline passed."""
@@ -510,11 +519,11 @@ class RoundEngine:
                 copy.copy(r.eval_loss),
                 copy.copy(r.eval_accuracy),
             )
-            train_loss.add(update.train_loss, update.examples)
+            train_loss.add(update.train_loss, self._capped(r, update.examples))
             if ev is not None:
-                eval_loss.add(ev.loss, ev.examples)
+                eval_loss.add(ev.loss, self._capped(r, ev.examples))
                 if ev.accuracy is not None:
-                    eval_acc.add(ev.accuracy, ev.examples)
+                    eval_acc.add(ev.accuracy, self._capped(r, ev.examples))
             r.fedavg.add(delta, update.examples, weight)
             r.train_loss, r.eval_loss, r.eval_accuracy = train_loss, eval_loss, eval_acc
             r.clipped += clipped
@@ -525,6 +534,11 @@ class RoundEngine:
             return exc.reason
         except AggregationError:
             return "rejected_by_aggregation"
+
+    @staticmethod
+    def _capped(r: _OpenRound, examples: int) -> float:
+        """A claimed count as a metric's weight: capped at the round's claim cap, if any."""
+        return float(examples) if r.claim_cap is None else min(float(examples), r.claim_cap)
 
     def _weight(self, r: _OpenRound, examples: int) -> float:
         """How much an update counts: 1 (equal weighting, or no claims seen yet), else its

@@ -36,7 +36,7 @@ from aggregator.moments import OUTLIER_Z, VARIANCE_CAP, MomentsAccumulator, robu
 from aggregator.round_engine import NormBounds, RoundEngine, key_fingerprint
 from aggregator.service import checkpoint_from_state, state_from_checkpoint
 from protocol.codec import Codec
-from protocol.messages import SEALED_HEADROOM_BYTES, max_sealed_bytes
+from protocol.messages import SEALED_HEADROOM_BYTES, Evaluation, max_sealed_bytes
 
 FIVE = DEVICE_IDS  # dev-a .. dev-e
 HONEST, ATTACKER = FIVE[:4], FIVE[4]
@@ -463,3 +463,22 @@ def test_checkpoints_from_before_the_influence_bounds_load_without_history() -> 
         None,
         {},
     )
+
+
+def test_a_claimed_million_evaluation_examples_cannot_decide_the_reported_accuracy() -> None:
+    """The round's federated evaluation (what operators read) weighs each claim at most the
+    previous round's median claim, like the model's weights do under "examples" weighting."""
+    engine = make_engine(settings(min_devices=3), initial_state(claim_median=100.0), devices=FIVE[:3])
+    devs = devices(FIVE[:3])
+    m = engine.open_round(T0).manifest
+    evaluations = {
+        "dev-a": Evaluation(100, 0.5, 0.9, None),
+        "dev-b": Evaluation(100, 0.5, 0.8, None),
+        "dev-c": Evaluation(1_000_000, 9.0, 0.0, None),  # the liar
+    }
+    for d, ev in evaluations.items():
+        assert engine.handle(TOPICS.update(d), devs[d].update(m, examples=100, evaluation=ev), T0).accepted
+    record = engine.close_round()
+    assert record.fed_eval_accuracy == pytest.approx((0.9 + 0.8 + 0.0) / 3)
+    assert record.fed_eval_loss == pytest.approx((0.5 + 0.5 + 9.0) / 3)
+    assert record.fed_eval_examples == 300
