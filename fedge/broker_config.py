@@ -15,7 +15,8 @@ What is written (``OUT`` below; see ``docs/broker-security.md``)::
     OUT/certs/                  lab CA and server certificate/key (--tls lab)
     OUT/credentials/            mode 0700: <principal>.txt (TOML: broker, username, password or
                                 certificate paths, ca_file), <principal>.crt/.key with
-                                --client-certs, and ca.crt (the CA clients must trust)
+                                --client-certs, and ca.crt (the CA clients must trust); each
+                                device has two principals, ID and ID.edgex
     OUT/summary.json            what was generated; no secrets
 
 Design choices, each for a reason:
@@ -26,6 +27,12 @@ Design choices, each for a reason:
   would get device rights under its CN. Explicit blocks fail closed: a principal the ACL does
   not name can do nothing. The tool regenerates the ACL together with the password file from
   the same device list, so patterns would not save an edit either.
+- **The client id is the username** (``use_username_as_clientid``): otherwise any principal
+  connecting with another's client id (the aggregator's is ``fedge-aggregator-{fleet}``)
+  disconnects it and takes over its persistent session, queued updates included. So every
+  connection has its own principal, the agent's EdgeX-bus connection too (``{device}.edgex``).
+- **Queues bounded in bytes** as well as messages (``max_queued_bytes``): a device cannot make
+  the broker hold max_queued_messages x max_packet_size bytes for an offline aggregator.
 - **Passwords hashed here**, not with ``mosquitto_passwd``: the same ``$7$`` format
   (PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, base64; what ``mosquitto_passwd`` 2.0
   writes) from :mod:`hashlib`, so generating a fleet needs no mosquitto install and no password
@@ -91,6 +98,18 @@ DEFAULT_MAX_PACKET_SIZE = 16 * MIB
 #: Queue per device in the aggregator's session: about 1.5 h of 30-s statuses plus updates.
 QUEUED_PER_DEVICE = 200
 MIN_QUEUED_MESSAGES = 10_000
+#: Bytes queued for one client (max_queued_bytes), sized for the aggregator's session while it
+#: is away. No round opens without the aggregator, so a device has at most its open round's
+#: sealed message (update, moments or evaluation) and one resend outstanding...
+QUEUED_SEALED_PER_DEVICE = 2
+#: ...and its statuses (QUEUED_PER_DEVICE of them), each well under this (an agent's status is
+#: 0.3-1 KB of JSON).
+STATUS_BYTES = 2 * KIB
+#: Room around the weights in a sealed update (protocol.messages.SEALED_HEADROOM_BYTES): an
+#: fp32 update is at most the model's weights (``initial_weights.f32``) plus this.
+SEALED_HEADROOM = 4 * KIB
+#: Small fleets still get room for a long absence, as with MIN_QUEUED_MESSAGES.
+MIN_QUEUED_BYTES = 64 * MIB
 DEFAULT_MAX_INFLIGHT = 20
 DEFAULT_MAX_KEEPALIVE = 300
 
@@ -104,14 +123,24 @@ DEFAULT_CERT_DAYS = 825
 OPENSSL_TIMEOUT_S = 30.0
 
 TlsMode = Literal["lab", "files", "none"]
-Role = Literal["aggregator", "bms", "monitor", "edgex", "device"]
+Role = Literal["aggregator", "bms", "monitor", "edgex", "device", "device-edgex"]
 ROLE_TITLES: dict[Role, str] = {
     "aggregator": "aggregator",
     "bms": "building-management system (read-only)",
     "monitor": "fleet monitor: reads the global models and statuses (read-only)",
     "edgex": "EdgeX service (its message bus)",
     "device": "device",
+    "device-edgex": "device's EdgeX-bus connection (its readings, read-only)",
 }
+#: The agent's EdgeX-bus connection is principal ``{device}{EDGEX_PRINCIPAL_SUFFIX}``.
+EDGEX_PRINCIPAL_SUFFIX = ".edgex"
+
+
+def edgex_principal(device: str) -> str:
+    """The username of ``device``'s EdgeX-bus connection: deterministic, so provisioning
+    (``provision-device.sh``, ``fedge demo``) can name it without reading the broker's files."""
+    return f"{device}{EDGEX_PRINCIPAL_SUFFIX}"
+
 
 # Names of what the writer puts into OUT; --force replaces exactly these and nothing else.
 CONF_NAME = "mosquitto.conf"
@@ -137,10 +166,14 @@ class BrokerConfigError(FedgeError):
 
 @dataclass(frozen=True)
 class Principal:
-    """One broker user: its MQTT username (a certificate's CN with client certificates)."""
+    """One broker user: its MQTT username (a certificate's CN with client certificates).
+
+    ``device``: for a ``device-edgex`` principal, the device whose EdgeX readings it reads.
+    """
 
     name: str
     role: Role
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +186,13 @@ class FleetAccess:
     may have one role only: a BMS user that is also a device would get the device's rights.
     Device, BMS and EdgeX names are kept sorted, so the rendered files do not depend on the
     order of the input.
+
+    Every connection needs its own principal: the broker uses the username as the client id
+    (``use_username_as_clientid``), so two connections with one username would take each
+    other's session over. A device agent makes two connections when the EdgeX bus is this
+    broker (``device_edgex``, the default): its fleet connection as ``{device}`` and its
+    EdgeX-bus connection as ``{device}.edgex``, which alone may read the device's EdgeX
+    readings. ``device_edgex=False`` (devices read EdgeX elsewhere) leaves those principals out.
     """
 
     fleet: str
@@ -162,6 +202,7 @@ class FleetAccess:
     edgex_services: tuple[str, ...] = ()
     edgex_prefix: str = DEFAULT_EDGEX_PREFIX
     monitors: tuple[str, ...] = ()
+    device_edgex: bool = True
 
     def __post_init__(self) -> None:
         _checked(self.fleet, "fleet id")
@@ -171,16 +212,18 @@ class FleetAccess:
         object.__setattr__(self, "bms", tuple(sorted(self.bms)))
         object.__setattr__(self, "edgex_services", tuple(sorted(self.edgex_services)))
         object.__setattr__(self, "monitors", tuple(sorted(self.monitors)))
-        seen: dict[str, Role] = {}
+        seen: dict[str, Principal] = {}
         for principal in self.principals:
             _checked(principal.name, f"{principal.role} name")
             if principal.name in seen:
                 other = seen[principal.name]
-                same = "twice" if other == principal.role else f"as {other} and as {principal.role}"
+                same = "twice" if other.role == principal.role else f"as {other.role} and as {principal.role}"
+                owner = next((p.device for p in (other, principal) if p.device is not None), None)
+                why = f" ({principal.name!r} is the EdgeX-bus principal of device {owner!r})" if owner else ""
                 raise BrokerConfigError(
-                    f"principal {principal.name!r} is listed {same}: names must be unique"
+                    f"principal {principal.name!r} is listed {same}: names must be unique{why}"
                 )
-            seen[principal.name] = principal.role
+            seen[principal.name] = principal
         check_edgex_prefix(self.edgex_prefix)
 
     @property
@@ -189,13 +232,19 @@ class FleetAccess:
 
     @property
     def principals(self) -> tuple[Principal, ...]:
-        """Every principal, in the order of the rendered ACL: aggregator, BMS, EdgeX, devices."""
+        """Every principal, in the order of the rendered ACL: aggregator, BMS, monitors, EdgeX
+        services, then each device followed by its EdgeX-bus principal."""
+        devices: list[Principal] = []
+        for device in self.devices:
+            devices.append(Principal(device, "device"))
+            if self.device_edgex:
+                devices.append(Principal(edgex_principal(device), "device-edgex", device))
         return (
             Principal(self.aggregator, "aggregator"),
             *(Principal(n, "bms") for n in self.bms),
             *(Principal(n, "monitor") for n in self.monitors),
             *(Principal(n, "edgex") for n in self.edgex_services),
-            *(Principal(n, "device") for n in self.devices),
+            *devices,
         )
 
     def rules(self, principal: Principal) -> list[tuple[str, str]]:
@@ -225,6 +274,15 @@ class FleetAccess:
             ]
         if principal.role == "edgex":
             return [("readwrite", f"{self.edgex_prefix}/#")]
+        if principal.role == "device-edgex":
+            assert principal.device is not None  # set by principals
+            device = principal.device
+            return [
+                # Its device's EdgeX readings: device services' events and core-data's
+                # republished ones; nothing of fedge's tree, and it publishes nothing.
+                ("read", f"{self.edgex_prefix}/events/device/+/+/{device}/#"),
+                ("read", f"{self.edgex_prefix}/events/core/+/+/{device}/#"),
+            ]
         device = principal.name
         return [
             # Its own update and status topics only; the status topic also carries its Last Will.
@@ -233,9 +291,6 @@ class FleetAccess:
             ("read", t.manifest),
             ("read", f"{t.base}/blob/#"),
             ("read", t.rotation_filter),  # signing-key rotations
-            # Its own EdgeX readings: device services' events and core-data's republished ones.
-            ("read", f"{self.edgex_prefix}/events/device/+/+/{device}/#"),
-            ("read", f"{self.edgex_prefix}/events/core/+/+/{device}/#"),
         ]
 
 
@@ -299,6 +354,11 @@ class BrokerLimits:
     max_keepalive: int = DEFAULT_MAX_KEEPALIVE
     #: The largest blob (model or weights) the sizing was based on, if known.
     largest_blob: int | None = None
+    #: Bytes queued per client (0 = no limit). Without it a device could make the broker hold
+    #: max_queued_messages x max_packet_size bytes for an offline aggregator.
+    max_queued_bytes: int = MIN_QUEUED_BYTES
+    #: The largest sealed message of an honest device the sizing was based on, if known.
+    update_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not 20 <= self.max_packet_size <= MQTT_MAX_PACKET_SIZE:
@@ -316,6 +376,10 @@ class BrokerLimits:
                 )
         if self.max_queued_messages < 0:
             raise BrokerConfigError("max_queued_messages must be >= 0 (0 = unlimited)")
+        if self.max_queued_bytes < 0:
+            raise BrokerConfigError("max_queued_bytes must be >= 0 (0 = unlimited)")
+        if self.update_bytes is not None and self.update_bytes <= 0:
+            raise BrokerConfigError(f"the update size must be > 0 bytes, not {self.update_bytes}")
         if not 0 <= self.max_inflight_messages <= 65535:
             raise BrokerConfigError("max_inflight_messages must be 0..65535 (0 = unlimited)")
         if not 10 <= self.max_keepalive <= 65535:
@@ -333,6 +397,8 @@ class BrokerLimits:
         max_queued_messages: int | None = None,
         max_inflight_messages: int = DEFAULT_MAX_INFLIGHT,
         max_keepalive: int = DEFAULT_MAX_KEEPALIVE,
+        update_bytes: int | None = None,
+        max_queued_bytes: int | None = None,
     ) -> BrokerLimits:
         """Limits for ``devices`` devices and a model whose largest blob is ``largest_blob`` bytes.
 
@@ -341,7 +407,15 @@ class BrokerLimits:
         bigger packet, so too small is far worse than too big). ``max_queued_messages`` =
         200 per device, at least 10,000: the aggregator's session must hold every device's
         updates and statuses while it is away (mosquitto's default of 1,000 silently drops the
-        rest). Explicit values win.
+        rest).
+
+        ``max_queued_bytes`` = devices x (2 x ``update_bytes`` + 200 x 2 KiB), at least 64 MiB:
+        the same absence in bytes - each device's open-round sealed message and a resend, and
+        its 200 statuses - so that no device can make the broker hold max_queued_messages x
+        max_packet_size bytes for an offline aggregator. ``update_bytes`` is the largest sealed
+        message an honest device sends: the model's weights + 4 KiB (:func:`update_bytes_in`);
+        without it, the largest blob + 4 KiB (the weights are a blob), else max_packet_size.
+        Explicit values win.
         """
         if devices < 1:
             raise BrokerConfigError("a fleet needs at least one device")
@@ -352,12 +426,20 @@ class BrokerLimits:
                 max_packet_size = min(MQTT_MAX_PACKET_SIZE, 2 * max(largest_blob, 1) + PACKET_HEADROOM)
         if max_queued_messages is None:
             max_queued_messages = max(MIN_QUEUED_MESSAGES, QUEUED_PER_DEVICE * devices)
+        if update_bytes is None and largest_blob is not None:
+            update_bytes = largest_blob + SEALED_HEADROOM
+        if max_queued_bytes is None:
+            per_update = update_bytes if update_bytes is not None else max_packet_size
+            per_device = QUEUED_SEALED_PER_DEVICE * per_update + QUEUED_PER_DEVICE * STATUS_BYTES
+            max_queued_bytes = max(MIN_QUEUED_BYTES, devices * per_device)
         return cls(
             max_packet_size=max_packet_size,
             max_queued_messages=max_queued_messages,
             max_inflight_messages=max_inflight_messages,
             max_keepalive=max_keepalive,
             largest_blob=largest_blob,
+            max_queued_bytes=max_queued_bytes,
+            update_bytes=update_bytes,
         )
 
 
@@ -374,6 +456,16 @@ def largest_blob_in(model_dir: Path) -> int:
             f"{model_dir}: no model.tflite or initial_weights.f32 (a directory from 'fedge model build')"
         )
     return max(sizes)
+
+
+def update_bytes_in(model_dir: Path) -> int | None:
+    """The largest sealed message an honest device sends for the model in ``model_dir``: an fp32
+    update is the weights (``initial_weights.f32``, float32 like the delta) plus headers; fp16
+    and int8 updates and feature moments are smaller. None without the weights file."""
+    try:
+        return (model_dir / "initial_weights.f32").stat().st_size + SEALED_HEADROOM
+    except FileNotFoundError:
+        return None
 
 
 # --- mosquitto.conf ------------------------------------------------------------------------------
@@ -458,6 +550,10 @@ def render_conf(conf: ListenerConf) -> str:
         )
     else:
         packet_why = "# No model size was given: a generous default."
+    if limits.update_bytes is not None:
+        update_why = f"{limits.update_bytes} bytes"
+    else:
+        update_why = "max_packet_size (no model size given)"
     lines = [
         f"# Mosquitto 2.0 configuration for fedge fleet {conf.fleet!r}, written by `fedge broker config`.",
         "# Regenerate it rather than editing it (see docs/broker-security.md). Run it with",
@@ -486,6 +582,12 @@ def render_conf(conf: ListenerConf) -> str:
         "# a while would lose updates and statuses.",
         f"# Sized {QUEUED_PER_DEVICE} per device, at least {MIN_QUEUED_MESSAGES}.",
         f"max_queued_messages {limits.max_queued_messages}",
+        "# The same queue in bytes (a message is queued while the queue is below it): without it a",
+        "# device could make the broker hold max_queued_messages x max_packet_size bytes for an",
+        f"# offline aggregator. Sized per device: {QUEUED_SEALED_PER_DEVICE} sealed messages of",
+        f"# {update_why} + {QUEUED_PER_DEVICE} statuses of {STATUS_BYTES // KIB} KiB; "
+        f"at least {MIN_QUEUED_BYTES // MIB} MiB.",
+        f"max_queued_bytes {limits.max_queued_bytes}",
         f"max_inflight_messages {limits.max_inflight_messages}",
         "# MQTT 5 clients asking for a longer keepalive are told to use this one, which bounds how long",
         "# a dead device looks connected before its Last Will marks it offline. (mosquitto 2.0.11 does",
@@ -517,15 +619,28 @@ def render_conf(conf: ListenerConf) -> str:
         ]
     lines.append("")
     listen = f"listener {conf.port}" + (f" {conf.bind}" if conf.bind else "")
+    # A listener option (like use_username_as_clientid) above the first `listener` line would
+    # configure mosquitto's default listener, which then opens a plain port 1883 as well.
+    session = [
+        "# Sessions: the client id is the username, so no principal can take over another's",
+        "# session. Without it a client connecting with the aggregator's (predictable) client id",
+        "# disconnects the aggregator and takes its persistent session, with the updates queued",
+        "# for it. With client certificates the username is the certificate's CN. Every connection",
+        "# needs its own principal: two connections with one username take each other's session.",
+        "# (A listener option: it must follow the listener line. Not reloaded on SIGHUP.)",
+        "use_username_as_clientid true",
+    ]
     if conf.tls is None:
         lines += [
             "# INSECURE (--no-tls): passwords and every message cross the network in clear text.",
             listen,
+            *session,
         ]
     else:
         lines += [
             "# The only listener: TLS 1.2 or newer.",
             listen,
+            *session,
             f"cafile {conf_path(conf.tls.ca, 'CA file')}",
             f"certfile {conf_path(conf.tls.cert, 'certificate')}",
             f"keyfile {conf_path(conf.tls.key, 'key file')}",
@@ -854,7 +969,9 @@ class BrokerConfigResult:
                 "max_queued_messages": limits.max_queued_messages,
                 "max_inflight_messages": limits.max_inflight_messages,
                 "max_keepalive": limits.max_keepalive,
+                "max_queued_bytes": limits.max_queued_bytes,
                 "largest_blob": limits.largest_blob,
+                "update_bytes": limits.update_bytes,
             },
             "principals": [{k: v for k, v in vars(p).items() if v is not None} for p in self.principals],
             "warnings": list(self.warnings),
@@ -1141,7 +1258,8 @@ def add_broker_parser(sub: Any) -> Any:
         "config",
         help="write mosquitto.conf, ACL, password file, certificates and credentials for a fleet",
         description="Generates a Mosquitto 2.0 configuration directory for one fleet: TLS, one "
-        "principal per device, the aggregator and BMS users, and an ACL that lets each do only its "
+        "principal per connection (each device, its EdgeX-bus connection ID.edgex, the aggregator, "
+        "BMS users), the client id tied to the username, and an ACL that lets each do only its "
         "part. See docs/broker-security.md.",
     )
     cfg.add_argument("--fleet", required=True, help="fleet id")
@@ -1166,6 +1284,11 @@ def add_broker_parser(sub: Any) -> Any:
     cfg.add_argument(
         "--edgex-prefix", default=DEFAULT_EDGEX_PREFIX, metavar="PREFIX",
         help=f"EdgeX message-bus topic prefix (default {DEFAULT_EDGEX_PREFIX})",
+    )  # fmt: skip
+    cfg.add_argument(
+        "--no-device-edgex", action="store_true",
+        help=f"devices read EdgeX from another broker: no per-device ID{EDGEX_PRINCIPAL_SUFFIX} principals "
+        "(by default each device's EdgeX-bus connection gets one, which alone reads its readings)",
     )  # fmt: skip
     cfg.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     cfg.add_argument("--force", action="store_true", help="replace generated files in a non-empty DIR")
@@ -1216,6 +1339,11 @@ def add_broker_parser(sub: Any) -> Any:
         "--max-queued-messages", type=int, metavar="N",
         help=f"override: {QUEUED_PER_DEVICE} per device, at least {MIN_QUEUED_MESSAGES}",
     )  # fmt: skip
+    cfg.add_argument(
+        "--max-queued-bytes", type=int, metavar="BYTES",
+        help=f"override: per device {QUEUED_SEALED_PER_DEVICE} updates + {QUEUED_PER_DEVICE} statuses, "
+        f"at least {MIN_QUEUED_BYTES // MIB} MiB (0 = unlimited)",
+    )  # fmt: skip
     cfg.add_argument("--max-inflight-messages", type=int, default=DEFAULT_MAX_INFLIGHT, metavar="N")
     cfg.add_argument("--max-keepalive", type=int, default=DEFAULT_MAX_KEEPALIVE, metavar="SECONDS")
     cfg.add_argument("--cert-days", type=int, default=DEFAULT_CERT_DAYS, help="lab certificate validity")
@@ -1240,6 +1368,7 @@ def request_from_args(args: argparse.Namespace) -> BrokerConfigRequest:
         bms=_split_names(args.bms),
         edgex_services=_split_names(args.edgex_service),
         edgex_prefix=args.edgex_prefix,
+        device_edgex=not args.no_device_edgex,
     )
     tls_files: TlsFiles | None = None
     if args.tls_cert is not None:
@@ -1259,6 +1388,8 @@ def request_from_args(args: argparse.Namespace) -> BrokerConfigRequest:
         max_queued_messages=args.max_queued_messages,
         max_inflight_messages=args.max_inflight_messages,
         max_keepalive=args.max_keepalive,
+        update_bytes=update_bytes_in(args.model_dir) if args.model_dir is not None else None,
+        max_queued_bytes=args.max_queued_bytes,
     )
     return BrokerConfigRequest(
         access=access,
@@ -1289,7 +1420,7 @@ def render_summary(result: BrokerConfigResult) -> str:
         f"  run:      mosquitto -c {result.conf.acl_file.parent / CONF_NAME}",
     ]
     for p in result.principals:
-        lines.append(f"  {p.role:<10} {p.name:<24} {p.credentials}")
+        lines.append(f"  {p.role:<12} {p.name:<24} {p.credentials}")
     lines.extend(f"warning: {w}" for w in result.warnings)
     return "\n".join(lines)
 

@@ -29,11 +29,13 @@ import json
 import logging
 import os
 import pwd
+import re
 import signal
 import socket
 import ssl
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -49,6 +51,7 @@ import pytest
 from mqtt_fixtures import require_mosquitto
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fedge.broker import ConfiguredMosquitto, free_loopback_port
@@ -127,18 +130,23 @@ class Peer:
         tls: bool = True,
         protocol: MQTTProtocolVersion = V5,
         will: str | None = None,
+        client_id: str | None = None,
+        session_expiry_s: int | None = None,
     ) -> None:
         self.port = port
         self.protocol = protocol
+        self.session_expiry_s = session_expiry_s
         self.connack: ReasonCode | None = None
+        self.session_present: bool | None = None
         self.closed = False
+        self.disconnect_reason: ReasonCode | None = None
         self.messages: list[tuple[str, bytes]] = []
         self._subacks: dict[int, list[ReasonCode]] = {}
         self._pubacks: dict[int, ReasonCode] = {}
         self._cond = threading.Condition()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"t-{uuid.uuid4().hex[:10]}",
+            client_id=client_id if client_id is not None else f"t-{uuid.uuid4().hex[:10]}",
             protocol=protocol,
             reconnect_on_failure=False,
         )
@@ -158,17 +166,35 @@ class Peer:
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
 
-    def connect(self) -> ReasonCode | None:
-        """Connects; returns the CONNACK's reason code, or None if the broker closed first."""
-        self.client.connect("127.0.0.1", self.port, keepalive=30)
+    def connect(self, clean_start: bool = True) -> ReasonCode | None:
+        """Connects; returns the CONNACK's reason code, or None if the broker closed first.
+
+        With ``session_expiry_s`` the session outlives the connection (MQTT 5), as the
+        aggregator's and the agents' do; ``clean_start=False`` resumes it."""
+        properties = None
+        if self.session_expiry_s is not None:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self.session_expiry_s
+        if self.protocol == V5:
+            self.client.connect(
+                "127.0.0.1", self.port, keepalive=30, clean_start=clean_start, properties=properties
+            )
+        else:
+            self.client.connect("127.0.0.1", self.port, keepalive=30)
         self.client.loop_start()
         self._wait(lambda: self.connack is not None or self.closed, "CONNACK")
         return self.connack
 
-    def connected(self) -> Peer:
-        rc = self.connect()
+    def connected(self, clean_start: bool = True) -> Peer:
+        rc = self.connect(clean_start)
         assert rc is not None and not rc.is_failure, f"CONNACK {rc}"
         return self
+
+    def reconnect(self, clean_start: bool = False) -> Peer:
+        """Connects again after :meth:`close`, by default resuming the session."""
+        with self._cond:
+            self.connack, self.session_present, self.closed = None, None, False
+        return self.connected(clean_start)
 
     def subscribe(self, *filters: str) -> list[ReasonCode]:
         _, mid = self.client.subscribe([(f, 1) for f in filters])
@@ -190,6 +216,10 @@ class Peer:
     def wait_for(self, topic: str, payload: bytes) -> None:
         self._wait(lambda: (topic, payload) in self.messages, f"{payload!r} on {topic}")
 
+    def wait_for_or_closed(self, topic: str, payload: bytes) -> None:
+        """Until ``payload`` arrives on ``topic`` or the broker closes the connection."""
+        self._wait(lambda: (topic, payload) in self.messages or self.closed, f"{payload!r} on {topic}")
+
     def got(self, payload: bytes) -> list[str]:
         """The topics ``payload`` arrived on."""
         with self._cond:
@@ -206,22 +236,30 @@ class Peer:
             self.client.disconnect()
         self.client.loop_stop()
 
-    def _wait(self, condition: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + WAIT_S
+    def _wait(self, condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
         with self._cond:
             while not condition():
                 remaining = deadline - time.monotonic()
-                assert remaining > 0, f"timed out after {WAIT_S} s waiting for {what}"
+                assert remaining > 0, f"timed out after {timeout} s waiting for {what}"
                 self._cond.wait(min(0.05, remaining))
+
+    def last_json(self, topic: str) -> dict[str, Any]:
+        """The newest JSON object received on ``topic`` ({} before any)."""
+        with self._cond:
+            payloads = [p for t, p in self.messages if t == topic and p]
+        return json.loads(payloads[-1]) if payloads else {}
 
     def _on_connect(self, c: mqtt.Client, u: object, f: mqtt.ConnectFlags, rc: ReasonCode, p: Any) -> None:
         with self._cond:
             self.connack = rc
+            self.session_present = f.session_present
             self._cond.notify_all()
 
     def _on_disconnect(self, c: mqtt.Client, u: object, f: Any, rc: ReasonCode, p: Any) -> None:
         with self._cond:
             self.closed = True
+            self.disconnect_reason = rc
             self._cond.notify_all()
 
     def _on_subscribe(self, c: mqtt.Client, u: object, mid: int, rcs: list[ReasonCode], p: Any) -> None:
@@ -278,6 +316,12 @@ class Deployment:
         for peer in self.peers:
             peer.close()
         self.peers.clear()
+
+
+def listening_ports(d: Deployment) -> set[int]:
+    """The ports the running broker says it opened (its log, mosquitto.out)."""
+    log = d.broker.output_path.read_text()
+    return {int(port) for port in re.findall(r"Opening ipv[46] listen socket on port (\d+)\.", log)}
 
 
 def client_context(creds_dir: Path, name: str | None) -> ssl.SSLContext:
@@ -372,8 +416,10 @@ def test_tls_connects_only_with_the_lab_ca(pw: Deployment) -> None:
     plain = pw.peer(DEV_A, tls=False)
     rc = plain.connect()
     assert rc is None and plain.closed
-    # There is no plain listener on 1883 on our behalf either: the conf has exactly one listener.
+    # There is no plain listener on 1883 on our behalf either: the conf has exactly one listener,
+    # and the broker opened only that one (a listener option above it would open 1883 too).
     assert (pw.out / "mosquitto.conf").read_text().count("\nlistener ") == 1
+    assert listening_ports(pw) == {pw.broker.port}
 
 
 def test_the_server_certificate_names_the_hostnames(pw: Deployment) -> None:
@@ -515,19 +561,54 @@ def test_last_will_fires_on_the_devices_own_status_only(pw: Deployment) -> None:
     assert T.status(DEV_B) not in agg.got(b'{"state": "offline"}')
 
 
-def test_devices_read_only_their_own_edgex_readings(pw: Deployment) -> None:
+def test_edgex_readings_reach_only_their_devices_edgex_principal(pw: Deployment) -> None:
     edgex = pw.peer(EDGEX).connected()
+    reader = pw.peer(f"{DEV_A}.edgex").connected()
     device = pw.peer(DEV_A).connected()
-    device.subscribe("edgex/events/#")  # what the agent does: the whole tree; the ACL narrows it
+    # What the agent's EdgeX connection does: the whole event tree; the ACL narrows it.
+    reader.subscribe("edgex/events/#")
+    device.subscribe("edgex/events/#", T.manifest)
     other, own = token("reading-b"), token("reading-a")
     edgex.send(f"edgex/events/device/device-virtual/Wearable-IMU/{DEV_B}/imu", other)
     edgex.send(f"edgex/events/core/device-virtual/Wearable-IMU/{DEV_B}/imu", other)
     edgex.send(f"edgex/events/device/device-virtual/Wearable-IMU/{DEV_A}/imu", own)
     edgex.send(f"edgex/events/core/device-virtual/Wearable-IMU/{DEV_A}/imu", own)
-    device.wait_for(f"edgex/events/core/device-virtual/Wearable-IMU/{DEV_A}/imu", own)
-    assert len(device.got(own)) == 2 and device.got(other) == []
+    reader.wait_for(f"edgex/events/core/device-virtual/Wearable-IMU/{DEV_A}/imu", own)
+    assert len(reader.got(own)) == 2 and reader.got(other) == []
+    # The device's own principal reads no EdgeX topic any more (least privilege): the manifest
+    # that follows the readings arrives, the readings never do.
+    sentinel = token("manifest")
+    pw.peer(AGG).connected().send(T.manifest, sentinel)
+    device.wait_for(T.manifest, sentinel)
+    assert device.got(own) == [] and device.got(other) == []
     # The EdgeX service cannot touch the fleet's topics.
     assert edgex.publish(T.update(DEV_A), token("x")).value == NOT_AUTHORIZED
+
+
+def test_the_edgex_principal_reads_its_devices_edgex_topics_and_nothing_of_fedge(pw: Deployment) -> None:
+    reader = pw.peer(f"{DEV_A}.edgex").connected()
+    reader.subscribe("#")  # everything it may be given, retained messages included
+    agg = pw.peer(AGG).connected()
+    for topic in (T.manifest, BLOB, T.aggregator_status, T.rotation(1)):
+        agg.send(topic, token("fleet"), retain=True)
+    device_b = pw.peer(DEV_B).connected()
+    device_b.send(T.update(DEV_B), token("fleet"))
+    device_b.send(T.status(DEV_B), token("fleet"), retain=True)
+    edgex = pw.peer(EDGEX).connected()
+    for topic in (
+        f"edgex/events/device/svc/prof/{DEV_B}/imu",
+        f"edgex/events/core/svc/prof/{DEV_B}/imu",
+        "edgex/core-command/request/x",
+        f"edgex/events/other/svc/prof/{DEV_A}/imu",
+    ):
+        edgex.send(topic, token("not-for-a"))
+    own = token("own")
+    edgex.send(f"edgex/events/core/svc/prof/{DEV_A}/imu", own)
+    reader.wait_for(f"edgex/events/core/svc/prof/{DEV_A}/imu", own)
+    assert [t for t, _ in reader.messages] == [f"edgex/events/core/svc/prof/{DEV_A}/imu"]
+    # It publishes nothing: not as its device, not on the bus.
+    for topic in (T.update(DEV_A), T.status(DEV_A), f"edgex/events/device/svc/prof/{DEV_A}/imu"):
+        assert reader.publish(topic, token("forged")).value == NOT_AUTHORIZED, topic
 
 
 def test_acl_reload_revokes_a_connected_device_at_once(tmp_path: Path) -> None:
@@ -549,6 +630,164 @@ def test_acl_reload_revokes_a_connected_device_at_once(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert device.client.is_connected()  # still connected, but can no longer do anything
     finally:
+        deployments.close()
+
+
+# --- sessions: no principal can take over another's -----------------------------------------------
+
+# The client ids the services use by default (aggregator/config.py, agent/config.py): predictable.
+AGG_CLIENT_ID = f"fedge-aggregator-{FLEET}"
+SESSION_S = 3600
+
+
+@pytest.fixture(params=["passwords", "certificates"])
+def either(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """Each module broker in turn: password and client-certificate authentication."""
+    d: Deployment = request.getfixturevalue(request.param)
+    yield d
+    d.close_peers()
+
+
+def test_a_device_cannot_disconnect_the_aggregator_with_its_client_id(either: Deployment) -> None:
+    agg = either.peer(AGG, client_id=AGG_CLIENT_ID, session_expiry_s=SESSION_S).connected()
+    agg.subscribe(T.update_filter)
+    attacker = either.peer(DEV_B, client_id=AGG_CLIENT_ID).connected()
+    # Without use_username_as_clientid the broker has now closed the aggregator's connection
+    # ("Session taken over"); with it, the attacker merely connected as DEV_B.
+    sentinel = token("after-attack")
+    either.peer(DEV_A).connected().send(T.update(DEV_A), sentinel)
+    agg.wait_for_or_closed(T.update(DEV_A), sentinel)
+    assert not agg.closed, f"the aggregator was disconnected: {agg.disconnect_reason}"
+    assert agg.got(sentinel) == [T.update(DEV_A)]
+    assert attacker.client.is_connected()  # the attacker is connected, as itself
+
+
+def test_updates_queued_for_the_offline_aggregator_survive_a_takeover_attempt(either: Deployment) -> None:
+    agg = either.peer(AGG, client_id=AGG_CLIENT_ID, session_expiry_s=SESSION_S).connected()
+    agg.subscribe(T.update_filter)
+    agg.close()  # offline; its session (and subscription) stays on the broker
+    queued = token("queued")
+    rc = either.peer(DEV_A).connected().publish(T.update(DEV_A), queued)
+    assert rc == 0, rc  # not 0x10 "No matching subscribers": queued in the aggregator's session
+    # The attack: DEV_B connects with the aggregator's client id and a clean start, which would
+    # take the aggregator's session over and discard it with the queued update.
+    either.peer(DEV_B, client_id=AGG_CLIENT_ID, session_expiry_s=0).connected(clean_start=True)
+    agg.reconnect(clean_start=False)
+    assert agg.session_present
+    agg.wait_for(T.update(DEV_A), queued)
+
+
+def test_a_device_cannot_take_over_another_devices_session(either: Deployment) -> None:
+    victim = either.peer(DEV_A, client_id=f"fedge-agent-{DEV_A}", session_expiry_s=SESSION_S).connected()
+    victim.subscribe(T.manifest)
+    attacker = either.peer(DEV_B, client_id=f"fedge-agent-{DEV_A}").connected()
+    agg = either.peer(AGG).connected()
+    online = token("manifest-online")
+    agg.send(T.manifest, online)
+    victim.wait_for_or_closed(T.manifest, online)
+    assert not victim.closed, f"the device was disconnected: {victim.disconnect_reason}"
+    assert attacker.client.is_connected()
+    # Offline, the victim's session keeps what the aggregator publishes, attack or not.
+    victim.close()
+    offline = token("manifest-offline")
+    assert agg.publish(T.manifest, offline) == 0
+    either.peer(DEV_B, client_id=f"fedge-agent-{DEV_A}", session_expiry_s=0).connected(clean_start=True)
+    victim.reconnect(clean_start=False)
+    victim.wait_for(T.manifest, offline)
+
+
+def test_max_queued_bytes_bounds_an_offline_sessions_queue(tmp_path: Path) -> None:
+    """A device flooding an offline aggregator makes the broker hold at most max_queued_bytes
+    for it (mosquitto queues a message while the queue is below the limit), not
+    max_queued_messages x max_packet_size."""
+    limit, size, sent = 10_000, 1_000, 40
+    deployments = deploy(tmp_path, limits=BrokerLimits.for_fleet(2, 50_000, max_queued_bytes=limit))
+    d = next(deployments)
+    try:
+        assert f"\nmax_queued_bytes {limit}\n" in (d.out / "mosquitto.conf").read_text()
+        agg = d.peer(AGG, session_expiry_s=SESSION_S).connected()
+        agg.subscribe(T.update_filter)
+        agg.close()
+        device = d.peer(DEV_A).connected()
+        flood = [f"{i:04d}".encode() * (size // 4) for i in range(sent)]
+        for payload in flood:
+            device.publish(T.update(DEV_A), payload)  # PUBACKed whether queued or dropped
+        agg.reconnect(clean_start=False)
+        sentinel = token("sentinel")
+        device.send(T.update(DEV_A), sentinel)
+        agg.wait_for(T.update(DEV_A), sentinel)
+        delivered = [p for _, p in agg.messages if p in flood]
+        assert delivered == flood[: len(delivered)]  # the oldest were kept, in order
+        assert len(delivered) == limit // size  # queued while the queue held < limit bytes
+    finally:
+        deployments.close()
+
+
+def test_a_provisioned_agent_reads_edgex_through_its_own_principal(tmp_path: Path) -> None:
+    """The whole chain with the generated config: create_fleet gives the agent the device's and
+    the device's EdgeX principal's credentials (as fedge demo does), a real `fedge agent run`
+    connects twice - as watch-01 and as watch-01.edgex - and stores the readings an EdgeX
+    service publishes; neither connection knocks the other off."""
+    from fedge.edgex_simulate import SimulateOptions, simulate
+    from fedge.provision import create_fleet
+
+    device, agent_wait_s = "watch-01", 120.0  # an agent starting on a loaded 2-core machine
+    fleet_access = FleetAccess(fleet=FLEET, devices=(device,), aggregator=AGG, edgex_services=(EDGEX,))
+    deployments = deploy(tmp_path, access=fleet_access)
+    d = next(deployments)
+    ca = str(d.out / "credentials" / "ca.crt")
+
+    def creds(name: str) -> dict[str, object]:
+        return {"username": name, "password": d.credentials(name)["password"]}
+
+    repo = Path(__file__).resolve().parent.parent
+    profile = str(repo / "edgex_profiles" / "wearable-imu.yaml")
+    fleet = create_fleet(
+        tmp_path / "fleet", FLEET, tmp_path / "model", d.credentials(device)["broker"], {device: 1},
+        {"rounds": 1}, edgex={"prefix": "edgex", "profile": profile},
+        task_file=repo / "tasks" / "har-watch.toml", mqtt_extra={device: {**creds(device), "ca_file": ca}},
+        edgex_extra={device: creds(f"{device}.edgex")},
+    )  # fmt: skip
+    config = fleet.agent_configs[device]
+    assert mode(config) == 0o600  # it holds two passwords
+    agg = d.peer(AGG).connected()
+    agg.subscribe(T.status_filter)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGE_")}
+    env["PYTHONPATH"] = str(repo)
+    with (tmp_path / "agent.log").open("wb") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "fedge.cli", "agent", "run", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+
+        def data() -> dict[str, Any]:
+            report = agg.last_json(T.status(device)).get("data")
+            return report if isinstance(report, dict) else {}
+
+        agg._wait(lambda: data().get("bus_connected") is True, "the agent's EdgeX connection", agent_wait_s)
+        simulate(
+            SimulateOptions(
+                broker_url=d.credentials(EDGEX)["broker"],
+                subjects=(1,),
+                max_rows=400,
+                username=EDGEX,
+                password=d.credentials(EDGEX)["password"],
+                ca_file=ca,
+            )
+        )
+        agg._wait(lambda: data().get("stored_samples", 0) > 0, "samples from EdgeX", agent_wait_s)
+        assert agent.poll() is None
+        # The two connections coexist: the broker never closed one for the other's sake.
+        assert "already connected" not in d.broker.output_path.read_text()
+        assert data()["bus_connected"] is True
+    finally:
+        agent.terminate()
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait(timeout=30)
         deployments.close()
 
 
@@ -617,6 +856,7 @@ def test_no_tls_is_explicit_and_still_authenticates(tmp_path: Path, caplog: pyte
         assert creds["broker"].startswith("mqtt://") and "ca_file" not in creds
         assert d.result.to_dict()["warnings"]
         assert d.new_peer(tls=False).connect() == NOT_AUTHORIZED
+        assert listening_ports(d) == {d.broker.port}
         device = d.new_peer(tls=False, username=DEV_A, password=creds["password"]).connected()
         assert device.publish(T.update(DEV_B), b"x").value == NOT_AUTHORIZED
     finally:
@@ -677,6 +917,9 @@ topic write fedge/v1/f1/status/dev-a
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
+
+# device's EdgeX-bus connection (its readings, read-only): dev-a.edgex
+user dev-a.edgex
 topic read site-7/edgex/events/device/+/+/dev-a/#
 topic read site-7/edgex/events/core/+/+/dev-a/#
 
@@ -687,6 +930,9 @@ topic write fedge/v1/f1/status/dev-b
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
+
+# device's EdgeX-bus connection (its readings, read-only): dev-b.edgex
+user dev-b.edgex
 topic read site-7/edgex/events/device/+/+/dev-b/#
 topic read site-7/edgex/events/core/+/+/dev-b/#
 """
@@ -702,7 +948,23 @@ def test_rendered_acl_is_golden() -> None:
         edgex_prefix="site-7/edgex",
     )
     assert render_acl(fleet) == GOLDEN_ACL
+    # Devices that read EdgeX from a broker of their own get no EdgeX principals here.
+    elsewhere = FleetAccess(fleet=FLEET, devices=(DEV_A,), aggregator=AGG, device_edgex=False)
+    assert [p.name for p in elsewhere.principals] == [AGG, DEV_A]
+    assert "edgex" not in render_acl(elsewhere)
     assert "pattern" not in "\n".join(line for line in GOLDEN_ACL.splitlines() if not line.startswith("#"))
+
+
+def test_the_documented_acl_example_is_what_render_acl_writes() -> None:
+    """docs/broker-security.md shows a whole generated ACL; it must stay exactly true."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "broker-security.md").read_text()
+    intro = "The generated ACL for fleet `f1` with the aggregator `agg`"
+    assert doc.count(intro) == 1
+    example = doc.split(intro, 1)[1].split("```\n", 2)[1]
+    fleet = FleetAccess(
+        fleet="f1", devices=("dev-a",), aggregator="agg", bms=("bms-1",), edgex_services=("edgex-core",)
+    )
+    assert example == render_acl(fleet)
 
 
 def listener(**changes: Any) -> ListenerConf:
@@ -730,6 +992,7 @@ def test_rendered_conf_tls_passwords() -> None:
         "acl_file /etc/fedge-broker/acl",
         f"max_packet_size {2 * 22_258 + PACKET_HEADROOM}",
         "max_queued_messages 200000",
+        f"max_queued_bytes {1000 * (2 * (22_258 + 4096) + 200 * 2048)}",
         "max_inflight_messages 20",
         "max_keepalive 300",
         "persistence true",
@@ -741,6 +1004,8 @@ def test_rendered_conf_tls_passwords() -> None:
     ):
         assert expected in lines, expected
     assert [line for line in lines if line.startswith("listener")] == ["listener 8883 10.0.0.2"]
+    # A listener option: above the listener line it would open a default listener on 1883.
+    assert lines.index("use_username_as_clientid true") > lines.index("listener 8883 10.0.0.2")
     assert "use_identity_as_username true" not in lines and not any(
         line.startswith("user ") for line in lines
     )
@@ -753,6 +1018,7 @@ def test_rendered_conf_client_certs_and_plain() -> None:
     assert "user mosquitto" in lines
     plain = directives(render_conf(listener(tls=None, port=1883)))
     assert [line for line in plain if line.startswith("listener")] == ["listener 1883"]
+    assert plain.index("use_username_as_clientid true") > plain.index("listener 1883")
     assert not any(line.startswith(("cafile", "certfile", "keyfile", "tls_")) for line in plain)
 
 
@@ -785,6 +1051,21 @@ def test_limits_are_sized_from_the_fleet_and_the_model() -> None:
         BrokerLimits.for_fleet(7, max_keepalive=5)
 
 
+def test_max_queued_bytes_is_sized_from_the_fleet_and_the_model() -> None:
+    """devices x (2 sealed updates + 200 statuses of 2 KiB), at least 64 MiB."""
+    har = 21_788 + 4096  # har-watch: initial_weights.f32 + sealing headroom
+    per_device = 2 * har + 200 * 2048
+    assert per_device == 461_368
+    assert BrokerLimits.for_fleet(7, 77_444, update_bytes=har).max_queued_bytes == 64 * 1024 * 1024
+    assert BrokerLimits.for_fleet(10_000, 77_444, update_bytes=har).max_queued_bytes == 4_613_680_000
+    # Without the weights' size, the largest blob bounds an update; without any size, a packet.
+    assert BrokerLimits.for_fleet(1000, 77_444).max_queued_bytes == 1000 * (2 * (77_444 + 4096) + 200 * 2048)
+    assert BrokerLimits.for_fleet(7).max_queued_bytes == 7 * (2 * 16 * 1024 * 1024 + 200 * 2048)
+    assert BrokerLimits.for_fleet(7, max_queued_bytes=0).max_queued_bytes == 0  # explicit: unlimited
+    with pytest.raises(BrokerConfigError, match=r"max_queued_bytes must be >= 0 \(0 = unlimited\)"):
+        BrokerLimits.for_fleet(7, max_queued_bytes=-1)
+
+
 def test_password_hashes_are_mosquitto_passwd_compatible(tmp_path: Path) -> None:
     hashed = hash_password("s3cret", salt=b"0123456789ab")
     assert hashed.startswith("$7$101$MDEyMzQ1Njc4OWFi$")
@@ -814,6 +1095,13 @@ def test_password_hashes_are_mosquitto_passwd_compatible(tmp_path: Path) -> None
         ({"devices": ("dev-a", "dev-a")}, "listed twice"),
         ({"bms": ("dev-a",)}, "as bms and as device"),
         ({"aggregator": "dev-b"}, "as aggregator and as device"),
+        (
+            {"devices": ("dev-a", "dev-a.edgex")},
+            r"principal 'dev-a.edgex' is listed as device-edgex and as device: names must be unique "
+            r"\('dev-a.edgex' is the EdgeX-bus principal of device 'dev-a'\)",
+        ),
+        ({"bms": ("dev-b.edgex",)}, "'dev-b.edgex' is listed as bms and as device-edgex"),
+        ({"devices": ("d" * 60,)}, "invalid device-edgex name"),
         ({"aggregator": "agg gregator"}, "invalid aggregator name"),
         ({"edgex_prefix": "fedge/v1/f1"}, "must not lie inside"),
         ({"edgex_prefix": "edgex/#"}, "EdgeX topic prefix"),
@@ -869,7 +1157,7 @@ def test_files_modes_and_no_secrets_in_the_summary(tmp_path: Path) -> None:
     out = result.out_dir
     creds = out / "credentials"
     assert mode(creds) == 0o700
-    for name in (AGG, BMS, EDGEX, DEV_A, DEV_B):
+    for name in (AGG, BMS, EDGEX, DEV_A, DEV_B, f"{DEV_A}.edgex", f"{DEV_B}.edgex"):
         assert mode(creds / f"{name}.txt") == 0o600, name
     for secret in (out / "passwd", out / "certs" / "ca.key", out / "certs" / "server.key"):
         assert mode(secret) == 0o600, secret
@@ -878,14 +1166,16 @@ def test_files_modes_and_no_secrets_in_the_summary(tmp_path: Path) -> None:
     summary = json.loads(summary_text)
     assert summary == result.to_dict()
     assert {p["name"]: p["role"] for p in summary["principals"]} == {
-        AGG: "aggregator", BMS: "bms", EDGEX: "edgex", DEV_A: "device", DEV_B: "device"
+        AGG: "aggregator", BMS: "bms", EDGEX: "edgex", DEV_A: "device", DEV_B: "device",
+        f"{DEV_A}.edgex": "device-edgex", f"{DEV_B}.edgex": "device-edgex",
     }  # fmt: skip
-    passwords = [tomllib.loads((creds / f"{n}.txt").read_text())["password"] for n in (AGG, DEV_A)]
+    names = (AGG, DEV_A, f"{DEV_A}.edgex")
+    passwords = [tomllib.loads((creds / f"{n}.txt").read_text())["password"] for n in names]
     passwd = (out / "passwd").read_text()
     for password in passwords:
         assert len(password) >= 43 and password not in summary_text and password not in passwd
     assert sorted(line.split(":")[0] for line in passwd.splitlines()) == sorted(
-        [AGG, BMS, EDGEX, DEV_A, DEV_B]
+        [AGG, BMS, EDGEX, DEV_A, DEV_B, f"{DEV_A}.edgex", f"{DEV_B}.edgex"]
     )
     assert len(set(passwords)) == len(passwords)
 
@@ -987,9 +1277,14 @@ def test_cli_with_a_device_registry(tmp_path: Path, capsys: pytest.CaptureFixtur
         "bms-a",
         "bms-b",
         "watch-01",
+        "watch-01.edgex",
         "watch-02",
+        "watch-02.edgex",
     ]
     assert summary["limits"]["max_packet_size"] == 2 * 70_000 + PACKET_HEADROOM
+    # The weights file sizes the updates: 21,788 + 4 KiB; 2 devices are under the 64 MiB floor.
+    assert summary["limits"]["update_bytes"] == 21_788 + 4096
+    assert summary["limits"]["max_queued_bytes"] == 64 * 1024 * 1024
     conf = (out / "mosquitto.conf").read_text()
     assert "acl_file /etc/fedge-broker/acl" in conf and "certfile /etc/fedge-broker/certs/server.crt" in conf
     assert "listener 8883\n" in conf  # all interfaces

@@ -418,3 +418,28 @@ def test_no_key_material_shipped() -> None:
     for path in (K8S / "base" / "secrets").iterdir():
         assert path.name.endswith(".example"), path
         assert "PLACEHOLDER" in path.read_text(encoding="utf-8"), path
+
+
+
+#: How k8s/base/broker/ was generated (the example fleet of k8s/base/config: two devices, one
+#: BMS user, the in-cluster broker name, paths as the broker pod sees them).
+K8S_BROKER_ARGS = (
+    "broker", "config", "--fleet", "building-1", "--device", "sensor-gw-01,sensor-gw-02",
+    "--aggregator", "aggregator", "--bms", "bms-1", "--tls", "lab",
+    "--hostname", "fedge-broker.fedge.svc.cluster.local", "--install-dir", "/mosquitto/config",
+    "--data-dir", "/mosquitto/data", "--max-blob-bytes", "65536",
+)  # fmt: skip
+
+
+def test_the_broker_configmap_files_are_what_fedge_broker_config_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """k8s/base/broker/{mosquitto.conf,acl} are reference copies of `fedge broker config`'s
+    output for the example fleet, regenerated here: a change to the generator (a new limit, a
+    new principal) cannot leave the manifests behind."""
+    from fedge.cli import main
+
+    assert main([*K8S_BROKER_ARGS, "--out", str(tmp_path / "broker")]) == 0
+    capsys.readouterr()
+    for name in ("mosquitto.conf", "acl"):
+        assert (K8S / "base" / "broker" / name).read_text() == (tmp_path / "broker" / name).read_text(), name
