@@ -7,6 +7,8 @@ be moved together (a Kubernetes ConfigMap and Secret, a demo's output directory)
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,38 @@ from aggregator.leader_config import (
     leader_settings_from_table,
 )
 from protocol.codec import Codec
-from protocol.config_source import ConfigError, Table, overlay_env, parse_toml
+from protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
 from protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_table
 from protocol.topics import TopicError, check_id
 
 ENV_PREFIX = "FEDGE_AGGREGATOR"
+
+
+def read_config_file(path: Path, limit: int, what: str) -> tuple[bytes, int]:
+    """The content of the regular file ``path`` (at most ``limit`` bytes) and its ``st_mode``:
+    this service's :data:`~protocol.config_source.FileReader` (``protocol`` does no I/O).
+
+    One descriptor for both, so the mode judged is that of the file read (a symlink is judged
+    by its target, and cannot be swapped in between). ``O_NONBLOCK`` keeps a FIFO from hanging
+    the open; it is refused as not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st_mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise ConfigError(f"cannot read {what} {path}: not a regular file")
+        try:
+            raw = f.read(limit + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(raw) > limit:
+        raise ConfigError(f"{what} {path} is over {limit} bytes: not a fedge {what}")
+    return raw, st_mode
+
+
 log = logging.getLogger("fedge.aggregator")
 
 
@@ -189,11 +218,7 @@ def _zero_or_at_least(r: Table, key: str, value: int, low: int) -> int:
 def load_aggregator_config(
     path: Path, env: Mapping[str, str], sa_namespace_file: Path = SA_NAMESPACE_FILE
 ) -> AggregatorConfig:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
-    data = overlay_env(parse_toml(text, str(path)), env, ENV_PREFIX)
+    data = config_document(*read_config_file(path, MAX_CONFIG_BYTES, "config"), path, env, ENV_PREFIX)
     unknown = sorted(set(data) - {"aggregator", "mqtt", "rounds", "leader"})
     if unknown:
         raise ConfigError(f"{path}: unknown tables {unknown}; allowed: aggregator, leader, mqtt, rounds")
@@ -227,7 +252,9 @@ def load_aggregator_config(
         box_key_file=base / agg.text("box_key_file"),
         signing_key_file=base / agg.text("signing_key_file"),
         exit_when_done=agg.flag("exit_when_done", False),
-        mqtt=mqtt_settings_from_table(Table(data, "mqtt", MQTT_KEYS), f"fedge-aggregator-{fleet}", str(base)),
+        mqtt=mqtt_settings_from_table(
+            Table(data, "mqtt", MQTT_KEYS), f"fedge-aggregator-{fleet}", str(base), read_config_file
+        ),
         rounds=rounds,
         heartbeat_file=base / heartbeat if heartbeat else None,
         leader=leader,

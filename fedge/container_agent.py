@@ -31,14 +31,23 @@ FILE_SETTINGS: dict[tuple[str, str], str] = {
     ("mqtt", "ca_file"): "mqtt-ca.crt",
     ("mqtt", "cert_file"): "mqtt-client.crt",
     ("mqtt", "key_file"): "mqtt-client.key",
+    ("mqtt", "password_file"): "mqtt-password",
     ("edgex", "ca_file"): "edgex-ca.crt",
     ("edgex", "cert_file"): "edgex-client.crt",
     ("edgex", "key_file"): "edgex-client.key",
+    ("edgex", "password_file"): "edgex-password",
     ("edgex", "profile"): "profile.yaml",
     ("edgex", "token_file"): "edgex-token",
     ("data", "task"): "task.toml",
 }
-PRIVATE_FILES = {"device.box", "mqtt-client.key", "edgex-client.key", "edgex-token"}
+PRIVATE_FILES = {
+    "device.box",
+    "mqtt-client.key",
+    "mqtt-password",
+    "edgex-client.key",
+    "edgex-password",
+    "edgex-token",
+}
 
 
 @dataclass(frozen=True)

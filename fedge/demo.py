@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge import har_watch
+from fedge.broker_config import edgex_principal
 from fedge.container_agent import podman_run_command, stage_container_agent
 from fedge.observer import FleetObserver
 from fedge.provision import create_fleet
@@ -158,7 +159,12 @@ def _start_secure_broker(
     out: Path, devices: list[str], model_dir: Path
 ) -> tuple[Any, str, dict[str, dict[str, Any]]]:
     """Mosquitto with the configuration ``fedge broker config`` generates: TLS with a lab CA,
-    a password per principal, ACLs (a device reaches only its own topics), no anonymous access."""
+    a password per principal, ACLs (a device reaches only its own topics), no anonymous access.
+
+    Every connection is a principal of its own (the broker takes the client id from the
+    username): each device, each device's EdgeX-bus connection (``{device}.edgex``), the
+    aggregator, the observer and the EdgeX simulator. ``creds`` maps each name to its
+    credentials file's values."""
     import ssl  # noqa: PLC0415
     import tomllib  # noqa: PLC0415
 
@@ -168,6 +174,7 @@ def _start_secure_broker(
         BrokerLimits,
         FleetAccess,
         largest_blob_in,
+        update_bytes_in,
         write_broker_config,
     )
 
@@ -185,7 +192,9 @@ def _start_secure_broker(
             bind="127.0.0.1",
             data_dir=data_dir,
             run_as="root" if os.geteuid() == 0 else None,
-            limits=BrokerLimits.for_fleet(len(devices), largest_blob_in(model_dir)),
+            limits=BrokerLimits.for_fleet(
+                len(devices), largest_blob_in(model_dir), update_bytes=update_bytes_in(model_dir)
+            ),
         )
     )
     creds: dict[str, dict[str, Any]] = {}
@@ -300,10 +309,21 @@ def run_demo(
             creds = {name: shared for name in [*subjects, "aggregator", "observer", "simulator"]}
     host, port, _ = parse_broker_url(broker_url)
     edgex: dict[str, object] | None = None
+    edgex_creds: dict[str, dict[str, object]] | None = None
     if options.data_path == "edgex":
         profile = Path(__file__).resolve().parent.parent / "edgex_profiles" / "wearable-imu.yaml"
-        # No broker of its own: the EdgeX bus is the fleet's broker, with the device's credentials.
         edgex = {"prefix": "edgex", "profile": str(profile)}
+        if options.broker_url is None and options.secure_broker:
+            # The EdgeX bus is the fleet's broker, and each agent's EdgeX connection is the
+            # device's own EdgeX principal (the device's principal may not read EdgeX topics).
+            edgex_creds = {
+                d: {k: v for k, v in creds[edgex_principal(d)].items() if k in ("username", "password")}
+                for d in subjects
+            }
+        elif creds:
+            # --broker with one set of credentials for everyone: name the bus explicitly (a
+            # broker "of its own" to the agent), since it cannot have a principal of its own.
+            edgex.update(broker=broker_url, **creds["simulator"])
     fleet = create_fleet(
         out / "fleet",
         FLEET,
@@ -325,6 +345,7 @@ def run_demo(
             name: {k: v for k, v in c.items() if k in ("username", "password", "ca_file")}
             for name, c in creds.items()
         },
+        edgex_extra=edgex_creds,
     )
     observer = FleetObserver(
         FLEET,

@@ -77,11 +77,18 @@ def create_fleet(
     edgex: dict[str, object] | None = None,
     task_file: Path | None = None,
     mqtt_extra: dict[str, dict[str, object]] | None = None,
+    edgex_extra: dict[str, dict[str, object]] | None = None,
 ) -> FleetFiles:
-    """``mqtt_extra``: per principal (device id or "aggregator"), extra ``[mqtt]`` settings such
-    as credentials and the broker's CA; configs holding a password are written mode 0600."""
+    """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject.
+
+    ``mqtt_extra``: per principal (device id or "aggregator"), extra ``[mqtt]`` settings such
+    as credentials and the broker's CA. ``edgex_extra``: per device id, extra ``[edgex]``
+    settings: with EdgeX on the fleet's broker, the credentials of the device's own EdgeX-bus
+    principal (``{device}.edgex`` of ``fedge broker config``), which the agent requires when its
+    fleet connection has credentials. Configs holding a password are written mode 0600.
+    """
     extra = mqtt_extra or {}
-    """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject."""
+    edgex_settings = edgex_extra or {}
     root.mkdir(parents=True, exist_ok=True)
     keys = root / "keys"
     signing = SigningKey.generate()
@@ -113,9 +120,12 @@ def create_fleet(
             if task_file is None:
                 raise ValueError("an EdgeX fleet needs the task file its devices are provisioned for")
             agent_tables["data"] = {"source": "edgex", "task": str(task_file.resolve())}
-            agent_tables["edgex"] = {"device": device_id, **edgex}
+            agent_tables["edgex"] = {"device": device_id, **edgex, **edgex_settings.get(device_id, {})}
+        elif device_id in edgex_settings:
+            raise ValueError("EdgeX credentials for a fleet whose devices do not read EdgeX")
         path = root / f"agent-{device_id}.toml"
-        write_config(path, render_toml(agent_tables), secret="password" in extra.get(device_id, {}))
+        secret = any("password" in table for table in agent_tables.values())
+        write_config(path, render_toml(agent_tables), secret=secret)
         agent_configs[device_id] = path
     registry = root / "devices.toml"
     registry.write_text(render_registry({d: key_to_text(k.public_key) for d, k in device_keys.items()}))

@@ -11,11 +11,18 @@
 # Writes OUT/ID.box (0600, from fedge) and OUT/agent.toml (0600); install both on the device with
 # `install-agent.sh --config OUT/agent.toml --key OUT/ID.box`. The config names the key where
 # the agent finds it on the device (--device-key-path, default /var/lib/fedge-agent/ID.box).
+#
+# The agent makes two broker connections, each its own principal of `fedge broker config`:
+# the fleet connection as ID and, when the EdgeX bus is the fleet broker, the EdgeX connection
+# as ID.edgex (the broker uses the username as client id, so one username for both would make
+# them take each other's session over; and only ID.edgex may read the device's EdgeX readings).
+# agent.toml names both usernames; their passwords go into /etc/fedge/agent.env.
 set -euo pipefail
 
 PROG=provision-device
 
 ID="" FLEET="" BROKER="" AGG_KEY="" EDGEX_DEVICE="" TASK="" OUT="" CONFIG=""
+USERNAME="" EDGEX_USERNAME=""
 VERIFY_KEYS=()
 FEDGE=""
 FORCE=0
@@ -27,6 +34,7 @@ usage() {
     cat <<EOF
 usage: $PROG --id ID --fleet FLEET --broker URL --aggregator-key KEY --verify-key KEY
        [--verify-key KEY ...] --task PATH [--edgex-device NAME] --out DIR
+       [--username NAME] [--edgex-username NAME]
        [--config FILE] [--device-key-path PATH] [--fedge BIN] [--force] [--json]
 
   --id ID                device id (also the key's file name: DIR/ID.box)
@@ -37,6 +45,9 @@ usage: $PROG --id ID --fleet FLEET --broker URL --aggregator-key KEY --verify-ke
   --task PATH            the task spec on the device (e.g. /opt/fedge/tasks/har-watch.toml)
   --edgex-device NAME    the EdgeX device whose readings this agent trains on (default: ID)
   --out DIR              where the key and agent.toml are written (created 0700)
+  --username NAME        the device's broker username (default: ID, as fedge broker config names it)
+  --edgex-username NAME  the username of its EdgeX-bus connection on the fleet broker
+                         (default: ID.edgex, as fedge broker config names it)
   --config FILE          agent.toml path (default: DIR/agent.toml)
   --device-key-path P    the key's path on the device (default: $STATE_DIR/ID.box)
   --fedge BIN            the fedge command (default: /opt/fedge/venv/bin/fedge, else fedge on PATH)
@@ -64,6 +75,8 @@ while [ $# -gt 0 ]; do
         --edgex-device) need_arg "$1" $#; EDGEX_DEVICE=$2; shift 2 ;;
         --task) need_arg "$1" $#; TASK=$2; shift 2 ;;
         --out) need_arg "$1" $#; OUT=$2; shift 2 ;;
+        --username) need_arg "$1" $#; USERNAME=$2; shift 2 ;;
+        --edgex-username) need_arg "$1" $#; EDGEX_USERNAME=$2; shift 2 ;;
         --config) need_arg "$1" $#; CONFIG=$2; shift 2 ;;
         --device-key-path) need_arg "$1" $#; KEY_PATH=$2; shift 2 ;;
         --fedge) need_arg "$1" $#; FEDGE=$2; shift 2 ;;
@@ -91,6 +104,13 @@ for value in "$ID" "$FLEET" "$BROKER" "$AGG_KEY" "${VERIFY_KEYS[@]}" "$EDGEX_DEV
     esac
 done
 [[ $ID =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || die "invalid device id '$ID': use 1-64 letters, digits, '_', '.', '-'"
+USERNAME=${USERNAME:-$ID}
+EDGEX_USERNAME=${EDGEX_USERNAME:-$ID.edgex}
+for name in "$USERNAME" "$EDGEX_USERNAME"; do
+    [[ $name =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || die "invalid username '$name': use 1-64 letters, digits, '_', '.', '-'"
+done
+[ "$USERNAME" != "$EDGEX_USERNAME" ] ||
+    die "--edgex-username must differ from --username: each connection needs its own principal"
 case $BROKER in
     mqtt://* | mqtts://* | ws://* | wss://*) ;;
     *) die "--broker must be an mqtt://, mqtts://, ws:// or wss:// URL, not $BROKER" ;;
@@ -142,7 +162,8 @@ done
 config_text=$(
     cat <<EOF
 # fedge agent config for device $ID (written by provision-device.sh). No secrets in here:
-# MQTT credentials go into /etc/fedge/agent.env (FEDGE_AGENT__MQTT__PASSWORD=...).
+# the passwords go into /etc/fedge/agent.env (FEDGE_AGENT__MQTT__PASSWORD=... from
+# credentials/$USERNAME.txt, FEDGE_AGENT__EDGEX__PASSWORD=... from credentials/$EDGEX_USERNAME.txt).
 [agent]
 device_id = "$ID"
 fleet = "$FLEET"
@@ -153,6 +174,7 @@ aggregator_verify_keys = [$verify_list]
 
 [mqtt]
 broker = "$BROKER"
+username = "$USERNAME"
 
 [data]
 source = "edgex"
@@ -160,6 +182,8 @@ task = "$TASK"
 
 [edgex]
 device = "$EDGEX_DEVICE"
+# The EdgeX bus is the fleet broker; the agent connects to it as a principal of its own.
+username = "$EDGEX_USERNAME"
 EOF
 )
 

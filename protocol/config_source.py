@@ -3,20 +3,99 @@
 Both the agent and the aggregator read a dataclass from a TOML file and let environment
 variables override single values (``FEDGE_AGENT__MQTT__BROKER=mqtt://...`` sets
 ``[mqtt] broker``), the way containers and systemd ``EnvironmentFile`` s configure services.
-Pure: the caller reads the file and passes the environment in.
+
+The rules for a config that holds a secret - size-bounded, owner-only if it holds a password -
+must be the same for both services, so they are here (:func:`config_document`,
+:func:`secret_text`). Pure, like all of ``protocol``: each service reads the bytes and the
+file's mode with its own :data:`FileReader` and passes them in, with the environment.
 """
 
 from __future__ import annotations
 
+import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from protocol.errors import FedgeError
 
+#: A config file is a few KB; anything far bigger is not one (and must not be read whole).
+MAX_CONFIG_BYTES = 1024 * 1024
+#: A password file holds one line.
+MAX_SECRET_FILE_BYTES = 4096
+
+#: ``read(path, limit, what) -> (content, st_mode)``: a regular file's bytes (a ConfigError
+#: naming ``what`` if it is unreadable, not a regular file, or over ``limit`` bytes) and the
+#: mode of the very file read. The I/O the services do for :func:`config_document` and
+#: ``password_file``; ``agent.config`` and ``aggregator.config`` each have one.
+FileReader = Callable[[Path, int, str], tuple[bytes, int]]
+
 
 class ConfigError(FedgeError):
     """A configuration value is missing, mistyped or out of range; the message names it."""
+
+
+def _password_tables(data: Mapping[str, Any], where: str = "") -> list[str]:
+    """The tables of a parsed document that hold a ``password`` key (nested ones too)."""
+    found = [where or "(top level)"] if "password" in data else []
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        for table in value if isinstance(value, list) else [value]:
+            if isinstance(table, Mapping):
+                found += _password_tables(table, name)
+    return found
+
+
+def config_document(
+    raw: bytes, st_mode: int, path: Path, env: Mapping[str, str], prefix: str
+) -> dict[str, Any]:
+    """The TOML document ``raw`` (the file ``path``, of mode ``st_mode``) overlaid with
+    ``{prefix}__TABLE__KEY`` variables of ``env``.
+
+    It must be UTF-8 TOML (the reader bounded its size: :data:`MAX_CONFIG_BYTES`). A file that
+    holds a ``password`` in any table must be readable by its owner alone, as private keys
+    must (no group or other permission bits): a 0644 config would hand the broker password
+    to every local user. (Passwords from ``env`` are not in the file, so they are not judged
+    here; a ``password_file`` is checked when it is read.)
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config {path}: not UTF-8 text") from None
+    data = parse_toml(text, str(path))
+    mode = stat.S_IMODE(st_mode)
+    holders = _password_tables(data)
+    if mode & 0o077 and holders:
+        raise ConfigError(
+            f"config {path} holds a password ([{holders[0]}] password) but is accessible by group or "
+            f"others (mode {mode:04o}): chmod 600 {path}, or move the password to a password_file"
+        )
+    return overlay_env(data, env, prefix)
+
+
+def secret_text(raw: bytes, st_mode: int, path: Path, what: str) -> str:
+    """The secret in ``raw`` (the file ``path`` of mode ``st_mode``): one line of UTF-8 text,
+    one trailing newline stripped.
+
+    The file must be readable by its owner alone (mode 0600 or 0400), the rule for private
+    keys; an empty secret is refused (it would silently mean "no password").
+    """
+    mode = stat.S_IMODE(st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"{what} {path} is accessible by group or others (mode {mode:04o}): chmod 600 {path}"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise ConfigError(f"{what} {path} is empty")
+    if "\n" in text or "\r" in text:
+        raise ConfigError(f"{what} {path} holds more than one line")
+    return text
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:

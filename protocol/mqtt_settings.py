@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from protocol.config_source import ConfigError, Table
+from protocol.config_source import MAX_SECRET_FILE_BYTES, ConfigError, FileReader, Table, secret_text
 
 MQTT_KEYS = {
     "broker",
@@ -14,6 +15,7 @@ MQTT_KEYS = {
     "keepalive",
     "username",
     "password",
+    "password_file",
     "client_id",
     "session_expiry_s",
     "ca_file",
@@ -30,7 +32,9 @@ class MqttSettings:
     protocol: int  # 5 (MQTT 5, default) or 3 (MQTT 3.1.1)
     keepalive: int
     username: str | None
-    password: str | None
+    # Never in a repr: settings end up in logs and tracebacks. From ``password`` or read from
+    # ``password_file`` when the config is loaded.
+    password: str | None = field(repr=False)
     client_id: str
     session_expiry_s: int
     # TLS: the CA that signed the broker's certificate (None: the system's CAs), and a client
@@ -78,8 +82,11 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     return host, port, tls
 
 
-def mqtt_settings_from_table(table: Table, default_client_id: str, base_dir: str = "") -> MqttSettings:
-    """``base_dir``: the config file's directory, against which relative TLS paths resolve."""
+def mqtt_settings_from_table(
+    table: Table, default_client_id: str, base_dir: str = "", read_file: FileReader | None = None
+) -> MqttSettings:
+    """``base_dir``: the config file's directory, against which relative TLS and password-file
+    paths resolve; ``read_file``: how the service reads a ``password_file``."""
     host, port, tls = parse_broker_url(table.text("broker", "mqtt://127.0.0.1:1883"))
     protocol = table.integer("protocol", 5, 3, 5)
     if protocol == 4:
@@ -91,13 +98,33 @@ def mqtt_settings_from_table(table: Table, default_client_id: str, base_dir: str
         protocol=protocol,
         keepalive=table.integer("keepalive", 30, 5, 3600),
         username=table.opt_text("username"),
-        password=table.opt_text("password"),
+        password=password_from_table(table, base_dir, read_file),
         client_id=table.text("client_id", default_client_id),
         session_expiry_s=table.integer("session_expiry_s", 7 * 24 * 3600, 0, 2**32 - 1),
         ca_file=_path(table.opt_text("ca_file"), base_dir),
         cert_file=_path(table.opt_text("cert_file"), base_dir),
         key_file=_path(table.opt_text("key_file"), base_dir),
     )
+
+
+def password_from_table(table: Table, base_dir: str, read_file: FileReader | None) -> str | None:
+    """``password``, or the content of ``password_file`` (relative to ``base_dir``), read now.
+
+    A password file keeps the secret out of a config that must be readable (an agent.toml of
+    mode 0644 under systemd's DynamicUser, a Kubernetes ConfigMap); it must itself be
+    owner-only. Giving both is an error: which one wins would be a guess.
+    """
+    password = table.opt_text("password")
+    password_file = _path(table.opt_text("password_file"), base_dir)
+    if password is not None and password_file is not None:
+        raise ConfigError(f"[{table.name}] password and password_file: give one of them, not both")
+    if password_file is None:
+        return password
+    what = f"[{table.name}] password_file"
+    if read_file is None:
+        raise ConfigError(f"{what}: not supported here; give the password itself")
+    path = Path(password_file)
+    return secret_text(*read_file(path, MAX_SECRET_FILE_BYTES, what), path, what)
 
 
 def _path(value: str | None, base_dir: str) -> str | None:

@@ -146,3 +146,27 @@ def test_stage_container_agent_names_a_missing_file(tmp_path: Path) -> None:
     cfg.write_text('[agent]\ndevice_id = "gw-1"\nkey_file = "nope.box"\n')
     with pytest.raises(FedgeError, match=r"nope\.box \(named in the config\) does not exist$"):
         stage_container_agent(cfg, tmp_path / "box")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="staging gives the files to uid 10001 (root only)")
+def test_password_files_are_staged_as_private_copies(tmp_path: Path) -> None:
+    """A config that keeps its passwords in password files (readable config, secrets apart)
+    gets both files copied 0600 for the image's user, and a config that is not secret."""
+    for name, secret in (("mqtt.pw", "device-secret"), ("edgex.pw", "bus-secret")):
+        (tmp_path / name).write_text(secret + "\n")
+        (tmp_path / name).chmod(0o600)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[agent]\ndevice_id = "gw-1"\nstate_dir = "s"\n'
+        '[mqtt]\nusername = "gw-1"\npassword_file = "mqtt.pw"\n'
+        '[edgex]\nusername = "gw-1.edgex"\npassword_file = "edgex.pw"\n'
+    )
+    agent = stage_container_agent(cfg, tmp_path / "box")
+    tables = tomllib.loads((agent.config_dir / "agent.toml").read_text())
+    assert tables["mqtt"]["password_file"] == "/etc/fedge/mqtt-password"
+    assert tables["edgex"]["password_file"] == "/etc/fedge/edgex-password"
+    for name, secret in (("mqtt-password", "device-secret"), ("edgex-password", "bus-secret")):
+        copy = agent.config_dir / name
+        assert copy.read_text() == secret + "\n"
+        assert (copy.stat().st_mode & 0o777, copy.stat().st_uid) == (0o600, 10001)
+    assert (agent.config_dir / "agent.toml").stat().st_mode & 0o777 == 0o644  # no secret in it
