@@ -28,7 +28,9 @@ and enrollment refuses:
 ``flock`` on a sidecar lock file (``.devices.toml.lock``: the registry itself is replaced by
 rename, so a lock on it would guard a file that is about to disappear) and are atomic (temp
 file, fsync, rename, fsync of the directory); the file is public data, mode 0644. The
-aggregator reads the registry at start-up: a revocation takes effect when it restarts.
+aggregator reads the registry again before every round (``AggregatorService._reload_registry``),
+so an enrollment or a revocation takes effect from the next round on, without a restart; a
+registry it cannot read is logged and the previous one kept.
 """
 
 from __future__ import annotations

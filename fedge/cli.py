@@ -1,8 +1,13 @@
 """The ``fedge`` command line.
 
 Every subcommand imports its side lazily: ``fedge train-local`` with a ready model never loads
-TensorFlow, and bad input ends in a one-line ``fedge: error: ...`` and exit code 2, never a
-traceback.
+TensorFlow, and bad input ends in a one-line ``fedge: error: ...``, never a traceback.
+
+Exit codes: 0 success; 2 bad input or a failure (any other :class:`FedgeError`, and argparse's
+usage errors); 78 (``EX_CONFIG``) a service's configuration is wrong (:class:`ConfigError`):
+distinct so that systemd (``RestartPreventExitStatus=78``) does not restart a unit that can
+only fail the same way again; 75 (``EX_TEMPFAIL``) an aggregator lost its leadership; 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from fedge import __version__
+from protocol.config_source import ConfigError
 from protocol.errors import FedgeError
 from protocol.task import TaskSpec, parse_task_spec
 
 EXIT_USAGE = 2
+#: sysexits.h EX_CONFIG: a configuration error; restarting will not help.
+EXIT_CONFIG = 78
 
 
 def read_task(path: Path) -> TaskSpec:
@@ -451,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except ConfigError as exc:
+        print(f"fedge: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except FedgeError as exc:
         print(f"fedge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -445,7 +445,11 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     revocation = load_registry_file(args.registry).revoked[args.id]
     when = revocation.revoked_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     if changed:
-        print(f"revoked {args.id} in {args.registry}; restart the aggregator to refuse its updates")
+        # True without a restart: the aggregator re-reads the registry before every round.
+        print(
+            f"revoked {args.id} in {args.registry}; the aggregator refuses its updates from the next "
+            "round on (no restart needed)"
+        )
     else:
         print(f"{args.id} was already revoked ({when}); nothing changed")
     return 0

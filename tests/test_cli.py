@@ -21,12 +21,20 @@ def fedge(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
         [sys.executable, "-m", "fedge.cli", *args],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+        check=False,
     )
 
 
-def assert_clean_error(proc: subprocess.CompletedProcess[str], message: str) -> None:
-    assert proc.returncode == 2, proc.stderr
+EX_CONFIG = 78  # a configuration error: systemd's RestartPreventExitStatus=78 stops restarts
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], message: str, code: int = 2) -> None:
+    assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"fedge: error: {message}" in proc.stderr, proc.stderr
     assert proc.stdout == ""
@@ -47,8 +55,14 @@ def test_model_build_writes_a_model_directory(tmp_path: Path) -> None:
 def test_train_local_reaches_the_reference_accuracy(har_model_dir: Path, tmp_path: Path) -> None:
     plot = tmp_path / "train-local.png"
     proc = fedge(
-        "train-local", "--task", str(HAR_TASK), "--model-dir", str(har_model_dir), "--json",
-        "--plot", str(plot),
+        "train-local",
+        "--task",
+        str(HAR_TASK),
+        "--model-dir",
+        str(har_model_dir),
+        "--json",
+        "--plot",
+        str(plot),
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -85,8 +99,10 @@ def test_invalid_task_names_the_field(tmp_path: Path) -> None:
 def test_task_that_is_not_utf8(tmp_path: Path) -> None:
     bad = tmp_path / "bin.toml"
     bad.write_bytes(b"\xff\xfe\x00name")
-    assert_clean_error(fedge("model", "build", "--task", str(bad), "--out", str(tmp_path)),
-                       f"task spec {bad} is not UTF-8 text")
+    assert_clean_error(
+        fedge("model", "build", "--task", str(bad), "--out", str(tmp_path)),
+        f"task spec {bad} is not UTF-8 text",
+    )
 
 
 def test_corrupt_model_dir_is_refused(har_model_dir: Path, tmp_path: Path) -> None:
@@ -100,6 +116,26 @@ def test_corrupt_model_dir_is_refused(har_model_dir: Path, tmp_path: Path) -> No
 def test_zero_epochs_is_refused() -> None:
     proc = fedge("train-local", "--task", str(HAR_TASK), "--epochs", "0")
     assert_clean_error(proc, "--epochs must be >= 1")
+
+
+def test_config_errors_exit_78(tmp_path: Path) -> None:
+    """A service whose config is wrong exits 78 (EX_CONFIG), not 2: the unit is not restarted."""
+    missing = tmp_path / "agent.toml"
+    proc = fedge("agent", "run", "--config", str(missing))
+    assert_clean_error(proc, f"cannot read config {missing}: No such file or directory", EX_CONFIG)
+    config = tmp_path / "aggregator.toml"
+    config.write_text(
+        '[aggregator]\nfleet = "demo"\n\n[mqtt]\nusername = "aggregator"\npassword = "s3cret"\n'
+    )
+    config.chmod(0o644)
+    proc = fedge("aggregator", "run", "--config", str(config))
+    assert_clean_error(
+        proc, f"config {config} holds a password ([mqtt] password) but is accessible", EX_CONFIG
+    )
+    assert "s3cret" not in proc.stderr
+    config.write_text('[aggregator]\nfleet = "demo"\n\n[rounds]\nrounds = 0\n')
+    proc = fedge("aggregator", "run", "--config", str(config))
+    assert_clean_error(proc, "[rounds] rounds must be an integer in 1..1000000, got 0", EX_CONFIG)
 
 
 @pytest.mark.parametrize("args", [[], ["model"], ["bogus"]])

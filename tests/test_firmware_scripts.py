@@ -25,6 +25,7 @@ import pytest
 from podman_support import build_images, podman, require_podman
 
 from agent.config import load_agent_config
+from protocol.config_source import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "firmware_scripts"
@@ -136,6 +137,15 @@ def test_provision_twice_keeps_the_key_and_prints_the_record(
     assert (cfg.device_id, cfg.fleet, cfg.edgex.device) == ("gw-0042", "building-a", "gw-0042-imu")
     assert cfg.key_file == Path("/var/lib/fedge-agent/gw-0042.box")
     assert cfg.mqtt.url == "mqtts://broker.lan:8883"
+    # Two connections, two principals of `fedge broker config`: the device and its EdgeX bus.
+    assert (cfg.mqtt.username, cfg.edgex.bus.username) == ("gw-0042", "gw-0042.edgex")
+    assert cfg.edgex.bus.url == cfg.mqtt.url
+    # The passwords come from agent.env, one per principal; the EdgeX one cannot be forgotten.
+    env = {"FEDGE_AGENT__MQTT__PASSWORD": "device-secret"}
+    with pytest.raises(ConfigError, match=r"^\[edgex\] password: the EdgeX connection as 'gw-0042.edgex'"):
+        load_agent_config(config, env)
+    cfg = load_agent_config(config, {**env, "FEDGE_AGENT__EDGEX__PASSWORD": "bus-secret"})
+    assert (cfg.mqtt.password, cfg.edgex.bus.password) == ("device-secret", "bus-secret")
     record = tmp_path / "record.toml"
     record.write_text(first.stdout)
     registry = tmp_path / "devices.toml"
@@ -177,6 +187,8 @@ def provision_args(out: Path, keys: dict[str, str]) -> list[str | Path]:
         (["--id", "../evil"], "invalid device id"),
         (["--broker", "http://x"], "--broker must be"),
         (["--task", 'a"b'], "quote"),
+        (["--edgex-username", "gw-0042"], "--edgex-username must differ from --username"),
+        (["--username", "a b"], "invalid username 'a b'"),
     ],
 )
 def test_provision_refuses_bad_input(

@@ -299,7 +299,11 @@ def test_cli_enroll_revoke_list(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     code, _, _ = run(capsys, "enroll", "--registry", str(reg), "--id", "watch-02", "--public-key", second)
     assert code == 0
     code, out, _ = run(capsys, "revoke", "--registry", str(reg), "--id", "watch-02", "--reason", "lost")
-    assert (code, out) == (0, f"revoked watch-02 in {reg}; restart the aggregator to refuse its updates\n")
+    assert (code, out) == (
+        0,
+        f"revoked watch-02 in {reg}; the aggregator refuses its updates from the next round on "
+        "(no restart needed)\n",
+    )
     code, out, _ = run(capsys, "registry", "list", "--registry", str(reg))
     lines = out.splitlines()
     assert lines[0].split() == ["device", "status", "public", "key", "revoked", "at", "reason"]

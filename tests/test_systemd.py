@@ -18,6 +18,7 @@ import pytest
 
 from agent import systemd_notify as sn
 from agent.systemd_notify import JournalDatagramHandler, Notifier, journal_handler, status_line
+from fedge.cli import EXIT_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "firmware_scripts" / "systemd" / "fedge-agent.service"
@@ -61,6 +62,7 @@ def test_unit_has_the_required_settings() -> None:
         "WatchdogSec": "30",
         "Restart": "on-failure",
         "RestartSec": "5",
+        "RestartPreventExitStatus": str(EXIT_CONFIG),  # a bad config is not restarted in a loop
         "DynamicUser": "yes",
         "StateDirectory": "fedge-agent",
         "ConfigurationDirectory": "fedge",
