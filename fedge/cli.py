@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
     demo.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds")
     demo.add_argument("--min-devices", type=int, help="quorum per round (default: half the devices)")
-    demo.add_argument("--server-lr", type=float, default=1.5, help="server learning rate (default 1.5)")
+    demo.add_argument("--server-lr", type=float, default=2.0, help="server learning rate (default 2.0)")
     demo.add_argument(
         "--data",
         choices=["edgex", "direct"],
