@@ -81,6 +81,8 @@ _ATTACK_MODULES = {
     "test_task_spec.py",
     "test_edgex_profiles.py",
     "test_edgex_core_data.py",
+    "test_broker_security.py",
+    "test_config_source.py",
 }
 _ATTACK_WORDS = (
     "reject",
@@ -108,6 +110,11 @@ _ATTACK_WORDS = (
     "unknown",
     "garbage",
     "bad",
+    "cannot",
+    "takeover",
+    "take_over",
+    "readable",
+    "outsider",
 )
 
 

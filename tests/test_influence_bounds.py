@@ -38,6 +38,8 @@ from aggregator.service import checkpoint_from_state, state_from_checkpoint
 from protocol.codec import Codec
 from protocol.messages import SEALED_HEADROOM_BYTES, Evaluation, max_sealed_bytes
 
+pytestmark = pytest.mark.adversarial  # every test here is an attack by an enrolled device
+
 FIVE = DEVICE_IDS  # dev-a .. dev-e
 HONEST, ATTACKER = FIVE[:4], FIVE[4]
 
