@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from protocol.bounded_json import BoundedJsonError, loads_bounded
 from protocol.errors import FedgeError
 
 MAGIC = b"FEDG"
@@ -54,10 +55,6 @@ class Frame:
     kind: FrameKind
     header: dict[str, Any]
     body: bytes
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def encode_frame(kind: FrameKind, header: dict[str, Any], body: bytes = b"") -> bytes:
@@ -95,10 +92,10 @@ def decode_frame(data: bytes, expected_kind: FrameKind, max_body: int = DEFAULT_
         )
     raw_header = data[PREFIX_BYTES : PREFIX_BYTES + header_len]
     try:
-        # Strict UTF-8 (json.loads on bytes would also guess UTF-16/32) and no NaN/Infinity,
-        # which encode_frame never writes.
-        header = json.loads(bytes(raw_header).decode("utf-8"), parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
+        # Strict UTF-8 (json.loads on bytes would also guess UTF-16/32), bounded nesting, and
+        # no NaN/Infinity, which encode_frame never writes.
+        header = loads_bounded(raw_header, max_bytes=MAX_HEADER_BYTES)
+    except BoundedJsonError:
         raise FrameError("bad_header", "header is not UTF-8 JSON") from None
     if not isinstance(header, dict):
         raise FrameError("bad_header", "header must be a JSON object")

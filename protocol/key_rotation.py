@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any
 from nacl.bindings import crypto_sign_ed25519_pk_to_curve25519
 from nacl.signing import SigningKey, VerifyKey
 
+from protocol.bounded_json import BoundedJsonError, loads_bounded
 from protocol.framing import FrameError, FrameKind, decode_frame
 from protocol.signing import SIGNATURE_BYTES, SignatureError, key_id, sign_document, verify_document
 from protocol.topics import TopicError, check_id
@@ -144,8 +144,8 @@ def read_rotation_unverified(frame: bytes) -> Rotation:
     if decoded.header.get("type") != DOC_TYPE or not isinstance(signer, str):
         raise RotationError("bad_header", f"not a signed {DOC_TYPE!r} document")
     try:
-        document = json.loads(decoded.body[SIGNATURE_BYTES:].decode("utf-8"))
-    except (ValueError, RecursionError):
+        document = loads_bounded(decoded.body[SIGNATURE_BYTES:], max_bytes=MAX_ROTATION_BODY_BYTES)
+    except BoundedJsonError:
         raise RotationError("bad_document", "rotation document is not JSON") from None
     doc_fleet, new_key, new_kid, issued_at, sequence = _parse_document(document)
     return Rotation(

@@ -19,6 +19,7 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from protocol.bounded_json import BoundedJsonError, loads_bounded
 from protocol.errors import FedgeError
 from protocol.framing import DEFAULT_MAX_BODY_BYTES, FrameError, FrameKind, decode_frame, encode_frame
 
@@ -32,10 +33,6 @@ class SignatureError(FedgeError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def key_id(key: VerifyKey) -> str:
@@ -83,8 +80,8 @@ def verify_document(
     except BadSignatureError:
         raise SignatureError("bad_signature", "signature does not verify") from None
     try:
-        document = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
+        document = loads_bounded(body, max_bytes=max_body)
+    except BoundedJsonError:
         raise SignatureError("bad_document", "signed document is not JSON") from None
     if not isinstance(document, dict):
         raise SignatureError("bad_document", "signed document must be a JSON object")

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,6 +50,8 @@ from urllib.parse import quote
 import requests
 
 from agent.edgex.readings import OTHER_TYPES, VALUE_TYPES, Reading, ReadingError, Value, parse_value
+from agent.edgex.wire import MAX_DOCUMENT_DEPTH
+from protocol.bounded_json import BoundedJsonError, loads_bounded
 from protocol.errors import FedgeError
 
 API_PREFIX = "/api/v3"
@@ -69,6 +70,9 @@ RETRY_STATUSES = frozenset({500, 502, 503, 504})
 MAX_STALLED_READINGS = 3 * MAX_PAGE_LIMIT
 
 _READ_CHUNK = 64 * 1024
+#: An error body is one small ErrorResponse object; only its ``message`` is quoted, and only
+#: from a body this small.
+MAX_ERROR_BODY_BYTES = 64 * 1024
 #: Transport failures worth another attempt (a body cut short mid-stream included).
 _RETRIABLE_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
@@ -314,7 +318,7 @@ class CoreDataClient:
                 raise CoreDataError("unreachable", f"GET {path}: {type(exc).__name__}: {exc}") from None
             else:
                 if status == 200:
-                    return _parse_json(data, path)
+                    return _parse_json(data, path, self._max_response_bytes)
                 failure = _status_error(status, data, path)
                 if status not in RETRY_STATUSES:
                     raise failure
@@ -355,24 +359,26 @@ def _bad(reason: str, detail: str) -> NoReturn:
     raise CoreDataError(reason, detail, status=200)
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _parse_json(data: bytes, path: str) -> Any:
+def _parse_json(data: bytes, path: str, max_bytes: int) -> Any:
+    """A 200 body: strict UTF-8 JSON, nesting bounded before parsing (an object reading nests
+    no deeper than on the message bus), and no NaN/Infinity (Python extensions Go never
+    writes): anything else is refused like any other garbage."""
     try:
-        # NaN/Infinity are Python extensions Go never writes: refuse them like any other garbage.
-        return json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+        return loads_bounded(data, max_bytes=max_bytes, max_depth=MAX_DOCUMENT_DEPTH)
+    except BoundedJsonError as exc:
         raise CoreDataError("bad_json", f"GET {path}: body is not JSON ({exc})", status=200) from None
 
 
 def _status_error(status: int, data: bytes, path: str) -> CoreDataError:
-    """The error for a non-200 answer, quoting EdgeX's ``message`` when the body has one."""
+    """The error for a non-200 answer, quoting EdgeX's ``message`` when the body has one.
+
+    Never raises: whatever the body is (not JSON, nested 100,000 deep, huge), the answer is the
+    error for the status, with or without a quoted message.
+    """
     message = ""
     try:
-        body = json.loads(data)
-    except ValueError:
+        body = loads_bounded(data, max_bytes=MAX_ERROR_BODY_BYTES)
+    except BoundedJsonError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         message = f": {body['message'][:200]}"

@@ -61,6 +61,7 @@ from agent.edgex.readings import (
     normalize_value_type,
     parse_value,
 )
+from protocol.bounded_json import BoundedJsonError, loads_bounded
 
 FloatStyle = Literal["go_e", "shortest"]
 ContentType = Literal["application/json", "application/cbor"]
@@ -176,28 +177,21 @@ def _looks_like_cbor(data: bytes) -> bool:
 
 
 def _load_json(data: bytes) -> dict[str, Any]:
-    """A JSON object as Go's encoding/json would accept it: UTF-8, no NaN/Infinity, finite numbers."""
+    """A JSON object as Go's encoding/json would accept it: UTF-8, no NaN/Infinity, finite numbers.
+
+    Nesting is bounded before parsing (:mod:`protocol.bounded_json`); the size already is, by
+    :func:`decode_message` (an envelope's payload is smaller than the envelope).
+    """
     try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise ReadingError("bad_json", "nested too deeply to parse") from None
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, over-long integers
-        raise ReadingError("bad_json", f"not UTF-8 JSON: {str(exc)[:120]}") from None
+        doc = loads_bounded(data, max_bytes=len(data), max_depth=MAX_DOCUMENT_DEPTH)
+    except BoundedJsonError as exc:
+        if exc.reason == "too_deep":
+            raise ReadingError("bad_json", f"nested deeper than {MAX_DOCUMENT_DEPTH} levels") from None
+        raise ReadingError("bad_json", f"not UTF-8 JSON: {exc.detail[:120]}") from None
     if not isinstance(doc, dict):
         raise ReadingError("bad_json", "a message must be a JSON object")
     _check_document(doc, "bad_json")
     return doc
-
-
-def _refuse_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"number {text[:32]} is out of range")
-    return number
 
 
 def _reject_tag(*_: object) -> NoReturn:
