@@ -4,7 +4,8 @@ Two values guard the protocol and must never go backwards, not even after a cras
 power cut:
 
 - the newest accepted global-manifest version (and its SHA-256): an attacker or a stale
-  retained MQTT message must not roll the device back to an older global model;
+  retained MQTT message must not roll the device back to an older global model, and the
+  manifest that directly follows it must name it as its parent (the chain);
 - the per-device update counter: it is incremented and written to disk *before* an update is
   sealed, so no two updates ever carry the same counter.
 
@@ -35,6 +36,7 @@ MAX_STATE_BYTES = 1024 * 1024
 #: Counters travel in signed 64-bit fields.
 MAX_COUNTER = 2**63 - 1
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch
+_PARENT_RE = re.compile(r"(?:[0-9a-f]{64})?")  # the first manifest has no parent: ""
 _KEYS = {"format", "manifest_version", "manifest_sha256", "update_counter", "last_round_id", "extra"}
 
 
@@ -44,6 +46,15 @@ class DeviceStateError(FedgeError):
 
 class ManifestRollbackError(FedgeError):
     """A global manifest older than (or conflicting with) the accepted one was offered."""
+
+    def __init__(self, message: str, stored_version: int, offered_version: int) -> None:
+        super().__init__(message)
+        self.stored_version = stored_version
+        self.offered_version = offered_version
+
+
+class ManifestChainError(FedgeError):
+    """The manifest right after the accepted one does not name it as its parent."""
 
     def __init__(self, message: str, stored_version: int, offered_version: int) -> None:
         super().__init__(message)
@@ -86,7 +97,7 @@ class DeviceStateStore:
             raise DeviceStateError(f"device state {self.path} is over {MAX_STATE_BYTES} bytes")
         try:
             data = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DeviceStateError(f"device state {self.path} is not valid JSON: {exc}") from None
         return _state_from_dict(data, self.path)
 
@@ -132,20 +143,34 @@ class DeviceStateStore:
 
         return self.update(bump).update_counter
 
-    def accept_manifest(self, version: int, sha256: str) -> bool:
+    def accept_manifest(self, version: int, sha256: str, *, parent_sha256: str) -> bool:
         """Records a newer global manifest; False if it is the one already accepted.
 
         Raises :class:`ManifestRollbackError` for an older version, or for the accepted
-        version with a different hash (two different models under one version number).
+        version with a different hash (two different models under one version number), and
+        :class:`ManifestChainError` when ``version`` is exactly the accepted version + 1 but
+        ``parent_sha256`` is not the accepted manifest's hash: the aggregator names the
+        previous manifest in every new one, so a signed manifest that does not is not the
+        successor of the model this device runs.
+
+        Where the chain cannot be checked it is not: the first manifest a device accepts
+        (it was provisioned with no history), and a manifest that skips versions (the device
+        was offline while the ones between were published; it never saw them, and the
+        retained topic only holds the newest). The signature still vouches for those.
         """
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise DeviceStateError(f"manifest version must be an integer >= 0, got {version!r}")
         if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
             raise DeviceStateError(f"manifest sha256 must be 64 lowercase hex digits, got {sha256!r}")
+        if not isinstance(parent_sha256, str) or not _PARENT_RE.fullmatch(parent_sha256):
+            raise DeviceStateError(
+                f"manifest parent_sha256 must be empty or 64 lowercase hex digits, got {parent_sha256!r}"
+            )
         with self._lock:
             current = self.load()
             if _check_manifest(current, version, sha256):
                 return False
+            _check_chain(current, version, parent_sha256)
             self.save(replace(current, manifest_version=version, manifest_sha256=sha256))
             return True
 
@@ -171,6 +196,19 @@ def _check_manifest(current: DeviceState, version: int, sha256: str) -> bool:
             )
         return True
     return False
+
+
+def _check_chain(current: DeviceState, version: int, parent_sha256: str) -> None:
+    """Raises if ``version`` directly follows the accepted manifest but names another parent."""
+    stored = current.manifest_version
+    if stored is None or version != stored + 1 or parent_sha256 == current.manifest_sha256:
+        return
+    raise ManifestChainError(
+        f"refusing global manifest version {version}: its parent is {parent_sha256 or 'none'}, "
+        f"not version {stored} ({current.manifest_sha256}), which this device accepted",
+        stored,
+        version,
+    )
 
 
 # --- JSON ----------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from aggregator.round_engine import MANIFEST_DOC_TYPE, EngineState, RoundEngine
 from aggregator.service import load_model
 from fedge.broker import MosquittoBroker
 from fedge.provision import render_toml, write_private
-from protocol.codec import Codec
 from protocol.sealing import key_to_text, read_header
 from protocol.signing import sign_document, signing_key_to_text
 from protocol.topics import FleetTopics
@@ -40,18 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 FLEET = "adv"
 DEVICE = "watch-01"
 TOPICS = FleetTopics(FLEET)
+# The deployment defaults but for a single device and deadlines that never bite.
 SETTINGS = RoundSettings(
-    rounds=5,
-    min_devices=1,
-    devices_per_round=0,
-    round_timeout_s=600.0,
-    server_learning_rate=1.0,
-    codec=Codec.FP32,
-    max_examples_per_update=100_000,
-    max_update_bytes=1 << 20,
-    manifest_ttl_s=3600.0,
-    wait_for_devices_s=0.0,
-    selection_seed=0,
+    rounds=5, min_devices=1, round_timeout_s=600.0, manifest_ttl_s=3600.0, wait_for_devices_s=0.0
 )
 
 
@@ -256,3 +246,25 @@ def test_a_rotated_signing_key_is_followed_and_the_old_one_retired(
         TOPICS.rotation(2), sign_rotation(intruder, SigningKey.generate().verify_key, FLEET, 2, NOW)
     )
     recorder.wait_for(lambda ms: _rejected(recorder).get("rotation_unknown_key") == 1, 20, "forged rotation")
+
+
+def test_a_manifest_that_does_not_chain_to_the_accepted_one_is_refused(
+    setup: tuple[Aggregator, TrafficRecorder, object],
+) -> None:
+    aggregator, recorder, _ = setup
+    pub = aggregator.engine.open_round(NOW)  # v2, whose parent is v1 (the device's)
+    assert pub.manifest.version == 2
+    for topic, blob in pub.blobs.items():
+        aggregator.publish(topic, blob)
+    # Correctly signed (e.g. a compromised signing step), but not the successor of v1.
+    forged = dataclasses.replace(pub.manifest, parent_sha256="0" * 64)
+    frame = sign_document(MANIFEST_DOC_TYPE, forged.to_dict(), aggregator.signing)
+    aggregator.publish(TOPICS.manifest, frame)
+    recorder.wait_for(lambda ms: _rejected(recorder).get("broken_chain") == 1, 20, "broken_chain counted")
+    status = _status(recorder)
+    assert status["model_version"] == 1
+    assert "its parent is " + "0" * 64 in str(status["last_error"])
+    # The true successor, chained to v1, is accepted.
+    aggregator.publish(TOPICS.manifest, pub.manifest_frame)
+    recorder.wait_for(lambda ms: _status(recorder).get("model_version") == 2, 60, "the device on v2")
+    assert _rejected(recorder) == {"broken_chain": 1}

@@ -16,11 +16,18 @@ from typing import Any
 
 import pytest
 
-from agent.device_state import DeviceState, DeviceStateError, DeviceStateStore, ManifestRollbackError
+from agent.device_state import (
+    DeviceState,
+    DeviceStateError,
+    DeviceStateStore,
+    ManifestChainError,
+    ManifestRollbackError,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SHA_A = "a" * 64
 SHA_B = "b" * 64
+SHA_C = "c" * 64
 
 
 def valid_dict(**changes: Any) -> dict[str, Any]:
@@ -147,32 +154,60 @@ def test_saving_a_stale_snapshot_cannot_reuse_a_counter(tmp_path: Path) -> None:
 
 def test_accept_manifest_moves_only_forward(tmp_path: Path) -> None:
     store = DeviceStateStore(tmp_path / "state.json")
-    assert store.accept_manifest(3, SHA_A) is True
-    assert store.accept_manifest(3, SHA_A) is False  # the same manifest again: a no-op
-    assert store.accept_manifest(5, SHA_B) is True
+    assert store.accept_manifest(3, SHA_A, parent_sha256=SHA_C) is True
+    assert store.accept_manifest(3, SHA_A, parent_sha256=SHA_C) is False  # the same again: a no-op
+    assert store.accept_manifest(5, SHA_B, parent_sha256=SHA_C) is True
     with pytest.raises(
         ManifestRollbackError, match=r"refusing global manifest version 4: version 5 is already accepted"
     ) as exc:
-        store.accept_manifest(4, SHA_A)
+        store.accept_manifest(4, SHA_A, parent_sha256=SHA_B)
     assert (exc.value.stored_version, exc.value.offered_version) == (5, 4)
     assert DeviceStateStore(store.path).load() == DeviceState(5, SHA_B, 0, None, {})
 
 
 def test_same_version_with_another_hash_is_refused(tmp_path: Path) -> None:
     store = DeviceStateStore(tmp_path / "state.json")
-    store.accept_manifest(5, SHA_A)
+    store.accept_manifest(5, SHA_A, parent_sha256="")
     with pytest.raises(
         ManifestRollbackError,
         match=rf"refusing global manifest version 5 with SHA-256 {SHA_B}: that version was accepted "
         rf"with SHA-256 {SHA_A}",
     ):
-        store.accept_manifest(5, SHA_B)
+        store.accept_manifest(5, SHA_B, parent_sha256="")
     assert store.load() == DeviceState(5, SHA_A)
+
+
+def test_the_next_version_must_name_the_accepted_manifest_as_its_parent(tmp_path: Path) -> None:
+    store = DeviceStateStore(tmp_path / "state.json")
+    assert store.accept_manifest(1, SHA_A, parent_sha256="") is True  # the first: no history
+    with pytest.raises(
+        ManifestChainError,
+        match=rf"refusing global manifest version 2: its parent is {SHA_C}, not version 1 \({SHA_A}\), "
+        r"which this device accepted",
+    ) as exc:
+        store.accept_manifest(2, SHA_B, parent_sha256=SHA_C)
+    assert (exc.value.stored_version, exc.value.offered_version) == (1, 2)
+    with pytest.raises(ManifestChainError, match=r"its parent is none, not version 1"):
+        store.accept_manifest(2, SHA_B, parent_sha256="")
+    assert store.load() == DeviceState(1, SHA_A)  # nothing recorded: the device keeps its model
+    assert store.accept_manifest(2, SHA_B, parent_sha256=SHA_A) is True  # the true successor
+    assert store.load() == DeviceState(2, SHA_B)
+
+
+def test_a_device_that_missed_versions_accepts_without_a_chain_check(tmp_path: Path) -> None:
+    store = DeviceStateStore(tmp_path / "state.json")
+    store.accept_manifest(1, SHA_A, parent_sha256="")
+    # Offline while versions 2..4 were published: it never saw the parent of version 5.
+    assert store.accept_manifest(5, SHA_B, parent_sha256=SHA_C) is True
+    assert store.load() == DeviceState(5, SHA_B)
+    # A rollback is still a rollback, whatever parent it names.
+    with pytest.raises(ManifestRollbackError):
+        store.accept_manifest(5, SHA_C, parent_sha256=SHA_A)
 
 
 def test_save_cannot_roll_back_or_forget_the_manifest(tmp_path: Path) -> None:
     store = DeviceStateStore(tmp_path / "state.json")
-    store.accept_manifest(5, SHA_A)
+    store.accept_manifest(5, SHA_A, parent_sha256="")
     with pytest.raises(ManifestRollbackError, match=r"refusing global manifest version 4"):
         store.save(DeviceState(4, SHA_A))
     with pytest.raises(DeviceStateError, match=r"cannot forget accepted manifest version 5"):
@@ -181,25 +216,38 @@ def test_save_cannot_roll_back_or_forget_the_manifest(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "sha", "error"),
+    ("version", "sha", "parent", "error"),
     [
-        (-1, SHA_A, r"manifest version must be an integer >= 0, got -1"),
-        (True, SHA_A, r"manifest version must be an integer >= 0, got True"),
-        ("3", SHA_A, r"manifest version must be an integer >= 0, got '3'"),
-        (3, SHA_A.upper(), r"manifest sha256 must be 64 lowercase hex digits, got 'AAAA"),
-        (3, "ab", r"manifest sha256 must be 64 lowercase hex digits, got 'ab'"),
+        (-1, SHA_A, "", r"manifest version must be an integer >= 0, got -1"),
+        (True, SHA_A, "", r"manifest version must be an integer >= 0, got True"),
+        ("3", SHA_A, "", r"manifest version must be an integer >= 0, got '3'"),
+        (3, SHA_A.upper(), "", r"manifest sha256 must be 64 lowercase hex digits, got 'AAAA"),
+        (3, "ab", "", r"manifest sha256 must be 64 lowercase hex digits, got 'ab'"),
+        (3, SHA_A, "ab", r"manifest parent_sha256 must be empty or 64 lowercase hex digits, got 'ab'"),
+        (3, SHA_A, None, r"manifest parent_sha256 must be empty or 64 lowercase hex digits, got None"),
     ],
 )
-def test_accept_manifest_validates_its_arguments(tmp_path: Path, version: Any, sha: Any, error: str) -> None:
+def test_accept_manifest_validates_its_arguments(
+    tmp_path: Path, version: Any, sha: Any, parent: Any, error: str
+) -> None:
     store = DeviceStateStore(tmp_path / "state.json")
     with pytest.raises(DeviceStateError, match=error):
-        store.accept_manifest(version, sha)
+        store.accept_manifest(version, sha, parent_sha256=parent)
     assert not store.path.exists()
 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "{", '{"format": 1,', "\x00\x01garbage", '{"a": 1, "a": 2}', '{"extra": NaN}', "\xff\xfe{}"],
+    [
+        "",
+        "{",
+        '{"format": 1,',
+        "\x00\x01garbage",
+        '{"a": 1, "a": 2}',
+        '{"extra": NaN}',
+        "\xff\xfe{}",
+        "[" * 100_000,  # a RecursionError inside json.loads: still "not valid JSON"
+    ],
 )
 def test_corrupt_json_is_an_error_not_a_reset(tmp_path: Path, text: str) -> None:
     path = tmp_path / "state.json"
@@ -212,7 +260,7 @@ def test_corrupt_json_is_an_error_not_a_reset(tmp_path: Path, text: str) -> None
     with pytest.raises(DeviceStateError, match=expected):
         store.next_counter()
     with pytest.raises(DeviceStateError, match=expected):
-        store.accept_manifest(1, SHA_A)
+        store.accept_manifest(1, SHA_A, parent_sha256="")
     with pytest.raises(DeviceStateError, match=expected):
         store.save(DeviceState())
     assert path.read_bytes() == text.encode("latin-1")
