@@ -17,6 +17,7 @@ import signal
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import AgentConfig
-from agent.device_state import DeviceStateStore, ManifestRollbackError
+from agent.device_state import DeviceStateStore, ManifestChainError, ManifestRollbackError
 from agent.outbox import Outbox
 from agent.systemd_notify import Notifier, status_line
 from agent.trainer import LiteRTTrainer
@@ -39,7 +40,7 @@ from agent.trust import TrustStore
 from protocol.config_source import ConfigError
 from protocol.errors import FedgeError
 from protocol.key_rotation import read_rotation_unverified
-from protocol.keyfile import MAX_KEY_FILE_BYTES, check_private_key_file
+from protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError, check_private_key_file
 from protocol.messages import Evaluation, encode_moments, encode_update
 from protocol.round_manifest import RoundManifest, RoundManifestError, round_manifest_from_dict
 from protocol.sealing import SealedHeader, seal
@@ -52,6 +53,17 @@ MANIFEST_DOC_TYPE = "round-manifest"
 MAX_MANIFEST_FRAME_BYTES = 8 * 1024 * 1024
 MAX_BLOB_BYTES = 64 * 1024 * 1024
 HEARTBEAT_INTERVAL_S = 5.0
+#: What to do about a message the agent dropped, by reason (the part before "_" or ":").
+_DROP_ADVICE = {
+    "blob": "A blob that is not (or not exactly) one this device asked for: a re-delivery, or "
+    "someone who may publish blobs altered one; a manifest's blobs that never arrive intact "
+    "leave the device on its model.",
+    "rotation": "A signing-key rotation over the size bound: not from fedge's aggregator.",
+    "unexpected": "A message on a topic the agent does not subscribe to.",
+    "handler": "A bug in fedge: the message was skipped. Please report this traceback.",
+}
+#: Dropped messages that happen in a healthy fleet: logged at INFO, not ERROR.
+_ROUTINE_DROPS = frozenset({"blob_unwanted"})
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,10 @@ def read_private_key(path: Path) -> bytes:
         raw = os.read(fd, MAX_KEY_FILE_BYTES + 1) if stat.S_ISREG(st_mode) else b""
     finally:
         os.close(fd)
-    return check_private_key_file(raw, st_mode, str(path), "box")
+    try:
+        return check_private_key_file(raw, st_mode, str(path), "box")
+    except KeyFileError as exc:  # the device's key is part of its configuration (exit 78)
+        raise ConfigError(str(exc)) from None
 
 
 def rotation_sequence_of(frame: bytes) -> int:
@@ -127,6 +142,9 @@ class AgentService:
         self.model_sha256: str | None = None
         self.current: RoundManifest | None = None
         self.rejected_manifests: dict[str, int] = {}
+        # Messages not handled, by reason; guarded by _lock (paho's thread and the worker count).
+        self._dropped: Counter[str] = Counter()
+        self._next_status_at = 0.0
         self.phase_state = "online"
         self.last_error: str | None = None
         self._lock = threading.Lock()
@@ -208,23 +226,67 @@ class AgentService:
             log.warning("disconnected (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
-        with self._wake:
-            if msg.topic == self.topics.manifest:
-                if payload:
-                    self._pending_manifest = payload  # only the newest matters
-            elif msg.topic.startswith(self.topics.base + "/keys/rotation/"):
-                if payload and len(payload) <= MAX_MANIFEST_FRAME_BYTES:
-                    self._pending_rotations.append(payload)
-            elif msg.topic.startswith(self.topics.base + "/blob/"):
-                sha = msg.topic.rsplit("/", 1)[-1]
-                if (
-                    sha in self._wanted_blobs
-                    and len(payload) <= MAX_BLOB_BYTES
-                    and hashlib.sha256(payload).hexdigest() == sha
-                ):
-                    self._blobs[sha] = payload
-            self._wake.notify_all()
+        """Queues for the worker (which verifies). Never raises: paho 2.x re-raises a
+        callback's exception, which ends its network thread and with it the connection."""
+        topic = "?"
+        try:
+            topic = msg.topic
+            payload = bytes(msg.payload)
+            with self._wake:
+                dropped = self._queue_locked(topic, payload)
+                self._wake.notify_all()
+            if dropped is not None:
+                self._drop(dropped[0], topic, dropped[1])
+        except Exception as exc:  # one message never ends the service
+            self._drop(f"handler_error:{type(exc).__name__}", topic, repr(exc), exc)
+
+    def _queue_locked(self, topic: str, payload: bytes) -> tuple[str, str] | None:
+        """Queues one message (``_lock`` held); returns ``(reason, detail)`` if it is dropped.
+        Empty payloads are cleared retained messages: nothing to do, nothing wrong."""
+        if topic == self.topics.manifest:
+            if payload:
+                self._pending_manifest = payload  # only the newest matters
+        elif topic.startswith(self.topics.base + "/keys/rotation/"):
+            if len(payload) > MAX_MANIFEST_FRAME_BYTES:
+                return "rotation_too_large", f"{len(payload)} bytes > {MAX_MANIFEST_FRAME_BYTES}"
+            if payload:
+                self._pending_rotations.append(payload)
+        elif topic.startswith(self.topics.base + "/blob/"):
+            sha = topic.rsplit("/", 1)[-1]
+            if not payload:
+                return None
+            if sha not in self._wanted_blobs:
+                return "blob_unwanted", "no manifest being fetched names it"
+            if len(payload) > MAX_BLOB_BYTES:
+                return "blob_too_large", f"{len(payload)} bytes > {MAX_BLOB_BYTES}"
+            if hashlib.sha256(payload).hexdigest() != sha:
+                return "blob_hash_mismatch", "its SHA-256 is not the one in its topic"
+            self._blobs[sha] = payload
+        else:
+            return "unexpected_topic", "not a topic the agent subscribes to"
+        return None
+
+    def _drop(self, reason: str, topic: str, detail: str, exc: BaseException | None = None) -> None:
+        """Counts a message that was not handled (either thread; takes ``_lock``); the first of
+        each reason is logged with what to do, the rest only counted (``messages_dropped`` in
+        the device's status)."""
+        with self._lock:
+            self._dropped[reason] += 1
+            first = self._dropped[reason] == 1
+        if first:
+            # A blob nobody asked for is routine (a delivery already in flight when the fetch
+            # ended): worth a count, not an alarm.
+            level = logging.INFO if reason in _ROUTINE_DROPS else logging.ERROR
+            log.log(
+                level,
+                "dropped a message on %s (%s): %s. %s Further ones are only counted "
+                "(messages_dropped in the device status).",
+                topic,
+                reason,
+                detail,
+                _DROP_ADVICE.get(reason.split(":")[0].split("_")[0], ""),
+                exc_info=exc,
+            )
 
     def _publish_status(self) -> None:
         with self._lock:
@@ -248,6 +310,7 @@ class AgentService:
             "outbox_pending": outbox.pending,
             "outbox_dropped_total": outbox.dropped_total,
             "rejected_manifests": dict(self.rejected_manifests),
+            "messages_dropped": dict(self._dropped),
             "last_error": self.last_error,
             "data": self.data_report() if self.data_report is not None else None,
             "time": self.clock(),
@@ -331,9 +394,14 @@ class AgentService:
             self._reject_manifest("expired", f"manifest v{manifest.version} expired")
             return None
         try:
-            is_new = self.state.accept_manifest(manifest.version, manifest.sha256())
+            is_new = self.state.accept_manifest(
+                manifest.version, manifest.sha256(), parent_sha256=manifest.parent_sha256
+            )
         except ManifestRollbackError as exc:
             self._reject_manifest("rollback", str(exc))
+            return None
+        except ManifestChainError as exc:
+            self._reject_manifest("broken_chain", str(exc))
             return None
         if not is_new and self.current is not None and self.current.version == manifest.version:
             return None  # the same manifest again (retained re-delivery)
@@ -464,27 +532,41 @@ class AgentService:
         self._publish_status()
 
     def _worker(self) -> None:
-        next_status = 0.0
         while not self.stop_requested.is_set():
             self._alive()  # a hung worker stops pinging and systemd (or Docker) restarts the agent
             with self._wake:
                 if self._pending_manifest is None:
                     self._wake.wait(0.5)
-                frame, self._pending_manifest = self._pending_manifest, None
-            try:
-                self._flush_outbox()
-                if self._apply_rotations() and frame is None and self._parked_manifest is not None:
-                    frame, self._parked_manifest = self._parked_manifest, None
-                if frame is not None:
-                    manifest = self._accept_manifest(frame)
-                    if manifest is not None:
-                        self._work_on(manifest)
-                if time.monotonic() >= next_status and self.connected.is_set():
-                    self._publish_status()
-                    next_status = time.monotonic() + self.config.status_interval_s
-            except FedgeError as exc:  # bad data, full outbox...: reported, never a crash
-                self.last_error = str(exc)
-                log.error("%s", exc)
+            self._work_once()
+
+    def _work_once(self) -> None:
+        """One turn of the worker: flush the outbox, apply rotations, handle the newest manifest
+        (if one is pending), publish the status when due.
+
+        Never raises an Exception: fedge's own errors (bad data, a full outbox) are reported
+        in ``last_error``; anything else is a bug, counted as ``handler_error:<type>`` in
+        ``messages_dropped`` and logged, and the worker goes on with the next message.
+        """
+        with self._lock:
+            frame, self._pending_manifest = self._pending_manifest, None
+        try:
+            self._flush_outbox()
+            if self._apply_rotations() and frame is None and self._parked_manifest is not None:
+                frame, self._parked_manifest = self._parked_manifest, None
+            if frame is not None:
+                manifest = self._accept_manifest(frame)
+                if manifest is not None:
+                    self._work_on(manifest)
+            if time.monotonic() >= self._next_status_at and self.connected.is_set():
+                self._publish_status()
+                self._next_status_at = time.monotonic() + self.config.status_interval_s
+        except FedgeError as exc:  # bad data, full outbox...: reported, never a crash
+            self.last_error = str(exc)
+            log.error("%s", exc)
+        except Exception as exc:  # one message never ends the service
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            where = self.topics.manifest if frame is not None else "the worker"
+            self._drop(f"handler_error:{type(exc).__name__}", where, repr(exc), exc)
 
     def run(self) -> int:
         self._connect()

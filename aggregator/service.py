@@ -22,6 +22,7 @@ import signal
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,11 @@ from aggregator.config import AggregatorConfig
 from aggregator.heartbeat import Heartbeat
 from aggregator.leadership import EXIT_LEADERSHIP_LOST, Leadership, leadership_from_settings, status_data
 from aggregator.registry import load_registry, load_registry_file
-from aggregator.round_engine import EngineState, Publication, RoundEngine
+from aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord
+from protocol.bounded_json import BoundedJsonError, loads_bounded
 from protocol.config_source import ConfigError
 from protocol.errors import FedgeError
-from protocol.keyfile import MAX_KEY_FILE_BYTES, KeyKind, check_private_key_file
+from protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError, KeyKind, check_private_key_file
 from protocol.model_manifest import ModelManifest, manifest_from_json
 from protocol.mqtt_settings import MqttSettings
 from protocol.topics import FleetTopics
@@ -54,7 +56,19 @@ CHECKPOINT_FILE = "checkpoint.bin"
 ROTATION_FILE_PREFIX = "aggregator.rotation."  # written by `fedge keys rotate`
 MAX_CHECKPOINT_BYTES = 1024 * 1024 * 1024
 _INBOX_LIMIT = 100_000
+#: Deployment default of the inbox's byte bound (see ``AggregatorService``).
+DEFAULT_INBOX_MAX_BYTES = 64 * 1024 * 1024
+#: A device's status is 0.3-1 KB of JSON; a bigger one is dropped in paho's thread, unparsed.
+MAX_STATUS_BYTES = 64 * 1024
 STATUS_INTERVAL_S = 0.5
+#: What an operator should do about a dropped message, by reason (prefix before "_" or ":").
+_DROP_ADVICE = {
+    "inbox": "The aggregator cannot keep up with what arrives: a flood (check which device "
+    "publishes so much on update/+) or inbox bounds too small for the fleet.",
+    "status": "A device wrote a malformed status (a bug or a compromised device); it is ignored. "
+    "If it is retained, clear it with an empty retained message on that topic.",
+    "handler": "A bug in fedge: the message was skipped. Please report this traceback.",
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,10 @@ def read_private_key(path: Path, kind: KeyKind) -> bytes:
         raw = os.read(fd, MAX_KEY_FILE_BYTES + 1) if stat.S_ISREG(st_mode) else b""
     finally:
         os.close(fd)
-    return check_private_key_file(raw, st_mode, str(path), kind)
+    try:
+        return check_private_key_file(raw, st_mode, str(path), kind)
+    except KeyFileError as exc:  # the service's key is part of its configuration (exit 78)
+        raise ConfigError(str(exc)) from None
 
 
 def state_from_checkpoint(ck: Checkpoint) -> EngineState:
@@ -143,6 +160,14 @@ def checkpoint_from_state(state: EngineState) -> Checkpoint:
     )
 
 
+def influence_summary(record: RoundRecord) -> str:
+    """What the influence bounds did in a round, for the log line an operator reads."""
+    if record.phase == "moments":
+        return f"{record.outlier_devices} device(s) left out of the normalisation as outliers"
+    bound = "unbounded" if record.norm_bound is None else f"{record.norm_bound:.4g}"
+    return f"{record.clipped} update(s) clipped to norm {bound}, {record.spent} refused after opening"
+
+
 def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
     """A paho 2.x client; MQTT 5 by default with a persistent session (clean_start=False)."""
     if settings.protocol == 5:
@@ -182,9 +207,23 @@ class AggregatorService:
         clock: Callable[[], float] = time.time,
         inbox_limit: int = _INBOX_LIMIT,
         leadership: Leadership | None = None,
+        inbox_max_bytes: int = DEFAULT_INBOX_MAX_BYTES,
     ) -> None:
         """Everything that can be wrong with the configuration fails here; the checkpoint is
-        read here too, unless ``leadership`` defers it until this replica leads."""
+        read here too, unless ``leadership`` defers it until this replica leads.
+
+        The inbox (what paho's network thread queues for the loop) is bounded by
+        ``inbox_limit`` messages and ``inbox_max_bytes`` bytes of payload; a message that would
+        pass either bound is dropped and counted (``inbox_full``), never queued without bound
+        and never blocking paho. The default, 64 MiB, holds about 2,500 sealed har-watch fp32
+        updates (26 KB each), or a hundred of a model 25 times bigger: a whole round of a
+        large fleet arriving at once. Without it, the 100,000-message bound alone would let a
+        flood of the largest packets a broker passes (16 MiB without a model-sized limit) make
+        the aggregator hold 1.6 TB; with it, a flood costs at most 64 MiB, and what it pushes
+        out is counted.
+        """
+        if inbox_max_bytes < 1:
+            raise ConfigError(f"inbox_max_bytes must be positive, not {inbox_max_bytes}")
         self.config = config
         self.clock = clock
         self.leadership = leadership
@@ -203,7 +242,11 @@ class AggregatorService:
         if leadership is None:
             self._load_state()
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=inbox_limit)
-        self.inbox_overflow = 0
+        self.inbox_max_bytes = inbox_max_bytes
+        # Both written from paho's thread and the loop's: guarded by _counts_lock.
+        self._inbox_bytes = 0
+        self._dropped: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
         self._status_dirty = True
         self._status_sent_at = float("-inf")
         self.online: set[str] = set()
@@ -268,14 +311,87 @@ class AggregatorService:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Only bounds, queues and counts. Never raises: paho 2.x re-raises a callback's
+        exception, which ends its network thread and with it the aggregator's connection."""
+        topic = "?"
+        try:
+            topic = msg.topic
+            self._enqueue(topic, bytes(msg.payload))
+        except Exception as exc:  # one message never ends the service
+            self._drop(f"handler_error:{type(exc).__name__}", topic, repr(exc), exc)
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
         # Never block paho's network thread: it also reads the PUBACKs the main thread waits
         # for. A flood beyond the inbox is counted and reported, not queued without bound.
+        size = len(payload)
+        if size > MAX_STATUS_BYTES and topic.startswith(self.topics.base + "/status/"):
+            self._drop("status_too_large", topic, f"{size} bytes > {MAX_STATUS_BYTES}")
+            return
+        with self._counts_lock:
+            queued = self._inbox_bytes
+            fits = queued + size <= self.inbox_max_bytes
+            if fits:
+                self._inbox_bytes += size
+        if not fits:
+            self._drop("inbox_full", topic, f"{queued} bytes queued + {size} > {self.inbox_max_bytes}")
+            return
         try:
-            self.inbox.put_nowait((msg.topic, bytes(msg.payload)))
+            self.inbox.put_nowait((topic, payload))
         except queue.Full:
-            self.inbox_overflow += 1
-            if self.inbox_overflow == 1:
-                log.error("inbox full (%d messages): dropping and counting messages", self.inbox.maxsize)
+            self._release(size)
+            self._drop("inbox_full", topic, f"{self.inbox.maxsize} messages queued")
+
+    def _release(self, size: int) -> None:
+        with self._counts_lock:
+            # Never below 0: a message put into the inbox directly (not by _enqueue) was never
+            # counted in the first place.
+            self._inbox_bytes = max(0, self._inbox_bytes - size)
+
+    def _drop(self, reason: str, topic: str, detail: str, exc: BaseException | None = None) -> None:
+        """Counts a message that was not handled (either thread); the first of each reason is
+        logged with what to do, the rest only counted (``messages_dropped`` in the status)."""
+        with self._counts_lock:
+            self._dropped[reason] += 1
+            first = self._dropped[reason] == 1
+        self._status_dirty = True
+        if first:
+            advice = _DROP_ADVICE.get(reason.split(":")[0].split("_")[0], "")
+            log.error(
+                "dropped a message on %s (%s): %s. %s Further ones are only counted "
+                "(messages_dropped in aggregator/status).",
+                topic,
+                reason,
+                detail,
+                advice,
+                exc_info=exc,
+            )
+
+    @property
+    def messages_dropped(self) -> dict[str, int]:
+        """Messages not handled, by reason: ``inbox_full``, ``status_*`` (a device's status
+        refused: ``status_too_large``, ``status_too_deep``, ``status_bad_json``,
+        ``status_bad_utf8``, ``status_not_finite``, ``status_not_an_object``,
+        ``status_bad_topic``) and ``handler_error:<exception>`` (a bug: the message was skipped).
+        Update rejections are the engine's (``rejected_total``)."""
+        with self._counts_lock:
+            return dict(self._dropped)
+
+    @property
+    def inbox_overflow(self) -> int:
+        """Messages dropped because the inbox was full (by count or bytes)."""
+        with self._counts_lock:
+            return self._dropped["inbox_full"]
+
+    def inbox_status(self) -> dict[str, int]:
+        """What the inbox holds now, against its bounds."""
+        with self._counts_lock:
+            queued_bytes = self._inbox_bytes
+        return {
+            "messages": self.inbox.qsize(),
+            "bytes": queued_bytes,
+            "max_messages": self.inbox.maxsize,
+            "max_bytes": self.inbox_max_bytes,
+        }
 
     # --- main loop (one thread owns the engine) ---------------------------------------------
 
@@ -341,16 +457,30 @@ class AggregatorService:
         if not force and (not self._status_dirty or now - self._status_sent_at < STATUS_INTERVAL_S):
             return
         self._ensure_leader()
-        status = self.engine.status(self.clock())
-        status["online_devices"] = sorted(self.online)
-        status["inbox_overflow"] = self.inbox_overflow
+        status = self.status()
         self.client.publish(self.topics.aggregator_status, json.dumps(status).encode(), qos=1, retain=True)
         if self.leadership is not None:
             self.leadership.set_status(status_data(status, self.leadership.identity, self.clock()))
         self._status_dirty = False
         self._status_sent_at = now
 
+    def status(self) -> dict[str, Any]:
+        """The retained ``aggregator/status``: the engine's, plus which devices are online and
+        what this service dropped (``messages_dropped`` by reason; ``inbox_overflow`` is its
+        ``inbox_full``) and its inbox."""
+        status = self.engine.status(self.clock())
+        status["online_devices"] = sorted(self.online)
+        dropped = self.messages_dropped
+        status["inbox_overflow"] = dropped.get("inbox_full", 0)
+        status["messages_dropped"] = dropped
+        status["inbox"] = self.inbox_status()
+        return status
+
     def _drain(self, timeout: float) -> None:
+        """Handles at most one queued message. Whatever that message does, the loop goes on:
+        an exception from handling it is counted (``handler_error:<type>``) and logged; only
+        :class:`LeadershipLost` (and KeyboardInterrupt/SystemExit, which are no Exceptions)
+        propagate."""
         self.heartbeat.beat()
         self._ensure_leader()
         try:
@@ -358,6 +488,16 @@ class AggregatorService:
         except queue.Empty:
             self._publish_status(force=False)
             return
+        self._release(len(payload))
+        try:
+            self._handle(topic, payload)
+        except LeadershipLost:
+            raise
+        except Exception as exc:  # one message never ends the service
+            self._drop(f"handler_error:{type(exc).__name__}", topic, repr(exc), exc)
+        self._publish_status(force=False)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
         if topic.startswith(self.topics.base + "/status/"):
             self._track_status(topic, payload)
             return
@@ -367,18 +507,32 @@ class AggregatorService:
         else:
             log.warning("rejected message from %s on %s: %s", outcome.device_id or "?", topic, outcome.reason)
         self._status_dirty = True
-        self._publish_status(force=False)
 
     def _track_status(self, topic: str, payload: bytes) -> None:
+        """Which devices are online, from their retained statuses (an empty one: cleared)."""
         try:
             device = self.topics.device_of(topic, "status")
-            state = json.loads(payload).get("state") if payload else "offline"
-        except (FedgeError, ValueError, AttributeError):
+        except FedgeError as exc:
+            self._drop("status_bad_topic", topic, str(exc))
             return
+        state: object = "offline"
+        if payload:
+            try:
+                status = loads_bounded(payload, max_bytes=MAX_STATUS_BYTES)
+            except BoundedJsonError as exc:
+                self._drop(f"status_{exc.reason}", topic, str(exc))
+                return
+            if not isinstance(status, dict):
+                self._drop("status_not_an_object", topic, f"a JSON {type(status).__name__}")
+                return
+            state = status.get("state")
+        was_online = device in self.online
         if state == "offline":
             self.online.discard(device)
         else:
             self.online.add(device)
+        if was_online != (device in self.online):
+            self._status_dirty = True
 
     def _wait_for_devices(self) -> None:
         """Before the first round, give enrolled devices a moment to connect (bounded)."""
@@ -445,13 +599,14 @@ class AggregatorService:
                 if self.engine.round_due(self.clock()):
                     record = self.engine.close_round()
                     log.info(
-                        "round %s %s: %d/%d devices, fed. eval accuracy %s, rejected %s",
+                        "round %s %s: %d/%d devices, fed. eval accuracy %s, rejected %s; %s",
                         record.round_id,
                         record.outcome,
                         record.reported,
                         record.selected,
                         record.fed_eval_accuracy,
                         record.rejected or "none",
+                        influence_summary(record),
                     )
                     self._reload_registry()
                     self._announce(self.engine.open_round(self.clock()))

@@ -110,7 +110,7 @@ class Watcher:
     def counted(self) -> int:
         """Messages the aggregator has dealt with: rejections, accepted reports and drops."""
         rejected = sum(int(v) for v in self.status.get("rejected_total", {}).values())
-        dropped = sum(int(v) for v in (self.status.get("dropped_messages") or {}).values())
+        dropped = sum(int(v) for v in (self.status.get("messages_dropped") or {}).values())
         history_reports = sum(int(r.get("reported", 0)) for r in self.status.get("history", []))
         return rejected + dropped + len(self.status.get("reported", [])) + history_reports
 

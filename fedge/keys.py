@@ -40,8 +40,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from protocol.bounded_json import BoundedJsonError, loads_bounded
 from protocol.errors import FedgeError
 from protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError, KeyKind, check_private_key_file
+
+#: An enrollment record is one line (~70 characters); it comes from another principal.
+MAX_RECORD_BYTES = 64 * 1024
 
 if TYPE_CHECKING:
     from nacl.public import PrivateKey
@@ -240,8 +244,9 @@ def parse_enrollment_record(text: str, source: str) -> tuple[str, str]:
     entries: Any
     if stripped.startswith("{"):
         try:
-            data = json.loads(stripped)
-        except ValueError:
+            # A record is another principal's file: size and nesting are bounded before parsing.
+            data = loads_bounded(stripped.encode("utf-8"), max_bytes=MAX_RECORD_BYTES)
+        except BoundedJsonError:
             raise FedgeError(f"enrollment record {source} is not valid JSON") from None
         if not isinstance(data, dict) or set(data) != {"id", "public_key"}:
             raise FedgeError(f'enrollment record {source}: expected {{"id": ..., "public_key": ...}}')
@@ -420,9 +425,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             raise FedgeError("give either --record or --public-key, not both")
         source = "<stdin>" if str(args.record) == "-" else str(args.record)
         try:
-            text = sys.stdin.read() if source == "<stdin>" else args.record.read_text(encoding="utf-8")
+            if source == "<stdin>":
+                text = sys.stdin.read(MAX_RECORD_BYTES + 1)
+            else:
+                with args.record.open(encoding="utf-8") as f:
+                    text = f.read(MAX_RECORD_BYTES + 1)
         except (OSError, UnicodeDecodeError) as exc:
             raise FedgeError(f"cannot read enrollment record {source}: {exc}") from None
+        if len(text) > MAX_RECORD_BYTES:
+            raise FedgeError(
+                f"enrollment record {source} is over {MAX_RECORD_BYTES} characters: not a record"
+            )
         device_id, public_key = parse_enrollment_record(text, source)
         if args.id is not None and args.id != device_id:
             raise FedgeError(f"--id {args.id!r} differs from the record's id {device_id!r}")

@@ -8,8 +8,8 @@ held-out data with LiteRT. It never sees an update in the clear: those are seale
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +19,16 @@ from nacl.signing import VerifyKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.trainer import LiteRTTrainer
+from protocol.bounded_json import BoundedJsonError, loads_bounded
 from protocol.errors import FedgeError
 from protocol.round_manifest import RoundManifest, round_manifest_from_dict
 from protocol.signing import key_id, verify_document
 from protocol.topics import FleetTopics
+
+#: Statuses are a few KB of JSON (the aggregator's holds its last rounds); refuse more unparsed.
+MAX_STATUS_BYTES = 256 * 1024
+#: Errors kept verbatim in :attr:`FleetView.errors`; beyond, they are only counted by reason.
+MAX_KEPT_ERRORS = 100
 
 
 @dataclass
@@ -43,7 +49,8 @@ class FleetView:
     aggregator_status: dict[str, Any] = field(default_factory=dict)
     device_status: dict[str, dict[str, Any]] = field(default_factory=dict)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)  # round_id -> record
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the first MAX_KEPT_ERRORS, verbatim
+    error_counts: Counter[str] = field(default_factory=Counter)  # every error, by reason
 
 
 class FleetObserver:
@@ -94,24 +101,49 @@ class FleetObserver:
         )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
+        """Never raises: paho 2.x re-raises a callback's exception, which would end its network
+        thread and the observer with it. Whatever one message causes is recorded in
+        ``view.errors`` and counted by reason in ``view.error_counts``."""
+        topic = "?"
         try:
-            if msg.topic == self.topics.manifest and payload:
-                self._manifest(payload)
-            elif msg.topic == self.topics.aggregator_status and payload:
-                status = json.loads(payload)
-                self.view.aggregator_status = status
-                for record in status.get("history", []):
-                    self.view.rounds[record["round_id"]] = record
-            elif msg.topic.startswith(self.topics.base + "/status/") and payload:
-                device = self.topics.device_of(msg.topic, "status")
-                self.view.device_status[device] = json.loads(payload)
-            elif msg.topic.startswith(self.topics.base + "/blob/"):
-                self._weights(msg.topic.rsplit("/", 1)[-1], payload)
-        except (FedgeError, ValueError, KeyError) as exc:
-            self.view.errors.append(f"{msg.topic}: {exc}")
+            topic = msg.topic
+            self._handle(topic, bytes(msg.payload))
+        except BoundedJsonError as exc:
+            self._error(f"json_{exc.reason}", topic, exc)
+        except FedgeError as exc:
+            self._error(getattr(exc, "reason", type(exc).__name__), topic, exc)
+        except Exception as exc:  # one message never ends the observer
+            self._error(f"handler_error:{type(exc).__name__}", topic, exc)
         with self.changed:
             self.changed.notify_all()
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.manifest and payload:
+            self._manifest(payload)
+        elif topic == self.topics.aggregator_status and payload:
+            status = self._json_object(payload)
+            self.view.aggregator_status = status
+            history = status.get("history", [])
+            for record in history if isinstance(history, list) else []:
+                if isinstance(record, dict) and isinstance(record.get("round_id"), str):
+                    self.view.rounds[record["round_id"]] = record
+        elif topic.startswith(self.topics.base + "/status/") and payload:
+            device = self.topics.device_of(topic, "status")
+            self.view.device_status[device] = self._json_object(payload)
+        elif topic.startswith(self.topics.base + "/blob/"):
+            self._weights(topic.rsplit("/", 1)[-1], payload)
+
+    @staticmethod
+    def _json_object(payload: bytes) -> dict[str, Any]:
+        status = loads_bounded(payload, max_bytes=MAX_STATUS_BYTES)
+        if not isinstance(status, dict):
+            raise BoundedJsonError("bad_json", f"a status must be a JSON object, not {type(status).__name__}")
+        return status
+
+    def _error(self, reason: str, topic: str, exc: Exception) -> None:
+        self.view.error_counts[reason] += 1
+        if len(self.view.errors) < MAX_KEPT_ERRORS:
+            self.view.errors.append(f"{topic}: {reason}: {exc}")
 
     def _manifest(self, frame: bytes) -> None:
         doc, _ = verify_document(frame, "round-manifest", self.trusted)

@@ -26,6 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 FLEET = "e2e"
 
 
+def device_subjects(devices: int) -> dict[str, int]:
+    """The ids :class:`Fleet` gives its ``devices`` devices (``watch-01`` ...), each mapped to
+    its HAR subject; known before the fleet exists (e.g. to make broker principals for them)."""
+    return {f"watch-{s:02d}": s for s in range(1, devices + 1)}
+
+
 class Fleet:
     def __init__(
         self,
@@ -35,11 +41,20 @@ class Fleet:
         devices: int,
         rounds: dict[str, object],
         mqtt_protocol: int = 5,
+        mqtt_extra: dict[str, dict[str, object]] | None = None,
     ) -> None:
-        subjects = {f"watch-{s:02d}": s for s in range(1, devices + 1)}
+        """``mqtt_extra``: per principal (device id or ``"aggregator"``), extra ``[mqtt]``
+        settings such as username, password and ca_file (see ``create_fleet``)."""
         settings: dict[str, object] = {"wait_for_devices_s": 20.0, **rounds}
         self.files: FleetFiles = create_fleet(
-            root, FLEET, model_dir, broker_url, subjects, settings, mqtt_protocol=mqtt_protocol
+            root,
+            FLEET,
+            model_dir,
+            broker_url,
+            device_subjects(devices),
+            settings,
+            mqtt_protocol=mqtt_protocol,
+            mqtt_extra=mqtt_extra,
         )
         self.root = root
         self.topics = FleetTopics(FLEET)

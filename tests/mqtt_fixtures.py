@@ -97,6 +97,11 @@ class TrafficRecorder:
     The client id is unique and its session persistent (``clean_start=False`` with a session
     expiry interval), so it also gets what was published across a broker ``restart()`` before
     it reconnected (paho reconnects after 1-2 s). ``stop()`` ends the session on the broker.
+
+    Against a locked-down broker (``fedge broker config``) give ``username``/``password`` of a
+    principal allowed to read (a monitor) and ``ca_file`` (TLS with that CA); the ACL then
+    decides what ``#`` delivers. Such a broker uses the username as the client id, so one
+    recorder per principal at a time.
     """
 
     def __init__(
@@ -107,6 +112,9 @@ class TrafficRecorder:
         topic_filter: str = "#",
         client_id: str | None = None,
         session_expiry_s: int = 300,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | Path | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -122,6 +130,10 @@ class TrafficRecorder:
             client_id=self.client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
         )
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if ca_file is not None:
+            self._client.tls_set(ca_certs=str(ca_file))
         self._client.reconnect_delay_set(min_delay=1, max_delay=2)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe

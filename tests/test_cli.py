@@ -148,3 +148,27 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 def test_version() -> None:
     proc = fedge("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == "fedge 0.1.0"
+
+
+def test_a_service_key_readable_by_others_is_a_config_error(tmp_path: Path, har_model_dir: Path) -> None:
+    """The key is part of the service's configuration: a key file of mode 0644 exits 78 with
+    the fix, so systemd does not restart the agent into the same refusal."""
+    from fedge.provision import create_fleet
+
+    files = create_fleet(
+        tmp_path, "demo", har_model_dir, "mqtt://127.0.0.1:1", {"watch-01": 1}, {"min_devices": 1}
+    )
+    key = tmp_path / "keys" / "watch-01.box"
+    key.chmod(0o644)
+    proc = fedge("agent", "run", "--config", str(files.agent_configs["watch-01"]))
+    assert_clean_error(
+        proc,
+        f"private key file {key} is accessible by group or others (mode 0644); fix it with: chmod 600 {key}",
+        EX_CONFIG,
+    )
+    signing = tmp_path / "keys" / "aggregator.sign"
+    signing.chmod(0o640)
+    proc = fedge("aggregator", "run", "--config", str(files.aggregator_config))
+    assert_clean_error(
+        proc, f"private key file {signing} is accessible by group or others (mode 0640)", EX_CONFIG
+    )

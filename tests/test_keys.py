@@ -343,3 +343,26 @@ def test_module_runs_as_a_program_without_loading_nacl(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert_secret_absent(private_text(tmp_path / "d1.box"), proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[" * 100_000, "is over 65536 characters: not a record"),
+        ("{" + '"a":[' * 5000 + "]" * 5000 + "}", "is not valid JSON"),
+    ],
+    ids=["huge", "deep"],
+)
+def test_a_hostile_enrollment_record_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    """A record comes from another principal (the device's provisioning): bounded in size and
+    nesting before it is parsed, so a crafted one is an error, never a traceback."""
+    record = tmp_path / "rec.json"
+    record.write_text(content)
+    code, out, err = run(
+        capsys, "enroll", "--registry", str(tmp_path / "devices.toml"), "--record", str(record)
+    )
+    assert code == 2 and out == ""
+    assert err == f"fedge: error: enrollment record {record} {message}\n"
+    assert not (tmp_path / "devices.toml").exists()

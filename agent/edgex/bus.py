@@ -2,7 +2,11 @@
 
 The only network code of the EdgeX path: paho moves bytes, :mod:`agent.edgex.wire` decodes
 them. Malformed messages and readings are counted by reason and logged (rate-limited), never
-raised into paho's thread and never silently dropped.
+raised into paho's thread and never silently dropped. That holds for anything one message can
+cause: paho 2.x re-raises a callback's exception, which would end its network thread and with
+it the device's EdgeX feed, so an unexpected exception (in decoding: ``handler_error:<type>``;
+in ``on_events``, e.g. the sample store: ``events_error:<type>``) is counted too, under
+``errors`` in :meth:`EdgeXBusSubscriber.report` (and so in the device's status).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class EdgeXBusSubscriber:
         self.on_events = on_events
         self.on_connect_cb = on_connect
         self.malformed: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
         self.messages = 0
         self.connected = threading.Event()
         self._lock = threading.Lock()
@@ -76,7 +81,7 @@ class EdgeXBusSubscriber:
 
     def report(self) -> dict[str, Any]:
         with self._lock:
-            return {"messages": self.messages, "malformed": dict(self.malformed)}
+            return {"messages": self.messages, "malformed": dict(self.malformed), "errors": dict(self.errors)}
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
@@ -93,17 +98,27 @@ class EdgeXBusSubscriber:
         self.connected.clear()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Decodes one message and hands its events on. Never raises (see the module doc)."""
+        topic = "?"
         try:
+            topic = msg.topic
             result = decode_message(bytes(msg.payload), MAX_MESSAGE_BYTES)
         except ReadingError as exc:
-            self._count(exc.reason, msg.topic, str(exc))
+            self._count(exc.reason, topic, str(exc))
+            return
+        except Exception as exc:  # one message never ends the feed
+            self._error(f"handler_error:{type(exc).__name__}", topic, exc)
             return
         for rejected in result.rejected:
-            self._count(rejected.reason, msg.topic, str(rejected))
+            self._count(rejected.reason, topic, str(rejected))
         with self._lock:
             self.messages += 1
-        if result.events:
+        if not result.events:
+            return
+        try:
             self.on_events(result.events)
+        except Exception as exc:  # e.g. the sample store failing: counted, the feed goes on
+            self._error(f"events_error:{type(exc).__name__}", topic, exc)
 
     def _count(self, reason: str, topic: str, detail: str) -> None:
         with self._lock:
@@ -112,3 +127,21 @@ class EdgeXBusSubscriber:
         # The first of each reason is logged with its detail; the rest only counted (status).
         if first:
             log.warning("malformed EdgeX message on %s: %s", topic, detail)
+
+    def _error(self, reason: str, topic: str, exc: Exception) -> None:
+        """An exception one message caused: counted, the first of each reason logged in full."""
+        with self._lock:
+            self.errors[reason] += 1
+            first = self.errors[reason] == 1
+        if first:
+            where = "storing its events" if reason.startswith("events_error") else "decoding it"
+            log.error(
+                "EdgeX message on %s not handled (%s) while %s: %r. A bug or a failing sample "
+                "store (disk full?): the message was skipped; further ones are only counted "
+                "(errors in the device status' EdgeX bus report).",
+                topic,
+                reason,
+                where,
+                exc,
+                exc_info=exc,
+            )

@@ -28,9 +28,13 @@ from agent.edgex.core_data import CoreDataClient
 from agent.edgex.readings import Event, Reading
 from agent.edgex.samples import Sample, SampleBuilder
 from agent.sample_store import SampleStore
+from protocol.bounded_json import BoundedJsonError, loads_bounded
 from protocol.errors import FedgeError
 from protocol.mqtt_settings import MqttSettings
 from protocol.task import TaskSpec
+
+#: The cursor is ``{"resume_ns": N}``; anything far bigger is not one.
+MAX_CURSOR_BYTES = 4096
 
 log = logging.getLogger("fedge.agent.edgex")
 _QUEUE_LIMIT = 100_000
@@ -50,10 +54,12 @@ class BackfillCursor:
 
     def load(self) -> int | None:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            with self.path.open("rb") as f:
+                raw = f.read(MAX_CURSOR_BYTES + 1)
+            data = loads_bounded(raw, max_bytes=MAX_CURSOR_BYTES)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, BoundedJsonError) as exc:
             raise FedgeError(f"backfill cursor {self.path} is unreadable: {exc}") from None
         value = data.get("resume_ns") if isinstance(data, dict) else None
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
