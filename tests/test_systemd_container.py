@@ -229,3 +229,29 @@ def test_unit_under_real_systemd_ready_status_watchdog_journal(
     ]
     assert all(e["_SYSTEMD_UNIT"] == UNIT and e["PRIORITY"] == "6" for e in connected)
     assert all(e.get("LOGGER") == "fedge.agent" for e in connected), connected[0]
+
+
+def test_a_config_error_stops_the_unit_without_restarts(
+    tmp_path: Path, image: str, container: str, mosquitto: MosquittoBroker
+) -> None:
+    """An operator puts the MQTT password into the 0644 agent.toml: the agent refuses it with
+    exit 78 (EX_CONFIG) and the fix, and systemd does not restart it (RestartPreventExitStatus=78)
+    - with the test's RestartSec=1 it would otherwise have restarted several times by now."""
+    config, key = provision_enrolled_device(tmp_path, mosquitto.url)
+    text = config.read_text()
+    assert "\n[mqtt]\n" in text
+    config.write_text(text.replace("\n[mqtt]\n", '\n[mqtt]\npassword = "in-the-wrong-place"\n', 1))
+    config.chmod(0o644)
+    drop_in = tmp_path / f"{UNIT}.d"
+    drop_in.mkdir()
+    (drop_in / "50-test-speed.conf").write_text(SPEED_DROP_IN)
+    boot(container, image, config, key, drop_in)
+    failed = wait_unit(container, lambda s: s.get("ActiveState") == "failed", 60, "the unit failed")
+    time.sleep(3)  # three RestartSec=1 periods: a restarting unit would show NRestarts > 0
+    assert unit_state(container)["NRestarts"] == "0", unit_state(container)
+    assert failed["Result"] == "exit-code", failed
+    status = exec_in(container, "systemctl", "show", "-p", "ExecMainStatus", UNIT)
+    assert status.strip() == "ExecMainStatus=78"
+    log = journal(container)
+    assert "holds a password ([mqtt] password) but is accessible by group or others (mode 0644)" in log
+    assert "in-the-wrong-place" not in log
