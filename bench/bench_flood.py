@@ -41,19 +41,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_training import machine_info  # noqa: E402
-
-from aggregator.model_export import build_model, write_model  # noqa: E402
-from fedge.broker import BrokerSettings, MosquittoBroker  # noqa: E402
-from fedge.provision import FleetFiles, create_fleet  # noqa: E402
-from protocol.codec import Codec  # noqa: E402
-from protocol.errors import FedgeError  # noqa: E402
-from protocol.messages import encode_update, max_sealed_bytes  # noqa: E402
-from protocol.model_manifest import Normalisation  # noqa: E402
-from protocol.round_manifest import RoundManifest, round_manifest_from_dict  # noqa: E402
-from protocol.sealing import SealedHeader, seal  # noqa: E402
-from protocol.signing import key_id, verify_document  # noqa: E402
-from protocol.task import parse_task_spec  # noqa: E402
-from protocol.topics import FleetTopics  # noqa: E402
+from fedge.aggregator.model_export import build_model, write_model  # noqa: E402
+from fedge.lab.broker import BrokerSettings, MosquittoBroker  # noqa: E402
+from fedge.lab.provision import FleetFiles, create_fleet  # noqa: E402
+from fedge.protocol.codec import Codec  # noqa: E402
+from fedge.protocol.errors import FedgeError  # noqa: E402
+from fedge.protocol.messages import encode_update, max_sealed_bytes  # noqa: E402
+from fedge.protocol.model_manifest import Normalisation  # noqa: E402
+from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict  # noqa: E402
+from fedge.protocol.sealing import SealedHeader, seal  # noqa: E402
+from fedge.protocol.signing import key_id, verify_document  # noqa: E402
+from fedge.protocol.task import parse_task_spec  # noqa: E402
+from fedge.protocol.topics import FleetTopics  # noqa: E402
 
 FLEET = "flood"
 ATTACKER = "dev-attacker"

@@ -299,10 +299,10 @@ def mqtt5_publish_bytes(topic: str, payload_bytes: int) -> int:
 def update_sizes(loaded: Any, seed: int) -> dict[str, Any]:
     import numpy as np
     from nacl.public import PrivateKey
-    from rounds_common import EVALUATION, EXAMPLES, TRAIN_LOSS, random_delta, sealed_update
 
-    from protocol.codec import Codec, encode_tensors
-    from protocol.topics import FleetTopics
+    from fedge.protocol.codec import Codec, encode_tensors
+    from fedge.protocol.topics import FleetTopics
+    from rounds_common import EVALUATION, EXAMPLES, TRAIN_LOSS, random_delta, sealed_update
 
     m = loaded.manifest
     delta = random_delta(np.random.default_rng(seed), m.parameter_count)
@@ -376,11 +376,11 @@ def manifest_costs(loaded: Any, n_selected: int = 100) -> dict[str, Any]:
     """What a device spends on a signed manifest (N=100 selected): verify, then parse."""
     from nacl.public import PrivateKey
     from nacl.signing import SigningKey
-    from rounds_common import device_ids, make_engine
 
-    from protocol.codec import Codec
-    from protocol.round_manifest import round_manifest_from_dict
-    from protocol.signing import key_id, verify_document
+    from fedge.protocol.codec import Codec
+    from fedge.protocol.round_manifest import round_manifest_from_dict
+    from fedge.protocol.signing import key_id, verify_document
+    from rounds_common import device_ids, make_engine
 
     keys = {d: PrivateKey.generate().public_key for d in device_ids(n_selected)}
     signing = SigningKey.generate()
@@ -404,12 +404,12 @@ def engine_throughput(loaded: Any, n: int, codec_name: str, cfg: Config, state_d
     import numpy as np
     from nacl.public import Box, PrivateKey
     from nacl.signing import SigningKey
-    from rounds_common import device_ids, make_engine, random_delta, sealed_update
 
-    from aggregator.checkpoint import save_checkpoint
-    from aggregator.service import checkpoint_from_state
-    from protocol.codec import Codec
-    from protocol.sealing import read_header
+    from fedge.aggregator.checkpoint import save_checkpoint
+    from fedge.aggregator.service import checkpoint_from_state
+    from fedge.protocol.codec import Codec
+    from fedge.protocol.sealing import read_header
+    from rounds_common import device_ids, make_engine, random_delta, sealed_update
 
     codec = Codec(codec_name)
     ids = device_ids(n)
@@ -507,13 +507,12 @@ def mqtt_rounds(
     n: int, cfg: Config, broker: Any, model_dir: Path, loaded: Any, work_dir: Path
 ) -> dict[str, Any]:
     """One fleet of N simulated devices and the real aggregator process, cfg.rounds train rounds."""
+    from fedge.aggregator.checkpoint import load_checkpoint
+    from fedge.aggregator.service import CHECKPOINT_FILE, MAX_CHECKPOINT_BYTES, state_from_checkpoint
+    from fedge.lab.provision import create_fleet
+    from fedge.protocol.signing import signing_key_to_text
     from mqtt_sim import ManifestSeen, RoundTraffic, SimFleet
     from rounds_common import device_ids
-
-    from aggregator.checkpoint import load_checkpoint
-    from aggregator.service import CHECKPOINT_FILE, MAX_CHECKPOINT_BYTES, state_from_checkpoint
-    from fedge.provision import create_fleet
-    from protocol.signing import signing_key_to_text
 
     fleet_id = f"bench-n{n}-{uuid.uuid4().hex[:6]}"  # retained topics of another run never match
     ids = device_ids(n)
@@ -679,15 +678,14 @@ def _mb(value: int | None) -> float | None:
 
 def run(cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
-    from protocol.task import parse_task_spec
+    from fedge.protocol.task import parse_task_spec
 
     try:
         task = parse_task_spec(cfg.task_path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise BenchError(f"cannot read task spec {cfg.task_path}: {exc.strerror}") from None
+    from fedge.lab.broker import BrokerSettings, MosquittoBroker, find_mosquitto
     from rounds_common import load
-
-    from fedge.broker import BrokerSettings, MosquittoBroker, find_mosquitto
 
     exe = find_mosquitto()
     if exe is None:
@@ -1044,7 +1042,7 @@ def write_json(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
-    from protocol.errors import FedgeError
+    from fedge.protocol.errors import FedgeError
 
     try:
         result = run(cfg)

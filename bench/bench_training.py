@@ -10,7 +10,7 @@ sides:
    ``TrainableMLP.train`` ``tf.function`` the ``.tflite`` was converted from;
 2. milliseconds per inference call (batch 32 and batch 1);
 3. peak RSS of a fresh agent-style training process vs a fresh TensorFlow one;
-4. start-up: ``import agent.trainer`` + interpreter vs ``import tensorflow``;
+4. start-up: ``import fedge.agent.trainer`` + interpreter vs ``import tensorflow``;
 5. the ``.tflite`` size vs the SavedModel directory it was converted from.
 
 It also checks that the comparison is a fair one: after the same 10 SGD steps LiteRT's and
@@ -196,7 +196,12 @@ def run_worker(mode: str, *args: str) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
     # Own session, so a timeout can stop the launcher and the worker it started together.
     with subprocess.Popen(
-        cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cmd,
+        cwd=ROOT,
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     ) as proc:
         try:
@@ -213,9 +218,7 @@ def run_worker(mode: str, *args: str) -> tuple[dict[str, Any], float]:
     try:
         result: dict[str, Any] = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
-        raise BenchError(
-            f"worker {mode} printed no JSON result; stdout was: {stdout[-500:]!r}"
-        ) from None
+        raise BenchError(f"worker {mode} printed no JSON result; stdout was: {stdout[-500:]!r}") from None
     return result, wall
 
 
@@ -282,7 +285,7 @@ def dir_bytes(path: Path) -> int:
 def run(cfg: Config) -> dict[str, Any]:
     """All measurements; returns the JSON-ready result (targets and checks included)."""
     started = time.perf_counter()
-    from protocol.task import parse_task_spec
+    from fedge.protocol.task import parse_task_spec
 
     try:  # before the slow imports, so a typo in --task fails in a blink
         task = parse_task_spec(cfg.task_path.read_text(encoding="utf-8"))
@@ -297,11 +300,11 @@ def run(cfg: Config) -> dict[str, Any]:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    from agent.trainer import LiteRTTrainer
-    from aggregator.model_export import build_model, write_model
-    from aggregator.trainable_mlp import TrainableMLP
-    from fedge import har_watch
-    from fedge.train_local import normalisation_of
+    from fedge.agent.trainer import LiteRTTrainer
+    from fedge.aggregator.model_export import build_model, write_model
+    from fedge.aggregator.trainable_mlp import TrainableMLP
+    from fedge.lab import har_watch
+    from fedge.lab.train_local import normalisation_of
 
     batch_size = task.training.batch_size
     print(f"[1/6] loading the HAR watch data for {task.name} ...", flush=True)
@@ -364,6 +367,7 @@ def run(cfg: Config) -> dict[str, Any]:
     infer_timings: dict[int, tuple[Timing, Timing]] = {}
     predict_timings: dict[int, float] = {}
     for size, batches in ((batch_size, xb), (1, x1)):
+
         def lite_inf(i: int, b: list[Any] = batches) -> object:
             return lite_infer(x=b[i % n_batches])["outputs"]
 
@@ -411,22 +415,34 @@ def run(cfg: Config) -> dict[str, Any]:
     lite_size = len(built.tflite)
     metrics: dict[str, Any] = {
         "train_step_ms": metric(
-            "ms", lite_train.median, tf_train.median,
-            batch_size=batch_size, litert_detail=lite_train.to_dict(), tensorflow_detail=tf_train.to_dict(),
+            "ms",
+            lite_train.median,
+            tf_train.median,
+            batch_size=batch_size,
+            litert_detail=lite_train.to_dict(),
+            tensorflow_detail=tf_train.to_dict(),
         ),
         "train_step_ms_tf_tensor_inputs": metric(
-            "ms", lite_train.median, tf_train_tensors.median,
+            "ms",
+            lite_train.median,
+            tf_train_tensors.median,
             note="TensorFlow fed pre-built tf.Tensors (its best case); LiteRT as in train_step_ms",
             tensorflow_detail=tf_train_tensors.to_dict(),
         ),
         f"infer_ms_batch{batch_size}": metric(
-            "ms", infer_timings[batch_size][0].median, infer_timings[batch_size][1].median,
-            batch_size=batch_size, litert_detail=infer_timings[batch_size][0].to_dict(),
+            "ms",
+            infer_timings[batch_size][0].median,
+            infer_timings[batch_size][1].median,
+            batch_size=batch_size,
+            litert_detail=infer_timings[batch_size][0].to_dict(),
             tensorflow_detail=infer_timings[batch_size][1].to_dict(),
         ),
         "infer_ms_batch1": metric(
-            "ms", infer_timings[1][0].median, infer_timings[1][1].median,
-            batch_size=1, litert_detail=infer_timings[1][0].to_dict(),
+            "ms",
+            infer_timings[1][0].median,
+            infer_timings[1][1].median,
+            batch_size=1,
+            litert_detail=infer_timings[1][0].to_dict(),
             tensorflow_detail=infer_timings[1][1].to_dict(),
         ),
         "litert_predict_api_ms": {
@@ -436,25 +452,34 @@ def run(cfg: Config) -> dict[str, Any]:
             "batch1": predict_timings[1],
         },
         "peak_rss_mb": metric(
-            "MB", agent_run["peak_rss_bytes"] / MB, tf_run["peak_rss_bytes"] / MB,
-            epochs=cfg.epochs, examples=agent_run["examples"],
+            "MB",
+            agent_run["peak_rss_bytes"] / MB,
+            tf_run["peak_rss_bytes"] / MB,
+            epochs=cfg.epochs,
+            examples=agent_run["examples"],
             baseline_python_numpy_mb=base["peak_rss_bytes"] / MB,
             litert_process=agent_run | {"wall_s": agent_wall},
             tensorflow_process=tf_run | {"wall_s": tf_wall},
             final_weights_max_abs_diff=final_weight_diff,
         ),
         "startup_s": metric(
-            "s", med(agent_imports, "ready_s"), med(tf_imports, "import_s"),
-            note="LiteRT: import agent.trainer + create the interpreter; TensorFlow: import tensorflow",
+            "s",
+            med(agent_imports, "ready_s"),
+            med(tf_imports, "import_s"),
+            note="LiteRT: import fedge.agent.trainer + create the interpreter; TensorFlow: import tensorflow",
             litert_import_only_s=med(agent_imports, "import_s"),
             runs={"litert": agent_imports, "tensorflow": tf_imports},
         ),
         "ready_to_train_s": metric(
-            "s", med(agent_imports, "first_step_s"), med(tf_imports, "first_step_s"),
+            "s",
+            med(agent_imports, "first_step_s"),
+            med(tf_imports, "first_step_s"),
             note="fresh process: imports, model ready, first train step done (TF traces here)",
         ),
         "model_bytes": metric(
-            "bytes", lite_size, savedmodel_bytes,
+            "bytes",
+            lite_size,
+            savedmodel_bytes,
             note="LiteRT: the .tflite file; TensorFlow: the SavedModel directory it is converted from",
             parameter_bytes=built.manifest.parameter_count * 4,
         ),
@@ -556,7 +581,7 @@ def render_table(result: dict[str, Any]) -> str:
         (f"inference, batch {bs} (ms)", m[f"infer_ms_batch{bs}"]),
         ("inference, batch 1 (ms)", m["infer_ms_batch1"]),
         (f"peak RSS, fresh training process, {cfg['fresh_process_epochs']} epochs (MB)", m["peak_rss_mb"]),
-        ("start-up: import agent.trainer + interpreter | import tensorflow (s)", m["startup_s"]),
+        ("start-up: import fedge.agent.trainer + interpreter | import tensorflow (s)", m["startup_s"]),
         ("ready to train: imports + model + first step (s)", m["ready_to_train_s"]),
         ("model size: .tflite | SavedModel dir (bytes)", m["model_bytes"]),
     ]
@@ -573,9 +598,7 @@ def render_table(result: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(4)]
 
     def line(r: Sequence[str]) -> str:
-        return " | ".join(
-            r[i].ljust(widths[i]) if i == 0 else r[i].rjust(widths[i]) for i in range(4)
-        )
+        return " | ".join(r[i].ljust(widths[i]) if i == 0 else r[i].rjust(widths[i]) for i in range(4))
 
     sep = "-+-".join("-" * w for w in widths)
     out = [line(head), sep, *(line(r) for r in body), sep]
@@ -633,7 +656,7 @@ def write_json(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
-    from protocol.errors import FedgeError
+    from fedge.protocol.errors import FedgeError
 
     try:
         result = run(cfg)
@@ -652,8 +675,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(result))
     print(f"\nresults: {cfg.out}  (total {result['duration_s']:.1f}s)")
     if not result["checks_passed"]:
-        print("bench_training: error: a validity check failed (see 'check FAIL' above); "
-              "the comparison is not trustworthy", file=sys.stderr)
+        print(
+            "bench_training: error: a validity check failed (see 'check FAIL' above); "
+            "the comparison is not trustworthy",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

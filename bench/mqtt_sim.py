@@ -35,11 +35,11 @@ import paho.mqtt.client as mqtt
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import VerifyKey
 from paho.mqtt.enums import CallbackAPIVersion
-from rounds_common import device_moments, random_delta, sealed_moments, sealed_update
 
-from protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from protocol.signing import key_id, verify_document
-from protocol.topics import FleetTopics
+from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
+from fedge.protocol.signing import key_id, verify_document
+from fedge.protocol.topics import FleetTopics
+from rounds_common import device_moments, random_delta, sealed_moments, sealed_update
 
 MANIFEST_DOC_TYPE = "round-manifest"
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024

@@ -15,13 +15,13 @@ import numpy as np
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
-from aggregator.config import RoundSettings
-from aggregator.round_engine import EngineState, RoundEngine
-from aggregator.service import LoadedModel, load_model
-from protocol.codec import Codec
-from protocol.messages import Evaluation, encode_moments, encode_update
-from protocol.model_manifest import ModelManifest, Normalisation, TensorLayout
-from protocol.sealing import SealedHeader, seal
+from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.round_engine import EngineState, RoundEngine
+from fedge.aggregator.service import LoadedModel, load_model
+from fedge.protocol.codec import Codec
+from fedge.protocol.messages import Evaluation, encode_moments, encode_update
+from fedge.protocol.model_manifest import ModelManifest, Normalisation, TensorLayout
+from fedge.protocol.sealing import SealedHeader, seal
 
 #: What a simulated device claims about its local data (any plausible values do).
 EXAMPLES = 300

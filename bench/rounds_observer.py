@@ -19,9 +19,8 @@ import sys
 import time
 from dataclasses import asdict
 
+from fedge.protocol.signing import verify_key_from_text
 from mqtt_sim import Observer, SimError
-
-from protocol.signing import verify_key_from_text
 
 EXIT_TIMEOUT = 3
 

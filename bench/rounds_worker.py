@@ -78,11 +78,11 @@ def engine(model_dir: Path, devices: int, rounds: int, codec_name: str, state_di
     import numpy as np
     from nacl.public import PrivateKey
     from nacl.signing import SigningKey
-    from rounds_common import device_ids, load, make_engine, random_delta, sealed_update
 
-    from aggregator.checkpoint import save_checkpoint
-    from aggregator.service import checkpoint_from_state
-    from protocol.codec import Codec
+    from fedge.aggregator.checkpoint import save_checkpoint
+    from fedge.aggregator.service import checkpoint_from_state
+    from fedge.protocol.codec import Codec
+    from rounds_common import device_ids, load, make_engine, random_delta, sealed_update
 
     codec = Codec(codec_name)
     loaded = load(model_dir)
@@ -132,8 +132,8 @@ def engine(model_dir: Path, devices: int, rounds: int, codec_name: str, state_di
 
 
 def baseline() -> dict[str, Any]:
-    import aggregator.round_engine
-    import aggregator.service  # noqa: F401 - the import is what is measured
+    import fedge.aggregator.round_engine
+    import fedge.aggregator.service  # noqa: F401 - the import is what is measured
 
     return {"mode": "baseline", **rss_fields(), **modules_fields()}
 

@@ -102,7 +102,7 @@ def agent_train(model_dir: Path, data_dir: Path, epochs: int, seed: int) -> dict
     """What an agent does for a round: load the model, fit local epochs, read the weights."""
     import numpy as np
 
-    from agent.trainer import LiteRTTrainer, load_model_dir
+    from fedge.agent.trainer import LiteRTTrainer, load_model_dir
 
     model, manifest = load_model_dir(model_dir)
     trainer = LiteRTTrainer(model, manifest, num_threads=1)
@@ -131,8 +131,8 @@ def tf_train(model_dir: Path, data_dir: Path, epochs: int, seed: int) -> dict[st
     tf = pin_tensorflow_threads()
     import numpy as np
 
-    from aggregator.trainable_mlp import TrainableMLP
-    from protocol.model_manifest import manifest_from_json
+    from fedge.aggregator.trainable_mlp import TrainableMLP
+    from fedge.protocol.model_manifest import manifest_from_json
 
     manifest = manifest_from_json((model_dir / "manifest.json").read_bytes())
     task = manifest.task
@@ -173,11 +173,11 @@ def tf_train(model_dir: Path, data_dir: Path, epochs: int, seed: int) -> dict[st
 
 
 def agent_import(model_dir: Path) -> dict[str, Any]:
-    """Start-up cost of an agent: ``import agent.trainer``, then the interpreter, then a step."""
+    """Start-up cost of an agent: ``import fedge.agent.trainer``, then the interpreter, then a step."""
     t0 = time.perf_counter()
     import numpy as np
 
-    from agent.trainer import LiteRTTrainer, load_model_dir
+    from fedge.agent.trainer import LiteRTTrainer, load_model_dir
 
     t_import = time.perf_counter()
     model, manifest = load_model_dir(model_dir)
@@ -206,8 +206,8 @@ def tf_import(model_dir: Path) -> dict[str, Any]:
     t_import = time.perf_counter()
     import numpy as np
 
-    from aggregator.trainable_mlp import TrainableMLP
-    from protocol.model_manifest import manifest_from_json
+    from fedge.aggregator.trainable_mlp import TrainableMLP
+    from fedge.protocol.model_manifest import manifest_from_json
 
     manifest = manifest_from_json((model_dir / "manifest.json").read_bytes())
     module = TrainableMLP(manifest.task, np.fromfile(model_dir / "initial_weights.f32", dtype="<f4"))

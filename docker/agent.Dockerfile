@@ -16,15 +16,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Only what the device side needs: no aggregator/ (TensorFlow code), no tests, no bench.
-COPY pyproject.toml ./
-# Dependencies first, from pyproject.toml alone (no packages yet, a placeholder README):
-# this layer is rebuilt when the dependencies change, not on every source edit.
+# Only what a device runs: the contract, the agent, the CLI with its tools and the data
+# (setup.py builds the parts whose folders are present); no aggregator/ (TensorFlow code), no
+# lab/ (the demo), no tests, no bench.
+COPY pyproject.toml setup.py ./
+# Dependencies first, from pyproject.toml alone (no parts yet, a placeholder README): this
+# layer is rebuilt when the dependencies change, not on every source edit.
 RUN touch README.md && pip install --no-cache-dir "./[agent]" && pip uninstall --yes fedge
 COPY README.md ./
 COPY protocol/ protocol/
 COPY agent/ agent/
-COPY fedge/ fedge/
+COPY tools/ tools/
+COPY tasks/ tasks/
+COPY edgex_profiles/ edgex_profiles/
 RUN pip install --no-cache-dir --no-deps ./
 
 FROM ${BASE_IMAGE}

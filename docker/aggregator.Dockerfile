@@ -14,15 +14,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml ./
-# Dependencies first, from pyproject.toml alone (no packages yet, a placeholder README):
-# this layer is rebuilt when the dependencies change, not on every source edit.
+# What the gateway runs: the contract, the aggregator, the agent (its trainer evaluates models),
+# the CLI with its tools and the data; no lab/ (the demo), no tests, no bench (setup.py).
+COPY pyproject.toml setup.py ./
+# Dependencies first, from pyproject.toml alone (no parts yet, a placeholder README): this
+# layer is rebuilt when the dependencies change, not on every source edit.
 RUN touch README.md && pip install --no-cache-dir "./[aggregator]" && pip uninstall --yes fedge
 COPY README.md ./
 COPY protocol/ protocol/
 COPY agent/ agent/
 COPY aggregator/ aggregator/
-COPY fedge/ fedge/
+COPY tools/ tools/
+COPY tasks/ tasks/
+COPY edgex_profiles/ edgex_profiles/
 RUN pip install --no-cache-dir --no-deps ./
 
 FROM ${BASE_IMAGE}

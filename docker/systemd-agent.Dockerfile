@@ -28,11 +28,12 @@ RUN apt-get update -qq \
 
 # Only what the device side needs (see systemd-agent.Dockerfile.dockerignore).
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY protocol/ protocol/
 COPY agent/ agent/
-COPY fedge/ fedge/
+COPY tools/ tools/
 COPY tasks/ tasks/
+COPY edgex_profiles/ edgex_profiles/
 COPY firmware_scripts/ firmware_scripts/
 
 # The installer, twice. The config and key here are placeholders (the installer does not read

@@ -138,8 +138,8 @@ KEY_FILE=$OUT/$ID.box
 if [ -e "$KEY_FILE" ] && [ "$FORCE" -eq 0 ]; then
     PUBLIC_KEY=$("$PYTHON" -B -c 'import sys
 from pathlib import Path
-from fedge.keys import read_private_key_file
-from protocol.sealing import key_to_text
+from fedge.tools.keys import read_private_key_file
+from fedge.protocol.sealing import key_to_text
 print(key_to_text(read_private_key_file(Path(sys.argv[1]), "box").public_key))' "$KEY_FILE") ||
         die "cannot read the existing key $KEY_FILE (replace it with --force)"
     echo "$PROG: keeping existing key $KEY_FILE" >&2

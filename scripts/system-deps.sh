@@ -6,7 +6,7 @@ set -euo pipefail
 need=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
 command -v make >/dev/null || need+=(make)
-# The MQTT broker for the tests and `fedge demo` (fedge/broker.py). Debian installs it in
+# The MQTT broker for the tests and `fedge demo` (lab/fedge/lab/broker.py). Debian installs it in
 # /usr/sbin, which is not on a normal user's PATH. Where systemd runs, the package also starts
 # a system broker on port 1883; fedge's own brokers use free ports and do not need it.
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.trainer import LiteRTTrainer
+from fedge.agent.trainer import LiteRTTrainer
 
 
 def main() -> None:
@@ -30,15 +30,22 @@ def main() -> None:
     trainer.evaluate(batches["x0"], batches["y0"])
     np.save(out_path, _weights_after(trainer, batches))
     heavy = sorted(
-        m for m in sys.modules if m.split(".")[0] in {"tensorflow", "keras", "tf_keras", "aggregator", "jax",
-                                                       "torch", "seglearn", "pandas", "sklearn"}
+        m
+        for m in sys.modules
+        if m.split(".")[0]
+        in {"tensorflow", "keras", "tf_keras", "jax", "torch", "seglearn", "pandas", "sklearn"}
+        or m.startswith(("fedge.aggregator", "fedge.lab"))
     )
-    print(json.dumps({
-        "runtime": trainer.runtime.name,
-        "numpy": np.__version__,
-        "losses": losses,
-        "heavy_modules": heavy,
-    }))
+    print(
+        json.dumps(
+            {
+                "runtime": trainer.runtime.name,
+                "numpy": np.__version__,
+                "losses": losses,
+                "heavy_modules": heavy,
+            }
+        )
+    )
 
 
 def _weights_after(trainer: LiteRTTrainer, batches: np.lib.npyio.NpzFile) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from protocol.task import TaskSpec, parse_task_spec, task_spec_from_dict
+from fedge.protocol.task import TaskSpec, parse_task_spec, task_spec_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 HAR_TASK_PATH = REPO / "tasks" / "har-watch.toml"
@@ -43,7 +43,7 @@ def task_variant(base: TaskSpec, changes: dict[str, Any]) -> TaskSpec:
 @pytest.fixture(scope="session")
 def build_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[TaskSpec], Path]:
     """Builds (once per distinct task) a real model directory with TensorFlow."""
-    from aggregator.model_export import build_model, write_model
+    from fedge.aggregator.model_export import build_model, write_model
 
     cache: dict[str, Path] = {}
 

@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import yaml
 from openapi_core import OpenAPI
+
 from openapi_specs import SpecMismatch, validate_request, validate_response
 
 API = "/api/v3"
@@ -63,8 +64,13 @@ class MetadataState:
 class MetadataDouble:
     """Core-metadata's profile-upload and device endpoints, in memory, on 127.0.0.1."""
 
-    def __init__(self, spec: OpenAPI | None = None, *, token: str | None = None,
-                 services: Iterable[str] = ("device-virtual",)) -> None:
+    def __init__(
+        self,
+        spec: OpenAPI | None = None,
+        *,
+        token: str | None = None,
+        services: Iterable[str] = ("device-virtual",),
+    ) -> None:
         self.spec = spec
         self.token = token
         self.state = MetadataState(services=set(services))
@@ -76,8 +82,9 @@ class MetadataDouble:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="metadata-double", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="metadata-double", daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -156,8 +163,9 @@ class MetadataDouble:
             return 200, _base(200)
         return 201, {**_base(201), "id": stored["id"]}
 
-    def _json_array(self, rec: Recorded, key: str, check: Callable[[dict[str, Any]], str]) -> tuple[
-            list[dict[str, Any]] | None, str]:
+    def _json_array(
+        self, rec: Recorded, key: str, check: Callable[[dict[str, Any]], str]
+    ) -> tuple[list[dict[str, Any]] | None, str]:
         try:
             data = json.loads(rec.body)
         except ValueError as exc:
@@ -298,14 +306,18 @@ def _handler_class(double: MetadataDouble) -> type[BaseHTTPRequestHandler]:
                 double.check("request", lambda: validate_request(spec, self.command, url, body, headers))
             status, answer = double.handle(rec)
             payload = json.dumps(answer).encode()
-            out_headers = {"Content-Type": "application/json",
-                           "X-Correlation-ID": headers.get("X-Correlation-ID") or str(uuid.uuid4())}
+            out_headers = {
+                "Content-Type": "application/json",
+                "X-Correlation-ID": headers.get("X-Correlation-ID") or str(uuid.uuid4()),
+            }
             if double.spec is not None and status != 401:
                 # The specs document no 401 (secure mode's answer without a valid JWT): such
                 # responses cannot be validated; tests assert on them directly.
                 spec = double.spec
-                double.check("response", lambda: validate_response(
-                    spec, self.command, url, status, payload, out_headers, headers))
+                double.check(
+                    "response",
+                    lambda: validate_response(spec, self.command, url, status, payload, out_headers, headers),
+                )
             self.send_response(status)
             for key, value in out_headers.items():
                 self.send_header(key, value)

@@ -1,10 +1,10 @@
-"""A small, TensorFlow-free world for :class:`aggregator.round_engine.RoundEngine` tests.
+"""A small, TensorFlow-free world for :class:`fedge.aggregator.round_engine.RoundEngine` tests.
 
 The engine never runs the model, so the model is a few fixed bytes and its manifest is built
 directly from the HAR task with a single hidden layer of 4 units (48 -> 4 -> 7: 231 weights).
 Keys are real NaCl keys; time is a plain float the tests pass in.
 
-:class:`Device` seals messages exactly as ``agent.service.AgentService`` does
+:class:`Device` seals messages exactly as ``fedge.agent.service.AgentService`` does
 (``SealedHeader(fleet, device, manifest.round_id, counter, kind, manifest.version)`` around
 ``encode_update`` / ``encode_moments``), with knobs to deviate from the protocol on purpose.
 """
@@ -23,16 +23,16 @@ from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 from nacl.utils import random as nacl_random
 
-from aggregator.config import RoundSettings
-from aggregator.round_engine import EngineState, RoundEngine
-from protocol.codec import Codec
-from protocol.framing import FRAME_VERSION, MAGIC, FrameKind, encode_frame
-from protocol.messages import Evaluation, encode_moments, encode_update
-from protocol.model_manifest import ModelManifest, Normalisation
-from protocol.round_manifest import RoundManifest
-from protocol.sealing import SealedHeader, seal
-from protocol.task import parse_task_spec, task_spec_from_dict
-from protocol.topics import FleetTopics
+from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.round_engine import EngineState, RoundEngine
+from fedge.protocol.codec import Codec
+from fedge.protocol.framing import FRAME_VERSION, MAGIC, FrameKind, encode_frame
+from fedge.protocol.messages import Evaluation, encode_moments, encode_update
+from fedge.protocol.model_manifest import ModelManifest, Normalisation
+from fedge.protocol.round_manifest import RoundManifest
+from fedge.protocol.sealing import SealedHeader, seal
+from fedge.protocol.task import parse_task_spec, task_spec_from_dict
+from fedge.protocol.topics import FleetTopics
 
 REPO = Path(__file__).resolve().parent.parent
 FLEET = "fleet-1"
@@ -181,7 +181,7 @@ def raw_payload_frame(payload_header_json: bytes, body: bytes, bind: SealedHeade
 
 
 def seal_inner(header: SealedHeader, inner: bytes, device_key: PrivateKey, aggregator: PublicKey) -> bytes:
-    """Seals an arbitrary inner frame the way ``protocol.sealing.seal`` does."""
+    """Seals an arbitrary inner frame the way ``fedge.protocol.sealing.seal`` does."""
     encrypted = Box(device_key, aggregator).encrypt(inner, nacl_random(Box.NONCE_SIZE))
     return encode_frame(FrameKind.SEALED, header.to_dict(), bytes(encrypted))
 

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedge.lab.provision import FleetFiles, create_fleet
+from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
+from fedge.protocol.signing import key_id, verify_document
+from fedge.protocol.topics import FleetTopics
 from mqtt_fixtures import RecordedMessage, TrafficRecorder
-
-from fedge.provision import FleetFiles, create_fleet
-from protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from protocol.signing import key_id, verify_document
-from protocol.topics import FleetTopics
+from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 REPO = Path(__file__).resolve().parent.parent
 FLEET = "e2e"
@@ -69,7 +69,7 @@ class Fleet:
         pod: without KUBERNETES_SERVICE_HOST the aggregator's leader election stays off."""
         log = (self.root / f"{name}.log").open("ab")
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KUBERNETES_SERVICE_HOST")}
-        env.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", **(env_overrides or {}))
+        env.update(PYTHONPATH=SOURCE_PYTHONPATH, TF_CPP_MIN_LOG_LEVEL="2", **(env_overrides or {}))
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedge.cli", *args],
             stdout=log,

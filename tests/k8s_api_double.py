@@ -1,6 +1,6 @@
 """A small in-memory Kubernetes API server on loopback for the leader-election tests.
 
-Implements only what ``aggregator.leader`` uses: Leases (GET, POST, PUT with resourceVersion
+Implements only what ``fedge.aggregator.leader`` uses: Leases (GET, POST, PUT with resourceVersion
 preconditions -> 409 Conflict) and ConfigMap PATCH (strategic-merge / merge-patch). Every
 request body and every response body is validated against Kubernetes' own JSON schema for its
 kind (Lease, ConfigMap, Status) from kubernetes-validate's offline schemas (v1.30, strict:

@@ -3,7 +3,7 @@
 Use from a test module or conftest with ``pytest_plugins = ("mqtt_fixtures",)`` (``tests/`` is
 on ``sys.path`` when pytest runs). Fixtures:
 
-- ``mosquitto``: a started :class:`~fedge.broker.MosquittoBroker` in the test's ``tmp_path``,
+- ``mosquitto``: a started :class:`~fedge.lab.broker.MosquittoBroker` in the test's ``tmp_path``,
   stopped when the test ends, whether it passed or failed.
 - ``mosquitto_session``: one broker for the whole session (use unique topics per test).
 - ``traffic_recorder``: a started :class:`TrafficRecorder` on ``mosquitto``.
@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedge.broker import BrokerProcess, BrokerSettings, MosquittoBroker, find_mosquitto
+from fedge.lab.broker import BrokerProcess, BrokerSettings, MosquittoBroker, find_mosquitto
 
 # The longest a waiting loop blocks between two checks of its condition.
 POLL_S = 0.05

@@ -173,8 +173,9 @@ def _load(path: Path, service: str, version: str, errata: bool) -> OpenAPI:
         spec_validator_cls=None,  # see the module docstring
         extra_media_type_deserializers={"multipart/form-data": _multipart_as_text},
     )
-    return OpenAPI.from_dict(_spec_data(path, service, version, errata), config=config,
-                             base_uri=path.as_uri())
+    return OpenAPI.from_dict(
+        _spec_data(path, service, version, errata), config=config, base_uri=path.as_uri()
+    )
 
 
 def load_spec(version: str, service: str = "core-metadata", *, errata: bool = True) -> OpenAPI:
@@ -190,8 +191,9 @@ def _server_root(spec: OpenAPI) -> tuple[str, str]:
     return f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/")
 
 
-def _mock_request(spec: OpenAPI, method: str, url: str, body: bytes | str | None,
-                  headers: Mapping[str, str] | None) -> MockRequest:
+def _mock_request(
+    spec: OpenAPI, method: str, url: str, body: bytes | str | None, headers: Mapping[str, str] | None
+) -> MockRequest:
     # Requests go to a test server on a random port; validate them as if sent to the spec's
     # server, keeping the path (which must start with the spec's base path, e.g. /api/v3).
     host_url, base = _server_root(spec)
@@ -201,8 +203,15 @@ def _mock_request(spec: OpenAPI, method: str, url: str, body: bytes | str | None
     hdrs = dict(headers or {})
     content_type = next((v for k, v in hdrs.items() if k.lower() == "content-type"), "")
     data = body.encode("utf-8") if isinstance(body, str) else body
-    return MockRequest(host_url, method.upper(), parts.path, headers=hdrs,
-                       args=dict(parse_qsl(parts.query)), data=data, content_type=content_type)
+    return MockRequest(
+        host_url,
+        method.upper(),
+        parts.path,
+        headers=hdrs,
+        args=dict(parse_qsl(parts.query)),
+        data=data,
+        content_type=content_type,
+    )
 
 
 def _explain(exc: Exception) -> str:
@@ -216,8 +225,13 @@ def _explain(exc: Exception) -> str:
     return "\n".join(lines)
 
 
-def validate_request(spec: OpenAPI, method: str, url: str, body: bytes | str | None = None,
-                     headers: Mapping[str, str] | None = None) -> None:
+def validate_request(
+    spec: OpenAPI,
+    method: str,
+    url: str,
+    body: bytes | str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> None:
     """Raises :class:`SpecMismatch` unless the request matches an operation of ``spec``."""
     request = _mock_request(spec, method, url, body, headers)
     try:
@@ -226,16 +240,23 @@ def validate_request(spec: OpenAPI, method: str, url: str, body: bytes | str | N
         raise SpecMismatch(f"request {method} {url} does not match the spec:\n{_explain(exc)}") from exc
 
 
-def validate_response(spec: OpenAPI, method: str, url: str, status: int, body: bytes | str,
-                      headers: Mapping[str, str] | None = None,
-                      request_headers: Mapping[str, str] | None = None) -> None:
+def validate_response(
+    spec: OpenAPI,
+    method: str,
+    url: str,
+    status: int,
+    body: bytes | str,
+    headers: Mapping[str, str] | None = None,
+    request_headers: Mapping[str, str] | None = None,
+) -> None:
     """Raises :class:`SpecMismatch` unless the response is one the operation documents."""
     request = _mock_request(spec, method, url, None, request_headers)
     hdrs = dict(headers or {})
     content_type = next((v for k, v in hdrs.items() if k.lower() == "content-type"), "application/json")
     data = body.encode("utf-8") if isinstance(body, str) else body
-    response = MockResponse(data, status_code=status, headers=hdrs,
-                            content_type=content_type.split(";")[0].strip())
+    response = MockResponse(
+        data, status_code=status, headers=hdrs, content_type=content_type.split(";")[0].strip()
+    )
     try:
         spec.validate_response(request, response)
     except Exception as exc:
@@ -255,8 +276,9 @@ def _schema_validator(path: Path, service: str, version: str, errata: bool, name
     return OAS31Validator({"$ref": f"{path.as_uri()}#/components/schemas/{name}"}, registry=registry)
 
 
-def schema_errors(version: str, schema: str, instance: Any, service: str = "core-metadata",
-                  *, errata: bool = True) -> Iterator[str]:
+def schema_errors(
+    version: str, schema: str, instance: Any, service: str = "core-metadata", *, errata: bool = True
+) -> Iterator[str]:
     """Each way ``instance`` violates ``components/schemas/<schema>``, as readable lines."""
     validator = _schema_validator(spec_path(version, service), service, version, errata, schema)
     for err in sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path)):
@@ -264,8 +286,9 @@ def schema_errors(version: str, schema: str, instance: Any, service: str = "core
         yield f"{where}: {err.message}"
 
 
-def validate_schema(version: str, schema: str, instance: Any, service: str = "core-metadata",
-                    *, errata: bool = True) -> None:
+def validate_schema(
+    version: str, schema: str, instance: Any, service: str = "core-metadata", *, errata: bool = True
+) -> None:
     """Raises :class:`SpecMismatch` unless ``instance`` is valid ``components/schemas/<schema>``."""
     errors = list(schema_errors(version, schema, instance, service, errata=errata))
     if errors:

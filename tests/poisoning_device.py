@@ -1,7 +1,7 @@
 """A compromised device for end-to-end attack tests: a real device's key and broker credentials,
 and poisoned payloads in every round.
 
-It follows the protocol exactly as ``agent.service.AgentService`` does (verifies each manifest
+It follows the protocol exactly as ``fedge.agent.service.AgentService`` does (verifies each manifest
 with the pinned key, fetches the global weights by hash, seals with its own key and a fresh
 counter, publishes QoS 1 on its own ``update/{id}``), so everything it sends authenticates and
 reaches the round engine; only the content is hostile:
@@ -25,12 +25,12 @@ from nacl.public import PrivateKey, PublicKey
 from nacl.signing import VerifyKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol.errors import FedgeError
-from protocol.messages import encode_moments, encode_update
-from protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from protocol.sealing import SealedHeader, seal
-from protocol.signing import key_id, verify_document
-from protocol.topics import FleetTopics
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.messages import encode_moments, encode_update
+from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
+from fedge.protocol.sealing import SealedHeader, seal
+from fedge.protocol.signing import key_id, verify_document
+from fedge.protocol.topics import FleetTopics
 
 #: The default ``update_norm_ratio``: what a device can read in docs/configuration.md.
 DOCUMENTED_RATIO = 0.5

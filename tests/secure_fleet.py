@@ -21,7 +21,7 @@ API (everything else is internal)::
                                       #   wait_exit(name, timeout), log(name), spawn(), manifests()
         sf.devices                    # ("watch-01", "watch-02")
         sf.creds["watch-01"]          # {"broker", "username", "password", "ca_file"}
-        sf.broker                     # the running fedge.broker.ConfiguredMosquitto
+        sf.broker                     # the running fedge.lab.broker.ConfiguredMosquitto
         with sf.client("watch-01") as c:               # connected paho client (MQTT 5, TLS)
             ...
         rc = sf.publish("watch-01", topic, payload, retain=True)   # PUBACK reason code
@@ -46,13 +46,12 @@ from types import TracebackType
 from typing import Any, Self
 
 import paho.mqtt.client as mqtt
-from fleet_harness import FLEET, Fleet, device_subjects
-from mqtt_fixtures import TrafficRecorder, require_mosquitto
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fedge.broker import ConfiguredMosquitto, free_loopback_port
-from fedge.broker_config import (
+from fedge.lab.broker import ConfiguredMosquitto, free_loopback_port
+from fedge.protocol.mqtt_settings import parse_broker_url
+from fedge.tools.broker_config import (
     BrokerConfigRequest,
     BrokerLimits,
     FleetAccess,
@@ -60,7 +59,8 @@ from fedge.broker_config import (
     update_bytes_in,
     write_broker_config,
 )
-from protocol.mqtt_settings import parse_broker_url
+from fleet_harness import FLEET, Fleet, device_subjects
+from mqtt_fixtures import TrafficRecorder, require_mosquitto
 
 WAIT_S = 10.0
 AGGREGATOR = "aggregator"

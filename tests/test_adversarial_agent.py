@@ -18,19 +18,20 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_fixtures import TrafficRecorder
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.config import RoundSettings
-from aggregator.round_engine import MANIFEST_DOC_TYPE, EngineState, RoundEngine
-from aggregator.service import load_model
-from fedge.broker import MosquittoBroker
-from fedge.provision import render_toml, write_private
-from protocol.sealing import key_to_text, read_header
-from protocol.signing import sign_document, signing_key_to_text
-from protocol.topics import FleetTopics
+from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.round_engine import MANIFEST_DOC_TYPE, EngineState, RoundEngine
+from fedge.aggregator.service import load_model
+from fedge.lab.broker import MosquittoBroker
+from fedge.lab.provision import render_toml, write_private
+from fedge.protocol.sealing import key_to_text, read_header
+from fedge.protocol.signing import sign_document, signing_key_to_text
+from fedge.protocol.topics import FleetTopics
+from mqtt_fixtures import TrafficRecorder
+from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 pytest_plugins = ("mqtt_fixtures",)
 pytestmark = [pytest.mark.slow, pytest.mark.adversarial]
@@ -127,7 +128,7 @@ def setup(
         )
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = SOURCE_PYTHONPATH
     aggregator = Aggregator(har_model_dir, mosquitto, device_key, signing, box)
     with TrafficRecorder.for_broker(mosquitto, topic_filter="fedge/#") as recorder:
         with (tmp_path / "agent.log").open("ab") as log:
@@ -222,7 +223,7 @@ def test_a_tampered_weights_blob_is_never_loaded(setup: tuple[Aggregator, Traffi
 def test_a_rotated_signing_key_is_followed_and_the_old_one_retired(
     setup: tuple[Aggregator, TrafficRecorder, object],
 ) -> None:
-    from protocol.key_rotation import sign_rotation
+    from fedge.protocol.key_rotation import sign_rotation
 
     aggregator, recorder, _ = setup
     old = aggregator.signing

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from aggregator.trainable_mlp import TrainableMLP
-from protocol.task import TaskSpec
+from fedge.aggregator.trainable_mlp import TrainableMLP
+from fedge.protocol.task import TaskSpec
+from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = Path(__file__).resolve().parent / "agent_probe.py"
@@ -35,10 +36,15 @@ def write_batches(task: TaskSpec, path: Path, seed: int = 11) -> dict[str, np.nd
 
 def run_probe(python: str, model_dir: Path, batches: Path, out: Path) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = SOURCE_PYTHONPATH
     proc = subprocess.run(
         [python, str(PROBE), str(model_dir), str(batches), str(out)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -62,25 +68,34 @@ def test_agent_training_in_a_fresh_process_never_imports_tensorflow(
     np.testing.assert_allclose(np.load(tmp_path / "w.npy"), tensorflow_weights(har_task, arrays), atol=1e-6)
 
 
+def _part(module: str) -> str:
+    """What an import names: the part for fedge's own (``fedge.agent.x`` -> ``agent``; the CLI
+    and its tools are ``cli``, ``tools``, ``version``), else the top-level module."""
+    names = module.split(".")
+    return names[1] if names[0] == "fedge" and len(names) > 1 else names[0]
+
+
 def _imports(package: str) -> dict[str, set[str]]:
-    """Top-level modules imported anywhere (also lazily, inside functions) by each file."""
+    """Parts and top-level modules imported anywhere (also lazily, inside functions) by each
+    file of one part (its folder: ``agent`` -> agent/fedge/agent)."""
     found: dict[str, set[str]] = {}
-    for path in sorted((REPO / package).rglob("*.py")):
+    for path in sorted((REPO / package / "fedge" / package).rglob("*.py")):
         names: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
-                names.update(a.name.split(".")[0] for a in node.names)
+                names.update(_part(a.name) for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
+                names.add(_part(node.module))
         found[str(path.relative_to(REPO))] = names
     return found
 
 
 def test_dependencies_point_one_way() -> None:
+    tools = {"cli", "tools", "lab", "version"}
     forbidden = {
-        "protocol": {"agent", "aggregator", "fedge", "tensorflow", "paho", "requests", "socket", "sqlite3"},
-        "agent": {"aggregator", "fedge", "tensorflow", "keras", "seglearn", "pandas"},
-        "aggregator": {"agent", "fedge"},
+        "protocol": {"agent", "aggregator", *tools, "tensorflow", "paho", "requests", "socket", "sqlite3"},
+        "agent": {"aggregator", *tools, "tensorflow", "keras", "seglearn", "pandas"},
+        "aggregator": {"agent", *tools},
     }
     violations = {
         f"{file} imports {sorted(names & bad)}"
@@ -90,5 +105,5 @@ def test_dependencies_point_one_way() -> None:
     }
     assert violations == set()
     # The scan itself works: it sees the imports it must see.
-    assert "tensorflow" in _imports("aggregator")["aggregator/trainable_mlp.py"]
-    assert "protocol" in _imports("agent")["agent/trainer.py"]
+    assert "tensorflow" in _imports("aggregator")["aggregator/fedge/aggregator/trainable_mlp.py"]
+    assert "protocol" in _imports("agent")["agent/fedge/agent/trainer.py"]

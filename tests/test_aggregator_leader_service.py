@@ -22,16 +22,15 @@ import pytest
 pytest.importorskip("kubernetes")
 pytest.importorskip("kubernetes_validate")
 
+from fedge.aggregator.checkpoint import load_checkpoint
+from fedge.aggregator.leader import LEASE_NAME, STATUS_CONFIGMAP
+from fedge.aggregator.leadership import EXIT_LEADERSHIP_LOST
+from fedge.lab.broker import MosquittoBroker
+from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
+from fedge.protocol.signing import key_id, verify_document
 from fleet_harness import Fleet, wait_device_online
 from k8s_api_double import KubeApiDouble
 from mqtt_fixtures import TrafficRecorder
-
-from aggregator.checkpoint import load_checkpoint
-from aggregator.leader import LEASE_NAME, STATUS_CONFIGMAP
-from aggregator.leadership import EXIT_LEADERSHIP_LOST
-from fedge.broker import MosquittoBroker
-from protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from protocol.signing import key_id, verify_document
 
 pytest_plugins = ("mqtt_fixtures",)
 pytestmark = pytest.mark.slow

@@ -18,13 +18,13 @@ import os
 from pathlib import Path
 
 import pytest
+
+from fedge.lab.broker import MosquittoBroker
+from fedge.lab.container_agent import podman_run_command, stage_container_agent
+from fedge.lab.provision import create_fleet
+from fedge.protocol.topics import FleetTopics
 from mqtt_fixtures import TrafficRecorder
 from podman_support import ROOT, build_agent_image, podman, remove_containers, require_podman
-
-from fedge.broker import MosquittoBroker
-from fedge.container_agent import podman_run_command, stage_container_agent
-from fedge.provision import create_fleet
-from protocol.topics import FleetTopics
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,4 +1,4 @@
-"""protocol.bounded_json: size, UTF-8 and nesting checked before json.loads, exact errors.
+"""fedge.protocol.bounded_json: size, UTF-8 and nesting checked before json.loads, exact errors.
 
 The property that matters: whatever the bytes, the answer is a value or a BoundedJsonError
 with one of five reasons, never RecursionError or another exception, and the depth check
@@ -15,14 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.bounded_json import (
+from fedge.protocol.bounded_json import (
     DEFAULT_MAX_DEPTH,
     REASONS,
     BoundedJsonError,
     loads_bounded,
     nesting_depth_exceeds,
 )
-from protocol.errors import FedgeError
+from fedge.protocol.errors import FedgeError
 
 pytestmark = pytest.mark.adversarial
 LIMIT = 1 << 20

@@ -1,4 +1,4 @@
-"""fedge.broker against a real Mosquitto (and the amqtt fallback): no mocks, bounded waits only."""
+"""fedge.lab.broker against a real Mosquitto (and the amqtt fallback): no mocks, bounded waits only."""
 
 from __future__ import annotations
 
@@ -14,14 +14,13 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_fixtures import RecordedMessage, TrafficRecorder, in_ci, require_mosquitto
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-import fedge.broker as broker_module
-from fedge.broker import (
+import fedge.lab.broker as broker_module
+from fedge.lab.broker import (
     AmqttBroker,
     BrokerError,
     BrokerSettings,
@@ -34,7 +33,8 @@ from fedge.broker import (
     render_amqtt_config,
     render_mosquitto_conf,
 )
-from protocol.errors import FedgeError
+from fedge.protocol.errors import FedgeError
+from mqtt_fixtures import RecordedMessage, TrafficRecorder, in_ci, require_mosquitto
 
 pytest_plugins = ("mqtt_fixtures",)
 
@@ -165,7 +165,7 @@ def _process_gone(pid: int) -> bool:
 # -- configuration ---------------------------------------------------------------------------
 
 GOLDEN_CONF = """\
-# Written by fedge.broker for one broker run; rewritten on every start.
+# Written by fedge.lab.broker for one broker run; rewritten on every start.
 per_listener_settings false
 listener 18830 127.0.0.1
 allow_anonymous true
@@ -560,7 +560,7 @@ def test_local_broker_prefers_mosquitto_and_falls_back_to_amqtt_with_a_notice(
     with pytest.raises(BrokerError, match="mosquitto is not installed"):
         local_broker(settings, allow_fallback=False)
     if amqtt_available():
-        with caplog.at_level(logging.WARNING, logger="fedge.broker"):
+        with caplog.at_level(logging.WARNING, logger="fedge.lab.broker"):
             assert isinstance(local_broker(settings), AmqttBroker)
         assert "using the embedded amqtt broker" in caplog.text
     with pytest.raises(BrokerError, match="mosquitto is not installed"):

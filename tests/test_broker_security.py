@@ -48,14 +48,15 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_fixtures import require_mosquitto
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fedge.broker import ConfiguredMosquitto, free_loopback_port
-from fedge.broker_config import (
+from fedge.lab.broker import ConfiguredMosquitto, free_loopback_port
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.topics import FleetTopics
+from fedge.tools.broker_config import (
     PACKET_HEADROOM,
     BrokerConfigError,
     BrokerConfigRequest,
@@ -72,8 +73,8 @@ from fedge.broker_config import (
     verify_password,
     write_broker_config,
 )
-from protocol.errors import FedgeError
-from protocol.topics import FleetTopics
+from mqtt_fixtures import require_mosquitto
+from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 WAIT_S = 10.0  # upper bound of every wait; a passing test never comes close
 FLEET = "f1"
@@ -728,8 +729,8 @@ def test_a_provisioned_agent_reads_edgex_through_its_own_principal(tmp_path: Pat
     the device's EdgeX principal's credentials (as fedge demo does), a real `fedge agent run`
     connects twice - as watch-01 and as watch-01.edgex - and stores the readings an EdgeX
     service publishes; neither connection knocks the other off."""
-    from fedge.edgex_simulate import SimulateOptions, simulate
-    from fedge.provision import create_fleet
+    from fedge.lab.edgex_simulate import SimulateOptions, simulate
+    from fedge.lab.provision import create_fleet
 
     device, agent_wait_s = "watch-01", 120.0  # an agent starting on a loaded 2-core machine
     fleet_access = FleetAccess(fleet=FLEET, devices=(device,), aggregator=AGG, edgex_services=(EDGEX,))
@@ -753,7 +754,7 @@ def test_a_provisioned_agent_reads_edgex_through_its_own_principal(tmp_path: Pat
     agg = d.peer(AGG).connected()
     agg.subscribe(T.status_filter)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGE_")}
-    env["PYTHONPATH"] = str(repo)
+    env["PYTHONPATH"] = SOURCE_PYTHONPATH
     with (tmp_path / "agent.log").open("wb") as log:
         agent = subprocess.Popen(
             [sys.executable, "-m", "fedge.cli", "agent", "run", "--config", str(config)],
@@ -845,7 +846,7 @@ def test_a_certificate_the_acl_does_not_name_gets_nothing(certs: Deployment, tmp
 
 
 def test_no_tls_is_explicit_and_still_authenticates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="fedge.broker_config"):
+    with caplog.at_level(logging.WARNING, logger="fedge.tools.broker_config"):
         deployments = deploy(tmp_path, tls="none")
         d = next(deployments)
     try:
@@ -1253,8 +1254,8 @@ def run_cli(*argv: str) -> int:
 def test_cli_with_a_device_registry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from nacl.public import PrivateKey
 
-    from aggregator.registry import render_registry
-    from protocol.sealing import key_to_text
+    from fedge.aggregator.registry import render_registry
+    from fedge.protocol.sealing import key_to_text
 
     registry = tmp_path / "devices.toml"
     keys = {d: key_to_text(PrivateKey.generate().public_key) for d in ("watch-01", "watch-02")}

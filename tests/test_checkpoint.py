@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import (
+from fedge.aggregator.checkpoint import (
     HEADER_BYTES,
     MAGIC,
     Checkpoint,
@@ -30,8 +30,8 @@ from aggregator.checkpoint import (
     previous_path,
     save_checkpoint,
 )
-from protocol.errors import FedgeError
-from protocol.model_manifest import Normalisation
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.model_manifest import Normalisation
 
 MAX = 1 << 20
 P = 1000
@@ -101,7 +101,9 @@ def test_round_trip_returns_exactly_what_was_saved(tmp_path: Path) -> None:
     assert loaded.round_devices == frozenset({"dev-a", "gebäude-3/ahu-7"})
     assert loaded.normalisation == saved.normalisation
     assert dict(loaded.metadata) == {
-        "task": "har-watch", "losses": [0.5, 0.25], "nested": {"ok": True, "none": None}
+        "task": "har-watch",
+        "losses": [0.5, 0.25],
+        "nested": {"ok": True, "none": None},
     }
     assert loaded.recovered_from_previous is False
     assert files(tmp_path) == ["aggregator.ckpt"]  # no temp file left behind
@@ -181,7 +183,7 @@ def test_crash_between_the_two_renames_recovers_from_prev(
     path = tmp_path / "agg.ckpt"
     save_checkpoint(path, make(1))
     os.replace(path, previous_path(path))  # the first rename happened, the second did not
-    with caplog.at_level(logging.WARNING, logger="aggregator.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fedge.aggregator.checkpoint"):
         loaded = load_checkpoint(path, MAX)
     assert loaded == dataclasses.replace(make(1), recovered_from_previous=True)
     assert "recovered the previous checkpoint (model version 1, round 11)" in caplog.text
@@ -199,7 +201,7 @@ def test_truncated_latest_recovers_from_prev(
     save_checkpoint(path, make(2))
     data = path.read_bytes()
     path.write_bytes(data[:keep])
-    with caplog.at_level(logging.WARNING, logger="aggregator.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fedge.aggregator.checkpoint"):
         loaded = load_checkpoint(path, MAX)
     assert loaded is not None and loaded.recovered_from_previous
     assert loaded == dataclasses.replace(make(1), recovered_from_previous=True)
@@ -252,7 +254,7 @@ def test_flipped_weight_byte_is_detected(tmp_path: Path, caplog: pytest.LogCaptu
     corrupt = bytearray(path.read_bytes())
     corrupt[-1] ^= 0x80
     path.write_bytes(bytes(corrupt))
-    with caplog.at_level(logging.WARNING, logger="aggregator.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fedge.aggregator.checkpoint"):
         loaded = load_checkpoint(path, MAX)
     assert loaded == dataclasses.replace(make(1), recovered_from_previous=True)
     assert "does not match the recorded" in caplog.text
@@ -352,47 +354,100 @@ def _without(key: str) -> dict[str, Any]:
 KEYS = sorted(valid_doc(W))
 MALFORMED: list[tuple[str, bytes, str]] = [
     ("magic", raw_file(_doc(), W, magic=b"FEDGECK2"), "not a fedge checkpoint (magic b'FEDGECK2')"),
-    ("not json", struct.pack("<8sI", MAGIC, 3) + b"{x}" + W, "header is not valid JSON: Expecting property "
-     "name enclosed in double quotes: line 1 column 2 (char 1)"),
-    ("not utf-8", struct.pack("<8sI", MAGIC, 2) + b"\xc3\x28" + W, "header is not valid JSON: "
-     "'utf-8' codec can't decode byte 0xc3 in position 0: invalid continuation byte"),
-    ("deep", struct.pack("<8sI", MAGIC, 200_000) + b"[" * 100_000 + b"]" * 100_000,
-     "header is not valid JSON: nested too deeply"),
+    (
+        "not json",
+        struct.pack("<8sI", MAGIC, 3) + b"{x}" + W,
+        "header is not valid JSON: Expecting property "
+        "name enclosed in double quotes: line 1 column 2 (char 1)",
+    ),
+    (
+        "not utf-8",
+        struct.pack("<8sI", MAGIC, 2) + b"\xc3\x28" + W,
+        "header is not valid JSON: "
+        "'utf-8' codec can't decode byte 0xc3 in position 0: invalid continuation byte",
+    ),
+    (
+        "deep",
+        struct.pack("<8sI", MAGIC, 200_000) + b"[" * 100_000 + b"]" * 100_000,
+        "header is not valid JSON: nested too deeply",
+    ),
     ("array", raw_file([], W), f"header must be an object with keys {KEYS}, got list"),
-    ("missing key", raw_file(_without("metadata"), W),
-     f"header must be an object with keys {KEYS}, got {sorted(set(KEYS) - {'metadata'})}"),
-    ("extra key", raw_file(_doc(extra=1), W), f"header must be an object with keys {KEYS}, got "
-     f"{sorted([*KEYS, 'extra'])}"),
+    (
+        "missing key",
+        raw_file(_without("metadata"), W),
+        f"header must be an object with keys {KEYS}, got {sorted(set(KEYS) - {'metadata'})}",
+    ),
+    (
+        "extra key",
+        raw_file(_doc(extra=1), W),
+        f"header must be an object with keys {KEYS}, got {sorted([*KEYS, 'extra'])}",
+    ),
     ("count str", raw_file(_doc(parameter_count="3"), W), "parameter_count must be an integer >= 1, got '3'"),
     ("count 0", raw_file(_doc(parameter_count=0), b""), "parameter_count must be an integer >= 1, got 0"),
-    ("count mismatch", raw_file(_doc(parameter_count=2), W),
-     "12 bytes of weights, expected 8 for 2 float32 parameters (truncated or corrupt)"),
-    ("sha upper", raw_file(_doc(weights_sha256="AB" * 32), W),
-     "weights_sha256 must be 64 lowercase hex digits"),
-    ("version bool", raw_file(_doc(model_version=True), W),
-     "checkpoint: model_version must be an integer >= 0, got True"),
-    ("version float", raw_file(_doc(model_version=1.0), W),
-     "checkpoint: model_version must be an integer >= 0, got 1.0"),
-    ("round negative", raw_file(_doc(round_number=-1), W),
-     "checkpoint: round_number must be an integer >= 0, got -1"),
+    (
+        "count mismatch",
+        raw_file(_doc(parameter_count=2), W),
+        "12 bytes of weights, expected 8 for 2 float32 parameters (truncated or corrupt)",
+    ),
+    (
+        "sha upper",
+        raw_file(_doc(weights_sha256="AB" * 32), W),
+        "weights_sha256 must be 64 lowercase hex digits",
+    ),
+    (
+        "version bool",
+        raw_file(_doc(model_version=True), W),
+        "checkpoint: model_version must be an integer >= 0, got True",
+    ),
+    (
+        "version float",
+        raw_file(_doc(model_version=1.0), W),
+        "checkpoint: model_version must be an integer >= 0, got 1.0",
+    ),
+    (
+        "round negative",
+        raw_file(_doc(round_number=-1), W),
+        "checkpoint: round_number must be an integer >= 0, got -1",
+    ),
     ("round id", raw_file(_doc(round_id=7), W), "checkpoint: round_id must be a non-empty string, got 7"),
-    ("parent", raw_file(_doc(parent_hash="abc"), W),
-     "checkpoint: parent_hash must be None or 64 lowercase hex digits"),
+    (
+        "parent",
+        raw_file(_doc(parent_hash="abc"), W),
+        "checkpoint: parent_hash must be None or 64 lowercase hex digits",
+    ),
     ("counters list", raw_file(_doc(device_counters=[]), W), "device_counters must be an object"),
-    ("counter str", raw_file(_doc(device_counters={"d": "1"}), W),
-     "checkpoint: counter of device 'd' must be an integer in 0..2**63-1, got '1'"),
-    ("counter huge", raw_file(_doc(device_counters={"d": 2**63}), W),
-     f"checkpoint: counter of device 'd' must be an integer in 0..2**63-1, got {2**63}"),
-    ("device empty", raw_file(_doc(device_counters={"": 1}), W),
-     "checkpoint: device ids must be non-empty strings, got ''"),
+    (
+        "counter str",
+        raw_file(_doc(device_counters={"d": "1"}), W),
+        "checkpoint: counter of device 'd' must be an integer in 0..2**63-1, got '1'",
+    ),
+    (
+        "counter huge",
+        raw_file(_doc(device_counters={"d": 2**63}), W),
+        f"checkpoint: counter of device 'd' must be an integer in 0..2**63-1, got {2**63}",
+    ),
+    (
+        "device empty",
+        raw_file(_doc(device_counters={"": 1}), W),
+        "checkpoint: device ids must be non-empty strings, got ''",
+    ),
     ("round devices str", raw_file(_doc(round_devices="dev"), W), "round_devices must be a list of strings"),
     ("round devices int", raw_file(_doc(round_devices=[1]), W), "round_devices must be a list of strings"),
-    ("round devices twice", raw_file(_doc(round_devices=["a", "a"]), W),
-     "round_devices lists a device twice"),
-    ("normalisation", raw_file(_doc(normalisation={"mean": [0.0], "std": [0.0]}), W),
-     "normalisation[0]: mean must be finite and std finite and > 0, got mean=0.0, std=0.0"),
-    ("normalisation shape", raw_file(_doc(normalisation=[1]), W),
-     "normalisation: must be an object with 'mean' and 'std'"),
+    (
+        "round devices twice",
+        raw_file(_doc(round_devices=["a", "a"]), W),
+        "round_devices lists a device twice",
+    ),
+    (
+        "normalisation",
+        raw_file(_doc(normalisation={"mean": [0.0], "std": [0.0]}), W),
+        "normalisation[0]: mean must be finite and std finite and > 0, got mean=0.0, std=0.0",
+    ),
+    (
+        "normalisation shape",
+        raw_file(_doc(normalisation=[1]), W),
+        "normalisation: must be an object with 'mean' and 'std'",
+    ),
     ("metadata list", raw_file(_doc(metadata=[]), W), "metadata must be an object"),
 ]
 
@@ -448,15 +503,19 @@ NOT_WEIGHTS = "checkpoint: weights must be a non-empty 1-D float32 array"
         ({"model_version": -1}, "checkpoint: model_version must be an integer >= 0, got -1"),
         ({"round_id": ""}, "checkpoint: round_id must be a non-empty string, got ''"),
         ({"parent_hash": "AB" * 32}, "checkpoint: parent_hash must be None or 64 lowercase hex digits"),
-        ({"device_counters": {"d": -1}},
-         "checkpoint: counter of device 'd' must be an integer in 0..2**63-1, got -1"),
+        (
+            {"device_counters": {"d": -1}},
+            "checkpoint: counter of device 'd' must be an integer in 0..2**63-1, got -1",
+        ),
         ({"device_counters": {1: 1}}, "checkpoint: device ids must be non-empty strings, got 1"),
         ({"device_counters": [("d", 1)]}, "checkpoint: device_counters must be a mapping"),
         ({"round_devices": "dev-a"}, "checkpoint: round_devices must be a set of device ids"),
         ({"round_devices": ["dev-a"]}, "checkpoint: round_devices must be a set of device ids"),
         ({"round_devices": {""}}, "checkpoint: device ids must be non-empty strings, got ''"),
-        ({"normalisation": {"mean": [0.0], "std": [1.0]}},
-         "checkpoint: normalisation must be a Normalisation or None"),
+        (
+            {"normalisation": {"mean": [0.0], "std": [1.0]}},
+            "checkpoint: normalisation must be a Normalisation or None",
+        ),
         ({"metadata": {1: "int key"}}, NOT_PLAIN),
         ({"metadata": {"t": (1, 2)}}, NOT_PLAIN),
         ({"metadata": {"x": float("nan")}}, NOT_PLAIN),
@@ -467,7 +526,11 @@ NOT_WEIGHTS = "checkpoint: weights must be a non-empty 1-D float32 array"
 )
 def test_checkpoint_validation(kwargs: dict[str, Any], message: str) -> None:
     fields: dict[str, Any] = {
-        "weights": W3, "model_version": 1, "round_number": 1, "round_id": "r", "parent_hash": None
+        "weights": W3,
+        "model_version": 1,
+        "round_number": 1,
+        "round_id": "r",
+        "parent_hash": None,
     }
     fields.update(kwargs)
     with pytest.raises(CheckpointError, match=exactly(message)):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.model_manifest import manifest_from_json
+from fedge.protocol.model_manifest import manifest_from_json
 
 REPO = Path(__file__).resolve().parent.parent
 HAR_TASK = REPO / "tasks" / "har-watch.toml"
@@ -153,7 +153,7 @@ def test_version() -> None:
 def test_a_service_key_readable_by_others_is_a_config_error(tmp_path: Path, har_model_dir: Path) -> None:
     """The key is part of the service's configuration: a key file of mode 0644 exits 78 with
     the fix, so systemd does not restart the agent into the same refusal."""
-    from fedge.provision import create_fleet
+    from fedge.lab.provision import create_fleet
 
     files = create_fleet(
         tmp_path, "demo", har_model_dir, "mqtt://127.0.0.1:1", {"watch-01": 1}, {"min_devices": 1}

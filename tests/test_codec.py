@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protocol.codec import Codec, CodecError, decode_tensors, encode_tensors, encoded_size, parse_codec
-from protocol.errors import FedgeError
-from protocol.model_manifest import TensorLayout, mlp_tensor_layout
+from fedge.protocol.codec import Codec, CodecError, decode_tensors, encode_tensors, encoded_size, parse_codec
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.model_manifest import TensorLayout, mlp_tensor_layout
 
 HAR_LAYOUT = mlp_tensor_layout((48, 64, 32, 7))  # 6 tensors, 5447 parameters
 SMALL_LAYOUT = mlp_tensor_layout((3, 4, 2))  # 4 tensors: 12 + 4 + 8 + 2 = 26 parameters
@@ -241,8 +241,16 @@ def test_decode_refuses_non_finite_values(codec: Codec, bad: bytes, position: in
         (0.0, -0.0),
         (0.0, -0.1),
     ],
-    ids=["nan lo", "nan scale", "inf lo", "-inf lo", "inf scale", "zero scale", "negative zero scale",
-         "negative scale"],
+    ids=[
+        "nan lo",
+        "nan scale",
+        "inf lo",
+        "-inf lo",
+        "inf scale",
+        "zero scale",
+        "negative zero scale",
+        "negative scale",
+    ],
 )
 @pytest.mark.parametrize("tensor", [0, 3], ids=["first tensor", "last tensor"])
 def test_decode_refuses_bad_int8_parameters(lo: float, scale: float, tensor: int) -> None:

@@ -11,14 +11,14 @@ import pytest
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from agent.config import load_agent_config
-from agent.config import read_config_file as agent_reader
-from aggregator.config import load_aggregator_config
-from aggregator.config import read_config_file as aggregator_reader
-from fedge.provision import render_toml
-from protocol.config_source import MAX_CONFIG_BYTES, ConfigError, FileReader, config_document
-from protocol.sealing import key_to_text
-from protocol.signing import signing_key_to_text
+from fedge.agent.config import load_agent_config
+from fedge.agent.config import read_config_file as agent_reader
+from fedge.aggregator.config import load_aggregator_config
+from fedge.aggregator.config import read_config_file as aggregator_reader
+from fedge.lab.provision import render_toml
+from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, FileReader, config_document
+from fedge.protocol.sealing import key_to_text
+from fedge.protocol.signing import signing_key_to_text
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "k3Jd-secret-value"

@@ -14,10 +14,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from podman_support import ROOT, build_agent_image, podman, remove_containers, require_podman
 
-from fedge.container_agent import STATE_DIR, container_config, podman_run_command, stage_container_agent
-from protocol.errors import FedgeError
+from fedge.lab.container_agent import STATE_DIR, container_config, podman_run_command, stage_container_agent
+from fedge.protocol.errors import FedgeError
+from podman_support import ROOT, build_agent_image, podman, remove_containers, require_podman
 
 pytestmark = pytest.mark.slow
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -36,7 +36,8 @@ def test_agent_image_is_litert_only_non_root_and_small(agent_image: tuple[str, i
     probe = (
         "import importlib.util, json, os; "
         "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in "
-        "('ai_edge_litert', 'tensorflow', 'keras', 'pandas', 'seglearn', 'agent', 'protocol', 'aggregator')}"
+        "('ai_edge_litert', 'tensorflow', 'keras', 'pandas', 'seglearn', 'fedge.agent', 'fedge.protocol',"
+        " 'fedge.aggregator', 'fedge.lab')}"
         " | {'uid': os.getuid(), 'gid': os.getgid()}))"
     )
     result = podman("run", "--rm", "--entrypoint", "python", tag, "-c", probe)
@@ -47,9 +48,10 @@ def test_agent_image_is_litert_only_non_root_and_small(agent_image: tuple[str, i
         "keras": False,
         "pandas": False,
         "seglearn": False,
-        "agent": True,
-        "protocol": True,
-        "aggregator": False,
+        "fedge.agent": True,
+        "fedge.protocol": True,
+        "fedge.aggregator": False,  # a device image carries no server code
+        "fedge.lab": False,  # nor the demo's
         "uid": 10001,
         "gid": 10001,
     }

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from podman_support import build_agent_image, podman_env, remove_containers, require_podman
+from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -106,7 +108,7 @@ def test_demo_with_a_relative_output_directory(tmp_path: Path) -> None:
         cwd=tmp_path,
         timeout=600,
         check=False,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO)),
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=SOURCE_PYTHONPATH),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["rounds_completed"] == 1

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.device_state import (
+from fedge.agent.device_state import (
     DeviceState,
     DeviceStateError,
     DeviceStateStore,
@@ -88,7 +88,7 @@ def test_stray_temp_file_from_a_crash_leaves_the_old_state_valid(tmp_path: Path)
 _KILLED_BEFORE_RENAME = """
 import os, signal, sys
 from pathlib import Path
-from agent.device_state import DeviceStateStore
+from fedge.agent.device_state import DeviceStateStore
 
 store = DeviceStateStore(Path(sys.argv[1]))
 print(store.next_counter(), flush=True)
@@ -103,7 +103,11 @@ def test_sigkill_between_temp_write_and_rename_keeps_the_old_state(tmp_path: Pat
     path = tmp_path / "state.json"
     proc = subprocess.run(
         [sys.executable, "-c", _KILLED_BEFORE_RENAME, str(path)],
-        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert proc.stdout.split() == ["1"]

@@ -42,9 +42,9 @@ from openapi_core.validation.request.exceptions import RequestValidationError
 from openapi_core.validation.response.exceptions import ResponseValidationError
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
-from agent.edgex.core_data import MAX_PAGE_LIMIT, CoreDataClient, CoreDataError
-from agent.edgex.readings import Reading
-from fedge.edgex_core_data_server import CoreDataServer, Exchange
+from fedge.agent.edgex.core_data import MAX_PAGE_LIMIT, CoreDataClient, CoreDataError
+from fedge.agent.edgex.readings import Reading
+from fedge.lab.edgex_core_data_server import CoreDataServer, Exchange
 
 SPEC_VERSIONS = ("v3.1.1", "v4.0.2")
 DEVICE = "Random-Float-Device"

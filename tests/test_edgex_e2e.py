@@ -18,22 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mqtt_fixtures import TrafficRecorder
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from agent.edgex.ingest import task_key
-from agent.edgex.samples import SampleBuilder
-from agent.edgex.wire import FLOAT_STYLE_BY_VERSION, event_to_dto
-from agent.sample_store import SampleStore
-from fedge import har_watch
-from fedge.broker import MosquittoBroker
-from fedge.edgex_core_data_server import CoreDataServer
-from fedge.edgex_simulate import EdgeXPublisher, SimulateOptions, replay_events
-from fedge.provision import render_toml, write_private
-from protocol.sealing import key_to_text
-from protocol.signing import signing_key_to_text
-from protocol.task import TaskSpec
+from fedge.agent.edgex.ingest import task_key
+from fedge.agent.edgex.samples import SampleBuilder
+from fedge.agent.edgex.wire import FLOAT_STYLE_BY_VERSION, event_to_dto
+from fedge.agent.sample_store import SampleStore
+from fedge.lab import har_watch
+from fedge.lab.broker import MosquittoBroker
+from fedge.lab.edgex_core_data_server import CoreDataServer
+from fedge.lab.edgex_simulate import EdgeXPublisher, SimulateOptions, replay_events
+from fedge.lab.provision import render_toml, write_private
+from fedge.protocol.sealing import key_to_text
+from fedge.protocol.signing import signing_key_to_text
+from fedge.protocol.task import TaskSpec
+from mqtt_fixtures import TrafficRecorder
+from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 pytest_plugins = ("mqtt_fixtures",)
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def _agent_config(root: Path, broker: MosquittoBroker, core_data_url: str | None
 
 def _start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = SOURCE_PYTHONPATH
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "fedge.cli", "agent", "run", "--config", str(config)],
@@ -154,7 +155,7 @@ def test_tap_prints_what_the_agent_parses_for_every_wire_format(
 ) -> None:
     rows = 3
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = SOURCE_PYTHONPATH
     variants = [("v3", "application/json"), ("v4", "application/json"), ("v4", "application/cbor")]
     per_variant = rows * (len(har_watch.RESOURCES) + 1)
     tap = subprocess.Popen(

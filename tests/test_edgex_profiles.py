@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import task_variant
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from openapi_specs import SPEC_VERSIONS, schema_errors, shared_dir
 
-import agent.edgex.profile as profile_module
-from agent.edgex.profile import (
+import fedge.agent.edgex.profile as profile_module
+from conftest import task_variant
+from fedge.agent.edgex.profile import (
     MAX_PROFILE_BYTES,
     MAX_YAML_DEPTH,
     DeviceProfile,
@@ -26,9 +25,10 @@ from agent.edgex.profile import (
     load_profile,
     parse_go_duration,
 )
-from agent.edgex.readings import VALUE_TYPES
-from fedge.edgex_provision import device_dto
-from protocol.task import TaskSpec
+from fedge.agent.edgex.readings import VALUE_TYPES
+from fedge.protocol.task import TaskSpec
+from fedge.tools.edgex_provision import device_dto
+from openapi_specs import SPEC_VERSIONS, schema_errors, shared_dir
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_DIR = REPO / "edgex_profiles"

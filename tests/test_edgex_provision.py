@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edgex_metadata_double import MetadataDouble, Recorded
 from openapi_core import OpenAPI
-from openapi_specs import SPEC_VERSIONS, SpecMismatch, load_spec, validate_request, validate_response
 
-from fedge.edgex_provision import (
+from edgex_metadata_double import MetadataDouble, Recorded
+from fedge.tools.edgex_provision import (
     ProvisionError,
     ProvisionReport,
     add_edgex_parser,
@@ -29,6 +28,7 @@ from fedge.edgex_provision import (
     provision,
     render_report,
 )
+from openapi_specs import SPEC_VERSIONS, SpecMismatch, load_spec, validate_request, validate_response
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_DIR = REPO / "edgex_profiles"
@@ -65,8 +65,12 @@ def routes(double: MetadataDouble) -> list[str]:
 
 def test_discover_splits_profiles_from_device_lists(files: Files) -> None:
     profiles, devices = files
-    assert [p.name for p in profiles] == ["hvac-unit.yaml", "power-meter.yaml",
-                                          "room-environment-sensor.yaml", "wearable-imu.yaml"]
+    assert [p.name for p in profiles] == [
+        "hvac-unit.yaml",
+        "power-meter.yaml",
+        "room-environment-sensor.yaml",
+        "wearable-imu.yaml",
+    ]
     assert [p.name for p in devices] == ["devices.yaml"]
 
 
@@ -100,8 +104,9 @@ def test_second_run_updates_and_duplicates_nothing(double: MetadataDouble, files
     assert len(double.state.profiles) == 4 and len(double.state.devices) == 11
     assert {name: p["id"] for name, p in double.state.profiles.items()} == ids
     assert routes(double) == [
-        "POST /api/v3/deviceprofile/uploadfile", "PUT /api/v3/deviceprofile/uploadfile"] * 4 + [
-        "POST /api/v3/device", "PATCH /api/v3/device"]
+        "POST /api/v3/deviceprofile/uploadfile",
+        "PUT /api/v3/deviceprofile/uploadfile",
+    ] * 4 + ["POST /api/v3/device", "PATCH /api/v3/device"]
     patch = json.loads(double.requests[-1].body)
     assert "adminState" not in patch[0]["device"]  # an operator's LOCK survives a re-provision
 
@@ -148,9 +153,12 @@ def test_a_207_with_failing_items_is_reported_per_item(double: MetadataDouble, t
 def test_a_refused_batch_fails_each_device(double: MetadataDouble, files: Files) -> None:
     def refuse(rec: Recorded) -> tuple[int, Any] | None:
         if (rec.method, rec.path) == ("POST", "/api/v3/device"):
-            return 400, {"apiVersion": "v3", "statusCode": 400,
-                         "message": "AddDeviceRequest.Device.AutoEvents[0].Interval field should follows "
-                                    "the ISO 8601 Durations format"}
+            return 400, {
+                "apiVersion": "v3",
+                "statusCode": 400,
+                "message": "AddDeviceRequest.Device.AutoEvents[0].Interval field should follows "
+                "the ISO 8601 Durations format",
+            }
         return None
 
     double.intercept = refuse
@@ -179,15 +187,22 @@ def test_missing_or_wrong_token_is_a_clear_error(spec: OpenAPI, files: Files) ->
             run(double, files, token="not-the-token")
     assert str(missing.value) == (
         f"core-metadata at {double.url} answered 401 to POST /deviceprofile/uploadfile: "
-        "EdgeX in secure mode needs a JWT (--token or $FEDGE_EDGEX_TOKEN)")
+        "EdgeX in secure mode needs a JWT (--token or $FEDGE_EDGEX_TOKEN)"
+    )
     assert str(wrong.value).endswith("answered 401 to POST /deviceprofile/uploadfile: the token was refused")
     assert "Authorization" not in double.requests[0].headers
     assert double.requests[1].headers["Authorization"] == "Bearer not-the-token"
     assert double.spec_errors == []
     # The specs document no 401 at all: secure mode's answer cannot be validated.
     with pytest.raises(SpecMismatch, match="Unknown response http status: 401"):
-        validate_response(spec, "POST", "http://localhost:59881/api/v3/device", 401,
-                          b'{"apiVersion":"v3","statusCode":401}', {"Content-Type": "application/json"})
+        validate_response(
+            spec,
+            "POST",
+            "http://localhost:59881/api/v3/device",
+            401,
+            b'{"apiVersion":"v3","statusCode":401}',
+            {"Content-Type": "application/json"},
+        )
 
 
 def free_port() -> int:
@@ -201,7 +216,8 @@ def test_connection_refused_is_a_clear_error(files: Files) -> None:
     with pytest.raises(ProvisionError) as info:
         provision(f"http://127.0.0.1:{port}", *files, timeout=2)
     assert str(info.value) == (
-        f"cannot connect to core-metadata at http://127.0.0.1:{port}: connection refused")
+        f"cannot connect to core-metadata at http://127.0.0.1:{port}: connection refused"
+    )
 
 
 def test_a_silent_server_times_out(files: Files) -> None:
@@ -211,32 +227,40 @@ def test_a_silent_server_times_out(files: Files) -> None:
         port = server.getsockname()[1]
         with pytest.raises(ProvisionError) as info:
             provision(f"http://127.0.0.1:{port}", *files, timeout=0.3)
-    assert str(info.value) == (f"core-metadata at http://127.0.0.1:{port} did not answer "
-                               "POST /deviceprofile/uploadfile within 0.3s")
+    assert str(info.value) == (
+        f"core-metadata at http://127.0.0.1:{port} did not answer POST /deviceprofile/uploadfile within 0.3s"
+    )
 
 
 def test_a_server_that_is_not_core_metadata_is_named(files: Files) -> None:
     # No spec: this test sends to a wrong path on purpose.
     with MetadataDouble() as double, pytest.raises(ProvisionError) as info:
         provision(f"{double.url}/core-data", *files, timeout=5)
-    assert str(info.value) == (f"POST {double.url}/core-data/api/v3/deviceprofile/uploadfile answered 404: "
-                               f"is {double.url}/core-data core-metadata (EdgeX 3 or 4, default port 59881)?")
+    assert str(info.value) == (
+        f"POST {double.url}/core-data/api/v3/deviceprofile/uploadfile answered 404: "
+        f"is {double.url}/core-data core-metadata (EdgeX 3 or 4, default port 59881)?"
+    )
 
 
 def test_invalid_files_stop_before_any_request(double: MetadataDouble, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: Bad\ndeviceResources:\n"
-                   "  - {name: x, properties: {valueType: Float, readWrite: R}}\n")
+    bad.write_text(
+        "name: Bad\ndeviceResources:\n  - {name: x, properties: {valueType: Float, readWrite: R}}\n"
+    )
     expected = rf"^{bad}: deviceResources\[0\]\.properties\.valueType: unknown"
     with pytest.raises(ProvisionError, match=expected):
         provision(double.url, [IMU, bad], [], timeout=5)
     typo = tmp_path / "devices.yaml"
-    typo.write_text("deviceList:\n  - {name: w, profileName: Wearable-IMU, protocols: {other: {A: w}},"
-                    " autoEvents: [{interval: 20ms, sourceName: imu_all}]}\n")
+    typo.write_text(
+        "deviceList:\n  - {name: w, profileName: Wearable-IMU, protocols: {other: {A: w}},"
+        " autoEvents: [{interval: 20ms, sourceName: imu_all}]}\n"
+    )
     with pytest.raises(ProvisionError) as info:
         provision(double.url, [IMU], [typo], timeout=5)
-    assert str(info.value) == ("device 'w': autoEvents[0].sourceName: 'imu_all' is neither a resource nor a "
-                               "command of profile 'Wearable-IMU' (did you mean 'imu'?)")
+    assert str(info.value) == (
+        "device 'w': autoEvents[0].sourceName: 'imu_all' is neither a resource nor a "
+        "command of profile 'Wearable-IMU' (did you mean 'imu'?)"
+    )
     dup = tmp_path / "copy.yaml"
     shutil.copy(PROFILE_DIR / "hvac-unit.yaml", dup)
     with pytest.raises(ProvisionError, match="profile 'HVAC-Unit' is also defined in"):
@@ -266,26 +290,39 @@ def test_service_name_and_bypass_validation(double: MetadataDouble, files: Files
 def test_many_devices_go_in_batches(double: MetadataDouble, tmp_path: Path) -> None:
     lines = ["deviceList:"] + [
         f"  - {{name: w{i:03d}, profileName: Wearable-IMU, protocols: {{other: {{Address: w{i}}}}}}}"
-        for i in range(230)]
+        for i in range(230)
+    ]
     (tmp_path / "devices.yaml").write_text("\n".join(lines) + "\n")
     report = provision(double.url, [IMU], [tmp_path / "devices.yaml"], timeout=5)
     assert report.ok and report.count("created") == 231
     assert [len(json.loads(r.body)) for r in double.requests if r.path.endswith("/device")] == [100, 100, 30]
 
 
-def test_cli_command(double: MetadataDouble, capsys: pytest.CaptureFixture[str],
-                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_command(
+    double: MetadataDouble, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     parser = argparse.ArgumentParser(prog="fedge")
     add_edgex_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["edgex", "provision", "--metadata", double.url, "--profiles", str(PROFILE_DIR),
-                              "--json"])
+    args = parser.parse_args(
+        ["edgex", "provision", "--metadata", double.url, "--profiles", str(PROFILE_DIR), "--json"]
+    )
     assert (args.service, args.timeout, args.token) == ("device-virtual", 10.0, None)
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["ok"], out["created"], out["updated"], out["failed"]) == (True, 15, 0, 0)
     monkeypatch.setenv("FEDGE_EDGEX_TOKEN", TOKEN)
-    args = parser.parse_args(["edgex", "provision", "--metadata", double.url, "--profiles", str(PROFILE_DIR),
-                              "--service", "device-onvif"])
+    args = parser.parse_args(
+        [
+            "edgex",
+            "provision",
+            "--metadata",
+            double.url,
+            "--profiles",
+            str(PROFILE_DIR),
+            "--service",
+            "device-onvif",
+        ]
+    )
     assert args.func(args) == 1  # unknown device service: every device fails, profiles update
     text = capsys.readouterr().out
     assert "device  watch-07" in text
@@ -310,9 +347,15 @@ def test_concurrent_runs_do_not_duplicate(double: MetadataDouble, files: Files) 
 
 @pytest.mark.parametrize("version", SPEC_VERSIONS)
 def test_raw_specs_reject_what_edgex_accepts(version: str) -> None:
-    device = {"name": "d", "adminState": "UNLOCKED", "operatingState": "UP", "serviceName": "device-virtual",
-              "profileName": "p", "protocols": {"other": {"Address": "d", "Port": 300}},
-              "autoEvents": [{"interval": "20ms", "onChange": False, "sourceName": "imu"}]}
+    device = {
+        "name": "d",
+        "adminState": "UNLOCKED",
+        "operatingState": "UP",
+        "serviceName": "device-virtual",
+        "profileName": "p",
+        "protocols": {"other": {"Address": "d", "Port": 300}},
+        "autoEvents": [{"interval": "20ms", "onChange": False, "sourceName": "imu"}],
+    }
     body = json.dumps([{"apiVersion": "v3", "device": device}])
     url = "http://localhost:59881/api/v3/device"
     headers = {"Content-Type": "application/json"}

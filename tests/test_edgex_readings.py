@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from agent.edgex.readings import (
+from fedge.agent.edgex.readings import (
     ARRAY_TYPES,
     INT_RANGES,
     SCALAR_TYPES,
@@ -21,7 +21,7 @@ from agent.edgex.readings import (
     normalize_value_type,
     parse_value,
 )
-from protocol.errors import FedgeError
+from fedge.protocol.errors import FedgeError
 
 FLOAT32_MAX = 3.4028234663852886e38
 

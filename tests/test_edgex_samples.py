@@ -1,7 +1,7 @@
 """The sample builder: streaming equals batch feature extraction, and every data-quality policy.
 
 No mocks: real Reading objects go in, and samples are checked against
-:func:`agent.features.extract_features` and :func:`agent.features.window_labels` on the whole
+:func:`fedge.agent.features.extract_features` and :func:`fedge.agent.features.window_labels` on the whole
 recorded signal. Every bad input asserts the exact counters of its reason.
 """
 
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.edgex.readings import Reading
-from agent.edgex.samples import (
+from fedge.agent.edgex.readings import Reading
+from fedge.agent.edgex.samples import (
     DEFAULT_REORDER_WINDOW_NS,
     READING_REASONS,
     ROW_REASONS,
@@ -29,9 +29,9 @@ from agent.edgex.samples import (
     SampleBuilder,
     SampleError,
 )
-from agent.features import extract_features, window_count, window_labels
-from protocol.errors import FedgeError
-from protocol.task import WINDOW_STATISTICS, TaskSpec, task_spec_from_dict
+from fedge.agent.features import extract_features, window_count, window_labels
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.task import WINDOW_STATISTICS, TaskSpec, task_spec_from_dict
 
 DEVICE = "watch-1"
 T0 = 1_700_000_000_000_000_000  # a realistic Unix-nanosecond origin

@@ -44,8 +44,8 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from agent.edgex.readings import INT_RANGES, Event, Reading, ReadingError
-from agent.edgex.wire import (
+from fedge.agent.edgex.readings import INT_RANGES, Event, Reading, ReadingError
+from fedge.agent.edgex.wire import (
     DEFAULT_MAX_BYTES,
     FLOAT_STYLE_BY_VERSION,
     MAX_DOCUMENT_DEPTH,

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import task_variant
 
-from agent.trainer import LiteRTTrainer
-from aggregator.trainable_mlp import TrainableMLP
-from protocol.task import TaskSpec
+from conftest import task_variant
+from fedge.agent.trainer import LiteRTTrainer
+from fedge.aggregator.trainable_mlp import TrainableMLP
+from fedge.protocol.task import TaskSpec
 
 STEPS = 10
 
@@ -35,8 +35,9 @@ def _batches(task: TaskSpec, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _run_both(task: TaskSpec, model_dir: Path, seed: int) -> tuple[np.ndarray, np.ndarray, LiteRTTrainer,
-                                                                   TrainableMLP]:
+def _run_both(
+    task: TaskSpec, model_dir: Path, seed: int
+) -> tuple[np.ndarray, np.ndarray, LiteRTTrainer, TrainableMLP]:
     lite = LiteRTTrainer.from_dir(model_dir)
     start = np.random.default_rng(seed + 100).normal(0, 0.2, lite.parameter_count).astype(np.float32)
     lite.set_weights(start)
@@ -53,12 +54,16 @@ def _run_both(task: TaskSpec, model_dir: Path, seed: int) -> tuple[np.ndarray, n
     [
         ("sgd", {"training.momentum": 0.0}),
         ("sgd-momentum", {}),
-        ("regression-sgd", {"model.kind": "regression", "label.classes": None,
-                            "training.learning_rate": 0.01}),
+        (
+            "regression-sgd",
+            {"model.kind": "regression", "label.classes": None, "training.learning_rate": 0.01},
+        ),
     ],
 )
 def test_sgd_weights_match_tensorflow_within_1e6(
-    har_task: TaskSpec, build_model_dir: Callable[[TaskSpec], Path], name: str,
+    har_task: TaskSpec,
+    build_model_dir: Callable[[TaskSpec], Path],
+    name: str,
     changes: dict[str, object],
 ) -> None:
     task = task_variant(har_task, changes)

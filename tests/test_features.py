@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.features import FeatureError, extract_features, window_count, window_labels
-from protocol.errors import FedgeError
-from protocol.task import WINDOW_STATISTICS, FeatureSpec, WindowSpec
+from fedge.agent.features import FeatureError, extract_features, window_count, window_labels
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.task import WINDOW_STATISTICS, FeatureSpec, WindowSpec
 
 
 def _spec(resources: tuple[str, ...], window: WindowSpec | None) -> FeatureSpec:

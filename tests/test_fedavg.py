@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.fedavg import AggregationError, StreamingFedAvg, WeightedMeanAccumulator
-from aggregator.moments import MomentsAccumulator
-from protocol.errors import FedgeError
-from protocol.model_manifest import normalisation_from_moments
+from fedge.aggregator.fedavg import AggregationError, StreamingFedAvg, WeightedMeanAccumulator
+from fedge.aggregator.moments import MomentsAccumulator
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.model_manifest import normalisation_from_moments
 
 P = 257
 MAX_EXAMPLES = 10_000
@@ -485,7 +485,7 @@ def test_moments_constructor_validation(kwargs: dict[str, Any], message: str) ->
 
 def test_aggregation_modules_do_not_import_tensorflow() -> None:
     code = (
-        "import sys, aggregator.fedavg, aggregator.moments, aggregator.checkpoint\n"
+        "import sys, fedge.aggregator.fedavg, fedge.aggregator.moments, fedge.aggregator.checkpoint\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
         "assert not bad, bad\n"
     )

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from fleet_harness import Fleet, latest_status, wait_device_online, wait_status
-from mqtt_fixtures import RecordedMessage, TrafficRecorder
 from nacl.public import PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.checkpoint import load_checkpoint
-from fedge.broker import MosquittoBroker
-from protocol.sealing import SealError, open_sealed, read_header
+from fedge.aggregator.checkpoint import load_checkpoint
+from fedge.lab.broker import MosquittoBroker
+from fedge.protocol.sealing import SealError, open_sealed, read_header
+from fleet_harness import Fleet, latest_status, wait_device_online, wait_status
+from mqtt_fixtures import RecordedMessage, TrafficRecorder
 
 pytest_plugins = ("mqtt_fixtures",)
 pytestmark = pytest.mark.slow
@@ -279,8 +279,8 @@ def test_a_flood_on_update_topics_neither_hangs_nor_stops_the_aggregator(
     thread and, with it, the PUBACKs the aggregator waits for: a permanent hang."""
     import threading
 
-    from aggregator.config import load_aggregator_config
-    from aggregator.service import AggregatorService
+    from fedge.aggregator.config import load_aggregator_config
+    from fedge.aggregator.service import AggregatorService
 
     fleet = _fleet(
         tmp_path,

@@ -22,10 +22,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from podman_support import build_images, podman, require_podman
 
-from agent.config import load_agent_config
-from protocol.config_source import ConfigError
+from fedge.agent.config import load_agent_config
+from fedge.protocol.config_source import ConfigError
+from podman_support import build_images, podman, require_podman
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "firmware_scripts"
@@ -388,7 +388,9 @@ def test_real_install_of_this_repository(tmp_path: Path, device_files: Path) -> 
     assert first.returncode == 0, first.stderr
     fedge = root / "opt/fedge/venv/bin/fedge"
     assert run([fedge, "--help"]).returncode == 0
-    probe = run([root / "opt/fedge/venv/bin/python", "-c", "import ai_edge_litert, paho.mqtt, nacl, agent"])
+    probe = run(
+        [root / "opt/fedge/venv/bin/python", "-c", "import ai_edge_litert, paho.mqtt, nacl, fedge.agent"]
+    )
     assert probe.returncode == 0, probe.stderr
     before = snapshot(root)
     second = install(root, REPO, *args)
@@ -416,7 +418,8 @@ stat -c '%n %a %U' /etc/fedge /etc/fedge/agent.toml /var/lib/private /var/lib/pr
     /etc/systemd/system/fedge-agent.service
 echo "link $(readlink /var/lib/fedge-agent)"
 echo "enabled $(systemctl is-enabled fedge-agent)"
-/opt/fedge/venv/bin/python -I -c 'import ai_edge_litert, paho.mqtt, nacl, agent.service; print("imports ok")'
+/opt/fedge/venv/bin/python -I -c \
+    'import ai_edge_litert, paho.mqtt, nacl, fedge.agent.service; print("imports ok")'
 cmp /src/firmware_scripts/systemd/fedge-agent.service /etc/systemd/system/fedge-agent.service
 cd /src
 firmware_scripts/install-agent.sh --source /src

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from fedge.protocol.messages import encode_moments, max_sealed_bytes
+from fedge.protocol.sealing import SealedHeader, seal
 from fleet_harness import latest_status
 from secure_fleet import SecureFleet
-
-from protocol.messages import encode_moments, max_sealed_bytes
-from protocol.sealing import SealedHeader, seal
 
 pytestmark = [pytest.mark.slow, pytest.mark.adversarial]
 

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import FedgeError
-from protocol.framing import (
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.framing import (
     DEFAULT_MAX_BODY_BYTES,
     FRAME_VERSION,
     MAGIC,
@@ -34,8 +34,12 @@ BODY = bytes(range(256)) * 3
 
 
 def _prefix(
-    magic: bytes = MAGIC, version: int = FRAME_VERSION, kind: int = 2, reserved: int = 0,
-    header_len: int = 0, body_len: int = 0,
+    magic: bytes = MAGIC,
+    version: int = FRAME_VERSION,
+    kind: int = 2,
+    reserved: int = 0,
+    header_len: int = 0,
+    body_len: int = 0,
 ) -> bytes:
     return struct.pack(">4sBBHII", magic, version, kind, reserved, header_len, body_len)
 
@@ -232,10 +236,26 @@ def test_length_mismatch_on_missing_bytes(missing: int) -> None:
 
 @pytest.mark.parametrize(
     "raw_header",
-    [b"", b"{", b"not json", b'{"a":1,}', b"{'a':1}", b'{"a":1}{"b":2}', b"[" * 10_000,
-     b'{"a":' + b"1" * 5000 + b"}"],
-    ids=["empty", "unclosed", "trailing comma", "word", "single quotes", "two objects", "deep nesting",
-         "overlong integer"],
+    [
+        b"",
+        b"{",
+        b"not json",
+        b'{"a":1,}',
+        b"{'a':1}",
+        b'{"a":1}{"b":2}',
+        b"[" * 10_000,
+        b'{"a":' + b"1" * 5000 + b"}",
+    ],
+    ids=[
+        "empty",
+        "unclosed",
+        "trailing comma",
+        "word",
+        "single quotes",
+        "two objects",
+        "deep nesting",
+        "overlong integer",
+    ],
 )
 def test_bad_header_that_is_not_json(raw_header: bytes) -> None:
     err = _error(_raw_frame(raw_header, b"body"))
@@ -277,8 +297,13 @@ def test_checks_run_in_the_documented_order() -> None:
 
 @pytest.mark.parametrize(
     "raw_header",
-    ['{"a":1}'.encode("utf-16-le"), '{"a":1}'.encode("utf-16"), '{"a":1}'.encode("utf-32"),
-     b'\xef\xbb\xbf{"a":1}', b'{"a":"\xed\xa0\x80"}'],
+    [
+        '{"a":1}'.encode("utf-16-le"),
+        '{"a":1}'.encode("utf-16"),
+        '{"a":1}'.encode("utf-32"),
+        b'\xef\xbb\xbf{"a":1}',
+        b'{"a":"\xed\xa0\x80"}',
+    ],
     ids=["utf-16-le", "utf-16 bom", "utf-32", "utf-8 bom", "utf-8 encoded lone surrogate"],
 )
 def test_header_in_another_encoding_is_refused(raw_header: bytes) -> None:
@@ -324,8 +349,13 @@ def test_every_single_bit_flip_in_the_prefix_is_a_frame_error_with_the_right_rea
         assert err.reason == expected, f"bit {bit}"
         seen.add(err.reason)
     assert seen == {
-        "bad_magic", "unsupported_version", "wrong_kind", "bad_reserved", "header_too_large",
-        "body_too_large", "length_mismatch",
+        "bad_magic",
+        "unsupported_version",
+        "wrong_kind",
+        "bad_reserved",
+        "header_too_large",
+        "body_too_large",
+        "length_mismatch",
     }
 
 
@@ -366,8 +396,15 @@ def _decode_or_frame_error(data: bytes, kind: FrameKind) -> None:
         frame = decode_frame(data, kind, max_body=1024)
     except FrameError as exc:
         assert exc.reason in {
-            "truncated", "bad_magic", "unsupported_version", "wrong_kind", "bad_reserved",
-            "header_too_large", "body_too_large", "length_mismatch", "bad_header",
+            "truncated",
+            "bad_magic",
+            "unsupported_version",
+            "wrong_kind",
+            "bad_reserved",
+            "header_too_large",
+            "body_too_large",
+            "length_mismatch",
+            "bad_header",
         }
         assert str(exc).startswith(exc.reason + ": ")
         return

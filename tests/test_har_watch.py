@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import task_variant
 
-from agent.features import window_count
-from fedge import har_watch
-from protocol.task import TaskSpec
+from conftest import task_variant
+from fedge.agent.features import window_count
+from fedge.lab import har_watch
+from fedge.protocol.task import TaskSpec
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,7 @@ def test_one_device_per_subject(devices: dict[int, har_watch.DeviceData]) -> Non
     assert set(har_watch.TRAIN_SUBJECTS).isdisjoint(har_watch.TEST_SUBJECTS)
 
 
-def test_windows_never_cross_recordings(
-    har_task: TaskSpec, devices: dict[int, har_watch.DeviceData]
-) -> None:
+def test_windows_never_cross_recordings(har_task: TaskSpec, devices: dict[int, har_watch.DeviceData]) -> None:
     recordings = har_watch.load_recordings()
     assert len(recordings) == 140
     assert har_task.features.window is not None
@@ -47,9 +45,14 @@ def test_first_window_features_are_the_statistics_of_the_first_two_seconds(
     first = next(r for r in har_watch.load_recordings() if r.subject == 1)
     window = first.readings[:100]  # 2 s at 50 Hz
     expected_accel_x = [
-        window[:, 0].mean(), window[:, 0].std(), window[:, 0].min(), window[:, 0].max(),
-        np.median(window[:, 0]), np.sqrt(np.mean(window[:, 0] ** 2)),
-        np.percentile(window[:, 0], 10), np.percentile(window[:, 0], 90),
+        window[:, 0].mean(),
+        window[:, 0].std(),
+        window[:, 0].min(),
+        window[:, 0].max(),
+        np.median(window[:, 0]),
+        np.sqrt(np.mean(window[:, 0] ** 2)),
+        np.percentile(window[:, 0], 10),
+        np.percentile(window[:, 0], 90),
     ]
     np.testing.assert_allclose(devices[1].x[0, :8], expected_accel_x, rtol=1e-6)
     assert devices[1].y[0] == first.label

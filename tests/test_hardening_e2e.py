@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fleet_harness import Fleet, latest_status
 from mqtt_fixtures import TrafficRecorder
 from secure_fleet import SecureFleet

@@ -13,6 +13,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from nacl.public import PrivateKey
+
 from engine_helpers import (
     DEVICE_IDS,
     DEVICE_KEYS,
@@ -29,14 +31,12 @@ from engine_helpers import (
     registry,
     settings,
 )
-from nacl.public import PrivateKey
-
-from aggregator.config import RoundSettings
-from aggregator.moments import OUTLIER_Z, VARIANCE_CAP, MomentsAccumulator, robust_normalisation
-from aggregator.round_engine import NormBounds, RoundEngine, key_fingerprint
-from aggregator.service import checkpoint_from_state, state_from_checkpoint
-from protocol.codec import Codec
-from protocol.messages import SEALED_HEADROOM_BYTES, Evaluation, max_sealed_bytes
+from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.moments import OUTLIER_Z, VARIANCE_CAP, MomentsAccumulator, robust_normalisation
+from fedge.aggregator.round_engine import NormBounds, RoundEngine, key_fingerprint
+from fedge.aggregator.service import checkpoint_from_state, state_from_checkpoint
+from fedge.protocol.codec import Codec
+from fedge.protocol.messages import SEALED_HEADROOM_BYTES, Evaluation, max_sealed_bytes
 
 pytestmark = pytest.mark.adversarial  # every test here is an attack by an enrolled device
 

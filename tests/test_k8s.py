@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from aggregator.config import load_aggregator_config
+from fedge.aggregator.config import load_aggregator_config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -418,7 +418,6 @@ def test_no_key_material_shipped() -> None:
     for path in (K8S / "base" / "secrets").iterdir():
         assert path.name.endswith(".example"), path
         assert "PLACEHOLDER" in path.read_text(encoding="utf-8"), path
-
 
 
 #: How k8s/base/broker/ was generated (the example fleet of k8s/base/config: two devices, one

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey, VerifyKey
 
-from protocol.framing import FrameKind, decode_frame, encode_frame
-from protocol.key_rotation import (
+from fedge.protocol.framing import FrameKind, decode_frame, encode_frame
+from fedge.protocol.key_rotation import (
     DOC_TYPE,
     MAX_ROTATION_BODY_BYTES,
     RotationError,
@@ -24,7 +24,7 @@ from protocol.key_rotation import (
     sign_rotation,
     verify_rotation,
 )
-from protocol.signing import SignatureError, key_id, sign_document
+from fedge.protocol.signing import SignatureError, key_id, sign_document
 
 OLD = SigningKey.generate()
 NEW = SigningKey.generate()

@@ -1,6 +1,6 @@
 """``fedge keys``: key files 0600, only public keys printed, careful reading, signing-key rotation.
 
-The commands run through :func:`fedge.keys.main` (``fedge``'s error handling, in process) so
+The commands run through :func:`fedge.tools.keys.main` (``fedge``'s error handling, in process) so
 stdout and stderr can be searched for private key material.
 """
 
@@ -19,8 +19,11 @@ import pytest
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from agent.trust import TrustStore
-from fedge.keys import (
+from fedge.agent.trust import TrustStore
+from fedge.protocol.key_rotation import verify_rotation
+from fedge.protocol.sealing import key_to_text
+from fedge.protocol.signing import key_id, sign_document, signing_key_to_text, verify_document
+from fedge.tools.keys import (
     KeyFileError,
     add_keys_parser,
     parse_enrollment_record,
@@ -28,10 +31,7 @@ from fedge.keys import (
     rotation_files,
     write_private_key_file,
 )
-from fedge.keys import main as keys_main
-from protocol.key_rotation import verify_rotation
-from protocol.sealing import key_to_text
-from protocol.signing import key_id, sign_document, signing_key_to_text, verify_document
+from fedge.tools.keys import main as keys_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -330,12 +330,13 @@ def test_add_keys_parser_wires_every_command() -> None:
 def test_module_runs_as_a_program_without_loading_nacl(tmp_path: Path) -> None:
     # `fedge` builds every subparser on each run: importing this module must stay cheap.
     probe = (
-        "import sys, fedge.keys; print(sorted(m for m in sys.modules if m.startswith(('nacl', 'tomllib'))))"
+        "import sys, fedge.tools.keys; "
+        "print(sorted(m for m in sys.modules if m.startswith(('nacl', 'tomllib'))))"
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     assert proc.stdout.strip() == "[]"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedge.keys", "keys", "device", "--id", "d1", "--out", str(tmp_path)],
+        [sys.executable, "-m", "fedge.tools.keys", "keys", "device", "--id", "d1", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=REPO,

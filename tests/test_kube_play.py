@@ -35,11 +35,12 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from podman_support import build_images, podman, require_podman
 
-from fedge.broker import free_loopback_port
-from fedge.provision import FleetFiles, create_fleet, render_toml
-from protocol.topics import FleetTopics
+from fedge.lab.broker import free_loopback_port
+from fedge.lab.provision import FleetFiles, create_fleet, render_toml
+from fedge.protocol.topics import FleetTopics
+from podman_support import build_images, podman, require_podman
+from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ PLAYED_KINDS = {"ConfigMap", "PersistentVolumeClaim", "Deployment"}
 
 def fedge(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = SOURCE_PYTHONPATH
     result = subprocess.run(
         [sys.executable, "-m", "fedge.cli", *args],
         capture_output=True,
@@ -96,7 +97,7 @@ def credentials(broker_dir: Path, name: str) -> dict[str, Any]:
 
 
 def provision(tmp: Path, port: int) -> tuple[Path, FleetFiles]:
-    """Keys, registry and agent configs (fedge.provision, as the e2e tests), then
+    """Keys, registry and agent configs (fedge.lab.provision, as the e2e tests), then
     ``fedge broker config`` for exactly those devices, laid out for /mosquitto/config. The lab
     certificate names localhost: with host networking that is where everyone reaches the broker."""
     broker_url = f"mqtts://localhost:{port}"
@@ -233,9 +234,7 @@ def _write(path: Path, data: bytes, mode: int, uid: int, gid: int) -> None:
     os.chmod(path, mode)
 
 
-def materialise(
-    volume: dict[str, Any], docs: list[dict[str, Any]], dest: Path, fs_group: int
-) -> None:
+def materialise(volume: dict[str, Any], docs: list[dict[str, Any]], dest: Path, fs_group: int) -> None:
     """Writes a secret or projected volume's files as the kubelet does (items, defaultMode,
     owner root and group fsGroup, group-readable), from the rendered objects. The private keys
     too: fedge's key check refuses the kubelet's 0440 root:fsGroup files, and the manifests'
@@ -494,7 +493,7 @@ def test_rendered_manifests_run_with_podman_kube_play_and_complete_a_round(
         start = time.monotonic()
         watcher = StatusWatcher(credentials(broker_dir, "observer"), port)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+        env.update(PYTHONPATH=SOURCE_PYTHONPATH, TF_CPP_MIN_LOG_LEVEL="2")
         for device, config in fleet.agent_configs.items():
             with (fleet.root / f"{device}.log").open("ab") as log:
                 procs.append(

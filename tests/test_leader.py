@@ -15,10 +15,9 @@ import pytest
 kubernetes = pytest.importorskip("kubernetes")
 pytest.importorskip("kubernetes_validate")
 
-from k8s_api_double import KubeApiDouble  # noqa: E402
 from kubernetes.client import ApiClient, Configuration, CoordinationV1Api, CoreV1Api  # noqa: E402
 
-from aggregator.leader import (  # noqa: E402
+from fedge.aggregator.leader import (  # noqa: E402
     LEASE_NAME,
     STATUS_CONFIGMAP,
     LeaseElector,
@@ -26,6 +25,7 @@ from aggregator.leader import (  # noqa: E402
     decide,
     publish_status,
 )
+from k8s_api_double import KubeApiDouble  # noqa: E402
 
 NS = "fedge"
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)

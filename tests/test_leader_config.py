@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.config import load_aggregator_config
-from aggregator.heartbeat import Heartbeat, heartbeat_age_s
-from aggregator.leader_config import LEADER_KEYS, LEADER_OFF, LeaderSettings, leader_settings_from_table
-from aggregator.leadership import status_data
-from protocol.config_source import ConfigError, Table
+from fedge.aggregator.config import load_aggregator_config
+from fedge.aggregator.heartbeat import Heartbeat, heartbeat_age_s
+from fedge.aggregator.leader_config import LEADER_KEYS, LEADER_OFF, LeaderSettings, leader_settings_from_table
+from fedge.aggregator.leadership import status_data
+from fedge.protocol.config_source import ConfigError, Table
 
 BASE = """
 [aggregator]

@@ -32,27 +32,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import load_agent_config
-from agent.edgex.bus import EdgeXBusSubscriber
-from agent.edgex.core_data import CoreDataClient, CoreDataError, _parse_json, _status_error
-from agent.edgex.ingest import task_key
-from agent.edgex.readings import Event, Reading
-from agent.edgex.samples import SampleBuilder
-from agent.edgex.wire import MESSAGE_REASONS, READING_REASONS, encode_plain_event
-from agent.sample_store import SampleStore
-from agent.service import AgentService
-from aggregator.config import load_aggregator_config
-from aggregator.round_engine import Publication
-from aggregator.service import MAX_STATUS_BYTES, AggregatorService, LeadershipLost
-from fedge.edgex_core_data_server import CoreDataServer
-from fedge.observer import FleetObserver
-from fedge.provision import FleetFiles, create_fleet
-from protocol.config_source import Table
-from protocol.framing import FrameKind, encode_frame
-from protocol.mqtt_settings import MQTT_KEYS, mqtt_settings_from_table
-from protocol.signing import _signed_message, key_id
-from protocol.task import TaskSpec
-from protocol.topics import FleetTopics
+from fedge.agent.config import load_agent_config
+from fedge.agent.edgex.bus import EdgeXBusSubscriber
+from fedge.agent.edgex.core_data import CoreDataClient, CoreDataError, _parse_json, _status_error
+from fedge.agent.edgex.ingest import task_key
+from fedge.agent.edgex.readings import Event, Reading
+from fedge.agent.edgex.samples import SampleBuilder
+from fedge.agent.edgex.wire import MESSAGE_REASONS, READING_REASONS, encode_plain_event
+from fedge.agent.sample_store import SampleStore
+from fedge.agent.service import AgentService
+from fedge.aggregator.config import load_aggregator_config
+from fedge.aggregator.round_engine import Publication
+from fedge.aggregator.service import MAX_STATUS_BYTES, AggregatorService, LeadershipLost
+from fedge.lab.edgex_core_data_server import CoreDataServer
+from fedge.lab.observer import FleetObserver
+from fedge.lab.provision import FleetFiles, create_fleet
+from fedge.protocol.config_source import Table
+from fedge.protocol.framing import FrameKind, encode_frame
+from fedge.protocol.mqtt_settings import MQTT_KEYS, mqtt_settings_from_table
+from fedge.protocol.signing import _signed_message, key_id
+from fedge.protocol.task import TaskSpec
+from fedge.protocol.topics import FleetTopics
 
 pytestmark = pytest.mark.adversarial
 
@@ -151,7 +151,7 @@ def aggregator(fleet: FleetFiles) -> tuple[AggregatorService, Publication]:
 
 
 def har_provider(task: TaskSpec, subject: int) -> tuple[np.ndarray, np.ndarray]:
-    from fedge.har_watch import load_devices
+    from fedge.lab.har_watch import load_devices
 
     data = load_devices(task, [subject])[subject]
     return data.x, data.y
@@ -431,7 +431,7 @@ def test_any_rotation_bytes_are_refused_counted_once_and_change_nothing(
 
 
 def test_an_oversized_rotation_is_dropped_unparsed(agent: AgentService) -> None:
-    from agent.service import MAX_MANIFEST_FRAME_BYTES
+    from fedge.agent.service import MAX_MANIFEST_FRAME_BYTES
 
     view = agent_view(agent)
     counted = agent_deliver(agent, T.rotation(1), b"[" * (MAX_MANIFEST_FRAME_BYTES + 1))

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocol.codec import Codec, encode_tensors
-from protocol.errors import FedgeError
-from protocol.messages import (
+from fedge.protocol.codec import Codec, encode_tensors
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.messages import (
     Evaluation,
     MessageError,
     MomentsPayload,
@@ -25,7 +25,7 @@ from protocol.messages import (
     encode_moments,
     encode_update,
 )
-from protocol.model_manifest import mlp_tensor_layout
+from fedge.protocol.model_manifest import mlp_tensor_layout
 
 LAYOUT = mlp_tensor_layout((4, 3, 2))  # 12 + 3 + 6 + 2 = 23 parameters
 P = 23
@@ -140,7 +140,8 @@ def test_an_update_header_with_an_extra_key_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "examples", [0, -1, -(2**40), True, False, 2**31, 10**30, 1.0, 1.5, "12", None],
+    "examples",
+    [0, -1, -(2**40), True, False, 2**31, 10**30, 1.0, 1.5, "12", None],
     ids=repr,
 )
 def test_a_bad_example_count_is_refused(examples: Any) -> None:
@@ -197,8 +198,18 @@ def test_accuracy_bounds_are_inclusive(accuracy: float) -> None:
         ({"examples": True}, "bad_count", "evaluation.examples must be a positive integer"),
         ({"examples": 2**31}, "bad_count", "evaluation.examples must be a positive integer"),
     ],
-    ids=["nan accuracy", "nan loss", "inf loss", "-inf mse", "null loss", "bool accuracy", "string mse",
-         "zero examples", "bool examples", "huge examples"],
+    ids=[
+        "nan accuracy",
+        "nan loss",
+        "inf loss",
+        "-inf mse",
+        "null loss",
+        "bool accuracy",
+        "string mse",
+        "zero examples",
+        "bool examples",
+        "huge examples",
+    ],
 )
 def test_a_bad_evaluation_value_is_refused(changes: dict[str, Any], reason: str, message: str) -> None:
     header, body = _update(evaluation=_evaluation(**changes))

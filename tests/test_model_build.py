@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import task_variant
 
-from agent.litert_runtime import find_runtime
-from aggregator.model_export import (
+from conftest import task_variant
+from fedge.agent.litert_runtime import find_runtime
+from fedge.aggregator.model_export import (
     MANIFEST_FILE,
     MODEL_FILE,
     WEIGHTS_FILE,
@@ -20,10 +20,10 @@ from aggregator.model_export import (
     build_model,
     convert_module,
 )
-from aggregator.tflite_ops import flex_ops, list_ops
-from aggregator.trainable_mlp import initial_weights
-from protocol.model_manifest import SIGNATURES, Normalisation, manifest_from_json
-from protocol.task import TaskSpec
+from fedge.aggregator.tflite_ops import flex_ops, list_ops
+from fedge.aggregator.trainable_mlp import initial_weights
+from fedge.protocol.model_manifest import SIGNATURES, Normalisation, manifest_from_json
+from fedge.protocol.task import TaskSpec
 
 VARIANTS: dict[str, dict[str, object]] = {
     "sgd-momentum": {},

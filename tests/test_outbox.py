@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox, OutboxError, OutboxFullError, OutboxMessage, OutboxStats
+from fedge.agent.outbox import Outbox, OutboxError, OutboxFullError, OutboxMessage, OutboxStats
 
 REPO = Path(__file__).resolve().parent.parent
 TOPIC = "fedge/v1/updates/dev-1"
@@ -202,8 +202,11 @@ def test_stats_persist_across_reopening(tmp_path: Path) -> None:
 def test_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     path.write_bytes(b"this is not SQLite " * 500)
-    with pytest.raises(OutboxError, match=rf"outbox {re.escape(str(path))} is not a usable SQLite database"
-                       r" \(file is not a database\); move it aside"):
+    with pytest.raises(
+        OutboxError,
+        match=rf"outbox {re.escape(str(path))} is not a usable SQLite database"
+        r" \(file is not a database\); move it aside",
+    ):
         Outbox(path)
     assert path.read_bytes() == b"this is not SQLite " * 500  # left for inspection, not replaced
 
@@ -215,8 +218,11 @@ def test_torn_file_is_a_clear_error(tmp_path: Path) -> None:
             put(box, os.urandom(2000))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(OutboxError, match=rf"outbox {re.escape(str(path))} is not a usable SQLite database"
-                       r" \(database disk image is malformed\)"):
+    with pytest.raises(
+        OutboxError,
+        match=rf"outbox {re.escape(str(path))} is not a usable SQLite database"
+        r" \(database disk image is malformed\)",
+    ):
         Outbox(path)
 
 
@@ -318,7 +324,7 @@ def test_two_threads_put_and_acknowledge_without_loss(tmp_path: Path) -> None:
 _KILLED_AFTER_PUT = """
 import os, signal, sys
 from pathlib import Path
-from agent.outbox import Outbox
+from fedge.agent.outbox import Outbox
 
 box = Outbox(Path(sys.argv[1]))
 message_id = box.put("fedge/v1/updates/dev-1", bytes(range(256)) * 40, 1, "round-7", "update")
@@ -333,7 +339,11 @@ def test_a_put_survives_sigkill_right_after_it_returns(tmp_path: Path) -> None:
         earlier = put(box, b"earlier")
     proc = subprocess.run(
         [sys.executable, "-c", _KILLED_AFTER_PUT, str(path)],
-        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     message_id = int(proc.stdout)

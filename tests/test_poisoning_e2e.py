@@ -21,18 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from fedge.agent.service import split_holdout
+from fedge.agent.trainer import LiteRTTrainer
+from fedge.aggregator.checkpoint import load_checkpoint
+from fedge.aggregator.service import CHECKPOINT_FILE, MAX_CHECKPOINT_BYTES, load_model
+from fedge.lab import har_watch
+from fedge.lab.broker import BrokerSettings, MosquittoBroker
+from fedge.protocol.model_manifest import Normalisation
+from fedge.protocol.task import TaskSpec
 from fleet_harness import Fleet
 from mqtt_fixtures import require_mosquitto
 from poisoning_device import Poisoner
-
-from agent.service import split_holdout
-from agent.trainer import LiteRTTrainer
-from aggregator.checkpoint import load_checkpoint
-from aggregator.service import CHECKPOINT_FILE, MAX_CHECKPOINT_BYTES, load_model
-from fedge import har_watch
-from fedge.broker import BrokerSettings, MosquittoBroker
-from protocol.model_manifest import Normalisation
-from protocol.task import TaskSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.adversarial]
 

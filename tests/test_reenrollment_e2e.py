@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from fedge.lab.broker import MosquittoBroker
 from fleet_harness import REPO, Fleet, latest_status, wait_status
 from mqtt_fixtures import TrafficRecorder
-
-from fedge.broker import MosquittoBroker
 
 pytest_plugins = ("mqtt_fixtures",)
 pytestmark = [pytest.mark.slow, pytest.mark.adversarial]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from nacl.public import PrivateKey
 
-from aggregator.registry import (
+from fedge.aggregator.registry import (
     Registry,
     RegistryError,
     enroll_device,
@@ -30,9 +30,9 @@ from aggregator.registry import (
     render_registry_file,
     revoke_device,
 )
-from fedge.keys import main
-from protocol.config_source import ConfigError
-from protocol.sealing import key_to_text
+from fedge.protocol.config_source import ConfigError
+from fedge.protocol.sealing import key_to_text
+from fedge.tools.keys import main
 
 REPO = Path(__file__).resolve().parent.parent
 #: An X25519 point of order 8: every shared secret with it is predictable.
@@ -109,7 +109,7 @@ def test_file_is_0644_whatever_the_umask(reg: Path) -> None:
 
 def test_an_old_registry_file_still_loads_and_grows(reg: Path) -> None:
     a, b = new_key(), new_key()
-    reg.write_text(render_registry({"watch-01": a}))  # what fedge.provision writes
+    reg.write_text(render_registry({"watch-01": a}))  # what fedge.lab.provision writes
     assert {d: key_to_text(k) for d, k in load_registry(reg).items()} == {"watch-01": a}
     enroll_device(reg, "watch-02", b)
     assert {d: key_to_text(k) for d, k in load_registry(reg).items()} == {"watch-01": a, "watch-02": b}
@@ -247,8 +247,8 @@ def test_concurrent_enrolls_lose_nothing(reg: Path) -> None:
         import sys
         from pathlib import Path
         from nacl.public import PrivateKey
-        from aggregator.registry import enroll_device
-        from protocol.sealing import key_to_text
+        from fedge.aggregator.registry import enroll_device
+        from fedge.protocol.sealing import key_to_text
         keys = [key_to_text(PrivateKey.generate().public_key) for _ in range(int(sys.argv[3]))]
         sys.stdin.readline()  # start together
         for i, key in enumerate(keys):

@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from nacl.public import PublicKey
+from nacl.signing import SigningKey
+
 from engine_helpers import (
     AGGREGATOR_KEY,
     DEVICE_IDS,
@@ -47,18 +50,22 @@ from engine_helpers import (
     seal_inner,
     settings,
 )
-from nacl.public import PublicKey
-from nacl.signing import SigningKey
-
-from aggregator.config import RoundSettings
-from aggregator.round_engine import Outcome, Publication, RoundEngine, RoundRecord
-from protocol.codec import Codec, decode_tensors, encode_tensors
-from protocol.errors import FedgeError
-from protocol.framing import FRAME_VERSION, MAGIC, MAX_HEADER_BYTES, FrameKind, decode_frame, encode_frame
-from protocol.messages import Evaluation, encode_moments, max_sealed_bytes
-from protocol.model_manifest import normalisation_from_moments
-from protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from protocol.signing import SignatureError, key_id, verify_document
+from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.round_engine import Outcome, Publication, RoundEngine, RoundRecord
+from fedge.protocol.codec import Codec, decode_tensors, encode_tensors
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.framing import (
+    FRAME_VERSION,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    FrameKind,
+    decode_frame,
+    encode_frame,
+)
+from fedge.protocol.messages import Evaluation, encode_moments, max_sealed_bytes
+from fedge.protocol.model_manifest import normalisation_from_moments
+from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
+from fedge.protocol.signing import SignatureError, key_id, verify_document
 
 THREE = DEVICE_IDS[:3]
 FIVE = DEVICE_IDS[:5]

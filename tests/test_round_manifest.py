@@ -16,17 +16,17 @@ from typing import Any
 
 import pytest
 
-from protocol.codec import Codec
-from protocol.errors import FedgeError
-from protocol.model_manifest import ModelManifest, Normalisation
-from protocol.round_manifest import (
+from fedge.protocol.codec import Codec
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.model_manifest import ModelManifest, Normalisation
+from fedge.protocol.round_manifest import (
     MAX_SELECTED_DEVICES,
     PHASES,
     RoundManifest,
     RoundManifestError,
     round_manifest_from_dict,
 )
-from protocol.task import parse_task_spec
+from fedge.protocol.task import parse_task_spec
 
 HAR_TASK_PATH = Path(__file__).resolve().parent.parent / "tasks" / "har-watch.toml"
 HAR_TASK = parse_task_spec(HAR_TASK_PATH.read_text(encoding="utf-8"))
@@ -128,9 +128,26 @@ def test_to_dict_has_exactly_the_documented_fields() -> None:
     assert MANIFEST_DICT["model_manifest"] == json.loads(MODEL_MANIFEST.to_json())
     assert MANIFEST_DICT["normalisation"] == NORM.to_dict()
     assert sorted(MANIFEST_DICT) == sorted(
-        ["fleet", "version", "parent_sha256", "phase", "round_number", "round_id", "issued_at", "deadline",
-         "expires_at", "selected_devices", "min_devices", "codec", "model_sha256", "model_bytes",
-         "weights_sha256", "weights_bytes", "model_manifest", "normalisation"]
+        [
+            "fleet",
+            "version",
+            "parent_sha256",
+            "phase",
+            "round_number",
+            "round_id",
+            "issued_at",
+            "deadline",
+            "expires_at",
+            "selected_devices",
+            "min_devices",
+            "codec",
+            "model_sha256",
+            "model_bytes",
+            "weights_sha256",
+            "weights_bytes",
+            "model_manifest",
+            "normalisation",
+        ]
     )
 
 
@@ -272,8 +289,9 @@ def test_bad_blob_sha_is_refused(key: str, sha: Any) -> None:
 
 @pytest.mark.parametrize("key", ["version", "round_number", "min_devices", "model_bytes", "weights_bytes"])
 @pytest.mark.parametrize(
-    "value", [-1, True, False, 1.0, "7", None, 2**63, 10**400], ids=["-1", "true", "false", "float", "str",
-                                                                    "null", "2^63", "huge"]
+    "value",
+    [-1, True, False, 1.0, "7", None, 2**63, 10**400],
+    ids=["-1", "true", "false", "float", "str", "null", "2^63", "huge"],
 )
 def test_bad_integers_are_refused(key: str, value: Any) -> None:
     assert _error(_data(**{key: value})) == f"{key} must be a non-negative integer"
@@ -351,10 +369,14 @@ def test_normalisation_of_the_wrong_length_is_refused(n: int) -> None:
     ("norm", "message"),
     [
         ({"mean": [0.0] * 48}, "normalisation: must be an object with 'mean' and 'std'"),
-        ({"mean": [0.0] * 48, "std": [0.0] * 48},
-         "normalisation[0]: mean must be finite and std finite and > 0, got mean=0.0, std=0.0"),
-        ({"mean": [math.nan] * 48, "std": [1.0] * 48},
-         "normalisation[0]: mean must be finite and std finite and > 0, got mean=nan, std=1.0"),
+        (
+            {"mean": [0.0] * 48, "std": [0.0] * 48},
+            "normalisation[0]: mean must be finite and std finite and > 0, got mean=0.0, std=0.0",
+        ),
+        (
+            {"mean": [math.nan] * 48, "std": [1.0] * 48},
+            "normalisation[0]: mean must be finite and std finite and > 0, got mean=nan, std=1.0",
+        ),
         ({"mean": ["0"] * 48, "std": [1.0] * 48}, "normalisation.mean: must be a list of numbers"),
         ({"mean": [10**400] * 48, "std": [1.0] * 48}, "normalisation: values must be finite"),
     ],
@@ -419,7 +441,7 @@ def test_a_signed_manifest_round_trips_through_signing() -> None:
     """What the aggregator publishes is what a device reconstructs, hash included."""
     from nacl.signing import SigningKey
 
-    from protocol.signing import key_id, sign_document, verify_document
+    from fedge.protocol.signing import key_id, sign_document, verify_document
 
     key = SigningKey.generate()
     data = sign_document("manifest", MANIFEST.to_dict(), key)

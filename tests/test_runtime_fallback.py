@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_agent_isolation import run_probe, tensorflow_weights, write_batches
 
-from protocol.task import TaskSpec
+from fedge.protocol.task import TaskSpec
+from test_agent_isolation import run_probe, tensorflow_weights, write_batches
 
 FALLBACK_PYTHON = os.environ.get("FEDGE_TFLITE_PYTHON")
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.edgex.samples import Sample
-from agent.outbox import Outbox
-from agent.sample_store import SampleStore, SampleStoreError, SampleStoreStats
-from protocol.errors import FedgeError
+from fedge.agent.edgex.samples import Sample
+from fedge.agent.outbox import Outbox
+from fedge.agent.sample_store import SampleStore, SampleStoreError, SampleStoreStats
+from fedge.protocol.errors import FedgeError
 
 NOW = 1_700_000_000.0  # wall-clock seconds
 NS = 1_000_000_000

@@ -17,12 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.public import Box, PrivateKey, PublicKey
 
-from protocol.codec import Codec
-from protocol.errors import FedgeError
-from protocol.framing import FrameKind, decode_frame, encode_frame
-from protocol.messages import Evaluation, decode_update, encode_update
-from protocol.model_manifest import mlp_tensor_layout
-from protocol.sealing import (
+from fedge.protocol.codec import Codec
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.framing import FrameKind, decode_frame, encode_frame
+from fedge.protocol.messages import Evaluation, decode_update, encode_update
+from fedge.protocol.model_manifest import mlp_tensor_layout
+from fedge.protocol.sealing import (
     MAC_BYTES,
     MESSAGE_KINDS,
     NONCE_BYTES,
@@ -191,9 +191,17 @@ def test_every_single_byte_change_of_a_sealed_message_is_refused() -> None:
                 assert reason == "decrypt_failed", f"byte {position} mask {mask:#x}"
             reasons[reason] = reasons.get(reason, 0) + 1
     # Every region was really exercised.
-    for expected in ("frame_bad_magic", "frame_unsupported_version", "frame_wrong_kind", "frame_bad_reserved",
-                     "frame_length_mismatch", "frame_bad_header", "bad_header", "binding_mismatch",
-                     "decrypt_failed"):
+    for expected in (
+        "frame_bad_magic",
+        "frame_unsupported_version",
+        "frame_wrong_kind",
+        "frame_bad_reserved",
+        "frame_length_mismatch",
+        "frame_bad_header",
+        "bad_header",
+        "binding_mismatch",
+        "decrypt_failed",
+    ):
         assert reasons.get(expected, 0) > 0, expected
     assert reasons["decrypt_failed"] == 9 * len(frame.body)
 
@@ -275,11 +283,15 @@ def test_read_header_accepts_exactly_nonce_and_mac_but_it_does_not_open() -> Non
     ("inner", "reason"),
     [
         (b"garbage", "payload_truncated"),
-        (b"XXXX" + encode_frame(FrameKind.PAYLOAD, {"bind": HEADER.to_dict(), "payload": {}})[4:],
-         "payload_bad_magic"),
+        (
+            b"XXXX" + encode_frame(FrameKind.PAYLOAD, {"bind": HEADER.to_dict(), "payload": {}})[4:],
+            "payload_bad_magic",
+        ),
         (encode_frame(FrameKind.SEALED, {"bind": HEADER.to_dict(), "payload": {}}), "payload_wrong_kind"),
-        (encode_frame(FrameKind.PAYLOAD, {"bind": HEADER.to_dict(), "payload": {}}, b"x") + b"y",
-         "payload_length_mismatch"),
+        (
+            encode_frame(FrameKind.PAYLOAD, {"bind": HEADER.to_dict(), "payload": {}}, b"x") + b"y",
+            "payload_length_mismatch",
+        ),
     ],
     ids=["not a frame", "bad magic", "sealed kind inside", "length"],
 )
@@ -341,8 +353,13 @@ def test_arbitrary_bytes_only_raise_seal_error(data: bytes) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(header=st.dictionaries(st.sampled_from(sorted(HEADER.to_dict())) | st.text(max_size=4),
-                              st.none() | st.booleans() | st.integers() | st.text(max_size=6), max_size=7))
+@given(
+    header=st.dictionaries(
+        st.sampled_from(sorted(HEADER.to_dict())) | st.text(max_size=4),
+        st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+        max_size=7,
+    )
+)
 def test_arbitrary_cleartext_headers_only_raise_seal_error(header: dict[str, Any]) -> None:
     data = encode_frame(FrameKind.SEALED, header, bytes(48))
     try:
@@ -449,8 +466,11 @@ def test_key_text_round_trips() -> None:
 
 
 @pytest.mark.parametrize("parse", [public_key_from_text, private_key_from_text], ids=["public", "private"])
-@pytest.mark.parametrize("text", ["not base64!", "@@@@", "abc", "ab=c", "é" * 44, "YWJj\x00"],
-                         ids=["punctuation", "symbols", "bad padding", "inner padding", "non-ascii", "nul"])
+@pytest.mark.parametrize(
+    "text",
+    ["not base64!", "@@@@", "abc", "ab=c", "é" * 44, "YWJj\x00"],
+    ids=["punctuation", "symbols", "bad padding", "inner padding", "non-ascii", "nul"],
+)
 def test_key_text_refuses_bad_base64(parse: Any, text: str) -> None:
     err = _seal_error(parse, text)
     what = "public key" if parse is public_key_from_text else "private key"

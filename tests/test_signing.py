@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey, VerifyKey
 
-from protocol.errors import FedgeError
-from protocol.framing import FrameKind, decode_frame, encode_frame
-from protocol.signing import (
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.framing import FrameKind, decode_frame, encode_frame
+from fedge.protocol.signing import (
     ALG,
     SIGNATURE_BYTES,
     SignatureError,
@@ -32,7 +32,11 @@ OTHER_KEY = SigningKey.generate()
 KID = key_id(KEY.verify_key)
 TRUSTED = {KID: KEY.verify_key}
 DOCUMENT = {
-    "version": 3, "round_id": "r-7", "selected": ["a", "b"], "nested": {"z": 1.5, "a": None}, "é": "ü"
+    "version": 3,
+    "round_id": "r-7",
+    "selected": ["a", "b"],
+    "nested": {"z": 1.5, "a": None},
+    "é": "ü",
 }
 
 
@@ -98,7 +102,8 @@ def test_key_id_is_the_first_16_hex_digits_of_the_keys_sha256() -> None:
 def test_any_of_several_trusted_keys_verifies_and_reports_its_id() -> None:
     trusted = {**TRUSTED, key_id(OTHER_KEY.verify_key): OTHER_KEY.verify_key}
     assert verify_document(sign_document("manifest", DOCUMENT, OTHER_KEY), "manifest", trusted) == (
-        DOCUMENT, key_id(OTHER_KEY.verify_key)
+        DOCUMENT,
+        key_id(OTHER_KEY.verify_key),
     )
 
 
@@ -237,8 +242,10 @@ def test_a_validly_signed_document_that_is_not_json_is_refused(body: bytes) -> N
     [
         (b"", "frame_truncated"),
         (b"XXXX" + bytes(12), "frame_bad_magic"),
-        (encode_frame(FrameKind.SEALED, {"alg": ALG, "key_id": KID, "type": "manifest"}, bytes(70)),
-         "frame_wrong_kind"),
+        (
+            encode_frame(FrameKind.SEALED, {"alg": ALG, "key_id": KID, "type": "manifest"}, bytes(70)),
+            "frame_wrong_kind",
+        ),
     ],
     ids=["empty", "bad magic", "sealed kind"],
 )

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent import systemd_notify as sn
-from agent.systemd_notify import JournalDatagramHandler, Notifier, journal_handler, status_line
+from fedge.agent import systemd_notify as sn
+from fedge.agent.systemd_notify import JournalDatagramHandler, Notifier, journal_handler, status_line
 from fedge.cli import EXIT_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -43,11 +43,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from fedge.lab.broker import MosquittoBroker
+from fedge.protocol.topics import FleetTopics
 from mqtt_fixtures import TrafficRecorder
 from podman_support import build_images, podman, remove_containers, require_podman
-
-from fedge.broker import MosquittoBroker
-from protocol.topics import FleetTopics
 
 pytest_plugins = ("mqtt_fixtures",)
 pytestmark = pytest.mark.slow

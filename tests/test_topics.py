@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from protocol.errors import FedgeError
-from protocol.topics import ROOT, FleetTopics, TopicError, check_id
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.topics import ROOT, FleetTopics, TopicError, check_id
 
 FLEET = FleetTopics("fleet-1")
 SHA = "0123456789abcdef" * 4
@@ -56,9 +56,25 @@ def test_valid_ids_are_returned_unchanged(value: str) -> None:
         "dev\\x",
     ],
     ids=[
-        "empty", "65 chars", "slash", "only slash", "plus", "only plus", "hash", "trailing hash",
-        "trailing newline", "leading newline", "trailing space", "leading space", "leading underscore",
-        "leading dot", "leading dash", "dot dot", "non-ascii letter", "non-ascii digit", "nul",
+        "empty",
+        "65 chars",
+        "slash",
+        "only slash",
+        "plus",
+        "only plus",
+        "hash",
+        "trailing hash",
+        "trailing newline",
+        "leading newline",
+        "trailing space",
+        "leading space",
+        "leading underscore",
+        "leading dot",
+        "leading dash",
+        "dot dot",
+        "non-ascii letter",
+        "non-ascii digit",
+        "nul",
         "backslash",
     ],
 )
@@ -124,8 +140,17 @@ def test_device_topics_refuse_an_invalid_device_id(method: str, device: str) -> 
 @pytest.mark.parametrize(
     "sha",
     ["AB" * 32, SHA[:-1], SHA + "0", SHA + "\n", "g" * 64, "", "+", "#", SHA[:32] + "/" + SHA[33:]],
-    ids=["uppercase", "63 digits", "65 digits", "trailing newline", "not hex", "empty", "plus", "hash",
-         "slash"],
+    ids=[
+        "uppercase",
+        "63 digits",
+        "65 digits",
+        "trailing newline",
+        "not hex",
+        "empty",
+        "plus",
+        "hash",
+        "slash",
+    ],
 )
 def test_blob_refuses_anything_but_64_lowercase_hex_digits(sha: str) -> None:
     with pytest.raises(TopicError) as exc:
@@ -163,8 +188,18 @@ def test_device_of_inverts_the_topic_builders(kind: str) -> None:
         ("FEDGE/v1/fleet-1/update/watch-01", "update"),
         ("", "update"),
     ],
-    ids=["other fleet", "fleet prefix", "other kind", "other kind reversed", "other version",
-         "no device level", "manifest", "leading slash", "upper case root", "empty"],
+    ids=[
+        "other fleet",
+        "fleet prefix",
+        "other kind",
+        "other kind reversed",
+        "other version",
+        "no device level",
+        "manifest",
+        "leading slash",
+        "upper case root",
+        "empty",
+    ],
 )
 def test_device_of_refuses_a_foreign_topic(topic: str, kind: str) -> None:
     with pytest.raises(TopicError) as exc:
@@ -175,8 +210,16 @@ def test_device_of_refuses_a_foreign_topic(topic: str, kind: str) -> None:
 @pytest.mark.parametrize(
     "device",
     ["", "watch-01/extra", "+", "#", "watch-01\n", "x" * 65, "watch 01", "/watch-01"],
-    ids=["empty level", "extra level", "plus", "hash", "trailing newline", "65 chars", "space",
-         "double slash"],
+    ids=[
+        "empty level",
+        "extra level",
+        "plus",
+        "hash",
+        "trailing newline",
+        "65 chars",
+        "space",
+        "double slash",
+    ],
 )
 def test_device_of_refuses_a_malformed_device_level(device: str) -> None:
     with pytest.raises(TopicError) as exc:

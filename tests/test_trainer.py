@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import task_variant
 
-from agent.trainer import LiteRTTrainer, ModelFileError, TrainingDataError, load_model_dir
-from aggregator.model_export import MODEL_FILE, WEIGHTS_FILE
-from protocol.model_manifest import Normalisation
-from protocol.task import TaskSpec
+from conftest import task_variant
+from fedge.agent.trainer import LiteRTTrainer, ModelFileError, TrainingDataError, load_model_dir
+from fedge.aggregator.model_export import MODEL_FILE, WEIGHTS_FILE
+from fedge.protocol.model_manifest import Normalisation
+from fedge.protocol.task import TaskSpec
 
 
 class RecordingTrainer(LiteRTTrainer):
@@ -128,8 +128,12 @@ def test_normalisation_is_applied_to_inputs(trainer: LiteRTTrainer) -> None:
 def test_regression_model_trains(build_model_dir: Callable[[TaskSpec], Path], har_task: TaskSpec) -> None:
     task = task_variant(
         har_task,
-        {"model.kind": "regression", "label.classes": None, "model.hidden": [16],
-         "training.learning_rate": 0.01},
+        {
+            "model.kind": "regression",
+            "label.classes": None,
+            "model.hidden": [16],
+            "training.learning_rate": 0.01,
+        },
     )
     t = LiteRTTrainer.from_dir(build_model_dir(task))
     rng = np.random.default_rng(2)
@@ -146,21 +150,36 @@ def test_regression_model_trains(build_model_dir: Callable[[TaskSpec], Path], ha
 # --- bad input: a clear error, and the model is untouched ------------------------------------
 
 BAD_INPUTS: list[tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]], str]] = [
-    ("wrong width", lambda: (np.zeros((4, 47), np.float32), np.zeros(4, np.int32)),
-     r"x must have shape \(n, 48\), got \(4, 47\)"),
+    (
+        "wrong width",
+        lambda: (np.zeros((4, 47), np.float32), np.zeros(4, np.int32)),
+        r"x must have shape \(n, 48\), got \(4, 47\)",
+    ),
     ("1-d x", lambda: (np.zeros(48, np.float32), np.zeros(1, np.int32)), r"x must have shape"),
     ("empty", lambda: (np.zeros((0, 48), np.float32), np.zeros(0, np.int32)), "x is empty"),
     ("nan", lambda: (np.full((4, 48), np.nan, np.float32), np.zeros(4, np.int32)), "x contains NaN"),
     ("inf", lambda: (np.full((4, 48), np.inf, np.float32), np.zeros(4, np.int32)), "x contains NaN"),
     ("strings", lambda: (np.full((4, 48), "a"), np.zeros(4, np.int32)), "x must be real numbers"),
-    ("label too big", lambda: (np.zeros((4, 48), np.float32), np.array([0, 1, 7, 2])),
-     r"class index outside 0\.\.6"),
-    ("negative label", lambda: (np.zeros((4, 48), np.float32), np.array([0, -1, 2, 2])),
-     r"class index outside 0\.\.6"),
-    ("float labels", lambda: (np.zeros((4, 48), np.float32), np.zeros(4, np.float32)),
-     "integer class indices"),
-    ("label count", lambda: (np.zeros((4, 48), np.float32), np.zeros(3, np.int32)),
-     r"y must have shape \(4,\), got \(3,\)"),
+    (
+        "label too big",
+        lambda: (np.zeros((4, 48), np.float32), np.array([0, 1, 7, 2])),
+        r"class index outside 0\.\.6",
+    ),
+    (
+        "negative label",
+        lambda: (np.zeros((4, 48), np.float32), np.array([0, -1, 2, 2])),
+        r"class index outside 0\.\.6",
+    ),
+    (
+        "float labels",
+        lambda: (np.zeros((4, 48), np.float32), np.zeros(4, np.float32)),
+        "integer class indices",
+    ),
+    (
+        "label count",
+        lambda: (np.zeros((4, 48), np.float32), np.zeros(3, np.int32)),
+        r"y must have shape \(4,\), got \(3,\)",
+    ),
 ]
 
 
@@ -210,6 +229,7 @@ def test_invalid_epochs_or_batch_size(trainer: LiteRTTrainer) -> None:
 
 
 # --- the model file is checked against its manifest before the interpreter sees it ------------
+
 
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)

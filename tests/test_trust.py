@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from agent.trust import TRUST_FILE_MODE, TrustError, TrustStore
-from protocol.key_rotation import RotationError, sign_rotation
-from protocol.signing import SignatureError, key_id, sign_document, verify_document
+from fedge.agent.trust import TRUST_FILE_MODE, TrustError, TrustStore
+from fedge.protocol.key_rotation import RotationError, sign_rotation
+from fedge.protocol.signing import SignatureError, key_id, sign_document, verify_document
 
 K0, K1, K2, BACKUP, STRANGER = (SigningKey.generate() for _ in range(5))
 NOW = 1_750_000_000.0

@@ -1,0 +1,147 @@
+"""Subscribes to EdgeX's MQTT message bus and hands decoded events to a callback.
+
+The only network code of the EdgeX path: paho moves bytes, :mod:`fedge.agent.edgex.wire` decodes
+them. Malformed messages and readings are counted by reason and logged (rate-limited), never
+raised into paho's thread and never silently dropped. That holds for anything one message can
+cause: paho 2.x re-raises a callback's exception, which would end its network thread and with
+it the device's EdgeX feed, so an unexpected exception (in decoding: ``handler_error:<type>``;
+in ``on_events``, e.g. the sample store: ``events_error:<type>``) is counted too, under
+``errors`` in :meth:`EdgeXBusSubscriber.report` (and so in the device's status).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedge.agent.edgex.readings import Event, ReadingError
+from fedge.agent.edgex.wire import decode_message, edgex_event_filters
+from fedge.protocol.mqtt_settings import MqttSettings
+
+log = logging.getLogger("fedge.agent.edgex")
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+class EdgeXBusSubscriber:
+    """Connects to the EdgeX bus, decodes every message, and calls ``on_events`` with events."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        prefix: str,
+        on_events: Callable[[list[Event]], None],
+        on_connect: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.prefix = prefix
+        self.on_events = on_events
+        self.on_connect_cb = on_connect
+        self.malformed: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.messages = 0
+        self.connected = threading.Event()
+        self._lock = threading.Lock()
+        version = mqtt.MQTTv5 if settings.protocol == 5 else mqtt.MQTTv311
+        kwargs: dict[str, Any] = {} if settings.protocol == 5 else {"clean_session": False}
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=version, **kwargs
+        )
+        if settings.username is not None:
+            self.client.username_pw_set(settings.username, settings.password)
+        if settings.tls:
+            self.client.tls_set(
+                ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file
+            )
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        s = self.settings
+        if s.protocol == 5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.session_expiry_s
+            self.client.connect_async(s.host, s.port, s.keepalive, clean_start=False, properties=props)
+        else:
+            self.client.connect_async(s.host, s.port, s.keepalive)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def report(self) -> dict[str, Any]:
+        with self._lock:
+            return {"messages": self.messages, "malformed": dict(self.malformed), "errors": dict(self.errors)}
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            log.error("EdgeX broker refused the connection: %s", rc)
+            return
+        # Device-service events and core-data's republished events under the prefix.
+        client.subscribe([(f, 1) for f in edgex_event_filters(self.prefix)])
+        self.connected.set()
+        log.info("subscribed to EdgeX events under %r at %s", self.prefix, self.settings.url)
+        if self.on_connect_cb is not None:
+            self.on_connect_cb()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        self.connected.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Decodes one message and hands its events on. Never raises (see the module doc)."""
+        topic = "?"
+        try:
+            topic = msg.topic
+            result = decode_message(bytes(msg.payload), MAX_MESSAGE_BYTES)
+        except ReadingError as exc:
+            self._count(exc.reason, topic, str(exc))
+            return
+        except Exception as exc:  # one message never ends the feed
+            self._error(f"handler_error:{type(exc).__name__}", topic, exc)
+            return
+        for rejected in result.rejected:
+            self._count(rejected.reason, topic, str(rejected))
+        with self._lock:
+            self.messages += 1
+        if not result.events:
+            return
+        try:
+            self.on_events(result.events)
+        except Exception as exc:  # e.g. the sample store failing: counted, the feed goes on
+            self._error(f"events_error:{type(exc).__name__}", topic, exc)
+
+    def _count(self, reason: str, topic: str, detail: str) -> None:
+        with self._lock:
+            self.malformed[reason] += 1
+            first = self.malformed[reason] == 1
+        # The first of each reason is logged with its detail; the rest only counted (status).
+        if first:
+            log.warning("malformed EdgeX message on %s: %s", topic, detail)
+
+    def _error(self, reason: str, topic: str, exc: Exception) -> None:
+        """An exception one message caused: counted, the first of each reason logged in full."""
+        with self._lock:
+            self.errors[reason] += 1
+            first = self.errors[reason] == 1
+        if first:
+            where = "storing its events" if reason.startswith("events_error") else "decoding it"
+            log.error(
+                "EdgeX message on %s not handled (%s) while %s: %r. A bug or a failing sample "
+                "store (disk full?): the message was skipped; further ones are only counted "
+                "(errors in the device status' EdgeX bus report).",
+                topic,
+                reason,
+                where,
+                exc,
+                exc_info=exc,
+            )

@@ -1,0 +1,252 @@
+"""EdgeX -> samples -> local store, with a core-data backfill after every (re)connection.
+
+One worker thread owns the :class:`SampleBuilder` and the store: bus events arrive on a
+bounded queue; after each connection the worker first backfills from core-data everything
+since the newest reading it has, then drains the queue, so readings that arrived during an
+outage are neither lost (backfill) nor counted twice (the builder drops duplicates by
+resource and origin). Raw readings never leave this process; only feature vectors and labels
+are stored, and only on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedge.agent.edgex.bus import EdgeXBusSubscriber
+from fedge.agent.edgex.core_data import CoreDataClient
+from fedge.agent.edgex.readings import Event, Reading
+from fedge.agent.edgex.samples import Sample, SampleBuilder
+from fedge.agent.sample_store import SampleStore
+from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.mqtt_settings import MqttSettings
+from fedge.protocol.task import TaskSpec
+
+#: The cursor is ``{"resume_ns": N}``; anything far bigger is not one.
+MAX_CURSOR_BYTES = 4096
+
+log = logging.getLogger("fedge.agent.edgex")
+_QUEUE_LIMIT = 100_000
+IDLE_FLUSH_S = 1.0
+#: With no reading stored yet, a first backfill reaches this far back.
+FIRST_BACKFILL_S = 24 * 3600.0
+
+
+class BackfillCursor:
+    """Where the next backfill starts, persisted atomically at most every few seconds (a stale
+    cursor only re-reads windows the store already has, which it ignores)."""
+
+    def __init__(self, path: Path, min_interval_s: float = 5.0) -> None:
+        self.path = path
+        self.min_interval_s = min_interval_s
+        self._saved_at = float("-inf")
+
+    def load(self) -> int | None:
+        try:
+            with self.path.open("rb") as f:
+                raw = f.read(MAX_CURSOR_BYTES + 1)
+            data = loads_bounded(raw, max_bytes=MAX_CURSOR_BYTES)
+        except FileNotFoundError:
+            return None
+        except (OSError, BoundedJsonError) as exc:
+            raise FedgeError(f"backfill cursor {self.path} is unreadable: {exc}") from None
+        value = data.get("resume_ns") if isinstance(data, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise FedgeError(f"backfill cursor {self.path} has no valid resume_ns")
+        return value
+
+    def save(self, origin_ns: int, now: float, force: bool = False) -> None:
+        if not force and now - self._saved_at < self.min_interval_s:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"resume_ns": origin_ns}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._saved_at = now
+
+
+def task_key(task: TaskSpec) -> str:
+    """Samples belong to a feature and label definition, not to a model or optimizer."""
+    spec = {"features": task.to_dict()["features"], "label": task.to_dict()["label"]}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class EdgeXIngest:
+    def __init__(
+        self,
+        device: str,
+        task: TaskSpec,
+        store: SampleStore,
+        limits: Mapping[str, tuple[float | None, float | None]],
+        bus_settings: MqttSettings | None,
+        prefix: str,
+        core_data: CoreDataClient | None,
+        cursor: BackfillCursor,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.device = device
+        self.task = task
+        self.key = task_key(task)
+        self.store = store
+        self.builder = SampleBuilder(task, limits, device=device)
+        self._last_feed = time.monotonic()
+        self._flushed = True
+        self.core_data = core_data
+        self.clock = clock
+        self.cursor = cursor
+        # Where a backfill resumes: the first row of the next window not yet stored. Resuming
+        # on that row keeps the window grid of an uninterrupted stream, so after an outage the
+        # stored windows are exactly those of a run without one (the store drops repeats).
+        self.resume_ns = cursor.load()
+        self.last_origin_ns: int | None = None
+        rate = task.features.sample_rate_hz
+        rows_per_step = task.features.window.step if task.features.window is not None else 1
+        self.step_ns = int(rows_per_step * 1e9 / rate) if rate else None
+        self.inbox: queue.Queue[list[Event] | None] = queue.Queue(maxsize=_QUEUE_LIMIT)
+        self.backfill_needed = threading.Event()
+        self.stop_requested = threading.Event()
+        self.ignored_events = 0
+        self.backfilled_readings = 0
+        self.backfill_errors = 0
+        self.last_error: str | None = None
+        self.stored = 0
+        self._thread = threading.Thread(target=self._run, name="fedge-edgex-ingest", daemon=True)
+        self.bus = (
+            EdgeXBusSubscriber(bus_settings, prefix, self._on_events, on_connect=self.backfill_needed.set)
+            if bus_settings is not None
+            else None
+        )
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.core_data is not None:
+            self.backfill_needed.set()  # at first start too: catch up before going live
+        self._thread.start()
+        if self.bus is not None:
+            self.bus.start()
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+        if self.bus is not None:
+            self.bus.stop()
+        self.inbox.put(None)
+        self._thread.join(timeout=10)
+        if self.resume_ns is not None:
+            self.cursor.save(self.resume_ns, self.clock(), force=True)
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    def _on_events(self, events: list[Event]) -> None:
+        mine = [e for e in events if e.device == self.device]
+        if len(mine) != len(events):
+            self.ignored_events += len(events) - len(mine)
+        if mine:
+            self.inbox.put(mine)  # bounded: blocks paho's thread (back-pressure), never drops
+
+    def feed(self, readings: Iterable[Reading]) -> int:
+        """Builds samples from readings and stores them; returns how many were stored."""
+        readings = list(readings)
+        samples = self.builder.add(readings)
+        self._last_feed = time.monotonic()
+        self._flushed = False
+        return self._store(samples, readings)
+
+    def _store(self, samples: list[Sample], readings: list[Reading]) -> int:
+        stored = self.store.add(samples, self.key, self.clock()) if samples else 0
+        self.stored += stored
+        if readings:
+            newest = max(r.origin_ns for r in readings)
+            if self.last_origin_ns is None or newest > self.last_origin_ns:
+                self.last_origin_ns = newest
+        if samples:
+            nxt = max(s.start_ns for s in samples) + (self.step_ns or 1)
+            if self.resume_ns is None or nxt > self.resume_ns:
+                self.resume_ns = nxt
+                self.cursor.save(nxt, self.clock())
+        return stored
+
+    def _flush(self) -> None:
+        self._store(self.builder.flush(), [])
+        self._flushed = True
+
+    def _backfill(self) -> None:
+        assert self.core_data is not None
+        start = self.resume_ns if self.resume_ns is not None else int((self.clock() - FIRST_BACKFILL_S) * 1e9)
+        end = int((self.clock() + 365 * 24 * 3600) * 1e9)  # replayed data may carry future origins
+        try:
+            batch: list[Reading] = []
+            for reading in self.core_data.readings_for_device(self.device, start, end):
+                batch.append(reading)
+                if len(batch) >= 4096:
+                    self.backfilled_readings += len(batch)
+                    self.feed(batch)
+                    batch = []
+            self.backfilled_readings += len(batch)
+            self.feed(batch)
+            log.info("backfilled %d readings of %s from core-data", self.backfilled_readings, self.device)
+        except FedgeError as exc:
+            self.backfill_errors += 1
+            self.last_error = f"backfill: {exc}"
+            log.warning("core-data backfill failed (will retry on the next connection): %s", exc)
+
+    def _run(self) -> None:
+        while not self.stop_requested.is_set():
+            if self.backfill_needed.is_set() and self.core_data is not None:
+                self.backfill_needed.clear()
+                self._backfill()
+            try:
+                item = self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                # The stream paused: rows waiting in the reorder buffer become samples now
+                # instead of whenever the next reading comes.
+                if not self._flushed and time.monotonic() - self._last_feed >= IDLE_FLUSH_S:
+                    self._flush()
+                continue
+            if item is None:
+                break
+            try:
+                self.feed(r for event in item for r in event.readings)
+            except FedgeError as exc:
+                self.last_error = str(exc)
+                log.error("could not store samples: %s", exc)
+
+    # --- outputs -----------------------------------------------------------------------------
+
+    def training_data(self, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
+        if task_key(task) != self.key:
+            raise FedgeError(
+                "the round's task reads other features or labels than this device was provisioned "
+                "for; update the device's task spec"
+            )
+        return self.store.load(self.key)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "bus_connected": self.bus.connected.is_set() if self.bus is not None else False,
+            "stored_samples": self.store.stats(self.clock()).per_task.get(self.key, 0),
+            "stored_this_run": self.stored,
+            "quality": self.builder.quality.to_dict(),
+            "bus": self.bus.report() if self.bus is not None else None,
+            "ignored_events": self.ignored_events,
+            "backfilled_readings": self.backfilled_readings,
+            "backfill_errors": self.backfill_errors,
+            "last_origin_ns": self.last_origin_ns,
+            "resume_ns": self.resume_ns,
+            "last_error": self.last_error,
+        }

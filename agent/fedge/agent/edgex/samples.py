@@ -1,0 +1,453 @@
+"""From one device's stream of EdgeX readings to labelled training samples, as a task spec says.
+
+Live readings are messier than a recorded data set: the message bus redelivers, a core-data
+backfill overlaps the live stream, events arrive a little out of order, a sensor reports NaN or
+a value its own profile says is impossible, a device drops out for a minute. Each of those
+would silently bend the model on every device of a building, so :class:`SampleBuilder` applies
+one documented policy (``docs/data-quality.md``) and counts every decision by reason in a
+:class:`QualityReport`, instead of guessing quietly.
+
+Stages, all streaming and pure (no I/O, no clock: time is the readings' own ``origin``):
+
+1. *Screen* each reading: foreign device or resource (``ignored``), already seen
+   (``duplicate``), too old to place (``late``), not a number (``not_numeric``), NaN or
+   infinity (``not_finite``), outside the profile's limits (``out_of_range``).
+2. *Reorder*: a reading waits in a buffer until no earlier reading can still arrive, i.e.
+   until it is older than ``reorder_window_ns`` behind the newest origin seen, so events that
+   arrive a little out of order (``reordered``) give exactly the samples in-order arrival gives.
+3. *Align* readings into rows, one row per instant: every feature resource and the label,
+   origins within ``align_tolerance_ns`` of the row's first. A row missing any of them is
+   dropped (``incomplete``); a row whose label is not a class is dropped (``unknown_label``).
+4. *Window* rows with :func:`fedge.agent.features.extract_features` and label them with
+   :func:`fedge.agent.features.window_labels`, exactly as on a recorded contiguous block; windows
+   never span a time gap over ``max_gap_ns`` (``gap``).
+
+Memory is bounded whatever the stream's length: the reorder buffer (by time, and by count
+with ``max_pending``), the duplicate-key memory (``recent_keys``) and the rows of the current,
+incomplete window.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
+
+import numpy as np
+
+from fedge.agent.edgex.readings import INT_RANGES, Reading, ReadingError
+from fedge.agent.features import extract_features, window_count, window_labels
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.task import TaskSpec
+
+#: How far (ns) behind the newest origin a reading may arrive and still be placed. One second
+#: covers the bus's redelivery and batching jitter, and costs one second of latency.
+DEFAULT_REORDER_WINDOW_NS = 1_000_000_000
+#: Readings the reorder buffer holds at most; beyond, the oldest rows are closed early
+#: (``overflow``), so a flood of distinct timestamps cannot exhaust a gateway's memory.
+DEFAULT_MAX_PENDING = 16_384
+#: Keys (resource, origin) of already placed readings remembered to recognise redeliveries.
+DEFAULT_RECENT_KEYS = 16_384
+#: Default gap, in sample periods, beyond which windows are split.
+GAP_PERIODS = 3
+#: Default alignment tolerance is this fraction of a sample period.
+ALIGN_FRACTION = 0.25
+
+#: Reasons counted per reading; every reading gets exactly one of these or is ``accepted``.
+READING_REASONS: tuple[str, ...] = (
+    "ignored",
+    "duplicate",
+    "late",
+    "not_numeric",
+    "not_finite",
+    "out_of_range",
+)
+#: Reasons counted per row (an aligned instant); a row is either kept (``rows``) or one of these.
+ROW_REASONS: tuple[str, ...] = ("incomplete", "unknown_label")
+
+
+class SampleError(FedgeError):
+    """A sample builder's configuration is invalid (limits, windows, tolerances)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One training sample: a feature vector, its label, and the origins it spans.
+
+    ``start_ns`` and ``end_ns`` are the origins of the first and last row of the window (the
+    same row without a window); ``end_ns`` identifies the sample within a task's stream.
+    """
+
+    features: np.ndarray
+    label: int | float
+    start_ns: int
+    end_ns: int
+
+
+@dataclass
+class QualityReport:
+    """What the builder did with every reading and row, counted since it was created.
+
+    Reading counts: ``readings == accepted + ignored + duplicate + late + not_numeric +
+    not_finite + out_of_range``; ``reordered`` counts accepted readings that arrived after a
+    newer one. Row counts: every aligned row is kept (``rows``) or dropped as ``incomplete`` or
+    ``unknown_label``. ``gap`` counts splits between consecutive kept rows, ``overflow`` rows
+    closed early because the reorder buffer was full, ``samples`` samples emitted.
+    """
+
+    readings: int = 0
+    accepted: int = 0
+    reordered: int = 0
+    ignored: int = 0
+    duplicate: int = 0
+    late: int = 0
+    not_numeric: int = 0
+    not_finite: int = 0
+    out_of_range: int = 0
+    rows: int = 0
+    incomplete: int = 0
+    unknown_label: int = 0
+    gap: int = 0
+    overflow: int = 0
+    samples: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """The counters as a flat, JSON-ready dict (for logs and the agent's status)."""
+        return asdict(self)
+
+
+class _Row(NamedTuple):
+    origin: int
+    values: list[float]
+    label: float
+
+
+# A pending reading: (origin, column, value). Column ``len(resources)`` is the label; a value
+# of None marks a label that is not a class, kept so that its row is counted once, as such.
+_Pending = tuple[int, int, float | None]
+
+
+class SampleBuilder:
+    """Turns one device's readings into samples for ``task``; see the module docstring.
+
+    ``limits`` maps a resource to its profile's ``(minimum, maximum)`` (either may be None);
+    limits of resources the task does not use are ignored. ``device`` names the device; if
+    None, the builder binds to the device of the first reading it sees.
+    """
+
+    def __init__(
+        self,
+        task: TaskSpec,
+        limits: Mapping[str, tuple[float | None, float | None]] | None = None,
+        *,
+        device: str | None = None,
+        align_tolerance_ns: int | None = None,
+        reorder_window_ns: int = DEFAULT_REORDER_WINDOW_NS,
+        max_gap_ns: int | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        recent_keys: int = DEFAULT_RECENT_KEYS,
+    ) -> None:
+        self.task = task
+        spec = task.features
+        self._n_features = len(spec.resources)
+        self._label_col = self._n_features
+        self._columns: dict[str, int] = {name: i for i, name in enumerate(spec.resources)}
+        self._columns[task.label.resource] = self._label_col
+        self._classes: dict[str, int] | None = (
+            {name: i for i, name in enumerate(task.label.classes)} if task.label.classes is not None else None
+        )
+        self._limits = _check_limits(limits)
+
+        #: Nanoseconds between rows, from ``sample_rate_hz``; None if the task gives no rate.
+        self.period_ns: float | None = 1e9 / spec.sample_rate_hz if spec.sample_rate_hz else None
+        if align_tolerance_ns is None:
+            align_tolerance_ns = round(self.period_ns * ALIGN_FRACTION) if self.period_ns else 0
+        if max_gap_ns is None and self.period_ns is not None:
+            max_gap_ns = round(self.period_ns * GAP_PERIODS)
+        self.align_tolerance_ns = _check_int("align_tolerance_ns", align_tolerance_ns, lo=0)
+        self.reorder_window_ns = _check_int("reorder_window_ns", reorder_window_ns, lo=0)
+        self.max_gap_ns = None if max_gap_ns is None else _check_int("max_gap_ns", max_gap_ns, lo=1)
+        self.max_pending = _check_int("max_pending", max_pending, lo=1)
+        self.recent_keys = _check_int("recent_keys", recent_keys, lo=0)
+        if device is not None and (not isinstance(device, str) or not device):
+            raise SampleError(f"sample builder: device must be a non-empty string, got {device!r}")
+        self.device = device
+
+        self._quality = QualityReport()
+        self._max_seen: int | None = None  # newest origin seen: drives the reorder window
+        self._floor: int | None = None  # readings at or before this origin belong to closed rows
+        self._pending: list[_Pending] = []  # heap ordered by (origin, column)
+        self._pending_keys: set[tuple[int, int]] = set()
+        self._recent: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._last_row_ns: int | None = None
+        self._window_rows: list[_Row] = []  # rows of the window being filled
+        self._skip = 0  # rows to skip before the next window starts (step > size)
+
+    # --- public API ----------------------------------------------------------------------
+
+    def add(self, readings: Iterable[Reading]) -> list[Sample]:
+        """Takes readings in arrival order; returns the samples they complete (maybe none)."""
+        rows: list[_Row] = []
+        for reading in readings:
+            self._quality.readings += 1
+            self._take(reading, rows)
+        return self._emit(rows)
+
+    def flush(self) -> list[Sample]:
+        """Closes every row still waiting for stragglers and returns the samples they complete.
+
+        For shutdown or before training. Readings at or before the last row closed here are
+        ``late`` afterwards; a partly filled window stays and continues with later rows.
+        """
+        rows: list[_Row] = []
+        while self._pending:
+            self._close_row(rows)
+        return self._emit(rows)
+
+    @property
+    def quality(self) -> QualityReport:
+        """A snapshot of the counters (they persist across :meth:`add` and :meth:`flush`)."""
+        return replace(self._quality)
+
+    @property
+    def buffered(self) -> dict[str, int]:
+        """Sizes of the internal buffers, to show (and test) that memory stays bounded."""
+        return {
+            "pending": len(self._pending),
+            "pending_keys": len(self._pending_keys),
+            "recent_keys": len(self._recent),
+            "window_rows": len(self._window_rows),
+        }
+
+    # --- screening and reordering --------------------------------------------------------
+
+    def _take(self, reading: Reading, rows: list[_Row]) -> None:
+        q = self._quality
+        if self.device is None:
+            self.device = reading.device
+        column = self._columns.get(reading.resource)
+        if reading.device != self.device or column is None:
+            q.ignored += 1
+            return
+        origin = reading.origin_ns
+        key = (origin, column)
+        if key in self._pending_keys or key in self._recent:
+            q.duplicate += 1
+            return
+        if self._is_late(origin):
+            q.late += 1
+            return
+        value, reason = self._value(reading, column)
+        # From here the reading counts as seen: its origin moves the reorder window, and a
+        # redelivery of it is a duplicate, whether or not its value was usable.
+        reordered = self._max_seen is not None and origin < self._max_seen
+        if self._max_seen is None or origin > self._max_seen:
+            self._max_seen = origin
+        if reason is not None:
+            setattr(q, reason, getattr(q, reason) + 1)
+            self._remember(key)
+        else:
+            q.accepted += 1
+            q.reordered += reordered
+            heapq.heappush(self._pending, (origin, column, value))
+            self._pending_keys.add(key)
+        self._close_ready_rows(rows)
+
+    def _is_late(self, origin: int) -> bool:
+        if self._max_seen is not None and origin < self._max_seen - self.reorder_window_ns:
+            return True
+        return self._floor is not None and origin <= self._floor
+
+    def _value(self, reading: Reading, column: int) -> tuple[float | None, str | None]:
+        """The reading's usable value, or the reason it is dropped.
+
+        A classification label yields its class index, or None (not a reason) for a value that
+        is not a class: that drops the row, counted once as ``unknown_label``.
+        """
+        if column == self._label_col and self._classes is not None:
+            return self._class_index(reading), None
+        try:
+            value = reading.as_float()
+        except (ReadingError, TypeError, ValueError):
+            return None, "not_numeric"
+        except OverflowError:  # an integer beyond float range
+            return None, "not_finite"
+        if not math.isfinite(value):
+            return None, "not_finite"
+        lo, hi = self._limits.get(reading.resource, (None, None))
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            return None, "out_of_range"
+        return value, None
+
+    def _class_index(self, reading: Reading) -> float | None:
+        assert self._classes is not None
+        value = reading.value
+        if reading.value_type == "String" and isinstance(value, str):
+            index = self._classes.get(value)
+            return None if index is None else float(index)
+        if (
+            reading.value_type in INT_RANGES
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and 0 <= value < len(self._classes)
+        ):
+            return float(value)
+        return None
+
+    def _remember(self, key: tuple[int, int]) -> None:
+        if self.recent_keys == 0:
+            return
+        self._recent[key] = None
+        if len(self._recent) > self.recent_keys:
+            self._recent.popitem(last=False)
+
+    # --- alignment -----------------------------------------------------------------------
+
+    def _close_ready_rows(self, rows: list[_Row]) -> None:
+        """Closes rows no reading can join any more; closes the oldest early when over capacity."""
+        while self._pending:
+            over = len(self._pending) > self.max_pending
+            if not over:
+                assert self._max_seen is not None
+                watermark = self._max_seen - self.reorder_window_ns
+                # Readings before the watermark are late, so a row whose whole tolerance lies
+                # before it is final.
+                if self._pending[0][0] + self.align_tolerance_ns >= watermark:
+                    return
+            else:
+                self._quality.overflow += 1
+            self._close_row(rows)
+
+    def _close_row(self, rows: list[_Row]) -> None:
+        """Pops the earliest row: readings within the tolerance of its first, no resource twice.
+
+        A resource repeating within the tolerance (data faster than the task's rate) starts the
+        next row, so the grouping depends only on the set of readings, not on arrival order.
+        """
+        origin = self._pending[0][0]
+        limit = origin + self.align_tolerance_ns
+        values: dict[int, float | None] = {}
+        while self._pending and self._pending[0][0] <= limit and self._pending[0][1] not in values:
+            when, column, value = heapq.heappop(self._pending)
+            key = (when, column)
+            self._pending_keys.discard(key)
+            self._remember(key)
+            values[column] = value
+        self._floor = limit if self._floor is None else max(self._floor, limit)
+        q = self._quality
+        if len(values) <= self._n_features:  # features plus label: n_features + 1 columns
+            q.incomplete += 1
+            return
+        label = values[self._label_col]
+        if label is None:
+            q.unknown_label += 1
+            return
+        features: list[float] = []
+        for column in range(self._n_features):
+            value = values[column]
+            assert value is not None  # only a label can be None
+            features.append(value)
+        rows.append(_Row(origin, features, label))
+        q.rows += 1
+
+    # --- windowing -----------------------------------------------------------------------
+
+    def _emit(self, rows: list[_Row]) -> list[Sample]:
+        samples: list[Sample] = []
+        segment: list[_Row] = []
+        for row in rows:
+            if (
+                self._last_row_ns is not None
+                and self.max_gap_ns is not None
+                and row.origin - self._last_row_ns > self.max_gap_ns
+            ):
+                self._quality.gap += 1
+                samples += self._windows(segment)
+                segment = []
+                self._window_rows = []
+                self._skip = 0
+            self._last_row_ns = row.origin
+            segment.append(row)
+        samples += self._windows(segment)
+        self._quality.samples += len(samples)
+        return samples
+
+    def _windows(self, new_rows: list[_Row]) -> list[Sample]:
+        """Samples from the current window's rows plus ``new_rows`` (one contiguous stretch).
+
+        Each call hands :func:`extract_features` a block that starts on a window boundary, so
+        the windows, and their floating-point results, are the ones a single call on the whole
+        stretch would give.
+        """
+        if self._skip:
+            dropped = min(self._skip, len(new_rows))
+            new_rows = new_rows[dropped:]
+            self._skip -= dropped
+        block = self._window_rows + new_rows
+        if not block:
+            return []
+        spec = self.task.features
+        kind = self.task.model.kind
+        window = spec.window
+        n_samples = len(block) if window is None else window_count(len(block), window)
+        if n_samples == 0:
+            self._window_rows = block
+            return []
+        x = np.array([row.values for row in block], dtype=np.float64)
+        label_dtype = np.int64 if kind == "classification" else np.float64
+        y = np.array([row.label for row in block], dtype=label_dtype)
+        features = extract_features(x, spec)
+        labels = window_labels(y, window, kind)
+        if window is None:
+            size, step = 1, 1
+        else:
+            size, step = window.size, window.step
+        consumed = n_samples * step
+        self._window_rows = block[consumed:]
+        self._skip = max(0, consumed - len(block))
+        convert = int if kind == "classification" else float
+        return [
+            Sample(
+                features=features[i].copy(),
+                label=convert(labels[i]),
+                start_ns=block[i * step].origin,
+                end_ns=block[i * step + size - 1].origin,
+            )
+            for i in range(n_samples)
+        ]
+
+
+def _check_int(name: str, value: object, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise SampleError(f"sample builder: {name} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def _check_limits(
+    limits: Mapping[str, tuple[float | None, float | None]] | None,
+) -> dict[str, tuple[float | None, float | None]]:
+    """Validated limits: a typo'd bound would otherwise drop every reading as out of range."""
+    checked: dict[str, tuple[float | None, float | None]] = {}
+    for resource, pair in (limits or {}).items():
+        if not isinstance(resource, str):
+            raise SampleError(f"sample builder: limits keys are resource names, got {resource!r}")
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise SampleError(f"sample builder: limits[{resource!r}] must be (minimum, maximum)")
+        bounds: list[float | None] = []
+        for bound in pair:
+            if bound is not None and (
+                isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound)
+            ):
+                raise SampleError(
+                    f"sample builder: limits[{resource!r}] bounds must be finite numbers or None, "
+                    f"got {bound!r}"
+                )
+            bounds.append(bound)
+        lo, hi = bounds
+        if lo is not None and hi is not None and lo > hi:
+            raise SampleError(f"sample builder: limits[{resource!r}] minimum {lo} exceeds maximum {hi}")
+        checked[resource] = (lo, hi)
+    return checked

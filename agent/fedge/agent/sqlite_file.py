@@ -1,0 +1,154 @@
+"""What fedge's on-device SQLite files share: a schema check on open, and locked transactions.
+
+Each file (the outbox, the sample store) carries an ``application_id`` and a schema version, so
+a foreign database or one from a newer fedge is refused with a clear error instead of being
+misread; every write runs in one ``BEGIN IMMEDIATE`` transaction under the owner's lock.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedge.protocol.errors import FedgeError
+
+
+@dataclass(frozen=True)
+class SQLiteFileKind:
+    """One kind of file: its name in messages, its identity, its schema and its error type."""
+
+    what: str  # e.g. "outbox", "sample store"
+    application_id: int
+    schema_version: int
+    schema: str
+    error: type[FedgeError]
+
+
+def check_or_create_schema(conn: sqlite3.Connection, path: Path, kind: SQLiteFileKind) -> None:
+    """Creates the schema in an empty database; refuses another application's or version's."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    if app_id == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] == 0:
+        for statement in kind.schema.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA application_id = {kind.application_id}")
+        conn.execute(f"PRAGMA user_version = {kind.schema_version}")
+        return
+    if app_id != kind.application_id:
+        raise kind.error(f"{path} is an SQLite database but not a fedge {kind.what}")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != kind.schema_version:
+        raise kind.error(
+            f"{kind.what} {path} has schema version {version}; this fedge reads {kind.schema_version}"
+        )
+
+
+@contextmanager
+def write_transaction(
+    lock: threading.Lock | threading.RLock,
+    connection: Callable[[], sqlite3.Connection | None],
+    path: Path,
+    kind: SQLiteFileKind,
+) -> Iterator[sqlite3.Connection]:
+    """Holds ``lock`` and one write transaction; SQLite errors become ``kind.error``."""
+    with lock:
+        conn = connection()
+        if conn is None:
+            raise kind.error(f"{kind.what} {path} is closed")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise kind.error(f"{kind.what} {path}: {exc}") from None
+
+
+def open_sqlite_file(
+    path: Path,
+    kind: SQLiteFileKind,
+    synchronous: str,
+    pragmas: tuple[str, ...] = (),
+    on_open: Callable[[sqlite3.Connection], None] | None = None,
+) -> sqlite3.Connection:
+    """Opens (creating it 0600) a file of ``kind``: integrity check, WAL, ``synchronous``,
+    ``pragmas``, then the schema check and ``on_open`` in one transaction."""
+    create_private_file(path, kind)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    except sqlite3.Error as exc:
+        raise kind.error(f"cannot open {kind.what} {path}: {exc}") from None
+    try:
+        _prepare(conn, path, kind, synchronous, pragmas, on_open)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _prepare(
+    conn: sqlite3.Connection,
+    path: Path,
+    kind: SQLiteFileKind,
+    synchronous: str,
+    pragmas: tuple[str, ...],
+    on_open: Callable[[sqlite3.Connection], None] | None,
+) -> None:
+    try:
+        # quick_check reads every page: a torn or overwritten file is reported at start, not
+        # when the file is first needed.
+        check = conn.execute("PRAGMA quick_check").fetchall()
+        if check != [("ok",)]:
+            problems = "; ".join(str(row[0]) for row in check[:3])
+            raise kind.error(f"{kind.what} {path} is corrupt ({problems}); move it aside")
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise kind.error(f"{kind.what} {path}: the file system does not support WAL mode")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        for pragma in pragmas:
+            conn.execute(f"PRAGMA {pragma}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            check_or_create_schema(conn, path, kind)
+            if on_open is not None:
+                on_open(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise kind.error(
+            f"{kind.what} {path} is not a usable SQLite database ({exc}); move it aside"
+        ) from None
+
+
+def create_private_file(path: Path, kind: SQLiteFileKind) -> None:
+    """Creates the database file mode 0600 (SQLite gives its -wal and -shm files the same mode)
+    and makes its directory entry durable.
+
+    SQLite would create it with the umask's mode, and it does not fsync the directory for the
+    main file, so a fresh file could vanish in a power cut.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise kind.error(f"cannot create {kind.what} {path}: {exc.strerror}") from None
+    os.close(fd)
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise kind.error(f"cannot sync the directory of {kind.what} {path}: {exc.strerror}") from None

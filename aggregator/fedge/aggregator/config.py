@@ -1,0 +1,261 @@
+"""The aggregator's configuration: a TOML file overlaid with ``FEDGE_AGGREGATOR__*`` variables.
+
+Relative paths are resolved against the config file's directory, so a config and its keys can
+be moved together (a Kubernetes ConfigMap and Secret, a demo's output directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedge.aggregator.leader_config import (
+    LEADER_KEYS,
+    LEADER_OFF,
+    SA_NAMESPACE_FILE,
+    LeaderSettings,
+    leader_settings_from_table,
+)
+from fedge.protocol.codec import Codec
+from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
+from fedge.protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_table
+from fedge.protocol.topics import TopicError, check_id
+
+ENV_PREFIX = "FEDGE_AGGREGATOR"
+
+
+def read_config_file(path: Path, limit: int, what: str) -> tuple[bytes, int]:
+    """The content of the regular file ``path`` (at most ``limit`` bytes) and its ``st_mode``:
+    this service's :data:`~protocol.config_source.FileReader` (``protocol`` does no I/O).
+
+    One descriptor for both, so the mode judged is that of the file read (a symlink is judged
+    by its target, and cannot be swapped in between). ``O_NONBLOCK`` keeps a FIFO from hanging
+    the open; it is refused as not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st_mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise ConfigError(f"cannot read {what} {path}: not a regular file")
+        try:
+            raw = f.read(limit + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(raw) > limit:
+        raise ConfigError(f"{what} {path} is over {limit} bytes: not a fedge {what}")
+    return raw, st_mode
+
+
+log = logging.getLogger("fedge.aggregator")
+
+
+#: ``[rounds] weighting``: how much each accepted update counts in the mean.
+WEIGHTINGS = ("equal", "examples")
+#: ``[rounds] moments_aggregation``: how devices' feature moments become the normalisation.
+MOMENTS_AGGREGATIONS = ("robust", "pooled")
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """The ``[rounds]`` table. The defaults here are the deployment defaults (what a fleet gets
+    with an empty table); tests construct ``RoundSettings()`` to get exactly them.
+
+    One device's influence on a round is bounded by default, because a device's key can be
+    stolen (SECURITY.md): every accepted update counts once (``weighting = "equal"``), its L2
+    norm is clipped to the smallest of three bounds (absolute, relative to the model, relative
+    to the previous round's median update), and feature moments are aggregated robustly
+    (outlying device means excluded per feature, variances capped).
+    """
+
+    rounds: int = 20
+    min_devices: int = 2
+    devices_per_round: int = 0  # 0 = every enrolled device
+    round_timeout_s: float = 60.0
+    server_learning_rate: float = 1.0
+    codec: Codec = Codec.FP32
+    #: A sanity bound on the example count a device claims (larger claims are rejected).
+    max_examples_per_update: int = 1_000_000
+    #: Largest sealed message accepted; 0 derives it from the model: the round codec's encoded
+    #: size plus room for headers (``fedge.protocol.messages.max_sealed_bytes``), ~26 KB for har-watch.
+    max_update_bytes: int = 0
+    manifest_ttl_s: float = 24 * 3600.0
+    wait_for_devices_s: float = 30.0
+    selection_seed: int = 0
+    #: "equal": every accepted update counts once, so a device's share of a round is 1/n whatever
+    #: it claims. "examples": FedAvg's weighting by claimed example count, each claim capped at
+    #: ``example_cap_ratio`` x the median claim of the previous round (equal weights in a round
+    #: with no earlier claims).
+    weighting: str = "equal"
+    example_cap_ratio: float = 1.0
+    #: Norm bounds (0 turns one off): an update whose L2 norm exceeds the smallest is clipped to
+    #: it. ``max_update_norm`` is absolute; ``update_norm_ratio`` x the larger of the global and
+    #: the initial model's norm (never below the ratio itself, so a zeroed model keeps a bound);
+    #: ``update_norm_adaptive`` x the median norm of the updates of the previous train round
+    #: (honest har-watch updates: 0.05-0.35 x the model's norm, shrinking as training converges).
+    max_update_norm: float = 0.0
+    update_norm_ratio: float = 0.5
+    update_norm_adaptive: float = 1.0
+    #: "clip" or "reject" an update over the static bound (absolute or ratio); the adaptive
+    #: bound only ever clips (it sits at the median honest norm, so half the updates reach it).
+    update_norm_policy: str = "clip"
+    moments_aggregation: str = "robust"
+
+    @property
+    def norm_unbounded(self) -> bool:
+        return (
+            self.max_update_norm == 0.0 and self.update_norm_ratio == 0.0 and self.update_norm_adaptive == 0.0
+        )
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    fleet: str
+    model_dir: Path
+    state_dir: Path
+    registry_file: Path
+    box_key_file: Path
+    signing_key_file: Path
+    exit_when_done: bool
+    mqtt: MqttSettings
+    rounds: RoundSettings
+    # Touched by the main loop (also while a follower waits) so a liveness probe can tell a
+    # hung loop from a busy one; None: <state_dir>/heartbeat.
+    heartbeat_file: Path | None = None
+    leader: LeaderSettings = LEADER_OFF
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.heartbeat_file if self.heartbeat_file is not None else self.state_dir / "heartbeat"
+
+
+ROUND_KEYS = {
+    "rounds",
+    "min_devices",
+    "devices_per_round",
+    "round_timeout_s",
+    "server_learning_rate",
+    "codec",
+    "max_examples_per_update",
+    "max_update_bytes",
+    "manifest_ttl_s",
+    "wait_for_devices_s",
+    "selection_seed",
+    "weighting",
+    "example_cap_ratio",
+    "max_update_norm",
+    "update_norm_ratio",
+    "update_norm_adaptive",
+    "update_norm_policy",
+    "moments_aggregation",
+}
+
+
+def round_settings_from_table(r: Table) -> RoundSettings:
+    """``[rounds]``, every key optional (defaults: :class:`RoundSettings`), every value checked.
+
+    Settings that remove a bound on one device's influence are allowed, but each logs a
+    warning naming what a single compromised device can then do.
+    """
+    d = RoundSettings()
+    rounds = RoundSettings(
+        rounds=r.integer("rounds", d.rounds, 1, 1_000_000),
+        min_devices=r.integer("min_devices", d.min_devices, 1, 1_000_000),
+        devices_per_round=r.integer("devices_per_round", d.devices_per_round, 0, 1_000_000),
+        round_timeout_s=r.number("round_timeout_s", d.round_timeout_s, 0.1, 7 * 24 * 3600.0),
+        server_learning_rate=r.number("server_learning_rate", d.server_learning_rate, 1e-6, 100.0),
+        codec=Codec(r.choice("codec", d.codec.value, tuple(c.value for c in Codec))),
+        max_examples_per_update=r.integer("max_examples_per_update", d.max_examples_per_update, 1, 2**31 - 1),
+        max_update_bytes=_zero_or_at_least(
+            r,
+            "max_update_bytes",
+            r.integer("max_update_bytes", d.max_update_bytes, 0, 256 * 1024 * 1024),
+            1024,
+        ),
+        manifest_ttl_s=r.number("manifest_ttl_s", d.manifest_ttl_s, 1.0, 365 * 24 * 3600.0),
+        wait_for_devices_s=r.number("wait_for_devices_s", d.wait_for_devices_s, 0.0, 24 * 3600.0),
+        selection_seed=r.integer("selection_seed", d.selection_seed, 0, 2**31 - 1),
+        weighting=r.choice("weighting", d.weighting, WEIGHTINGS),
+        example_cap_ratio=r.number("example_cap_ratio", d.example_cap_ratio, 0.01, 1000.0),
+        max_update_norm=r.number("max_update_norm", d.max_update_norm, 0.0, 1e12),
+        update_norm_ratio=r.number("update_norm_ratio", d.update_norm_ratio, 0.0, 1e6),
+        update_norm_adaptive=r.number("update_norm_adaptive", d.update_norm_adaptive, 0.0, 1e6),
+        update_norm_policy=r.choice("update_norm_policy", d.update_norm_policy, ("clip", "reject")),
+        moments_aggregation=r.choice("moments_aggregation", d.moments_aggregation, MOMENTS_AGGREGATIONS),
+    )
+    if rounds.norm_unbounded:
+        log.warning(
+            "[rounds] update norms are unbounded (max_update_norm, update_norm_ratio and "
+            "update_norm_adaptive are all 0): one device can replace the global model"
+        )
+    if rounds.moments_aggregation == "pooled":
+        log.warning(
+            '[rounds] moments_aggregation = "pooled": one device\'s moments can move the feature '
+            'normalisation without bound (use "robust")'
+        )
+    if 0 < rounds.devices_per_round < rounds.min_devices:
+        raise ConfigError(
+            f"[rounds] devices_per_round={rounds.devices_per_round} is below min_devices="
+            f"{rounds.min_devices}: every round would be aborted"
+        )
+    return rounds
+
+
+def _zero_or_at_least(r: Table, key: str, value: int, low: int) -> int:
+    if 0 < value < low:
+        raise ConfigError(
+            f"[{r.name}] {key} must be 0 (derived from the model) or at least {low}, got {value}"
+        )
+    return value
+
+
+def load_aggregator_config(
+    path: Path, env: Mapping[str, str], sa_namespace_file: Path = SA_NAMESPACE_FILE
+) -> AggregatorConfig:
+    data = config_document(*read_config_file(path, MAX_CONFIG_BYTES, "config"), path, env, ENV_PREFIX)
+    unknown = sorted(set(data) - {"aggregator", "mqtt", "rounds", "leader"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: aggregator, leader, mqtt, rounds")
+    base = path.parent
+    agg = Table(
+        data,
+        "aggregator",
+        {
+            "fleet",
+            "model_dir",
+            "state_dir",
+            "registry",
+            "box_key_file",
+            "signing_key_file",
+            "exit_when_done",
+            "heartbeat_file",
+        },
+    )
+    try:
+        fleet = check_id(agg.text("fleet"), "fleet id")
+    except TopicError as exc:
+        raise ConfigError(f"[aggregator] fleet: {exc}") from None
+    rounds = round_settings_from_table(Table(data, "rounds", ROUND_KEYS))
+    leader = leader_settings_from_table(Table(data, "leader", LEADER_KEYS), env, sa_namespace_file)
+    heartbeat = agg.opt_text("heartbeat_file")
+    return AggregatorConfig(
+        fleet=fleet,
+        model_dir=base / agg.text("model_dir"),
+        state_dir=base / agg.text("state_dir"),
+        registry_file=base / agg.text("registry"),
+        box_key_file=base / agg.text("box_key_file"),
+        signing_key_file=base / agg.text("signing_key_file"),
+        exit_when_done=agg.flag("exit_when_done", False),
+        mqtt=mqtt_settings_from_table(
+            Table(data, "mqtt", MQTT_KEYS), f"fedge-aggregator-{fleet}", str(base), read_config_file
+        ),
+        rounds=rounds,
+        heartbeat_file=base / heartbeat if heartbeat else None,
+        leader=leader,
+    )

@@ -1,0 +1,197 @@
+"""Streaming FedAvg: the new global model as the weighted mean of device updates.
+
+An update is a delta ``local_weights - global_weights`` plus the number of examples the device
+trained on, and a weight: the example count in plain FedAvg, 1 or a capped count when the
+round engine bounds each device's influence (``[rounds] weighting``). The aggregator folds each
+update into a running ``sum(weight * delta)`` as it arrives and forgets it, so memory grows
+with the model (a few arrays of ``P`` floats), never with the number of devices in a round.
+
+The sum is kept in float64. In float32, rounding error grows with every addition and depends
+on the order updates arrive in (relative error up to ~``n * 6e-8`` over ``n`` updates), so two
+runs of the same round could publish different models. In float64 each ``weight * delta``
+product is exact for integer weights (a float32 mantissa times an integer below 2**29; equal
+weighting uses 1) and summation error stays
+near ``n * 1e-16``: far below float32's resolution, so any arrival order gives the same float32
+global model up to one final rounding step (~1e-7 relative).
+
+Pure numpy, no I/O; an accumulator covers one round and is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedge.protocol.errors import FedgeError
+
+__all__ = ["AggregationError", "StreamingFedAvg", "WeightedMeanAccumulator"]
+
+
+class AggregationError(FedgeError):
+    """An update or metric cannot be aggregated (shape, dtype, NaN, example count), or there
+    is nothing to aggregate yet."""
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise AggregationError(f"{what} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _finite_float(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise AggregationError(f"{what} must be a real number, got {type(value).__name__}")
+    try:
+        out = float(value)
+    except OverflowError:  # an integer beyond float range
+        raise AggregationError(f"{what} must be finite, got {value!r}") from None
+    if not math.isfinite(out):
+        raise AggregationError(f"{what} must be finite, got {out}")
+    return out
+
+
+def _check_weight_vector(array: Any, parameter_count: int, what: str) -> npt.NDArray[np.float32]:
+    """``array`` as a finite float32 vector of ``parameter_count`` values, or an error.
+
+    Strict on dtype on purpose: a float64 update means the device or codec deviated from the
+    protocol, and silently casting it would hide that.
+    """
+    if not isinstance(array, np.ndarray):
+        raise AggregationError(f"{what} must be a numpy array, got {type(array).__name__}")
+    if array.shape != (parameter_count,):
+        raise AggregationError(f"{what} must have shape ({parameter_count},), got {array.shape}")
+    if array.dtype != np.float32:
+        raise AggregationError(f"{what} must be float32, got {array.dtype}")
+    if not np.all(np.isfinite(array)):
+        raise AggregationError(f"{what} contains NaN or infinity")
+    return array
+
+
+class StreamingFedAvg:
+    """Weighted mean of model deltas, accumulated one update at a time.
+
+    Every ``add`` validates before it touches any state, and the accumulation itself allocates
+    nothing (it multiplies into a preallocated buffer), so an update is counted completely or
+    not at all.
+    """
+
+    def __init__(self, parameter_count: int, max_examples_per_update: int) -> None:
+        self.parameter_count = _positive_int(parameter_count, "parameter_count")
+        # Bounds the weight a single device can claim in the mean.
+        self.max_examples_per_update = _positive_int(max_examples_per_update, "max_examples_per_update")
+        self._sum = np.zeros(self.parameter_count, dtype=np.float64)
+        self._scratch = np.empty(self.parameter_count, dtype=np.float64)
+        self._count = 0
+        self._total_examples = 0
+        self._total_weight = 0.0
+
+    @property
+    def count(self) -> int:
+        """How many updates were accepted."""
+        return self._count
+
+    @property
+    def total_examples(self) -> int:
+        """The example counts of all accepted updates, summed."""
+        return self._total_examples
+
+    @property
+    def total_weight(self) -> float:
+        """The weights of all accepted updates, summed (the mean's denominator)."""
+        return self._total_weight
+
+    def add(self, delta: npt.NDArray[np.float32], examples: int, weight: float | None = None) -> None:
+        """Folds in one device's ``local_weights - global_weights`` trained on ``examples``.
+
+        ``weight`` is how much the update counts in the mean: ``examples`` by default (plain
+        FedAvg); the round engine passes 1 for equal weighting, or a capped claim, so that a
+        device's claimed example count cannot buy it the round (SECURITY.md).
+        """
+        _check_weight_vector(delta, self.parameter_count, "delta")
+        if (
+            isinstance(examples, bool)
+            or not isinstance(examples, int | np.integer)
+            or not 1 <= examples <= self.max_examples_per_update
+        ):
+            raise AggregationError(
+                f"examples must be an integer in 1..{self.max_examples_per_update}, got {examples!r}"
+            )
+        n = int(examples)
+        w = float(n) if weight is None else _finite_float(weight, "weight")
+        if w <= 0:
+            raise AggregationError(f"weight must be > 0, got {w}")
+        np.multiply(delta, w, out=self._scratch, dtype=np.float64)
+        self._sum += self._scratch
+        self._count += 1
+        self._total_examples += n
+        self._total_weight += w
+
+    def mean_delta(self) -> npt.NDArray[np.float64]:
+        """The weighted mean delta in float64 (a new array), e.g. for server momentum."""
+        if self._count == 0:
+            raise AggregationError("no updates were added; there is nothing to average")
+        out: npt.NDArray[np.float64] = self._sum / self._total_weight
+        return out
+
+    def result(
+        self, global_weights: npt.NDArray[np.float32], server_learning_rate: float
+    ) -> npt.NDArray[np.float32]:
+        """The next global model, ``global + server_learning_rate * mean_delta`` as float32.
+
+        With a server learning rate of 1 this is the weighted mean of the devices' local
+        weights. Computed in float64 and rounded once at the end.
+        """
+        _check_weight_vector(global_weights, self.parameter_count, "global_weights")
+        lr = _finite_float(server_learning_rate, "server_learning_rate")
+        if lr <= 0:
+            raise AggregationError(f"server_learning_rate must be > 0, got {lr}")
+        mean = self.mean_delta()
+        with np.errstate(over="ignore"):
+            out = (global_weights.astype(np.float64) + lr * mean).astype(np.float32)
+        if not np.all(np.isfinite(out)):
+            raise AggregationError("the aggregated weights overflow float32")
+        return out
+
+
+class WeightedMeanAccumulator:
+    """A weighted mean of scalars, e.g. devices' evaluation loss weighted by example count.
+
+    The mean of per-device means is wrong when devices hold different amounts of data; this
+    weights each device's value by its examples, as if all examples were evaluated together.
+    """
+
+    def __init__(self) -> None:
+        self._weighted_sum = 0.0
+        self._total_weight = 0.0
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """How many values were accepted."""
+        return self._count
+
+    @property
+    def total_weight(self) -> float:
+        return self._total_weight
+
+    def add(self, value: float, weight: float) -> None:
+        """Adds ``value`` with ``weight`` (finite, > 0); a rejected pair changes nothing."""
+        v = _finite_float(value, "value")
+        w = _finite_float(weight, "weight")
+        if w <= 0:
+            raise AggregationError(f"weight must be > 0, got {w}")
+        weighted_sum = self._weighted_sum + v * w
+        total_weight = self._total_weight + w
+        if not (math.isfinite(weighted_sum) and math.isfinite(total_weight)):
+            raise AggregationError("the weighted sum overflows")
+        self._weighted_sum, self._total_weight = weighted_sum, total_weight
+        self._count += 1
+
+    @property
+    def mean(self) -> float:
+        if self._count == 0:
+            raise AggregationError("no values were added; there is no mean")
+        return self._weighted_sum / self._total_weight

@@ -1,0 +1,595 @@
+"""The aggregator's round engine: a pure state machine, fed messages and the time.
+
+It never touches the network, the disk or the clock: the MQTT shell hands it every message on
+``update/+`` with the current time, asks it whether the round is due, and publishes and
+checkpoints what it returns. That keeps every rule about which update counts testable in
+microseconds and identical in production and tests.
+
+A round: :meth:`RoundEngine.open_round` returns the signed manifest and blobs to publish ->
+:meth:`handle` accepts or rejects each sealed message (cheapest check first; a rejected
+message leaves the aggregate exactly as if it never arrived) -> once every selected device
+reported or the deadline passed, :meth:`close_round` aggregates (if at least ``min_devices``
+reported) or aborts, and the next :meth:`open_round` publishes the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from nacl.public import Box, PrivateKey, PublicKey
+from nacl.signing import SigningKey
+
+from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.fedavg import AggregationError, StreamingFedAvg, WeightedMeanAccumulator
+from fedge.aggregator.moments import MomentsAccumulator
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.messages import MessageError, decode_moments, decode_update, max_sealed_bytes
+from fedge.protocol.model_manifest import ModelManifest, Normalisation
+from fedge.protocol.round_manifest import RoundManifest
+from fedge.protocol.sealing import SealError, box_for, open_sealed, read_header
+from fedge.protocol.signing import sign_document
+from fedge.protocol.topics import FleetTopics, TopicError
+
+MANIFEST_DOC_TYPE = "round-manifest"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one message: accepted, or rejected with a stable reason code."""
+
+    accepted: bool
+    reason: str
+    device_id: str | None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What the shell must publish, in order: blobs (retained), then the manifest (retained)."""
+
+    manifest: RoundManifest
+    manifest_frame: bytes
+    blobs: dict[str, bytes]
+    clear_blobs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One closed round, for status, the demo's table and the plot."""
+
+    round_number: int
+    round_id: str
+    phase: str
+    outcome: str  # "aggregated" | "aborted"
+    version: int  # manifest version the round was announced with
+    selected: int
+    reported: int
+    examples: int
+    train_loss: float | None
+    fed_eval_loss: float | None
+    fed_eval_accuracy: float | None
+    fed_eval_examples: int
+    mean_update_bytes: float | None
+    rejected: dict[str, int]
+    failure: str | None = None  # why an aggregation with a quorum was aborted
+    clipped: int = 0  # updates scaled down to the norm bound
+    norm_bound: float | None = None  # the round's clipping bound; None: unbounded
+    weighting: str = "examples"
+    weight_cap: float | None = None  # "examples" weighting: the largest weight one update had
+    spent: int = 0  # devices whose one authenticated message of the round was refused
+    outlier_devices: int = 0  # moments rounds: devices left out of at least one feature
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EngineState:
+    """Everything that survives a restart (the shell checkpoints it after every round)."""
+
+    version: int
+    last_manifest_sha256: str
+    completed_rounds: int
+    weights: np.ndarray
+    normalisation: Normalisation | None
+    counters: dict[str, int]
+    rejected_total: dict[str, int] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    published_weights_sha256: str | None = None  # to clear that blob once it is superseded
+    # The influence bounds' memory of earlier rounds (checkpointed with the rest):
+    #: median L2 norm of the updates accepted in the last train round that had any (before
+    #: clipping), the reference of ``update_norm_adaptive``;
+    update_norm_median: float | None = None
+    #: median example count claimed in the last round that had reports, the reference of
+    #: ``example_cap_ratio``;
+    claim_median: float | None = None
+    #: the initial model's L2 norm: the floor of the ``update_norm_ratio`` bound;
+    initial_norm: float | None = None
+    #: device -> fingerprint of the key its counter was seen under: a new key (re-enrollment)
+    #: starts a new counter sequence.
+    counter_keys: dict[str, str] = field(default_factory=dict)
+
+
+def _l2(vector: np.ndarray) -> float:
+    """The L2 norm, computed in float64 (a float32 sum of squares can overflow)."""
+    return float(np.linalg.norm(vector.astype(np.float64)))
+
+
+def key_fingerprint(key: PublicKey) -> str:
+    """A short, stable name for a device key (first 16 hex digits of its SHA-256)."""
+    return hashlib.sha256(bytes(key)).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class NormBounds:
+    """A round's bounds on one update's L2 norm. ``hard`` (absolute or relative to the model)
+    follows ``update_norm_policy``; ``clip`` (the smallest of all, the adaptive one included)
+    is where an update is clipped. None: that bound is off."""
+
+    hard: float | None
+    clip: float | None
+
+
+class _OpenRound:
+    def __init__(
+        self,
+        manifest: RoundManifest,
+        parameter_count: int,
+        settings: RoundSettings,
+        n_features: int,
+        bounds: NormBounds,
+        weight_cap: float | None,
+        claim_cap: float | None,
+    ) -> None:
+        self.manifest = manifest
+        self.reported: dict[str, int] = {}  # device -> accepted counter
+        # device -> counter of its one authenticated message, which was refused: the device's
+        # slot in the round is used up, so further messages cost no decryption.
+        self.spent: dict[str, int] = {}
+        self.fedavg = StreamingFedAvg(parameter_count, settings.max_examples_per_update)
+        self.moments = MomentsAccumulator(n_features, max_count_per_update=settings.max_examples_per_update)
+        self.moment_devices: list[str] = []  # row order of self.moments
+        self.train_loss = WeightedMeanAccumulator()
+        self.eval_loss = WeightedMeanAccumulator()
+        self.eval_accuracy = WeightedMeanAccumulator()
+        self.update_bytes = 0
+        self.clipped = 0
+        self.bounds = bounds
+        self.weight_cap = weight_cap
+        self.claim_cap = claim_cap
+        self.raw_norms: list[float] = []  # accepted updates' norms before clipping
+        self.claims: list[int] = []  # accepted reports' claimed example counts
+        self.max_weight: float | None = None
+        self.rejected: Counter[str] = Counter()
+
+    def done(self, device: str) -> bool:
+        return device in self.reported or device in self.spent
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        fleet: str,
+        settings: RoundSettings,
+        model_manifest: ModelManifest,
+        model_bytes: bytes,
+        box_key: PrivateKey,
+        signing_key: SigningKey,
+        registry: dict[str, PublicKey],
+        state: EngineState,
+    ) -> None:
+        k = settings.devices_per_round
+        if 0 < k < settings.min_devices:
+            raise FedgeError(
+                f"devices_per_round={k} is below min_devices={settings.min_devices}: no round could pass"
+            )
+        self.fleet = fleet
+        self.topics = FleetTopics(fleet)
+        self.settings = settings
+        self.model_manifest = model_manifest
+        self.model_bytes = model_bytes
+        self.model_sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.box_key = box_key
+        self.signing_key = signing_key
+        self.registry: dict[str, PublicKey] = {}
+        self.revoked: set[str] = set()
+        self.state = state
+        self.layout = model_manifest.layout
+        #: The largest message accepted on ``update/+``: configured, or derived from the model.
+        self.max_message_bytes = settings.max_update_bytes or max_sealed_bytes(
+            self.layout, settings.codec, model_manifest.task.input_dim
+        )
+        if state.initial_norm is None:  # a fresh state holds the initial weights
+            state.initial_norm = _l2(state.weights)
+        self.current: _OpenRound | None = None
+        self._model_published = False
+        # One Box per device: the X25519 shared key is computed once, not per message.
+        self._boxes: dict[str, Box] = {}
+        self.set_registry(registry)
+
+    def set_registry(self, registry: dict[str, PublicKey], revoked: set[str] | None = None) -> None:
+        """New enrollments and revocations, effective from the next round.
+
+        A device enrolled again under a new key (revoked, then re-enrolled with fresh state)
+        starts a new counter sequence: its old counter is forgotten. That reopens no replay:
+        anything sealed with the old key fails to open with the new one.
+        """
+        for device, key in list(self.registry.items()):
+            if registry.get(device) != key:
+                self._boxes.pop(device, None)
+        self.registry = dict(registry)
+        self.revoked = set(revoked or ()) - set(registry)
+        for device, key in self.registry.items():
+            fingerprint = key_fingerprint(key)
+            known = self.state.counter_keys.get(device)
+            if known is not None and known != fingerprint:
+                self.state.counters.pop(device, None)
+            self.state.counter_keys[device] = fingerprint
+
+    # --- round lifecycle ---------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.state.completed_rounds >= self.settings.rounds
+
+    @property
+    def phase(self) -> str:
+        if self.done:
+            return "final"
+        return "moments" if self.state.normalisation is None else "train"
+
+    def select_devices(self, version: int) -> tuple[str, ...]:
+        enrolled = sorted(self.registry)
+        k = self.settings.devices_per_round
+        if k == 0 or k >= len(enrolled):
+            return tuple(enrolled)
+        rng = np.random.default_rng([self.settings.selection_seed, version])
+        return tuple(sorted(rng.choice(enrolled, size=k, replace=False).tolist()))
+
+    def open_round(self, now: float) -> Publication:
+        """Announces the next round (or the final model): bumps the version, signs the manifest."""
+        version = self.state.version + 1
+        phase = self.phase
+        if phase == "train":
+            round_id = f"r{self.state.completed_rounds + 1:04d}-v{version}"
+        elif phase == "moments":
+            round_id = f"m-v{version}"
+        else:
+            round_id = f"final-v{version}"
+        timeout = 0.0 if phase == "final" else self.settings.round_timeout_s
+        weights_bytes = self.state.weights.astype("<f4").tobytes()
+        weights_sha = hashlib.sha256(weights_bytes).hexdigest()
+        manifest = RoundManifest(
+            fleet=self.fleet,
+            version=version,
+            parent_sha256=self.state.last_manifest_sha256,
+            phase=phase,
+            round_number=self.state.completed_rounds + (0 if phase == "final" else 1),
+            round_id=round_id,
+            issued_at=now,
+            deadline=now + timeout,
+            expires_at=now + timeout + self.settings.manifest_ttl_s,
+            selected_devices=() if phase == "final" else self.select_devices(version),
+            min_devices=self.settings.min_devices,
+            codec=self.settings.codec,
+            model_sha256=self.model_sha256,
+            model_bytes=len(self.model_bytes),
+            weights_sha256=weights_sha,
+            weights_bytes=len(weights_bytes),
+            model_manifest=self.model_manifest,
+            normalisation=self.state.normalisation,
+        )
+        frame = sign_document(MANIFEST_DOC_TYPE, manifest.to_dict(), self.signing_key)
+        weights_topic = self.topics.blob(weights_sha)
+        previous = self.state.published_weights_sha256
+        clear = (self.topics.blob(previous),) if previous not in (None, weights_sha) else ()
+        self.state.published_weights_sha256 = weights_sha
+        self.state.version = version
+        self.state.last_manifest_sha256 = manifest.sha256()
+        self.current = (
+            None
+            if phase == "final"
+            else _OpenRound(
+                manifest,
+                self.model_manifest.parameter_count,
+                self.settings,
+                self.model_manifest.task.input_dim,
+                self.norm_bounds(),
+                self.weight_cap(),
+                self.claim_cap(),
+            )
+        )
+        blobs = {weights_topic: weights_bytes}
+        if not self._model_published:  # retained: once per process is enough
+            blobs = {self.topics.blob(self.model_sha256): self.model_bytes, **blobs}
+            self._model_published = True
+        return Publication(manifest=manifest, manifest_frame=frame, blobs=blobs, clear_blobs=clear)
+
+    def norm_bounds(self) -> NormBounds:
+        """The next round's bounds on an update's L2 norm (see ``RoundSettings``).
+
+        "Unbounded" is None, never 0: a model driven to a norm of 0 (two colluding devices
+        sending ``-w``) must not switch the ratio bound off, so the ratio applies to the larger
+        of the model's and the initial model's norm, and to at least 1.
+        """
+        s = self.settings
+        hard: list[float] = []
+        if s.max_update_norm > 0:
+            hard.append(s.max_update_norm)
+        if s.update_norm_ratio > 0:
+            reference = max(_l2(self.state.weights), self.state.initial_norm or 0.0, 1.0)
+            hard.append(s.update_norm_ratio * reference)
+        clip = list(hard)
+        if s.update_norm_adaptive > 0 and self.state.update_norm_median:
+            clip.append(s.update_norm_adaptive * self.state.update_norm_median)
+        return NormBounds(min(hard) if hard else None, min(clip) if clip else None)
+
+    def claim_cap(self) -> float | None:
+        """The most a claimed example count counts for in the next round: ``example_cap_ratio``
+        x the previous round's median claim, or None before any claim was seen. It caps the
+        weight of an update (``weighting = "examples"``) and of a device's training loss and
+        evaluation in the round's metrics, so a device claiming a million examples cannot
+        decide the federated evaluation an operator reads either."""
+        if not self.state.claim_median:
+            return None
+        return max(1.0, self.settings.example_cap_ratio * self.state.claim_median)
+
+    def weight_cap(self) -> float | None:
+        """``weighting = "examples"``: the largest weight one update may have in the next round;
+        None with equal weights or before any claim was seen, when every update counts once."""
+        return self.claim_cap() if self.settings.weighting == "examples" else None
+
+    def round_due(self, now: float) -> bool:
+        """True once every selected device reported, or the deadline passed."""
+        if self.current is None:
+            return False
+        m = self.current.manifest
+        finished = len(self.current.reported) + len(self.current.spent)
+        return finished >= len(m.selected_devices) or now >= m.deadline
+
+    def close_round(self) -> RoundRecord:
+        """Aggregates the open round if enough devices reported, else aborts it (no new model)."""
+        if self.current is None:
+            raise FedgeError("no round is open")
+        r = self.current
+        m = r.manifest
+        enough = len(r.reported) >= self.settings.min_devices
+        failure: str | None = None
+        outliers: list[str] = []
+        try:
+            if enough and m.phase == "moments":
+                self.state.normalisation = r.moments.normalisation(method=self.settings.moments_aggregation)
+                outliers = [r.moment_devices[i] for i in r.moments.last_outlier_devices]
+            elif enough:
+                self.state.weights = r.fedavg.result(self.state.weights, self.settings.server_learning_rate)
+                self.state.completed_rounds += 1
+        except AggregationError as exc:
+            # E.g. fewer than 2 samples for a normalisation, or weights overflowing float32: the
+            # round is aborted (no new model), never a crash of the aggregator.
+            enough = False
+            failure = str(exc)
+        # Counters advance for every authentic message, aggregated or refused: a counter is
+        # never reused.
+        self.state.counters.update(r.spent)
+        self.state.counters.update(r.reported)
+        if r.claims:
+            self.state.claim_median = float(statistics.median(r.claims))
+        if r.raw_norms:
+            self.state.update_norm_median = float(statistics.median(r.raw_norms))
+        record = RoundRecord(
+            round_number=m.round_number,
+            round_id=m.round_id,
+            phase=m.phase,
+            outcome="aggregated" if enough else "aborted",
+            version=m.version,
+            selected=len(m.selected_devices),
+            reported=len(r.reported),
+            examples=r.fedavg.total_examples if m.phase == "train" else r.moments.count,
+            train_loss=r.train_loss.mean if r.train_loss.count else None,
+            fed_eval_loss=r.eval_loss.mean if r.eval_loss.count else None,
+            fed_eval_accuracy=r.eval_accuracy.mean if r.eval_accuracy.count else None,
+            fed_eval_examples=int(r.eval_loss.total_weight),
+            mean_update_bytes=r.update_bytes / len(r.reported) if r.reported else None,
+            rejected=dict(r.rejected),
+            failure=failure,
+            clipped=r.clipped,
+            norm_bound=r.bounds.clip,
+            weighting=self.settings.weighting,
+            weight_cap=r.weight_cap,
+            spent=len(r.spent),
+            outlier_devices=len(outliers),
+        )
+        self.state.history.append(record.to_dict())
+        self.current = None
+        return record
+
+    # --- messages ----------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, now: float) -> Outcome:
+        """Accepts or rejects one message from ``update/+``; every rejection is counted."""
+        outcome = self._check(topic, payload, now)
+        if not outcome.accepted:
+            self.state.rejected_total[outcome.reason] = self.state.rejected_total.get(outcome.reason, 0) + 1
+            if self.current is not None:
+                self.current.rejected[outcome.reason] += 1
+        return outcome
+
+    def _check(self, topic: str, payload: bytes, now: float) -> Outcome:
+        if len(payload) > self.max_message_bytes:
+            return Outcome(False, "too_large", None)
+        try:
+            topic_device = self.topics.device_of(topic, "update")
+        except TopicError:
+            return Outcome(False, "bad_topic", None)
+        try:
+            header, ciphertext = read_header(payload, self.max_message_bytes)
+        except SealError as exc:
+            return Outcome(False, exc.reason, topic_device)
+        device = header.device_id
+        if device != topic_device:
+            return Outcome(False, "device_mismatch", topic_device, header.kind)
+        if header.fleet != self.fleet:
+            return Outcome(False, "wrong_fleet", device, header.kind)
+        device_key = self.registry.get(device)
+        if device_key is None:
+            reason = "revoked_device" if device in self.revoked else "unknown_device"
+            return Outcome(False, reason, device, header.kind)
+        r = self.current
+        if r is None:
+            return Outcome(False, "no_open_round", device, header.kind)
+        m = r.manifest
+        if header.round_id != m.round_id:
+            return Outcome(False, "wrong_round", device, header.kind)
+        if now > m.deadline:
+            return Outcome(False, "late", device, header.kind)
+        if header.model_version != m.version:
+            return Outcome(False, "wrong_version", device, header.kind)
+        if not m.is_selected(device):
+            return Outcome(False, "not_selected", device, header.kind)
+        expected_kind = "moments" if m.phase == "moments" else "update"
+        if header.kind != expected_kind:
+            return Outcome(False, "wrong_kind", device, header.kind)
+        if r.done(device):
+            return Outcome(False, "duplicate", device, header.kind)
+        if header.counter <= self.state.counters.get(device, -1):
+            return Outcome(False, "replayed_counter", device, header.kind)
+        box = self._boxes.get(device)
+        if box is None:
+            try:
+                box = self._boxes[device] = box_for(self.box_key, device_key)
+            except SealError as exc:
+                return Outcome(False, exc.reason, device, header.kind)
+        try:
+            payload_header, body = open_sealed(
+                header, ciphertext, self.box_key, device_key, self.max_message_bytes, box=box
+            )
+        except SealError as exc:
+            return Outcome(False, exc.reason, device, header.kind)
+        # Authentic: this message is the device's one for the round, accepted or not. A device
+        # sending bad content again and again would otherwise cost a decryption each time.
+        refused = self._fold_in(r, device, expected_kind, payload_header, body)
+        if refused is not None:
+            r.spent[device] = header.counter
+            return Outcome(False, refused, device, header.kind)
+        r.reported[device] = header.counter
+        r.update_bytes += len(payload)
+        return Outcome(True, "accepted", device, header.kind)
+
+    def _fold_in(
+        self, r: _OpenRound, device: str, kind: str, payload_header: dict[str, Any], body: bytes
+    ) -> str | None:
+        """Adds an authentic payload to the round; the rejection reason, or None if accepted."""
+        m = r.manifest
+        limit = self.settings.max_examples_per_update
+        try:
+            if kind == "moments":
+                moments = decode_moments(payload_header, body, self.model_manifest.task.input_dim)
+                if moments.count > limit:
+                    return "too_many_examples"
+                try:
+                    r.moments.add(moments.count, moments.sums, moments.sums_sq)
+                except AggregationError:  # moments no real data can have, or too many samples
+                    return "bad_moments"
+                r.moment_devices.append(device)
+                r.claims.append(moments.count)
+                return None
+            update = decode_update(payload_header, body, self.layout, m.codec)
+            ev = update.evaluation
+            if update.examples > limit or (ev is not None and ev.examples > limit):
+                return "too_many_examples"
+            norm = _l2(update.delta)
+            delta, clipped = update.delta, False
+            bounds = r.bounds
+            rejects = self.settings.update_norm_policy == "reject"
+            if rejects and bounds.hard is not None and norm > bounds.hard:
+                return "norm_too_large"
+            if bounds.clip is not None and norm > bounds.clip:
+                delta, clipped = (update.delta * np.float32(bounds.clip / norm)).astype(np.float32), True
+            weight = self._weight(r, update.examples)
+            # All or nothing: the metrics go into copies first; the delta, whose add also
+            # checks before it changes anything, goes in last; then the copies are kept.
+            train_loss, eval_loss, eval_acc = (
+                copy.copy(r.train_loss),
+                copy.copy(r.eval_loss),
+                copy.copy(r.eval_accuracy),
+            )
+            train_loss.add(update.train_loss, self._capped(r, update.examples))
+            if ev is not None:
+                eval_loss.add(ev.loss, self._capped(r, ev.examples))
+                if ev.accuracy is not None:
+                    eval_acc.add(ev.accuracy, self._capped(r, ev.examples))
+            r.fedavg.add(delta, update.examples, weight)
+            r.train_loss, r.eval_loss, r.eval_accuracy = train_loss, eval_loss, eval_acc
+            r.clipped += clipped
+            r.raw_norms.append(norm)
+            r.claims.append(update.examples)
+            return None
+        except MessageError as exc:
+            return exc.reason
+        except AggregationError:
+            return "rejected_by_aggregation"
+
+    @staticmethod
+    def _capped(r: _OpenRound, examples: int) -> float:
+        """A claimed count as a metric's weight: capped at the round's claim cap, if any."""
+        return float(examples) if r.claim_cap is None else min(float(examples), r.claim_cap)
+
+    def _weight(self, r: _OpenRound, examples: int) -> float:
+        """How much an update counts: 1 (equal weighting, or no claims seen yet), else its
+        claimed count capped at the round's cap."""
+        if self.settings.weighting != "examples" or r.weight_cap is None:
+            return 1.0
+        return min(float(examples), r.weight_cap)
+
+    # --- status ------------------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        r = self.current
+        return {
+            "fleet": self.fleet,
+            "state": "done" if self.done and r is None else "running",
+            "phase": r.manifest.phase if r else self.phase,
+            "version": self.state.version,
+            "completed_rounds": self.state.completed_rounds,
+            "rounds": self.settings.rounds,
+            "round_id": r.manifest.round_id if r else None,
+            "deadline": r.manifest.deadline if r else None,
+            "selected": len(r.manifest.selected_devices) if r else 0,
+            "reported": sorted(r.reported) if r else [],
+            "refused": sorted(r.spent) if r else [],
+            "rejected_total": dict(self.state.rejected_total),
+            "limits": self.limits(),
+            "history": self.state.history[-5:],
+            "time": now,
+        }
+
+    def limits(self) -> dict[str, Any]:
+        """What bounds one device's influence right now, for operators (status) and logs."""
+        s = self.settings
+        bounds = self.current.bounds if self.current is not None else self.norm_bounds()
+        return {
+            "max_message_bytes": self.max_message_bytes,
+            "weighting": s.weighting,
+            "weight_cap": self.current.weight_cap if self.current is not None else self.weight_cap(),
+            "norm_bound": bounds.clip,
+            "norm_bound_hard": bounds.hard,
+            "norm_policy": s.update_norm_policy,
+            "moments_aggregation": s.moments_aggregation,
+        }
+
+    def snapshot(self) -> EngineState:
+        """A copy of the durable state, for the checkpoint."""
+        return replace(
+            self.state,
+            weights=self.state.weights.copy(),
+            counters=dict(self.state.counters),
+            rejected_total=dict(self.state.rejected_total),
+            history=list(self.state.history),
+            counter_keys=dict(self.state.counter_keys),
+        )

@@ -1,0 +1,642 @@
+"""``fedge aggregator run``: the thin I/O shell around :class:`RoundEngine`.
+
+paho's network thread only queues incoming messages; one loop thread owns the engine, so no
+rule about updates ever runs concurrently with another. The shell checkpoints the engine's
+state *before* publishing a manifest (a restart never reuses a version) and after every round.
+
+With leader election (:mod:`fedge.aggregator.leadership`) the service first campaigns, touching its
+heartbeat and connecting to nothing; only once it holds the Lease does it read the checkpoint
+(the one the previous leader wrote on the shared volume) and connect to the broker. Before
+every checkpoint write and every publish it checks that it still leads; when it does not, it
+stops at once and exits with :data:`EXIT_LEADERSHIP_LOST`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import signal
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedge.aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedge.aggregator.config import AggregatorConfig
+from fedge.aggregator.heartbeat import Heartbeat
+from fedge.aggregator.leadership import (
+    EXIT_LEADERSHIP_LOST,
+    Leadership,
+    leadership_from_settings,
+    status_data,
+)
+from fedge.aggregator.registry import load_registry, load_registry_file
+from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord
+from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
+from fedge.protocol.config_source import ConfigError
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError, KeyKind, check_private_key_file
+from fedge.protocol.model_manifest import ModelManifest, manifest_from_json
+from fedge.protocol.mqtt_settings import MqttSettings
+from fedge.protocol.topics import FleetTopics
+
+log = logging.getLogger("fedge.aggregator")
+CHECKPOINT_FILE = "checkpoint.bin"
+ROTATION_FILE_PREFIX = "aggregator.rotation."  # written by `fedge keys rotate`
+MAX_CHECKPOINT_BYTES = 1024 * 1024 * 1024
+_INBOX_LIMIT = 100_000
+#: Deployment default of the inbox's byte bound (see ``AggregatorService``).
+DEFAULT_INBOX_MAX_BYTES = 64 * 1024 * 1024
+#: A device's status is 0.3-1 KB of JSON; a bigger one is dropped in paho's thread, unparsed.
+MAX_STATUS_BYTES = 64 * 1024
+STATUS_INTERVAL_S = 0.5
+#: What an operator should do about a dropped message, by reason (prefix before "_" or ":").
+_DROP_ADVICE = {
+    "inbox": "The aggregator cannot keep up with what arrives: a flood (check which device "
+    "publishes so much on update/+) or inbox bounds too small for the fleet.",
+    "status": "A device wrote a malformed status (a bug or a compromised device); it is ignored. "
+    "If it is retained, clear it with an empty retained message on that topic.",
+    "handler": "A bug in fedge: the message was skipped. Please report this traceback.",
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    manifest: ModelManifest
+    model: bytes
+    initial_weights: np.ndarray
+
+
+def load_model(model_dir: Path) -> LoadedModel:
+    """Reads a ``fedge model build`` directory and checks hashes and sizes."""
+    try:
+        manifest = manifest_from_json((model_dir / "manifest.json").read_bytes())
+        model = (model_dir / manifest.model_file).read_bytes()
+        weights_raw = (model_dir / "initial_weights.f32").read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read model directory {model_dir}: {exc}") from None
+    if hashlib.sha256(model).hexdigest() != manifest.model_sha256:
+        raise ConfigError(f"{model_dir}: model.tflite does not match its manifest's SHA-256")
+    if hashlib.sha256(weights_raw).hexdigest() != manifest.initial_weights_sha256:
+        raise ConfigError(f"{model_dir}: initial_weights.f32 does not match its manifest's SHA-256")
+    return LoadedModel(manifest, model, np.frombuffer(weights_raw, "<f4").astype(np.float32))
+
+
+def read_private_key(path: Path, kind: KeyKind) -> bytes:
+    """A private key file's 32 bytes; refuses files others can read (``fedge.protocol.keyfile``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read private key file {path}: {exc.strerror}") from None
+    try:
+        st_mode = os.fstat(fd).st_mode
+        raw = os.read(fd, MAX_KEY_FILE_BYTES + 1) if stat.S_ISREG(st_mode) else b""
+    finally:
+        os.close(fd)
+    try:
+        return check_private_key_file(raw, st_mode, str(path), kind)
+    except KeyFileError as exc:  # the service's key is part of its configuration (exit 78)
+        raise ConfigError(str(exc)) from None
+
+
+def state_from_checkpoint(ck: Checkpoint) -> EngineState:
+    meta = dict(ck.metadata)
+    return EngineState(
+        version=ck.model_version,
+        last_manifest_sha256=ck.parent_hash or "",
+        completed_rounds=ck.round_number,
+        weights=np.asarray(ck.weights, np.float32).copy(),
+        normalisation=ck.normalisation,
+        counters=dict(ck.device_counters),
+        rejected_total={str(k): int(v) for k, v in dict(meta.get("rejected_total", {})).items()},
+        history=list(meta.get("history", [])),
+        published_weights_sha256=meta.get("published_weights_sha256"),
+        update_norm_median=_positive_or_none(meta.get("update_norm_median")),
+        claim_median=_positive_or_none(meta.get("claim_median")),
+        initial_norm=_positive_or_none(meta.get("initial_norm")),
+        counter_keys={
+            str(k): str(v) for k, v in dict(meta.get("counter_keys") or {}).items() if isinstance(v, str)
+        },
+    )
+
+
+def _positive_or_none(value: object) -> float | None:
+    """A checkpointed bound reference; anything else (absent in checkpoints written before the
+    influence bounds existed) means "no history yet"."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        return None
+    return float(value)
+
+
+def checkpoint_from_state(state: EngineState) -> Checkpoint:
+    return Checkpoint(
+        weights=state.weights,
+        model_version=state.version,
+        round_number=state.completed_rounds,
+        round_id=f"v{state.version}",
+        parent_hash=state.last_manifest_sha256 or None,
+        device_counters=dict(state.counters),
+        normalisation=state.normalisation,
+        metadata={
+            "rejected_total": dict(state.rejected_total),
+            "history": list(state.history),
+            "published_weights_sha256": state.published_weights_sha256,
+            "update_norm_median": state.update_norm_median,
+            "claim_median": state.claim_median,
+            "initial_norm": state.initial_norm,
+            "counter_keys": dict(state.counter_keys),
+        },
+    )
+
+
+def influence_summary(record: RoundRecord) -> str:
+    """What the influence bounds did in a round, for the log line an operator reads."""
+    if record.phase == "moments":
+        return f"{record.outlier_devices} device(s) left out of the normalisation as outliers"
+    bound = "unbounded" if record.norm_bound is None else f"{record.norm_bound:.4g}"
+    return f"{record.clipped} update(s) clipped to norm {bound}, {record.spent} refused after opening"
+
+
+def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
+    """A paho 2.x client; MQTT 5 by default with a persistent session (clean_start=False)."""
+    if settings.protocol == 5:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    else:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False
+        )
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.max_queued_messages_set(0)
+    return client
+
+
+def connect(client: mqtt.Client, settings: MqttSettings) -> None:
+    if settings.protocol == 5:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = settings.session_expiry_s
+        client.connect_async(
+            settings.host, settings.port, settings.keepalive, clean_start=False, properties=props
+        )
+    else:
+        client.connect_async(settings.host, settings.port, settings.keepalive)
+
+
+class LeadershipLost(Exception):
+    """Raised in the round loop the moment this replica may no longer act as leader."""
+
+
+class AggregatorService:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        clock: Callable[[], float] = time.time,
+        inbox_limit: int = _INBOX_LIMIT,
+        leadership: Leadership | None = None,
+        inbox_max_bytes: int = DEFAULT_INBOX_MAX_BYTES,
+    ) -> None:
+        """Everything that can be wrong with the configuration fails here; the checkpoint is
+        read here too, unless ``leadership`` defers it until this replica leads.
+
+        The inbox (what paho's network thread queues for the loop) is bounded by
+        ``inbox_limit`` messages and ``inbox_max_bytes`` bytes of payload; a message that would
+        pass either bound is dropped and counted (``inbox_full``), never queued without bound
+        and never blocking paho. The default, 64 MiB, holds about 2,500 sealed har-watch fp32
+        updates (26 KB each), or a hundred of a model 25 times bigger: a whole round of a
+        large fleet arriving at once. Without it, the 100,000-message bound alone would let a
+        flood of the largest packets a broker passes (16 MiB without a model-sized limit) make
+        the aggregator hold 1.6 TB; with it, a flood costs at most 64 MiB, and what it pushes
+        out is counted.
+        """
+        if inbox_max_bytes < 1:
+            raise ConfigError(f"inbox_max_bytes must be positive, not {inbox_max_bytes}")
+        self.config = config
+        self.clock = clock
+        self.leadership = leadership
+        self.heartbeat = Heartbeat(config.heartbeat_path)
+        self.topics = FleetTopics(config.fleet)
+        self.loaded = load_model(config.model_dir)
+        self.registry = load_registry(config.registry_file)
+        enrolled, wanted = len(self.registry), config.rounds.min_devices
+        if enrolled < wanted:
+            raise ConfigError(f"{enrolled} enrolled devices cannot satisfy min_devices={wanted}")
+        self.box_key = PrivateKey(read_private_key(config.box_key_file, "box"))
+        self.signing_key = SigningKey(read_private_key(config.signing_key_file, "signing"))
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = config.state_dir / CHECKPOINT_FILE
+        self.engine: RoundEngine
+        if leadership is None:
+            self._load_state()
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=inbox_limit)
+        self.inbox_max_bytes = inbox_max_bytes
+        # Both written from paho's thread and the loop's: guarded by _counts_lock.
+        self._inbox_bytes = 0
+        self._dropped: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+        self._status_dirty = True
+        self._status_sent_at = float("-inf")
+        self.online: set[str] = set()
+        self.connected = threading.Event()
+        self.stop_requested = threading.Event()
+        self.client = make_client(config.mqtt, config.mqtt.client_id)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def _load_state(self) -> None:
+        """The engine, from the checkpoint if there is one (else from the initial weights)."""
+        config, loaded = self.config, self.loaded
+        ck = load_checkpoint(self.checkpoint_path, MAX_CHECKPOINT_BYTES)
+        if ck is None:
+            state = EngineState(
+                version=0,
+                last_manifest_sha256="",
+                completed_rounds=0,
+                weights=loaded.initial_weights.copy(),
+                normalisation=loaded.manifest.normalisation,
+                counters={},
+            )
+        else:
+            if ck.weights.shape != loaded.initial_weights.shape:
+                raise ConfigError(f"{self.checkpoint_path} is for another model (parameter count differs)")
+            state = state_from_checkpoint(ck)
+            log.info(
+                "resuming from checkpoint: version %d, %d rounds done%s",
+                state.version,
+                state.completed_rounds,
+                " (recovered from .prev)" if ck.recovered_from_previous else "",
+            )
+        self.engine = RoundEngine(
+            config.fleet,
+            config.rounds,
+            loaded.manifest,
+            loaded.model,
+            self.box_key,
+            self.signing_key,
+            self.registry,
+            state,
+        )
+
+    # --- paho callbacks (network thread: only queue and flag) ------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        client.subscribe([(self.topics.update_filter, 1), (self.topics.status_filter, 1)])
+        self.connected.set()
+        log.info("connected to %s", self.config.mqtt.url)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        self.connected.clear()
+        if not self.stop_requested.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Only bounds, queues and counts. Never raises: paho 2.x re-raises a callback's
+        exception, which ends its network thread and with it the aggregator's connection."""
+        topic = "?"
+        try:
+            topic = msg.topic
+            self._enqueue(topic, bytes(msg.payload))
+        except Exception as exc:  # one message never ends the service
+            self._drop(f"handler_error:{type(exc).__name__}", topic, repr(exc), exc)
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        # Never block paho's network thread: it also reads the PUBACKs the main thread waits
+        # for. A flood beyond the inbox is counted and reported, not queued without bound.
+        size = len(payload)
+        if size > MAX_STATUS_BYTES and topic.startswith(self.topics.base + "/status/"):
+            self._drop("status_too_large", topic, f"{size} bytes > {MAX_STATUS_BYTES}")
+            return
+        with self._counts_lock:
+            queued = self._inbox_bytes
+            fits = queued + size <= self.inbox_max_bytes
+            if fits:
+                self._inbox_bytes += size
+        if not fits:
+            self._drop("inbox_full", topic, f"{queued} bytes queued + {size} > {self.inbox_max_bytes}")
+            return
+        try:
+            self.inbox.put_nowait((topic, payload))
+        except queue.Full:
+            self._release(size)
+            self._drop("inbox_full", topic, f"{self.inbox.maxsize} messages queued")
+
+    def _release(self, size: int) -> None:
+        with self._counts_lock:
+            # Never below 0: a message put into the inbox directly (not by _enqueue) was never
+            # counted in the first place.
+            self._inbox_bytes = max(0, self._inbox_bytes - size)
+
+    def _drop(self, reason: str, topic: str, detail: str, exc: BaseException | None = None) -> None:
+        """Counts a message that was not handled (either thread); the first of each reason is
+        logged with what to do, the rest only counted (``messages_dropped`` in the status)."""
+        with self._counts_lock:
+            self._dropped[reason] += 1
+            first = self._dropped[reason] == 1
+        self._status_dirty = True
+        if first:
+            advice = _DROP_ADVICE.get(reason.split(":")[0].split("_")[0], "")
+            log.error(
+                "dropped a message on %s (%s): %s. %s Further ones are only counted "
+                "(messages_dropped in aggregator/status).",
+                topic,
+                reason,
+                detail,
+                advice,
+                exc_info=exc,
+            )
+
+    @property
+    def messages_dropped(self) -> dict[str, int]:
+        """Messages not handled, by reason: ``inbox_full``, ``status_*`` (a device's status
+        refused: ``status_too_large``, ``status_too_deep``, ``status_bad_json``,
+        ``status_bad_utf8``, ``status_not_finite``, ``status_not_an_object``,
+        ``status_bad_topic``) and ``handler_error:<exception>`` (a bug: the message was skipped).
+        Update rejections are the engine's (``rejected_total``)."""
+        with self._counts_lock:
+            return dict(self._dropped)
+
+    @property
+    def inbox_overflow(self) -> int:
+        """Messages dropped because the inbox was full (by count or bytes)."""
+        with self._counts_lock:
+            return self._dropped["inbox_full"]
+
+    def inbox_status(self) -> dict[str, int]:
+        """What the inbox holds now, against its bounds."""
+        with self._counts_lock:
+            queued_bytes = self._inbox_bytes
+        return {
+            "messages": self.inbox.qsize(),
+            "bytes": queued_bytes,
+            "max_messages": self.inbox.maxsize,
+            "max_bytes": self.inbox_max_bytes,
+        }
+
+    # --- main loop (one thread owns the engine) ---------------------------------------------
+
+    def _ensure_leader(self) -> None:
+        """Before every checkpoint write and publish: a replica that no longer leads stops."""
+        if self.leadership is not None and not self.leadership.is_leader:
+            raise LeadershipLost
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self._ensure_leader()
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        while not info.is_published():
+            if self.stop_requested.is_set():
+                return
+            self.heartbeat.beat()  # waiting for the broker is not hanging: paho reconnects
+            self._ensure_leader()
+            info.wait_for_publish(timeout=0.5)
+
+    def _announce(self, pub: Publication) -> None:
+        self._ensure_leader()
+        save_checkpoint(self.checkpoint_path, checkpoint_from_state(self.engine.snapshot()))
+        for topic, blob in pub.blobs.items():
+            self._publish(topic, blob, retain=True)
+        self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
+        for topic in pub.clear_blobs:
+            self._publish(topic, b"", retain=True)
+        m = pub.manifest
+        log.info(
+            "published manifest v%d: %s round %s, %d devices selected, deadline in %.0fs",
+            m.version,
+            m.phase,
+            m.round_id,
+            len(m.selected_devices),
+            m.deadline - m.issued_at,
+        )
+
+    def _publish_rotations(self) -> None:
+        """Every rotation document ``fedge keys rotate`` left beside the signing key, retained,
+        so a device that was offline for several rotations can follow them in order."""
+        directory = self.config.signing_key_file.parent
+        for path in sorted(directory.glob(f"{ROTATION_FILE_PREFIX}[0-9]*")):
+            try:
+                sequence = int(path.name[len(ROTATION_FILE_PREFIX) :])
+                frame = path.read_bytes()
+            except (ValueError, OSError) as exc:
+                log.error("skipping rotation file %s: %s", path, exc)
+                continue
+            self._publish(self.topics.rotation(sequence), frame, retain=True)
+            log.info("published signing-key rotation %d", sequence)
+
+    def _reload_registry(self) -> None:
+        """Enrollments and revocations take effect from the next round on."""
+        try:
+            registry = load_registry_file(self.config.registry_file)
+        except FedgeError as exc:
+            log.error("device registry unreadable, keeping the previous one: %s", exc)
+            return
+        self.engine.set_registry(registry.devices, set(registry.revoked))
+
+    def _publish_status(self, force: bool = True) -> None:
+        """Retained status for operators and BMS; at most twice a second unless ``force``d."""
+        now = time.monotonic()
+        if not force and (not self._status_dirty or now - self._status_sent_at < STATUS_INTERVAL_S):
+            return
+        self._ensure_leader()
+        status = self.status()
+        self.client.publish(self.topics.aggregator_status, json.dumps(status).encode(), qos=1, retain=True)
+        if self.leadership is not None:
+            self.leadership.set_status(status_data(status, self.leadership.identity, self.clock()))
+        self._status_dirty = False
+        self._status_sent_at = now
+
+    def status(self) -> dict[str, Any]:
+        """The retained ``aggregator/status``: the engine's, plus which devices are online and
+        what this service dropped (``messages_dropped`` by reason; ``inbox_overflow`` is its
+        ``inbox_full``) and its inbox."""
+        status = self.engine.status(self.clock())
+        status["online_devices"] = sorted(self.online)
+        dropped = self.messages_dropped
+        status["inbox_overflow"] = dropped.get("inbox_full", 0)
+        status["messages_dropped"] = dropped
+        status["inbox"] = self.inbox_status()
+        return status
+
+    def _drain(self, timeout: float) -> None:
+        """Handles at most one queued message. Whatever that message does, the loop goes on:
+        an exception from handling it is counted (``handler_error:<type>``) and logged; only
+        :class:`LeadershipLost` (and KeyboardInterrupt/SystemExit, which are no Exceptions)
+        propagate."""
+        self.heartbeat.beat()
+        self._ensure_leader()
+        try:
+            topic, payload = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            self._publish_status(force=False)
+            return
+        self._release(len(payload))
+        try:
+            self._handle(topic, payload)
+        except LeadershipLost:
+            raise
+        except Exception as exc:  # one message never ends the service
+            self._drop(f"handler_error:{type(exc).__name__}", topic, repr(exc), exc)
+        self._publish_status(force=False)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        if topic.startswith(self.topics.base + "/status/"):
+            self._track_status(topic, payload)
+            return
+        outcome = self.engine.handle(topic, payload, self.clock())
+        if outcome.accepted:
+            log.info("accepted %s from %s", outcome.kind, outcome.device_id)
+        else:
+            log.warning("rejected message from %s on %s: %s", outcome.device_id or "?", topic, outcome.reason)
+        self._status_dirty = True
+
+    def _track_status(self, topic: str, payload: bytes) -> None:
+        """Which devices are online, from their retained statuses (an empty one: cleared)."""
+        try:
+            device = self.topics.device_of(topic, "status")
+        except FedgeError as exc:
+            self._drop("status_bad_topic", topic, str(exc))
+            return
+        state: object = "offline"
+        if payload:
+            try:
+                status = loads_bounded(payload, max_bytes=MAX_STATUS_BYTES)
+            except BoundedJsonError as exc:
+                self._drop(f"status_{exc.reason}", topic, str(exc))
+                return
+            if not isinstance(status, dict):
+                self._drop("status_not_an_object", topic, f"a JSON {type(status).__name__}")
+                return
+            state = status.get("state")
+        was_online = device in self.online
+        if state == "offline":
+            self.online.discard(device)
+        else:
+            self.online.add(device)
+        if was_online != (device in self.online):
+            self._status_dirty = True
+
+    def _wait_for_devices(self) -> None:
+        """Before the first round, give enrolled devices a moment to connect (bounded)."""
+        wanted = set(self.engine.registry)
+        until = self.clock() + self.config.rounds.wait_for_devices_s
+        while not self.stop_requested.is_set() and self.clock() < until and not wanted <= self.online:
+            self._drain(0.1)
+        log.info("%d of %d enrolled devices online", len(self.online & wanted), len(wanted))
+
+    def _campaign(self, leadership: Leadership) -> bool:
+        """Waits (heartbeat fresh, nothing connected) until this replica leads; False if asked
+        to stop first."""
+        leadership.start()
+        reported: object = object()
+        while not self.stop_requested.is_set():
+            self.heartbeat.beat()
+            if leadership.is_leader:
+                log.info("%s leads: loading the checkpoint and starting rounds", leadership.identity)
+                return True
+            holder = leadership.holder
+            if holder != reported:
+                log.info("%s follows; the lease is held by %s", leadership.identity, holder or "nobody")
+                reported = holder
+            self.stop_requested.wait(0.1)
+        return False
+
+    def run(self) -> int:
+        """0 when stopped or done; :data:`EXIT_LEADERSHIP_LOST` when the Lease was lost."""
+        self.heartbeat.beat()
+        if self.leadership is None:
+            return self._run_rounds()
+        try:
+            if not self._campaign(self.leadership):
+                return 0
+            self._load_state()
+            return self._run_rounds()
+        finally:
+            self.leadership.stop()
+
+    def _run_rounds(self) -> int:
+        connect(self.client, self.config.mqtt)
+        self.client.loop_start()
+        lost = False
+        try:
+            while not self.connected.wait(0.2):
+                self.heartbeat.beat()
+                self._ensure_leader()
+                if self.stop_requested.is_set():
+                    return 0
+            self._publish_rotations()
+            self._wait_for_devices()
+            if self.stop_requested.is_set():
+                return 0
+            self._reload_registry()
+            self._announce(self.engine.open_round(self.clock()))
+            self._publish_status()
+            while not self.stop_requested.is_set():
+                if self.engine.current is None:  # final model published
+                    if self.config.exit_when_done:
+                        break
+                    self._drain(0.5)
+                    continue
+                self._drain(0.1)
+                if self.engine.round_due(self.clock()):
+                    record = self.engine.close_round()
+                    log.info(
+                        "round %s %s: %d/%d devices, fed. eval accuracy %s, rejected %s; %s",
+                        record.round_id,
+                        record.outcome,
+                        record.reported,
+                        record.selected,
+                        record.fed_eval_accuracy,
+                        record.rejected or "none",
+                        influence_summary(record),
+                    )
+                    self._reload_registry()
+                    self._announce(self.engine.open_round(self.clock()))
+                    self._publish_status()
+            return 0
+        except LeadershipLost:
+            lost = True
+            log.error(
+                "lost the lease: stopped publishing; exiting with %d to rejoin as a follower",
+                EXIT_LEADERSHIP_LOST,
+            )
+            return EXIT_LEADERSHIP_LOST
+        finally:
+            if not lost and (self.leadership is None or self.leadership.is_leader):
+                self._publish_status()
+            self.client.disconnect()
+            self.client.loop_stop()
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self.stop_requested.set()
+
+
+def run_aggregator(config: AggregatorConfig, env: Mapping[str, str] | None = None) -> int:
+    leadership = leadership_from_settings(config.leader) if config.leader.enabled else None
+    service = AggregatorService(config, leadership=leadership)
+    signal.signal(signal.SIGTERM, service.request_stop)
+    signal.signal(signal.SIGINT, service.request_stop)
+    return service.run()

@@ -1,0 +1,179 @@
+"""A trainable MLP written so that it converts to TFLite with builtin ops only.
+
+Why it looks hand-rolled: on-device training needs the backward pass inside the ``.tflite``.
+Letting TensorFlow differentiate pulls in ops TFLite lacks (``ReluGrad``; with an open batch
+dimension ``BroadcastGradientArgs``), which would force the Flex delegate and a TensorFlow-sized
+runtime onto the device. Writing the backward pass out by hand with ``MatMul``, ``Mul`` and
+reductions keeps every op a TFLite builtin. Keras is avoided for the same reason (Keras 3
+models need Flex to train).
+
+Weights live in raw ``tf.Variable`` s and are read and written only through the ``get_weights``
+and ``set_weights`` signatures (LiteRT cannot address resource variables by tensor index).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from fedge.protocol.model_manifest import mlp_tensor_layout
+from fedge.protocol.task import TaskSpec
+
+
+def initial_weights(task: TaskSpec) -> np.ndarray:
+    """Glorot-uniform kernels and zero biases, as one flat float32 vector (seeded by the task)."""
+    rng = np.random.default_rng(task.model.seed)
+    parts: list[np.ndarray] = []
+    for tensor in mlp_tensor_layout(task.layer_sizes):
+        if tensor.name.endswith("/kernel"):
+            fan_in, fan_out = tensor.shape
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            parts.append(rng.uniform(-limit, limit, tensor.shape).astype(np.float32).ravel())
+        else:
+            parts.append(np.zeros(tensor.size, np.float32))
+    return np.concatenate(parts)
+
+
+class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type stubs
+    """The model and its optimizer as a ``tf.Module`` with the five fedge signatures."""
+
+    def __init__(self, task: TaskSpec, weights: np.ndarray | None = None) -> None:
+        super().__init__(name="fedge_mlp")
+        self.task = task
+        self.layout = mlp_tensor_layout(task.layer_sizes)
+        flat = initial_weights(task) if weights is None else np.asarray(weights, np.float32)
+        self.parameter_count = sum(t.size for t in self.layout)
+        if flat.shape != (self.parameter_count,):
+            raise ValueError(f"weights must have shape ({self.parameter_count},), got {flat.shape}")
+        self.params = [
+            tf.Variable(flat[t.offset : t.offset + t.size].reshape(t.shape), name=t.name.replace("/", "_"))
+            for t in self.layout
+        ]
+        train = task.training
+        self.classification = task.model.kind == "classification"
+        self.n_out = task.output_dim
+        self.lr = float(train.learning_rate)
+        self.optimizer = train.optimizer
+        self.momentum = float(train.momentum)
+        self.beta1, self.beta2, self.epsilon = float(train.beta1), float(train.beta2), float(train.epsilon)
+        # Optimizer state: one slot per parameter for SGD-with-momentum, two (and a step) for Adam.
+        self.slot_m = [tf.Variable(tf.zeros(t.shape), name=f"m_{i}") for i, t in enumerate(self.layout)]
+        self.slot_v = [tf.Variable(tf.zeros(t.shape), name=f"v_{i}") for i, t in enumerate(self.layout)]
+        self.step = tf.Variable(0.0, name="adam_step")
+        d_in = task.input_dim
+        y_spec = tf.TensorSpec([None], tf.int32 if self.classification else tf.float32, name="y")
+        x_spec = tf.TensorSpec([None, d_in], tf.float32, name="x")
+        self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
+        self.infer = tf.function(self._infer, input_signature=[x_spec])
+        self.evaluate = tf.function(self._evaluate, input_signature=[x_spec, y_spec])
+        self.get_weights = tf.function(self._get_weights, input_signature=[])
+        self.set_weights = tf.function(
+            self._set_weights,
+            input_signature=[tf.TensorSpec([self.parameter_count], tf.float32, name="weights")],
+        )
+
+    def signatures(self) -> dict[str, Any]:
+        return {
+            "train": self.train.get_concrete_function(),
+            "infer": self.infer.get_concrete_function(),
+            "evaluate": self.evaluate.get_concrete_function(),
+            "get_weights": self.get_weights.get_concrete_function(),
+            "set_weights": self.set_weights.get_concrete_function(),
+        }
+
+    # --- forward and loss ----------------------------------------------------------------
+
+    def _forward(self, x: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """Returns the inputs of every layer (for backprop) and the final pre-activation."""
+        activations = [x]
+        h = x
+        n_layers = len(self.params) // 2
+        for i in range(n_layers):
+            z = tf.matmul(h, self.params[2 * i]) + self.params[2 * i + 1]
+            if i < n_layers - 1:
+                h = tf.maximum(z, 0.0)
+                activations.append(h)
+            else:
+                h = z
+        return activations, h
+
+    def _loss_and_delta(self, out: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Mean loss over the batch and d(loss)/d(out), written out (no autodiff)."""
+        n = tf.cast(tf.shape(out)[0], tf.float32)
+        if self.classification:
+            log_p = tf.nn.log_softmax(out)
+            onehot = tf.one_hot(y, self.n_out, dtype=tf.float32)
+            loss = -tf.reduce_sum(onehot * log_p) / n
+            delta = (tf.exp(log_p) - onehot) / n
+        else:
+            err = out - tf.reshape(y, [-1, 1])
+            loss = tf.reduce_sum(err * err) / n
+            delta = 2.0 * err / n
+        return loss, delta
+
+    def _metric(self, out: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """Correct predictions (classification) or summed squared error (regression)."""
+        if self.classification:
+            pred = tf.cast(tf.argmax(out, axis=1), tf.int32)
+            return tf.reduce_sum(tf.cast(tf.equal(pred, y), tf.float32))
+        err = out - tf.reshape(y, [-1, 1])
+        return tf.reduce_sum(err * err)
+
+    # --- signatures ------------------------------------------------------------------------
+
+    def _train(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
+        activations, out = self._forward(x)
+        loss, delta = self._loss_and_delta(out, y)
+        grads: list[tf.Tensor] = [tf.zeros(())] * len(self.params)
+        for i in reversed(range(len(self.params) // 2)):
+            h_in = activations[i]
+            grads[2 * i] = tf.matmul(h_in, delta, transpose_a=True)
+            grads[2 * i + 1] = tf.reduce_sum(delta, axis=0)
+            if i > 0:
+                # ReLU's derivative as a mask: avoids the ReluGrad op (Flex-only).
+                mask = tf.cast(activations[i] > 0.0, tf.float32)
+                delta = tf.matmul(delta, self.params[2 * i], transpose_b=True) * mask
+        self._apply(grads)
+        return {"loss": loss}
+
+    def _apply(self, grads: list[tf.Tensor]) -> None:
+        if self.optimizer == "sgd":
+            for p, m, g in zip(self.params, self.slot_m, grads, strict=True):
+                if self.momentum > 0.0:
+                    m.assign(self.momentum * m + g)
+                    p.assign_sub(self.lr * m)
+                else:
+                    p.assign_sub(self.lr * g)
+            return
+        t = self.step + 1.0
+        self.step.assign(t)
+        b1, b2 = self.beta1, self.beta2
+        lr_t = self.lr * tf.sqrt(1.0 - tf.pow(b2, t)) / (1.0 - tf.pow(b1, t))
+        for p, m, v, g in zip(self.params, self.slot_m, self.slot_v, grads, strict=True):
+            m.assign(b1 * m + (1.0 - b1) * g)
+            v.assign(b2 * v + (1.0 - b2) * g * g)
+            p.assign_sub(lr_t * m / (tf.sqrt(v) + self.epsilon))
+
+    def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        _, out = self._forward(x)
+        return {"outputs": tf.nn.softmax(out) if self.classification else out}
+
+    def _evaluate(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
+        _, out = self._forward(x)
+        loss, _ = self._loss_and_delta(out, y)
+        return {"loss": loss, "metric": self._metric(out, y)}
+
+    def _get_weights(self) -> dict[str, tf.Tensor]:
+        return {"weights": tf.concat([tf.reshape(p, [-1]) for p in self.params], axis=0)}
+
+    def _set_weights(self, weights: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Loads a flat weight vector and resets the optimizer state (a new round starts fresh)."""
+        for p, t in zip(self.params, self.layout, strict=True):
+            p.assign(tf.reshape(weights[t.offset : t.offset + t.size], t.shape))
+        for m, v in zip(self.slot_m, self.slot_v, strict=True):
+            m.assign(tf.zeros_like(m))
+            v.assign(tf.zeros_like(v))
+        self.step.assign(0.0)
+        return {"parameter_count": tf.constant(self.parameter_count, tf.int32)}

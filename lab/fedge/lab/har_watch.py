@@ -1,0 +1,121 @@
+"""The real smartwatch IMU data set shipped by ``seglearn==1.2.5``, one subject per device.
+
+140 recordings of 6 channels (accelerometer ``ax ay az``, gyroscope ``wx wy wz``) at 50 Hz,
+7 shoulder exercises, 10 subjects. fedge treats each subject as one device and holds out
+subjects 8, 9 and 10 as the test set, so accuracy is measured on people the model never saw.
+
+Windows never cross recordings: each recording is windowed on its own, and every window of a
+recording carries that recording's exercise label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedge.agent.features import extract_features
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.task import TaskSpec
+
+#: The data set's channel names, in order, and the EdgeX resource names fedge gives them.
+CHANNELS = ("ax", "ay", "az", "wx", "wy", "wz")
+RESOURCES = ("accel_x", "accel_y", "accel_z", "gyro_x", "gyro_y", "gyro_z")
+LABEL_RESOURCE = "activity"
+CLASSES = ("PEN", "ABD", "FEL", "IR", "ER", "TRAP", "ROW")
+SAMPLE_RATE_HZ = 50.0
+SUBJECTS = tuple(range(1, 11))
+TEST_SUBJECTS = (8, 9, 10)
+TRAIN_SUBJECTS = tuple(s for s in SUBJECTS if s not in TEST_SUBJECTS)
+
+
+class DatasetError(FedgeError):
+    """The data set is unavailable or does not fit the task spec."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One exercise recording: readings ``(n, 6)`` in time order and its class index."""
+
+    subject: int
+    readings: np.ndarray
+    label: int
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """One device's samples: features ``x`` ``(n, input_dim)`` and class indices ``y``."""
+
+    device_id: str
+    subject: int
+    x: np.ndarray
+    y: np.ndarray
+
+
+def device_id(subject: int) -> str:
+    return f"watch-{subject:02d}"
+
+
+def load_recordings() -> list[Recording]:
+    """Loads the raw recordings from seglearn (installed by the ``demo`` extra)."""
+    try:
+        from seglearn.datasets import load_watch  # noqa: PLC0415 - demo-only dependency
+    except ImportError as exc:
+        raise DatasetError(
+            f"the HAR watch data set needs seglearn==1.2.5 and pandas ({exc}); "
+            "install them with: pip install 'fedge[demo]'"
+        ) from None
+    data: dict[str, Any] = load_watch()
+    if tuple(data["X_labels"]) != CHANNELS or tuple(data["y_labels"]) != CLASSES:
+        raise DatasetError("seglearn's watch data set has unexpected channels or classes")
+    return [
+        Recording(int(s), np.asarray(x, dtype=np.float64), int(y))
+        for x, y, s in zip(data["X"], data["y"], data["subject"], strict=True)
+    ]
+
+
+def check_task(task: TaskSpec) -> None:
+    """The task must read the IMU's six resources (any order) and label the seven exercises."""
+    unknown = [r for r in task.features.resources if r not in RESOURCES]
+    if unknown:
+        raise DatasetError(
+            f"task {task.name!r} reads {unknown}, which the HAR watch data set does not have "
+            f"(it has {list(RESOURCES)})"
+        )
+    if task.label.resource != LABEL_RESOURCE or task.label.classes != CLASSES:
+        raise DatasetError(
+            f"task {task.name!r} must label resource {LABEL_RESOURCE!r} with classes {list(CLASSES)}"
+        )
+
+
+def recordings_to_device(subject: int, recordings: Iterable[Recording], task: TaskSpec) -> DeviceData:
+    """Features and labels of one subject's recordings, as the task spec says."""
+    check_task(task)
+    columns = [RESOURCES.index(r) for r in task.features.resources]
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for rec in recordings:
+        feats = extract_features(rec.readings[:, columns], task.features)
+        xs.append(feats)
+        ys.append(np.full(feats.shape[0], rec.label, np.int32))
+    x = np.concatenate(xs) if xs else np.empty((0, task.input_dim), np.float32)
+    y = np.concatenate(ys) if ys else np.empty((0,), np.int32)
+    return DeviceData(device_id(subject), subject, x, y)
+
+
+def load_devices(task: TaskSpec, subjects: Iterable[int] = SUBJECTS) -> dict[int, DeviceData]:
+    """One :class:`DeviceData` per requested subject."""
+    wanted = list(subjects)
+    bad = [s for s in wanted if s not in SUBJECTS]
+    if bad:
+        raise DatasetError(f"unknown subjects {bad}; the data set has subjects 1..10")
+    recordings = load_recordings()
+    return {s: recordings_to_device(s, (r for r in recordings if r.subject == s), task) for s in wanted}
+
+
+def pooled(devices: Iterable[DeviceData]) -> tuple[np.ndarray, np.ndarray]:
+    """All devices' samples in one array pair (for centralised reference training)."""
+    items = list(devices)
+    return np.concatenate([d.x for d in items]), np.concatenate([d.y for d in items])

@@ -1,0 +1,152 @@
+"""Creates a fleet on disk: keys, the device registry, and aggregator and agent configs.
+
+Used by ``fedge demo`` and the end-to-end tests. Private keys are written with mode 0600 and
+never printed; configs refer to key files by relative path, so a fleet directory can move.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from fedge.aggregator.registry import render_registry
+from fedge.protocol.sealing import key_to_text
+from fedge.protocol.signing import signing_key_to_text
+
+
+@dataclass(frozen=True)
+class FleetFiles:
+    root: Path
+    aggregator_config: Path
+    agent_configs: dict[str, Path]
+    registry: Path
+    signing_key: SigningKey
+    box_key: PrivateKey
+    device_keys: dict[str, PrivateKey]
+
+
+def write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(text + "\n")
+    os.chmod(path, 0o600)
+
+
+def write_config(path: Path, text: str, secret: bool) -> None:
+    """A config file; one holding a password is private (0600) from its creation."""
+    if secret:
+        write_private(path, text.rstrip("\n"))
+    else:
+        path.write_text(text)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def render_toml(tables: dict[str, dict[str, object]]) -> str:
+    out: list[str] = []
+    for name, values in tables.items():
+        out.append(f"[{name}]")
+        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def create_fleet(
+    root: Path,
+    fleet: str,
+    model_dir: Path,
+    broker_url: str,
+    subjects: dict[str, int],
+    rounds: dict[str, object],
+    mqtt_protocol: int = 5,
+    agent_overrides: dict[str, object] | None = None,
+    edgex: dict[str, object] | None = None,
+    task_file: Path | None = None,
+    mqtt_extra: dict[str, dict[str, object]] | None = None,
+    edgex_extra: dict[str, dict[str, object]] | None = None,
+) -> FleetFiles:
+    """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject.
+
+    ``mqtt_extra``: per principal (device id or "aggregator"), extra ``[mqtt]`` settings such
+    as credentials and the broker's CA. ``edgex_extra``: per device id, extra ``[edgex]``
+    settings: with EdgeX on the fleet's broker, the credentials of the device's own EdgeX-bus
+    principal (``{device}.edgex`` of ``fedge broker config``), which the agent requires when its
+    fleet connection has credentials. Configs holding a password are written mode 0600.
+    """
+    extra = mqtt_extra or {}
+    edgex_settings = edgex_extra or {}
+    root.mkdir(parents=True, exist_ok=True)
+    keys = root / "keys"
+    signing = SigningKey.generate()
+    box = PrivateKey.generate()
+    write_private(keys / "aggregator.sign", signing_key_to_text(signing))
+    write_private(keys / "aggregator.box", key_to_text(box))
+    device_keys: dict[str, PrivateKey] = {}
+    agent_configs: dict[str, Path] = {}
+    for device_id, subject in subjects.items():
+        key = PrivateKey.generate()
+        device_keys[device_id] = key
+        write_private(keys / f"{device_id}.box", key_to_text(key))
+        agent_tables: dict[str, dict[str, object]] = {
+            "agent": {
+                "device_id": device_id,
+                "fleet": fleet,
+                "state_dir": f"state/{device_id}",
+                "key_file": f"keys/{device_id}.box",
+                "aggregator_public_key": key_to_text(box.public_key),
+                "aggregator_verify_keys": [signing_key_to_text(signing.verify_key)],
+                "status_interval_s": 5.0,
+                **(agent_overrides or {}),
+            },
+            "mqtt": {"broker": broker_url, "protocol": mqtt_protocol, **extra.get(device_id, {})},
+            "data": {"source": "har-watch", "subject": subject},
+        }
+        if edgex is not None:
+            # Readings come from EdgeX; the device knows the task it was provisioned for.
+            if task_file is None:
+                raise ValueError("an EdgeX fleet needs the task file its devices are provisioned for")
+            agent_tables["data"] = {"source": "edgex", "task": str(task_file.resolve())}
+            agent_tables["edgex"] = {"device": device_id, **edgex, **edgex_settings.get(device_id, {})}
+        elif device_id in edgex_settings:
+            raise ValueError("EdgeX credentials for a fleet whose devices do not read EdgeX")
+        path = root / f"agent-{device_id}.toml"
+        secret = any("password" in table for table in agent_tables.values())
+        write_config(path, render_toml(agent_tables), secret=secret)
+        agent_configs[device_id] = path
+    registry = root / "devices.toml"
+    registry.write_text(render_registry({d: key_to_text(k.public_key) for d, k in device_keys.items()}))
+    aggregator_config = root / "aggregator.toml"
+    write_config(
+        aggregator_config,
+        render_toml(
+            {
+                "aggregator": {
+                    "fleet": fleet,
+                    "model_dir": os.path.relpath(model_dir.resolve(), root.resolve()),
+                    "state_dir": "state/aggregator",
+                    "registry": "devices.toml",
+                    "box_key_file": "keys/aggregator.box",
+                    "signing_key_file": "keys/aggregator.sign",
+                    "exit_when_done": True,
+                },
+                "mqtt": {"broker": broker_url, "protocol": mqtt_protocol, **extra.get("aggregator", {})},
+                "rounds": dict(rounds),
+            }
+        ),
+        secret="password" in extra.get("aggregator", {}),
+    )
+    return FleetFiles(root, aggregator_config, agent_configs, registry, signing, box, device_keys)

@@ -1,0 +1,119 @@
+"""JSON from untrusted bytes, bounded in size and nesting depth *before* it is parsed.
+
+``json.loads`` recurses once per nesting level: 100 kB of ``[`` raises ``RecursionError`` (not
+a ``ValueError``), which escapes ``except ValueError`` and ends whatever loop was parsing. A
+device may write its own retained status, so one such message would end the aggregator on
+every restart. Every parse of network input, and of files other principals write, goes through
+:func:`loads_bounded`, which refuses, with one error type and a stable ``reason``:
+
+- ``too_large``: more than ``max_bytes`` (checked first; costs nothing);
+- ``bad_utf8``: not strict UTF-8 (``json.loads`` on bytes would also guess UTF-16/32);
+- ``too_deep``: arrays and objects nested deeper than ``max_depth`` (checked before parsing,
+  see :func:`nesting_depth_exceeds`);
+- ``not_finite``: ``NaN``, ``Infinity`` or a number too large for a float (``1e999``): JSON has
+  no such values and fedge never writes them;
+- ``bad_json``: anything else ``json.loads`` refuses (syntax, integers over Python's digit
+  limit).
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Final, NoReturn
+
+from fedge.protocol.errors import FedgeError
+
+#: Deep enough for every document fedge exchanges (a round manifest, with its model manifest
+#: inside, nests 6 levels; EdgeX messages, whose object readings nest deeper, pass their own
+#: 64), shallow enough for any recursion limit.
+DEFAULT_MAX_DEPTH: Final = 32
+#: Every ``reason`` a :class:`BoundedJsonError` can carry.
+REASONS: Final = frozenset({"too_large", "bad_utf8", "too_deep", "not_finite", "bad_json"})
+
+# A JSON string, escapes included, removed before counting so that brackets inside strings do
+# not count. An unterminated one runs to the end of the data (json.loads stops there too): were
+# it not matched, the scan would retry at every escaped quote inside it, which is quadratic.
+# The "unrolled loop" form never backtracks, so the whole scan is linear.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+# Every byte but the four brackets, for bytes.translate(None, delete).
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_OPENERS = frozenset(b"[{")
+
+
+class BoundedJsonError(FedgeError):
+    """Untrusted bytes are not acceptable JSON; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class _NotFinite(ValueError):
+    """Raised from inside ``json.loads`` hooks; told apart from syntax errors."""
+
+
+def loads_bounded(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """The JSON value in ``data`` (UTF-8), or :class:`BoundedJsonError`.
+
+    Size, encoding and depth are checked before ``json.loads`` runs, so its recursion never
+    goes deeper than ``max_depth``; refusing 100 kB of ``[`` costs a few passes of C over the
+    bytes and ``max_depth + 1`` loop iterations.
+    """
+    if max_bytes < 0 or max_depth < 0:
+        raise ValueError(f"max_bytes and max_depth must be >= 0, got {max_bytes} and {max_depth}")
+    raw = bytes(data)
+    if len(raw) > max_bytes:
+        raise BoundedJsonError("too_large", f"{len(raw)} bytes > {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BoundedJsonError("bad_utf8", f"not UTF-8 at byte {exc.start}") from None
+    if nesting_depth_exceeds(raw, max_depth):
+        raise BoundedJsonError("too_deep", f"nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NotFinite as exc:
+        raise BoundedJsonError("not_finite", str(exc)) from None
+    except RecursionError:  # only with a recursion limit below max_depth: still refused
+        raise BoundedJsonError("too_deep", f"nested too deeply to parse (limit {max_depth})") from None
+    except ValueError as exc:  # JSONDecodeError, over-long integers
+        raise BoundedJsonError("bad_json", str(exc)[:200]) from None
+
+
+def nesting_depth_exceeds(data: bytes, max_depth: int) -> bool:
+    """True if arrays and objects in ``data`` nest deeper than ``max_depth`` (a bare value is
+    depth 0, ``[]`` depth 1). Brackets inside JSON strings do not count.
+
+    Fast path: there cannot be more levels than opening brackets. Otherwise strings are cut out
+    and everything but brackets dropped (both in C), then one loop over the brackets stops as
+    soon as the limit is passed (2 MB of ``[]`` takes about 0.1 s). On text that is not JSON (an
+    unterminated string, stray closers) the answer may be either; ``json.loads`` refuses such
+    text anyway, and never recurses past the point where it stops.
+    """
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        return False
+    depth = 0
+    for byte in _STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        if byte in _OPENERS:
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif depth > 0:
+            depth -= 1
+    return False
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise _NotFinite(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise _NotFinite(f"number {text[:32]} is out of range")
+    return number

@@ -1,0 +1,102 @@
+"""Versioned binary frames: a fixed header, a small JSON header, and a binary body.
+
+Layout (all integers big-endian)::
+
+    offset  size  field
+    0       4     magic  b"FEDG"
+    4       1     frame format version (1)
+    5       1     kind   (see FrameKind)
+    6       2     reserved, must be 0
+    8       4     header length H   (<= MAX_HEADER_BYTES)
+    12      4     body length B     (<= the caller's limit)
+    16      H     header: UTF-8 JSON object
+    16+H    B     body: opaque bytes (tensors, ciphertext, ...)
+
+Every length is checked against its limit and against the bytes actually received *before*
+anything is sliced, decoded or allocated, so a frame that declares a 4 GiB body costs nothing.
+Never pickle: headers are JSON, bodies are documented byte layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
+from fedge.protocol.errors import FedgeError
+
+MAGIC = b"FEDG"
+FRAME_VERSION = 1
+_PREFIX = struct.Struct(">4sBBHII")
+PREFIX_BYTES = _PREFIX.size  # 16
+MAX_HEADER_BYTES = 16 * 1024
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class FrameKind(IntEnum):
+    SEALED = 1  # device -> aggregator, body is a NaCl box (see protocol.sealing)
+    PAYLOAD = 2  # the plaintext inside a sealed frame
+    SIGNED = 3  # aggregator -> devices, body is an Ed25519 signature + document
+
+
+class FrameError(FedgeError):
+    """A frame is malformed, over a limit, or of an unexpected kind or version."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: FrameKind
+    header: dict[str, Any]
+    body: bytes
+
+
+def encode_frame(kind: FrameKind, header: dict[str, Any], body: bytes = b"") -> bytes:
+    """Serialises a frame; the header is canonical JSON (sorted keys, no spaces)."""
+    try:
+        raw_header = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise FrameError("bad_header", f"header cannot be encoded: {exc}") from None
+    if len(raw_header) > MAX_HEADER_BYTES:
+        raise FrameError("header_too_large", f"{len(raw_header)} bytes > {MAX_HEADER_BYTES}")
+    return _PREFIX.pack(MAGIC, FRAME_VERSION, int(kind), 0, len(raw_header), len(body)) + raw_header + body
+
+
+def decode_frame(data: bytes, expected_kind: FrameKind, max_body: int = DEFAULT_MAX_BODY_BYTES) -> Frame:
+    """Parses and checks a frame; every failure is a :class:`FrameError` with a short reason."""
+    if len(data) < PREFIX_BYTES:
+        raise FrameError("truncated", f"{len(data)} bytes is shorter than the {PREFIX_BYTES}-byte prefix")
+    magic, version, kind, reserved, header_len, body_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise FrameError("bad_magic", f"not a fedge frame (magic {magic!r})")
+    if version != FRAME_VERSION:
+        raise FrameError("unsupported_version", f"frame version {version}, this fedge reads {FRAME_VERSION}")
+    if kind != expected_kind:
+        raise FrameError("wrong_kind", f"frame kind {kind}, expected {int(expected_kind)}")
+    if reserved != 0:
+        raise FrameError("bad_reserved", "reserved bytes must be zero")
+    if header_len > MAX_HEADER_BYTES:
+        raise FrameError("header_too_large", f"declares a {header_len}-byte header > {MAX_HEADER_BYTES}")
+    if body_len > max_body:
+        raise FrameError("body_too_large", f"declares a {body_len}-byte body > {max_body}")
+    if PREFIX_BYTES + header_len + body_len != len(data):
+        raise FrameError(
+            "length_mismatch",
+            f"declares {PREFIX_BYTES + header_len + body_len} bytes, got {len(data)}",
+        )
+    raw_header = data[PREFIX_BYTES : PREFIX_BYTES + header_len]
+    try:
+        # Strict UTF-8 (json.loads on bytes would also guess UTF-16/32), bounded nesting, and
+        # no NaN/Infinity, which encode_frame never writes.
+        header = loads_bounded(raw_header, max_bytes=MAX_HEADER_BYTES)
+    except BoundedJsonError:
+        raise FrameError("bad_header", "header is not UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise FrameError("bad_header", "header must be a JSON object")
+    return Frame(FrameKind(kind), header, bytes(data[PREFIX_BYTES + header_len :]))

@@ -1,0 +1,201 @@
+"""The round manifest: the signed, retained announcement of the global model and the round.
+
+Every publication bumps ``version`` and names the previous manifest's hash (``parent_sha256``),
+so manifests form a chain that devices can only move forward along. It names the model and
+weights blobs by SHA-256 (devices fetch and verify them), the round's id, phase, deadline and
+selected devices, the task's model manifest, and the feature normalisation.
+
+Phases: ``moments`` (devices send feature moments for the federated normalisation),
+``train`` (devices train and send updates), ``final`` (training is over; no round is open).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from fedge.protocol.codec import Codec, CodecError, parse_codec
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.model_manifest import ModelManifest, Normalisation, manifest_from_json
+from fedge.protocol.signing import canonical_json
+from fedge.protocol.topics import TopicError, check_id
+
+PHASES = ("moments", "train", "final")
+MAX_SELECTED_DEVICES = 100_000
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class RoundManifestError(FedgeError):
+    """A round manifest has a missing, mistyped or inconsistent field."""
+
+
+@dataclass(frozen=True)
+class RoundManifest:
+    fleet: str
+    version: int
+    parent_sha256: str
+    phase: str
+    round_number: int
+    round_id: str
+    issued_at: float
+    deadline: float
+    expires_at: float
+    selected_devices: tuple[str, ...]
+    min_devices: int
+    codec: Codec
+    model_sha256: str
+    model_bytes: int
+    weights_sha256: str
+    weights_bytes: int
+    model_manifest: ModelManifest
+    normalisation: Normalisation | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fleet": self.fleet,
+            "version": self.version,
+            "parent_sha256": self.parent_sha256,
+            "phase": self.phase,
+            "round_number": self.round_number,
+            "round_id": self.round_id,
+            "issued_at": self.issued_at,
+            "deadline": self.deadline,
+            "expires_at": self.expires_at,
+            "selected_devices": list(self.selected_devices),
+            "min_devices": self.min_devices,
+            "codec": self.codec.value,
+            "model_sha256": self.model_sha256,
+            "model_bytes": self.model_bytes,
+            "weights_sha256": self.weights_sha256,
+            "weights_bytes": self.weights_bytes,
+            "model_manifest": self.model_manifest.to_dict(),
+            "normalisation": self.normalisation.to_dict() if self.normalisation else None,
+        }
+
+    def sha256(self) -> str:
+        """Hash of the canonical document: what the next manifest's ``parent_sha256`` names."""
+        return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
+
+    @cached_property
+    def _selected_set(self) -> frozenset[str]:
+        return frozenset(self.selected_devices)
+
+    def is_selected(self, device_id: str) -> bool:
+        return device_id in self._selected_set
+
+
+def round_manifest_from_dict(data: Any) -> RoundManifest:
+    """Validates a verified manifest document; every problem names the field."""
+    if not isinstance(data, dict):
+        raise RoundManifestError("round manifest must be an object")
+    expected = {
+        "fleet",
+        "version",
+        "parent_sha256",
+        "phase",
+        "round_number",
+        "round_id",
+        "issued_at",
+        "deadline",
+        "expires_at",
+        "selected_devices",
+        "min_devices",
+        "codec",
+        "model_sha256",
+        "model_bytes",
+        "weights_sha256",
+        "weights_bytes",
+        "model_manifest",
+        "normalisation",
+    }
+    if set(data) != expected:
+        missing, extra = sorted(expected - set(data)), sorted(set(data) - expected)
+        raise RoundManifestError(f"round manifest fields: missing {missing}, unexpected {extra}")
+    try:
+        fleet = check_id(data["fleet"], "fleet id")
+        round_id = check_id(data["round_id"], "round id")
+        selected_raw = data["selected_devices"]
+        if not isinstance(selected_raw, list) or len(selected_raw) > MAX_SELECTED_DEVICES:
+            raise RoundManifestError("selected_devices must be a list of device ids")
+        selected = tuple(check_id(d) for d in selected_raw)
+    except TopicError as exc:
+        raise RoundManifestError(str(exc)) from None
+    if data["phase"] not in PHASES:
+        raise RoundManifestError(f"phase must be one of {PHASES}")
+    parent = data["parent_sha256"]
+    if not isinstance(parent, str) or not (parent == "" or _SHA_RE.fullmatch(parent)):
+        raise RoundManifestError("parent_sha256 must be empty or 64 hex digits")
+    for key in ("model_sha256", "weights_sha256"):
+        if not isinstance(data[key], str) or not _SHA_RE.fullmatch(data[key]):
+            raise RoundManifestError(f"{key} must be 64 hex digits")
+    ints = {
+        k: _int(data, k) for k in ("version", "round_number", "min_devices", "model_bytes", "weights_bytes")
+    }
+    times = {k: _time(data, k) for k in ("issued_at", "deadline", "expires_at")}
+    if not times["issued_at"] <= times["deadline"] <= times["expires_at"]:
+        raise RoundManifestError("times must satisfy issued_at <= deadline <= expires_at")
+    try:
+        codec = parse_codec(data["codec"]) if isinstance(data["codec"], str) else parse_codec("")
+        model_manifest = manifest_from_json(canonical_json(data["model_manifest"]))
+        norm = None if data["normalisation"] is None else Normalisation.from_dict(data["normalisation"])
+    except (CodecError, FedgeError, ValueError) as exc:
+        raise RoundManifestError(str(exc)) from None
+    if norm is not None and len(norm.mean) != model_manifest.task.input_dim:
+        raise RoundManifestError("normalisation length does not match the task's input")
+    if ints["weights_bytes"] != 4 * model_manifest.parameter_count:
+        raise RoundManifestError("weights_bytes does not match the model's parameter count")
+    if (
+        data["model_sha256"] != model_manifest.model_sha256
+        or ints["model_bytes"] != model_manifest.model_bytes
+    ):
+        raise RoundManifestError("model_sha256/model_bytes differ from the embedded model manifest")
+    if len(set(selected)) != len(selected):
+        raise RoundManifestError("selected_devices lists a device twice")
+    if data["phase"] != "final" and ints["min_devices"] > len(selected):
+        raise RoundManifestError("min_devices exceeds the number of selected devices")
+    if data["phase"] == "train" and norm is None:
+        raise RoundManifestError("a train round needs a normalisation")
+    return RoundManifest(
+        fleet=fleet,
+        version=ints["version"],
+        parent_sha256=parent,
+        phase=data["phase"],
+        round_number=ints["round_number"],
+        round_id=round_id,
+        issued_at=times["issued_at"],
+        deadline=times["deadline"],
+        expires_at=times["expires_at"],
+        selected_devices=selected,
+        min_devices=ints["min_devices"],
+        codec=codec,
+        model_sha256=data["model_sha256"],
+        model_bytes=ints["model_bytes"],
+        weights_sha256=data["weights_sha256"],
+        weights_bytes=ints["weights_bytes"],
+        model_manifest=model_manifest,
+        normalisation=norm,
+    )
+
+
+def _int(data: dict[str, Any], key: str) -> int:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise RoundManifestError(f"{key} must be a non-negative integer")
+    return value
+
+
+def _time(data: dict[str, Any], key: str) -> float:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RoundManifestError(f"{key} must be a number (Unix seconds)")
+    try:
+        result = float(value)
+    except OverflowError:
+        raise RoundManifestError(f"{key} must be finite") from None
+    if not math.isfinite(result) or result < 0:
+        raise RoundManifestError(f"{key} must be finite and >= 0")
+    return result

@@ -1,0 +1,181 @@
+"""Sealed device messages: end-to-end encrypted and authenticated with NaCl ``Box``.
+
+A device seals with its own X25519 key and the aggregator's pinned public key, so only the
+aggregator can open the message, and opening succeeds only with the *sending device's*
+enrolled public key (Box authenticates both ends). The cleartext header (fleet, device id,
+round id, counter, kind, model version) lets the aggregator run cheap checks before any
+crypto; the same header is repeated inside the ciphertext, and the aggregator accepts a
+message only when both agree, which binds the message to its device, round and counter: it
+cannot be replayed into another round or claimed by another device.
+
+Frame: ``SEALED`` frame, header = :class:`SealedHeader`, body = 24-byte nonce + Box ciphertext
+of a ``PAYLOAD`` frame whose header is ``{"bind": <SealedHeader>, "payload": {...}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+from nacl.utils import random as nacl_random
+
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.framing import DEFAULT_MAX_BODY_BYTES, FrameError, FrameKind, decode_frame, encode_frame
+from fedge.protocol.topics import TopicError, check_id
+
+MESSAGE_KINDS = ("update", "moments")
+NONCE_BYTES = Box.NONCE_SIZE
+MAC_BYTES = 16  # Poly1305 tag (crypto_box_MACBYTES)
+_MAX_COUNTER = 2**63 - 1
+
+
+class SealError(FedgeError):
+    """A sealed message cannot be read, opened or trusted; ``reason`` is a short stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SealedHeader:
+    """What a sealed message claims about itself, readable without a key."""
+
+    fleet: str
+    device_id: str
+    round_id: str
+    counter: int
+    kind: str
+    model_version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: Any) -> SealedHeader:
+        fields = {"fleet", "device_id", "round_id", "counter", "kind", "model_version"}
+        if not isinstance(data, dict) or set(data) != fields:
+            raise SealError("bad_header", f"sealed header must have exactly {sorted(fields)}")
+        for key in ("fleet", "device_id", "round_id", "kind"):
+            if not isinstance(data[key], str):
+                raise SealError("bad_header", f"{key} must be a string")
+        for key in ("counter", "model_version"):
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_COUNTER:
+                raise SealError("bad_header", f"{key} must be an integer in 0..2^63-1")
+        try:
+            check_id(data["fleet"], "fleet id")
+            check_id(data["device_id"])
+            check_id(data["round_id"], "round id")
+        except TopicError as exc:
+            raise SealError("bad_header", str(exc)) from None
+        if data["kind"] not in MESSAGE_KINDS:
+            raise SealError("bad_header", f"kind must be one of {MESSAGE_KINDS}")
+        return SealedHeader(**data)
+
+
+def seal(
+    header: SealedHeader,
+    payload_header: dict[str, Any],
+    payload_body: bytes,
+    device_key: PrivateKey,
+    aggregator_key: PublicKey,
+    nonce: bytes | None = None,
+) -> bytes:
+    """Seals a payload for the aggregator; ``nonce`` only for reproducible tests."""
+    SealedHeader.from_dict(header.to_dict())  # validate what we are about to claim
+    inner = encode_frame(
+        FrameKind.PAYLOAD, {"bind": header.to_dict(), "payload": payload_header}, payload_body
+    )
+    box = _box(device_key, aggregator_key)
+    encrypted = box.encrypt(inner, nonce if nonce is not None else nacl_random(NONCE_BYTES))
+    return encode_frame(FrameKind.SEALED, header.to_dict(), bytes(encrypted))
+
+
+def read_header(data: bytes, max_body: int = DEFAULT_MAX_BODY_BYTES) -> tuple[SealedHeader, bytes]:
+    """Parses the cleartext part only: the cheap first step, before any crypto."""
+    try:
+        frame = decode_frame(data, FrameKind.SEALED, max_body)
+    except FrameError as exc:
+        raise SealError(f"frame_{exc.reason}", str(exc)) from None
+    header = SealedHeader.from_dict(frame.header)
+    if len(frame.body) < NONCE_BYTES + MAC_BYTES:
+        raise SealError("truncated", "ciphertext shorter than nonce + MAC")
+    return header, frame.body
+
+
+def open_sealed(
+    header: SealedHeader,
+    ciphertext: bytes,
+    aggregator_key: PrivateKey,
+    device_public: PublicKey,
+    max_body: int = DEFAULT_MAX_BODY_BYTES,
+    box: Box | None = None,
+) -> tuple[dict[str, Any], bytes]:
+    """Decrypts with the device's enrolled key and checks the inner binding; returns the payload.
+
+    ``box``: a cached ``box_for(aggregator_key, device_public)`` (saves an X25519 per message).
+    """
+    try:
+        inner = (box if box is not None else _box(aggregator_key, device_public)).decrypt(ciphertext)
+    except CryptoError:
+        raise SealError(
+            "decrypt_failed", "not sealed by this device for this aggregator, or altered"
+        ) from None
+    try:
+        frame = decode_frame(inner, FrameKind.PAYLOAD, max_body)
+    except FrameError as exc:
+        raise SealError(f"payload_{exc.reason}", str(exc)) from None
+    if frame.header.get("bind") != header.to_dict():
+        raise SealError("binding_mismatch", "the sealed header differs from the cleartext header")
+    payload = frame.header.get("payload")
+    if not isinstance(payload, dict) or set(frame.header) != {"bind", "payload"}:
+        raise SealError("bad_payload", "payload header must be an object")
+    return payload, frame.body
+
+
+# --- keys as text ------------------------------------------------------------------------------
+
+
+def public_key_from_text(text: str) -> PublicKey:
+    """An X25519 public key from base64; refuses wrong lengths and all-zero keys."""
+    raw = _b64(text, 32, "public key")
+    if raw == bytes(32):
+        raise SealError("bad_key", "public key is all zeros")
+    key = PublicKey(raw)
+    _box(PrivateKey.generate(), key)  # refuses low-order points: no shared secret can be made
+    return key
+
+
+def box_for(private: PrivateKey, public: PublicKey) -> Box:
+    """The Box of a key pair; a low-order public key is a :class:`SealError` (``bad_key``)."""
+    return _box(private, public)
+
+
+def _box(private: PrivateKey, public: PublicKey) -> Box:
+    """``Box``, with libsodium's refusal of a low-order public key as a :class:`SealError`."""
+    try:
+        return Box(private, public)
+    except CryptoError:
+        raise SealError("bad_key", "public key is a low-order point") from None
+
+
+def private_key_from_text(text: str) -> PrivateKey:
+    return PrivateKey(_b64(text, 32, "private key"))
+
+
+def key_to_text(key: PublicKey | PrivateKey) -> str:
+    return base64.b64encode(bytes(key)).decode()
+
+
+def _b64(text: str, size: int, what: str) -> bytes:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (ValueError, TypeError):
+        raise SealError("bad_key", f"{what} is not base64") from None
+    if len(raw) != size:
+        raise SealError("bad_key", f"{what} must be {size} bytes, got {len(raw)}")
+    return raw

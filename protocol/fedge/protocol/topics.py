@@ -1,0 +1,97 @@
+"""The MQTT topic tree under ``fedge/v1/{fleet}/`` (documented in ``docs/protocol.md``).
+
+Device and fleet ids are restricted to characters that cannot form MQTT wildcards or extra
+levels, so a topic names exactly one device and a device id taken from a topic can be
+compared with the id inside a sealed message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fedge.protocol.errors import FedgeError
+
+ROOT = "fedge/v1"
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+class TopicError(FedgeError):
+    """A topic or an id in it is malformed."""
+
+
+def check_id(value: str, what: str = "device id") -> str:
+    """Returns ``value`` if it is a valid fleet or device id (1-64 of ``A-Z a-z 0-9 _ . -``)."""
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise TopicError(f"invalid {what} {value!r}: use 1-64 letters, digits, '_', '.', '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class FleetTopics:
+    """All topics of one fleet. Retained: manifest, blobs, statuses."""
+
+    fleet: str
+
+    def __post_init__(self) -> None:
+        check_id(self.fleet, "fleet id")
+
+    @property
+    def base(self) -> str:
+        return f"{ROOT}/{self.fleet}"
+
+    # aggregator -> devices
+    @property
+    def manifest(self) -> str:
+        """Retained, signed manifest of the current global model and round."""
+        return f"{self.base}/manifest"
+
+    def blob(self, sha256: str) -> str:
+        """Retained blob (model or weights) named by its SHA-256, as the manifest lists it."""
+        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise TopicError(f"invalid blob hash {sha256!r}")
+        return f"{self.base}/blob/{sha256}"
+
+    @property
+    def blob_filter(self) -> str:
+        return f"{self.base}/blob/+"
+
+    def rotation(self, sequence: int) -> str:
+        """Retained signing-key rotation documents, one per sequence number (devices that missed
+        several apply them in order)."""
+        if isinstance(sequence, bool) or not isinstance(sequence, int) or not 1 <= sequence < 10**9:
+            raise TopicError(f"invalid rotation sequence {sequence!r}")
+        return f"{self.base}/keys/rotation/{sequence:06d}"
+
+    @property
+    def rotation_filter(self) -> str:
+        return f"{self.base}/keys/rotation/+"
+
+    @property
+    def aggregator_status(self) -> str:
+        """Retained JSON status of the aggregator: round, version, rejected updates by reason."""
+        return f"{self.base}/aggregator/status"
+
+    # devices -> aggregator
+    def update(self, device_id: str) -> str:
+        """Sealed messages from one device: model updates, feature moments (QoS 1)."""
+        return f"{self.base}/update/{check_id(device_id)}"
+
+    @property
+    def update_filter(self) -> str:
+        return f"{self.base}/update/+"
+
+    def status(self, device_id: str) -> str:
+        """Retained JSON status of one device; its MQTT Last Will marks it offline."""
+        return f"{self.base}/status/{check_id(device_id)}"
+
+    @property
+    def status_filter(self) -> str:
+        return f"{self.base}/status/+"
+
+    def device_of(self, topic: str, kind: str) -> str:
+        """The device id in ``{base}/{kind}/{device}``; raises on any other topic."""
+        prefix = f"{self.base}/{kind}/"
+        if not topic.startswith(prefix):
+            raise TopicError(f"topic {topic!r} is not a {kind} topic of fleet {self.fleet!r}")
+        return check_id(topic[len(prefix) :])

@@ -1,0 +1,493 @@
+"""The ``fedge`` command line.
+
+Every subcommand imports its side lazily: ``fedge train-local`` with a ready model never loads
+TensorFlow, and bad input ends in a one-line ``fedge: error: ...``, never a traceback.
+
+Exit codes: 0 success; 2 bad input or a failure (any other :class:`FedgeError`, and argparse's
+usage errors); 78 (``EX_CONFIG``) a service's configuration is wrong (:class:`ConfigError`):
+distinct so that systemd (``RestartPreventExitStatus=78``) does not restart a unit that can
+only fail the same way again; 75 (``EX_TEMPFAIL``) an aggregator lost its leadership; 130
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedge.protocol.config_source import ConfigError
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.task import TaskSpec, parse_task_spec
+from fedge.version import __version__
+
+EXIT_USAGE = 2
+#: sysexits.h EX_CONFIG: a configuration error; restarting will not help.
+EXIT_CONFIG = 78
+
+
+def require_lab(what: str) -> None:
+    """The lab part (``fedge.lab``: the demo, the recorded data set, the simulators) is not in
+    every install: a device image carries only what a device runs (setup.py)."""
+    try:
+        import fedge.lab  # noqa: F401, PLC0415
+    except ImportError:
+        raise FedgeError(
+            f"{what} needs fedge's lab part (the demo and its data), which this install does not "
+            "have (a device or gateway image carries only what it runs): pip install 'fedge[demo]'"
+        ) from None
+
+
+def read_task(path: Path) -> TaskSpec:
+    """Reads and validates a task spec file; every problem is a :class:`FedgeError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FedgeError(f"cannot read task spec {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise FedgeError(f"task spec {path} is not UTF-8 text") from None
+    try:
+        return parse_task_spec(text)
+    except FedgeError as exc:
+        raise FedgeError(f"{path}: {exc}") from None
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ start-up chatter hides fedge's own output; users can still override.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def cmd_model_build(args: argparse.Namespace) -> int:
+    task = read_task(args.task)
+    normalisation = None
+    if args.normalisation is not None:
+        from fedge.protocol.model_manifest import Normalisation  # noqa: PLC0415
+
+        try:
+            normalisation = Normalisation.from_dict(json.loads(args.normalisation.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FedgeError(f"cannot read normalisation {args.normalisation}: {exc}") from None
+    _quiet_tensorflow()
+    from fedge.aggregator.model_export import build_model, write_model  # noqa: PLC0415 - needs TF
+
+    built = build_model(task, normalisation)
+    manifest_path = write_model(built, args.out)
+    m = built.manifest
+    summary = {
+        "task": task.name,
+        "out": str(args.out),
+        "manifest": str(manifest_path),
+        "layers": list(task.layer_sizes),
+        "parameter_count": m.parameter_count,
+        "model_bytes": m.model_bytes,
+        "model_sha256": m.model_sha256,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"built {task.name}: layers {'-'.join(map(str, task.layer_sizes))}, "
+            f"{m.parameter_count} parameters, {m.model_bytes} bytes, builtin ops only\n"
+            f"  {manifest_path}\n  sha256 {m.model_sha256}"
+        )
+    return 0
+
+
+def cmd_train_local(args: argparse.Namespace) -> int:
+    task = read_task(args.task)
+    if args.epochs < 1:
+        raise FedgeError("--epochs must be >= 1")
+    if args.model_dir is None:
+        _quiet_tensorflow()
+    require_lab("fedge train-local")
+    from fedge.lab.progress import ProgressBar  # noqa: PLC0415
+    from fedge.lab.train_local import train_local  # noqa: PLC0415
+
+    bar = ProgressBar("train-local", enabled=False if args.no_progress else None)
+    result = train_local(
+        task,
+        args.epochs,
+        seed=args.seed,
+        model_dir=args.model_dir,
+        runtime=args.runtime,
+        progress=bar,
+    )
+    if args.plot is not None:
+        from fedge.lab.plots import plot_history  # noqa: PLC0415
+
+        h = result.history
+        plot_history(
+            args.plot,
+            f"fedge train-local: {task.name} (LiteRT, {result.train_examples} windows)",
+            [r.epoch for r in h],
+            [r.train_loss for r in h],
+            [r.test_loss for r in h],
+            [r.test_accuracy for r in h],
+        )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print(f"{'epoch':>5} {'train loss':>10} {'test loss':>10} {'test acc':>8}")
+    for r in result.history:
+        acc = f"{r.test_accuracy:.3f}" if r.test_accuracy is not None else "-"
+        print(f"{r.epoch:>5} {r.train_loss:>10.4f} {r.test_loss:>10.4f} {acc:>8}")
+    metric = (
+        f"held-out accuracy {result.test_accuracy:.3f}"
+        if result.test_accuracy is not None
+        else f"held-out MSE {result.test_mse:.4f}"
+    )
+    print(
+        f"{task.name}: {metric} on subjects {result.test_subjects} "
+        f"({result.test_examples} windows), trained centrally on {result.train_examples} windows "
+        f"in {result.seconds:.2f}s with {result.runtime}"
+    )
+    if args.plot is not None:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging  # noqa: PLC0415
+
+    from fedge.agent.systemd_notify import journal_handler, under_systemd  # noqa: PLC0415 - stdlib only
+
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = journal_handler() if under_systemd() else None
+    if handler is not None:  # under systemd: structured journal entries (stderr would double them)
+        logging.basicConfig(level=level, handlers=[handler])
+        return
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def cmd_aggregator_run(args: argparse.Namespace) -> int:
+    from fedge.aggregator.config import load_aggregator_config  # noqa: PLC0415
+    from fedge.aggregator.service import run_aggregator  # noqa: PLC0415
+
+    config = load_aggregator_config(args.config, os.environ)
+    _setup_logging(args.verbose)
+    return run_aggregator(config)
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    from fedge.agent.config import load_agent_config  # noqa: PLC0415
+    from fedge.agent.service import run_agent  # noqa: PLC0415
+
+    config = load_agent_config(args.config, os.environ)
+    _setup_logging(args.verbose)
+    if config.data.source == "edgex":
+        from fedge.agent.edgex.setup import build_ingest  # noqa: PLC0415
+
+        ingest = build_ingest(config)
+        ingest.start()
+        try:
+            return run_agent(config, ingest.training_data, ingest.report)
+        finally:
+            ingest.stop()
+    require_lab('[data] source = "har-watch"')
+    subject = config.data.subject
+    cache: dict[str, tuple[Any, Any]] = {}
+
+    def har_watch_data(task: TaskSpec) -> tuple[Any, Any]:
+        # For tests and comparisons: one subject of the recorded data set, without EdgeX.
+        from fedge.lab.har_watch import load_devices  # noqa: PLC0415 - needs the demo extra
+
+        if task.sha256() not in cache:
+            data = load_devices(task, [subject])[subject]
+            cache[task.sha256()] = (data.x, data.y)
+        return cache[task.sha256()]
+
+    return run_agent(config, har_watch_data)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    require_lab("fedge demo")
+    from fedge.lab.demo import DemoOptions, render_table, run_demo, write_outputs  # noqa: PLC0415
+    from fedge.tools.bundled import task_path  # noqa: PLC0415
+
+    if args.task is None:  # the default task, shipped with fedge: found from any directory
+        args.task = task_path()
+    task = read_task(args.task)
+    _quiet_tensorflow()
+    options = DemoOptions(
+        task=task,
+        out=args.out,
+        devices=args.devices,
+        rounds=args.rounds,
+        codec=args.codec,
+        broker_url=args.broker,
+        round_timeout_s=args.round_timeout,
+        min_devices=args.min_devices,
+        mqtt_protocol=3 if args.mqtt_v311 else 5,
+        server_learning_rate=args.server_lr,
+        data_path=args.data,
+        secure_broker=not args.insecure_broker,
+        broker_credentials=(
+            {
+                k: v
+                for k, v in (
+                    ("username", args.broker_username),
+                    ("password", args.broker_password),
+                    ("ca_file", args.broker_ca),
+                )
+                if v is not None
+            }
+            or None
+        ),
+        edgex_version=args.edgex_version,
+        task_file=args.task,
+        container_agents=args.container_agents,
+        agent_image=args.agent_image,
+    )
+    from fedge.lab.progress import ProgressBar  # noqa: PLC0415
+
+    show = not args.json and not args.no_progress
+    progress = _demo_progress(args.rounds, enabled=show)
+    data_bar = ProgressBar("EdgeX replay (rows)", enabled=None if show else False)
+    summary = run_demo(options, on_progress=progress, on_data_progress=data_bar)
+    summary_path, plot = write_outputs(summary, args.out)
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(render_table(summary))
+        print(f"summary: {summary_path}" + (f"\nplot: {plot}" if plot else ""))
+    return 0
+
+
+def _demo_progress(rounds: int, enabled: bool) -> Any:
+    from fedge.lab.progress import ProgressBar  # noqa: PLC0415
+
+    bar = ProgressBar("fedge demo", enabled=None if enabled else False)
+
+    def show(observer: Any) -> None:
+        view = observer.view
+        done = max((e.after_round for e in view.evaluations), default=0)
+        acc = next((e.accuracy for e in reversed(view.evaluations)), None)
+        status = view.aggregator_status
+        reported = len(status.get("reported", []))
+        suffix = f"round {min(done + 1, rounds)}/{rounds} devices {reported}/{status.get('selected', 0)}"
+        if acc is not None:
+            suffix += f" held-out acc {acc:.3f}"
+        bar(done, rounds, suffix)
+
+    return show
+
+
+def cmd_edgex_tap(args: argparse.Namespace) -> int:
+    from fedge.tools.edgex_tap import tap  # noqa: PLC0415
+
+    if args.count is not None and args.count < 1:
+        raise FedgeError("--count must be >= 1")
+    counters = tap(args.broker, args.prefix, args.count, args.json, args.timeout, 3 if args.mqtt_v311 else 5)
+    print(f"fedge edgex tap: {json.dumps(counters)}", file=sys.stderr)
+    return 0
+
+
+def cmd_edgex_simulate(args: argparse.Namespace) -> int:
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    require_lab("fedge edgex simulate")
+    from fedge.lab.edgex_simulate import SimulateOptions, simulate  # noqa: PLC0415
+    from fedge.lab.progress import ProgressBar  # noqa: PLC0415
+
+    try:
+        subjects = tuple(int(s) for s in args.subjects.split(","))
+    except ValueError:
+        raise FedgeError("--subjects must be a comma-separated list of numbers, e.g. 1,2,3") from None
+    options = SimulateOptions(
+        broker_url=args.broker,
+        prefix=args.prefix,
+        version=args.edgex_version,
+        content_type="application/cbor" if args.cbor else "application/json",
+        speed=args.speed,
+        subjects=subjects,
+        max_rows=args.rows,
+    )
+    server = None
+    on_event = None
+    if args.core_data_port is not None:
+        from fedge.lab.edgex_core_data_server import CoreDataServer  # noqa: PLC0415
+
+        server = CoreDataServer(port=args.core_data_port)
+        on_event = lambda event, dto: server.add_event(dto)  # noqa: E731
+    try:
+        report = simulate(options, on_event=on_event, progress=ProgressBar("edgex simulate"))
+        summary = {
+            "events": report.events,
+            "readings": report.readings,
+            "rows": report.rows_by_device,
+            "seconds": round(report.seconds, 2),
+            "core_data": server.url if server else None,
+        }
+        print(
+            json.dumps(summary)
+            if args.json
+            else f"published {report.events} events ({report.readings} readings) in {report.seconds:.1f}s"
+        )
+        if server is not None:
+            print(f"serving core-data at {server.url}; Ctrl-C to stop", file=sys.stderr)
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            try:
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if server is not None:
+            server.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedge", description="Federated learning for IoT edge devices in smart buildings."
+    )
+    parser.add_argument("--version", action="version", version=f"fedge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    model = sub.add_parser("model", help="build trainable TFLite models (aggregator side)")
+    model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+    build = model_sub.add_parser("build", help="build and convert a task's model (no Flex ops)")
+    build.add_argument("--task", type=Path, required=True, help="task spec (TOML)")
+    build.add_argument("--out", type=Path, required=True, help="output directory")
+    build.add_argument(
+        "--normalisation", type=Path, help="JSON {mean: [...], std: [...]} to put in the manifest"
+    )
+    build.add_argument("--json", action="store_true", help="print a JSON summary")
+    build.set_defaults(func=cmd_model_build)
+
+    tl = sub.add_parser(
+        "train-local", help="train centrally with LiteRT on the HAR data: the reference accuracy"
+    )
+    tl.add_argument("--task", type=Path, required=True, help="task spec (TOML)")
+    tl.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    tl.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    tl.add_argument("--model-dir", type=Path, help="use a model from 'fedge model build'")
+    tl.add_argument(
+        "--runtime",
+        choices=["auto", "ai_edge_litert", "tflite_runtime"],
+        default="auto",
+        help="TFLite runtime (default: ai_edge_litert, else tflite_runtime)",
+    )
+    tl.add_argument("--plot", type=Path, help="write a PNG of loss and accuracy per epoch")
+    tl.add_argument("--json", action="store_true", help="print the result as JSON")
+    tl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tl.set_defaults(func=cmd_train_local)
+
+    agg = sub.add_parser("aggregator", help="the gateway side: federated rounds over MQTT")
+    agg_sub = agg.add_subparsers(dest="aggregator_command", metavar="SUBCOMMAND", required=True)
+    agg_run = agg_sub.add_parser("run", help="run the round engine")
+    agg_run.add_argument("--config", type=Path, required=True, help="aggregator config (TOML)")
+    agg_run.add_argument("--verbose", action="store_true")
+    agg_run.set_defaults(func=cmd_aggregator_run)
+
+    ag = sub.add_parser("agent", help="the device side: train locally, send sealed updates")
+    ag_sub = ag.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", required=True)
+    ag_run = ag_sub.add_parser("run", help="run the device agent")
+    ag_run.add_argument("--config", type=Path, required=True, help="agent config (TOML)")
+    ag_run.add_argument("--verbose", action="store_true")
+    ag_run.set_defaults(func=cmd_agent_run)
+
+    demo = sub.add_parser("demo", help="broker + aggregator + agents on the real smartwatch data")
+    demo.add_argument(
+        "--task",
+        type=Path,
+        default=None,
+        help="task spec (TOML; default: the HAR watch task shipped with fedge)",
+    )
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory")
+    demo.add_argument("--devices", type=int, default=7, help="number of devices (1-7, default 7)")
+    demo.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
+    demo.add_argument("--codec", choices=["fp32", "fp16", "int8"], default="fp32", help="update encoding")
+    demo.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
+    demo.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds")
+    demo.add_argument("--min-devices", type=int, help="quorum per round (default: half the devices)")
+    demo.add_argument("--server-lr", type=float, default=2.0, help="server learning rate (default 2.0)")
+    demo.add_argument(
+        "--data",
+        choices=["edgex", "direct"],
+        default="edgex",
+        help="edgex (default): a simulated EdgeX device service feeds the agents over MQTT; "
+        "direct: agents read the data set themselves",
+    )
+    demo.add_argument(
+        "--insecure-broker",
+        action="store_true",
+        help="start an anonymous broker without TLS (default: TLS, per-device passwords, ACLs)",
+    )
+    demo.add_argument("--broker-username", help="with --broker: username for every client")
+    demo.add_argument("--broker-password", help="with --broker: password for every client")
+    demo.add_argument("--broker-ca", help="with --broker: CA file of an mqtts:// broker")
+    demo.add_argument("--edgex-version", choices=["v3", "v4"], default="v4", help="EdgeX wire format")
+    demo.add_argument("--mqtt-v311", action="store_true", help="MQTT 3.1.1 instead of MQTT 5")
+    demo.add_argument(
+        "--container-agents",
+        type=int,
+        default=0,
+        help="run the first N agents in the agent image with podman (host network; needs root)",
+    )
+    demo.add_argument(
+        "--agent-image",
+        default=None,
+        help="the agent image for --container-agents (make images builds localhost/fedge-agent:VERSION-ARCH)",
+    )
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
+
+    from fedge.tools.broker_config import add_broker_parser  # noqa: PLC0415 - stdlib-only import
+    from fedge.tools.edgex_provision import add_edgex_parser  # noqa: PLC0415 - stdlib-only import
+    from fedge.tools.keys import add_keys_parser  # noqa: PLC0415 - stdlib-only import
+
+    add_keys_parser(sub)  # fedge keys aggregator|device|rotate, fedge enroll, revoke, registry list
+    add_broker_parser(sub)  # fedge broker config
+    edgex_sub = add_edgex_parser(sub)
+    tap = edgex_sub.add_parser("tap", help="print the readings an agent would parse, one JSON object each")
+    tap.add_argument("--broker", required=True, help="EdgeX message bus broker, mqtt://host:port")
+    tap.add_argument("--prefix", default="edgex", help="EdgeX topic prefix (default edgex)")
+    tap.add_argument("--count", type=int, help="stop after N readings")
+    tap.add_argument("--timeout", type=float, help="stop after S seconds")
+    tap.add_argument("--json", action="store_true", help="JSON lines (default: a table)")
+    tap.add_argument("--mqtt-v311", action="store_true", help="MQTT 3.1.1 instead of MQTT 5")
+    tap.set_defaults(func=cmd_edgex_tap)
+    sim = edgex_sub.add_parser("simulate", help="replay the smartwatch data as EdgeX device-service events")
+    sim.add_argument("--broker", required=True, help="broker to publish on, mqtt://host:port")
+    sim.add_argument("--prefix", default="edgex", help="EdgeX topic prefix (default edgex)")
+    sim.add_argument("--edgex-version", choices=["v3", "v4"], default="v4", help="wire format (default v4)")
+    sim.add_argument("--cbor", action="store_true", help="application/cbor payloads")
+    sim.add_argument(
+        "--speed", type=float, default=0.0, help="1 = real time, 10 = 10x; 0 = as fast as possible"
+    )
+    sim.add_argument("--subjects", default="1,2,3,4,5,6,7", help="subjects to replay (default 1-7)")
+    sim.add_argument("--rows", type=int, help="at most N rows per subject")
+    sim.add_argument("--core-data-port", type=int, help="also serve core-data on this loopback port")
+    sim.add_argument("--json", action="store_true", help="print a JSON report")
+    sim.set_defaults(func=cmd_edgex_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"fedge: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FedgeError as exc:
+        print(f"fedge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
