@@ -35,13 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_training import machine_info  # noqa: E402
-from fedge import har_watch  # noqa: E402
 from fedge.agent.service import split_holdout  # noqa: E402
 from fedge.agent.trainer import LiteRTTrainer  # noqa: E402
 from fedge.aggregator.config import RoundSettings  # noqa: E402
 from fedge.aggregator.model_export import build_model, write_model  # noqa: E402
 from fedge.aggregator.round_engine import EngineState, RoundEngine  # noqa: E402
 from fedge.aggregator.service import load_model  # noqa: E402
+from fedge.lab import har_watch  # noqa: E402
 from fedge.protocol.errors import FedgeError  # noqa: E402
 from fedge.protocol.messages import Evaluation, encode_moments, encode_update  # noqa: E402
 from fedge.protocol.sealing import SealedHeader, seal  # noqa: E402
