@@ -33,8 +33,9 @@ from engine_helpers import (
 )
 from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.moments import OUTLIER_Z, VARIANCE_CAP, MomentsAccumulator, robust_normalisation
-from fedge.aggregator.round_engine import NormBounds, RoundEngine, key_fingerprint
+from fedge.aggregator.round_engine import RoundEngine, key_fingerprint
 from fedge.aggregator.service import checkpoint_from_state, state_from_checkpoint
+from fedge.aggregator.strategies.clipping import NormBounds
 from fedge.protocol.codec import Codec
 from fedge.protocol.messages import SEALED_HEADROOM_BYTES, Evaluation, max_sealed_bytes
 

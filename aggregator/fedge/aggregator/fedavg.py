@@ -14,20 +14,24 @@ weighting uses 1) and summation error stays
 near ``n * 1e-16``: far below float32's resolution, so any arrival order gives the same float32
 global model up to one final rounding step (~1e-7 relative).
 
-Pure numpy, no I/O; an accumulator covers one round and is not thread-safe.
+:class:`FedAvg` is this arithmetic as the round engine's update fold
+(``fedge.aggregator.strategies.fold.UpdateFold``). Pure numpy, no I/O; an accumulator covers
+one round and is not thread-safe.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from fedge.protocol.errors import FedgeError
+from fedge.protocol.messages import UpdatePayload
 
-__all__ = ["AggregationError", "StreamingFedAvg", "WeightedMeanAccumulator"]
+__all__ = ["AggregationError", "FedAvg", "StreamingFedAvg", "WeightedMeanAccumulator"]
 
 
 class AggregationError(FedgeError):
@@ -154,6 +158,34 @@ class StreamingFedAvg:
         if not np.all(np.isfinite(out)):
             raise AggregationError("the aggregated weights overflow float32")
         return out
+
+
+class FedAvg:
+    """FedAvg as a strategy: the round's update fold (``UpdateFold``) over :class:`StreamingFedAvg`.
+
+    Each update's delta counts ``weighting(examples)`` in the mean (the round's weighting:
+    ``fedge.aggregator.strategies.weighting``; the claimed count itself is plain FedAvg), and
+    the next model is ``global + server_learning_rate * mean``. Streaming: memory O(model).
+    """
+
+    def __init__(
+        self,
+        parameter_count: int,
+        max_examples_per_update: int,
+        server_learning_rate: float,
+        weighting: Callable[[int], float],
+    ) -> None:
+        self.mean = StreamingFedAvg(parameter_count, max_examples_per_update)
+        # Checked by ``result``, like the weights: a bad rate aborts the round, not its opening.
+        self.server_learning_rate = server_learning_rate
+        self.weighting = weighting
+
+    def add(self, update: UpdatePayload) -> None:
+        """Folds in the update's delta with its weight; a refused update changes nothing."""
+        self.mean.add(update.delta, update.examples, self.weighting(update.examples))
+
+    def result(self, global_weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return self.mean.result(global_weights, self.server_learning_rate)
 
 
 class WeightedMeanAccumulator:

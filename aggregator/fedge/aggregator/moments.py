@@ -29,7 +29,8 @@ and one that stays inside the bounds moves a feature's mean by at most its weigh
 the mean). With k of n devices compromised, counts capped at the median make that share at
 most k x the median count over the capped total: about k / n when devices hold similar
 amounts of data. Memory: two float64 vectors per device for the round (96 floats for
-har-watch), which the robust median needs. Pure numpy, no I/O.
+har-watch), which the robust median needs. :class:`MomentsAggregation` is this as the round
+engine's moments fold (``fedge.aggregator.strategies.fold.MomentsFold``). Pure numpy, no I/O.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.aggregator.fedavg import AggregationError
+from fedge.aggregator.strategies.fold import MomentsResult
 from fedge.protocol.errors import ManifestError
+from fedge.protocol.messages import MomentsPayload
 from fedge.protocol.model_manifest import Normalisation, normalisation_from_moments
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "OUTLIER_Z",
     "VARIANCE_CAP",
     "MomentsAccumulator",
+    "MomentsAggregation",
     "RobustNormalisation",
     "robust_normalisation",
 ]
@@ -240,3 +244,27 @@ class MomentsAccumulator:
         if not np.all(np.isfinite(out)):
             raise AggregationError(f"moments: {what} contains NaN or infinity")
         return out
+
+
+class MomentsAggregation:
+    """The moments round's fold (``fedge.aggregator.strategies.fold.MomentsFold``): devices'
+    moments into the normalisation by ``method`` (``[rounds] moments_aggregation``).
+
+    An unknown method fails at ``result`` (the round is aborted) rather than when the round
+    opens: configuration already refuses one, and a round engine must never crash on it.
+    """
+
+    def __init__(self, n_features: int, max_count_per_update: int | None, method: str) -> None:
+        self.accumulator = MomentsAccumulator(n_features, max_count_per_update=max_count_per_update)
+        self.method = method
+
+    @property
+    def count(self) -> int:
+        return self.accumulator.count
+
+    def add(self, moments: MomentsPayload) -> None:
+        self.accumulator.add(moments.count, moments.sums, moments.sums_sq)
+
+    def result(self) -> MomentsResult:
+        normalisation = self.accumulator.normalisation(method=self.method)
+        return MomentsResult(normalisation, tuple(self.accumulator.last_outlier_devices))

@@ -10,13 +10,16 @@ A round: :meth:`RoundEngine.open_round` returns the signed manifest and blobs to
 message leaves the aggregate exactly as if it never arrived) -> once every selected device
 reported or the deadline passed, :meth:`close_round` aggregates (if at least ``min_devices``
 reported) or aborts, and the next :meth:`open_round` publishes the result.
+
+The engine owns the rules about messages (which one counts, for which round, from whom); the
+arithmetic (the norm bounds, the weighting, FedAvg, the moments normalisation) is in the round's
+folds, which ``fedge.aggregator.strategies.factory`` builds from the settings and what the
+bounds remember of earlier rounds.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,8 +29,15 @@ from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
 from fedge.aggregator.config import RoundSettings
-from fedge.aggregator.fedavg import AggregationError, StreamingFedAvg, WeightedMeanAccumulator
-from fedge.aggregator.moments import MomentsAccumulator
+from fedge.aggregator.fedavg import AggregationError
+from fedge.aggregator.strategies.clipping import NormBounds, NormTooLarge, l2
+from fedge.aggregator.strategies.factory import (
+    InfluenceHistory,
+    RoundFolds,
+    RoundLimits,
+    build_round_folds,
+    round_limits,
+)
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import MessageError, decode_moments, decode_update, max_sealed_bytes
 from fedge.protocol.model_manifest import ModelManifest, Normalisation
@@ -81,7 +91,7 @@ class RoundRecord:
     clipped: int = 0  # updates scaled down to the norm bound
     norm_bound: float | None = None  # the round's clipping bound; None: unbounded
     weighting: str = "examples"
-    weight_cap: float | None = None  # "examples" weighting: the largest weight one update had
+    weight_cap: float | None = None  # "examples" weighting: the largest weight one update could have
     spent: int = 0  # devices whose one authenticated message of the round was refused
     outlier_devices: int = 0  # moments rounds: devices left out of at least one feature
 
@@ -116,57 +126,30 @@ class EngineState:
     counter_keys: dict[str, str] = field(default_factory=dict)
 
 
-def _l2(vector: np.ndarray) -> float:
-    """The L2 norm, computed in float64 (a float32 sum of squares can overflow)."""
-    return float(np.linalg.norm(vector.astype(np.float64)))
-
-
 def key_fingerprint(key: PublicKey) -> str:
     """A short, stable name for a device key (first 16 hex digits of its SHA-256)."""
     return hashlib.sha256(bytes(key)).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class NormBounds:
-    """A round's bounds on one update's L2 norm. ``hard`` (absolute or relative to the model)
-    follows ``update_norm_policy``; ``clip`` (the smallest of all, the adaptive one included)
-    is where an update is clipped. None: that bound is off."""
-
-    hard: float | None
-    clip: float | None
-
-
 class _OpenRound:
-    def __init__(
-        self,
-        manifest: RoundManifest,
-        parameter_count: int,
-        settings: RoundSettings,
-        n_features: int,
-        bounds: NormBounds,
-        weight_cap: float | None,
-        claim_cap: float | None,
-    ) -> None:
+    """The open round as the engine keeps it: who reported, who used up their slot, what was
+    rejected; the arithmetic is in ``folds``."""
+
+    def __init__(self, manifest: RoundManifest, folds: RoundFolds) -> None:
         self.manifest = manifest
+        self.folds = folds
         self.reported: dict[str, int] = {}  # device -> accepted counter
         # device -> counter of its one authenticated message, which was refused: the device's
         # slot in the round is used up, so further messages cost no decryption.
         self.spent: dict[str, int] = {}
-        self.fedavg = StreamingFedAvg(parameter_count, settings.max_examples_per_update)
-        self.moments = MomentsAccumulator(n_features, max_count_per_update=settings.max_examples_per_update)
-        self.moment_devices: list[str] = []  # row order of self.moments
-        self.train_loss = WeightedMeanAccumulator()
-        self.eval_loss = WeightedMeanAccumulator()
-        self.eval_accuracy = WeightedMeanAccumulator()
+        self.moment_devices: list[str] = []  # the moments fold's rows, in order
         self.update_bytes = 0
-        self.clipped = 0
-        self.bounds = bounds
-        self.weight_cap = weight_cap
-        self.claim_cap = claim_cap
-        self.raw_norms: list[float] = []  # accepted updates' norms before clipping
-        self.claims: list[int] = []  # accepted reports' claimed example counts
-        self.max_weight: float | None = None
         self.rejected: Counter[str] = Counter()
+
+    @property
+    def bounds(self) -> NormBounds:
+        """The round's norm bounds, fixed when it opened."""
+        return self.folds.limits.bounds
 
     def done(self, device: str) -> bool:
         return device in self.reported or device in self.spent
@@ -206,7 +189,7 @@ class RoundEngine:
             self.layout, settings.codec, model_manifest.task.input_dim
         )
         if state.initial_norm is None:  # a fresh state holds the initial weights
-            state.initial_norm = _l2(state.weights)
+            state.initial_norm = l2(state.weights)
         self.current: _OpenRound | None = None
         self._model_published = False
         # One Box per device: the X25519 shared key is computed once, not per message.
@@ -297,12 +280,13 @@ class RoundEngine:
             if phase == "final"
             else _OpenRound(
                 manifest,
-                self.model_manifest.parameter_count,
-                self.settings,
-                self.model_manifest.task.input_dim,
-                self.norm_bounds(),
-                self.weight_cap(),
-                self.claim_cap(),
+                build_round_folds(
+                    self.settings,
+                    self.state.weights,
+                    self._history(),
+                    self.model_manifest.parameter_count,
+                    self.model_manifest.task.input_dim,
+                ),
             )
         )
         blobs = {weights_topic: weights_bytes}
@@ -311,39 +295,29 @@ class RoundEngine:
             self._model_published = True
         return Publication(manifest=manifest, manifest_frame=frame, blobs=blobs, clear_blobs=clear)
 
-    def norm_bounds(self) -> NormBounds:
-        """The next round's bounds on an update's L2 norm (see ``RoundSettings``).
+    def _history(self) -> InfluenceHistory:
+        """What the influence bounds remember, as ``EngineState`` (and the checkpoint) holds it."""
+        s = self.state
+        return InfluenceHistory(s.update_norm_median, s.claim_median, s.initial_norm)
 
-        "Unbounded" is None, never 0: a model driven to a norm of 0 (two colluding devices
-        sending ``-w``) must not switch the ratio bound off, so the ratio applies to the larger
-        of the model's and the initial model's norm, and to at least 1.
-        """
-        s = self.settings
-        hard: list[float] = []
-        if s.max_update_norm > 0:
-            hard.append(s.max_update_norm)
-        if s.update_norm_ratio > 0:
-            reference = max(_l2(self.state.weights), self.state.initial_norm or 0.0, 1.0)
-            hard.append(s.update_norm_ratio * reference)
-        clip = list(hard)
-        if s.update_norm_adaptive > 0 and self.state.update_norm_median:
-            clip.append(s.update_norm_adaptive * self.state.update_norm_median)
-        return NormBounds(min(hard) if hard else None, min(clip) if clip else None)
+    def round_limits(self) -> RoundLimits:
+        """The next round's bounds on one device's influence
+        (``fedge.aggregator.strategies.factory.round_limits``)."""
+        return round_limits(self.settings, self.state.weights, self._history())
+
+    def norm_bounds(self) -> NormBounds:
+        """The next round's bounds on an update's L2 norm (``strategies.clipping.norm_bounds``)."""
+        return self.round_limits().bounds
 
     def claim_cap(self) -> float | None:
-        """The most a claimed example count counts for in the next round: ``example_cap_ratio``
-        x the previous round's median claim, or None before any claim was seen. It caps the
-        weight of an update (``weighting = "examples"``) and of a device's training loss and
-        evaluation in the round's metrics, so a device claiming a million examples cannot
-        decide the federated evaluation an operator reads either."""
-        if not self.state.claim_median:
-            return None
-        return max(1.0, self.settings.example_cap_ratio * self.state.claim_median)
+        """The most a claimed example count counts for in the next round
+        (``strategies.weighting.claim_cap``)."""
+        return self.round_limits().claim_cap
 
     def weight_cap(self) -> float | None:
-        """``weighting = "examples"``: the largest weight one update may have in the next round;
-        None with equal weights or before any claim was seen, when every update counts once."""
-        return self.claim_cap() if self.settings.weighting == "examples" else None
+        """``weighting = "examples"``: the largest weight one update may have in the next round
+        (``strategies.weighting.weight_cap``); None when every update counts once."""
+        return self.round_limits().weight_cap
 
     def round_due(self, now: float) -> bool:
         """True once every selected device reported, or the deadline passed."""
@@ -362,12 +336,14 @@ class RoundEngine:
         enough = len(r.reported) >= self.settings.min_devices
         failure: str | None = None
         outliers: list[str] = []
+        folds = r.folds
         try:
             if enough and m.phase == "moments":
-                self.state.normalisation = r.moments.normalisation(method=self.settings.moments_aggregation)
-                outliers = [r.moment_devices[i] for i in r.moments.last_outlier_devices]
+                moments = folds.moments.result()
+                self.state.normalisation = moments.normalisation
+                outliers = [r.moment_devices[i] for i in moments.outlier_rows]
             elif enough:
-                self.state.weights = r.fedavg.result(self.state.weights, self.settings.server_learning_rate)
+                self.state.weights = folds.updates.result(self.state.weights)
                 self.state.completed_rounds += 1
         except AggregationError as exc:
             # E.g. fewer than 2 samples for a normalisation, or weights overflowing float32: the
@@ -378,10 +354,10 @@ class RoundEngine:
         # never reused.
         self.state.counters.update(r.spent)
         self.state.counters.update(r.reported)
-        if r.claims:
-            self.state.claim_median = float(statistics.median(r.claims))
-        if r.raw_norms:
-            self.state.update_norm_median = float(statistics.median(r.raw_norms))
+        history = folds.next_history(self._history())
+        self.state.claim_median = history.claim_median
+        self.state.update_norm_median = history.update_norm_median
+        metrics = folds.metrics
         record = RoundRecord(
             round_number=m.round_number,
             round_id=m.round_id,
@@ -390,18 +366,18 @@ class RoundEngine:
             version=m.version,
             selected=len(m.selected_devices),
             reported=len(r.reported),
-            examples=r.fedavg.total_examples if m.phase == "train" else r.moments.count,
-            train_loss=r.train_loss.mean if r.train_loss.count else None,
-            fed_eval_loss=r.eval_loss.mean if r.eval_loss.count else None,
-            fed_eval_accuracy=r.eval_accuracy.mean if r.eval_accuracy.count else None,
-            fed_eval_examples=int(r.eval_loss.total_weight),
+            examples=metrics.examples if m.phase == "train" else folds.moments.count,
+            train_loss=metrics.train_loss.mean if metrics.train_loss.count else None,
+            fed_eval_loss=metrics.eval_loss.mean if metrics.eval_loss.count else None,
+            fed_eval_accuracy=metrics.eval_accuracy.mean if metrics.eval_accuracy.count else None,
+            fed_eval_examples=int(metrics.eval_loss.total_weight),
             mean_update_bytes=r.update_bytes / len(r.reported) if r.reported else None,
             rejected=dict(r.rejected),
             failure=failure,
-            clipped=r.clipped,
-            norm_bound=r.bounds.clip,
+            clipped=folds.updates.clipped,
+            norm_bound=folds.limits.bounds.clip,
             weighting=self.settings.weighting,
-            weight_cap=r.weight_cap,
+            weight_cap=folds.limits.weight_cap,
             spent=len(r.spent),
             outlier_devices=len(outliers),
         )
@@ -484,7 +460,9 @@ class RoundEngine:
     def _fold_in(
         self, r: _OpenRound, device: str, kind: str, payload_header: dict[str, Any], body: bytes
     ) -> str | None:
-        """Adds an authentic payload to the round; the rejection reason, or None if accepted."""
+        """Adds an authentic payload to the round's folds; the rejection reason, or None if
+        accepted. A fold refuses with an ``AggregationError`` before it changes anything, so a
+        refused payload leaves the round exactly as it was."""
         m = r.manifest
         limit = self.settings.max_examples_per_update
         try:
@@ -493,59 +471,23 @@ class RoundEngine:
                 if moments.count > limit:
                     return "too_many_examples"
                 try:
-                    r.moments.add(moments.count, moments.sums, moments.sums_sq)
+                    r.folds.add_moments(moments)
                 except AggregationError:  # moments no real data can have, or too many samples
                     return "bad_moments"
                 r.moment_devices.append(device)
-                r.claims.append(moments.count)
                 return None
             update = decode_update(payload_header, body, self.layout, m.codec)
             ev = update.evaluation
             if update.examples > limit or (ev is not None and ev.examples > limit):
                 return "too_many_examples"
-            norm = _l2(update.delta)
-            delta, clipped = update.delta, False
-            bounds = r.bounds
-            rejects = self.settings.update_norm_policy == "reject"
-            if rejects and bounds.hard is not None and norm > bounds.hard:
-                return "norm_too_large"
-            if bounds.clip is not None and norm > bounds.clip:
-                delta, clipped = (update.delta * np.float32(bounds.clip / norm)).astype(np.float32), True
-            weight = self._weight(r, update.examples)
-            # All or nothing: the metrics go into copies first; the delta, whose add also
-            # checks before it changes anything, goes in last; then the copies are kept.
-            train_loss, eval_loss, eval_acc = (
-                copy.copy(r.train_loss),
-                copy.copy(r.eval_loss),
-                copy.copy(r.eval_accuracy),
-            )
-            train_loss.add(update.train_loss, self._capped(r, update.examples))
-            if ev is not None:
-                eval_loss.add(ev.loss, self._capped(r, ev.examples))
-                if ev.accuracy is not None:
-                    eval_acc.add(ev.accuracy, self._capped(r, ev.examples))
-            r.fedavg.add(delta, update.examples, weight)
-            r.train_loss, r.eval_loss, r.eval_accuracy = train_loss, eval_loss, eval_acc
-            r.clipped += clipped
-            r.raw_norms.append(norm)
-            r.claims.append(update.examples)
+            r.folds.add_update(update)  # the norm bounds, then the metrics, then the strategy
             return None
         except MessageError as exc:
             return exc.reason
+        except NormTooLarge:  # over the hard bound, with update_norm_policy = "reject"
+            return "norm_too_large"
         except AggregationError:
             return "rejected_by_aggregation"
-
-    @staticmethod
-    def _capped(r: _OpenRound, examples: int) -> float:
-        """A claimed count as a metric's weight: capped at the round's claim cap, if any."""
-        return float(examples) if r.claim_cap is None else min(float(examples), r.claim_cap)
-
-    def _weight(self, r: _OpenRound, examples: int) -> float:
-        """How much an update counts: 1 (equal weighting, or no claims seen yet), else its
-        claimed count capped at the round's cap."""
-        if self.settings.weighting != "examples" or r.weight_cap is None:
-            return 1.0
-        return min(float(examples), r.weight_cap)
 
     # --- status ------------------------------------------------------------------------------
 
@@ -572,13 +514,13 @@ class RoundEngine:
     def limits(self) -> dict[str, Any]:
         """What bounds one device's influence right now, for operators (status) and logs."""
         s = self.settings
-        bounds = self.current.bounds if self.current is not None else self.norm_bounds()
+        limits = self.current.folds.limits if self.current is not None else self.round_limits()
         return {
             "max_message_bytes": self.max_message_bytes,
             "weighting": s.weighting,
-            "weight_cap": self.current.weight_cap if self.current is not None else self.weight_cap(),
-            "norm_bound": bounds.clip,
-            "norm_bound_hard": bounds.hard,
+            "weight_cap": limits.weight_cap,
+            "norm_bound": limits.bounds.clip,
+            "norm_bound_hard": limits.bounds.hard,
             "norm_policy": s.update_norm_policy,
             "moments_aggregation": s.moments_aggregation,
         }

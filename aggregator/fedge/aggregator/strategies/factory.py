@@ -1,0 +1,147 @@
+"""The one place that builds a round's folds from ``RoundSettings`` and the bounds' memory.
+
+The round engine opens a round with :func:`build_round_folds`, feeds the result every report
+that passed its message checks (:meth:`RoundFolds.add_update`, :meth:`RoundFolds.add_moments`)
+and, when the round closes, reads its results, what the round record reports and what the
+bounds carry into the next round (:meth:`RoundFolds.next_history`). A train round's updates go
+through ``NormClip(RoundMetrics(strategy))``: the norm bounds, then the round's metrics, then
+the strategy, each checking before it changes anything, so a refused update leaves no trace.
+
+A new strategy is a fold (``fedge.aggregator.strategies.fold``), a ``[rounds]`` value naming
+it, and a branch in :func:`update_strategy` (or :func:`moments_strategy`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.fedavg import FedAvg
+from fedge.aggregator.moments import MomentsAggregation
+from fedge.aggregator.strategies.clipping import NormBounds, NormClip, norm_bounds
+from fedge.aggregator.strategies.fold import MomentsFold, UpdateFold
+from fedge.aggregator.strategies.metrics import RoundMetrics
+from fedge.aggregator.strategies.weighting import CappedClaims, claim_cap, update_weighting, weight_cap
+from fedge.protocol.messages import MomentsPayload, UpdatePayload
+
+__all__ = [
+    "InfluenceHistory",
+    "RoundFolds",
+    "RoundLimits",
+    "build_round_folds",
+    "moments_strategy",
+    "round_limits",
+    "update_strategy",
+]
+
+
+@dataclass(frozen=True)
+class InfluenceHistory:
+    """What the influence bounds remember of earlier rounds. ``EngineState`` keeps (and the
+    checkpoint stores) each field under the same name."""
+
+    #: Median L2 norm, before clipping, of the updates of the last train round that had any:
+    #: the reference of ``update_norm_adaptive``.
+    update_norm_median: float | None = None
+    #: Median example count claimed in the last round that had reports: the reference of
+    #: ``example_cap_ratio``.
+    claim_median: float | None = None
+    #: The initial model's L2 norm: the floor of the ``update_norm_ratio`` bound.
+    initial_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundLimits:
+    """A round's bounds on one device's influence, fixed when the round opens (the aggregator
+    status's ``limits`` and the round record show them)."""
+
+    bounds: NormBounds
+    #: ``weighting = "examples"``: the largest weight one update may have; None: each counts once.
+    weight_cap: float | None
+    #: The most a claimed count weighs in the round's metrics (and, with ``"examples"``, the mean).
+    claim_cap: float | None
+
+
+def round_limits(
+    settings: RoundSettings, weights: npt.NDArray[np.float32], history: InfluenceHistory
+) -> RoundLimits:
+    """The limits of a round whose global model is ``weights``."""
+    return RoundLimits(
+        bounds=norm_bounds(settings, weights, history.initial_norm, history.update_norm_median),
+        weight_cap=weight_cap(settings, history.claim_median),
+        claim_cap=claim_cap(settings, history.claim_median),
+    )
+
+
+class RoundFolds:
+    """One round's arithmetic, as the round engine drives it (built by :func:`build_round_folds`).
+
+    ``updates`` is the train round's fold chain (clipping outermost), ``metrics`` the link in it
+    that keeps the round's metrics, ``moments`` the moments round's fold. Each ``add_*`` raises
+    ``AggregationError`` (``NormTooLarge`` for an update refused by the norm bound) and then
+    changes nothing.
+    """
+
+    def __init__(
+        self, limits: RoundLimits, updates: NormClip, metrics: RoundMetrics, moments: MomentsFold
+    ) -> None:
+        self.limits = limits
+        self.updates = updates
+        self.metrics = metrics
+        self.moments = moments
+        #: The accepted reports' claimed example counts (the next round's claim cap).
+        self.claims: list[int] = []
+
+    def add_update(self, update: UpdatePayload) -> None:
+        self.updates.add(update)
+        self.claims.append(update.examples)
+
+    def add_moments(self, moments: MomentsPayload) -> None:
+        self.moments.add(moments)
+        self.claims.append(moments.count)
+
+    def next_history(self, previous: InfluenceHistory) -> InfluenceHistory:
+        """What the bounds remember after this round: the medians of its claims and of its
+        updates' norms before clipping; a round without any keeps the previous ones (a moments
+        round has no updates, an aborted one may have no reports)."""
+        norms = self.updates.raw_norms
+        return InfluenceHistory(
+            update_norm_median=float(statistics.median(norms)) if norms else previous.update_norm_median,
+            claim_median=float(statistics.median(self.claims)) if self.claims else previous.claim_median,
+            initial_norm=previous.initial_norm,
+        )
+
+
+def update_strategy(settings: RoundSettings, limits: RoundLimits, parameter_count: int) -> UpdateFold:
+    """The train round's aggregation strategy, the fold inside the clipping and the metrics:
+    FedAvg, weighted by the round's weighting (the only strategy yet; robust means and server
+    optimizers add a ``[rounds]`` value and a branch here)."""
+    return FedAvg(
+        parameter_count,
+        settings.max_examples_per_update,
+        settings.server_learning_rate,
+        update_weighting(limits.weight_cap),
+    )
+
+
+def moments_strategy(settings: RoundSettings, n_features: int) -> MomentsFold:
+    """The moments round's fold: ``[rounds] moments_aggregation`` (``"robust"`` or ``"pooled"``)."""
+    return MomentsAggregation(n_features, settings.max_examples_per_update, settings.moments_aggregation)
+
+
+def build_round_folds(
+    settings: RoundSettings,
+    weights: npt.NDArray[np.float32],
+    history: InfluenceHistory,
+    parameter_count: int,
+    n_features: int,
+) -> RoundFolds:
+    """A round's folds, for a global model ``weights`` and the bounds' ``history``."""
+    limits = round_limits(settings, weights, history)
+    metrics = RoundMetrics(update_strategy(settings, limits, parameter_count), CappedClaims(limits.claim_cap))
+    updates = NormClip(metrics, limits.bounds, reject=settings.update_norm_policy == "reject")
+    return RoundFolds(limits, updates, metrics, moments_strategy(settings, n_features))
