@@ -50,7 +50,7 @@ from fedge.protocol.messages import encode_update, max_sealed_bytes  # noqa: E40
 from fedge.protocol.model_manifest import Normalisation  # noqa: E402
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict  # noqa: E402
 from fedge.protocol.sealing import SealedHeader, seal  # noqa: E402
-from fedge.protocol.signing import key_id, verify_document  # noqa: E402
+from fedge.protocol.signing import DocType, key_id, verify_document  # noqa: E402
 from fedge.protocol.task import parse_task_spec  # noqa: E402
 from fedge.protocol.topics import FleetTopics  # noqa: E402
 
@@ -92,7 +92,7 @@ class Watcher:
                     self.status = json.loads(msg.payload)
                 elif msg.topic == self.topics.manifest and msg.payload:
                     trusted = {key_id(self.verify_key): self.verify_key}
-                    doc, _ = verify_document(bytes(msg.payload), "round-manifest", trusted)
+                    doc, _ = verify_document(bytes(msg.payload), DocType.ROUND_MANIFEST, trusted)
                     self.manifest = round_manifest_from_dict(doc)
             except (FedgeError, ValueError, RecursionError) as exc:  # never kill paho's thread
                 print(f"bench_flood: ignoring {msg.topic}: {exc}", file=sys.stderr)

@@ -104,6 +104,8 @@ class Config:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
+    from fedge.protocol.codec import Codec
+
     parser = argparse.ArgumentParser(
         description="Benchmark fedge's rounds: overhead over Mosquitto, aggregator throughput and "
         "memory, bytes per update (see docs/benchmarks.md)."
@@ -113,7 +115,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--devices", type=_int_list, default=(10, 50, 100),
                         help="fleet sizes for the rounds over MQTT (default 10,50,100)")
     parser.add_argument("--rounds", type=int, default=7, help="train rounds per fleet size (default 7)")
-    parser.add_argument("--codec", choices=["fp32", "fp16", "int8"], default="fp32",
+    parser.add_argument("--codec", choices=[c.value for c in Codec], default=Codec.FP32.value,
                         help="codec of the rounds over MQTT (default fp32)")
     parser.add_argument("--engine-devices", type=_int_list, default=(10, 100, 1000),
                         help="devices per round for the in-process throughput (default 10,100,1000)")
@@ -379,7 +381,7 @@ def manifest_costs(loaded: Any, n_selected: int = 100) -> dict[str, Any]:
 
     from fedge.protocol.codec import Codec
     from fedge.protocol.round_manifest import round_manifest_from_dict
-    from fedge.protocol.signing import key_id, verify_document
+    from fedge.protocol.signing import DocType, key_id, verify_document
     from rounds_common import device_ids, make_engine
 
     keys = {d: PrivateKey.generate().public_key for d in device_ids(n_selected)}
@@ -387,11 +389,11 @@ def manifest_costs(loaded: Any, n_selected: int = 100) -> dict[str, Any]:
     eng = make_engine(loaded, Codec.FP32, keys, PrivateKey.generate(), signing)
     frame = eng.open_round(time.time()).manifest_frame
     trusted = {key_id(signing.verify_key): signing.verify_key}
-    doc, _ = verify_document(frame, "round-manifest", trusted)
+    doc, _ = verify_document(frame, DocType.ROUND_MANIFEST, trusted)
     return {
         "selected_devices": n_selected,
         "frame_bytes": len(frame),
-        "verify_us": _median_us(lambda: verify_document(frame, "round-manifest", trusted)),
+        "verify_us": _median_us(lambda: verify_document(frame, DocType.ROUND_MANIFEST, trusted)),
         "parse_us": _median_us(lambda: round_manifest_from_dict(doc)),
     }
 
@@ -678,6 +680,7 @@ def _mb(value: int | None) -> float | None:
 
 def run(cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
+    from fedge.protocol.codec import Codec
     from fedge.protocol.task import parse_task_spec
 
     try:
@@ -707,7 +710,7 @@ def run(cfg: Config) -> dict[str, Any]:
         print(f"[3/5] aggregator throughput in-process, N = {list(cfg.engine_devices)} ...", flush=True)
         throughput: list[dict[str, Any]] = []
         for n in cfg.engine_devices:
-            for codec in ("fp32", "fp16", "int8"):
+            for codec in (c.value for c in Codec):
                 throughput.append(engine_throughput(loaded, n, codec, cfg, tmp / f"tp-{n}-{codec}"))
         sections["throughput"], mark = time.perf_counter() - mark, time.perf_counter()
 

@@ -37,11 +37,10 @@ from nacl.signing import VerifyKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from fedge.protocol.signing import key_id, verify_document
+from fedge.protocol.signing import DocType, key_id, verify_document
 from fedge.protocol.topics import FleetTopics
 from rounds_common import device_moments, random_delta, sealed_moments, sealed_update
 
-MANIFEST_DOC_TYPE = "round-manifest"
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 _POLL_S = 0.05
 
@@ -210,7 +209,7 @@ class SimFleet:
 
     def _device_round(self, device: str, frame: bytes, arrived: float) -> None:
         start = time.perf_counter()
-        doc, _ = verify_document(frame, MANIFEST_DOC_TYPE, self.trusted, MAX_MANIFEST_BYTES)
+        doc, _ = verify_document(frame, DocType.ROUND_MANIFEST, self.trusted, MAX_MANIFEST_BYTES)
         # Every device verifies its own copy's signature (above). Turning the verified JSON into
         # a RoundManifest (~1-1.5 ms, identical bytes for every device) is done once per manifest:
         # on real devices it runs in parallel, here it would only serialise the simulator.
@@ -321,7 +320,9 @@ class Observer:
         try:
             with self.lock:
                 if msg.topic == self.topics.manifest and payload:
-                    doc, _ = verify_document(payload, MANIFEST_DOC_TYPE, self.trusted, MAX_MANIFEST_BYTES)
+                    doc, _ = verify_document(
+                        payload, DocType.ROUND_MANIFEST, self.trusted, MAX_MANIFEST_BYTES
+                    )
                     self.manifests.append(
                         ManifestSeen(
                             int(doc["version"]), str(doc["round_id"]), str(doc["phase"]),

@@ -132,11 +132,12 @@ def tf_train(model_dir: Path, data_dir: Path, epochs: int, seed: int) -> dict[st
     import numpy as np
 
     from fedge.aggregator.trainable_mlp import TrainableMLP
-    from fedge.protocol.model_manifest import manifest_from_json
+    from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, manifest_from_json
+    from fedge.protocol.weights import weights_from_bytes
 
     manifest = manifest_from_json((model_dir / "manifest.json").read_bytes())
     task = manifest.task
-    initial = np.fromfile(model_dir / "initial_weights.f32", dtype="<f4")
+    initial = weights_from_bytes((model_dir / INITIAL_WEIGHTS_FILE).read_bytes(), manifest.parameter_count)
     module = TrainableMLP(task, initial)
     x = np.load(data_dir / "x.npy").astype(np.float32)
     y = np.load(data_dir / "y.npy").astype(np.int32)
@@ -207,10 +208,12 @@ def tf_import(model_dir: Path) -> dict[str, Any]:
     import numpy as np
 
     from fedge.aggregator.trainable_mlp import TrainableMLP
-    from fedge.protocol.model_manifest import manifest_from_json
+    from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, manifest_from_json
+    from fedge.protocol.weights import weights_from_bytes
 
     manifest = manifest_from_json((model_dir / "manifest.json").read_bytes())
-    module = TrainableMLP(manifest.task, np.fromfile(model_dir / "initial_weights.f32", dtype="<f4"))
+    initial = weights_from_bytes((model_dir / INITIAL_WEIGHTS_FILE).read_bytes(), manifest.parameter_count)
+    module = TrainableMLP(manifest.task, initial)
     t_ready = time.perf_counter()
     d_in = manifest.task.input_dim
     x = np.random.default_rng(0).normal(size=(manifest.task.training.batch_size, d_in)).astype(np.float32)

@@ -33,6 +33,7 @@ from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.sealing import SealedHeader, seal
 from fedge.protocol.task import parse_task_spec, task_spec_from_dict
 from fedge.protocol.topics import FleetTopics
+from fedge.protocol.weights import weights_to_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 FLEET = "fleet-1"
@@ -54,7 +55,7 @@ MODEL_MANIFEST = ModelManifest(
     model_file="model.tflite",
     model_sha256=hashlib.sha256(MODEL_BYTES).hexdigest(),
     model_bytes=len(MODEL_BYTES),
-    initial_weights_sha256=hashlib.sha256(INITIAL_WEIGHTS.astype("<f4").tobytes()).hexdigest(),
+    initial_weights_sha256=hashlib.sha256(weights_to_bytes(INITIAL_WEIGHTS)).hexdigest(),
     normalisation=None,
     tensorflow_version="none (test)",
 )

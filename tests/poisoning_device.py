@@ -29,8 +29,9 @@ from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import encode_moments, encode_update
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
 from fedge.protocol.sealing import SealedHeader, seal
-from fedge.protocol.signing import key_id, verify_document
+from fedge.protocol.signing import DocType, key_id, verify_document
 from fedge.protocol.topics import FleetTopics
+from fedge.protocol.weights import weights_from_bytes
 
 #: The default ``update_norm_ratio``: what a device can read in docs/configuration.md.
 DOCUMENTED_RATIO = 0.5
@@ -96,7 +97,7 @@ class Poisoner:
 
     def _manifest(self, frame: bytes) -> None:
         trusted = {key_id(self.verify_key): self.verify_key}
-        doc, _ = verify_document(frame, "round-manifest", trusted)
+        doc, _ = verify_document(frame, DocType.ROUND_MANIFEST, trusted)
         manifest = round_manifest_from_dict(doc)
         with self._lock:
             if manifest.version <= self._seen_version or not manifest.is_selected(self.device_id):
@@ -116,7 +117,7 @@ class Poisoner:
         if manifest is None or hashlib.sha256(payload).hexdigest() != sha:
             return
         self.client.unsubscribe(self.topics.blob(sha))
-        w = np.frombuffer(payload, "<f4").astype(np.float64)
+        w = weights_from_bytes(payload, manifest.model_manifest.parameter_count).astype(np.float64)
         norm = float(np.linalg.norm(w))
         bound = DOCUMENTED_RATIO * max(norm, 1.0)
         delta = (-w / max(norm, 1e-12) * bound * self.norm_factor).astype(np.float32)

@@ -23,12 +23,12 @@ from nacl.signing import SigningKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge.aggregator.config import RoundSettings
-from fedge.aggregator.round_engine import MANIFEST_DOC_TYPE, EngineState, RoundEngine
+from fedge.aggregator.round_engine import EngineState, RoundEngine
 from fedge.aggregator.service import load_model
 from fedge.lab.broker import MosquittoBroker
 from fedge.lab.provision import render_toml, write_private
 from fedge.protocol.sealing import key_to_text, read_header
-from fedge.protocol.signing import sign_document, signing_key_to_text
+from fedge.protocol.signing import DocType, sign_document, signing_key_to_text
 from fedge.protocol.topics import FleetTopics
 from mqtt_fixtures import TrafficRecorder
 from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
@@ -158,7 +158,7 @@ def test_a_manifest_signed_by_an_unknown_key_is_refused(
     aggregator, recorder, _ = setup
     forger = SigningKey.generate()
     doc = dataclasses.replace(aggregator.engine.open_round(NOW).manifest, version=99).to_dict()
-    aggregator.publish(TOPICS.manifest, sign_document(MANIFEST_DOC_TYPE, doc, forger))
+    aggregator.publish(TOPICS.manifest, sign_document(DocType.ROUND_MANIFEST, doc, forger))
     recorder.wait_for(lambda ms: _rejected(recorder).get("unknown_key") == 1, 20, "unknown_key counted")
     assert _status(recorder)["model_version"] == 1
 
@@ -188,7 +188,9 @@ def test_replayed_and_rolled_back_manifests_are_refused(
     manifest = aggregator.engine.current.manifest
     assert manifest.version == 2
     other = dataclasses.replace(manifest, deadline=manifest.deadline + 1)
-    aggregator.publish(TOPICS.manifest, sign_document(MANIFEST_DOC_TYPE, other.to_dict(), aggregator.signing))
+    aggregator.publish(
+        TOPICS.manifest, sign_document(DocType.ROUND_MANIFEST, other.to_dict(), aggregator.signing)
+    )
     recorder.wait_for(lambda ms: _rejected(recorder).get("rollback") == 2, 20, "same version, other content")
     assert _status(recorder)["model_version"] == 2
 
@@ -259,7 +261,7 @@ def test_a_manifest_that_does_not_chain_to_the_accepted_one_is_refused(
         aggregator.publish(topic, blob)
     # Correctly signed (e.g. a compromised signing step), but not the successor of v1.
     forged = dataclasses.replace(pub.manifest, parent_sha256="0" * 64)
-    frame = sign_document(MANIFEST_DOC_TYPE, forged.to_dict(), aggregator.signing)
+    frame = sign_document(DocType.ROUND_MANIFEST, forged.to_dict(), aggregator.signing)
     aggregator.publish(TOPICS.manifest, frame)
     recorder.wait_for(lambda ms: _rejected(recorder).get("broken_chain") == 1, 20, "broken_chain counted")
     status = _status(recorder)

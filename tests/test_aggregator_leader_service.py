@@ -27,7 +27,7 @@ from fedge.aggregator.leader import LEASE_NAME, STATUS_CONFIGMAP
 from fedge.aggregator.leadership import EXIT_LEADERSHIP_LOST
 from fedge.lab.broker import MosquittoBroker
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from fedge.protocol.signing import key_id, verify_document
+from fedge.protocol.signing import DocType, key_id, verify_document
 from fleet_harness import Fleet, wait_device_online
 from k8s_api_double import KubeApiDouble
 from mqtt_fixtures import TrafficRecorder
@@ -120,7 +120,7 @@ def manifests_in_order(fleet: Fleet, recorder: TrafficRecorder) -> list[RoundMan
     out: list[RoundManifest] = []
     for m in recorder.matching(fleet.topics.manifest):
         if m.payload:
-            doc, _ = verify_document(m.payload, "round-manifest", trusted)
+            doc, _ = verify_document(m.payload, DocType.ROUND_MANIFEST, trusted)
             out.append(round_manifest_from_dict(doc))
     return out
 

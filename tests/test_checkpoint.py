@@ -32,6 +32,7 @@ from fedge.aggregator.checkpoint import (
 )
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import Normalisation
+from fedge.protocol.weights import weights_to_bytes
 
 MAX = 1 << 20
 P = 1000
@@ -125,7 +126,7 @@ def test_file_layout_is_magic_length_json_weights(tmp_path: Path) -> None:
     assert magic == b"FEDGECK1"
     doc = json.loads(data[HEADER_BYTES : HEADER_BYTES + json_len])
     weights = data[HEADER_BYTES + json_len :]
-    assert weights == cp.weights.astype("<f4").tobytes()
+    assert weights == weights_to_bytes(cp.weights)
     assert doc["weights_sha256"] == hashlib.sha256(weights).hexdigest() == cp.weights_sha256
     assert doc["parameter_count"] == 5 and doc["round_devices"] == ["dev-a", "gebäude-3/ahu-7"]
 
@@ -335,7 +336,7 @@ def test_max_bytes_counts_the_whole_file(tmp_path: Path) -> None:
 
 # --- malformed content ----------------------------------------------------------------------
 
-W = np.arange(3, dtype="<f4").tobytes()
+W = weights_to_bytes(np.arange(3, dtype=np.float32))
 NOT_PLAIN = "checkpoint: metadata must be plain JSON (string keys, lists, finite numbers)"
 
 
@@ -458,7 +459,7 @@ def _tampered_inf_metadata() -> bytes:
 
 
 def _nan_weights() -> bytes:
-    nan = np.array([0, np.nan, 0], "<f4").tobytes()
+    nan = weights_to_bytes(np.array([0, np.nan, 0], np.float32))
     return raw_file(valid_doc(nan), nan)
 
 

@@ -24,7 +24,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge.aggregator.checkpoint import load_checkpoint
 from fedge.lab.broker import MosquittoBroker
+from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE
 from fedge.protocol.sealing import SealError, open_sealed, read_header
+from fedge.protocol.weights import weights_from_bytes
 from fleet_harness import Fleet, latest_status, wait_device_online, wait_status
 from mqtt_fixtures import RecordedMessage, TrafficRecorder
 
@@ -106,7 +108,7 @@ def test_full_rounds_with_every_update_sealed(
     checkpoint = load_checkpoint(fleet.root / "state" / "aggregator" / "checkpoint.bin", 10**8)
     assert checkpoint is not None
     assert checkpoint.round_number == 2 and checkpoint.model_version == 4
-    initial = np.fromfile(har_model_dir / "initial_weights.f32", "<f4")
+    initial = weights_from_bytes((har_model_dir / INITIAL_WEIGHTS_FILE).read_bytes(), checkpoint.weights.size)
     assert np.abs(checkpoint.weights - initial).max() > 1e-3
 
 

@@ -24,7 +24,7 @@ from fedge.protocol.key_rotation import (
     sign_rotation,
     verify_rotation,
 )
-from fedge.protocol.signing import SignatureError, key_id, sign_document
+from fedge.protocol.signing import DocType, SignatureError, key_id, sign_document
 
 OLD = SigningKey.generate()
 NEW = SigningKey.generate()
@@ -92,7 +92,7 @@ def test_any_altered_byte_is_refused() -> None:
 
 
 def test_other_document_types_cannot_pass_as_a_rotation() -> None:
-    manifest = sign_document("round-manifest", _document(), OLD)
+    manifest = sign_document(DocType.ROUND_MANIFEST, _document(), OLD)
     assert _reason(manifest) == "bad_header"
 
 

@@ -22,7 +22,7 @@ from nacl.signing import SigningKey
 from fedge.agent.trust import TrustStore
 from fedge.protocol.key_rotation import verify_rotation
 from fedge.protocol.sealing import key_to_text
-from fedge.protocol.signing import key_id, sign_document, signing_key_to_text, verify_document
+from fedge.protocol.signing import DocType, key_id, sign_document, signing_key_to_text, verify_document
 from fedge.tools.keys import (
     KeyFileError,
     add_keys_parser,
@@ -274,8 +274,9 @@ def test_rotate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     for _, path in rotation_files(tmp_path):
         assert store.accept_rotation(path.read_bytes(), 1.0) is True
     assert store.trusted_keys() == {key_id(third.verify_key): third.verify_key}
-    manifest = sign_document("round-manifest", {"version": 1}, third)
-    assert verify_document(manifest, "round-manifest", store.trusted_keys())[1] == key_id(third.verify_key)
+    manifest = sign_document(DocType.ROUND_MANIFEST, {"version": 1}, third)
+    trusted = store.trusted_keys()
+    assert verify_document(manifest, DocType.ROUND_MANIFEST, trusted)[1] == key_id(third.verify_key)
 
 
 def test_rotate_recovers_and_detects_interrupted_runs(

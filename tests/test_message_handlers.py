@@ -50,7 +50,7 @@ from fedge.lab.provision import FleetFiles, create_fleet
 from fedge.protocol.config_source import Table
 from fedge.protocol.framing import FrameKind, encode_frame
 from fedge.protocol.mqtt_settings import MQTT_KEYS, mqtt_settings_from_table
-from fedge.protocol.signing import _signed_message, key_id
+from fedge.protocol.signing import DocType, _signed_message, key_id
 from fedge.protocol.task import TaskSpec
 from fedge.protocol.topics import FleetTopics
 
@@ -391,7 +391,7 @@ def signed_payloads(fleet: FleetFiles, doc_type: str) -> st.SearchStrategy[bytes
 def test_any_manifest_bytes_are_refused_counted_once_and_change_nothing(
     agent: AgentService, fleet: FleetFiles, data: st.DataObject
 ) -> None:
-    payload = data.draw(signed_payloads(fleet, "round-manifest"))
+    payload = data.draw(signed_payloads(fleet, DocType.ROUND_MANIFEST))
     view = agent_view(agent)
     counted = agent_deliver(agent, T.manifest, payload)
     assert sum(counted.values()) == (1 if payload else 0), counted  # empty: a cleared manifest
@@ -413,7 +413,7 @@ def test_a_genuinely_signed_bad_manifest_is_refused_by_its_reason(
     agent: AgentService, fleet: FleetFiles, body: bytes, reason: str
 ) -> None:
     view = agent_view(agent)
-    assert agent_deliver(agent, T.manifest, signed(fleet, "round-manifest", body)) == {reason: 1}
+    assert agent_deliver(agent, T.manifest, signed(fleet, DocType.ROUND_MANIFEST, body)) == {reason: 1}
     assert agent_view(agent) == view
 
 
@@ -422,7 +422,7 @@ def test_a_genuinely_signed_bad_manifest_is_refused_by_its_reason(
 def test_any_rotation_bytes_are_refused_counted_once_and_change_nothing(
     agent: AgentService, fleet: FleetFiles, sequence: int, data: st.DataObject
 ) -> None:
-    payload = data.draw(signed_payloads(fleet, "key-rotation"))
+    payload = data.draw(signed_payloads(fleet, DocType.KEY_ROTATION))
     view = agent_view(agent)
     counted = agent_deliver(agent, T.rotation(sequence), payload)
     assert sum(counted.values()) == (1 if payload else 0), counted

@@ -24,6 +24,7 @@ from fedge.aggregator.tflite_ops import flex_ops, list_ops
 from fedge.aggregator.trainable_mlp import initial_weights
 from fedge.protocol.model_manifest import SIGNATURES, Normalisation, manifest_from_json
 from fedge.protocol.task import TaskSpec
+from fedge.protocol.weights import weights_from_bytes
 
 VARIANTS: dict[str, dict[str, object]] = {
     "sgd-momentum": {},
@@ -93,7 +94,8 @@ def test_manifest_describes_the_written_files(har_task: TaskSpec, har_model_dir:
     assert manifest.parameter_count == 48 * 64 + 64 + 64 * 32 + 32 + 32 * 7 + 7 == 5447
     assert len(weights_raw) == 4 * manifest.parameter_count
     assert manifest.initial_weights_sha256 == hashlib.sha256(weights_raw).hexdigest()
-    np.testing.assert_array_equal(np.frombuffer(weights_raw, "<f4"), initial_weights(har_task))
+    weights = weights_from_bytes(weights_raw, manifest.parameter_count)
+    np.testing.assert_array_equal(weights, initial_weights(har_task))
     assert manifest.normalisation is None
     assert manifest.tensorflow_version == tf.__version__
 

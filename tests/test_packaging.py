@@ -27,6 +27,20 @@ DEVICE_PARTS = (
     "tasks",
     "edgex_profiles",
 )
+ALL_PARTS = (*DEVICE_PARTS, "aggregator", "lab")
+
+
+def copy_parts(parts: tuple[str, ...], dest: Path) -> Path:
+    """A source tree of just these parts (a build writes build/ and *.egg-info next to the
+    sources: never into the checkout)."""
+    dest.mkdir()
+    for part in parts:
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / part)
+    return dest
 
 
 def build_wheel(source: Path, out: Path) -> Path:
@@ -63,7 +77,8 @@ def names(wheel: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_wheel(REPO, tmp_path_factory.mktemp("wheel"))
+    tmp = tmp_path_factory.mktemp("wheel")
+    return build_wheel(copy_parts(ALL_PARTS, tmp / "src"), tmp / "out")
 
 
 def test_the_wheel_installs_one_namespace_with_its_data(wheel: Path) -> None:
@@ -86,14 +101,7 @@ def test_the_wheel_installs_one_namespace_with_its_data(wheel: Path) -> None:
 
 
 def test_a_device_build_carries_no_server_or_demo_code(tmp_path: Path) -> None:
-    source = tmp_path / "device-src"
-    source.mkdir()
-    for part in DEVICE_PARTS:
-        src = REPO / part
-        if src.is_dir():
-            shutil.copytree(src, source / part, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, source / part)
+    source = copy_parts(DEVICE_PARTS, tmp_path / "device-src")
     files = names(build_wheel(source, tmp_path / "out"))
     assert not any(f.startswith(("fedge/aggregator/", "fedge/lab/")) for f in files)
     assert {"fedge/agent/service.py", "fedge/cli.py", "fedge/tasks/har-watch.toml"} <= files

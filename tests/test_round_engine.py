@@ -65,7 +65,8 @@ from fedge.protocol.framing import (
 from fedge.protocol.messages import Evaluation, encode_moments, max_sealed_bytes
 from fedge.protocol.model_manifest import normalisation_from_moments
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from fedge.protocol.signing import SignatureError, key_id, verify_document
+from fedge.protocol.signing import DocType, SignatureError, key_id, verify_document
+from fedge.protocol.weights import weights_to_bytes
 
 THREE = DEVICE_IDS[:3]
 FIVE = DEVICE_IDS[:5]
@@ -114,13 +115,13 @@ def full_run(rounds: int = 2) -> tuple[RoundEngine, list[Publication], list[Roun
 def test_manifest_is_signed_by_the_signing_key_and_parses_as_devices_parse_it() -> None:
     _, pubs, _ = full_run()
     for pub in pubs:
-        doc, kid = verify_document(pub.manifest_frame, "round-manifest", TRUSTED)
+        doc, kid = verify_document(pub.manifest_frame, DocType.ROUND_MANIFEST, TRUSTED)
         assert kid == key_id(SIGNING_KEY.verify_key)
         assert doc == pub.manifest.to_dict()
         assert round_manifest_from_dict(doc) == pub.manifest
     other = SigningKey.generate().verify_key
     with pytest.raises(SignatureError) as excinfo:
-        verify_document(pubs[0].manifest_frame, "round-manifest", {key_id(other): other})
+        verify_document(pubs[0].manifest_frame, DocType.ROUND_MANIFEST, {key_id(other): other})
     assert excinfo.value.reason == "unknown_key"
     with pytest.raises(SignatureError) as excinfo:
         verify_document(pubs[0].manifest_frame, "aggregator-status", TRUSTED)
@@ -180,8 +181,8 @@ def test_blobs_are_the_model_and_the_current_weights_under_their_sha256_topics()
         assert len(weights) == m.weights_bytes == 4 * m.model_manifest.parameter_count
         assert m.model_sha256 == sha(MODEL_BYTES) and m.model_bytes == len(MODEL_BYTES)
         weights_seen.append(weights)
-    assert weights_seen[0] == weights_seen[1] == INITIAL_WEIGHTS.astype("<f4").tobytes()  # moments: no change
-    assert weights_seen[-1] == engine.state.weights.astype("<f4").tobytes()
+    assert weights_seen[0] == weights_seen[1] == weights_to_bytes(INITIAL_WEIGHTS)  # moments: no change
+    assert weights_seen[-1] == weights_to_bytes(engine.state.weights)
     assert len(set(weights_seen[1:])) == 3  # every train round changed the model
 
 
@@ -328,7 +329,7 @@ def test_fedavg_is_global_plus_server_lr_times_the_example_weighted_mean_delta()
     assert engine.state.history == [record.to_dict()]
     # The next manifest publishes exactly these weights.
     nxt = engine.open_round(T0 + 100)
-    assert nxt.blobs[TOPICS.blob(nxt.manifest.weights_sha256)] == engine.state.weights.astype("<f4").tobytes()
+    assert nxt.blobs[TOPICS.blob(nxt.manifest.weights_sha256)] == weights_to_bytes(engine.state.weights)
     assert nxt.manifest.round_number == 2
 
 

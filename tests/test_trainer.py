@@ -15,6 +15,7 @@ from fedge.agent.trainer import LiteRTTrainer, ModelFileError, TrainingDataError
 from fedge.aggregator.model_export import MODEL_FILE, WEIGHTS_FILE
 from fedge.protocol.model_manifest import Normalisation
 from fedge.protocol.task import TaskSpec
+from fedge.protocol.weights import weights_from_bytes
 
 
 class RecordingTrainer(LiteRTTrainer):
@@ -41,7 +42,7 @@ def trainer(har_model_dir: Path) -> LiteRTTrainer:
 
 
 def test_initial_weights_come_from_the_model(trainer: LiteRTTrainer, har_model_dir: Path) -> None:
-    expected = np.frombuffer((har_model_dir / WEIGHTS_FILE).read_bytes(), "<f4")
+    expected = weights_from_bytes((har_model_dir / WEIGHTS_FILE).read_bytes(), trainer.parameter_count)
     np.testing.assert_array_equal(trainer.get_weights(), expected)
 
 

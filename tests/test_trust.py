@@ -17,7 +17,7 @@ from nacl.signing import SigningKey
 
 from fedge.agent.trust import TRUST_FILE_MODE, TrustError, TrustStore
 from fedge.protocol.key_rotation import RotationError, sign_rotation
-from fedge.protocol.signing import SignatureError, key_id, sign_document, verify_document
+from fedge.protocol.signing import DocType, SignatureError, key_id, sign_document, verify_document
 
 K0, K1, K2, BACKUP, STRANGER = (SigningKey.generate() for _ in range(5))
 NOW = 1_750_000_000.0
@@ -73,10 +73,12 @@ def test_a_vouched_rotation_is_accepted_and_the_vouching_key_retired(store: Trus
     # Manifests: the new key verifies, the retired one no longer does.
     manifest = {"fleet": "demo", "version": 7}
     assert verify_document(
-        sign_document("round-manifest", manifest, K1), "round-manifest", store.trusted_keys()
+        sign_document(DocType.ROUND_MANIFEST, manifest, K1), DocType.ROUND_MANIFEST, store.trusted_keys()
     ) == (manifest, kid(K1))
     with pytest.raises(SignatureError) as exc:
-        verify_document(sign_document("round-manifest", manifest, K0), "round-manifest", store.trusted_keys())
+        verify_document(
+            sign_document(DocType.ROUND_MANIFEST, manifest, K0), DocType.ROUND_MANIFEST, store.trusted_keys()
+        )
     assert exc.value.reason == "unknown_key"
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedge.protocol.codec import Codec
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import TaskSpec, parse_task_spec
@@ -405,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory")
     demo.add_argument("--devices", type=int, default=7, help="number of devices (1-7, default 7)")
     demo.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
-    demo.add_argument("--codec", choices=["fp32", "fp16", "int8"], default="fp32", help="update encoding")
+    demo.add_argument(
+        "--codec", choices=[c.value for c in Codec], default=Codec.FP32.value, help="update encoding"
+    )
     demo.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
     demo.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds")
     demo.add_argument("--min-devices", type=int, help="quorum per round (default: half the devices)")

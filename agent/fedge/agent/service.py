@@ -44,12 +44,12 @@ from fedge.protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError, check_priva
 from fedge.protocol.messages import Evaluation, encode_moments, encode_update
 from fedge.protocol.round_manifest import RoundManifest, RoundManifestError, round_manifest_from_dict
 from fedge.protocol.sealing import SealedHeader, seal
-from fedge.protocol.signing import SignatureError, verify_document
+from fedge.protocol.signing import DocType, SignatureError, verify_document
 from fedge.protocol.task import TaskSpec
 from fedge.protocol.topics import FleetTopics
+from fedge.protocol.weights import weights_from_bytes
 
 log = logging.getLogger("fedge.agent")
-MANIFEST_DOC_TYPE = "round-manifest"
 MAX_MANIFEST_FRAME_BYTES = 8 * 1024 * 1024
 MAX_BLOB_BYTES = 64 * 1024 * 1024
 HEARTBEAT_INTERVAL_S = 5.0
@@ -376,7 +376,7 @@ class AgentService:
             return None
         try:
             doc, _ = verify_document(
-                frame, MANIFEST_DOC_TYPE, self.trust.trusted_keys(), MAX_MANIFEST_FRAME_BYTES
+                frame, DocType.ROUND_MANIFEST, self.trust.trusted_keys(), MAX_MANIFEST_FRAME_BYTES
             )
             manifest = round_manifest_from_dict(doc)
         except SignatureError as exc:
@@ -445,7 +445,7 @@ class AgentService:
             self.trainer = LiteRTTrainer(model, manifest.model_manifest, self.config.runtime)  # type: ignore[arg-type]
             self.model_sha256 = manifest.model_sha256
         self.trainer.normalisation = manifest.normalisation
-        self.trainer.set_weights(np.frombuffer(weights_raw, "<f4").astype(np.float32))
+        self.trainer.set_weights(weights_from_bytes(weights_raw, manifest.model_manifest.parameter_count))
         return self.trainer
 
     def _local_data(self, task: TaskSpec) -> LocalData:

@@ -2,7 +2,7 @@
 
 Written after every round, so it must never be left half-written. One file::
 
-    b"FEDGECK1" | u32 little-endian JSON length | JSON (UTF-8) | weights (raw little-endian float32)
+    b"FEDGECK1" | u32 little-endian JSON length | JSON (UTF-8) | weights blob (fedge.protocol.weights)
 
 The JSON carries the SHA-256 of the weights, checked on load. Saving writes a temporary file in
 the same directory, fsyncs it, moves the current checkpoint to ``path.with_suffix('.prev')``,
@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from fedge.protocol.errors import FedgeError, ManifestError
 from fedge.protocol.model_manifest import Normalisation
+from fedge.protocol.weights import weights_from_bytes, weights_nbytes, weights_to_bytes
 
 __all__ = [
     "HEADER_BYTES",
@@ -144,12 +145,12 @@ class Checkpoint:
 
     @property
     def weights_sha256(self) -> str:
-        return hashlib.sha256(_weights_bytes(self.weights)).hexdigest()
+        return hashlib.sha256(weights_to_bytes(self.weights)).hexdigest()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Checkpoint):
             return NotImplemented
-        return _weights_bytes(self.weights) == _weights_bytes(other.weights) and all(
+        return weights_to_bytes(self.weights) == weights_to_bytes(other.weights) and all(
             getattr(self, name) == getattr(other, name)
             for name in (
                 "model_version",
@@ -183,10 +184,6 @@ def _plain_json(metadata: Any) -> dict[str, Any]:
     return copy
 
 
-def _weights_bytes(weights: npt.NDArray[np.float32]) -> bytes:
-    return weights.astype("<f4", copy=False).tobytes()
-
-
 def previous_path(path: Path | str) -> Path:
     """Where the checkpoint before ``path`` is kept: ``path.with_suffix('.prev')``."""
     p = Path(path)
@@ -199,7 +196,7 @@ def previous_path(path: Path | str) -> Path:
 
 
 def _encode(checkpoint: Checkpoint) -> list[bytes]:
-    weights = _weights_bytes(checkpoint.weights)
+    weights = weights_to_bytes(checkpoint.weights)
     doc = {
         "model_version": checkpoint.model_version,
         "round_number": checkpoint.round_number,
@@ -284,9 +281,10 @@ def _read(path: Path, max_bytes: int) -> Checkpoint:
             )
         doc = _parse_json(_read_exactly(f, json_len, path), path)
         weights_len = size - HEADER_BYTES - json_len
-        if weights_len != 4 * doc["parameter_count"]:
+        expected_len = weights_nbytes(doc["parameter_count"])
+        if weights_len != expected_len:
             raise CheckpointError(
-                f"{path}: {weights_len} bytes of weights, expected {4 * doc['parameter_count']} "
+                f"{path}: {weights_len} bytes of weights, expected {expected_len} "
                 f"for {doc['parameter_count']} float32 parameters (truncated or corrupt)"
             )
         raw = _read_exactly(f, weights_len, path)
@@ -299,7 +297,7 @@ def _read(path: Path, max_bytes: int) -> Checkpoint:
         )
     try:
         return Checkpoint(
-            weights=np.frombuffer(raw, dtype="<f4").astype(np.float32),
+            weights=weights_from_bytes(raw, doc["parameter_count"]),
             model_version=doc["model_version"],
             round_number=doc["round_number"],
             round_id=doc["round_id"],

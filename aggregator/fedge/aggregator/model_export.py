@@ -20,12 +20,13 @@ import tensorflow as tf
 from fedge.aggregator.tflite_ops import flex_ops
 from fedge.aggregator.trainable_mlp import TrainableMLP, initial_weights
 from fedge.protocol.errors import FedgeError
-from fedge.protocol.model_manifest import ModelManifest, Normalisation
+from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, ModelManifest, Normalisation
 from fedge.protocol.task import TaskSpec
+from fedge.protocol.weights import weights_to_bytes
 
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
-WEIGHTS_FILE = "initial_weights.f32"
+WEIGHTS_FILE = INITIAL_WEIGHTS_FILE
 
 
 class ModelBuildError(FedgeError):
@@ -81,7 +82,7 @@ def build_model(task: TaskSpec, normalisation: Normalisation | None = None) -> B
         model_file=MODEL_FILE,
         model_sha256=hashlib.sha256(model).hexdigest(),
         model_bytes=len(model),
-        initial_weights_sha256=hashlib.sha256(weights.astype("<f4").tobytes()).hexdigest(),
+        initial_weights_sha256=hashlib.sha256(weights_to_bytes(weights)).hexdigest(),
         normalisation=normalisation,
         tensorflow_version=tf.__version__,
     )
@@ -95,7 +96,7 @@ def write_model(built: BuiltModel, out_dir: Path) -> Path:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_dir / MODEL_FILE, built.tflite)
-    _atomic_write(out_dir / WEIGHTS_FILE, built.weights.astype("<f4").tobytes())
+    _atomic_write(out_dir / WEIGHTS_FILE, weights_to_bytes(built.weights))
     manifest_path = out_dir / MANIFEST_FILE
     _atomic_write(manifest_path, built.manifest.to_json().encode())
     return manifest_path

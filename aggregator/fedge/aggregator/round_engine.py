@@ -41,12 +41,15 @@ from fedge.aggregator.strategies.factory import (
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import MessageError, decode_moments, decode_update, max_sealed_bytes
 from fedge.protocol.model_manifest import ModelManifest, Normalisation
+from fedge.protocol.reasons import RejectReason
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.sealing import SealError, box_for, open_sealed, read_header
-from fedge.protocol.signing import sign_document
+from fedge.protocol.signing import DocType, sign_document
 from fedge.protocol.topics import FleetTopics, TopicError
+from fedge.protocol.weights import weights_to_bytes
 
-MANIFEST_DOC_TYPE = "round-manifest"
+#: Kept for callers that name it here; the contract is fedge.protocol.signing.DocType.
+MANIFEST_DOC_TYPE = DocType.ROUND_MANIFEST
 
 
 @dataclass(frozen=True)
@@ -246,7 +249,7 @@ class RoundEngine:
         else:
             round_id = f"final-v{version}"
         timeout = 0.0 if phase == "final" else self.settings.round_timeout_s
-        weights_bytes = self.state.weights.astype("<f4").tobytes()
+        weights_bytes = weights_to_bytes(self.state.weights)
         weights_sha = hashlib.sha256(weights_bytes).hexdigest()
         manifest = RoundManifest(
             fleet=self.fleet,
@@ -398,43 +401,43 @@ class RoundEngine:
 
     def _check(self, topic: str, payload: bytes, now: float) -> Outcome:
         if len(payload) > self.max_message_bytes:
-            return Outcome(False, "too_large", None)
+            return Outcome(False, RejectReason.TOO_LARGE, None)
         try:
             topic_device = self.topics.device_of(topic, "update")
         except TopicError:
-            return Outcome(False, "bad_topic", None)
+            return Outcome(False, RejectReason.BAD_TOPIC, None)
         try:
             header, ciphertext = read_header(payload, self.max_message_bytes)
         except SealError as exc:
             return Outcome(False, exc.reason, topic_device)
         device = header.device_id
         if device != topic_device:
-            return Outcome(False, "device_mismatch", topic_device, header.kind)
+            return Outcome(False, RejectReason.DEVICE_MISMATCH, topic_device, header.kind)
         if header.fleet != self.fleet:
-            return Outcome(False, "wrong_fleet", device, header.kind)
+            return Outcome(False, RejectReason.WRONG_FLEET, device, header.kind)
         device_key = self.registry.get(device)
         if device_key is None:
-            reason = "revoked_device" if device in self.revoked else "unknown_device"
+            reason = RejectReason.REVOKED_DEVICE if device in self.revoked else RejectReason.UNKNOWN_DEVICE
             return Outcome(False, reason, device, header.kind)
         r = self.current
         if r is None:
-            return Outcome(False, "no_open_round", device, header.kind)
+            return Outcome(False, RejectReason.NO_OPEN_ROUND, device, header.kind)
         m = r.manifest
         if header.round_id != m.round_id:
-            return Outcome(False, "wrong_round", device, header.kind)
+            return Outcome(False, RejectReason.WRONG_ROUND, device, header.kind)
         if now > m.deadline:
-            return Outcome(False, "late", device, header.kind)
+            return Outcome(False, RejectReason.LATE, device, header.kind)
         if header.model_version != m.version:
-            return Outcome(False, "wrong_version", device, header.kind)
+            return Outcome(False, RejectReason.WRONG_VERSION, device, header.kind)
         if not m.is_selected(device):
-            return Outcome(False, "not_selected", device, header.kind)
+            return Outcome(False, RejectReason.NOT_SELECTED, device, header.kind)
         expected_kind = "moments" if m.phase == "moments" else "update"
         if header.kind != expected_kind:
-            return Outcome(False, "wrong_kind", device, header.kind)
+            return Outcome(False, RejectReason.WRONG_KIND, device, header.kind)
         if r.done(device):
-            return Outcome(False, "duplicate", device, header.kind)
+            return Outcome(False, RejectReason.DUPLICATE, device, header.kind)
         if header.counter <= self.state.counters.get(device, -1):
-            return Outcome(False, "replayed_counter", device, header.kind)
+            return Outcome(False, RejectReason.REPLAYED_COUNTER, device, header.kind)
         box = self._boxes.get(device)
         if box is None:
             try:
@@ -469,25 +472,25 @@ class RoundEngine:
             if kind == "moments":
                 moments = decode_moments(payload_header, body, self.model_manifest.task.input_dim)
                 if moments.count > limit:
-                    return "too_many_examples"
+                    return RejectReason.TOO_MANY_EXAMPLES
                 try:
                     r.folds.add_moments(moments)
                 except AggregationError:  # moments no real data can have, or too many samples
-                    return "bad_moments"
+                    return RejectReason.BAD_MOMENTS
                 r.moment_devices.append(device)
                 return None
             update = decode_update(payload_header, body, self.layout, m.codec)
             ev = update.evaluation
             if update.examples > limit or (ev is not None and ev.examples > limit):
-                return "too_many_examples"
+                return RejectReason.TOO_MANY_EXAMPLES
             r.folds.add_update(update)  # the norm bounds, then the metrics, then the strategy
             return None
         except MessageError as exc:
             return exc.reason
         except NormTooLarge:  # over the hard bound, with update_norm_policy = "reject"
-            return "norm_too_large"
+            return RejectReason.NORM_TOO_LARGE
         except AggregationError:
-            return "rejected_by_aggregation"
+            return RejectReason.REJECTED_BY_AGGREGATION
 
     # --- status ------------------------------------------------------------------------------
 

@@ -52,9 +52,10 @@ from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError, KeyKind, check_private_key_file
-from fedge.protocol.model_manifest import ModelManifest, manifest_from_json
+from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, ModelManifest, manifest_from_json
 from fedge.protocol.mqtt_settings import MqttSettings
 from fedge.protocol.topics import FleetTopics
+from fedge.protocol.weights import WeightsError, weights_from_bytes
 
 log = logging.getLogger("fedge.aggregator")
 CHECKPOINT_FILE = "checkpoint.bin"
@@ -88,14 +89,18 @@ def load_model(model_dir: Path) -> LoadedModel:
     try:
         manifest = manifest_from_json((model_dir / "manifest.json").read_bytes())
         model = (model_dir / manifest.model_file).read_bytes()
-        weights_raw = (model_dir / "initial_weights.f32").read_bytes()
+        weights_raw = (model_dir / INITIAL_WEIGHTS_FILE).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read model directory {model_dir}: {exc}") from None
     if hashlib.sha256(model).hexdigest() != manifest.model_sha256:
         raise ConfigError(f"{model_dir}: model.tflite does not match its manifest's SHA-256")
     if hashlib.sha256(weights_raw).hexdigest() != manifest.initial_weights_sha256:
-        raise ConfigError(f"{model_dir}: initial_weights.f32 does not match its manifest's SHA-256")
-    return LoadedModel(manifest, model, np.frombuffer(weights_raw, "<f4").astype(np.float32))
+        raise ConfigError(f"{model_dir}: {INITIAL_WEIGHTS_FILE} does not match its manifest's SHA-256")
+    try:
+        weights = weights_from_bytes(weights_raw, manifest.parameter_count)
+    except WeightsError as exc:  # a manifest whose hash matches a blob of another model's size
+        raise ConfigError(f"{model_dir}: {INITIAL_WEIGHTS_FILE}: {exc}") from None
+    return LoadedModel(manifest, model, weights)
 
 
 def read_private_key(path: Path, kind: KeyKind) -> bytes:

@@ -27,6 +27,7 @@ from fedge.lab.container_agent import podman_run_command, stage_container_agent
 from fedge.lab.observer import FleetObserver
 from fedge.lab.provision import create_fleet
 from fedge.lab.train_local import build_model_files, train_local
+from fedge.protocol.codec import Codec
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.mqtt_settings import parse_broker_url
 from fedge.protocol.task import TaskSpec
@@ -44,7 +45,7 @@ class DemoOptions:
     out: Path
     devices: int = 7
     rounds: int = 20
-    codec: str = "fp32"
+    codec: str = Codec.FP32.value
     broker_url: str | None = None
     round_timeout_s: float = 60.0
     min_devices: int | None = None

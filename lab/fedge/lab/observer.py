@@ -22,8 +22,9 @@ from fedge.agent.trainer import LiteRTTrainer
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from fedge.protocol.signing import key_id, verify_document
+from fedge.protocol.signing import DocType, key_id, verify_document
 from fedge.protocol.topics import FleetTopics
+from fedge.protocol.weights import weights_from_bytes
 
 #: Statuses are a few KB of JSON (the aggregator's holds its last rounds); refuse more unparsed.
 MAX_STATUS_BYTES = 256 * 1024
@@ -146,7 +147,7 @@ class FleetObserver:
             self.view.errors.append(f"{topic}: {reason}: {exc}")
 
     def _manifest(self, frame: bytes) -> None:
-        doc, _ = verify_document(frame, "round-manifest", self.trusted)
+        doc, _ = verify_document(frame, DocType.ROUND_MANIFEST, self.trusted)
         manifest = round_manifest_from_dict(doc)
         if self.view.manifests and manifest.version <= self.view.manifests[-1].version:
             return
@@ -165,7 +166,7 @@ class FleetObserver:
         if self._trainer is None:
             self._trainer = LiteRTTrainer(self.model, manifest.model_manifest)
         self._trainer.normalisation = manifest.normalisation
-        self._trainer.set_weights(np.frombuffer(payload, "<f4").astype(np.float32))
+        self._trainer.set_weights(weights_from_bytes(payload, manifest.model_manifest.parameter_count))
         ev = self._trainer.evaluate(self.x_test, self.y_test)
         after = manifest.round_number if manifest.phase == "final" else manifest.round_number - 1
         self.view.evaluations.append(

@@ -11,6 +11,8 @@ Byte layouts (little-endian throughout):
   (the decoded value is itself a float32).
 
 The decoder knows the exact size from the layout and checks it before touching the bytes.
+float32 here is the weights blob's dtype (:data:`fedge.protocol.weights.WEIGHTS_DTYPE`): an fp32
+delta has exactly the bytes a weights blob of the same values would have.
 """
 
 from __future__ import annotations
@@ -20,19 +22,22 @@ from enum import StrEnum
 
 import numpy as np
 
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import FieldError
 from fedge.protocol.model_manifest import TensorLayout
+from fedge.protocol.weights import WEIGHTS_DTYPE
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class Codec(StrEnum):
+    """How an update's delta is encoded; the round manifest names one per round."""
+
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
 
 
-class CodecError(FedgeError):
+class CodecError(FieldError):
     """Tensor bytes do not match the layout or hold non-finite values."""
 
 
@@ -40,13 +45,16 @@ def parse_codec(name: str) -> Codec:
     try:
         return Codec(name)
     except ValueError:
-        raise CodecError(f"unknown codec {name!r}; known: fp32, fp16, int8") from None
+        known = tuple(Codec)
+        raise CodecError(
+            f"unknown codec {name!r}; known: {', '.join(known)}", field="codec", expected=known, found=name
+        ) from None
 
 
 def encoded_size(layout: Sequence[TensorLayout], codec: Codec) -> int:
     count = sum(t.size for t in layout)
     if codec is Codec.FP32:
-        return 4 * count
+        return WEIGHTS_DTYPE.itemsize * count
     if codec is Codec.FP16:
         return 2 * count
     return 8 * len(layout) + count
@@ -55,9 +63,14 @@ def encoded_size(layout: Sequence[TensorLayout], codec: Codec) -> int:
 def _check_flat(flat: np.ndarray, layout: Sequence[TensorLayout]) -> None:
     count = sum(t.size for t in layout)
     if flat.dtype != np.float32 or flat.shape != (count,):
-        raise CodecError(f"expected float32 of shape ({count},), got {flat.dtype} {flat.shape}")
+        raise CodecError(
+            f"expected float32 of shape ({count},), got {flat.dtype} {flat.shape}",
+            field="delta",
+            expected=f"float32 ({count},)",
+            found=f"{flat.dtype} {flat.shape}",
+        )
     if not np.all(np.isfinite(flat)):
-        raise CodecError("tensor values must be finite")
+        raise CodecError("tensor values must be finite", field="delta", expected="finite values")
 
 
 def _int8_params(lo: float, hi: float) -> tuple[float, float]:
@@ -79,12 +92,18 @@ def _int8_params(lo: float, hi: float) -> tuple[float, float]:
 def encode_tensors(flat: np.ndarray, layout: Sequence[TensorLayout], codec: Codec) -> bytes:
     _check_flat(flat, layout)
     if codec is Codec.FP32:
-        return flat.astype("<f4").tobytes()
+        return flat.astype(WEIGHTS_DTYPE).tobytes()
     if codec is Codec.FP16:
-        if float(np.max(np.abs(flat), initial=0.0)) > _FP16_MAX:
-            raise CodecError("a value exceeds float16's range; use fp32")
+        largest = float(np.max(np.abs(flat), initial=0.0))
+        if largest > _FP16_MAX:
+            raise CodecError(
+                "a value exceeds float16's range; use fp32",
+                field="delta",
+                expected=f"|value| <= {_FP16_MAX}",
+                found=largest,
+            )
         return flat.astype("<f2").tobytes()
-    params = np.empty((len(layout), 2), "<f4")
+    params = np.empty((len(layout), 2), WEIGHTS_DTYPE)
     codes = np.empty(flat.shape[0], np.uint8)
     for i, t in enumerate(layout):
         part = flat[t.offset : t.offset + t.size].astype(np.float64)
@@ -101,16 +120,25 @@ def decode_tensors(body: bytes, layout: Sequence[TensorLayout], codec: Codec) ->
     """Decodes to a float32 vector; sizes and finiteness are checked first."""
     expected = encoded_size(layout, codec)
     if len(body) != expected:
-        raise CodecError(f"{codec.value} body is {len(body)} bytes, the layout needs {expected}")
+        raise CodecError(
+            f"{codec.value} body is {len(body)} bytes, the layout needs {expected}",
+            field=f"{codec.value} body",
+            expected=expected,
+            found=len(body),
+        )
     if codec is Codec.FP32:
-        out = np.frombuffer(body, "<f4").astype(np.float32)
+        out = np.frombuffer(body, WEIGHTS_DTYPE).astype(np.float32)
     elif codec is Codec.FP16:
         out = np.frombuffer(body, "<f2").astype(np.float32)
     else:
         n_params = 8 * len(layout)
-        params = np.frombuffer(body[:n_params], "<f4").reshape(len(layout), 2)
+        params = np.frombuffer(body[:n_params], WEIGHTS_DTYPE).reshape(len(layout), 2)
         if not np.all(np.isfinite(params)) or np.any(params[:, 1] <= 0):
-            raise CodecError("int8 quantisation parameters must be finite with scale > 0")
+            raise CodecError(
+                "int8 quantisation parameters must be finite with scale > 0",
+                field="int8 lo/scale",
+                expected="finite, scale > 0",
+            )
         codes = np.frombuffer(body[n_params:], np.uint8)
         out = np.empty(codes.shape[0], np.float32)
         for (lo, scale), t in zip(params, layout, strict=True):
@@ -118,5 +146,7 @@ def decode_tensors(body: bytes, layout: Sequence[TensorLayout], codec: Codec) ->
             with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
                 out[t.offset : t.offset + t.size] = (float(lo) + seg * float(scale)).astype(np.float32)
     if not np.all(np.isfinite(out)):
-        raise CodecError("tensor values must be finite")
+        raise CodecError(
+            "tensor values must be finite", field=f"{codec.value} body", expected="finite values"
+        )
     return out

@@ -26,7 +26,8 @@ from enum import IntEnum
 from typing import Any
 
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import FieldError
+from fedge.protocol.reasons import RejectReason
 
 MAGIC = b"FEDG"
 FRAME_VERSION = 1
@@ -42,11 +43,23 @@ class FrameKind(IntEnum):
     SIGNED = 3  # aggregator -> devices, body is an Ed25519 signature + document
 
 
-class FrameError(FedgeError):
-    """A frame is malformed, over a limit, or of an unexpected kind or version."""
+class FrameError(FieldError):
+    """A frame is malformed, over a limit, or of an unexpected kind or version.
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+    ``reason`` is one of :data:`fedge.protocol.reasons.FRAME_REASONS`; a sealed message or a
+    signed document passes it on with a prefix saying which of its frames was bad.
+    """
+
+    def __init__(
+        self,
+        reason: RejectReason,
+        detail: str,
+        *,
+        field: str | None = None,
+        expected: Any = None,
+        found: Any = None,
+    ) -> None:
+        super().__init__(f"{reason}: {detail}", field=field, expected=expected, found=found)
         self.reason = reason
 
 
@@ -62,33 +75,86 @@ def encode_frame(kind: FrameKind, header: dict[str, Any], body: bytes = b"") -> 
     try:
         raw_header = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     except ValueError as exc:
-        raise FrameError("bad_header", f"header cannot be encoded: {exc}") from None
+        raise FrameError(
+            RejectReason.BAD_HEADER, f"header cannot be encoded: {exc}", field="header"
+        ) from None
     if len(raw_header) > MAX_HEADER_BYTES:
-        raise FrameError("header_too_large", f"{len(raw_header)} bytes > {MAX_HEADER_BYTES}")
+        raise FrameError(
+            RejectReason.HEADER_TOO_LARGE,
+            f"{len(raw_header)} bytes > {MAX_HEADER_BYTES}",
+            field="header length",
+            expected=f"<= {MAX_HEADER_BYTES}",
+            found=len(raw_header),
+        )
     return _PREFIX.pack(MAGIC, FRAME_VERSION, int(kind), 0, len(raw_header), len(body)) + raw_header + body
 
 
 def decode_frame(data: bytes, expected_kind: FrameKind, max_body: int = DEFAULT_MAX_BODY_BYTES) -> Frame:
     """Parses and checks a frame; every failure is a :class:`FrameError` with a short reason."""
     if len(data) < PREFIX_BYTES:
-        raise FrameError("truncated", f"{len(data)} bytes is shorter than the {PREFIX_BYTES}-byte prefix")
+        raise FrameError(
+            RejectReason.TRUNCATED,
+            f"{len(data)} bytes is shorter than the {PREFIX_BYTES}-byte prefix",
+            field="frame length",
+            expected=f">= {PREFIX_BYTES}",
+            found=len(data),
+        )
     magic, version, kind, reserved, header_len, body_len = _PREFIX.unpack_from(data)
     if magic != MAGIC:
-        raise FrameError("bad_magic", f"not a fedge frame (magic {magic!r})")
+        raise FrameError(
+            RejectReason.BAD_MAGIC,
+            f"not a fedge frame (magic {magic!r})",
+            field="magic",
+            expected=MAGIC,
+            found=magic,
+        )
     if version != FRAME_VERSION:
-        raise FrameError("unsupported_version", f"frame version {version}, this fedge reads {FRAME_VERSION}")
+        raise FrameError(
+            RejectReason.UNSUPPORTED_VERSION,
+            f"frame version {version}, this fedge reads {FRAME_VERSION}",
+            field="version",
+            expected=FRAME_VERSION,
+            found=version,
+        )
     if kind != expected_kind:
-        raise FrameError("wrong_kind", f"frame kind {kind}, expected {int(expected_kind)}")
+        raise FrameError(
+            RejectReason.WRONG_KIND,
+            f"frame kind {kind}, expected {int(expected_kind)}",
+            field="kind",
+            expected=int(expected_kind),
+            found=kind,
+        )
     if reserved != 0:
-        raise FrameError("bad_reserved", "reserved bytes must be zero")
+        raise FrameError(
+            RejectReason.BAD_RESERVED,
+            "reserved bytes must be zero",
+            field="reserved",
+            expected=0,
+            found=reserved,
+        )
     if header_len > MAX_HEADER_BYTES:
-        raise FrameError("header_too_large", f"declares a {header_len}-byte header > {MAX_HEADER_BYTES}")
+        raise FrameError(
+            RejectReason.HEADER_TOO_LARGE,
+            f"declares a {header_len}-byte header > {MAX_HEADER_BYTES}",
+            field="header length",
+            expected=f"<= {MAX_HEADER_BYTES}",
+            found=header_len,
+        )
     if body_len > max_body:
-        raise FrameError("body_too_large", f"declares a {body_len}-byte body > {max_body}")
+        raise FrameError(
+            RejectReason.BODY_TOO_LARGE,
+            f"declares a {body_len}-byte body > {max_body}",
+            field="body length",
+            expected=f"<= {max_body}",
+            found=body_len,
+        )
     if PREFIX_BYTES + header_len + body_len != len(data):
         raise FrameError(
-            "length_mismatch",
+            RejectReason.LENGTH_MISMATCH,
             f"declares {PREFIX_BYTES + header_len + body_len} bytes, got {len(data)}",
+            field="frame length",
+            expected=PREFIX_BYTES + header_len + body_len,
+            found=len(data),
         )
     raw_header = data[PREFIX_BYTES : PREFIX_BYTES + header_len]
     try:
@@ -96,7 +162,7 @@ def decode_frame(data: bytes, expected_kind: FrameKind, max_body: int = DEFAULT_
         # no NaN/Infinity, which encode_frame never writes.
         header = loads_bounded(raw_header, max_bytes=MAX_HEADER_BYTES)
     except BoundedJsonError:
-        raise FrameError("bad_header", "header is not UTF-8 JSON") from None
+        raise FrameError(RejectReason.BAD_HEADER, "header is not UTF-8 JSON", field="header") from None
     if not isinstance(header, dict):
-        raise FrameError("bad_header", "header must be a JSON object")
+        raise FrameError(RejectReason.BAD_HEADER, "header must be a JSON object", field="header")
     return Frame(FrameKind(kind), header, bytes(data[PREFIX_BYTES + header_len :]))

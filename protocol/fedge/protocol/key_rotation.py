@@ -39,10 +39,18 @@ from nacl.signing import SigningKey, VerifyKey
 
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.framing import FrameError, FrameKind, decode_frame
-from fedge.protocol.signing import SIGNATURE_BYTES, SignatureError, key_id, sign_document, verify_document
+from fedge.protocol.reasons import FRAME_PREFIX
+from fedge.protocol.signing import (
+    SIGNATURE_BYTES,
+    DocType,
+    SignatureError,
+    key_id,
+    sign_document,
+    verify_document,
+)
 from fedge.protocol.topics import TopicError, check_id
 
-DOC_TYPE = "key-rotation"
+DOC_TYPE = DocType.KEY_ROTATION
 #: A rotation document is about 200 bytes; refuse anything bigger before any crypto.
 MAX_ROTATION_BODY_BYTES = 4096
 MAX_SEQUENCE = 2**63 - 1
@@ -139,10 +147,10 @@ def read_rotation_unverified(frame: bytes) -> Rotation:
     try:
         decoded = decode_frame(frame, FrameKind.SIGNED, MAX_ROTATION_BODY_BYTES)
     except FrameError as exc:
-        raise RotationError(f"frame_{exc.reason}", str(exc)) from None
+        raise RotationError(FRAME_PREFIX + exc.reason, str(exc)) from None
     signer = decoded.header.get("key_id")
     if decoded.header.get("type") != DOC_TYPE or not isinstance(signer, str):
-        raise RotationError("bad_header", f"not a signed {DOC_TYPE!r} document")
+        raise RotationError("bad_header", f"not a signed {DOC_TYPE.value!r} document")
     try:
         document = loads_bounded(decoded.body[SIGNATURE_BYTES:], max_bytes=MAX_ROTATION_BODY_BYTES)
     except BoundedJsonError:

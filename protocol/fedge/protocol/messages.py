@@ -19,15 +19,24 @@ from typing import Any
 import numpy as np
 
 from fedge.protocol.codec import Codec, CodecError, decode_tensors, encode_tensors, encoded_size
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import FieldError
 from fedge.protocol.model_manifest import TensorLayout
+from fedge.protocol.reasons import RejectReason
 
 
-class MessageError(FedgeError):
+class MessageError(FieldError):
     """A decrypted payload does not follow its schema; ``reason`` is a short stable code."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+    def __init__(
+        self,
+        reason: RejectReason,
+        detail: str,
+        *,
+        field: str | None = None,
+        expected: Any = None,
+        found: Any = None,
+    ) -> None:
+        super().__init__(f"{reason}: {detail}", field=field, expected=expected, found=found)
         self.reason = reason
 
 
@@ -97,11 +106,22 @@ def decode_update(
     header: dict[str, Any], body: bytes, layout: Sequence[TensorLayout], codec: Codec
 ) -> UpdatePayload:
     """Checks the schema, the codec the round asked for, and every value's finiteness."""
-    if set(header) != {"codec", "examples", "train_loss", "evaluation"}:
-        raise MessageError("bad_schema", "update header must have codec, examples, train_loss, evaluation")
+    fields = {"codec", "examples", "train_loss", "evaluation"}
+    if set(header) != fields:
+        raise MessageError(
+            RejectReason.BAD_SCHEMA,
+            "update header must have codec, examples, train_loss, evaluation",
+            field="update header",
+            expected=sorted(fields),
+            found=sorted(map(str, header)),
+        )
     if header["codec"] != codec.value:
         raise MessageError(
-            "wrong_codec", f"update uses {header['codec']!r}, the round asked for {codec.value!r}"
+            RejectReason.WRONG_CODEC,
+            f"update uses {header['codec']!r}, the round asked for {codec.value!r}",
+            field="codec",
+            expected=codec.value,
+            found=header["codec"],
         )
     examples = _count(header["examples"], "examples")
     train_loss = _finite(header["train_loss"], "train_loss")
@@ -109,7 +129,9 @@ def decode_update(
     try:
         delta = decode_tensors(body, layout, codec)
     except CodecError as exc:
-        raise MessageError("bad_tensor", str(exc)) from None
+        raise MessageError(
+            RejectReason.BAD_TENSOR, str(exc), field=exc.field, expected=exc.expected, found=exc.found
+        ) from None
     return UpdatePayload(delta, examples, train_loss, evaluation)
 
 
@@ -122,44 +144,91 @@ def encode_moments(count: int, sums: np.ndarray, sums_sq: np.ndarray) -> tuple[d
 
 def decode_moments(header: dict[str, Any], body: bytes, features: int) -> MomentsPayload:
     if set(header) != {"count", "features"}:
-        raise MessageError("bad_schema", "moments header must have count and features")
+        raise MessageError(
+            RejectReason.BAD_SCHEMA,
+            "moments header must have count and features",
+            field="moments header",
+            expected=["count", "features"],
+            found=sorted(map(str, header)),
+        )
     count = _count(header["count"], "count")
     if isinstance(header["features"], bool) or header["features"] != features:
-        raise MessageError("bad_shape", f"moments for {header['features']} features, the task has {features}")
+        raise MessageError(
+            RejectReason.BAD_SHAPE,
+            f"moments for {header['features']} features, the task has {features}",
+            field="features",
+            expected=features,
+            found=header["features"],
+        )
     if len(body) != 16 * features:
-        raise MessageError("bad_shape", f"moments body is {len(body)} bytes, expected {16 * features}")
+        raise MessageError(
+            RejectReason.BAD_SHAPE,
+            f"moments body is {len(body)} bytes, expected {16 * features}",
+            field="moments body",
+            expected=16 * features,
+            found=len(body),
+        )
     values = np.frombuffer(body, "<f8").astype(np.float64)
     if not np.all(np.isfinite(values)):
-        raise MessageError("not_finite", "moments must be finite")
+        raise MessageError(
+            RejectReason.NOT_FINITE, "moments must be finite", field="moments body", expected="finite values"
+        )
     if np.any(values[features:] < 0):
-        raise MessageError("bad_moments", "sums of squares must be >= 0")
+        raise MessageError(
+            RejectReason.BAD_MOMENTS, "sums of squares must be >= 0", field="sums_sq", expected=">= 0"
+        )
     return MomentsPayload(count, values[:features].copy(), values[features:].copy())
 
 
 def _count(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value >= 2**31:
-        raise MessageError("bad_count", f"{name} must be a positive integer")
+        raise MessageError(
+            RejectReason.BAD_COUNT,
+            f"{name} must be a positive integer",
+            field=name,
+            expected="an integer in 1..2^31-1",
+            found=value,
+        )
     return value
 
 
 def _finite(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MessageError("bad_schema", f"{name} must be a number")
+        raise MessageError(
+            RejectReason.BAD_SCHEMA, f"{name} must be a number", field=name, expected="a number", found=value
+        )
     try:
         result = float(value)
     except OverflowError:
         result = math.inf
     if not math.isfinite(result):
-        raise MessageError("not_finite", f"{name} must be finite")
+        raise MessageError(
+            RejectReason.NOT_FINITE,
+            f"{name} must be finite",
+            field=name,
+            expected="a finite number",
+            found=value,
+        )
     return result
 
 
 def _evaluation(data: Any) -> Evaluation:
     if not isinstance(data, dict) or set(data) != {"examples", "loss", "accuracy", "mse"}:
-        raise MessageError("bad_schema", "evaluation must have examples, loss, accuracy, mse")
+        raise MessageError(
+            RejectReason.BAD_SCHEMA,
+            "evaluation must have examples, loss, accuracy, mse",
+            field="evaluation",
+            expected=["accuracy", "examples", "loss", "mse"],
+        )
     accuracy = None if data["accuracy"] is None else _finite(data["accuracy"], "evaluation.accuracy")
     if accuracy is not None and not 0.0 <= accuracy <= 1.0:
-        raise MessageError("bad_schema", "evaluation.accuracy must be in [0, 1]")
+        raise MessageError(
+            RejectReason.BAD_SCHEMA,
+            "evaluation.accuracy must be in [0, 1]",
+            field="evaluation.accuracy",
+            expected="a number in [0, 1]",
+            found=accuracy,
+        )
     mse = None if data["mse"] is None else _finite(data["mse"], "evaluation.mse")
     return Evaluation(
         _count(data["examples"], "evaluation.examples"),

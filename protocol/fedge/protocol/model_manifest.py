@@ -18,10 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedge.protocol.errors import FedgeError, ManifestError
+from fedge.protocol.errors import FedgeError, FieldError, ManifestError
 from fedge.protocol.task import TaskSpec, task_spec_from_dict
 
 MANIFEST_FORMAT = "fedge-model/1"
+#: The file beside the model in a ``fedge model build`` directory that holds the initial weights
+#: (a weights blob, :mod:`fedge.protocol.weights`; ``initial_weights_sha256`` is its hash). Here,
+#: not in the numpy-based weights module, so tools that only look at the directory stay light.
+INITIAL_WEIGHTS_FILE = "initial_weights.f32"
 #: Manifests are small; anything larger is refused before ``json.loads`` allocates it.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch
@@ -73,7 +77,10 @@ class Normalisation:
         for i, (m, s) in enumerate(zip(self.mean, self.std, strict=True)):
             if not (math.isfinite(m) and math.isfinite(s)) or s <= 0:
                 raise ManifestError(
-                    f"normalisation[{i}]: mean must be finite and std finite and > 0, got mean={m}, std={s}"
+                    f"normalisation[{i}]: mean must be finite and std finite and > 0, got mean={m}, std={s}",
+                    field=f"normalisation[{i}]",
+                    expected="finite mean, finite std > 0",
+                    found=(m, s),
                 )
 
     def to_dict(self) -> dict[str, list[float]]:
@@ -82,13 +89,21 @@ class Normalisation:
     @staticmethod
     def from_dict(data: Any) -> Normalisation:
         if not isinstance(data, Mapping) or set(data) != {"mean", "std"}:
-            raise ManifestError("normalisation: must be an object with 'mean' and 'std'")
+            raise ManifestError(
+                "normalisation: must be an object with 'mean' and 'std'",
+                field="normalisation",
+                expected="an object with 'mean' and 'std'",
+            )
         mean, std = data["mean"], data["std"]
         for key, values in (("mean", mean), ("std", std)):
             if not isinstance(values, list) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
             ):
-                raise ManifestError(f"normalisation.{key}: must be a list of numbers")
+                raise ManifestError(
+                    f"normalisation.{key}: must be a list of numbers",
+                    field=f"normalisation.{key}",
+                    expected="a list of numbers",
+                )
         try:
             return Normalisation(tuple(float(v) for v in mean), tuple(float(v) for v in std))
         except OverflowError:  # an integer beyond float range
@@ -149,7 +164,12 @@ def manifest_from_json(raw: bytes | str) -> ModelManifest:
     if size <= MAX_MANIFEST_BYTES and isinstance(raw, str):
         size = len(raw.encode("utf-8", errors="surrogatepass"))
     if size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest is over the limit of {MAX_MANIFEST_BYTES} bytes")
+        raise ManifestError(
+            f"manifest is over the limit of {MAX_MANIFEST_BYTES} bytes",
+            field="manifest",
+            expected=f"<= {MAX_MANIFEST_BYTES} bytes",
+            found=size,
+        )
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -160,32 +180,67 @@ def manifest_from_json(raw: bytes | str) -> ModelManifest:
     if not isinstance(data, dict):
         raise ManifestError("manifest must be a JSON object")
     if data.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"manifest format must be {MANIFEST_FORMAT!r}, got {data.get('format')!r}")
+        raise ManifestError(
+            f"manifest format must be {MANIFEST_FORMAT!r}, got {data.get('format')!r}",
+            field="format",
+            expected=MANIFEST_FORMAT,
+            found=data.get("format"),
+        )
     try:
         task = task_spec_from_dict(data["task"])
     except KeyError:
         raise ManifestError("manifest: missing 'task'") from None
+    except FieldError as exc:
+        raise ManifestError(
+            f"manifest: {exc}",
+            field="task" if exc.field is None or exc.field.startswith("<") else f"task.{exc.field}",
+            expected=exc.expected,
+            found=exc.found,
+        ) from None
     except FedgeError as exc:
-        raise ManifestError(f"manifest: {exc}") from None
+        raise ManifestError(f"manifest: {exc}", field="task") from None
     for key in ("model_sha256", "initial_weights_sha256"):
         if not isinstance(data.get(key), str) or not _SHA256_RE.fullmatch(data[key]):
-            raise ManifestError(f"manifest: {key} must be 64 lowercase hex digits")
+            raise ManifestError(
+                f"manifest: {key} must be 64 lowercase hex digits",
+                field=key,
+                expected="64 lowercase hex digits",
+                found=data.get(key),
+            )
     model_file = data.get("model_file")
     if not isinstance(model_file, str) or "/" in model_file or model_file in ("", ".", ".."):
-        raise ManifestError("manifest: model_file must be a plain file name")
+        raise ManifestError(
+            "manifest: model_file must be a plain file name",
+            field="model_file",
+            expected="a plain file name",
+            found=model_file,
+        )
     model_bytes = data.get("model_bytes")
     if isinstance(model_bytes, bool) or not isinstance(model_bytes, int) or model_bytes <= 0:
-        raise ManifestError("manifest: model_bytes must be a positive integer")
+        raise ManifestError(
+            "manifest: model_bytes must be a positive integer",
+            field="model_bytes",
+            expected="a positive integer",
+            found=model_bytes,
+        )
     norm_raw = data.get("normalisation")
     normalisation = None if norm_raw is None else Normalisation.from_dict(norm_raw)
     if normalisation is not None and len(normalisation.mean) != task.input_dim:
         raise ManifestError(
-            f"manifest: normalisation has {len(normalisation.mean)} features, the task has {task.input_dim}"
+            f"manifest: normalisation has {len(normalisation.mean)} features, the task has {task.input_dim}",
+            field="normalisation",
+            expected=task.input_dim,
+            found=len(normalisation.mean),
         )
     builder = data.get("builder")
     tf_version = builder.get("tensorflow") if isinstance(builder, dict) else None
     if not isinstance(tf_version, str):
-        raise ManifestError("manifest: builder.tensorflow must be a string")
+        raise ManifestError(
+            "manifest: builder.tensorflow must be a string",
+            field="builder.tensorflow",
+            expected="a string",
+            found=tf_version,
+        )
     manifest = ModelManifest(
         task=task,
         model_file=model_file,
@@ -198,13 +253,21 @@ def manifest_from_json(raw: bytes | str) -> ModelManifest:
     # Derived fields must agree with the task: a manifest edited by hand is caught here.
     # Compared as canonical JSON, so 5447.0 or "5447" does not pass for 5447.
     if _canonical(data.get("task_sha256")) != _canonical(task.sha256()):
-        raise ManifestError("manifest: task_sha256 does not match the embedded task")
+        raise ManifestError(
+            "manifest: task_sha256 does not match the embedded task",
+            field="task_sha256",
+            expected=task.sha256(),
+            found=data.get("task_sha256"),
+        )
     expected = manifest.to_dict()
     for key in _DERIVED_FIELDS:
         if _canonical(data.get(key)) != _canonical(expected[key]):
             raise ManifestError(
                 f"manifest: {key} {_canonical(data.get(key))[:80]} does not match the task's "
-                f"{_canonical(expected[key])[:80]}"
+                f"{_canonical(expected[key])[:80]}",
+                field=key,
+                expected=expected[key],
+                found=data.get(key),
             )
     return manifest
 

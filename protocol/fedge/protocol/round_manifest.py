@@ -3,7 +3,8 @@
 Every publication bumps ``version`` and names the previous manifest's hash (``parent_sha256``),
 so manifests form a chain that devices can only move forward along. It names the model and
 weights blobs by SHA-256 (devices fetch and verify them), the round's id, phase, deadline and
-selected devices, the task's model manifest, and the feature normalisation.
+selected devices, the task's model manifest, and the feature normalisation. It is signed as
+:attr:`fedge.protocol.signing.DocType.ROUND_MANIFEST`.
 
 Phases: ``moments`` (devices send feature moments for the federated normalisation),
 ``train`` (devices train and send updates), ``final`` (training is over; no round is open).
@@ -19,17 +20,18 @@ from functools import cached_property
 from typing import Any
 
 from fedge.protocol.codec import Codec, CodecError, parse_codec
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import FedgeError, FieldError
 from fedge.protocol.model_manifest import ModelManifest, Normalisation, manifest_from_json
 from fedge.protocol.signing import canonical_json
 from fedge.protocol.topics import TopicError, check_id
+from fedge.protocol.weights import weights_nbytes
 
 PHASES = ("moments", "train", "final")
 MAX_SELECTED_DEVICES = 100_000
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
-class RoundManifestError(FedgeError):
+class RoundManifestError(FieldError):
     """A round manifest has a missing, mistyped or inconsistent field."""
 
 
@@ -114,7 +116,12 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
     }
     if set(data) != expected:
         missing, extra = sorted(expected - set(data)), sorted(set(data) - expected)
-        raise RoundManifestError(f"round manifest fields: missing {missing}, unexpected {extra}")
+        raise RoundManifestError(
+            f"round manifest fields: missing {missing}, unexpected {extra}",
+            field="round manifest",
+            expected=sorted(expected),
+            found=sorted(map(str, data)),
+        )
     try:
         fleet = check_id(data["fleet"], "fleet id")
         round_id = check_id(data["round_id"], "round id")
@@ -125,13 +132,22 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
     except TopicError as exc:
         raise RoundManifestError(str(exc)) from None
     if data["phase"] not in PHASES:
-        raise RoundManifestError(f"phase must be one of {PHASES}")
+        raise RoundManifestError(
+            f"phase must be one of {PHASES}", field="phase", expected=PHASES, found=data["phase"]
+        )
     parent = data["parent_sha256"]
     if not isinstance(parent, str) or not (parent == "" or _SHA_RE.fullmatch(parent)):
-        raise RoundManifestError("parent_sha256 must be empty or 64 hex digits")
+        raise RoundManifestError(
+            "parent_sha256 must be empty or 64 hex digits",
+            field="parent_sha256",
+            expected="empty or 64 hex digits",
+            found=parent,
+        )
     for key in ("model_sha256", "weights_sha256"):
         if not isinstance(data[key], str) or not _SHA_RE.fullmatch(data[key]):
-            raise RoundManifestError(f"{key} must be 64 hex digits")
+            raise RoundManifestError(
+                f"{key} must be 64 hex digits", field=key, expected="64 hex digits", found=data[key]
+            )
     ints = {
         k: _int(data, k) for k in ("version", "round_number", "min_devices", "model_bytes", "weights_bytes")
     }
@@ -143,22 +159,52 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         model_manifest = manifest_from_json(canonical_json(data["model_manifest"]))
         norm = None if data["normalisation"] is None else Normalisation.from_dict(data["normalisation"])
     except (CodecError, FedgeError, ValueError) as exc:
+        if isinstance(exc, FieldError):  # keep what the inner check knew about the field
+            raise RoundManifestError(
+                str(exc), field=exc.field, expected=exc.expected, found=exc.found
+            ) from None
         raise RoundManifestError(str(exc)) from None
     if norm is not None and len(norm.mean) != model_manifest.task.input_dim:
-        raise RoundManifestError("normalisation length does not match the task's input")
-    if ints["weights_bytes"] != 4 * model_manifest.parameter_count:
-        raise RoundManifestError("weights_bytes does not match the model's parameter count")
-    if (
-        data["model_sha256"] != model_manifest.model_sha256
-        or ints["model_bytes"] != model_manifest.model_bytes
-    ):
-        raise RoundManifestError("model_sha256/model_bytes differ from the embedded model manifest")
+        raise RoundManifestError(
+            "normalisation length does not match the task's input",
+            field="normalisation",
+            expected=model_manifest.task.input_dim,
+            found=len(norm.mean),
+        )
+    if ints["weights_bytes"] != weights_nbytes(model_manifest.parameter_count):
+        raise RoundManifestError(
+            "weights_bytes does not match the model's parameter count",
+            field="weights_bytes",
+            expected=weights_nbytes(model_manifest.parameter_count),
+            found=ints["weights_bytes"],
+        )
+    if data["model_sha256"] != model_manifest.model_sha256:
+        raise RoundManifestError(
+            "model_sha256/model_bytes differ from the embedded model manifest",
+            field="model_sha256",
+            expected=model_manifest.model_sha256,
+            found=data["model_sha256"],
+        )
+    if ints["model_bytes"] != model_manifest.model_bytes:
+        raise RoundManifestError(
+            "model_sha256/model_bytes differ from the embedded model manifest",
+            field="model_bytes",
+            expected=model_manifest.model_bytes,
+            found=ints["model_bytes"],
+        )
     if len(set(selected)) != len(selected):
-        raise RoundManifestError("selected_devices lists a device twice")
+        raise RoundManifestError("selected_devices lists a device twice", field="selected_devices")
     if data["phase"] != "final" and ints["min_devices"] > len(selected):
-        raise RoundManifestError("min_devices exceeds the number of selected devices")
+        raise RoundManifestError(
+            "min_devices exceeds the number of selected devices",
+            field="min_devices",
+            expected=f"<= {len(selected)}",
+            found=ints["min_devices"],
+        )
     if data["phase"] == "train" and norm is None:
-        raise RoundManifestError("a train round needs a normalisation")
+        raise RoundManifestError(
+            "a train round needs a normalisation", field="normalisation", expected="an object", found=None
+        )
     return RoundManifest(
         fleet=fleet,
         version=ints["version"],
@@ -184,18 +230,29 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
 def _int(data: dict[str, Any], key: str) -> int:
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise RoundManifestError(f"{key} must be a non-negative integer")
+        raise RoundManifestError(
+            f"{key} must be a non-negative integer",
+            field=key,
+            expected="an integer in 0..2^63-1",
+            found=value,
+        )
     return value
 
 
 def _time(data: dict[str, Any], key: str) -> float:
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RoundManifestError(f"{key} must be a number (Unix seconds)")
+        raise RoundManifestError(
+            f"{key} must be a number (Unix seconds)", field=key, expected="Unix seconds", found=value
+        )
     try:
         result = float(value)
     except OverflowError:
-        raise RoundManifestError(f"{key} must be finite") from None
+        raise RoundManifestError(
+            f"{key} must be finite", field=key, expected="finite Unix seconds", found=value
+        ) from None
     if not math.isfinite(result) or result < 0:
-        raise RoundManifestError(f"{key} must be finite and >= 0")
+        raise RoundManifestError(
+            f"{key} must be finite and >= 0", field=key, expected="finite Unix seconds >= 0", found=value
+        )
     return result

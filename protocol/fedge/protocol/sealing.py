@@ -22,8 +22,9 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.utils import random as nacl_random
 
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import FieldError
 from fedge.protocol.framing import DEFAULT_MAX_BODY_BYTES, FrameError, FrameKind, decode_frame, encode_frame
+from fedge.protocol.reasons import FRAME_PREFIX, PAYLOAD_PREFIX, RejectReason
 from fedge.protocol.topics import TopicError, check_id
 
 MESSAGE_KINDS = ("update", "moments")
@@ -32,11 +33,18 @@ MAC_BYTES = 16  # Poly1305 tag (crypto_box_MACBYTES)
 _MAX_COUNTER = 2**63 - 1
 
 
-class SealError(FedgeError):
-    """A sealed message cannot be read, opened or trusted; ``reason`` is a short stable code."""
+class SealError(FieldError):
+    """A sealed message cannot be read, opened or trusted; ``reason`` is a short stable code.
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+    ``reason`` is a :class:`~fedge.protocol.reasons.RejectReason`, or a frame reason with
+    :data:`~fedge.protocol.reasons.FRAME_PREFIX` (the sealed frame) or
+    :data:`~fedge.protocol.reasons.PAYLOAD_PREFIX` (the payload frame inside the box).
+    """
+
+    def __init__(
+        self, reason: str, detail: str, *, field: str | None = None, expected: Any = None, found: Any = None
+    ) -> None:
+        super().__init__(f"{reason}: {detail}", field=field, expected=expected, found=found)
         self.reason = reason
 
 
@@ -58,22 +66,38 @@ class SealedHeader:
     def from_dict(data: Any) -> SealedHeader:
         fields = {"fleet", "device_id", "round_id", "counter", "kind", "model_version"}
         if not isinstance(data, dict) or set(data) != fields:
-            raise SealError("bad_header", f"sealed header must have exactly {sorted(fields)}")
+            raise SealError(
+                RejectReason.BAD_HEADER, f"sealed header must have exactly {sorted(fields)}", field="header"
+            )
         for key in ("fleet", "device_id", "round_id", "kind"):
             if not isinstance(data[key], str):
-                raise SealError("bad_header", f"{key} must be a string")
+                raise SealError(
+                    RejectReason.BAD_HEADER, f"{key} must be a string", field=key, expected="a string"
+                )
         for key in ("counter", "model_version"):
             value = data[key]
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_COUNTER:
-                raise SealError("bad_header", f"{key} must be an integer in 0..2^63-1")
+                raise SealError(
+                    RejectReason.BAD_HEADER,
+                    f"{key} must be an integer in 0..2^63-1",
+                    field=key,
+                    expected="an integer in 0..2^63-1",
+                    found=value,
+                )
         try:
             check_id(data["fleet"], "fleet id")
             check_id(data["device_id"])
             check_id(data["round_id"], "round id")
         except TopicError as exc:
-            raise SealError("bad_header", str(exc)) from None
+            raise SealError(RejectReason.BAD_HEADER, str(exc)) from None
         if data["kind"] not in MESSAGE_KINDS:
-            raise SealError("bad_header", f"kind must be one of {MESSAGE_KINDS}")
+            raise SealError(
+                RejectReason.BAD_HEADER,
+                f"kind must be one of {MESSAGE_KINDS}",
+                field="kind",
+                expected=MESSAGE_KINDS,
+                found=data["kind"],
+            )
         return SealedHeader(**data)
 
 
@@ -100,10 +124,18 @@ def read_header(data: bytes, max_body: int = DEFAULT_MAX_BODY_BYTES) -> tuple[Se
     try:
         frame = decode_frame(data, FrameKind.SEALED, max_body)
     except FrameError as exc:
-        raise SealError(f"frame_{exc.reason}", str(exc)) from None
+        raise SealError(
+            FRAME_PREFIX + exc.reason, str(exc), field=exc.field, expected=exc.expected, found=exc.found
+        ) from None
     header = SealedHeader.from_dict(frame.header)
     if len(frame.body) < NONCE_BYTES + MAC_BYTES:
-        raise SealError("truncated", "ciphertext shorter than nonce + MAC")
+        raise SealError(
+            RejectReason.TRUNCATED,
+            "ciphertext shorter than nonce + MAC",
+            field="ciphertext length",
+            expected=f">= {NONCE_BYTES + MAC_BYTES}",
+            found=len(frame.body),
+        )
     return header, frame.body
 
 
@@ -123,17 +155,21 @@ def open_sealed(
         inner = (box if box is not None else _box(aggregator_key, device_public)).decrypt(ciphertext)
     except CryptoError:
         raise SealError(
-            "decrypt_failed", "not sealed by this device for this aggregator, or altered"
+            RejectReason.DECRYPT_FAILED, "not sealed by this device for this aggregator, or altered"
         ) from None
     try:
         frame = decode_frame(inner, FrameKind.PAYLOAD, max_body)
     except FrameError as exc:
-        raise SealError(f"payload_{exc.reason}", str(exc)) from None
+        raise SealError(
+            PAYLOAD_PREFIX + exc.reason, str(exc), field=exc.field, expected=exc.expected, found=exc.found
+        ) from None
     if frame.header.get("bind") != header.to_dict():
-        raise SealError("binding_mismatch", "the sealed header differs from the cleartext header")
+        raise SealError(
+            RejectReason.BINDING_MISMATCH, "the sealed header differs from the cleartext header", field="bind"
+        )
     payload = frame.header.get("payload")
     if not isinstance(payload, dict) or set(frame.header) != {"bind", "payload"}:
-        raise SealError("bad_payload", "payload header must be an object")
+        raise SealError(RejectReason.BAD_PAYLOAD, "payload header must be an object", field="payload")
     return payload, frame.body
 
 
@@ -144,7 +180,7 @@ def public_key_from_text(text: str) -> PublicKey:
     """An X25519 public key from base64; refuses wrong lengths and all-zero keys."""
     raw = _b64(text, 32, "public key")
     if raw == bytes(32):
-        raise SealError("bad_key", "public key is all zeros")
+        raise SealError(RejectReason.BAD_KEY, "public key is all zeros")
     key = PublicKey(raw)
     _box(PrivateKey.generate(), key)  # refuses low-order points: no shared secret can be made
     return key
@@ -160,7 +196,7 @@ def _box(private: PrivateKey, public: PublicKey) -> Box:
     try:
         return Box(private, public)
     except CryptoError:
-        raise SealError("bad_key", "public key is a low-order point") from None
+        raise SealError(RejectReason.BAD_KEY, "public key is a low-order point") from None
 
 
 def private_key_from_text(text: str) -> PrivateKey:
@@ -175,7 +211,13 @@ def _b64(text: str, size: int, what: str) -> bytes:
     try:
         raw = base64.b64decode(text.strip(), validate=True)
     except (ValueError, TypeError):
-        raise SealError("bad_key", f"{what} is not base64") from None
+        raise SealError(RejectReason.BAD_KEY, f"{what} is not base64") from None
     if len(raw) != size:
-        raise SealError("bad_key", f"{what} must be {size} bytes, got {len(raw)}")
+        raise SealError(
+            RejectReason.BAD_KEY,
+            f"{what} must be {size} bytes, got {len(raw)}",
+            field=what,
+            expected=size,
+            found=len(raw),
+        )
     return raw

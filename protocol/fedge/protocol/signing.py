@@ -1,4 +1,4 @@
-"""Signed documents from the aggregator (Ed25519): global-model manifests.
+"""Signed documents from the aggregator (Ed25519): round manifests and key rotations.
 
 Frame: ``SIGNED`` frame, header ``{"alg": "ed25519", "key_id": ..., "type": ...}``, body = the
 64-byte signature followed by the canonical JSON document. The signature covers the type,
@@ -6,6 +6,8 @@ the key id and the document, so a signed status cannot be passed off as a manife
 
 Devices pin the aggregator's verify keys at provisioning and look them up by ``key_id`` (the
 first 16 hex digits of the key's SHA-256); a document signed by any other key is refused.
+
+The functions take any type name; the ones fedge signs are :class:`DocType`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
@@ -22,9 +25,20 @@ from nacl.signing import SigningKey, VerifyKey
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.framing import DEFAULT_MAX_BODY_BYTES, FrameError, FrameKind, decode_frame, encode_frame
+from fedge.protocol.reasons import FRAME_PREFIX
 
 SIGNATURE_BYTES = 64
 ALG = "ed25519"
+
+
+class DocType(StrEnum):
+    """The document types fedge signs. The type is part of the signed bytes, so a signer and a
+    verifier that spell it differently never agree: both sides take it from here."""
+
+    #: The round manifest (:mod:`fedge.protocol.round_manifest`), retained on ``manifest``.
+    ROUND_MANIFEST = "round-manifest"
+    #: A signing-key rotation (:mod:`fedge.protocol.key_rotation`).
+    KEY_ROTATION = "key-rotation"
 
 
 class SignatureError(FedgeError):
@@ -64,10 +78,10 @@ def verify_document(
     try:
         frame = decode_frame(data, FrameKind.SIGNED, max_body)
     except FrameError as exc:
-        raise SignatureError(f"frame_{exc.reason}", str(exc)) from None
+        raise SignatureError(FRAME_PREFIX + exc.reason, str(exc)) from None
     header = frame.header
     if header.get("alg") != ALG or header.get("type") != doc_type or set(header) != {"alg", "key_id", "type"}:
-        raise SignatureError("bad_header", f"expected an {ALG}-signed {doc_type!r}")
+        raise SignatureError("bad_header", f"expected an {ALG}-signed {str(doc_type)!r}")
     kid = header["key_id"]
     key = trusted.get(kid) if isinstance(kid, str) else None
     if key is None:

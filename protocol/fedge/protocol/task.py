@@ -222,13 +222,20 @@ def _features(t: Mapping[str, Any]) -> FeatureSpec:
                 raise TaskSpecError(
                     "features.window.statistics",
                     f"unknown statistic {s!r}; known: {', '.join(WINDOW_STATISTICS)}",
+                    expected=WINDOW_STATISTICS,
+                    found=s,
                 )
         if len(set(stats)) != len(stats):
             raise TaskSpecError("features.window.statistics", "lists a statistic twice")
         window = WindowSpec(size, step, stats)
     spec = FeatureSpec(resources, rate, window)
     if spec.input_dim > MAX_FEATURES:
-        raise TaskSpecError("features", f"{spec.input_dim} features exceed the limit {MAX_FEATURES}")
+        raise TaskSpecError(
+            "features",
+            f"{spec.input_dim} features exceed the limit {MAX_FEATURES}",
+            expected=f"<= {MAX_FEATURES} features",
+            found=spec.input_dim,
+        )
     return spec
 
 
@@ -257,10 +264,17 @@ def _model(t: Mapping[str, Any]) -> ModelSpec:
     _only_keys(t, "model", {"type", "kind", "hidden", "seed"})
     mtype = _str(t, "model.type", default="mlp")
     if mtype != "mlp":
-        raise TaskSpecError("model.type", f"unsupported model type {mtype!r}; supported: 'mlp'")
+        raise TaskSpecError(
+            "model.type", f"unsupported model type {mtype!r}; supported: 'mlp'", expected="mlp", found=mtype
+        )
     kind = _str(t, "model.kind")
     if kind not in ("classification", "regression"):
-        raise TaskSpecError("model.kind", "must be 'classification' or 'regression'")
+        raise TaskSpecError(
+            "model.kind",
+            "must be 'classification' or 'regression'",
+            expected=("classification", "regression"),
+            found=kind,
+        )
     hidden_raw = t.get("hidden")
     if not isinstance(hidden_raw, list) or not hidden_raw:
         raise TaskSpecError("model.hidden", "must be a non-empty list of layer sizes")
@@ -269,7 +283,12 @@ def _model(t: Mapping[str, Any]) -> ModelSpec:
     hidden: list[int] = []
     for i, h in enumerate(hidden_raw):
         if isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= MAX_HIDDEN_UNITS:
-            raise TaskSpecError(f"model.hidden[{i}]", f"must be an integer in 1..{MAX_HIDDEN_UNITS}")
+            raise TaskSpecError(
+                f"model.hidden[{i}]",
+                f"must be an integer in 1..{MAX_HIDDEN_UNITS}",
+                expected=f"an integer in 1..{MAX_HIDDEN_UNITS}",
+                found=h,
+            )
         hidden.append(h)
     seed = _int(t, "model.seed", lo=0, hi=2**31 - 1, default=0)
     return ModelSpec(kind, tuple(hidden), seed)  # type: ignore[arg-type]
@@ -283,7 +302,9 @@ def _training(t: Mapping[str, Any]) -> TrainingSpec:
     )
     optimizer = _str(t, "training.optimizer")
     if optimizer not in ("sgd", "adam"):
-        raise TaskSpecError("training.optimizer", "must be 'sgd' or 'adam'")
+        raise TaskSpecError(
+            "training.optimizer", "must be 'sgd' or 'adam'", expected=("sgd", "adam"), found=optimizer
+        )
     if optimizer == "sgd":
         for key in ("beta1", "beta2", "epsilon"):
             if key in t:
@@ -310,7 +331,12 @@ def _only_keys(t: Mapping[str, Any], where: str, allowed: set[str]) -> None:
         if key not in allowed:
             shown = str(key) if key else "<empty key>"
             path = f"{where}.{shown}" if where else shown
-            raise TaskSpecError(path, f"unknown key; expected one of: {', '.join(sorted(allowed))}")
+            raise TaskSpecError(
+                path,
+                f"unknown key; expected one of: {', '.join(sorted(allowed))}",
+                expected=tuple(sorted(allowed)),
+                found=key,
+            )
 
 
 def _table(t: Mapping[str, Any], key: str, prefix: str = "") -> Mapping[str, Any]:
@@ -335,14 +361,19 @@ def _get(t: Mapping[str, Any], path: str, default: Any) -> Any:
 def _str(t: Mapping[str, Any], path: str, default: Any = _MISSING) -> str:
     value = _get(t, path, default)
     if not isinstance(value, str):
-        raise TaskSpecError(path, "must be a string")
+        raise TaskSpecError(path, "must be a string", expected="a string", found=value)
     return value
 
 
 def _name(t: Mapping[str, Any], path: str) -> str:
     value = _str(t, path)
     if not _NAME_RE.fullmatch(value):
-        raise TaskSpecError(path, f"{value!r} is not a valid name (letters, digits, _ . -)")
+        raise TaskSpecError(
+            path,
+            f"{value!r} is not a valid name (letters, digits, _ . -)",
+            expected="a name of letters, digits, _ . -",
+            found=value,
+        )
     return value
 
 
@@ -371,34 +402,34 @@ def _name_list(t: Mapping[str, Any], path: str, max_len: int) -> tuple[str, ...]
 def _int(t: Mapping[str, Any], path: str, lo: int, hi: int, default: Any = _MISSING) -> int:
     value = _get(t, path, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TaskSpecError(path, "must be an integer")
+        raise TaskSpecError(path, "must be an integer", expected=f"an integer in {lo}..{hi}", found=value)
     if not lo <= value <= hi:
-        raise TaskSpecError(path, f"must be in {lo}..{hi}, got {value}")
+        raise TaskSpecError(path, f"must be in {lo}..{hi}, got {value}", expected=f"{lo}..{hi}", found=value)
     return value
 
 
 def _float(t: Mapping[str, Any], path: str, default: Any) -> float:
     value = _get(t, path, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TaskSpecError(path, "must be a number")
+        raise TaskSpecError(path, "must be a number", expected="a number", found=value)
     try:
-        value = float(value)
+        number = float(value)
     except OverflowError:  # an integer beyond float range, e.g. 10**400 in a JSON manifest
-        raise TaskSpecError(path, "must be finite") from None
-    if not math.isfinite(value):
-        raise TaskSpecError(path, "must be finite")
-    return value
+        raise TaskSpecError(path, "must be finite", expected="a finite number", found=value) from None
+    if not math.isfinite(number):
+        raise TaskSpecError(path, "must be finite", expected="a finite number", found=number)
+    return number
 
 
 def _positive_float(t: Mapping[str, Any], path: str, default: Any = _MISSING) -> float:
     value = _float(t, path, default)
     if value <= 0:
-        raise TaskSpecError(path, f"must be > 0, got {value}")
+        raise TaskSpecError(path, f"must be > 0, got {value}", expected="> 0", found=value)
     return value
 
 
 def _unit_float(t: Mapping[str, Any], path: str, default: Any = _MISSING) -> float:
     value = _float(t, path, default)
     if not 0 <= value < 1:
-        raise TaskSpecError(path, f"must be in [0, 1), got {value}")
+        raise TaskSpecError(path, f"must be in [0, 1), got {value}", expected="[0, 1)", found=value)
     return value

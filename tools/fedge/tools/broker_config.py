@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedge.protocol.errors import FedgeError
+from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE
 from fedge.protocol.topics import ROOT, FleetTopics, TopicError, check_id
 
 log = logging.getLogger(__name__)
@@ -447,13 +448,13 @@ def largest_blob_in(model_dir: Path) -> int:
     """The size of the largest blob ``fedge model build`` wrote into ``model_dir`` (the model
     and its initial weights are what the aggregator publishes as blobs)."""
     sizes = []
-    for name in ("model.tflite", "initial_weights.f32"):
+    for name in ("model.tflite", INITIAL_WEIGHTS_FILE):
         path = model_dir / name
         with contextlib.suppress(FileNotFoundError):
             sizes.append(path.stat().st_size)
     if not sizes:
         raise BrokerConfigError(
-            f"{model_dir}: no model.tflite or initial_weights.f32 (a directory from 'fedge model build')"
+            f"{model_dir}: no model.tflite or {INITIAL_WEIGHTS_FILE} (a directory from 'fedge model build')"
         )
     return max(sizes)
 
@@ -463,7 +464,7 @@ def update_bytes_in(model_dir: Path) -> int | None:
     update is the weights (``initial_weights.f32``, float32 like the delta) plus headers; fp16
     and int8 updates and feature moments are smaller. None without the weights file."""
     try:
-        return (model_dir / "initial_weights.f32").stat().st_size + SEALED_HEADROOM
+        return (model_dir / INITIAL_WEIGHTS_FILE).stat().st_size + SEALED_HEADROOM
     except FileNotFoundError:
         return None
 
