@@ -25,7 +25,7 @@ import math
 import re
 from typing import Any, Final, NoReturn
 
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import ReasonError
 
 #: Deep enough for every document fedge exchanges (a round manifest, with its model manifest
 #: inside, nests 6 levels; EdgeX messages, whose object readings nest deeper, pass their own
@@ -44,13 +44,12 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _OPENERS = frozenset(b"[{")
 
 
-class BoundedJsonError(FedgeError):
+class BoundedJsonError(ReasonError[str]):
     """Untrusted bytes are not acceptable JSON; ``reason`` is one of :data:`REASONS`."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+        super().__init__(reason, detail)
+        self.detail = detail  # for callers that word the problem their own way
 
 
 class _NotFinite(ValueError):

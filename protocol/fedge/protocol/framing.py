@@ -26,7 +26,7 @@ from enum import IntEnum
 from typing import Any
 
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
-from fedge.protocol.errors import FieldError
+from fedge.protocol.errors import ReasonFieldError
 from fedge.protocol.reasons import RejectReason
 
 MAGIC = b"FEDG"
@@ -43,24 +43,12 @@ class FrameKind(IntEnum):
     SIGNED = 3  # aggregator -> devices, body is an Ed25519 signature + document
 
 
-class FrameError(FieldError):
+class FrameError(ReasonFieldError[RejectReason]):
     """A frame is malformed, over a limit, or of an unexpected kind or version.
 
     ``reason`` is one of :data:`fedge.protocol.reasons.FRAME_REASONS`; a sealed message or a
     signed document passes it on with a prefix saying which of its frames was bad.
     """
-
-    def __init__(
-        self,
-        reason: RejectReason,
-        detail: str,
-        *,
-        field: str | None = None,
-        expected: Any = None,
-        found: Any = None,
-    ) -> None:
-        super().__init__(f"{reason}: {detail}", field=field, expected=expected, found=found)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

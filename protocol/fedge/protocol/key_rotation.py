@@ -39,6 +39,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.framing import FrameError, FrameKind, decode_frame
+from fedge.protocol.keyfile import KeyTextError, key_bytes_from_text
 from fedge.protocol.reasons import FRAME_PREFIX
 from fedge.protocol.signing import (
     SIGNATURE_BYTES,
@@ -117,24 +118,16 @@ def verify_rotation(
     caller already accepted (0: none); only a strictly greater one is fresh.
     """
     document, signer = verify_document(frame, DOC_TYPE, trusted_keys, MAX_ROTATION_BODY_BYTES)
-    doc_fleet, new_key, new_kid, issued_at, sequence = _parse_document(document)
-    if new_kid == signer:
+    rotation = _rotation(document, signer, frame)
+    if rotation.new_key_id == signer:
         raise RotationError("same_key", f"key {signer} vouches for itself")
-    if doc_fleet != fleet:
-        raise RotationError("wrong_fleet", f"rotation is for fleet {doc_fleet!r}, not {fleet!r}")
-    if sequence <= last_sequence:
+    if rotation.fleet != fleet:
+        raise RotationError("wrong_fleet", f"rotation is for fleet {rotation.fleet!r}, not {fleet!r}")
+    if rotation.sequence <= last_sequence:
         raise RotationError(
-            "stale_sequence", f"rotation sequence {sequence} is not newer than {last_sequence}"
+            "stale_sequence", f"rotation sequence {rotation.sequence} is not newer than {last_sequence}"
         )
-    return Rotation(
-        fleet=doc_fleet,
-        new_key=new_key,
-        new_key_id=new_kid,
-        issued_at=issued_at,
-        sequence=sequence,
-        signed_by=signer,
-        frame_sha256=hashlib.sha256(frame).hexdigest(),
-    )
+    return rotation
 
 
 def read_rotation_unverified(frame: bytes) -> Rotation:
@@ -155,10 +148,7 @@ def read_rotation_unverified(frame: bytes) -> Rotation:
         document = loads_bounded(decoded.body[SIGNATURE_BYTES:], max_bytes=MAX_ROTATION_BODY_BYTES)
     except BoundedJsonError:
         raise RotationError("bad_document", "rotation document is not JSON") from None
-    doc_fleet, new_key, new_kid, issued_at, sequence = _parse_document(document)
-    return Rotation(
-        doc_fleet, new_key, new_kid, issued_at, sequence, signer, hashlib.sha256(frame).hexdigest()
-    )
+    return _rotation(document, signer, frame)
 
 
 def claimed_key_id(frame: bytes) -> str | None:
@@ -173,6 +163,14 @@ def claimed_key_id(frame: bytes) -> str | None:
     return kid if isinstance(kid, str) else None
 
 
+def _rotation(document: Any, signer: str, frame: bytes) -> Rotation:
+    """The rotation ``document`` describes (every field checked), as signed by ``signer`` in
+    ``frame``: verified or not, a rotation is read the one way."""
+    return Rotation(
+        *_parse_document(document), signed_by=signer, frame_sha256=hashlib.sha256(frame).hexdigest()
+    )
+
+
 def _parse_document(document: Any) -> tuple[str, VerifyKey, str, float, int]:
     if not isinstance(document, dict) or set(document) != _FIELDS:
         raise RotationError("bad_document", f"a rotation document has exactly the fields {sorted(_FIELDS)}")
@@ -185,11 +183,9 @@ def _parse_document(document: Any) -> tuple[str, VerifyKey, str, float, int]:
     if not isinstance(key_text, str):
         raise RotationError("bad_key", "new_key must be a base64 string")
     try:
-        raw = base64.b64decode(key_text, validate=True)
-    except (ValueError, TypeError):
-        raise RotationError("bad_key", "new_key is not base64") from None
-    if len(raw) != 32:
-        raise RotationError("bad_key", f"new_key must be 32 bytes, got {len(raw)}")
+        raw = key_bytes_from_text(key_text, 32, "new_key")
+    except KeyTextError as exc:
+        raise RotationError("bad_key", str(exc)) from None
     try:
         # Refuses small-order and off-curve points: a key that can verify nothing (or
         # anything) must never become trusted.

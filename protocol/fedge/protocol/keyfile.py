@@ -1,4 +1,5 @@
-"""The rules for private key files, shared by every side: owner-only, one line of base64.
+"""The rules for keys as text, shared by every side: private key files are owner-only and
+hold one line of base64; a key written as text anywhere is the base64 of exactly its size.
 
 Pure: the caller opens the file and passes its bytes and ``st_mode`` (from ``fstat`` on the
 opened descriptor, so a symlink is judged by its target and cannot be swapped in between).
@@ -12,7 +13,7 @@ import binascii
 import stat
 from typing import Literal
 
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import FedgeError, FieldError
 
 KeyKind = Literal["box", "signing"]
 MAX_KEY_FILE_BYTES = 1024
@@ -21,6 +22,30 @@ _KIND_NAMES: dict[str, str] = {"box": "X25519 private key", "signing": "Ed25519 
 
 class KeyFileError(FedgeError):
     """A key file cannot be read, is too open, malformed, or would overwrite another one."""
+
+
+class KeyTextError(FieldError):
+    """Text that should be a key's base64 is not base64, or not of the key's size.
+
+    Callers pass it on as their own error (a seal, a signature, a rotation), keeping the message.
+    """
+
+
+def key_bytes_from_text(text: str, size: int, what: str) -> bytes:
+    """The ``size`` bytes whose base64 is ``text`` (``what`` names the key in the message).
+
+    One rule for every key fedge reads as text: strict base64 (no stray characters) and exactly
+    the key's size. Whitespace is the caller's to strip or refuse.
+    """
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):  # binascii.Error is a ValueError
+        raise KeyTextError(f"{what} is not base64") from None
+    if len(raw) != size:
+        raise KeyTextError(
+            f"{what} must be {size} bytes, got {len(raw)}", field=what, expected=size, found=len(raw)
+        )
+    return raw
 
 
 def check_private_key_file(raw: bytes, st_mode: int, path: str, kind: KeyKind) -> bytes:

@@ -19,25 +19,13 @@ from typing import Any
 import numpy as np
 
 from fedge.protocol.codec import Codec, CodecError, decode_tensors, encode_tensors, encoded_size
-from fedge.protocol.errors import FieldError
+from fedge.protocol.errors import ReasonFieldError
 from fedge.protocol.model_manifest import TensorLayout
 from fedge.protocol.reasons import RejectReason
 
 
-class MessageError(FieldError):
+class MessageError(ReasonFieldError[RejectReason]):
     """A decrypted payload does not follow its schema; ``reason`` is a short stable code."""
-
-    def __init__(
-        self,
-        reason: RejectReason,
-        detail: str,
-        *,
-        field: str | None = None,
-        expected: Any = None,
-        found: Any = None,
-    ) -> None:
-        super().__init__(f"{reason}: {detail}", field=field, expected=expected, found=found)
-        self.reason = reason
 
 
 #: Room around a payload body in a sealed message: two frame prefixes, the cleartext header and
@@ -61,6 +49,12 @@ def max_sealed_bytes(layout: Sequence[TensorLayout], codec: Codec, features: int
 
 @dataclass(frozen=True)
 class Evaluation:
+    """Loss and accuracy (classification) or mean squared error (regression) over a data set.
+
+    One type for what the device's trainer measures and what its update reports, so the
+    agent hands the one to the other as it is.
+    """
+
     examples: int
     loss: float
     accuracy: float | None

@@ -13,11 +13,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedge.protocol.digests import is_sha256_hex
 from fedge.protocol.errors import FedgeError, FieldError, ManifestError
 from fedge.protocol.task import TaskSpec, task_spec_from_dict
 
@@ -28,7 +28,6 @@ MANIFEST_FORMAT = "fedge-model/1"
 INITIAL_WEIGHTS_FILE = "initial_weights.f32"
 #: Manifests are small; anything larger is refused before ``json.loads`` allocates it.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch
 
 #: Signature names and their input/output names, identical in every fedge model.
 SIGNATURES: dict[str, dict[str, list[str]]] = {
@@ -200,29 +199,14 @@ def manifest_from_json(raw: bytes | str) -> ModelManifest:
     except FedgeError as exc:
         raise ManifestError(f"manifest: {exc}", field="task") from None
     for key in ("model_sha256", "initial_weights_sha256"):
-        if not isinstance(data.get(key), str) or not _SHA256_RE.fullmatch(data[key]):
-            raise ManifestError(
-                f"manifest: {key} must be 64 lowercase hex digits",
-                field=key,
-                expected="64 lowercase hex digits",
-                found=data.get(key),
-            )
+        if not is_sha256_hex(data.get(key)):
+            raise _must_be(key, "64 lowercase hex digits", data.get(key))
     model_file = data.get("model_file")
     if not isinstance(model_file, str) or "/" in model_file or model_file in ("", ".", ".."):
-        raise ManifestError(
-            "manifest: model_file must be a plain file name",
-            field="model_file",
-            expected="a plain file name",
-            found=model_file,
-        )
+        raise _must_be("model_file", "a plain file name", model_file)
     model_bytes = data.get("model_bytes")
     if isinstance(model_bytes, bool) or not isinstance(model_bytes, int) or model_bytes <= 0:
-        raise ManifestError(
-            "manifest: model_bytes must be a positive integer",
-            field="model_bytes",
-            expected="a positive integer",
-            found=model_bytes,
-        )
+        raise _must_be("model_bytes", "a positive integer", model_bytes)
     norm_raw = data.get("normalisation")
     normalisation = None if norm_raw is None else Normalisation.from_dict(norm_raw)
     if normalisation is not None and len(normalisation.mean) != task.input_dim:
@@ -235,12 +219,7 @@ def manifest_from_json(raw: bytes | str) -> ModelManifest:
     builder = data.get("builder")
     tf_version = builder.get("tensorflow") if isinstance(builder, dict) else None
     if not isinstance(tf_version, str):
-        raise ManifestError(
-            "manifest: builder.tensorflow must be a string",
-            field="builder.tensorflow",
-            expected="a string",
-            found=tf_version,
-        )
+        raise _must_be("builder.tensorflow", "a string", tf_version)
     manifest = ModelManifest(
         task=task,
         model_file=model_file,
@@ -270,6 +249,12 @@ def manifest_from_json(raw: bytes | str) -> ModelManifest:
                 found=data.get(key),
             )
     return manifest
+
+
+def _must_be(field: str, expected: str, found: Any) -> ManifestError:
+    """A field that is not what the contract allows: the message and the ``expected`` attribute
+    are written from the one phrase, so what a reader is told and what a caller sees agree."""
+    return ManifestError(f"manifest: {field} must be {expected}", field=field, expected=expected, found=found)
 
 
 _DERIVED_FIELDS = ("parameter_count", "layout", "input_dim", "output_dim", "feature_names", "signatures")

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from fedge.protocol.codec import Codec, CodecError, parse_codec
+from fedge.protocol.digests import is_sha256_hex
 from fedge.protocol.errors import FedgeError, FieldError
 from fedge.protocol.model_manifest import ModelManifest, Normalisation, manifest_from_json
 from fedge.protocol.signing import canonical_json
@@ -28,7 +28,6 @@ from fedge.protocol.weights import weights_nbytes
 
 PHASES = ("moments", "train", "final")
 MAX_SELECTED_DEVICES = 100_000
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class RoundManifestError(FieldError):
@@ -136,7 +135,7 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
             f"phase must be one of {PHASES}", field="phase", expected=PHASES, found=data["phase"]
         )
     parent = data["parent_sha256"]
-    if not isinstance(parent, str) or not (parent == "" or _SHA_RE.fullmatch(parent)):
+    if not (parent == "" or is_sha256_hex(parent)):
         raise RoundManifestError(
             "parent_sha256 must be empty or 64 hex digits",
             field="parent_sha256",
@@ -144,7 +143,7 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
             found=parent,
         )
     for key in ("model_sha256", "weights_sha256"):
-        if not isinstance(data[key], str) or not _SHA_RE.fullmatch(data[key]):
+        if not is_sha256_hex(data[key]):
             raise RoundManifestError(
                 f"{key} must be 64 hex digits", field=key, expected="64 hex digits", found=data[key]
             )
@@ -178,20 +177,18 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
             expected=weights_nbytes(model_manifest.parameter_count),
             found=ints["weights_bytes"],
         )
-    if data["model_sha256"] != model_manifest.model_sha256:
-        raise RoundManifestError(
-            "model_sha256/model_bytes differ from the embedded model manifest",
-            field="model_sha256",
-            expected=model_manifest.model_sha256,
-            found=data["model_sha256"],
-        )
-    if ints["model_bytes"] != model_manifest.model_bytes:
-        raise RoundManifestError(
-            "model_sha256/model_bytes differ from the embedded model manifest",
-            field="model_bytes",
-            expected=model_manifest.model_bytes,
-            found=ints["model_bytes"],
-        )
+    # The model the round names must be the one its embedded manifest describes.
+    for key, named, described in (
+        ("model_sha256", data["model_sha256"], model_manifest.model_sha256),
+        ("model_bytes", ints["model_bytes"], model_manifest.model_bytes),
+    ):
+        if named != described:
+            raise RoundManifestError(
+                "model_sha256/model_bytes differ from the embedded model manifest",
+                field=key,
+                expected=described,
+                found=named,
+            )
     if len(set(selected)) != len(selected):
         raise RoundManifestError("selected_devices lists a device twice", field="selected_devices")
     if data["phase"] != "final" and ints["min_devices"] > len(selected):

@@ -22,8 +22,9 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.utils import random as nacl_random
 
-from fedge.protocol.errors import FieldError
+from fedge.protocol.errors import ReasonFieldError
 from fedge.protocol.framing import DEFAULT_MAX_BODY_BYTES, FrameError, FrameKind, decode_frame, encode_frame
+from fedge.protocol.keyfile import KeyTextError, key_bytes_from_text
 from fedge.protocol.reasons import FRAME_PREFIX, PAYLOAD_PREFIX, RejectReason
 from fedge.protocol.topics import TopicError, check_id
 
@@ -33,19 +34,13 @@ MAC_BYTES = 16  # Poly1305 tag (crypto_box_MACBYTES)
 _MAX_COUNTER = 2**63 - 1
 
 
-class SealError(FieldError):
+class SealError(ReasonFieldError[str]):
     """A sealed message cannot be read, opened or trusted; ``reason`` is a short stable code.
 
     ``reason`` is a :class:`~fedge.protocol.reasons.RejectReason`, or a frame reason with
     :data:`~fedge.protocol.reasons.FRAME_PREFIX` (the sealed frame) or
     :data:`~fedge.protocol.reasons.PAYLOAD_PREFIX` (the payload frame inside the box).
     """
-
-    def __init__(
-        self, reason: str, detail: str, *, field: str | None = None, expected: Any = None, found: Any = None
-    ) -> None:
-        super().__init__(f"{reason}: {detail}", field=field, expected=expected, found=found)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -66,39 +61,30 @@ class SealedHeader:
     def from_dict(data: Any) -> SealedHeader:
         fields = {"fleet", "device_id", "round_id", "counter", "kind", "model_version"}
         if not isinstance(data, dict) or set(data) != fields:
-            raise SealError(
-                RejectReason.BAD_HEADER, f"sealed header must have exactly {sorted(fields)}", field="header"
-            )
+            raise _bad_header(f"sealed header must have exactly {sorted(fields)}", "header")
         for key in ("fleet", "device_id", "round_id", "kind"):
             if not isinstance(data[key], str):
-                raise SealError(
-                    RejectReason.BAD_HEADER, f"{key} must be a string", field=key, expected="a string"
-                )
+                raise _bad_header(f"{key} must be a string", key, "a string")
         for key in ("counter", "model_version"):
             value = data[key]
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_COUNTER:
-                raise SealError(
-                    RejectReason.BAD_HEADER,
-                    f"{key} must be an integer in 0..2^63-1",
-                    field=key,
-                    expected="an integer in 0..2^63-1",
-                    found=value,
+                raise _bad_header(
+                    f"{key} must be an integer in 0..2^63-1", key, "an integer in 0..2^63-1", value
                 )
         try:
             check_id(data["fleet"], "fleet id")
             check_id(data["device_id"])
             check_id(data["round_id"], "round id")
         except TopicError as exc:
-            raise SealError(RejectReason.BAD_HEADER, str(exc)) from None
+            raise _bad_header(str(exc)) from None
         if data["kind"] not in MESSAGE_KINDS:
-            raise SealError(
-                RejectReason.BAD_HEADER,
-                f"kind must be one of {MESSAGE_KINDS}",
-                field="kind",
-                expected=MESSAGE_KINDS,
-                found=data["kind"],
-            )
+            raise _bad_header(f"kind must be one of {MESSAGE_KINDS}", "kind", MESSAGE_KINDS, data["kind"])
         return SealedHeader(**data)
+
+
+def _bad_header(detail: str, field: str | None = None, expected: Any = None, found: Any = None) -> SealError:
+    """A cleartext header the contract does not allow: always ``bad_header``, whatever the field."""
+    return SealError(RejectReason.BAD_HEADER, detail, field=field, expected=expected, found=found)
 
 
 def seal(
@@ -209,15 +195,8 @@ def key_to_text(key: PublicKey | PrivateKey) -> str:
 
 def _b64(text: str, size: int, what: str) -> bytes:
     try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (ValueError, TypeError):
-        raise SealError(RejectReason.BAD_KEY, f"{what} is not base64") from None
-    if len(raw) != size:
+        return key_bytes_from_text(text.strip(), size, what)
+    except KeyTextError as exc:
         raise SealError(
-            RejectReason.BAD_KEY,
-            f"{what} must be {size} bytes, got {len(raw)}",
-            field=what,
-            expected=size,
-            found=len(raw),
-        )
-    return raw
+            RejectReason.BAD_KEY, str(exc), field=exc.field, expected=exc.expected, found=exc.found
+        ) from None

@@ -23,8 +23,9 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import ReasonError
 from fedge.protocol.framing import DEFAULT_MAX_BODY_BYTES, FrameError, FrameKind, decode_frame, encode_frame
+from fedge.protocol.keyfile import KeyTextError, key_bytes_from_text
 from fedge.protocol.reasons import FRAME_PREFIX
 
 SIGNATURE_BYTES = 64
@@ -41,12 +42,8 @@ class DocType(StrEnum):
     KEY_ROTATION = "key-rotation"
 
 
-class SignatureError(FedgeError):
+class SignatureError(ReasonError[str]):
     """A signed document is malformed, signed by an unknown key, or altered."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 def key_id(key: VerifyKey) -> str:
@@ -117,9 +114,6 @@ def signing_key_to_text(key: SigningKey | VerifyKey) -> str:
 
 def _b64(text: str, size: int, what: str) -> bytes:
     try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (ValueError, TypeError):
-        raise SignatureError("bad_key", f"{what} is not base64") from None
-    if len(raw) != size:
-        raise SignatureError("bad_key", f"{what} must be {size} bytes, got {len(raw)}")
-    return raw
+        return key_bytes_from_text(text.strip(), size, what)
+    except KeyTextError as exc:
+        raise SignatureError("bad_key", str(exc)) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fedge.protocol.digests import is_sha256_hex
 from fedge.protocol.errors import FedgeError
 
 ROOT = "fedge/v1"
@@ -48,7 +49,7 @@ class FleetTopics:
 
     def blob(self, sha256: str) -> str:
         """Retained blob (model or weights) named by its SHA-256, as the manifest lists it."""
-        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        if not is_sha256_hex(sha256):
             raise TopicError(f"invalid blob hash {sha256!r}")
         return f"{self.base}/blob/{sha256}"
 
