@@ -5,6 +5,7 @@ part keeps its folder; inside it, ``fedge/<part>`` so that mypy and plain ``sys.
 see the same names the installed wheel has):
 
     protocol/fedge/protocol     fedge.protocol     the contract (pure)
+    shell/fedge/shell           fedge.shell        the I/O shell both sides share (files, MQTT)
     agent/fedge/agent           fedge.agent        the device side
     aggregator/fedge/aggregator fedge.aggregator   the gateway side
     tools/fedge                 fedge.cli, fedge.version, fedge.tools   the CLI, production tools
@@ -12,8 +13,8 @@ see the same names the installed wheel has):
     tasks/, edgex_profiles/     fedge.tasks, fedge.edgex_profiles      data (task specs, profiles)
 
 No folder named ``fedge`` has an ``__init__.py``: ``fedge`` is a namespace package, so the parts
-join up wherever they are found. A device image copies only protocol/, agent/, tools/ and the
-data (docker/agent.Dockerfile): its wheel then carries no aggregator or lab code. All other
+join up wherever they are found. A device image copies only protocol/, shell/, agent/, tools/
+and the data (docker/agent.Dockerfile): its wheel then carries no aggregator or lab code. All other
 metadata is in pyproject.toml.
 """
 
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent
 PARTS = {
     "fedge": "tools/fedge",
     "fedge.protocol": "protocol/fedge/protocol",
+    "fedge.shell": "shell/fedge/shell",
     "fedge.agent": "agent/fedge/agent",
     "fedge.aggregator": "aggregator/fedge/aggregator",
     "fedge.lab": "lab/fedge/lab",

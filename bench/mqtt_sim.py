@@ -36,6 +36,7 @@ from nacl.public import PrivateKey, PublicKey
 from nacl.signing import VerifyKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fedge.agent.core import verify_manifest
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
 from fedge.protocol.signing import DocType, key_id, verify_document
 from fedge.protocol.topics import FleetTopics
@@ -209,15 +210,19 @@ class SimFleet:
 
     def _device_round(self, device: str, frame: bytes, arrived: float) -> None:
         start = time.perf_counter()
-        doc, _ = verify_document(frame, DocType.ROUND_MANIFEST, self.trusted, MAX_MANIFEST_BYTES)
-        # Every device verifies its own copy's signature (above). Turning the verified JSON into
-        # a RoundManifest (~1-1.5 ms, identical bytes for every device) is done once per manifest:
-        # on real devices it runs in parallel, here it would only serialise the simulator.
+        # Every device verifies its own copy's signature, as the device core does. Turning the
+        # verified JSON into a RoundManifest (~1-1.5 ms, identical bytes for every device) is
+        # done once per manifest: on real devices it runs in parallel, here it would only
+        # serialise the simulator.
         digest = hashlib.sha256(frame).digest()
-        m = self._parsed.get(digest)
-        if m is None:
-            m = self._parsed[digest] = round_manifest_from_dict(doc)
-        if m.fleet != self.fleet or m.version <= self.seen_version[device]:
+
+        def parse_once(doc: Any) -> RoundManifest:
+            if digest not in self._parsed:
+                self._parsed[digest] = round_manifest_from_dict(doc)
+            return self._parsed[digest]
+
+        m = verify_manifest(frame, self.trusted, fleet=self.fleet, now=None, parse=parse_once)
+        if m.version <= self.seen_version[device]:
             return  # a retained re-delivery of a manifest this device already handled
         self.seen_version[device] = m.version
         work = self.work.get(m.version)

@@ -15,13 +15,13 @@ import numpy as np
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
+from fedge.agent.core import DeviceIdentity, seal_contribution
 from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.round_engine import EngineState, RoundEngine
 from fedge.aggregator.service import LoadedModel, load_model
 from fedge.protocol.codec import Codec
 from fedge.protocol.messages import Evaluation, encode_moments, encode_update
 from fedge.protocol.model_manifest import ModelManifest, Normalisation, TensorLayout
-from fedge.protocol.sealing import SealedHeader, seal
 
 #: What a simulated device claims about its local data (any plausible values do).
 EXAMPLES = 300
@@ -97,10 +97,10 @@ def sealed_update(
     device_key: PrivateKey,
     aggregator_public: PublicKey,
 ) -> bytes:
-    """What ``AgentService`` seals for a train round (encode_update + seal), minus training."""
-    header, body = encode_update(delta, layout, codec, EXAMPLES, TRAIN_LOSS, EVALUATION)
-    sealed_header = SealedHeader(fleet, device_id, round_id, counter, "update", version)
-    return seal(sealed_header, header, body, device_key, aggregator_public)
+    """What the device core seals for a train round (``fedge.agent.core``), minus training."""
+    payload = encode_update(delta, layout, codec, EXAMPLES, TRAIN_LOSS, EVALUATION)
+    identity = DeviceIdentity(fleet, device_id, device_key, aggregator_public)
+    return seal_contribution(identity, round_id, version, counter, "update", payload)
 
 
 def device_moments(rng: np.random.Generator, features: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -120,6 +120,5 @@ def sealed_moments(
     device_key: PrivateKey,
     aggregator_public: PublicKey,
 ) -> bytes:
-    header, body = encode_moments(*moments)
-    sealed_header = SealedHeader(fleet, device_id, round_id, counter, "moments", version)
-    return seal(sealed_header, header, body, device_key, aggregator_public)
+    identity = DeviceIdentity(fleet, device_id, device_key, aggregator_public)
+    return seal_contribution(identity, round_id, version, counter, "moments", encode_moments(*moments))

@@ -16,15 +16,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Only what a device runs: the contract, the agent, the CLI with its tools and the data
-# (setup.py builds the parts whose folders are present); no aggregator/ (TensorFlow code), no
-# lab/ (the demo), no tests, no bench.
+# Only what a device runs: the contract, the I/O shell, the agent, the CLI with its tools and
+# the data (setup.py builds the parts whose folders are present); no aggregator/ (TensorFlow
+# code), no lab/ (the demo), no tests, no bench.
 COPY pyproject.toml setup.py ./
 # Dependencies first, from pyproject.toml alone (no parts yet, a placeholder README): this
 # layer is rebuilt when the dependencies change, not on every source edit.
 RUN touch README.md && pip install --no-cache-dir "./[agent]" && pip uninstall --yes fedge
 COPY README.md ./
 COPY protocol/ protocol/
+COPY shell/ shell/
 COPY agent/ agent/
 COPY tools/ tools/
 COPY tasks/ tasks/

@@ -14,14 +14,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# What the gateway runs: the contract, the aggregator, the agent (its trainer evaluates models),
-# the CLI with its tools and the data; no lab/ (the demo), no tests, no bench (setup.py).
+# What the gateway runs: the contract, the I/O shell, the aggregator, the agent (its trainer
+# evaluates models), the CLI with its tools and the data; no lab/ (the demo), no tests, no
+# bench (setup.py).
 COPY pyproject.toml setup.py ./
 # Dependencies first, from pyproject.toml alone (no parts yet, a placeholder README): this
 # layer is rebuilt when the dependencies change, not on every source edit.
 RUN touch README.md && pip install --no-cache-dir "./[aggregator]" && pip uninstall --yes fedge
 COPY README.md ./
 COPY protocol/ protocol/
+COPY shell/ shell/
 COPY agent/ agent/
 COPY aggregator/ aggregator/
 COPY tools/ tools/

@@ -30,6 +30,7 @@ RUN apt-get update -qq \
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY protocol/ protocol/
+COPY shell/ shell/
 COPY agent/ agent/
 COPY tools/ tools/
 COPY tasks/ tasks/

@@ -4,9 +4,10 @@ The engine never runs the model, so the model is a few fixed bytes and its manif
 directly from the HAR task with a single hidden layer of 4 units (48 -> 4 -> 7: 231 weights).
 Keys are real NaCl keys; time is a plain float the tests pass in.
 
-:class:`Device` seals messages exactly as ``fedge.agent.service.AgentService`` does
-(``SealedHeader(fleet, device, manifest.round_id, counter, kind, manifest.version)`` around
-``encode_update`` / ``encode_moments``), with knobs to deviate from the protocol on purpose.
+:class:`Device` builds its payloads with the device core's own functions
+(``fedge.agent.core.update_payload`` / ``moments_payload``) and binds them as the core does
+(``SealedHeader(fleet, device, manifest.round_id, counter, kind, manifest.version)``), with
+knobs to deviate from the protocol on purpose (another header, key, codec or counter).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 from nacl.utils import random as nacl_random
 
+from fedge.agent.core import moments_payload, update_payload
 from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.round_engine import EngineState, RoundEngine
 from fedge.protocol.codec import Codec
 from fedge.protocol.framing import FRAME_VERSION, MAGIC, FrameKind, encode_frame
-from fedge.protocol.messages import Evaluation, encode_moments, encode_update
+from fedge.protocol.messages import Evaluation
 from fedge.protocol.model_manifest import ModelManifest, Normalisation
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.sealing import SealedHeader, seal
@@ -241,14 +243,8 @@ class Device:
         codec: Codec | None = None,
     ) -> tuple[dict[str, Any], bytes]:
         d = delta_for(self.device_id, manifest.round_number) if delta is None else delta
-        return encode_update(
-            d.astype(np.float32),
-            manifest.model_manifest.layout,
-            codec or manifest.codec,
-            examples,
-            train_loss,
-            evaluation,
-        )
+        answered = manifest if codec is None else replace(manifest, codec=codec)
+        return update_payload(answered, d, examples, train_loss, evaluation)
 
     def update(
         self,
@@ -272,8 +268,7 @@ class Device:
 
     def moments(self, manifest: RoundManifest, x: np.ndarray, counter: int | None = None) -> bytes:
         """Sealed feature moments, computed as the agent computes them."""
-        x = x.astype(np.float64)
-        payload_header, body = encode_moments(x.shape[0], x.sum(axis=0), (x * x).sum(axis=0))
+        payload_header, body = moments_payload(x)
         return self.seal_payload(self.header(manifest, "moments", counter), payload_header, body)
 
 

@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedge.agent.core import verify_manifest
 from fedge.lab.provision import FleetFiles, create_fleet
-from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from fedge.protocol.signing import DocType, key_id, verify_document
+from fedge.protocol.round_manifest import RoundManifest
+from fedge.protocol.signing import key_id
 from fedge.protocol.topics import FleetTopics
 from mqtt_fixtures import RecordedMessage, TrafficRecorder
 from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
@@ -126,8 +127,7 @@ class Fleet:
         seen: dict[int, RoundManifest] = {}
         for m in recorder.matching(self.topics.manifest):
             if m.payload:
-                doc, _ = verify_document(m.payload, DocType.ROUND_MANIFEST, trusted)
-                manifest = round_manifest_from_dict(doc)
+                manifest = verify_manifest(m.payload, trusted, fleet=self.topics.fleet, now=None)
                 seen.setdefault(manifest.version, manifest)
         return [seen[v] for v in sorted(seen)]
 

@@ -25,11 +25,11 @@ from nacl.public import PrivateKey, PublicKey
 from nacl.signing import VerifyKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fedge.agent.core import DeviceIdentity, seal_contribution, verify_manifest
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import encode_moments, encode_update
-from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from fedge.protocol.sealing import SealedHeader, seal
-from fedge.protocol.signing import DocType, key_id, verify_document
+from fedge.protocol.round_manifest import RoundManifest
+from fedge.protocol.signing import key_id
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import weights_from_bytes
 
@@ -97,8 +97,7 @@ class Poisoner:
 
     def _manifest(self, frame: bytes) -> None:
         trusted = {key_id(self.verify_key): self.verify_key}
-        doc, _ = verify_document(frame, DocType.ROUND_MANIFEST, trusted)
-        manifest = round_manifest_from_dict(doc)
+        manifest = verify_manifest(frame, trusted, fleet=self.fleet, now=None)
         with self._lock:
             if manifest.version <= self._seen_version or not manifest.is_selected(self.device_id):
                 return
@@ -128,9 +127,9 @@ class Poisoner:
 
     def _send(self, manifest: RoundManifest, kind: str, header: dict[str, object], body: bytes) -> None:
         self._counter += 1
-        sealed = SealedHeader(
-            self.fleet, self.device_id, manifest.round_id, self._counter, kind, manifest.version
+        identity = DeviceIdentity(self.fleet, self.device_id, self.device_key, self.aggregator_key)
+        frame = seal_contribution(
+            identity, manifest.round_id, manifest.version, self._counter, kind, (header, body)
         )
-        frame = seal(sealed, header, body, self.device_key, self.aggregator_key)
         self.client.publish(self.topics.update(self.device_id), frame, qos=1)
         self.sent.append(manifest.round_id)

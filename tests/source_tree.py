@@ -11,6 +11,6 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("protocol", "agent", "aggregator", "tools", "lab")
+PARTS = ("protocol", "shell", "agent", "aggregator", "tools", "lab")
 #: The value for ``PYTHONPATH``: every part's folder.
 PYTHONPATH = os.pathsep.join(str(REPO / part) for part in PARTS)

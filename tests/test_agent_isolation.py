@@ -1,4 +1,5 @@
-"""The agent never imports TensorFlow, and dependencies point one way: agent -> protocol <- aggregator."""
+"""The agent never imports TensorFlow, and dependencies point one way: agent -> protocol <- aggregator,
+and both -> shell -> protocol (the I/O shell both sides share imports only the protocol)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,10 @@ def _imports(package: str) -> dict[str, set[str]]:
 def test_dependencies_point_one_way() -> None:
     tools = {"cli", "tools", "lab", "version"}
     forbidden = {
-        "protocol": {"agent", "aggregator", *tools, "tensorflow", "paho", "requests", "socket", "sqlite3"},
+        "protocol": {"shell", "agent", "aggregator", *tools}
+        | {"tensorflow", "paho", "requests", "socket", "sqlite3"},
+        # The shell: only fedge.protocol and third-party I/O libraries, never a side's code.
+        "shell": {"agent", "aggregator", *tools, "tensorflow", "keras", "seglearn", "pandas"},
         "agent": {"aggregator", *tools, "tensorflow", "keras", "seglearn", "pandas"},
         "aggregator": {"agent", *tools},
     }
@@ -107,3 +111,4 @@ def test_dependencies_point_one_way() -> None:
     # The scan itself works: it sees the imports it must see.
     assert "tensorflow" in _imports("aggregator")["aggregator/fedge/aggregator/trainable_mlp.py"]
     assert "protocol" in _imports("agent")["agent/fedge/agent/trainer.py"]
+    assert {"protocol", "paho"} <= _imports("shell")["shell/fedge/shell/mqtt.py"]

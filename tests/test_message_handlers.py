@@ -41,6 +41,7 @@ from fedge.agent.edgex.samples import SampleBuilder
 from fedge.agent.edgex.wire import MESSAGE_REASONS, READING_REASONS, encode_plain_event
 from fedge.agent.sample_store import SampleStore
 from fedge.agent.service import AgentService
+from fedge.agent.wiring import ProvidedData, build_agent
 from fedge.aggregator.config import load_aggregator_config
 from fedge.aggregator.round_engine import Publication
 from fedge.aggregator.service import MAX_STATUS_BYTES, AggregatorService, LeadershipLost
@@ -160,7 +161,7 @@ def har_provider(task: TaskSpec, subject: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def agent(fleet: FleetFiles) -> AgentService:
     config = load_agent_config(fleet.agent_configs["watch-01"], {})
-    return AgentService(config, lambda task: har_provider(task, 1))
+    return AgentService(build_agent(config, ProvidedData(lambda task: har_provider(task, 1))))
 
 
 # --- the aggregator ---------------------------------------------------------------------------
@@ -477,7 +478,9 @@ def test_a_tampered_blob_and_a_failing_data_source_are_counted_and_the_worker_go
     def provider(task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
         return prepared[task.sha256()]
 
-    agent = AgentService(load_agent_config(fleet.agent_configs["watch-02"], {}), provider)
+    agent = AgentService(
+        build_agent(load_agent_config(fleet.agent_configs["watch-02"], {}), ProvidedData(provider))
+    )
     agent._on_message(agent.client, None, message(T.manifest, pub.manifest_frame))
     worker = threading.Thread(target=agent._work_once)
     worker.start()
@@ -508,7 +511,9 @@ def test_interrupts_still_end_the_agent_worker(
     """An interrupt arriving while the worker asks its data source (it asks only once it has
     the blobs) ends the worker: it is not counted as the message's error."""
     _, pub = aggregator
-    agent = AgentService(load_agent_config(fleet.agent_configs["watch-03"], {}), _raiser(exc))
+    agent = AgentService(
+        build_agent(load_agent_config(fleet.agent_configs["watch-03"], {}), ProvidedData(_raiser(exc)))
+    )
     agent._on_message(agent.client, None, message(T.manifest, pub.manifest_frame))
     worker_error: list[BaseException] = []
 

@@ -22,6 +22,7 @@ DEVICE_PARTS = (
     "setup.py",
     "README.md",
     "protocol",
+    "shell",
     "agent",
     "tools",
     "tasks",
@@ -90,6 +91,7 @@ def test_the_wheel_installs_one_namespace_with_its_data(wheel: Path) -> None:
         "fedge/version.py",
         "fedge/tools/broker_config.py",
         "fedge/protocol/round_manifest.py",
+        "fedge/shell/mqtt.py",
         "fedge/agent/service.py",
         "fedge/agent/edgex/wire.py",
         "fedge/aggregator/round_engine.py",
@@ -104,7 +106,12 @@ def test_a_device_build_carries_no_server_or_demo_code(tmp_path: Path) -> None:
     source = copy_parts(DEVICE_PARTS, tmp_path / "device-src")
     files = names(build_wheel(source, tmp_path / "out"))
     assert not any(f.startswith(("fedge/aggregator/", "fedge/lab/")) for f in files)
-    assert {"fedge/agent/service.py", "fedge/cli.py", "fedge/tasks/har-watch.toml"} <= files
+    assert {
+        "fedge/agent/service.py",
+        "fedge/shell/files.py",
+        "fedge/cli.py",
+        "fedge/tasks/har-watch.toml",
+    } <= files
 
 
 def test_installed_from_the_wheel_the_cli_runs_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:

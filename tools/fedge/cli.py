@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,32 +178,17 @@ def cmd_aggregator_run(args: argparse.Namespace) -> int:
 def cmd_agent_run(args: argparse.Namespace) -> int:
     from fedge.agent.config import load_agent_config  # noqa: PLC0415
     from fedge.agent.service import run_agent  # noqa: PLC0415
+    from fedge.agent.wiring import LocalDataSource, build_agent  # noqa: PLC0415
 
     config = load_agent_config(args.config, os.environ)
     _setup_logging(args.verbose)
-    if config.data.source == "edgex":
-        from fedge.agent.edgex.setup import build_ingest  # noqa: PLC0415
+    source: LocalDataSource | None = None  # the config's own (EdgeX)
+    if config.data.source == "har-watch":
+        require_lab('[data] source = "har-watch"')
+        from fedge.lab.har_watch import HarWatchSource  # noqa: PLC0415 - needs the demo extra
 
-        ingest = build_ingest(config)
-        ingest.start()
-        try:
-            return run_agent(config, ingest.training_data, ingest.report)
-        finally:
-            ingest.stop()
-    require_lab('[data] source = "har-watch"')
-    subject = config.data.subject
-    cache: dict[str, tuple[Any, Any]] = {}
-
-    def har_watch_data(task: TaskSpec) -> tuple[Any, Any]:
-        # For tests and comparisons: one subject of the recorded data set, without EdgeX.
-        from fedge.lab.har_watch import load_devices  # noqa: PLC0415 - needs the demo extra
-
-        if task.sha256() not in cache:
-            data = load_devices(task, [subject])[subject]
-            cache[task.sha256()] = (data.x, data.y)
-        return cache[task.sha256()]
-
-    return run_agent(config, har_watch_data)
+        source = HarWatchSource(config.data.subject)
+    return run_agent(build_agent(config, source))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -346,6 +331,19 @@ def cmd_edgex_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_service_parser(
+    sub: Any, name: str, help: str, run_help: str, run: Callable[[argparse.Namespace], int]
+) -> None:
+    """``fedge NAME run --config FILE [--verbose]``: the aggregator and the agent are started the
+    same way (their units and containers rely on it), so one definition keeps their options alike."""
+    service = sub.add_parser(name, help=help)
+    service_sub = service.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", required=True)
+    service_run = service_sub.add_parser("run", help=run_help)
+    service_run.add_argument("--config", type=Path, required=True, help=f"{name} config (TOML)")
+    service_run.add_argument("--verbose", action="store_true")
+    service_run.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedge", description="Federated learning for IoT edge devices in smart buildings."
@@ -382,19 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--no-progress", action="store_true", help="no progress bar")
     tl.set_defaults(func=cmd_train_local)
 
-    agg = sub.add_parser("aggregator", help="the gateway side: federated rounds over MQTT")
-    agg_sub = agg.add_subparsers(dest="aggregator_command", metavar="SUBCOMMAND", required=True)
-    agg_run = agg_sub.add_parser("run", help="run the round engine")
-    agg_run.add_argument("--config", type=Path, required=True, help="aggregator config (TOML)")
-    agg_run.add_argument("--verbose", action="store_true")
-    agg_run.set_defaults(func=cmd_aggregator_run)
-
-    ag = sub.add_parser("agent", help="the device side: train locally, send sealed updates")
-    ag_sub = ag.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", required=True)
-    ag_run = ag_sub.add_parser("run", help="run the device agent")
-    ag_run.add_argument("--config", type=Path, required=True, help="agent config (TOML)")
-    ag_run.add_argument("--verbose", action="store_true")
-    ag_run.set_defaults(func=cmd_agent_run)
+    _add_service_parser(
+        sub,
+        "aggregator",
+        "the gateway side: federated rounds over MQTT",
+        "run the round engine",
+        cmd_aggregator_run,
+    )
+    _add_service_parser(
+        sub,
+        "agent",
+        "the device side: train locally, send sealed updates",
+        "run the device agent",
+        cmd_agent_run,
+    )
 
     demo = sub.add_parser("demo", help="broker + aggregator + agents on the real smartwatch data")
     demo.add_argument(

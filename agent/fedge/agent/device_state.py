@@ -17,11 +17,8 @@ doors above. One process owns the file; within it, a lock makes read-modify-writ
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.protocol.errors import FedgeError
+from fedge.shell.files import atomic_write
 
 FORMAT = 1
 #: The state is a few hundred bytes; refuse to parse anything absurd.
@@ -168,11 +166,20 @@ class DeviceStateStore:
             )
         with self._lock:
             current = self.load()
-            if _check_manifest(current, version, sha256):
+            if not manifest_is_new(current, version, sha256, parent_sha256=parent_sha256):
                 return False
-            _check_chain(current, version, parent_sha256)
             self.save(replace(current, manifest_version=version, manifest_sha256=sha256))
             return True
+
+
+def manifest_is_new(current: DeviceState, version: int, sha256: str, *, parent_sha256: str) -> bool:
+    """True if the manifest (version, sha256, parent) moves ``current`` forward, False if it is
+    the accepted one; raises :class:`ManifestRollbackError` or :class:`ManifestChainError` (the
+    rules of :meth:`DeviceStateStore.accept_manifest`, on a snapshot: ``fedge.agent.core``)."""
+    if _check_manifest(current, version, sha256):
+        return False
+    _check_chain(current, version, parent_sha256)
+    return True
 
 
 def _check_manifest(current: DeviceState, version: int, sha256: str) -> bool:
@@ -290,28 +297,12 @@ def _no_constant(name: str) -> None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file (0600) in the same directory, fsync, rename over ``path``, fsync the directory.
+    """:func:`fedge.shell.files.atomic_write` (mode 0600), its errors worded for this file.
 
     A crash at any point leaves either the old file or the new one, never a mix; at worst a
     stray ``.<name>.*.tmp`` file, which :meth:`DeviceStateStore.load` ignores.
     """
-    directory = path.parent
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, data)
     except OSError as exc:
-        raise DeviceStateError(f"cannot write device state {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         raise DeviceStateError(f"cannot write device state {path}: {exc.strerror}") from None

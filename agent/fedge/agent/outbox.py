@@ -18,15 +18,12 @@ the one connection. One process owns an outbox file at a time.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
-from fedge.agent.sqlite_file import SQLiteFileKind, open_sqlite_file, write_transaction
+from fedge.agent.sqlite_file import SQLiteFile, SQLiteFileKind
 from fedge.protocol.errors import FedgeError
 
 DEFAULT_MAX_MESSAGES = 1000
@@ -94,7 +91,7 @@ class OutboxStats:
     acknowledged_total: int
 
 
-class Outbox:
+class Outbox(SQLiteFile):
     """A bounded, durable FIFO of messages waiting for the broker's acknowledgement."""
 
     def __init__(
@@ -106,40 +103,12 @@ class Outbox:
         for name, value in (("max_messages", max_messages), ("max_bytes", max_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OutboxError(f"outbox {name} must be a positive integer, got {value!r}")
-        self.path = Path(path)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         #: A message bigger than this can never be stored, full outbox or not.
         self.max_message_bytes = min(max_bytes, MQTT_MAX_PAYLOAD)
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = self._open()
-
-    # --- opening -------------------------------------------------------------------------
-
-    def _open(self) -> sqlite3.Connection:
         # synchronous=FULL: an update the outbox accepted survives a power cut.
-        return open_sqlite_file(self.path, _KIND, "FULL", on_open=_forget_mids)
-
-    # --- lifecycle -----------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Closes the database; safe to call twice. Later calls raise :class:`OutboxError`."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> Outbox:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        """Holds the lock and one write transaction; SQLite errors become :class:`OutboxError`."""
-        return write_transaction(self._lock, lambda: self._conn, self.path, _KIND)
+        super().__init__(path, _KIND, "FULL", on_open=_forget_mids)
 
     # --- messages ------------------------------------------------------------------------
 

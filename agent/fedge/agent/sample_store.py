@@ -31,18 +31,15 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import threading
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
 import numpy as np
 
 from fedge.agent.edgex.samples import Sample
-from fedge.agent.sqlite_file import SQLiteFileKind, open_sqlite_file, write_transaction
+from fedge.agent.sqlite_file import SQLiteFile, SQLiteFileKind
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import MAX_FEATURES
 
@@ -102,7 +99,7 @@ class SampleStoreStats:
     evicted_count_total: int
 
 
-class SampleStore:
+class SampleStore(SQLiteFile):
     """A bounded, persistent, per-task store of samples; see the module docstring."""
 
     def __init__(self, path: Path, max_samples: int, max_age_s: float) -> None:
@@ -117,37 +114,9 @@ class SampleStore:
             or max_age_s <= 0
         ):
             raise SampleStoreError(f"sample store: max_age_s must be a positive number, got {max_age_s!r}")
-        self.path = Path(path)
         self.max_samples = max_samples
         self.max_age_s = float(max_age_s)
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = self._open()
-
-    # --- opening -------------------------------------------------------------------------
-
-    def _open(self) -> sqlite3.Connection:
-        return open_sqlite_file(self.path, _KIND, "NORMAL", pragmas=("foreign_keys=ON",))
-
-    # --- lifecycle -----------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Closes the database; safe to call twice. Later calls raise :class:`SampleStoreError`."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> SampleStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        """Holds the lock and one write transaction; SQLite errors become :class:`SampleStoreError`."""
-        return write_transaction(self._lock, lambda: self._conn, self.path, _KIND)
+        super().__init__(path, _KIND, "NORMAL", pragmas=("foreign_keys=ON",))
 
     # --- samples -------------------------------------------------------------------------
 

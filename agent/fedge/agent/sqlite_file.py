@@ -1,4 +1,6 @@
-"""What fedge's on-device SQLite files share: a schema check on open, and locked transactions.
+"""What fedge's on-device SQLite files share: a schema check on open, locked transactions, and
+the life cycle of the one connection (:class:`SQLiteFile`, the base of the outbox and the sample
+store).
 
 Each file (the outbox, the sample store) carries an ``application_id`` and a schema version, so
 a foreign database or one from a newer fedge is refused with a clear error instead of being
@@ -11,11 +13,14 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from fedge.protocol.errors import FedgeError
+from fedge.shell.files import fsync_directory
 
 
 @dataclass(frozen=True)
@@ -145,10 +150,49 @@ def create_private_file(path: Path, kind: SQLiteFileKind) -> None:
         raise kind.error(f"cannot create {kind.what} {path}: {exc.strerror}") from None
     os.close(fd)
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(path.parent)
     except OSError as exc:
         raise kind.error(f"cannot sync the directory of {kind.what} {path}: {exc.strerror}") from None
+
+
+class SQLiteFile:
+    """One open file of a kind: one connection, guarded by one lock (safe to use from two
+    threads, e.g. the agent's loop and paho's network thread), closed once.
+
+    The outbox and the sample store derive from it; each opens its file with its own
+    ``synchronous`` level, pragmas and ``on_open`` (see :func:`open_sqlite_file`).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        kind: SQLiteFileKind,
+        synchronous: str,
+        pragmas: tuple[str, ...] = (),
+        on_open: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._kind = kind
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = open_sqlite_file(
+            self.path, kind, synchronous, pragmas, on_open
+        )
+
+    def close(self) -> None:
+        """Closes the database; safe to call twice. Later calls raise the kind's error."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """Holds the lock and one write transaction; SQLite errors become the kind's error."""
+        return write_transaction(self._lock, lambda: self._conn, self.path, self._kind)

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fedge.agent.litert_runtime import LiteRTRuntime, RuntimeName, find_runtime
 from fedge.protocol.errors import FedgeError
+from fedge.protocol.messages import Evaluation
 from fedge.protocol.model_manifest import ModelManifest, Normalisation, manifest_from_json
 
 #: Device models are tens of kilobytes; refuse to read anything absurd into memory.
@@ -36,19 +35,6 @@ class ModelFileError(FedgeError):
 
 class TrainingDataError(FedgeError):
     """Arrays handed to the trainer do not fit the model (shape, dtype, range, NaN)."""
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Loss and accuracy (classification) or mean squared error (regression) over a data set."""
-
-    examples: int
-    loss: float
-    accuracy: float | None
-    mse: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"examples": self.examples, "loss": self.loss, "accuracy": self.accuracy, "mse": self.mse}
 
 
 def load_model_dir(model_dir: Path) -> tuple[bytes, ModelManifest]:

@@ -40,13 +40,10 @@ File format (``format`` 1)::
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import math
 import os
-import re
-import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,17 +52,18 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
+from fedge.protocol.digests import is_sha256_hex
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.key_rotation import MAX_SEQUENCE, RotationError, claimed_key_id, verify_rotation
 from fedge.protocol.signing import SignatureError, key_id
 from fedge.protocol.topics import TopicError, check_id
+from fedge.shell.files import atomic_write
 
 FORMAT = 1
 TRUST_FILE_MODE = 0o600
 #: A trust store is a few hundred bytes; refuse to parse anything absurd.
 MAX_TRUST_BYTES = 1024 * 1024
 _KEYS = {"format", "fleet", "trusted", "retired", "rotation_sequence", "last_rotation_sha256"}
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class TrustError(FedgeError):
@@ -278,7 +276,7 @@ def _state_from_dict(data: Any) -> TrustState:
     if sequence == 0:
         if last is not None:
             raise ValueError("last_rotation_sha256 must be null before any rotation")
-    elif not isinstance(last, str) or not _SHA256_RE.fullmatch(last):
+    elif not is_sha256_hex(last):
         raise ValueError("last_rotation_sha256 must be 64 lowercase hex digits")
     if not isinstance(data["trusted"], dict) or not data["trusted"]:
         raise ValueError("trusted must be a non-empty object of key id -> key")
@@ -341,34 +339,11 @@ def _no_constant(name: str) -> Any:
 
 
 def _write_atomically(path: Path, data: bytes, *, replace: bool) -> None:
-    """Temp file (0600) in the same directory, fsync, then rename (or link, if ``replace`` is
-    False, so an existing store is never overwritten), then fsync of the directory."""
-    directory = path.parent
+    """:func:`fedge.shell.files.atomic_write` with :data:`TRUST_FILE_MODE`: renamed over
+    ``path``, or linked if ``replace`` is False, so an existing store is never overwritten."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, data, TRUST_FILE_MODE, replace=replace)
+    except FileExistsError:  # only the link of replace=False meets an existing name
+        raise TrustError(f"trust store {path} already exists; refusing to replace it") from None
     except OSError as exc:
         raise TrustError(f"cannot write trust store {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), TRUST_FILE_MODE)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise TrustError(f"trust store {path} already exists; refusing to replace it") from None
-            os.unlink(tmp)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise TrustError(f"cannot write trust store {path}: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

@@ -16,14 +16,12 @@ this module stores and returns them exactly.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy.typing as npt
 from fedge.protocol.errors import FedgeError, ManifestError
 from fedge.protocol.model_manifest import Normalisation
 from fedge.protocol.weights import weights_from_bytes, weights_nbytes, weights_to_bytes
+from fedge.shell.files import atomic_write
 
 __all__ = [
     "HEADER_BYTES",
@@ -215,41 +214,18 @@ def _encode(checkpoint: Checkpoint) -> list[bytes]:
     return [_HEADER.pack(MAGIC, len(text)), text, weights]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: Path | str, checkpoint: Checkpoint) -> None:
-    """Atomically replaces the checkpoint at ``path``, keeping the old one as ``.prev``.
+    """Atomically replaces the checkpoint at ``path``, keeping the old one as ``.prev``
+    (:func:`fedge.shell.files.atomic_write`, mode 0600).
 
     Returns only once the new checkpoint and the directory entry are on disk (fsync).
     """
     path = Path(path)
     prev = previous_path(path)
-    parts = _encode(checkpoint)
-    tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        # Missing on the first save, or after a crash between the two renames.
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path, prev)
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
+        atomic_write(path, _encode(checkpoint), keep_previous=prev)
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 # --- reading -------------------------------------------------------------------------------

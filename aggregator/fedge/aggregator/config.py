@@ -7,8 +7,6 @@ be moved together (a Kubernetes ConfigMap and Secret, a demo's output directory)
 from __future__ import annotations
 
 import logging
-import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,33 +22,9 @@ from fedge.protocol.codec import Codec
 from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
 from fedge.protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_table
 from fedge.protocol.topics import TopicError, check_id
+from fedge.shell.files import read_config_file
 
 ENV_PREFIX = "FEDGE_AGGREGATOR"
-
-
-def read_config_file(path: Path, limit: int, what: str) -> tuple[bytes, int]:
-    """The content of the regular file ``path`` (at most ``limit`` bytes) and its ``st_mode``:
-    this service's :data:`~protocol.config_source.FileReader` (``protocol`` does no I/O).
-
-    One descriptor for both, so the mode judged is that of the file read (a symlink is judged
-    by its target, and cannot be swapped in between). ``O_NONBLOCK`` keeps a FIFO from hanging
-    the open; it is refused as not a regular file.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st_mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(st_mode):
-            raise ConfigError(f"cannot read {what} {path}: not a regular file")
-        try:
-            raw = f.read(limit + 1)
-        except OSError as exc:
-            raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(raw) > limit:
-        raise ConfigError(f"{what} {path} is over {limit} bytes: not a fedge {what}")
-    return raw, st_mode
 
 
 log = logging.getLogger("fedge.aggregator")

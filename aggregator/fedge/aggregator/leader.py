@@ -206,25 +206,10 @@ class LeaseElector:
             decision = decide(record, self.identity, at, self.duration_s)
             if decision.new_record is None:
                 return self._lose(f"held by {record.holder if record else '?'}")
-            spec = lease_spec(decision.new_record)
+            body = self._lease_body(lease_spec(decision.new_record), lease)
             if lease is None:
-                body = V1Lease(
-                    api_version="coordination.k8s.io/v1",
-                    kind="Lease",
-                    metadata=V1ObjectMeta(name=self.name, namespace=self.namespace),
-                    spec=spec,
-                )
                 written = self.api.create_namespaced_lease(self.namespace, body, _request_timeout=timeout)
             else:
-                meta = lease.metadata or V1ObjectMeta()
-                body = V1Lease(
-                    api_version="coordination.k8s.io/v1",
-                    kind="Lease",
-                    metadata=V1ObjectMeta(
-                        name=self.name, namespace=self.namespace, resource_version=meta.resource_version
-                    ),
-                    spec=spec,
-                )
                 written = self.api.replace_namespaced_lease(
                     self.name, self.namespace, body, _request_timeout=timeout
                 )
@@ -246,6 +231,17 @@ class LeaseElector:
             )
         self._leader_until = t + self.renew_deadline_s
         return True
+
+    def _lease_body(self, spec: V1LeaseSpec, current: V1Lease | None) -> V1Lease:
+        """Our Lease object with ``spec``. Written over ``current``, it carries that Lease's
+        ``resourceVersion``, so the API server refuses it (409) if another replica wrote first."""
+        version = None if current is None else (current.metadata or V1ObjectMeta()).resource_version
+        return V1Lease(
+            api_version="coordination.k8s.io/v1",
+            kind="Lease",
+            metadata=V1ObjectMeta(name=self.name, namespace=self.namespace, resource_version=version),
+            spec=spec,
+        )
 
     def _error(self, t: float, why: str) -> bool:
         log.warning("lease %s/%s: %s", self.namespace, self.name, why)
@@ -271,17 +267,11 @@ class LeaseElector:
             released = replace(
                 record, holder=None, acquire_time=at, renew_time=at, duration_s=RELEASED_DURATION_S
             )
-            meta = lease.metadata or V1ObjectMeta()
-            body = V1Lease(
-                api_version="coordination.k8s.io/v1",
-                kind="Lease",
-                metadata=V1ObjectMeta(
-                    name=self.name, namespace=self.namespace, resource_version=meta.resource_version
-                ),
-                spec=lease_spec(released),
-            )
             self.api.replace_namespaced_lease(
-                self.name, self.namespace, body, _request_timeout=self.request_timeout_s
+                self.name,
+                self.namespace,
+                self._lease_body(lease_spec(released), lease),
+                _request_timeout=self.request_timeout_s,
             )
         except (ApiException, HTTPError, OSError) as exc:
             log.warning("could not release lease %s/%s: %s", self.namespace, self.name, exc)

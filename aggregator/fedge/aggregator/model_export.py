@@ -8,7 +8,6 @@ type) the build fails here, loudly, instead of on every device.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,13 @@ from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, ModelManifest, Normalisation
 from fedge.protocol.task import TaskSpec
 from fedge.protocol.weights import weights_to_bytes
+from fedge.shell.files import atomic_write
 
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = INITIAL_WEIGHTS_FILE
+#: Models and manifests are not secret; readers may be other users.
+PUBLIC_FILE_MODE = 0o644
 
 
 class ModelBuildError(FedgeError):
@@ -95,22 +97,8 @@ def write_model(built: BuiltModel, out_dir: Path) -> Path:
     A reader that sees the manifest therefore always finds the files it names complete.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / MODEL_FILE, built.tflite)
-    _atomic_write(out_dir / WEIGHTS_FILE, weights_to_bytes(built.weights))
+    atomic_write(out_dir / MODEL_FILE, built.tflite, PUBLIC_FILE_MODE)
+    atomic_write(out_dir / WEIGHTS_FILE, weights_to_bytes(built.weights), PUBLIC_FILE_MODE)
     manifest_path = out_dir / MANIFEST_FILE
-    _atomic_write(manifest_path, built.manifest.to_json().encode())
+    atomic_write(manifest_path, built.manifest.to_json().encode(), PUBLIC_FILE_MODE)
     return manifest_path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # models and manifests are not secret; readers may be other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from fedge.protocol.config_source import ConfigError, parse_toml
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.sealing import key_to_text, public_key_from_text
 from fedge.protocol.topics import check_id
+from fedge.shell.files import atomic_write
 
 REGISTRY_MODE = 0o644
 MAX_REASON_CHARS = 200
@@ -383,30 +383,13 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _write(path: Path, text: str) -> None:
-    """Temp file in the same directory, mode 0644, fsync, rename over ``path``, fsync the directory.
+    """:func:`fedge.shell.files.atomic_write` with :data:`REGISTRY_MODE` (0644: public data).
 
     Readers (the aggregator) see the old registry or the new one, never a half-written file.
     """
-    directory = path.parent
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, text.encode("utf-8"), REGISTRY_MODE)
     except OSError as exc:
-        raise RegistryError("bad_file", f"cannot write device registry {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), REGISTRY_MODE)
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         raise RegistryError("bad_file", f"cannot write device registry {path}: {exc.strerror}") from None
 
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import queue
 import signal
-import stat
 import threading
 import time
 from collections import Counter
@@ -33,9 +31,6 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from fedge.aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedge.aggregator.config import AggregatorConfig
@@ -51,11 +46,11 @@ from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine,
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
-from fedge.protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError, KeyKind, check_private_key_file
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, ModelManifest, manifest_from_json
-from fedge.protocol.mqtt_settings import MqttSettings
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import WeightsError, weights_from_bytes
+from fedge.shell.files import read_private_key
+from fedge.shell.mqtt import connect, make_client, watch_connection
 
 log = logging.getLogger("fedge.aggregator")
 CHECKPOINT_FILE = "checkpoint.bin"
@@ -101,23 +96,6 @@ def load_model(model_dir: Path) -> LoadedModel:
     except WeightsError as exc:  # a manifest whose hash matches a blob of another model's size
         raise ConfigError(f"{model_dir}: {INITIAL_WEIGHTS_FILE}: {exc}") from None
     return LoadedModel(manifest, model, weights)
-
-
-def read_private_key(path: Path, kind: KeyKind) -> bytes:
-    """A private key file's 32 bytes; refuses files others can read (``fedge.protocol.keyfile``)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"cannot read private key file {path}: {exc.strerror}") from None
-    try:
-        st_mode = os.fstat(fd).st_mode
-        raw = os.read(fd, MAX_KEY_FILE_BYTES + 1) if stat.S_ISREG(st_mode) else b""
-    finally:
-        os.close(fd)
-    try:
-        return check_private_key_file(raw, st_mode, str(path), kind)
-    except KeyFileError as exc:  # the service's key is part of its configuration (exit 78)
-        raise ConfigError(str(exc)) from None
 
 
 def state_from_checkpoint(ck: Checkpoint) -> EngineState:
@@ -178,34 +156,6 @@ def influence_summary(record: RoundRecord) -> str:
     return f"{record.clipped} update(s) clipped to norm {bound}, {record.spent} refused after opening"
 
 
-def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
-    """A paho 2.x client; MQTT 5 by default with a persistent session (clean_start=False)."""
-    if settings.protocol == 5:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    else:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False
-        )
-    if settings.username is not None:
-        client.username_pw_set(settings.username, settings.password)
-    if settings.tls:
-        client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
-    client.max_queued_messages_set(0)
-    return client
-
-
-def connect(client: mqtt.Client, settings: MqttSettings) -> None:
-    if settings.protocol == 5:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = settings.session_expiry_s
-        client.connect_async(
-            settings.host, settings.port, settings.keepalive, clean_start=False, properties=props
-        )
-    else:
-        client.connect_async(settings.host, settings.port, settings.keepalive)
-
-
 class LeadershipLost(Exception):
     """Raised in the round loop the moment this replica may no longer act as leader."""
 
@@ -262,9 +212,8 @@ class AggregatorService:
         self.online: set[str] = set()
         self.connected = threading.Event()
         self.stop_requested = threading.Event()
-        self.client = make_client(config.mqtt, config.mqtt.client_id)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
+        self.client = make_client(config.mqtt)
+        watch_connection(self.client, log, self._on_connect, self.connected.clear)
         self.client.on_message = self._on_message
 
     def _load_state(self) -> None:
@@ -303,22 +252,12 @@ class AggregatorService:
 
     # --- paho callbacks (network thread: only queue and flag) ------------------------------
 
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
-            return
+    def _on_connect(self, client: mqtt.Client) -> None:
+        """After each successful CONNACK (a refusal or a lost connection is logged by
+        :func:`~fedge.shell.mqtt.watch_connection`, which clears ``connected``)."""
         client.subscribe([(self.topics.update_filter, 1), (self.topics.status_filter, 1)])
         self.connected.set()
         log.info("connected to %s", self.config.mqtt.url)
-
-    def _on_disconnect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
-    ) -> None:
-        self.connected.clear()
-        if not self.stop_requested.is_set():
-            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Only bounds, queues and counts. Never raises: paho 2.x re-raises a callback's

@@ -230,42 +230,8 @@ def mqtt_ping(
 
     Connects with a fresh client id and a clean start, so no session is left behind.
     """
-    answers: list[bool] = []
-
-    def on_connect(
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        answers.append(not reason_code.is_failure)
-
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"fedge-probe-{uuid.uuid4().hex[:12]}",
-        protocol=protocol,
-        reconnect_on_failure=False,
-    )
-    client.connect_timeout = timeout
-    client.on_connect = on_connect
-    deadline = time.monotonic() + timeout
-    try:
-        try:
-            client.connect(host, port, keepalive=10)
-        except OSError:
-            return False
-        while not answers and time.monotonic() < deadline:
-            if client.loop(timeout=_POLL_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                break
-        if answers and answers[0]:
-            client.disconnect()
-            return True
-        return False
-    finally:
-        sock = client.socket()
-        if sock is not None:
-            sock.close()
+    answer = _connack(host, port, timeout, protocol, None)
+    return answer is not None and not answer.is_failure
 
 
 def mqtt_answers(
@@ -283,6 +249,25 @@ def mqtt_answers(
     its configuration, which is all a readiness check needs. No credentials are sent. With
     ``tls_context`` the probe speaks TLS (a listener with ``require_certificate true`` needs a
     context holding a client certificate, or the handshake fails and this returns ``False``).
+    """
+    return _connack(host, port, timeout, protocol, tls_context) is not None
+
+
+def _connack(
+    host: str,
+    port: int,
+    timeout: float,
+    protocol: MQTTProtocolVersion,
+    tls_context: ssl.SSLContext | None,
+) -> ReasonCode | None:
+    """The CONNACK a broker at ``host:port`` answers one CONNECT with, or ``None`` (no
+    connection, or no answer within ``timeout``): the probe of :func:`mqtt_ping` and
+    :func:`mqtt_answers`.
+
+    Not a :func:`fedge.shell.mqtt.make_client` client: a probe takes any MQTT version paho
+    speaks, a ready-made TLS context and no credentials, and must not reconnect, not even to
+    retry MQTT 3.1 after a refused 3.1.1 (``reconnect_on_failure=False``). A fresh client id
+    and a clean start leave no session behind.
     """
     answers: list[ReasonCode] = []
 
@@ -303,20 +288,23 @@ def mqtt_answers(
     )
     client.connect_timeout = timeout
     client.on_connect = on_connect
+    # Refused, or (over TLS) a failed handshake: ssl.SSLError is an OSError, and a TLS
+    # connection can fail with ValueError too.
+    no_connection = (OSError,) if tls_context is None else (OSError, ValueError)
     if tls_context is not None:
         client.tls_set_context(tls_context)
     deadline = time.monotonic() + timeout
     try:
         try:
             client.connect(host, port, keepalive=10)
-        except (OSError, ValueError):  # refused, TLS handshake failed (ssl.SSLError is an OSError)
-            return False
+        except no_connection:
+            return None
         while not answers and time.monotonic() < deadline:
             if client.loop(timeout=_POLL_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
         if answers and not answers[0].is_failure:
             client.disconnect()
-        return bool(answers)
+        return answers[0] if answers else None
     finally:
         sock = client.socket()
         if sock is not None:

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge.agent.edgex.readings import Event, Reading
 from fedge.agent.edgex.wire import FLOAT_STYLE_BY_VERSION, edgex_event_topic, encode_envelope, event_to_dto
 from fedge.lab import har_watch
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.mqtt_settings import parse_broker_url
+from fedge.shell.mqtt import ephemeral_settings, make_client
 
 PROFILE = "Wearable-IMU"  # edgex_profiles/wearable-imu.yaml
 SERVICE = "device-imu"
@@ -117,15 +117,20 @@ class EdgeXPublisher:
         self.options = options
         self.style = FLOAT_STYLE_BY_VERSION[options.version]
         host, port, tls = parse_broker_url(options.broker_url)
-        version = mqtt.MQTTv5 if options.mqtt_protocol == 5 else mqtt.MQTTv311
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=version)
+        settings = ephemeral_settings(
+            host,
+            port,
+            tls,
+            "fedge-edgex-sim",
+            protocol=options.mqtt_protocol,
+            username=options.username,
+            password=options.password,
+            ca_file=options.ca_file,
+        )
+        self.client = make_client(settings, persistent=False)
         self.client.max_inflight_messages_set(200)
-        if options.username is not None:
-            self.client.username_pw_set(options.username, options.password)
-        if tls:
-            self.client.tls_set(ca_certs=options.ca_file)
         try:
-            self.client.connect(host, port, 30)
+            self.client.connect(host, port, settings.keepalive)
         except OSError as exc:
             raise FedgeError(f"cannot connect to the broker at {options.broker_url}: {exc}") from None
         self.client.loop_start()

@@ -119,3 +119,27 @@ def pooled(devices: Iterable[DeviceData]) -> tuple[np.ndarray, np.ndarray]:
     """All devices' samples in one array pair (for centralised reference training)."""
     items = list(devices)
     return np.concatenate([d.x for d in items]), np.concatenate([d.y for d in items])
+
+
+class HarWatchSource:
+    """One subject of the recorded data set as an agent's data source (``[data] source =
+    "har-watch"``: tests and comparisons without EdgeX); loaded once per task."""
+
+    def __init__(self, subject: int) -> None:
+        self.subject = subject
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+    def training_data(self, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
+        if task.sha256() not in self._cache:
+            data = load_devices(task, [self.subject])[self.subject]
+            self._cache[task.sha256()] = (data.x, data.y)
+        return self._cache[task.sha256()]
+
+    def report(self) -> dict[str, Any] | None:
+        return None

@@ -16,15 +16,16 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 from nacl.signing import VerifyKey
-from paho.mqtt.enums import CallbackAPIVersion
 
+from fedge.agent.core import verify_manifest
 from fedge.agent.trainer import LiteRTTrainer
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
-from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from fedge.protocol.signing import DocType, key_id, verify_document
+from fedge.protocol.round_manifest import RoundManifest
+from fedge.protocol.signing import key_id
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import weights_from_bytes
+from fedge.shell.mqtt import ephemeral_settings, make_client
 
 #: Statuses are a few KB of JSON (the aggregator's holds its last rounds); refuse more unparsed.
 MAX_STATUS_BYTES = 256 * 1024
@@ -78,18 +79,25 @@ class FleetObserver:
         self.changed = threading.Condition()
         self._trainer: LiteRTTrainer | None = None
         self._awaiting: dict[str, RoundManifest] = {}
-        version = mqtt.MQTTv5 if mqtt_protocol == 5 else mqtt.MQTTv311
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=version)
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        if ca_file is not None:
-            self.client.tls_set(ca_certs=ca_file)
+        # TLS exactly when a CA is given.
+        self.settings = ephemeral_settings(
+            host,
+            port,
+            ca_file is not None,
+            "fedge-observer",
+            protocol=mqtt_protocol,
+            username=username,
+            password=password,
+            ca_file=ca_file,
+        )
+        self.client = make_client(self.settings, persistent=False)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.host, self.port = host, port
 
     def start(self) -> None:
-        self.client.connect(self.host, self.port, 30)
+        """Connects at once (a clean start), so a broker that is not there fails here."""
+        self.client.connect(self.host, self.port, self.settings.keepalive)
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -147,8 +155,8 @@ class FleetObserver:
             self.view.errors.append(f"{topic}: {reason}: {exc}")
 
     def _manifest(self, frame: bytes) -> None:
-        doc, _ = verify_document(frame, DocType.ROUND_MANIFEST, self.trusted)
-        manifest = round_manifest_from_dict(doc)
+        # Verified as a device verifies it (history is read too: no expiry check).
+        manifest = verify_manifest(frame, self.trusted, fleet=self.topics.fleet, now=None)
         if self.view.manifests and manifest.version <= self.view.manifests[-1].version:
             return
         self.view.manifests.append(manifest)

@@ -16,6 +16,7 @@ from nacl.signing import SigningKey
 from fedge.aggregator.registry import render_registry
 from fedge.protocol.sealing import key_to_text
 from fedge.protocol.signing import signing_key_to_text
+from fedge.shell.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,9 @@ class FleetFiles:
 
 
 def write_private(path: Path, text: str) -> None:
+    """``text`` and a newline, mode 0600 from the start (:func:`fedge.shell.files.atomic_write`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(text + "\n")
-    os.chmod(path, 0o600)
+    atomic_write(path, (text + "\n").encode("ascii"))
 
 
 def write_config(path: Path, text: str, secret: bool) -> None:

@@ -47,8 +47,9 @@ Design choices, each for a reason:
 Rendering (:func:`render_acl`, :func:`render_conf`, :func:`render_passwd`,
 :func:`render_credentials`) is pure; :func:`write_broker_config` does the I/O.
 
-This module imports only the standard library and :mod:`protocol` at import time (the CLI stays
-fast); ``--registry`` imports :mod:`fedge.aggregator.registry` when used.
+This module imports only the standard library, :mod:`protocol` and :mod:`fedge.shell.files`
+(which imports no more) at import time (the CLI stays fast); ``--registry`` imports
+:mod:`fedge.aggregator.registry` when used.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from typing import Any, Literal
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE
 from fedge.protocol.topics import ROOT, FleetTopics, TopicError, check_id
+from fedge.shell.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -1189,11 +1191,9 @@ def _move_into(stage: Path, out: Path, force: bool) -> None:
 
 
 def _write_new(path: Path, text: str, mode: int) -> None:
-    """Creates ``path`` with ``mode`` from the start (a secret is never briefly readable)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(path, mode)  # the umask may have taken bits away
+    """Creates ``path`` with ``mode`` whatever the umask, never over an existing file, and a
+    secret is never briefly readable by others (:func:`fedge.shell.files.atomic_write`)."""
+    atomic_write(path, text.encode("utf-8"), mode, replace=False)
 
 
 def _group_id(group: str) -> int:

@@ -12,12 +12,12 @@ import json
 import queue
 import sys
 import time
-import uuid
 from typing import Any, TextIO
 
 from fedge.agent.edgex.bus import EdgeXBusSubscriber
 from fedge.agent.edgex.readings import Event, Reading
-from fedge.protocol.mqtt_settings import MqttSettings, parse_broker_url
+from fedge.protocol.mqtt_settings import parse_broker_url
+from fedge.shell.mqtt import ephemeral_settings
 
 
 def reading_to_json(reading: Reading) -> dict[str, Any]:
@@ -49,9 +49,7 @@ def tap(
 ) -> dict[str, Any]:
     """Prints readings until ``count`` were printed or ``timeout_s`` passed; returns counters."""
     host, port, tls = parse_broker_url(broker_url)
-    settings = MqttSettings(
-        host, port, tls, mqtt_protocol, 30, None, None, f"fedge-tap-{uuid.uuid4().hex[:8]}", 0
-    )
+    settings = ephemeral_settings(host, port, tls, "fedge-tap", protocol=mqtt_protocol)
     events: queue.Queue[list[Event]] = queue.Queue()
     subscriber = EdgeXBusSubscriber(settings, prefix, events.put)
     printed = 0

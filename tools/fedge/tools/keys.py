@@ -21,19 +21,16 @@ as ssh does: a key that others could read must be treated as leaked, and failing
 the only way the mistake gets fixed.
 
 Imports only the standard library at module level: ``fedge`` builds its whole parser on every
-run (also ``fedge agent run`` on a small board), so NaCl and TOML load only when a command
-of this module runs.
+run (also ``fedge agent run`` on a small board), so NaCl and TOML (also through
+:mod:`fedge.shell.files`) load only when a command of this module runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import stat
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -42,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
-from fedge.protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError, KeyKind, check_private_key_file
+from fedge.protocol.keyfile import KeyFileError, KeyKind
 
 #: An enrollment record is one line (~70 characters); it comes from another principal.
 MAX_RECORD_BYTES = 64 * 1024
@@ -82,19 +79,11 @@ def read_private_key_file(path: Path, kind: KeyKind) -> PrivateKey | SigningKey:
     from nacl.public import PrivateKey  # noqa: PLC0415 - see the module docstring
     from nacl.signing import SigningKey  # noqa: PLC0415
 
+    from fedge.shell.files import read_private_key  # noqa: PLC0415 - it loads TOML (config reader)
+
     if kind not in _KIND_NAMES:
         raise ValueError(f"kind must be 'box' or 'signing', not {kind!r}")
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read private key file {path}: {exc.strerror}") from None
-    try:
-        st_mode = os.fstat(fd).st_mode
-        raw = os.read(fd, MAX_KEY_FILE_BYTES + 1) if stat.S_ISREG(st_mode) else b""
-    finally:
-        os.close(fd)
-    seed = check_private_key_file(raw, st_mode, str(path), kind)
+    seed = read_private_key(Path(path), kind, error=KeyFileError)
     return PrivateKey(seed) if kind == "box" else SigningKey(seed)
 
 
@@ -105,35 +94,16 @@ def write_private_key_file(path: Path, text: str, *, force: bool = False) -> Non
 
 
 def _write_file(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
-    """Temp file (created 0600, then ``mode``), fsync, rename or link, fsync of the directory."""
-    directory = path.parent
+    """:func:`fedge.shell.files.atomic_write`: created 0600, then ``mode``; renamed over
+    ``path``, or linked if not ``replace`` (which fails if ``path`` exists)."""
+    from fedge.shell.files import atomic_write  # noqa: PLC0415 - see the module docstring
+
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, data, mode, replace=replace)
+    except FileExistsError:  # only the link of replace=False meets an existing name
+        raise KeyFileError(f"{path} already exists; refusing to overwrite it") from None
     except OSError as exc:
         raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise KeyFileError(f"{path} already exists; refusing to overwrite it") from None
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def _key_dir(out: Path) -> Path:

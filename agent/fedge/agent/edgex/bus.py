@@ -18,13 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from fedge.agent.edgex.readings import Event, ReadingError
 from fedge.agent.edgex.wire import decode_message, edgex_event_filters
 from fedge.protocol.mqtt_settings import MqttSettings
+from fedge.shell.mqtt import connect, make_client, watch_connection
 
 log = logging.getLogger("fedge.agent.edgex")
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -49,30 +47,16 @@ class EdgeXBusSubscriber:
         self.messages = 0
         self.connected = threading.Event()
         self._lock = threading.Lock()
-        version = mqtt.MQTTv5 if settings.protocol == 5 else mqtt.MQTTv311
-        kwargs: dict[str, Any] = {} if settings.protocol == 5 else {"clean_session": False}
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=version, **kwargs
-        )
-        if settings.username is not None:
-            self.client.username_pw_set(settings.username, settings.password)
-        if settings.tls:
-            self.client.tls_set(
-                ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file
-            )
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
+        # Acknowledged by paho when _on_message returns, not by hand once stored (make_client's
+        # manual_ack): on_events only queues the events (EdgeXIngest stores them later, in its
+        # own thread), so there is no "stored" moment here to acknowledge at. A crash loses
+        # what that queue held; the core-data backfill, where configured, reads it again.
+        self.client = make_client(settings)
+        watch_connection(self.client, log, self._on_connect, self.connected.clear, broker="EdgeX broker")
         self.client.on_message = self._on_message
 
     def start(self) -> None:
-        s = self.settings
-        if s.protocol == 5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = s.session_expiry_s
-            self.client.connect_async(s.host, s.port, s.keepalive, clean_start=False, properties=props)
-        else:
-            self.client.connect_async(s.host, s.port, s.keepalive)
+        connect(self.client, self.settings)
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -83,19 +67,13 @@ class EdgeXBusSubscriber:
         with self._lock:
             return {"messages": self.messages, "malformed": dict(self.malformed), "errors": dict(self.errors)}
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if rc.is_failure:
-            log.error("EdgeX broker refused the connection: %s", rc)
-            return
+    def _on_connect(self, client: mqtt.Client) -> None:
         # Device-service events and core-data's republished events under the prefix.
         client.subscribe([(f, 1) for f in edgex_event_filters(self.prefix)])
         self.connected.set()
         log.info("subscribed to EdgeX events under %r at %s", self.prefix, self.settings.url)
         if self.on_connect_cb is not None:
             self.on_connect_cb()
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        self.connected.clear()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Decodes one message and hands its events on. Never raises (see the module doc)."""

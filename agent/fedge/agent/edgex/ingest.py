@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -32,6 +31,7 @@ from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.mqtt_settings import MqttSettings
 from fedge.protocol.task import TaskSpec
+from fedge.shell.files import atomic_write
 
 #: The cursor is ``{"resume_ns": N}``; anything far bigger is not one.
 MAX_CURSOR_BYTES = 4096
@@ -69,13 +69,7 @@ class BackfillCursor:
     def save(self, origin_ns: int, now: float, force: bool = False) -> None:
         if not force and now - self._saved_at < self.min_interval_s:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"resume_ns": origin_ns}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"resume_ns": origin_ns}).encode("utf-8"))
         self._saved_at = now
 
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import ReasonError
 
 INT_RANGES: dict[str, tuple[int, int]] = {
     "Int8": (-(2**7), 2**7 - 1),
@@ -46,12 +46,8 @@ _GO_SPECIALS = ("nan", "inf", "infinity")  # strconv.ParseFloat's spellings, any
 Value = bool | int | float | str | bytes | tuple[Any, ...] | dict[str, Any] | list[Any] | None
 
 
-class ReadingError(FedgeError):
+class ReadingError(ReasonError[str]):
     """A reading or event is malformed; ``reason`` is a short stable code for counters."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 @dataclass(frozen=True)

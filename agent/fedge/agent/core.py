@@ -1,0 +1,454 @@
+"""The device's side of the protocol without I/O: the twin of the aggregator's pure round engine.
+
+:class:`DeviceCore` is given what arrives (a manifest frame, the blobs it named, the result of
+local training) together with a clock reading and the keys the device trusts, and returns what
+to do as :data:`Action` values: persist this state, fetch these blobs, load and train, send this
+sealed frame. It opens no socket, reads no file and starts no thread, so the agent's service
+(``fedge.agent.service``), the tests' simulated devices and the benchmarks' simulated fleet all
+run the same verification, round logic and sealing; only the agent does the I/O.
+
+Its phases are an explicit table (:data:`TRANSITIONS`), as h11 keeps its connection states: an
+event a phase does not expect is a :class:`DeviceCoreError` (a bug in the caller), never a
+silently different path.
+
+    WAITING  --manifest accepted-->  FETCHING  --blobs, taking part-->  TRAINING
+       ^   <--rejected / repeated--'    |  '--blobs missing / bad / not taking part--> WAITING
+       '----------------------------------------------- sealed / too late <-- TRAINING
+
+and from any phase, :meth:`DeviceCore.abandon` (carrying out an action failed) back to WAITING.
+
+The persisted counter is the one rule that is about ordering, not values: the core hands out
+:class:`Persist` (the counter already advanced) before the :class:`Send` that uses it, and the
+shell carries actions out in order, so a crash between them can waste a counter but never
+reuse one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from nacl.public import PrivateKey, PublicKey
+from nacl.signing import VerifyKey
+
+from fedge.agent.device_state import (
+    MAX_COUNTER,
+    DeviceState,
+    DeviceStateError,
+    ManifestChainError,
+    ManifestRollbackError,
+    manifest_is_new,
+)
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.messages import Evaluation, encode_moments, encode_update
+from fedge.protocol.round_manifest import RoundManifest, RoundManifestError, round_manifest_from_dict
+from fedge.protocol.sealing import SealedHeader, seal
+from fedge.protocol.signing import DocType, SignatureError, verify_document
+from fedge.protocol.topics import FleetTopics
+
+#: A signed round manifest is a few kB; anything far bigger is refused before it is parsed.
+MAX_MANIFEST_FRAME_BYTES = 8 * 1024 * 1024
+#: The largest model or weights blob a device accepts.
+MAX_BLOB_BYTES = 64 * 1024 * 1024
+
+
+class DeviceCoreError(FedgeError):
+    """An event the core's current phase does not expect: a bug in the code driving it."""
+
+
+class ManifestRejected(FedgeError):
+    """A round manifest this device does not act on; ``reason`` is its counted name."""
+
+    def __init__(self, reason: str, detail: str, *, park: bool = False) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        #: Signed by a key not (yet) trusted: a rotation may vouch for it, so keep the frame.
+        self.park = park
+
+
+class Phase(StrEnum):
+    WAITING = "waiting"  # no round in hand: waiting for the next manifest
+    FETCHING = "fetching"  # a manifest accepted; waiting for the blobs it names
+    TRAINING = "training"  # taking part: the shell trains (or computes moments) on local data
+
+
+class Outcome(StrEnum):
+    """What happened to an event; with the phase it names the next phase in TRANSITIONS."""
+
+    MANIFEST_ACCEPTED = "manifest_accepted"
+    MANIFEST_REJECTED = "manifest_rejected"
+    MANIFEST_REPEATED = "manifest_repeated"
+    SUPERSEDED = "superseded"
+    BLOBS_MISSING = "blobs_missing"
+    BLOBS_BAD = "blobs_bad"
+    NOT_TAKING_PART = "not_taking_part"
+    TAKING_PART = "taking_part"
+    SEALED = "sealed"
+    TOO_LATE = "too_late"
+    ABANDONED = "abandoned"
+
+
+#: (phase, outcome) -> next phase. Anything else is a DeviceCoreError.
+TRANSITIONS: Mapping[tuple[Phase, Outcome], Phase] = {
+    (Phase.WAITING, Outcome.MANIFEST_ACCEPTED): Phase.FETCHING,
+    (Phase.WAITING, Outcome.MANIFEST_REJECTED): Phase.WAITING,
+    (Phase.WAITING, Outcome.MANIFEST_REPEATED): Phase.WAITING,
+    (Phase.FETCHING, Outcome.SUPERSEDED): Phase.WAITING,
+    (Phase.FETCHING, Outcome.BLOBS_MISSING): Phase.WAITING,
+    (Phase.FETCHING, Outcome.BLOBS_BAD): Phase.WAITING,
+    (Phase.FETCHING, Outcome.NOT_TAKING_PART): Phase.WAITING,
+    (Phase.FETCHING, Outcome.TAKING_PART): Phase.TRAINING,
+    (Phase.TRAINING, Outcome.SEALED): Phase.WAITING,
+    (Phase.TRAINING, Outcome.TOO_LATE): Phase.WAITING,
+    (Phase.WAITING, Outcome.ABANDONED): Phase.WAITING,
+    (Phase.FETCHING, Outcome.ABANDONED): Phase.WAITING,
+    (Phase.TRAINING, Outcome.ABANDONED): Phase.WAITING,
+}
+
+
+# --- actions: what the shell does, in the order given ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Persist:
+    """Save this device state (atomically) before carrying out any later action."""
+
+    state: DeviceState
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Count and log a refused manifest (``rejected_manifests[reason]``); keep it if ``park``."""
+
+    reason: str
+    detail: str
+    frame: bytes | None = None  # set when the frame should be parked for a later rotation
+
+
+@dataclass(frozen=True)
+class DropOtherRounds:
+    """Queued messages of any round but ``round_id`` are stale: drop them from the outbox."""
+
+    round_id: str
+
+
+@dataclass(frozen=True)
+class FetchBlobs:
+    """Subscribe to these blobs and collect them (checked with :func:`check_blob`)."""
+
+    wanted: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Load:
+    """Load the model (``model`` is None when the loaded one is already this manifest's) and
+    set the global weights and normalisation."""
+
+    manifest: RoundManifest
+    model: bytes | None
+    weights: bytes
+
+
+@dataclass(frozen=True)
+class Train:
+    """Take part: ``kind`` "update" (train, then :meth:`DeviceCore.trained`) or "moments"
+    (then :meth:`DeviceCore.moments_computed`)."""
+
+    manifest: RoundManifest
+    kind: str
+
+
+@dataclass(frozen=True)
+class Send:
+    """Queue a sealed frame in the outbox (it leaves when the broker acknowledges it)."""
+
+    topic: str
+    frame: bytes
+    round_id: str
+    kind: str
+    counter: int
+
+
+@dataclass(frozen=True)
+class StatusState:
+    """The device's status ``state`` changed (``idle``, ``training``): publish the status."""
+
+    state: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """A line for the log; ``problem`` ones also become the status's ``last_error``."""
+
+    text: str
+    problem: bool = False
+
+
+Action = Persist | Reject | DropOtherRounds | FetchBlobs | Load | Train | Send | StatusState | Note
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """Who the device is on the wire: its fleet, id, X25519 key and the aggregator's key."""
+
+    fleet: str
+    device_id: str
+    device_key: PrivateKey
+    aggregator_key: PublicKey
+
+
+# --- pure functions, shared with simulated devices ---------------------------------------------
+
+
+def verify_manifest(
+    frame: bytes,
+    trusted: Mapping[str, VerifyKey],
+    *,
+    fleet: str,
+    now: float | None,
+    parse: Callable[[Any], RoundManifest] = round_manifest_from_dict,
+) -> RoundManifest:
+    """The manifest in ``frame`` if a trusted key signed it for ``fleet`` and it has not expired
+    at ``now`` (None: not checked, for observers reading history); else :class:`ManifestRejected`.
+
+    ``parse`` lets a simulator of thousands of devices parse one frame once; it must be
+    :func:`round_manifest_from_dict` or a cache of it.
+    """
+    if len(frame) > MAX_MANIFEST_FRAME_BYTES:
+        raise ManifestRejected("too_large", f"{len(frame)} bytes")
+    try:
+        doc, _ = verify_document(frame, DocType.ROUND_MANIFEST, trusted, MAX_MANIFEST_FRAME_BYTES)
+        manifest = parse(doc)
+    except SignatureError as exc:
+        raise ManifestRejected(exc.reason, str(exc), park=exc.reason == "unknown_key") from None
+    except RoundManifestError as exc:
+        raise ManifestRejected("bad_manifest", str(exc)) from None
+    if manifest.fleet != fleet:
+        raise ManifestRejected("wrong_fleet", f"manifest for fleet {manifest.fleet!r}")
+    if now is not None and now > manifest.expires_at:
+        raise ManifestRejected("expired", f"manifest v{manifest.version} expired")
+    return manifest
+
+
+def check_blob(sha256: str, payload: bytes, wanted: frozenset[str] | set[str]) -> tuple[str, str] | None:
+    """``(reason, detail)`` if a blob that arrived on ``.../blob/<sha256>`` is not one to keep."""
+    if sha256 not in wanted:
+        return "blob_unwanted", "no manifest being fetched names it"
+    if len(payload) > MAX_BLOB_BYTES:
+        return "blob_too_large", f"{len(payload)} bytes > {MAX_BLOB_BYTES}"
+    if hashlib.sha256(payload).hexdigest() != sha256:
+        return "blob_hash_mismatch", "its SHA-256 is not the one in its topic"
+    return None
+
+
+def seal_contribution(
+    identity: DeviceIdentity,
+    round_id: str,
+    model_version: int,
+    counter: int,
+    kind: str,
+    payload: tuple[dict[str, Any], bytes],
+) -> bytes:
+    """A payload sealed to the aggregator and bound to this device, the round, the counter and
+    the manifest version it answers (what the aggregator checks before it opens anything)."""
+    bind = SealedHeader(identity.fleet, identity.device_id, round_id, counter, kind, model_version)
+    return seal(bind, payload[0], payload[1], identity.device_key, identity.aggregator_key)
+
+
+def moments_payload(x: np.ndarray) -> tuple[dict[str, Any], bytes]:
+    """What a device sends in a moments round: count, sums and sums of squares (float64)."""
+    x = x.astype(np.float64)
+    return encode_moments(x.shape[0], x.sum(axis=0), (x * x).sum(axis=0))
+
+
+def update_payload(
+    manifest: RoundManifest,
+    delta: np.ndarray,
+    examples: int,
+    train_loss: float,
+    evaluation: Evaluation | None,
+) -> tuple[dict[str, Any], bytes]:
+    """What a device sends in a train round: its weight delta in the manifest's codec."""
+    return encode_update(
+        delta.astype(np.float32),
+        manifest.model_manifest.layout,
+        manifest.codec,
+        examples,
+        train_loss,
+        evaluation,
+    )
+
+
+# --- the state machine -------------------------------------------------------------------------
+
+
+class DeviceCore:
+    """One device's protocol state: the persisted :class:`DeviceState` snapshot, the phase, the
+    round in hand and which model is loaded. Not thread-safe: one worker drives it."""
+
+    def __init__(self, identity: DeviceIdentity, state: DeviceState) -> None:
+        self.identity = identity
+        self.topics = FleetTopics(identity.fleet)
+        self.state = state
+        self.phase = Phase.WAITING
+        #: The round being fetched or worked on.
+        self.pending: RoundManifest | None = None
+        #: The newest manifest whose blobs arrived (what the status reports).
+        self.current: RoundManifest | None = None
+        self.loaded_model_sha256: str | None = None
+        self.wanted: frozenset[str] = frozenset()
+
+    def _move(self, outcome: Outcome) -> None:
+        nxt = TRANSITIONS.get((self.phase, outcome))
+        if nxt is None:
+            raise DeviceCoreError(f"device core: {outcome.value} is not expected in phase {self.phase.value}")
+        self.phase = nxt
+        if nxt is Phase.WAITING:
+            self.pending = None
+            self.wanted = frozenset()
+
+    def _persist(self, state: DeviceState) -> Persist:
+        self.state = state
+        return Persist(state)
+
+    # --- events ------------------------------------------------------------------------------
+
+    def manifest_arrived(self, frame: bytes, trusted: Mapping[str, VerifyKey], now: float) -> list[Action]:
+        """A frame from the retained manifest topic. A manifest that arrives while blobs are
+        being fetched supersedes that fetch (call :meth:`superseded` first)."""
+        try:
+            manifest = verify_manifest(frame, trusted, fleet=self.identity.fleet, now=now)
+        except ManifestRejected as exc:
+            self._move(Outcome.MANIFEST_REJECTED)
+            return [Reject(exc.reason, exc.detail, frame if exc.park else None)]
+        try:
+            is_new = manifest_is_new(
+                self.state, manifest.version, manifest.sha256(), parent_sha256=manifest.parent_sha256
+            )
+        except ManifestRollbackError as exc:
+            self._move(Outcome.MANIFEST_REJECTED)
+            return [Reject("rollback", str(exc))]
+        except ManifestChainError as exc:
+            self._move(Outcome.MANIFEST_REJECTED)
+            return [Reject("broken_chain", str(exc))]
+        if not is_new and self.current is not None and self.current.version == manifest.version:
+            self._move(Outcome.MANIFEST_REPEATED)  # the same manifest again (retained re-delivery)
+            return []
+        actions: list[Action] = []
+        if is_new:
+            actions.append(
+                self._persist(
+                    replace(self.state, manifest_version=manifest.version, manifest_sha256=manifest.sha256())
+                )
+            )
+        wanted = {manifest.model_sha256, manifest.weights_sha256}
+        if self.loaded_model_sha256 == manifest.model_sha256:
+            wanted.discard(manifest.model_sha256)
+        self._move(Outcome.MANIFEST_ACCEPTED)
+        self.pending = manifest
+        self.wanted = frozenset(wanted)
+        actions += [DropOtherRounds(manifest.round_id), FetchBlobs(self.wanted)]
+        return actions
+
+    def superseded(self) -> list[Action]:
+        """A newer manifest arrived before this one's blobs did: abandon the fetch quietly."""
+        self._move(Outcome.SUPERSEDED)
+        return []
+
+    def blobs_missing(self) -> list[Action]:
+        """The fetch timed out (or the service is stopping) without every wanted blob."""
+        manifest = self._pending()
+        self._move(Outcome.BLOBS_MISSING)
+        return [Note(f"blobs for manifest v{manifest.version} did not arrive", problem=True)]
+
+    def blobs_arrived(self, blobs: Mapping[str, bytes], now: float) -> list[Action]:
+        """Every wanted blob, each already checked with :func:`check_blob`."""
+        manifest = self._pending()
+        missing = self.wanted - set(blobs)
+        if missing:
+            raise DeviceCoreError(f"device core: blobs {sorted(missing)} are still missing")
+        weights = blobs[manifest.weights_sha256]
+        if len(weights) != manifest.weights_bytes:
+            self._move(Outcome.BLOBS_BAD)
+            return [Reject("bad_blob", "weights blob has the wrong size")]
+        model = blobs.get(manifest.model_sha256) if manifest.model_sha256 in self.wanted else None
+        if model is not None:
+            self.loaded_model_sha256 = None  # until the shell reports it loaded (model_loaded)
+        self.current = manifest
+        actions: list[Action] = [Load(manifest, model, weights)]
+        if manifest.phase == "final" or not manifest.is_selected(self.identity.device_id):
+            self._move(Outcome.NOT_TAKING_PART)
+            return [*actions, StatusState("idle")]
+        if self.state.last_round_id == manifest.round_id:
+            self._move(Outcome.NOT_TAKING_PART)  # already contributed (e.g. restarted after sealing)
+            return actions
+        if now > manifest.deadline:
+            self._move(Outcome.NOT_TAKING_PART)
+            return [*actions, Note(f"round {manifest.round_id} closed before this device could take part")]
+        self._move(Outcome.TAKING_PART)
+        kind = "moments" if manifest.phase == "moments" else "update"
+        return [*actions, StatusState("training"), Train(manifest, kind)]
+
+    def trained(
+        self, delta: np.ndarray, examples: int, train_loss: float, evaluation: Evaluation | None, now: float
+    ) -> list[Action]:
+        """Local training finished: ``delta`` = trained weights - global weights."""
+        manifest = self._pending()
+        return self._seal(
+            manifest, "update", lambda: update_payload(manifest, delta, examples, train_loss, evaluation), now
+        )
+
+    def moments_computed(self, x_train: np.ndarray, now: float) -> list[Action]:
+        """The local training features (raw) for a moments round."""
+        return self._seal(self._pending(), "moments", lambda: moments_payload(x_train), now)
+
+    def abandon(self) -> Phase:
+        """Carrying out an action raised (bad local data, a model the runtime refuses): drop the
+        round in hand and wait for the next manifest. Returns the phase that was left."""
+        left = self.phase
+        self._move(Outcome.ABANDONED)
+        return left
+
+    def model_loaded(self, model_sha256: str) -> None:
+        """The shell loaded this model: later manifests naming it do not fetch it again."""
+        self.loaded_model_sha256 = model_sha256
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _pending(self) -> RoundManifest:
+        if self.pending is None:
+            raise DeviceCoreError(f"device core: no round in hand in phase {self.phase.value}")
+        return self.pending
+
+    def _seal(
+        self,
+        manifest: RoundManifest,
+        kind: str,
+        payload: Callable[[], tuple[dict[str, Any], bytes]],
+        now: float,
+    ) -> list[Action]:
+        if self.phase is not Phase.TRAINING:
+            raise DeviceCoreError(f"device core: a {kind} result is not expected in phase {self.phase.value}")
+        if now > manifest.deadline:
+            self._move(Outcome.TOO_LATE)
+            return [
+                Note(f"round {manifest.round_id} closed while training; update not sent"),
+                StatusState("idle"),
+            ]
+        header, body = payload()
+        if self.state.update_counter >= MAX_COUNTER:
+            raise DeviceStateError("device state: update counter exhausted")
+        counter = self.state.update_counter + 1
+        reserve = self._persist(replace(self.state, update_counter=counter))  # before it is used
+        frame = seal_contribution(
+            self.identity, manifest.round_id, manifest.version, counter, kind, (header, body)
+        )
+        send = Send(self.topics.update(self.identity.device_id), frame, manifest.round_id, kind, counter)
+        done = self._persist(replace(self.state, last_round_id=manifest.round_id))
+        self._move(Outcome.SEALED)
+        return [reserve, send, done, StatusState("idle")]

@@ -1,0 +1,154 @@
+"""The one place a device agent is put together from its configuration.
+
+The stages, in the order data flows through them:
+
+    source (EdgeX bus + core-data backfill, or a lab data set)
+      -> sample builder (readings -> feature windows, ``fedge.agent.edgex.samples``)
+      -> sample store (SQLite on the device, ``fedge.agent.sample_store``)
+      -> trainer (LiteRT, ``fedge.agent.trainer``; loaded per global model)
+      -> sealer (``fedge.agent.core.DeviceCore``: verifies manifests, seals updates)
+      -> outbox (SQLite, leaves on PUBACK, ``fedge.agent.outbox``)
+
+For EdgeX the first three live in :class:`~fedge.agent.edgex.ingest.EdgeXIngest` (its worker
+thread owns the builder and the store); any other source only has to give
+:class:`LocalDataSource`'s four methods. ``fedge agent run`` calls :func:`build_agent`; the
+demo, the tests and the container images do too, so there is no second wiring to drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from nacl.public import PrivateKey
+
+from fedge.agent.config import AgentConfig
+from fedge.agent.core import DeviceCore, DeviceIdentity
+from fedge.agent.device_state import DeviceStateStore
+from fedge.agent.edgex.core_data import CoreDataClient
+from fedge.agent.edgex.ingest import BackfillCursor, EdgeXIngest
+from fedge.agent.edgex.profile import check_task_against_profile, load_profile
+from fedge.agent.outbox import Outbox
+from fedge.agent.sample_store import SampleStore
+from fedge.agent.trust import TrustStore
+from fedge.protocol.config_source import ConfigError
+from fedge.protocol.task import TaskSpec, parse_task_spec
+from fedge.shell.files import read_private_key
+
+SAMPLES_FILE = "samples.sqlite"
+CURSOR_FILE = "edgex_cursor.json"
+STATE_FILE = "state.json"
+OUTBOX_FILE = "outbox.sqlite"
+TRUST_FILE = "trust.json"
+
+#: Turns the device's local readings into (features, labels) as a task spec says.
+DataProvider = Callable[[TaskSpec], tuple[np.ndarray, np.ndarray]]
+
+
+class LocalDataSource(Protocol):
+    """Where a device's training data comes from; started before the agent connects."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def training_data(self, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def report(self) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class ProvidedData:
+    """A source that is one function (a recorded data set, a test's arrays): nothing to run."""
+
+    provider: DataProvider
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+    def training_data(self, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
+        return self.provider(task)
+
+    def report(self) -> dict[str, Any] | None:
+        return None
+
+
+@dataclass(frozen=True)
+class AgentStages:
+    """Everything an :class:`~fedge.agent.service.AgentService` drives, built from one config."""
+
+    config: AgentConfig
+    source: LocalDataSource
+    core: DeviceCore
+    state: DeviceStateStore
+    trust: TrustStore
+    outbox: Outbox
+
+
+def read_task_file(path: Path) -> TaskSpec:
+    try:
+        return parse_task_spec(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read task spec {path}: {exc}") from None
+
+
+def build_edgex_source(config: AgentConfig) -> EdgeXIngest:
+    """The EdgeX ingest for this device: profile-checked task, sample store, bus and backfill."""
+    if config.data.task_file is None:
+        raise ConfigError("[data] task is required for the EdgeX data source")
+    task = read_task_file(config.data.task_file)
+    e = config.edgex
+    limits: dict[str, tuple[float | None, float | None]] = {}
+    if e.profile_file is not None:
+        profile = load_profile(e.profile_file)
+        check_task_against_profile(task, profile)
+        limits = {r.name: (r.minimum, r.maximum) for r in profile.resources}
+    token = None
+    if e.token_file is not None:
+        try:
+            token = e.token_file.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read core-data token {e.token_file}: {exc}") from None
+    core_data = CoreDataClient(e.core_data_url, token=token) if e.core_data_url else None
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    store = SampleStore(config.state_dir / SAMPLES_FILE, e.store_max_samples, e.store_max_age_s)
+    return EdgeXIngest(
+        device=e.device,
+        task=task,
+        store=store,
+        limits=limits,
+        bus_settings=e.bus,
+        prefix=e.prefix,
+        core_data=core_data,
+        cursor=BackfillCursor(config.state_dir / CURSOR_FILE),
+    )
+
+
+def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> AgentStages:
+    """The device's stages from its config. ``source`` None means the config's own source
+    (``[data] source = "edgex"``); lab sources (``har-watch``) are built by their package.
+
+    Every problem with the config, the key, the state directory or the stored state is raised
+    here (a ConfigError exits 78), before anything connects.
+    """
+    if source is None:
+        if config.data.source != "edgex":
+            raise ConfigError(f"[data] source {config.data.source!r} needs fedge's lab package to build it")
+        source = build_edgex_source(config)
+    device_key = PrivateKey(read_private_key(config.key_file, "box", what="device key"))
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    state = DeviceStateStore(config.state_dir / STATE_FILE)
+    identity = DeviceIdentity(config.fleet, config.device_id, device_key, config.aggregator_public_key)
+    core = DeviceCore(identity, state.load())  # a corrupt state file is an error now, not a reset
+    outbox = Outbox(config.state_dir / OUTBOX_FILE)
+    # Pinned at provisioning, then moved only by rotations a trusted key vouches for.
+    trust = TrustStore.open_or_create(
+        config.state_dir / TRUST_FILE, config.fleet, config.trusted_keys.values()
+    )
+    return AgentStages(config, source, core, state, trust, outbox)
