@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fedge.protocol.bounded_json import loads_state_file
 from fedge.protocol.errors import FedgeError
 from fedge.shell.files import atomic_write
 
@@ -94,7 +95,7 @@ class DeviceStateStore:
         if len(raw) > MAX_STATE_BYTES:
             raise DeviceStateError(f"device state {self.path} is over {MAX_STATE_BYTES} bytes")
         try:
-            data = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+            data = loads_state_file(raw)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DeviceStateError(f"device state {self.path} is not valid JSON: {exc}") from None
         return _state_from_dict(data, self.path)
@@ -279,18 +280,6 @@ def _validate(state: DeviceState, where: str) -> None:
     except (TypeError, ValueError) as exc:
         raise DeviceStateError(f"{where}: extra is not plain JSON: {exc}") from None
 
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
 
 
 # --- files ---------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
+from fedge.protocol.bounded_json import loads_state_file
 from fedge.protocol.digests import is_sha256_hex
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.key_rotation import MAX_SEQUENCE, RotationError, claimed_key_id, verify_rotation
@@ -241,7 +242,7 @@ def _load(path: Path) -> TrustState:
     if len(raw) > MAX_TRUST_BYTES:
         raise _corrupt(path, f"over {MAX_TRUST_BYTES} bytes")
     try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        data = loads_state_file(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise _corrupt(path, "not valid JSON") from None
     try:
@@ -321,18 +322,6 @@ def _key_from_text(kid: Any, text: Any) -> VerifyKey:
 def _key_text(key: VerifyKey) -> str:
     return base64.b64encode(bytes(key)).decode()
 
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 # --- files -------------------------------------------------------------------------------------

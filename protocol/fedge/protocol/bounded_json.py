@@ -116,3 +116,23 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(number):
         raise _NotFinite(f"number {text[:32]} is out of range")
     return number
+
+
+def loads_state_file(raw: bytes | str) -> Any:
+    """JSON of a state file fedge wrote itself (device state, trust store): a duplicate key or
+    a NaN/Infinity means the file was edited or damaged, so either is a :class:`ValueError`
+    (the caller names the file). The caller bounds the size before reading."""
+    return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_constant_not_allowed)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _constant_not_allowed(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not allowed")
