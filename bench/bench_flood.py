@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_training import machine_info  # noqa: E402
+from fedge.agent.core import verify_manifest  # noqa: E402
 from fedge.aggregator.model_export import build_model, write_model  # noqa: E402
 from fedge.lab.broker import BrokerSettings, MosquittoBroker  # noqa: E402
 from fedge.lab.provision import FleetFiles, create_fleet  # noqa: E402
@@ -48,9 +49,9 @@ from fedge.protocol.codec import Codec  # noqa: E402
 from fedge.protocol.errors import FedgeError  # noqa: E402
 from fedge.protocol.messages import encode_update, max_sealed_bytes  # noqa: E402
 from fedge.protocol.model_manifest import Normalisation  # noqa: E402
-from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict  # noqa: E402
+from fedge.protocol.round_manifest import RoundManifest  # noqa: E402
 from fedge.protocol.sealing import SealedHeader, seal  # noqa: E402
-from fedge.protocol.signing import DocType, key_id, verify_document  # noqa: E402
+from fedge.protocol.signing import key_id  # noqa: E402
 from fedge.protocol.task import parse_task_spec  # noqa: E402
 from fedge.protocol.topics import FleetTopics  # noqa: E402
 
@@ -92,8 +93,9 @@ class Watcher:
                     self.status = json.loads(msg.payload)
                 elif msg.topic == self.topics.manifest and msg.payload:
                     trusted = {key_id(self.verify_key): self.verify_key}
-                    doc, _ = verify_document(bytes(msg.payload), DocType.ROUND_MANIFEST, trusted)
-                    self.manifest = round_manifest_from_dict(doc)
+                    self.manifest = verify_manifest(
+                        bytes(msg.payload), trusted, fleet=self.topics.fleet, now=None
+                    )
             except (FedgeError, ValueError, RecursionError) as exc:  # never kill paho's thread
                 print(f"bench_flood: ignoring {msg.topic}: {exc}", file=sys.stderr)
             self.changed.notify_all()

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_training import machine_info  # noqa: E402
+from fedge.agent.core import DeviceIdentity, seal_contribution  # noqa: E402
 from fedge.agent.service import split_holdout  # noqa: E402
 from fedge.agent.trainer import LiteRTTrainer  # noqa: E402
 from fedge.aggregator.config import RoundSettings  # noqa: E402
@@ -44,7 +45,6 @@ from fedge.aggregator.service import load_model  # noqa: E402
 from fedge.lab import har_watch  # noqa: E402
 from fedge.protocol.errors import FedgeError  # noqa: E402
 from fedge.protocol.messages import Evaluation, encode_moments, encode_update  # noqa: E402
-from fedge.protocol.sealing import SealedHeader, seal  # noqa: E402
 from fedge.protocol.task import parse_task_spec  # noqa: E402
 from fedge.protocol.topics import FleetTopics  # noqa: E402
 
@@ -99,10 +99,10 @@ def run(
 
     def send(subject: int, manifest: Any, kind: str, header: dict[str, Any], body: bytes) -> str:
         counters[subject] += 1
-        sealed_header = SealedHeader(
-            FLEET, ids[subject], manifest.round_id, counters[subject], kind, manifest.version
+        identity = DeviceIdentity(FLEET, ids[subject], world.keys[subject], world.box.public_key)
+        frame = seal_contribution(
+            identity, manifest.round_id, manifest.version, counters[subject], kind, (header, body)
         )
-        frame = seal(sealed_header, header, body, world.keys[subject], world.box.public_key)
         return engine.handle(TOPICS.update(ids[subject]), frame, now).reason
 
     accuracies: list[float] = []
