@@ -67,7 +67,7 @@ images-arm64: install
 	bash scripts/system-deps.sh --arm64
 	mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 	update-binfmts --enable qemu-aarch64 2>/dev/null || true
-	FEDGE_ARM64=1 $(BIN)/pytest -q tests/test_arm64_image.py
+	FEDGE_ARM64=1 $(BIN)/pytest -q tests/deploy/test_arm64_image.py
 
 clean:
 	rm -rf $(VENV) $(TFLITE_VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -4,7 +4,7 @@
 #   docker build -f docker/agent.Dockerfile -t fedge-agent:0.1.0 .
 #   docker buildx build --platform linux/amd64,linux/arm64 -f docker/agent.Dockerfile -t fedge-agent:0.1.0 .
 # ai-edge-litert 2.3.0 ships manylinux_2_27 wheels for x86_64 and aarch64 (no 32-bit armv7).
-# How to run it on a board: docs/docker.md.
+# How to run it on a board: docs/deploy.md, "The agent on an ARM board: Docker".
 
 # Pinned by tag; in production pin by digest: python:3.11-slim@sha256:<digest>.
 ARG BASE_IMAGE=python:3.11-slim

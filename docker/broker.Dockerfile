@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Mosquitto 2.0.11 from Debian bookworm, laid out like eclipse-mosquitto:2.0 (user mosquitto,
 # uid/gid 1883; /mosquitto/config, /mosquitto/data, /mosquitto/log). It stands in for
-# eclipse-mosquitto where no registry can be reached (tests/test_kube_play.py runs k8s/ with
+# eclipse-mosquitto where no registry can be reached (tests/deploy/test_kube_play.py runs k8s/ with
 # it); 2.0.11 is the version fedge's broker tests run against. Build from the repository root:
 #   scripts/container-images.sh docker/broker.Dockerfile=localhost/fedge-broker:2.0.11-amd64
 # The configuration is not baked in: mount the directory `fedge broker config` writes

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # TEST IMAGE, not a product: a clean Debian bookworm root with systemd as PID 1, into which
 # firmware_scripts/install-agent.sh installs the agent exactly as on a board, twice (the second
-# run must change nothing). tests/test_systemd_container.py boots it with podman and checks the
+# run must change nothing). tests/deploy/test_systemd_container.py boots it with podman and checks the
 # shipped fedge-agent.service under a real systemd: READY, STATUS, the watchdog, the journal.
 #
 # Build it (no registry: the base is made by debootstrap, the host's CA bundle is mounted for pip):

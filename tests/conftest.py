@@ -1,15 +1,20 @@
-"""Shared fixtures: the real HAR task, and real models built once per session with TensorFlow."""
+"""Shared fixtures (the real HAR task, real models built once per session with TensorFlow) and
+the markers: each test carries its part's marker from its folder (``pytest -m agent``, or
+``pytest tests/agent``), and attacks carry ``adversarial``.
+
+Layout: ``tests/<part>/`` for protocol, shell, edgex, agent, aggregator, tools, e2e and deploy;
+``tests/support/`` holds the harnesses they share (imported as ``support.<module>``).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from fedge.protocol.task import TaskSpec, parse_task_spec, task_spec_from_dict
+from fedge.protocol.task import TaskSpec, parse_task_spec
 
 REPO = Path(__file__).resolve().parent.parent
 HAR_TASK_PATH = REPO / "tasks" / "har-watch.toml"
@@ -20,24 +25,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 @pytest.fixture(scope="session")
 def har_task() -> TaskSpec:
     return parse_task_spec(HAR_TASK_PATH.read_text())
-
-
-def task_variant(base: TaskSpec, changes: dict[str, Any]) -> TaskSpec:
-    """A copy of ``base`` with dotted-path changes; a value of ``None`` removes the key.
-
-    Example: ``task_variant(t, {"training.optimizer": "adam", "training.momentum": None})``.
-    """
-    data = base.to_dict()
-    for dotted, value in changes.items():
-        *parents, key = dotted.split(".")
-        node = data
-        for p in parents:
-            node = node[p]
-        if value is None:
-            node.pop(key, None)
-        else:
-            node[key] = value
-    return task_spec_from_dict(data)
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +105,14 @@ _ATTACK_WORDS = (
 )
 
 
+#: The folders under tests/ whose tests carry a marker of the same name.
+PARTS = ("protocol", "shell", "edgex", "agent", "aggregator", "tools", "e2e", "deploy")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        part = item.path.parent.name
+        if part in PARTS and item.path.parent.parent == Path(__file__).resolve().parent:
+            item.add_marker(getattr(pytest.mark, part))
         if item.path.name in _ATTACK_MODULES and any(w in item.name.lower() for w in _ATTACK_WORDS):
             item.add_marker(pytest.mark.adversarial)

@@ -14,21 +14,6 @@ import numpy as np
 import pytest
 from nacl.signing import SigningKey
 
-from engine_helpers import (
-    AGGREGATOR_KEY,
-    DEVICE_IDS,
-    DEVICE_KEYS,
-    FLEET,
-    MODEL_BYTES,
-    SIGNING_KEY,
-    T0,
-    TOPICS,
-    P,
-    data_for,
-    initial_state,
-    make_engine,
-    settings,
-)
 from fedge.agent.core import (
     MAX_BLOB_BYTES,
     TRANSITIONS,
@@ -53,6 +38,21 @@ from fedge.agent.core import (
 from fedge.agent.device_state import DeviceState
 from fedge.aggregator.round_engine import Publication, RoundEngine
 from fedge.protocol.signing import key_id
+from support.engine_helpers import (
+    AGGREGATOR_KEY,
+    DEVICE_IDS,
+    DEVICE_KEYS,
+    FLEET,
+    MODEL_BYTES,
+    SIGNING_KEY,
+    T0,
+    TOPICS,
+    P,
+    data_for,
+    initial_state,
+    make_engine,
+    settings,
+)
 
 DEVICE = DEVICE_IDS[0]
 TRUSTED = {key_id(SIGNING_KEY.verify_key): SIGNING_KEY.verify_key}

@@ -24,7 +24,7 @@ from fedge.agent.device_state import (
     ManifestRollbackError,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 SHA_C = "c" * 64

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import task_variant
 from fedge.agent.trainer import LiteRTTrainer
 from fedge.aggregator.trainable_mlp import TrainableMLP
 from fedge.protocol.task import TaskSpec
+from support.tasks import task_variant
 
 STEPS = 10
 

@@ -17,7 +17,7 @@ import pytest
 
 from fedge.agent.outbox import Outbox, OutboxError, OutboxFullError, OutboxMessage, OutboxStats
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOPIC = "fedge/v1/updates/dev-1"
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fedge.protocol.task import TaskSpec
-from test_agent_isolation import run_probe, tensorflow_weights, write_batches
+from support.training_probe import run_probe, tensorflow_weights, write_batches
 
 FALLBACK_PYTHON = os.environ.get("FEDGE_TFLITE_PYTHON")
 

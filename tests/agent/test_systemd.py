@@ -20,7 +20,7 @@ from fedge.agent import systemd_notify as sn
 from fedge.agent.systemd_notify import JournalDatagramHandler, Notifier, journal_handler, status_line
 from fedge.cli import EXIT_CONFIG
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "firmware_scripts" / "systemd" / "fedge-agent.service"
 ENV_EXAMPLE = ROOT / "firmware_scripts" / "systemd" / "fedge-agent.env.example"
 

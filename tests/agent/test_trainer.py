@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import task_variant
 from fedge.agent.trainer import LiteRTTrainer, ModelFileError, TrainingDataError, load_model_dir
 from fedge.aggregator.model_export import MODEL_FILE, WEIGHTS_FILE
 from fedge.protocol.model_manifest import Normalisation
 from fedge.protocol.task import TaskSpec
 from fedge.protocol.weights import weights_from_bytes
+from support.tasks import task_variant
 
 
 class RecordingTrainer(LiteRTTrainer):

@@ -28,11 +28,11 @@ from fedge.aggregator.leadership import EXIT_LEADERSHIP_LOST
 from fedge.lab.broker import MosquittoBroker
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
 from fedge.protocol.signing import DocType, key_id, verify_document
-from fleet_harness import Fleet, wait_device_online
-from k8s_api_double import KubeApiDouble
-from mqtt_fixtures import TrafficRecorder
+from support.fleet_harness import Fleet, wait_device_online
+from support.k8s_api_double import KubeApiDouble
+from support.mqtt_fixtures import TrafficRecorder
 
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("support.mqtt_fixtures",)
 pytestmark = pytest.mark.slow
 NS = "fedge"
 

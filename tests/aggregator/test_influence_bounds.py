@@ -4,7 +4,7 @@ Each attack below is the one an outside review ran with one enrolled device's ke
 to work under plain FedAvg (``plain_fedavg()``: claimed-example weighting, no norm bound, pooled
 moments) and to be bounded under ``RoundSettings()``, the defaults a fleet gets. The engine is
 the real :class:`RoundEngine` with real keys; the end-to-end version through a real broker with
-real agents is ``tests/test_poisoning_e2e.py``.
+real agents is ``tests/e2e/test_poisoning_e2e.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 from nacl.public import PrivateKey
 
-from engine_helpers import (
+from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.moments import OUTLIER_Z, VARIANCE_CAP, MomentsAccumulator, robust_normalisation
+from fedge.aggregator.round_engine import RoundEngine, key_fingerprint
+from fedge.aggregator.service import checkpoint_from_state, state_from_checkpoint
+from fedge.aggregator.strategies.clipping import NormBounds
+from fedge.protocol.codec import Codec
+from fedge.protocol.messages import SEALED_HEADROOM_BYTES, Evaluation, max_sealed_bytes
+from support.engine_helpers import (
     DEVICE_IDS,
     DEVICE_KEYS,
     INITIAL_WEIGHTS,
@@ -31,13 +38,6 @@ from engine_helpers import (
     registry,
     settings,
 )
-from fedge.aggregator.config import RoundSettings
-from fedge.aggregator.moments import OUTLIER_Z, VARIANCE_CAP, MomentsAccumulator, robust_normalisation
-from fedge.aggregator.round_engine import RoundEngine, key_fingerprint
-from fedge.aggregator.service import checkpoint_from_state, state_from_checkpoint
-from fedge.aggregator.strategies.clipping import NormBounds
-from fedge.protocol.codec import Codec
-from fedge.protocol.messages import SEALED_HEADROOM_BYTES, Evaluation, max_sealed_bytes
 
 pytestmark = pytest.mark.adversarial  # every test here is an attack by an enrolled device
 

@@ -1,5 +1,5 @@
 """Lease-based leader election: the pure decision table, then real ``kubernetes`` clients
-against a schema-validating API double (``tests/k8s_api_double.py``)."""
+against a schema-validating API double (``tests/support/k8s_api_double.py``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from fedge.aggregator.leader import (  # noqa: E402
     decide,
     publish_status,
 )
-from k8s_api_double import KubeApiDouble  # noqa: E402
+from support.k8s_api_double import KubeApiDouble  # noqa: E402
 
 NS = "fedge"
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import task_variant
 from fedge.agent.litert_runtime import find_runtime
 from fedge.aggregator.model_export import (
     MANIFEST_FILE,
@@ -25,6 +24,7 @@ from fedge.aggregator.trainable_mlp import initial_weights
 from fedge.protocol.model_manifest import SIGNATURES, Normalisation, manifest_from_json
 from fedge.protocol.task import TaskSpec
 from fedge.protocol.weights import weights_from_bytes
+from support.tasks import task_variant
 
 VARIANTS: dict[str, dict[str, object]] = {
     "sgd-momentum": {},

@@ -34,7 +34,7 @@ from fedge.protocol.config_source import ConfigError
 from fedge.protocol.sealing import key_to_text
 from fedge.tools.keys import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 #: An X25519 point of order 8: every shared secret with it is predictable.
 LOW_ORDER = "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA="  # e0eb7a7c...49b800 in base64
 T1 = datetime(2025, 1, 31, 9, 30, 15, 123456, tzinfo=UTC)

@@ -1,7 +1,7 @@
 """The round engine: which messages count, what a round publishes, and what survives a restart.
 
 The engine is a pure state machine, so every test drives it directly with real NaCl keys,
-messages sealed the way the agent seals them (``tests/engine_helpers.py``) and a plain float
+messages sealed the way the agent seals them (``tests/support/engine_helpers.py``) and a plain float
 for the time. The central promise under test: a rejected message is counted once under a
 stable reason and leaves the aggregate bit for bit as if it had never arrived. Rejection tests
 therefore run the same round twice, with and without the attack, and compare the outcome.
@@ -23,7 +23,24 @@ import pytest
 from nacl.public import PublicKey
 from nacl.signing import SigningKey
 
-from engine_helpers import (
+from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.round_engine import Outcome, Publication, RoundEngine, RoundRecord
+from fedge.protocol.codec import Codec, decode_tensors, encode_tensors
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.framing import (
+    FRAME_VERSION,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    FrameKind,
+    decode_frame,
+    encode_frame,
+)
+from fedge.protocol.messages import Evaluation, encode_moments, max_sealed_bytes
+from fedge.protocol.model_manifest import normalisation_from_moments
+from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
+from fedge.protocol.signing import DocType, SignatureError, key_id, verify_document
+from fedge.protocol.weights import weights_to_bytes
+from support.engine_helpers import (
     AGGREGATOR_KEY,
     DEVICE_IDS,
     DEVICE_KEYS,
@@ -50,23 +67,6 @@ from engine_helpers import (
     seal_inner,
     settings,
 )
-from fedge.aggregator.config import RoundSettings
-from fedge.aggregator.round_engine import Outcome, Publication, RoundEngine, RoundRecord
-from fedge.protocol.codec import Codec, decode_tensors, encode_tensors
-from fedge.protocol.errors import FedgeError
-from fedge.protocol.framing import (
-    FRAME_VERSION,
-    MAGIC,
-    MAX_HEADER_BYTES,
-    FrameKind,
-    decode_frame,
-    encode_frame,
-)
-from fedge.protocol.messages import Evaluation, encode_moments, max_sealed_bytes
-from fedge.protocol.model_manifest import normalisation_from_moments
-from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
-from fedge.protocol.signing import DocType, SignatureError, key_id, verify_document
-from fedge.protocol.weights import weights_to_bytes
 
 THREE = DEVICE_IDS[:3]
 FIVE = DEVICE_IDS[:5]

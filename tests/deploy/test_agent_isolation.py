@@ -4,60 +4,15 @@ and both -> shell -> protocol (the I/O shell both sides share imports only the p
 from __future__ import annotations
 
 import ast
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
-from fedge.aggregator.trainable_mlp import TrainableMLP
 from fedge.protocol.task import TaskSpec
-from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+from support.training_probe import run_probe, tensorflow_weights, write_batches
 
-REPO = Path(__file__).resolve().parent.parent
-PROBE = Path(__file__).resolve().parent / "agent_probe.py"
-STEPS = 10
-
-
-def write_batches(task: TaskSpec, path: Path, seed: int = 11) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {
-        "start": rng.normal(0, 0.2, TrainableMLP(task).parameter_count).astype(np.float32),
-        "steps": np.array(STEPS),
-    }
-    for i in range(STEPS):
-        arrays[f"x{i}"] = rng.normal(size=(32, task.input_dim)).astype(np.float32)
-        arrays[f"y{i}"] = rng.integers(0, task.output_dim, 32).astype(np.int32)
-    np.savez(path, **arrays)  # type: ignore[arg-type]
-    return arrays
-
-
-def run_probe(python: str, model_dir: Path, batches: Path, out: Path) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = SOURCE_PYTHONPATH
-    proc = subprocess.run(
-        [python, str(PROBE), str(model_dir), str(batches), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def tensorflow_weights(task: TaskSpec, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    ref = TrainableMLP(task, arrays["start"])
-    for i in range(STEPS):
-        ref.train(tf.constant(arrays[f"x{i}"]), tf.constant(arrays[f"y{i}"]))
-    return ref.get_weights()["weights"].numpy()
-
-
+REPO = Path(__file__).resolve().parents[2]
 def test_agent_training_in_a_fresh_process_never_imports_tensorflow(
     har_task: TaskSpec, har_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -112,3 +67,34 @@ def test_dependencies_point_one_way() -> None:
     assert "tensorflow" in _imports("aggregator")["aggregator/fedge/aggregator/trainable_mlp.py"]
     assert "protocol" in _imports("agent")["agent/fedge/agent/trainer.py"]
     assert {"protocol", "paho"} <= _imports("shell")["shell/fedge/shell/mqtt.py"]
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Parts imported at a module's top level (what importing it loads, not its functions)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Import):
+            names.update(_part(a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(_part(node.module))
+    return names
+
+
+def test_production_tools_never_need_the_lab() -> None:
+    """A device or gateway install has no fedge.lab: the production tools never import it, and
+    the CLI only inside the commands that need it (behind ``require_lab``)."""
+    tools_root = REPO / "tools" / "fedge"
+    lab_users = {
+        str(path.relative_to(REPO))
+        for path in sorted((tools_root / "tools").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedge.lab")
+    }
+    assert lab_users == set()
+    cli = tools_root / "cli.py"
+    assert "lab" not in _module_level_imports(cli)
+    assert "lab" in {
+        _part(node.module)
+        for node in ast.walk(ast.parse(cli.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }  # the scan sees the lazy imports it allows

@@ -23,8 +23,8 @@ from fedge.lab.broker import MosquittoBroker
 from fedge.lab.container_agent import podman_run_command, stage_container_agent
 from fedge.lab.provision import create_fleet
 from fedge.protocol.topics import FleetTopics
-from mqtt_fixtures import TrafficRecorder
-from podman_support import ROOT, build_agent_image, podman, remove_containers, require_podman
+from support.mqtt_fixtures import TrafficRecorder
+from support.podman_support import ROOT, build_agent_image, podman, remove_containers, require_podman
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,7 +33,7 @@ pytestmark = [
         reason="emulated arm64 build (~17 min): make images-arm64 sets FEDGE_ARM64=1",
     ),
 ]
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("support.mqtt_fixtures",)
 FLEET = "arm64"
 PROBE = (
     "import json, platform, numpy, nacl.public, ai_edge_litert.interpreter; "

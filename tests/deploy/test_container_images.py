@@ -3,7 +3,7 @@
 ``scripts/container-images.sh`` builds it with ``--pull=never`` (no registry here) and the host's
 CA bundle mounted for pip. The tests then check what a board operator relies on: LiteRT and no
 TensorFlow, uid 10001, the healthcheck. Container agents taking part in real rounds of
-``fedge demo`` (against the demo's locked-down broker on the host) are in tests/test_demo.py.
+``fedge demo`` (against the demo's locked-down broker on the host) are in tests/e2e/test_demo.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from fedge.lab.container_agent import STATE_DIR, container_config, podman_run_command, stage_container_agent
 from fedge.protocol.errors import FedgeError
-from podman_support import ROOT, build_agent_image, podman, remove_containers, require_podman
+from support.podman_support import ROOT, build_agent_image, podman, remove_containers, require_podman
 
 pytestmark = pytest.mark.slow
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 AGENT = DOCKER / "agent.Dockerfile"
 AGGREGATOR = DOCKER / "aggregator.Dockerfile"

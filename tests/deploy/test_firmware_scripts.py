@@ -5,7 +5,7 @@ tiny stub wheel named ``fedge`` (built here, no network, no build backend) throu
 ``--source``; one slow test installs the real ``fedge[agent]`` from this repository (needs the
 package index: set FEDGE_SLOW_INSTALL=1 to run it, pip takes minutes for LiteRT and numpy).
 The clean-Debian-root test builds docker/systemd-agent.Dockerfile (podman, in CI too): the
-installer runs twice in a debootstrap bookworm root; tests/test_systemd_container.py then boots it.
+installer runs twice in a debootstrap bookworm root; tests/deploy/test_systemd_container.py then boots it.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import pytest
 
 from fedge.agent.config import load_agent_config
 from fedge.protocol.config_source import ConfigError
-from podman_support import build_images, podman, require_podman
+from support.podman_support import build_images, podman, require_podman
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "firmware_scripts"
 INSTALL = SCRIPTS / "install-agent.sh"
 PROVISION = SCRIPTS / "provision-device.sh"
@@ -408,7 +408,7 @@ def test_install_twice_in_a_clean_debian_root() -> None:
     install of fedge[agent] included, then again, and fails unless the second run prints
     exactly "install-agent: nothing to do" (its RUN step greps for it). Here: what that left in
     the root, and a third run in a fresh container from the image still has nothing to do.
-    tests/test_systemd_container.py boots the same image with systemd as PID 1."""
+    tests/deploy/test_systemd_container.py boots the same image with systemd as PID 1."""
     require_podman()
     build_images(f"docker/systemd-agent.Dockerfile={SYSTEMD_IMAGE}")
     probe = r"""

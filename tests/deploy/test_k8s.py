@@ -20,7 +20,7 @@ import yaml
 
 from fedge.aggregator.config import load_aggregator_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ("dev", "prod")
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests must work on

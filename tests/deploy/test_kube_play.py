@@ -11,7 +11,7 @@ image tags. Nothing else in it is podman-specific except the listener port (see 
 podman 4.3 (Debian 12) implements only part of a pod spec; what this test must change in the
 rendered YAML to run it, each for a reason, is in :func:`adapt_for_podman` (the kinds it drops
 are asserted, so nothing is dropped silently). Run as root with CONTAINERS_CONF (our podman
-settings); skipped locally and failed in CI without podman (tests/podman_support.py).
+settings); skipped locally and failed in CI without podman (tests/support/podman_support.py).
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from fedge.lab.broker import free_loopback_port
 from fedge.lab.provision import FleetFiles, create_fleet, render_toml
 from fedge.protocol.topics import FleetTopics
-from podman_support import build_images, podman, require_podman
-from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+from support.podman_support import build_images, podman, require_podman
+from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S_BASE = ROOT / "k8s" / "base"
 KUBECTL = Path(sys.executable).parent / "kubectl"
 BROKER_IMAGE = "localhost/fedge-broker:2.0.11-amd64"

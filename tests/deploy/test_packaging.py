@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 #: What a device image copies (docker/agent.Dockerfile): no aggregator/, no lab/.
 DEVICE_PARTS = (
     "pyproject.toml",

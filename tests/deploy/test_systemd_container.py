@@ -46,13 +46,13 @@ import pytest
 
 from fedge.lab.broker import MosquittoBroker
 from fedge.protocol.topics import FleetTopics
-from mqtt_fixtures import TrafficRecorder
-from podman_support import build_images, podman, remove_containers, require_podman
+from support.mqtt_fixtures import TrafficRecorder
+from support.podman_support import build_images, podman, remove_containers, require_podman
 
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("support.mqtt_fixtures",)
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/fedge-systemd-agent:test"
 DOCKERFILE = "docker/systemd-agent.Dockerfile"
 PROVISION = REPO / "firmware_scripts" / "provision-device.sh"
@@ -63,7 +63,7 @@ FLEET = "building-a"
 
 #: The test's drop-in: speed only, see the module docstring. Nothing in it touches hardening.
 SPEED_DROP_IN = """\
-# tests/test_systemd_container.py: faster watchdog and restart for the test only.
+# tests/deploy/test_systemd_container.py: faster watchdog and restart for the test only.
 [Service]
 WatchdogSec=5
 RestartSec=1

@@ -30,13 +30,13 @@ from fedge.lab.provision import render_toml, write_private
 from fedge.protocol.sealing import key_to_text, read_header
 from fedge.protocol.signing import DocType, sign_document, signing_key_to_text
 from fedge.protocol.topics import FleetTopics
-from mqtt_fixtures import TrafficRecorder
-from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+from support.mqtt_fixtures import TrafficRecorder
+from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("support.mqtt_fixtures",)
 pytestmark = [pytest.mark.slow, pytest.mark.adversarial]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FLEET = "adv"
 DEVICE = "watch-01"
 TOPICS = FleetTopics(FLEET)

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from podman_support import build_agent_image, podman_env, remove_containers, require_podman
-from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+from support.podman_support import build_agent_image, podman_env, remove_containers, require_podman
+from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -63,7 +63,7 @@ def test_default_demo_meets_the_accuracy_size_and_time_targets(
     finally:
         remove_containers([f"fedge-demo-{d}" for d in CONTAINER_DEVICES])
     # The int8 run reads the data set directly (the EdgeX path gives the same samples: the fp32
-    # run and tests/test_edgex_e2e.py prove it), which keeps this test's time down.
+    # run and tests/e2e/test_edgex_e2e.py prove it), which keeps this test's time down.
     int8 = run_demo(tmp_path / "int8", "--codec", "int8", "--data", "direct")
     if agent_image:
         for device in CONTAINER_DEVICES:

@@ -33,13 +33,13 @@ from fedge.lab.provision import render_toml, write_private
 from fedge.protocol.sealing import key_to_text
 from fedge.protocol.signing import signing_key_to_text
 from fedge.protocol.task import TaskSpec
-from mqtt_fixtures import TrafficRecorder
-from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+from support.mqtt_fixtures import TrafficRecorder
+from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("support.mqtt_fixtures",)
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TASK = REPO / "tasks" / "har-watch.toml"
 PROFILE = REPO / "edgex_profiles" / "wearable-imu.yaml"
 STATUS = "fedge/v1/edgex-e2e/status/watch-01"

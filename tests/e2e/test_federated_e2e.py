@@ -27,10 +27,10 @@ from fedge.lab.broker import MosquittoBroker
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE
 from fedge.protocol.sealing import SealError, open_sealed, read_header
 from fedge.protocol.weights import weights_from_bytes
-from fleet_harness import Fleet, latest_status, wait_device_online, wait_status
-from mqtt_fixtures import RecordedMessage, TrafficRecorder
+from support.fleet_harness import Fleet, latest_status, wait_device_online, wait_status
+from support.mqtt_fixtures import RecordedMessage, TrafficRecorder
 
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("support.mqtt_fixtures",)
 pytestmark = pytest.mark.slow
 
 

@@ -20,8 +20,8 @@ import pytest
 
 from fedge.protocol.messages import encode_moments, max_sealed_bytes
 from fedge.protocol.sealing import SealedHeader, seal
-from fleet_harness import latest_status
-from secure_fleet import SecureFleet
+from support.fleet_harness import latest_status
+from support.secure_fleet import SecureFleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.adversarial]
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from fleet_harness import Fleet, latest_status
-from mqtt_fixtures import TrafficRecorder
-from secure_fleet import SecureFleet
+from support.fleet_harness import Fleet, latest_status
+from support.mqtt_fixtures import TrafficRecorder
+from support.secure_fleet import SecureFleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.adversarial]
 

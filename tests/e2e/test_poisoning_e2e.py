@@ -30,9 +30,9 @@ from fedge.lab import har_watch
 from fedge.lab.broker import BrokerSettings, MosquittoBroker
 from fedge.protocol.model_manifest import Normalisation
 from fedge.protocol.task import TaskSpec
-from fleet_harness import Fleet
-from mqtt_fixtures import require_mosquitto
-from poisoning_device import Poisoner
+from support.fleet_harness import Fleet
+from support.mqtt_fixtures import require_mosquitto
+from support.poisoning_device import Poisoner
 
 pytestmark = [pytest.mark.slow, pytest.mark.adversarial]
 

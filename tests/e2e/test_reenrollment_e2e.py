@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from fedge.lab.broker import MosquittoBroker
-from fleet_harness import REPO, Fleet, latest_status, wait_status
-from mqtt_fixtures import TrafficRecorder
+from support.fleet_harness import REPO, Fleet, latest_status, wait_status
+from support.mqtt_fixtures import TrafficRecorder
 
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("support.mqtt_fixtures",)
 pytestmark = [pytest.mark.slow, pytest.mark.adversarial]
 
 DEVICE = "watch-03"

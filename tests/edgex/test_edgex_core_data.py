@@ -61,7 +61,7 @@ ERROR_ARRAY_SCHEMA = {"type": "array", "items": {"$ref": "#/components/schemas/E
 
 def _openapi_dir() -> Path:
     override = os.environ.get("FEDGE_SHARED_DIR")
-    shared = Path(override) if override else Path(__file__).resolve().parents[2] / "shared"
+    shared = Path(override) if override else Path(__file__).resolve().parents[3] / "shared"
     directory = shared / "edgex" / "openapi"
     missing = [v for v in SPEC_VERSIONS if not (directory / v / "core-data.yaml").is_file()]
     if missing:

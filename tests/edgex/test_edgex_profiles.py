@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedge.agent.edgex.profile as profile_module
-from conftest import task_variant
 from fedge.agent.edgex.profile import (
     MAX_PROFILE_BYTES,
     MAX_YAML_DEPTH,
@@ -28,9 +27,10 @@ from fedge.agent.edgex.profile import (
 from fedge.agent.edgex.readings import VALUE_TYPES
 from fedge.protocol.task import TaskSpec
 from fedge.tools.edgex_provision import device_dto
-from openapi_specs import SPEC_VERSIONS, schema_errors, shared_dir
+from support.openapi_specs import SPEC_VERSIONS, schema_errors, shared_dir
+from support.tasks import task_variant
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROFILE_DIR = REPO / "edgex_profiles"
 FEDGE_PROFILES = sorted(p for p in PROFILE_DIR.glob("*.yaml") if not p.name.startswith("devices"))
 IMU_CHANNELS = ("accel_x", "accel_y", "accel_z", "gyro_x", "gyro_y", "gyro_z")

@@ -67,7 +67,7 @@ from fedge.agent.edgex.wire import (
     format_value,
 )
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "edgex"
+GOLDEN = Path(__file__).resolve().parents[1] / "support" / "golden" / "edgex"
 JSON = "application/json"
 CBOR = "application/cbor"
 FLOAT32_MAX = 3.4028234663852886e38
@@ -479,7 +479,7 @@ def test_error_envelope_golden() -> None:
 
 def _openapi_dir() -> Path:
     override = os.environ.get("FEDGE_SHARED_DIR")
-    shared = Path(override) if override else Path(__file__).resolve().parents[2] / "shared"
+    shared = Path(override) if override else Path(__file__).resolve().parents[3] / "shared"
     path = shared / "edgex" / "openapi"
     if not path.is_dir():
         message = f"EdgeX OpenAPI specs not found at {path} (set FEDGE_SHARED_DIR)"

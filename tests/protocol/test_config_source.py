@@ -20,7 +20,7 @@ from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, FileRead
 from fedge.protocol.sealing import key_to_text
 from fedge.protocol.signing import signing_key_to_text
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "k3Jd-secret-value"
 
 

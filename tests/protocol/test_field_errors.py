@@ -26,7 +26,7 @@ from fedge.protocol.round_manifest import RoundManifest, RoundManifestError, rou
 from fedge.protocol.sealing import SealedHeader, SealError, read_header
 from fedge.protocol.task import parse_task_spec, task_spec_from_dict
 
-TASK = parse_task_spec((Path(__file__).resolve().parent.parent / "tasks" / "har-watch.toml").read_text())
+TASK = parse_task_spec((Path(__file__).resolve().parents[2] / "tasks" / "har-watch.toml").read_text())
 LAYOUT = mlp_tensor_layout((2, 3))  # 9 parameters
 MODEL_MANIFEST = ModelManifest(TASK, "model.tflite", "ab" * 32, 1000, "cd" * 32, None, "2.21.0")
 ROUND = RoundManifest(

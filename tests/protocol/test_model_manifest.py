@@ -32,7 +32,7 @@ from fedge.protocol.model_manifest import (
 )
 from fedge.protocol.task import TaskSpec, parse_task_spec
 
-HAR_TASK_PATH = Path(__file__).resolve().parent.parent / "tasks" / "har-watch.toml"
+HAR_TASK_PATH = Path(__file__).resolve().parents[2] / "tasks" / "har-watch.toml"
 MODEL_SHA = "ab" * 32
 WEIGHTS_SHA = "0123456789abcdef" * 4
 SHA_ERROR = "manifest: {} must be 64 lowercase hex digits"

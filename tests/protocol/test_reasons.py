@@ -16,7 +16,7 @@ import pytest
 
 from fedge.protocol.reasons import FRAME_PREFIX, FRAME_REASONS, PAYLOAD_PREFIX, RejectReason
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROTOCOL_MD = REPO / "docs" / "protocol.md"
 PROTOCOL_SRC = REPO / "protocol" / "fedge" / "protocol"
 

@@ -28,7 +28,7 @@ from fedge.protocol.round_manifest import (
 )
 from fedge.protocol.task import parse_task_spec
 
-HAR_TASK_PATH = Path(__file__).resolve().parent.parent / "tasks" / "har-watch.toml"
+HAR_TASK_PATH = Path(__file__).resolve().parents[2] / "tasks" / "har-watch.toml"
 HAR_TASK = parse_task_spec(HAR_TASK_PATH.read_text(encoding="utf-8"))
 MODEL_SHA = "ab" * 32
 WEIGHTS_SHA = "0123456789abcdef" * 4

@@ -30,7 +30,7 @@ from fedge.protocol.task import (
     task_spec_from_dict,
 )
 
-HAR_TASK_PATH = Path(__file__).resolve().parent.parent / "tasks" / "har-watch.toml"
+HAR_TASK_PATH = Path(__file__).resolve().parents[2] / "tasks" / "har-watch.toml"
 HAR_RESOURCES = ("accel_x", "accel_y", "accel_z", "gyro_x", "gyro_y", "gyro_z")
 HAR_STATISTICS = ("mean", "std", "min", "max", "median", "rms", "p10", "p90")
 HAR_CLASSES = ("PEN", "ABD", "FEL", "IR", "ER", "TRAP", "ROW")

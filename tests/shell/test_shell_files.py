@@ -19,7 +19,7 @@ import pytest
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError
 from fedge.shell.files import atomic_write, read_config_file, read_private_key
-from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 KEY = bytes(range(32))
 KEY_TEXT = base64.b64encode(KEY) + b"\n"

@@ -18,9 +18,9 @@ from fedge.lab.broker import BrokerSettings, MosquittoBroker
 from fedge.protocol.mqtt_settings import MqttSettings
 from fedge.shell.mqtt import connect, ephemeral_settings, make_client, watch_connection
 from fedge.tools.broker_config import hash_password
-from mqtt_fixtures import require_mosquitto
+from support.mqtt_fixtures import require_mosquitto
 
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("support.mqtt_fixtures",)
 
 LOG = logging.getLogger("fedge.test.shell_mqtt")
 WAIT_S = 15.0

@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import yaml
 from openapi_core import OpenAPI
 
-from openapi_specs import SpecMismatch, validate_request, validate_response
+from support.openapi_specs import SpecMismatch, validate_request, validate_response
 
 API = "/api/v3"
 

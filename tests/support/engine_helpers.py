@@ -37,7 +37,7 @@ from fedge.protocol.task import parse_task_spec, task_spec_from_dict
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import weights_to_bytes
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FLEET = "fleet-1"
 TOPICS = FleetTopics(FLEET)
 T0 = 1_700_000_000.0
@@ -88,7 +88,7 @@ def settings(**changes: Any) -> RoundSettings:
 def plain_fedavg(**changes: Any) -> RoundSettings:
     """Plain FedAvg with no influence bounds (claimed-example weighting, no norm bound): the
     arithmetic the defaults bound, for tests of that arithmetic. Never a fleet's setting:
-    one device could then take over the model (``tests/test_influence_bounds.py``)."""
+    one device could then take over the model (``tests/aggregator/test_influence_bounds.py``)."""
     return settings(
         weighting="examples",
         example_cap_ratio=1000.0,

@@ -20,10 +20,10 @@ from fedge.lab.provision import FleetFiles, create_fleet
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.signing import key_id
 from fedge.protocol.topics import FleetTopics
-from mqtt_fixtures import RecordedMessage, TrafficRecorder
-from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+from support.mqtt_fixtures import RecordedMessage, TrafficRecorder
+from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FLEET = "e2e"
 
 

@@ -1,6 +1,6 @@
 """MQTT test fixtures: a real Mosquitto broker and a recorder of everything it routes.
 
-Use from a test module or conftest with ``pytest_plugins = ("mqtt_fixtures",)`` (``tests/`` is
+Use from a test module or conftest with ``pytest_plugins = ("support.mqtt_fixtures",)`` (``tests/`` is
 on ``sys.path`` when pytest runs). Fixtures:
 
 - ``mosquitto``: a started :class:`~fedge.lab.broker.MosquittoBroker` in the test's ``tmp_path``,

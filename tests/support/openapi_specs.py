@@ -105,7 +105,7 @@ ERRATA[("core-metadata", "v3.1.1")] += (
 def shared_dir() -> Path:
     """The shared reference directory (``FEDGE_SHARED_DIR`` or ``../shared`` next to the repo)."""
     override = os.environ.get("FEDGE_SHARED_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared"
+    return Path(override) if override else Path(__file__).resolve().parents[3] / "shared"
 
 
 def spec_dir() -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMAGES_SCRIPT = ROOT / "scripts" / "container-images.sh"
 CONTAINERS_CONF = ROOT / "docker" / "podman" / "containers.conf"
 

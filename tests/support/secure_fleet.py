@@ -59,8 +59,8 @@ from fedge.tools.broker_config import (
     update_bytes_in,
     write_broker_config,
 )
-from fleet_harness import FLEET, Fleet, device_subjects
-from mqtt_fixtures import TrafficRecorder, require_mosquitto
+from support.fleet_harness import FLEET, Fleet, device_subjects
+from support.mqtt_fixtures import TrafficRecorder, require_mosquitto
 
 WAIT_S = 10.0
 AGGREGATOR = "aggregator"

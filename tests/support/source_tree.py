@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PARTS = ("protocol", "shell", "agent", "aggregator", "tools", "lab")
 #: The value for ``PYTHONPATH``: every part's folder.
 PYTHONPATH = os.pathsep.join(str(REPO / part) for part in PARTS)

@@ -34,9 +34,9 @@ from fedge.lab.broker import (
     render_mosquitto_conf,
 )
 from fedge.protocol.errors import FedgeError
-from mqtt_fixtures import RecordedMessage, TrafficRecorder, in_ci, require_mosquitto
+from support.mqtt_fixtures import RecordedMessage, TrafficRecorder, in_ci, require_mosquitto
 
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("support.mqtt_fixtures",)
 
 WAIT_S = 10.0  # upper bound of every wait; a passing test never comes close
 

@@ -73,8 +73,8 @@ from fedge.tools.broker_config import (
     verify_password,
     write_broker_config,
 )
-from mqtt_fixtures import require_mosquitto
-from source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+from support.mqtt_fixtures import require_mosquitto
+from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
 WAIT_S = 10.0  # upper bound of every wait; a passing test never comes close
 FLEET = "f1"
@@ -741,7 +741,7 @@ def test_a_provisioned_agent_reads_edgex_through_its_own_principal(tmp_path: Pat
     def creds(name: str) -> dict[str, object]:
         return {"username": name, "password": d.credentials(name)["password"]}
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     profile = str(repo / "edgex_profiles" / "wearable-imu.yaml")
     fleet = create_fleet(
         tmp_path / "fleet", FLEET, tmp_path / "model", d.credentials(device)["broker"], {device: 1},
@@ -958,7 +958,7 @@ def test_rendered_acl_is_golden() -> None:
 
 def test_the_documented_acl_example_is_what_render_acl_writes() -> None:
     """docs/broker-security.md shows a whole generated ACL; it must stay exactly true."""
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "broker-security.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "broker-security.md").read_text()
     intro = "The generated ACL for fleet `f1` with the aggregator `agg`"
     assert doc.count(intro) == 1
     example = doc.split(intro, 1)[1].split("```\n", 2)[1]

@@ -13,7 +13,7 @@ import pytest
 
 from fedge.protocol.model_manifest import manifest_from_json
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HAR_TASK = REPO / "tasks" / "har-watch.toml"
 
 

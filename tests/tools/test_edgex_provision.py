@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from openapi_core import OpenAPI
 
-from edgex_metadata_double import MetadataDouble, Recorded
 from fedge.tools.edgex_provision import (
     ProvisionError,
     ProvisionReport,
@@ -28,9 +27,10 @@ from fedge.tools.edgex_provision import (
     provision,
     render_report,
 )
-from openapi_specs import SPEC_VERSIONS, SpecMismatch, load_spec, validate_request, validate_response
+from support.edgex_metadata_double import MetadataDouble, Recorded
+from support.openapi_specs import SPEC_VERSIONS, SpecMismatch, load_spec, validate_request, validate_response
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROFILE_DIR = REPO / "edgex_profiles"
 IMU = PROFILE_DIR / "wearable-imu.yaml"
 PROFILE_NAMES = ["Electrical-Power-Meter", "HVAC-Unit", "Room-Environment-Sensor", "Wearable-IMU"]
@@ -342,7 +342,7 @@ def test_concurrent_runs_do_not_duplicate(double: MetadataDouble, files: Files) 
     assert len(double.state.profiles) == 4 and len(double.state.devices) == 11
 
 
-# --- the spec's own errors, which the helper corrects (see tests/openapi_specs.py) --------------
+# --- the spec's own errors, which the helper corrects (see tests/support/openapi_specs.py) --------------
 
 
 @pytest.mark.parametrize("version", SPEC_VERSIONS)

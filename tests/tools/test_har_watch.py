@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import task_variant
 from fedge.agent.features import window_count
 from fedge.lab import har_watch
 from fedge.protocol.task import TaskSpec
+from support.tasks import task_variant
 
 
 @pytest.fixture(scope="module")

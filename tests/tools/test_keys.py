@@ -33,7 +33,7 @@ from fedge.tools.keys import (
 )
 from fedge.tools.keys import main as keys_main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -2,9 +2,10 @@
 
 A host agent's config names host paths (its key, the broker's CA, the EdgeX profile, the task).
 Inside the image the agent runs as uid 10001 with ``/etc/fedge`` (read-only) and a state volume at
-``/var/lib/fedge``, exactly as ``docs/docker.md`` tells a board operator. This module lays out
-that directory for one device (copies of the files it names, the config rewritten to the
-container's paths, everything owned by 10001) and builds the ``podman run`` command line.
+``/var/lib/fedge``, exactly as ``docs/deploy.md`` ("The agent on an ARM board") tells a board
+operator. This module lays out that directory for one device (copies of the files it names,
+the config rewritten to the container's paths, everything owned by 10001) and builds the
+``podman run`` command line.
 
 Pure except :func:`stage_container_agent`, which writes files; no podman call is made here.
 """
