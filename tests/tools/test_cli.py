@@ -172,3 +172,20 @@ def test_a_service_key_readable_by_others_is_a_config_error(tmp_path: Path, har_
     assert_clean_error(
         proc, f"private key file {signing} is accessible by group or others (mode 0640)", EX_CONFIG
     )
+
+
+def test_the_cli_starts_without_numpy_or_the_services() -> None:
+    """``fedge --help`` and argument errors answer fast on a board: importing the CLI loads
+    neither numpy nor either service (they are imported by the commands that run them)."""
+    from support.source_tree import PYTHONPATH
+
+    heavy = ("numpy", "fedge.agent", "fedge.aggregator", "paho")
+    probe = f"import sys, fedge.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedge.protocol.codec import Codec
+from fedge.protocol.codec_names import Codec
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import TaskSpec, parse_task_spec

@@ -18,23 +18,17 @@ delta has exactly the bytes a weights blob of the same values would have.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import StrEnum
 
 import numpy as np
 
+from fedge.protocol.codec_names import Codec
 from fedge.protocol.errors import FieldError
 from fedge.protocol.model_manifest import TensorLayout
 from fedge.protocol.weights import WEIGHTS_DTYPE
 
+__all__ = ["Codec", "CodecError", "decode_tensors", "encode_tensors", "encoded_size", "parse_codec"]
+
 _FP16_MAX = float(np.finfo(np.float16).max)
-
-
-class Codec(StrEnum):
-    """How an update's delta is encoded; the round manifest names one per round."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    INT8 = "int8"
 
 
 class CodecError(FieldError):
