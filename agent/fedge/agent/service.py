@@ -18,7 +18,6 @@ import logging
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -51,6 +50,7 @@ from fedge.protocol.errors import FedgeError
 from fedge.protocol.key_rotation import read_rotation_unverified
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.weights import weights_from_bytes
+from fedge.shell.drops import DroppedMessages
 from fedge.shell.mqtt import connect, make_client, watch_connection
 
 __all__ = [
@@ -119,8 +119,10 @@ class AgentService:
         self._parked_manifest: bytes | None = None
         self.trainer: LiteRTTrainer | None = None
         self.rejected_manifests: dict[str, int] = {}
-        # Messages not handled, by reason; guarded by _lock (paho's thread and the worker count).
-        self._dropped: Counter[str] = Counter()
+        # Messages not handled, by reason (paho's thread and the worker count).
+        self.dropped = DroppedMessages(
+            log, _DROP_ADVICE, "messages_dropped in the device status", _ROUTINE_DROPS
+        )
         self._next_status_at = 0.0
         self.phase_state = "online"
         self.last_error: str | None = None
@@ -210,26 +212,9 @@ class AgentService:
         return None
 
     def _drop(self, reason: str, topic: str, detail: str, exc: BaseException | None = None) -> None:
-        """Counts a message that was not handled (either thread; takes ``_lock``); the first of
-        each reason is logged with what to do, the rest only counted (``messages_dropped`` in
-        the device's status)."""
-        with self._lock:
-            self._dropped[reason] += 1
-            first = self._dropped[reason] == 1
-        if first:
-            # A blob nobody asked for is routine (a delivery already in flight when the fetch
-            # ended): worth a count, not an alarm.
-            level = logging.INFO if reason in _ROUTINE_DROPS else logging.ERROR
-            log.log(
-                level,
-                "dropped a message on %s (%s): %s. %s Further ones are only counted "
-                "(messages_dropped in the device status).",
-                topic,
-                reason,
-                detail,
-                _DROP_ADVICE.get(reason.split(":")[0].split("_")[0], ""),
-                exc_info=exc,
-            )
+        """Counts a message that was not handled (either thread): ``messages_dropped`` in the
+        device's status; the first of each reason is logged with what to do."""
+        self.dropped.count(reason, topic, detail, exc)
 
     def _publish_status(self) -> None:
         with self._lock:
@@ -254,7 +239,7 @@ class AgentService:
             "outbox_pending": outbox.pending,
             "outbox_dropped_total": outbox.dropped_total,
             "rejected_manifests": dict(self.rejected_manifests),
-            "messages_dropped": dict(self._dropped),
+            "messages_dropped": self.dropped.counts(),
             "last_error": self.last_error,
             "data": self.source.report(),
             "time": self.clock(),

@@ -20,7 +20,6 @@ import queue
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, ModelManifest, manifest_from_json
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import WeightsError, weights_from_bytes
+from fedge.shell.drops import DroppedMessages
 from fedge.shell.files import read_private_key
 from fedge.shell.mqtt import connect, make_client, watch_connection
 
@@ -203,10 +203,10 @@ class AggregatorService:
             self._load_state()
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=inbox_limit)
         self.inbox_max_bytes = inbox_max_bytes
-        # Both written from paho's thread and the loop's: guarded by _counts_lock.
+        # Written from paho's thread and the loop's: guarded by _counts_lock.
         self._inbox_bytes = 0
-        self._dropped: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
+        self.dropped = DroppedMessages(log, _DROP_ADVICE, "messages_dropped in aggregator/status")
         self._status_dirty = True
         self._status_sent_at = float("-inf")
         self.online: set[str] = set()
@@ -297,23 +297,10 @@ class AggregatorService:
             self._inbox_bytes = max(0, self._inbox_bytes - size)
 
     def _drop(self, reason: str, topic: str, detail: str, exc: BaseException | None = None) -> None:
-        """Counts a message that was not handled (either thread); the first of each reason is
-        logged with what to do, the rest only counted (``messages_dropped`` in the status)."""
-        with self._counts_lock:
-            self._dropped[reason] += 1
-            first = self._dropped[reason] == 1
+        """Counts a message that was not handled (either thread): ``messages_dropped`` in the
+        status, which is due again; the first of each reason is logged with what to do."""
+        self.dropped.count(reason, topic, detail, exc)
         self._status_dirty = True
-        if first:
-            advice = _DROP_ADVICE.get(reason.split(":")[0].split("_")[0], "")
-            log.error(
-                "dropped a message on %s (%s): %s. %s Further ones are only counted "
-                "(messages_dropped in aggregator/status).",
-                topic,
-                reason,
-                detail,
-                advice,
-                exc_info=exc,
-            )
 
     @property
     def messages_dropped(self) -> dict[str, int]:
@@ -322,14 +309,12 @@ class AggregatorService:
         ``status_bad_utf8``, ``status_not_finite``, ``status_not_an_object``,
         ``status_bad_topic``) and ``handler_error:<exception>`` (a bug: the message was skipped).
         Update rejections are the engine's (``rejected_total``)."""
-        with self._counts_lock:
-            return dict(self._dropped)
+        return self.dropped.counts()
 
     @property
     def inbox_overflow(self) -> int:
         """Messages dropped because the inbox was full (by count or bytes)."""
-        with self._counts_lock:
-            return self._dropped["inbox_full"]
+        return self.dropped["inbox_full"]
 
     def inbox_status(self) -> dict[str, int]:
         """What the inbox holds now, against its bounds."""
