@@ -24,7 +24,7 @@ pytest.importorskip("kubernetes_validate")
 
 from fedge.aggregator.checkpoint import load_checkpoint
 from fedge.aggregator.leader import LEASE_NAME, STATUS_CONFIGMAP
-from fedge.aggregator.leadership import EXIT_LEADERSHIP_LOST
+from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
 from fedge.lab.broker import MosquittoBroker
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
 from fedge.protocol.signing import DocType, key_id, verify_document

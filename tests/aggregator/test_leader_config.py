@@ -170,3 +170,22 @@ def test_heartbeat_is_touched_throttled_and_survives_a_bad_path(tmp_path: Path) 
     blocked = tmp_path / "file"
     blocked.write_text("")
     Heartbeat(blocked / "heartbeat").beat()  # parent is a file: logged, not raised
+
+
+def test_an_aggregator_without_leader_election_never_imports_the_kubernetes_client() -> None:
+    """The client costs ~48 MB of the pod's memory; a single replica does not pay for it."""
+    import os
+    import subprocess
+    import sys
+
+    from support.source_tree import PYTHONPATH
+
+    probe = "import sys, fedge.aggregator.service; print('kubernetes' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
+        check=True,
+    )
+    assert out.stdout.strip() == "False"

@@ -23,6 +23,10 @@ from fedge.protocol.config_source import ConfigError, Table
 
 # The names k8s/base uses (rbac.yaml grants exactly these); aggregator.leader re-exports them.
 LEASE_NAME = "fedge-aggregator-leader"
+#: The exit code of a replica that lost the Lease (75, ``EX_TEMPFAIL``: "try again later"):
+#: Kubernetes restarts it and it rejoins as a follower. Here, not in ``leadership``, so the
+#: service can name it without importing the Kubernetes client (~48 MB) when it runs alone.
+EXIT_LEADERSHIP_LOST = 75
 STATUS_CONFIGMAP = "fedge-aggregator-status"
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 LEADER_KEYS = {

@@ -30,7 +30,6 @@ from fedge.aggregator.leader_config import LeaderSettings
 from fedge.protocol.config_source import ConfigError
 
 log = logging.getLogger("fedge.aggregator.leader")
-EXIT_LEADERSHIP_LOST = 75
 
 
 def status_data(status: Mapping[str, Any], identity: str, now: float) -> dict[str, str]:
@@ -88,6 +87,10 @@ class Leadership:
         """Queues the newest status; only the last one queued is ever sent."""
         with self._lock:
             self._pending = dict(data)
+
+    def report(self, status: Mapping[str, Any], now: float) -> None:
+        """Queues the engine's status document as the status ConfigMap's data."""
+        self.set_status(status_data(status, self.identity, now))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -34,12 +34,7 @@ from nacl.signing import SigningKey
 from fedge.aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.heartbeat import Heartbeat
-from fedge.aggregator.leadership import (
-    EXIT_LEADERSHIP_LOST,
-    Leadership,
-    leadership_from_settings,
-    status_data,
-)
+from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
 from fedge.aggregator.registry import load_registry, load_registry_file
 from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
@@ -51,6 +46,9 @@ from fedge.protocol.weights import WeightsError, weights_from_bytes
 from fedge.shell.drops import DroppedMessages
 from fedge.shell.files import read_private_key
 from fedge.shell.mqtt import connect, make_client, watch_connection
+
+if TYPE_CHECKING:  # the Kubernetes client is imported only with [leader] enabled
+    from fedge.aggregator.leadership import Leadership
 
 log = logging.getLogger("fedge.aggregator")
 CHECKPOINT_FILE = "checkpoint.bin"
@@ -394,7 +392,7 @@ class AggregatorService:
         status = self.status()
         self.client.publish(self.topics.aggregator_status, json.dumps(status).encode(), qos=1, retain=True)
         if self.leadership is not None:
-            self.leadership.set_status(status_data(status, self.leadership.identity, self.clock()))
+            self.leadership.report(status, self.clock())
         self._status_dirty = False
         self._status_sent_at = now
 
@@ -564,7 +562,11 @@ class AggregatorService:
 
 
 def run_aggregator(config: AggregatorConfig, env: Mapping[str, str] | None = None) -> int:
-    leadership = leadership_from_settings(config.leader) if config.leader.enabled else None
+    leadership = None
+    if config.leader.enabled:  # only then the Kubernetes client (~48 MB) is imported
+        from fedge.aggregator.leadership import leadership_from_settings  # noqa: PLC0415
+
+        leadership = leadership_from_settings(config.leader)
     service = AggregatorService(config, leadership=leadership)
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
