@@ -330,9 +330,11 @@ def test_abandoning_a_round_in_training_waits_for_the_next_manifest() -> None:
 
 def test_the_table_leads_back_to_waiting_from_every_phase() -> None:
     reachable = {Phase.WAITING}
-    for (src, _), dst in TRANSITIONS.items():
-        if src in reachable:
-            reachable.add(dst)
+    while True:
+        more = {dst for (src, _), dst in TRANSITIONS.items() if src in reachable} - reachable
+        if not more:
+            break
+        reachable |= more
     assert reachable == set(Phase)
     for phase in Phase:
         assert TRANSITIONS[(phase, Outcome.ABANDONED)] is Phase.WAITING
@@ -340,4 +342,39 @@ def test_the_table_leads_back_to_waiting_from_every_phase() -> None:
     assert forward == {
         (Phase.WAITING, Outcome.MANIFEST_ACCEPTED): Phase.FETCHING,
         (Phase.FETCHING, Outcome.TAKING_PART): Phase.TRAINING,
+        (Phase.TRAINING, Outcome.NOT_ENOUGH_DATA): Phase.WAITING_FOR_DATA,
+        (Phase.WAITING_FOR_DATA, Outcome.DATA_RETRY): Phase.TRAINING,
     }
+
+
+# --- too few local samples ------------------------------------------------------------------------
+
+
+def test_a_device_without_enough_data_keeps_the_round_and_trains_when_data_arrives() -> None:
+    engine, pub = train_engine()
+    c = core()
+    assert fetch_and_load(c, pub)[-1] == Train(pub.manifest, "update")
+    waiting = c.not_enough_data(1, 2)
+    assert types(waiting) == [StatusState, Note] and waiting[0] == StatusState("not_ready")
+    assert waiting[1].problem and "1 local sample(s), 2 needed" in waiting[1].text  # type: ignore[union-attr]
+    assert c.phase is Phase.WAITING_FOR_DATA and c.state.update_counter == 0
+    assert c.retry_data(T0 + 5) == [Train(pub.manifest, "update")]
+    send = c.trained(np.zeros(P, np.float32), 10, 0.1, None, T0 + 6)[1]
+    assert isinstance(send, Send) and send.counter == 1
+    assert engine.handle(send.topic, send.frame, T0 + 7).accepted
+
+
+def test_a_round_that_closes_while_waiting_for_data_is_given_up_and_a_new_manifest_replaces_it() -> None:
+    _, pub = train_engine()
+    c = core()
+    fetch_and_load(c, pub)
+    c.not_enough_data(0, 2)
+    late = c.retry_data(pub.manifest.deadline + 1)
+    assert types(late) == [Note, StatusState] and late[1] == StatusState("idle")
+    assert c.phase is Phase.WAITING and c.state.update_counter == 0
+    c2 = core()
+    fetch_and_load(c2, pub)
+    c2.not_enough_data(0, 2)
+    with pytest.raises(DeviceCoreError, match="manifest_rejected is not expected in phase waiting_for_data"):
+        c2.manifest_arrived(b"junk", TRUSTED, T0 + 2)
+    assert c2.superseded() == [] and c2.phase is Phase.WAITING

@@ -1385,3 +1385,14 @@ def test_a_revoked_device_is_refused_from_the_next_round_on() -> None:
         False, "revoked_device", revoked, "update"
     )
     assert engine.state.rejected_total == {"revoked_device": 1}
+
+
+def test_devices_that_are_not_ready_are_not_selected_while_enough_others_are() -> None:
+    engine = make_engine(devices=DEVICE_IDS[:4])  # min_devices 2 (the tests' settings)
+    every = engine.select_devices(5)
+    assert every == DEVICE_IDS[:4]  # devices_per_round 0: all
+    assert engine.select_devices(5, frozenset({"dev-b"})) == ("dev-a", "dev-c", "dev-d")
+    # Too few ready ones left for min_devices: the choice is among all, as before.
+    assert engine.select_devices(5, frozenset({"dev-a", "dev-b", "dev-c"})) == every
+    pub = engine.open_round(T0, frozenset({"dev-c"}))
+    assert pub.manifest.selected_devices == ("dev-a", "dev-b", "dev-d")

@@ -14,6 +14,9 @@ silently different path.
     WAITING  --manifest accepted-->  FETCHING  --blobs, taking part-->  TRAINING
        ^   <--rejected / repeated--'    |  '--blobs missing / bad / not taking part--> WAITING
        '----------------------------------------------- sealed / too late <-- TRAINING
+                                                  not enough data |   ^ retry (data arrived)
+                                                                  v   |
+       WAITING <-- too late / superseded --------------------- WAITING_FOR_DATA
 
 and from any phase, :meth:`DeviceCore.abandon` (carrying out an action failed) back to WAITING.
 
@@ -75,6 +78,7 @@ class Phase(StrEnum):
     WAITING = "waiting"  # no round in hand: waiting for the next manifest
     FETCHING = "fetching"  # a manifest accepted; waiting for the blobs it names
     TRAINING = "training"  # taking part: the shell trains (or computes moments) on local data
+    WAITING_FOR_DATA = "waiting_for_data"  # selected, but too few local samples yet: retrying
 
 
 class Outcome(StrEnum):
@@ -90,6 +94,8 @@ class Outcome(StrEnum):
     TAKING_PART = "taking_part"
     SEALED = "sealed"
     TOO_LATE = "too_late"
+    NOT_ENOUGH_DATA = "not_enough_data"
+    DATA_RETRY = "data_retry"
     ABANDONED = "abandoned"
 
 
@@ -105,9 +111,14 @@ TRANSITIONS: Mapping[tuple[Phase, Outcome], Phase] = {
     (Phase.FETCHING, Outcome.TAKING_PART): Phase.TRAINING,
     (Phase.TRAINING, Outcome.SEALED): Phase.WAITING,
     (Phase.TRAINING, Outcome.TOO_LATE): Phase.WAITING,
+    (Phase.TRAINING, Outcome.NOT_ENOUGH_DATA): Phase.WAITING_FOR_DATA,
+    (Phase.WAITING_FOR_DATA, Outcome.DATA_RETRY): Phase.TRAINING,
+    (Phase.WAITING_FOR_DATA, Outcome.TOO_LATE): Phase.WAITING,
+    (Phase.WAITING_FOR_DATA, Outcome.SUPERSEDED): Phase.WAITING,
     (Phase.WAITING, Outcome.ABANDONED): Phase.WAITING,
     (Phase.FETCHING, Outcome.ABANDONED): Phase.WAITING,
     (Phase.TRAINING, Outcome.ABANDONED): Phase.WAITING,
+    (Phase.WAITING_FOR_DATA, Outcome.ABANDONED): Phase.WAITING,
 }
 
 
@@ -356,9 +367,38 @@ class DeviceCore:
         return actions
 
     def superseded(self) -> list[Action]:
-        """A newer manifest arrived before this one's blobs did: abandon the fetch quietly."""
+        """A newer manifest arrived before this one's blobs (or enough local data) did:
+        abandon the round in hand quietly."""
         self._move(Outcome.SUPERSEDED)
         return []
+
+    def not_enough_data(self, have: int, need: int) -> list[Action]:
+        """Selected, but the device holds fewer samples than training needs (its data source
+        started late, or the store is still filling). The round is kept: the shell retries
+        with :meth:`retry_data` until the deadline, and the status says ``not_ready``."""
+        manifest = self._pending()
+        self._move(Outcome.NOT_ENOUGH_DATA)
+        return [
+            StatusState("not_ready"),
+            Note(
+                f"round {manifest.round_id}: {have} local sample(s), {need} needed; retrying until "
+                "its deadline (check the data source: the EdgeX bus, the task's resources)",
+                problem=True,
+            ),
+        ]
+
+    def retry_data(self, now: float) -> list[Action]:
+        """Time to look at the local data again (WAITING_FOR_DATA): train, or give up if the
+        round has closed."""
+        manifest = self._pending()
+        if now > manifest.deadline:
+            self._move(Outcome.TOO_LATE)
+            return [
+                Note(f"round {manifest.round_id} closed before this device had enough data"),
+                StatusState("idle"),
+            ]
+        self._move(Outcome.DATA_RETRY)
+        return [Train(manifest, "moments" if manifest.phase == "moments" else "update")]
 
     def blobs_missing(self) -> list[Action]:
         """The fetch timed out (or the service is stopping) without every wanted blob."""

@@ -64,6 +64,10 @@ __all__ = [
 
 log = logging.getLogger("fedge.agent")
 HEARTBEAT_INTERVAL_S = 5.0
+#: Fewer local samples than this: the device is not ready (no split into train and held-out).
+MIN_LOCAL_SAMPLES = 2
+#: How often a device selected without enough data looks at its data again.
+DATA_RETRY_S = 5.0
 #: What to do about a message the agent dropped, by reason (the part before "_" or ":").
 _DROP_ADVICE = {
     "blob": "A blob that is not (or not exactly) one this device asked for: a re-delivery, or "
@@ -115,6 +119,8 @@ class AgentService:
         self.clock = clock
         self.topics = self.core.topics
         self.data: LocalData | None = None
+        self._local_samples: int | None = None
+        self._data_retry_at = 0.0
         self._pending_rotations: list[bytes] = []
         self._parked_manifest: bytes | None = None
         self.trainer: LiteRTTrainer | None = None
@@ -233,6 +239,7 @@ class AgentService:
             "state": self.phase_state,
             "model_version": st.manifest_version,
             "round_id": current.round_id if current else None,
+            "ready": self._ready(),
             "samples": int(self.data.x_train.shape[0]) if self.data else None,
             "holdout_samples": int(self.data.x_holdout.shape[0]) if self.data else None,
             "runtime": self.trainer.runtime.name if self.trainer else None,
@@ -244,6 +251,15 @@ class AgentService:
             "data": self.source.report(),
             "time": self.clock(),
         }
+
+    def _ready(self) -> bool:
+        """Whether this device can take part: not waiting for data in a round, and its source
+        holds enough samples (a source that cannot tell counts as ready). The aggregator
+        waits for, and selects, ready devices."""
+        if self.phase_state == "not_ready":
+            return False
+        available = self.source.available()
+        return available is None or available >= MIN_LOCAL_SAMPLES
 
     # --- the worker: carrying out what the core asks -----------------------------------------
 
@@ -375,18 +391,24 @@ class AgentService:
         self.trainer.normalisation = manifest.normalisation
         self.trainer.set_weights(weights_from_bytes(action.weights, manifest.model_manifest.parameter_count))
 
-    def _local_data(self, manifest: RoundManifest) -> LocalData:
-        """This round's local data (a live source keeps growing), split (seeded) for evaluation."""
+    def _local_data(self, manifest: RoundManifest) -> LocalData | None:
+        """This round's local data (a live source keeps growing), split (seeded) for evaluation;
+        None while there are fewer than MIN_LOCAL_SAMPLES."""
         x, y = self.source.training_data(manifest.model_manifest.task)
-        if x.shape[0] < 2:
-            raise ConfigError(f"device {self.config.device_id} has {x.shape[0]} samples; needs at least 2")
+        self._local_samples = int(x.shape[0])
+        if x.shape[0] < MIN_LOCAL_SAMPLES:
+            return None
         d = self.config.data
         self.data = split_holdout(x, y, d.holdout_fraction, d.seed)
         return self.data
 
     def _train(self, action: Train) -> list[Action]:
-        """Trains (or computes moments) and hands the result to the core."""
+        """Trains (or computes moments) and hands the result to the core; with too few local
+        samples, tells the core, which keeps the round and has the worker look again."""
         data = self._local_data(action.manifest)
+        if data is None:
+            self._data_retry_at = time.monotonic() + DATA_RETRY_S
+            return self.core.not_enough_data(self._local_samples or 0, MIN_LOCAL_SAMPLES)
         if action.kind == "moments":
             return self.core.moments_computed(data.x_train, self.clock())
         trainer = self.trainer
@@ -425,8 +447,13 @@ class AgentService:
             self._flush_outbox()
             if self._apply_rotations() and frame is None and self._parked_manifest is not None:
                 frame, self._parked_manifest = self._parked_manifest, None
+            waiting_for_data = self.core.phase is Phase.WAITING_FOR_DATA
             if frame is not None:
+                if waiting_for_data:
+                    self.core.superseded()  # a newer manifest replaces the round in hand
                 self._carry_out(self.core.manifest_arrived(frame, self.trust.trusted_keys(), self.clock()))
+            elif waiting_for_data and time.monotonic() >= self._data_retry_at:
+                self._carry_out(self.core.retry_data(self.clock()))
             if time.monotonic() >= self._next_status_at and self.connected.is_set():
                 self._publish_status()
                 self._next_status_at = time.monotonic() + self.config.status_interval_s

@@ -57,6 +57,11 @@ class LocalDataSource(Protocol):
 
     def training_data(self, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def available(self) -> int | None:
+        """How many samples the source holds for its task now; None if it cannot tell before
+        a round names the task."""
+        ...
+
     def report(self) -> dict[str, Any] | None: ...
 
 
@@ -74,6 +79,9 @@ class ProvidedData:
 
     def training_data(self, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
         return self.provider(task)
+
+    def available(self) -> int | None:
+        return None
 
     def report(self) -> dict[str, Any] | None:
         return None

@@ -230,16 +230,24 @@ class RoundEngine:
             return "final"
         return "moments" if self.state.normalisation is None else "train"
 
-    def select_devices(self, version: int) -> tuple[str, ...]:
+    def select_devices(self, version: int, not_ready: frozenset[str] = frozenset()) -> tuple[str, ...]:
+        """The devices asked to take part in manifest ``version``: a seeded choice of
+        ``devices_per_round`` (0: all). Devices that said they are not ready (too few local
+        samples) are left out while enough others remain for ``min_devices``; otherwise the
+        choice is among every enrolled device, as if all were ready."""
         enrolled = sorted(self.registry)
+        ready = [d for d in enrolled if d not in not_ready]
+        if len(ready) >= self.settings.min_devices:
+            enrolled = ready
         k = self.settings.devices_per_round
         if k == 0 or k >= len(enrolled):
             return tuple(enrolled)
         rng = np.random.default_rng([self.settings.selection_seed, version])
         return tuple(sorted(rng.choice(enrolled, size=k, replace=False).tolist()))
 
-    def open_round(self, now: float) -> Publication:
-        """Announces the next round (or the final model): bumps the version, signs the manifest."""
+    def open_round(self, now: float, not_ready: frozenset[str] = frozenset()) -> Publication:
+        """Announces the next round (or the final model): bumps the version, signs the manifest.
+        ``not_ready``: devices whose status says they cannot take part yet (``select_devices``)."""
         version = self.state.version + 1
         phase = self.phase
         if phase == "train":
@@ -261,7 +269,7 @@ class RoundEngine:
             issued_at=now,
             deadline=now + timeout,
             expires_at=now + timeout + self.settings.manifest_ttl_s,
-            selected_devices=() if phase == "final" else self.select_devices(version),
+            selected_devices=() if phase == "final" else self.select_devices(version, not_ready),
             min_devices=self.settings.min_devices,
             codec=self.settings.codec,
             model_sha256=self.model_sha256,

@@ -208,6 +208,9 @@ class AggregatorService:
         self._status_dirty = True
         self._status_sent_at = float("-inf")
         self.online: set[str] = set()
+        # Devices whose status says "ready": false (too few local samples): not selected while
+        # enough others are ready, and waited for before the first round.
+        self.not_ready: set[str] = set()
         self.connected = threading.Event()
         self.stop_requested = threading.Event()
         self.client = make_client(config.mqtt)
@@ -402,6 +405,7 @@ class AggregatorService:
         ``inbox_full``) and its inbox."""
         status = self.engine.status(self.clock())
         status["online_devices"] = sorted(self.online)
+        status["not_ready_devices"] = sorted(self.not_ready)
         dropped = self.messages_dropped
         status["inbox_overflow"] = dropped.get("inbox_full", 0)
         status["messages_dropped"] = dropped
@@ -458,21 +462,41 @@ class AggregatorService:
                 self._drop("status_not_an_object", topic, f"a JSON {type(status).__name__}")
                 return
             state = status.get("state")
-        was_online = device in self.online
+            ready = status.get("ready") is not False  # absent (older agents): ready
+        else:
+            ready = True
+        was = (device in self.online, device in self.not_ready)
         if state == "offline":
             self.online.discard(device)
         else:
             self.online.add(device)
-        if was_online != (device in self.online):
+        if ready:
+            self.not_ready.discard(device)
+        else:
+            self.not_ready.add(device)
+        if was != (device in self.online, device in self.not_ready):
             self._status_dirty = True
 
     def _wait_for_devices(self) -> None:
         """Before the first round, give enrolled devices a moment to connect (bounded)."""
         wanted = set(self.engine.registry)
         until = self.clock() + self.config.rounds.wait_for_devices_s
-        while not self.stop_requested.is_set() and self.clock() < until and not wanted <= self.online:
+
+        def all_ready() -> bool:
+            return wanted <= self.online and not wanted & self.not_ready
+
+        while not self.stop_requested.is_set() and self.clock() < until and not all_ready():
             self._drain(0.1)
-        log.info("%d of %d enrolled devices online", len(self.online & wanted), len(wanted))
+        online = self.online & wanted
+        log.info(
+            "%d of %d enrolled devices online, %d of them ready%s",
+            len(online),
+            len(wanted),
+            len(online - self.not_ready),
+            f" (not ready: {', '.join(sorted(online & self.not_ready))}: too few local samples)"
+            if online & self.not_ready
+            else "",
+        )
 
     def _campaign(self, leadership: Leadership) -> bool:
         """Waits (heartbeat fresh, nothing connected) until this replica leads; False if asked
@@ -519,7 +543,7 @@ class AggregatorService:
             if self.stop_requested.is_set():
                 return 0
             self._reload_registry()
-            self._announce(self.engine.open_round(self.clock()))
+            self._announce(self.engine.open_round(self.clock(), frozenset(self.not_ready)))
             self._publish_status()
             while not self.stop_requested.is_set():
                 if self.engine.current is None:  # final model published
@@ -541,7 +565,7 @@ class AggregatorService:
                         influence_summary(record),
                     )
                     self._reload_registry()
-                    self._announce(self.engine.open_round(self.clock()))
+                    self._announce(self.engine.open_round(self.clock(), frozenset(self.not_ready)))
                     self._publish_status()
             return 0
         except LeadershipLost:

@@ -141,5 +141,8 @@ class HarWatchSource:
             self._cache[task.sha256()] = (data.x, data.y)
         return self._cache[task.sha256()]
 
+    def available(self) -> int | None:
+        return None  # known once a round names the task
+
     def report(self) -> dict[str, Any] | None:
         return None

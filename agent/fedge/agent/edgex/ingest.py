@@ -229,6 +229,10 @@ class EdgeXIngest:
             )
         return self.store.load(self.key)
 
+    def available(self) -> int | None:
+        """Samples stored for this device's task (what the device's ``ready`` status is from)."""
+        return self.store.stats(self.clock()).per_task.get(self.key, 0)
+
     def report(self) -> dict[str, Any]:
         return {
             "device": self.device,
