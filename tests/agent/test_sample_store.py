@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import stat
 import threading
@@ -12,7 +13,7 @@ import pytest
 
 from fedge.agent.edgex.samples import Sample
 from fedge.agent.outbox import Outbox
-from fedge.agent.sample_store import SampleStore, SampleStoreError, SampleStoreStats
+from fedge.agent.sample_store import AddOutcome, SampleStore, SampleStoreError, SampleStoreStats
 from fedge.protocol.errors import FedgeError
 
 NOW = 1_700_000_000.0  # wall-clock seconds
@@ -111,6 +112,56 @@ def test_add_refuses_samples_already_too_old(tmp_path: Path) -> None:
         assert s.add([sample(HOUR + 1), sample(HOUR - 1), sample(5)], "t", NOW) == 2
         stats = s.stats(NOW)
     assert (stats.samples, stats.expired_total, stats.evicted_age_total) == (2, 1, 0)
+
+
+YEAR = 365 * 24 * HOUR
+DEFAULT_MAX_AGE_S = 30 * 24 * HOUR  # [edgex] store_max_age_s's default
+
+
+def test_an_old_sample_is_refused_under_a_named_reason_with_its_age(tmp_path: Path) -> None:
+    with store(tmp_path, max_age_s=DEFAULT_MAX_AGE_S) as s:
+        outcome = s.add_counted([sample(3 * YEAR), sample(2 * YEAR), sample(5)], "t", NOW)
+        stats = s.stats(NOW)
+    assert outcome == AddOutcome(inserted=1, expired=2, oldest_age_s=pytest.approx(3 * YEAR))
+    assert (stats.samples, stats.expired_total, stats.evicted_age_total) == (1, 2, 0)
+
+
+def test_max_age_zero_keeps_samples_of_any_age(tmp_path: Path) -> None:
+    with store(tmp_path, max_age_s=0) as s:
+        outcome = s.add_counted([sample(10 * YEAR), sample(3 * YEAR), sample(5)], "t", NOW)
+        assert s.evict(NOW + 50 * YEAR) == 0
+        stats = s.stats(NOW + 50 * YEAR)
+        assert s.load("t")[0].shape == (3, 3)
+    assert outcome == AddOutcome(inserted=3)
+    assert (stats.samples, stats.expired_total, stats.evicted_age_total) == (3, 0, 0)
+
+
+def test_max_age_zero_still_evicts_by_count(tmp_path: Path) -> None:
+    with store(tmp_path, max_samples=2, max_age_s=0) as s:
+        outcome = s.add_counted(
+            [sample(3 * YEAR, label=3), sample(2 * YEAR, label=2), sample(YEAR, label=1)], "t", NOW
+        )
+        _, y = s.load("t")
+    assert outcome == AddOutcome(inserted=3, evicted_count=1)
+    assert y.tolist() == [2, 1]
+
+
+def test_add_counted_names_every_sample_it_did_not_keep(tmp_path: Path) -> None:
+    with store(tmp_path, max_samples=3, max_age_s=HOUR) as s:
+        assert s.add_counted([sample(3000), sample(2000), sample(1000)], "t", NOW) == AddOutcome(inserted=3)
+        # An hour later the 3000 s old sample has aged out; a replayed one is a duplicate, one
+        # built from old readings is refused, and the new two push the oldest left over out.
+        later = NOW + 1000
+        batch = [sample(1000), sample(5000), sample(-999), sample(-998)]  # ages 2000, 6000, 1, 2
+        outcome = s.add_counted(batch, "t", later)
+    assert outcome == AddOutcome(
+        inserted=2,
+        duplicate=1,
+        expired=1,
+        evicted_age=1,
+        evicted_count=1,
+        oldest_age_s=pytest.approx(6000.0),
+    )
 
 
 def test_evict_drops_samples_by_age(tmp_path: Path) -> None:
@@ -258,12 +309,13 @@ def test_bad_task_keys_are_refused(tmp_path: Path, key: object) -> None:
     [
         (0, HOUR, "max_samples must be a positive integer, got 0"),
         (True, HOUR, "max_samples must be a positive integer, got True"),
-        (10, 0.0, "max_age_s must be a positive number, got 0.0"),
-        (10, float("inf"), "max_age_s must be a positive number, got inf"),
+        (10, -1.0, "max_age_s must be a positive number or 0 (any age), got -1.0"),
+        (10, float("inf"), "max_age_s must be a positive number or 0 (any age), got inf"),
+        (10, True, "max_age_s must be a positive number or 0 (any age), got True"),
     ],
 )
 def test_bad_bounds_are_refused(tmp_path: Path, max_samples: int, max_age_s: float, message: str) -> None:
-    with pytest.raises(SampleStoreError, match=message):
+    with pytest.raises(SampleStoreError, match=re.escape(message)):
         SampleStore(tmp_path / "samples.db", max_samples, max_age_s)
 
 

@@ -526,6 +526,28 @@ def test_int_and_bool_class_labels(har_task: TaskSpec, imu_text: str) -> None:
     assert info.value.problem == "a Bool label has 2 classes, the task lists 7"
 
 
+@pytest.mark.parametrize("classes", [
+    ["false", "true"], ["TRUE", "False"], ["0", "1"], ["vacant", "occupied"],
+])
+def test_bool_labels_with_two_fitting_classes(har_task: TaskSpec, imu_text: str, classes: list[str]) -> None:
+    check_task_against_profile(task_variant(har_task, {"label.classes": classes}), label_as(imu_text, "Bool"))
+
+
+@pytest.mark.parametrize("classes", [["true", "yes"], ["0", "true"], ["no", "1"]])
+def test_bool_label_classes_naming_one_value_are_refused(
+    har_task: TaskSpec, imu_text: str, classes: list[str]
+) -> None:
+    task = task_variant(har_task, {"label.classes": classes})
+    with pytest.raises(TaskProfileMismatch) as info:
+        check_task_against_profile(task, label_as(imu_text, "Bool"))
+    assert (info.value.field, info.value.resource) == ("label.classes", "activity")
+    assert info.value.problem == (
+        "a Bool label's classes name both values ('false' and 'true', or '0' and '1', any case and "
+        "order) or neither (then the first class is false, the second true); "
+        f"the task lists {classes}"
+    )
+
+
 def test_regression_label_must_be_numeric(har_task: TaskSpec, imu_text: str) -> None:
     task = task_variant(har_task, {"model.kind": "regression", "label.classes": None})
     with pytest.raises(TaskProfileMismatch) as info:

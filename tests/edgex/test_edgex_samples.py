@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedge.agent.edgex.readings import Reading
+from fedge.agent.edgex.readings import Reading, parse_value
 from fedge.agent.edgex.samples import (
     DEFAULT_REORDER_WINDOW_NS,
     READING_REASONS,
@@ -28,6 +28,7 @@ from fedge.agent.edgex.samples import (
     Sample,
     SampleBuilder,
     SampleError,
+    bool_class_indices,
 )
 from fedge.agent.features import extract_features, window_count, window_labels
 from fedge.protocol.errors import FedgeError
@@ -462,6 +463,104 @@ def test_labels_that_are_not_classes_drop_their_rows(task2: TaskSpec) -> None:
     samples = run(builder, [readings])
     assert [(s.features[0], s.label) for s in samples] == [(4.0, 2), (5.0, 1)]
     assert counts(builder) == {"readings": 18, "accepted": 18, "unknown_label": 4, "rows": 2, "samples": 2}
+
+
+# --- Bool labels and features ----------------------------------------------------------------
+
+
+def bool_rows(task: TaskSpec, texts: Sequence[str]) -> list[Reading]:
+    """One row per text: feature ``a`` is the row's index, the label a Bool parsed as EdgeX sends it."""
+    out: list[Reading] = []
+    for i, text in enumerate(texts):
+        t = T0 + i * P
+        out += [reading("a", float(i), t), reading("label", parse_value("Bool", text), t, "Bool")]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("classes", "false_index", "true_index"),
+    [
+        (["false", "true"], 0, 1),
+        (["True", "FALSE"], 1, 0),  # named values match by name, ignoring case, in any order
+        (["0", "1"], 0, 1),
+        (["1", "0"], 1, 0),
+        (["vacant", "occupied"], 0, 1),  # unnamed: false is the first class, true the second
+    ],
+)
+def test_bool_labels_map_false_and_true_to_their_classes(
+    classes: list[str], false_index: int, true_index: int
+) -> None:
+    task = make_task(("a",), None, classes=classes)
+    builder = SampleBuilder(task)
+    # EdgeX writes Bool values "true"/"false"; Go's ParseBool (and a CSV replay) also gives 1/0.
+    samples = run(builder, [bool_rows(task, ["false", "true", "1", "0", "True", "FALSE"])])
+    expected = [false_index, true_index, true_index, false_index, true_index, false_index]
+    assert [(s.features[0], s.label) for s in samples] == list(zip(range(6), expected, strict=True))
+    assert all(type(s.label) is int for s in samples)
+    assert counts(builder) == {"readings": 12, "accepted": 12, "rows": 6, "samples": 6}
+
+
+def test_hand_made_bool_values_in_text_or_0_1_are_labels_too() -> None:
+    task = make_task(("a",), None, classes=["false", "true"])
+    builder = SampleBuilder(task)
+    values: list[Any] = ["TRUE", "false", 1, 0, "yes", 2, None]
+    readings: list[Reading] = []
+    for i, value in enumerate(values):
+        readings += [reading("a", float(i), T0 + i * P), reading("label", value, T0 + i * P, "Bool")]
+    samples = run(builder, [readings])
+    assert [(s.features[0], s.label) for s in samples] == [(0.0, 1), (1.0, 0), (2.0, 1), (3.0, 0)]
+    assert counts(builder) == {"readings": 14, "accepted": 14, "unknown_label": 3, "rows": 4, "samples": 4}
+
+
+@pytest.mark.parametrize("classes", [["true", "yes"], ["0", "true"], ["off", "on", "false"]])
+def test_bool_labels_of_classes_that_do_not_fit_a_bool_are_unknown(classes: list[str]) -> None:
+    task = make_task(("a",), None, classes=classes)
+    builder = SampleBuilder(task)
+    assert run(builder, [bool_rows(task, ["false", "true"])]) == []
+    assert counts(builder) == {"readings": 4, "accepted": 4, "unknown_label": 2}
+
+
+@pytest.mark.parametrize(
+    ("classes", "indices"),
+    [
+        (("false", "true"), (0, 1)),
+        (("TRUE", "False"), (1, 0)),
+        (("0", "1"), (0, 1)),
+        (("1", "0"), (1, 0)),
+        (("no", "yes"), (0, 1)),
+        (("yes", "no"), (0, 1)),  # unnamed: by position, as an integer label 0/1 would be
+        (("true", "yes"), None),
+        (("false", "1"), None),
+        (("true", "true2"), None),
+        (("false", "true", "maybe"), None),
+    ],
+)
+def test_bool_class_indices(classes: tuple[str, ...], indices: tuple[int, int] | None) -> None:
+    assert bool_class_indices(classes) == indices
+
+
+def test_bool_features_are_zero_or_one() -> None:
+    task = make_task(("a", "b"), (2, 2, ("mean",)))
+    builder = SampleBuilder(task)
+    texts = [("true", "false"), ("1", "false"), ("false", "0"), ("False", "TRUE")]
+    readings: list[Reading] = []
+    for i, (a, b) in enumerate(texts):
+        t = T0 + i * P
+        readings += [
+            reading("a", parse_value("Bool", a), t, "Bool"),
+            reading("b", parse_value("Bool", b), t, "Bool"),
+            reading("label", "walk", t, "String"),
+        ]
+    readings += [reading("a", "maybe", T0 + 4 * P, "Bool")]  # not a Bool: dropped, counted
+    samples = run(builder, [readings])
+    assert [s.features.tolist() for s in samples] == [[1.0, 0.0], [0.0, 0.5]]
+    assert counts(builder)["not_numeric"] == 1
+
+
+def test_bool_regression_labels_are_zero_or_one() -> None:
+    task = make_task(("a",), None, kind="regression")
+    samples = run(SampleBuilder(task), [bool_rows(task, ["true", "false"])])
+    assert [(s.features[0], s.label) for s in samples] == [(0.0, 1.0), (1.0, 0.0)]
 
 
 def test_a_row_missing_features_counts_incomplete_even_with_an_unknown_label(task2: TaskSpec) -> None:

@@ -44,7 +44,7 @@ class EdgeXSettings:
     core_data_url: str | None
     token_file: Path | None
     store_max_samples: int
-    store_max_age_s: float
+    store_max_age_s: float  # 0: keep samples of any age (only store_max_samples evicts)
 
 
 @dataclass(frozen=True)
@@ -66,27 +66,52 @@ class AgentConfig:
 #: What identifies a connection to the broker; never shared by the agent's two connections.
 IDENTITY_KEYS = ("username", "password", "password_file", "cert_file", "key_file")
 
+AGENT_KEYS = {
+    "device_id",
+    "fleet",
+    "state_dir",
+    "key_file",
+    "aggregator_public_key",
+    "aggregator_verify_keys",
+    "runtime",
+    "blob_timeout_s",
+    "status_interval_s",
+}
+DATA_KEYS = {"source", "subject", "holdout_fraction", "seed", "task"}
+EDGEX_KEYS = {
+    "broker",
+    "protocol",
+    "prefix",
+    "device",
+    "profile",
+    "core_data",
+    "token_file",
+    "store_max_samples",
+    "store_max_age_s",
+    "username",
+    "password",
+    "password_file",
+    "keepalive",
+    "ca_file",
+    "cert_file",
+    "key_file",
+}
+#: Every table of agent.toml and the keys it accepts (any other is an error); what
+#: docs/configuration.md and ``fedge agent config --example`` must list (their tests check it).
+AGENT_TABLES: dict[str, set[str]] = {
+    "agent": AGENT_KEYS,
+    "mqtt": MQTT_KEYS,
+    "data": DATA_KEYS,
+    "edgex": EDGEX_KEYS,
+}
+
 
 def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
     data = config_document(*read_config_file(path, MAX_CONFIG_BYTES, "config"), path, env, ENV_PREFIX)
-    unknown = sorted(set(data) - {"agent", "mqtt", "data", "edgex"})
+    unknown = sorted(set(data) - set(AGENT_TABLES))
     if unknown:
-        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: agent, mqtt, data, edgex")
-    a = Table(
-        data,
-        "agent",
-        {
-            "device_id",
-            "fleet",
-            "state_dir",
-            "key_file",
-            "aggregator_public_key",
-            "aggregator_verify_keys",
-            "runtime",
-            "blob_timeout_s",
-            "status_interval_s",
-        },
-    )
+        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: {', '.join(AGENT_TABLES)}")
+    a = Table(data, "agent", AGENT_KEYS)
     try:
         device_id = check_id(a.text("device_id"))
         fleet = check_id(a.text("fleet"), "fleet id")
@@ -103,7 +128,7 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         raise
     except FedgeError as exc:
         raise ConfigError(f"[agent] {exc}") from None
-    d = Table(data, "data", {"source", "subject", "holdout_fraction", "seed", "task"})
+    d = Table(data, "data", DATA_KEYS)
     base = path.parent
     source = d.choice("source", "edgex", ("edgex", "har-watch"))
     task_text = d.opt_text("task")
@@ -113,28 +138,7 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
     mqtt_settings = mqtt_settings_from_table(
         mqtt_table, f"fedge-agent-{device_id}", str(path.parent), read_config_file
     )
-    e = Table(
-        data,
-        "edgex",
-        {
-            "broker",
-            "protocol",
-            "prefix",
-            "device",
-            "profile",
-            "core_data",
-            "token_file",
-            "store_max_samples",
-            "store_max_age_s",
-            "username",
-            "password",
-            "password_file",
-            "keepalive",
-            "ca_file",
-            "cert_file",
-            "key_file",
-        },
-    )
+    e = Table(data, "edgex", EDGEX_KEYS)
     if source == "edgex" and "broker" not in e.raw:
         check_own_edgex_principal(mqtt_table, e)
     # Without its own broker, the EdgeX bus is the fleet's broker: same TLS trust and keepalive,
@@ -167,7 +171,7 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         core_data_url=e.opt_text("core_data"),
         token_file=base / token_text if token_text else None,
         store_max_samples=e.integer("store_max_samples", 200_000, 1, 100_000_000),
-        store_max_age_s=e.number("store_max_age_s", 30 * 24 * 3600.0, 1.0, 10 * 365 * 24 * 3600.0),
+        store_max_age_s=_store_max_age_s(e),
     )
     return AgentConfig(
         device_id=device_id,
@@ -233,6 +237,26 @@ def check_own_edgex_principal(mqtt_table: Table, edgex_table: Table) -> None:
             f"[edgex] password: the EdgeX connection as {user!r} needs its own password: set [edgex] "
             f"password or password_file (from `fedge broker config`'s credentials/{user}.txt)"
         )
+
+
+#: Longest ``[edgex] store_max_age_s`` short of 0 (any age): ten years.
+MAX_STORE_AGE_S = 10 * 365 * 24 * 3600.0
+
+
+def _store_max_age_s(e: Table) -> float:
+    """``[edgex] store_max_age_s``: 1 s to ten years (default 30 days), or 0 to keep samples of
+    any age, e.g. a building's historical export replayed through EdgeX."""
+    value = e.raw.get("store_max_age_s", 30 * 24 * 3600.0)
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (value == 0 or 1.0 <= value <= MAX_STORE_AGE_S)
+    ):
+        return float(value)
+    raise ConfigError(
+        "[edgex] store_max_age_s must be 0 (keep samples of any age) or a number of seconds in "
+        f"1.0..{MAX_STORE_AGE_S}, got {value!r}"
+    )
 
 
 def _has_password(table: Mapping[str, object]) -> bool:

@@ -13,6 +13,9 @@ measured (``end_ns``, the readings' origin time, not when it was stored, so a ba
 readings does not extend their retention), and at most ``max_samples`` samples are kept in all;
 beyond that the oldest go first, whatever their task. Both bounds are enforced on every
 :meth:`SampleStore.add` and by :meth:`SampleStore.evict` (for time passing without new data).
+``max_age_s = 0`` keeps samples of any age (a replayed historical export); then only the count
+bound evicts. Every sample refused or evicted is counted by reason (:data:`DROP_REASONS`), in
+the file since its creation (:meth:`SampleStore.stats`) and per call (:class:`AddOutcome`).
 
 Samples of different tasks never mix: each belongs to a ``task_key`` (the hash of the task's
 feature spec, say), and a task's vector length and label kind are fixed by its first sample.
@@ -74,6 +77,11 @@ INSERT INTO counters VALUES
 """
 
 
+#: Why the store drops a sample: already older than ``max_age_s`` when added (never stored),
+#: stored but now older than ``max_age_s``, or among the oldest beyond ``max_samples``.
+DROP_REASONS: tuple[str, ...] = ("expired", "evicted_age", "evicted_count")
+
+
 class SampleStoreError(FedgeError):
     """The store file is unusable (corrupt, foreign, unwritable) or a sample is invalid."""
 
@@ -99,10 +107,29 @@ class SampleStoreStats:
     evicted_count_total: int
 
 
+@dataclass(frozen=True)
+class AddOutcome:
+    """What one :meth:`SampleStore.add_counted` did with its batch and the store, by reason.
+
+    ``inserted`` new samples; ``duplicate`` already stored; ``expired`` older than ``max_age_s``
+    when added (never stored). ``evicted_age`` and ``evicted_count`` are stored samples (of any
+    task) deleted by the bounds. ``oldest_age_s`` is the age at ``now`` of the oldest sample
+    expired or evicted for age, None if there was none.
+    """
+
+    inserted: int = 0
+    duplicate: int = 0
+    expired: int = 0
+    evicted_age: int = 0
+    evicted_count: int = 0
+    oldest_age_s: float | None = None
+
+
 class SampleStore(SQLiteFile):
     """A bounded, persistent, per-task store of samples; see the module docstring."""
 
     def __init__(self, path: Path, max_samples: int, max_age_s: float) -> None:
+        """``max_age_s`` 0 keeps samples of any age (only ``max_samples`` evicts)."""
         if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
             raise SampleStoreError(
                 f"sample store: max_samples must be a positive integer, got {max_samples!r}"
@@ -111,9 +138,11 @@ class SampleStore(SQLiteFile):
             isinstance(max_age_s, bool)
             or not isinstance(max_age_s, (int, float))
             or not math.isfinite(max_age_s)
-            or max_age_s <= 0
+            or max_age_s < 0
         ):
-            raise SampleStoreError(f"sample store: max_age_s must be a positive number, got {max_age_s!r}")
+            raise SampleStoreError(
+                f"sample store: max_age_s must be a positive number or 0 (any age), got {max_age_s!r}"
+            )
         self.max_samples = max_samples
         self.max_age_s = float(max_age_s)
         super().__init__(path, _KIND, "NORMAL", pragmas=("foreign_keys=ON",))
@@ -129,6 +158,10 @@ class SampleStore(SQLiteFile):
         never exceeds ``max_samples``: inserting more than that evicts the oldest at once.
         All or nothing: an invalid sample stores none of the batch.
         """
+        return self.add_counted(samples, task_key, now).inserted
+
+    def add_counted(self, samples: Iterable[Sample], task_key: str, now: float) -> AddOutcome:
+        """As :meth:`add`, and says what became of every sample it refused or evicted."""
         _check_task_key(task_key)
         now = _check_now(now)
         cutoff_ns = self._cutoff_ns(now)
@@ -136,6 +169,7 @@ class SampleStore(SQLiteFile):
         dim: int | None = None
         kind: LabelKind | None = None
         expired = 0
+        oldest_ns: int | None = None  # the oldest expired sample's end
         for i, sample in enumerate(samples):
             features, label, sample_kind = _check_sample(i, sample)
             if dim is not None and features.size != dim:
@@ -147,8 +181,9 @@ class SampleStore(SQLiteFile):
                     f"sample store: sample {i} has a {sample_kind} label, sample 0 a {kind}"
                 )
             dim, kind = features.size, sample_kind
-            if sample.end_ns < cutoff_ns:
+            if cutoff_ns is not None and sample.end_ns < cutoff_ns:
                 expired += 1
+                oldest_ns = sample.end_ns if oldest_ns is None else min(oldest_ns, sample.end_ns)
                 continue
             rows.append((task_key, sample.start_ns, sample.end_ns, features.tobytes(), label, now))
         with self._transaction() as conn:
@@ -163,8 +198,17 @@ class SampleStore(SQLiteFile):
             inserted = conn.total_changes - before
             _bump(conn, "duplicates_total", len(rows) - inserted)
             _bump(conn, "expired_total", expired)
-            self._evict(conn, cutoff_ns)
-        return inserted
+            aged, excess, oldest_aged_ns = self._evict(conn, cutoff_ns)
+        if oldest_aged_ns is not None:
+            oldest_ns = oldest_aged_ns if oldest_ns is None else min(oldest_ns, oldest_aged_ns)
+        return AddOutcome(
+            inserted=inserted,
+            duplicate=len(rows) - inserted,
+            expired=expired,
+            evicted_age=aged,
+            evicted_count=excess,
+            oldest_age_s=None if oldest_ns is None else now - oldest_ns / 1e9,
+        )
 
     def _check_task(
         self, conn: sqlite3.Connection, task_key: str, dim: int, kind: LabelKind, create: bool
@@ -207,13 +251,22 @@ class SampleStore(SQLiteFile):
         return x.astype(np.float32), y
 
     def evict(self, now: float) -> int:
-        """Drops samples older than ``max_age_s``, then the oldest beyond ``max_samples``."""
+        """Drops samples older than ``max_age_s`` (unless it is 0), then the oldest beyond
+        ``max_samples``."""
         now = _check_now(now)
         with self._transaction() as conn:
-            return self._evict(conn, self._cutoff_ns(now))
+            aged, excess, _ = self._evict(conn, self._cutoff_ns(now))
+        return aged + excess
 
-    def _evict(self, conn: sqlite3.Connection, cutoff_ns: int) -> int:
-        aged = conn.execute("DELETE FROM samples WHERE end_ns < ?", (cutoff_ns,)).rowcount
+    def _evict(self, conn: sqlite3.Connection, cutoff_ns: int | None) -> tuple[int, int, int | None]:
+        """Deletes by age, then by count: how many of each, and the oldest end_ns aged out."""
+        aged, oldest_ns = 0, None
+        if cutoff_ns is not None:
+            oldest_ns = conn.execute("SELECT min(end_ns) FROM samples").fetchone()[0]
+            if oldest_ns is not None and oldest_ns < cutoff_ns:
+                aged = conn.execute("DELETE FROM samples WHERE end_ns < ?", (cutoff_ns,)).rowcount
+            else:
+                oldest_ns = None
         count = conn.execute("SELECT count(*) FROM samples").fetchone()[0]
         excess = max(0, count - self.max_samples)
         if excess:
@@ -226,9 +279,12 @@ class SampleStore(SQLiteFile):
             conn.execute("DELETE FROM tasks WHERE task_key NOT IN (SELECT DISTINCT task_key FROM samples)")
         _bump(conn, "evicted_age_total", aged)
         _bump(conn, "evicted_count_total", excess)
-        return int(aged + excess)
+        return int(aged), int(excess), oldest_ns
 
-    def _cutoff_ns(self, now: float) -> int:
+    def _cutoff_ns(self, now: float) -> int | None:
+        """Samples ending before this are too old; None when ``max_age_s`` is 0 (any age)."""
+        if self.max_age_s == 0:
+            return None
         # Float seconds carry about a microsecond of precision at today's epoch; ample for ages.
         return math.floor((now - self.max_age_s) * 1e9)
 

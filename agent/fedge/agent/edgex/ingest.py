@@ -6,6 +6,10 @@ since the newest reading it has, then drains the queue, so readings that arrived
 outage are neither lost (backfill) nor counted twice (the builder drops duplicates by
 resource and origin). Raw readings never leave this process; only feature vectors and labels
 are stored, and only on the device.
+
+No sample is dropped silently: the builder counts its drops (``quality`` in :meth:`EdgeXIngest.report`)
+and the store's refusals and evictions are counted by reason under ``store``, the first of
+each kind per run logged with the setting to change.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from fedge.agent.edgex.bus import EdgeXBusSubscriber
 from fedge.agent.edgex.core_data import CoreDataClient
 from fedge.agent.edgex.readings import Event, Reading
 from fedge.agent.edgex.samples import Sample, SampleBuilder
-from fedge.agent.sample_store import SampleStore
+from fedge.agent.sample_store import DROP_REASONS, AddOutcome, SampleStore
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.mqtt_settings import MqttSettings
@@ -118,6 +122,10 @@ class EdgeXIngest:
         self.backfill_errors = 0
         self.last_error: str | None = None
         self.stored = 0
+        #: This run's samples the store did not keep, by reason: already stored (``duplicate``)
+        #: or dropped (:data:`fedge.agent.sample_store.DROP_REASONS`). In :meth:`report`.
+        self.store_counts: dict[str, int] = dict.fromkeys(("duplicate", *DROP_REASONS), 0)
+        self._logged_drops: set[str] = set()  # "age", "count": logged once per run
         self._thread = threading.Thread(target=self._run, name="fedge-edgex-ingest", daemon=True)
         self.bus = (
             EdgeXBusSubscriber(bus_settings, prefix, self._on_events, on_connect=self.backfill_needed.set)
@@ -161,7 +169,11 @@ class EdgeXIngest:
         return self._store(samples, readings)
 
     def _store(self, samples: list[Sample], readings: list[Reading]) -> int:
-        stored = self.store.add(samples, self.key, self.clock()) if samples else 0
+        stored = 0
+        if samples:
+            outcome = self.store.add_counted(samples, self.key, self.clock())
+            stored = outcome.inserted
+            self._count_drops(outcome)
         self.stored += stored
         if readings:
             newest = max(r.origin_ns for r in readings)
@@ -173,6 +185,41 @@ class EdgeXIngest:
                 self.resume_ns = nxt
                 self.cursor.save(nxt, self.clock())
         return stored
+
+    def _count_drops(self, outcome: AddOutcome) -> None:
+        """Counts what the store did not keep; logs the first drop of each kind this run."""
+        self.store_counts["duplicate"] += outcome.duplicate
+        for reason in DROP_REASONS:
+            self.store_counts[reason] += getattr(outcome, reason)
+        aged = outcome.expired + outcome.evicted_age
+        if aged and "age" not in self._logged_drops:
+            self._logged_drops.add("age")
+            age_s = outcome.oldest_age_s or 0.0
+            max_age_s = self.store.max_age_s
+            log.warning(
+                "sample store: dropped %d sample(s) of %s older than [edgex] store_max_age_s = %.0f s "
+                "(%.1f days): expired %d (too old when built), evicted_age %d (aged out); the oldest was "
+                "%.0f s (%.1f days) old. To keep older data, such as a replayed historical export, raise "
+                "[edgex] store_max_age_s or set it to 0 (keep samples of any age). Further drops are "
+                "counted in the status (data.store), not logged",
+                aged,
+                self.device,
+                max_age_s,
+                max_age_s / 86400,
+                outcome.expired,
+                outcome.evicted_age,
+                age_s,
+                age_s / 86400,
+            )
+        if outcome.evicted_count and "count" not in self._logged_drops:
+            self._logged_drops.add("count")
+            log.info(
+                "sample store: full at [edgex] store_max_samples = %d; evicted the %d oldest sample(s) "
+                "(evicted_count). Raise [edgex] store_max_samples to keep more. Further evictions are "
+                "counted in the status (data.store), not logged",
+                self.store.max_samples,
+                outcome.evicted_count,
+            )
 
     def _flush(self) -> None:
         self._store(self.builder.flush(), [])
@@ -240,6 +287,7 @@ class EdgeXIngest:
             "stored_samples": self.store.stats(self.clock()).per_task.get(self.key, 0),
             "stored_this_run": self.stored,
             "quality": self.builder.quality.to_dict(),
+            "store": dict(self.store_counts),
             "bus": self.bus.report() if self.bus is not None else None,
             "ignored_events": self.ignored_events,
             "backfilled_readings": self.backfilled_readings,

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from fedge.agent.edgex.readings import INT_RANGES, NUMERIC_TYPES, VALUE_TYPES
+from fedge.agent.edgex.samples import bool_class_indices
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import TaskSpec
 
@@ -769,6 +770,14 @@ def check_task_against_profile(task: TaskSpec, profile: DeviceProfile) -> None:
                 "label.classes",
                 label.name,
                 f"a Bool label has 2 classes, the task lists {len(task.label.classes)}",
+            )
+        if label.value_type == "Bool" and bool_class_indices(task.label.classes) is None:
+            raise fail(
+                "label.classes",
+                label.name,
+                "a Bool label's classes name both values ('false' and 'true', or '0' and '1', any "
+                "case and order) or neither (then the first class is false, the second true); "
+                f"the task lists {list(task.label.classes)}",
             )
     elif not label.numeric:
         raise fail(

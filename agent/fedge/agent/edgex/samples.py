@@ -18,6 +18,8 @@ Stages, all streaming and pure (no I/O, no clock: time is the readings' own ``or
 3. *Align* readings into rows, one row per instant: every feature resource and the label,
    origins within ``align_tolerance_ns`` of the row's first. A row missing any of them is
    dropped (``incomplete``); a row whose label is not a class is dropped (``unknown_label``).
+   A class label is a class name (String), a class index (integer) or a Bool, mapped to
+   classes by :func:`bool_class_indices`; a Bool feature is 0.0 or 1.0.
 4. *Window* rows with :func:`fedge.agent.features.extract_features` and label them with
    :func:`fedge.agent.features.window_labels`, exactly as on a recorded contiguous block; windows
    never span a time gap over ``max_gap_ns`` (``gap``).
@@ -32,13 +34,13 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
 
-from fedge.agent.edgex.readings import INT_RANGES, Reading, ReadingError
+from fedge.agent.edgex.readings import INT_RANGES, Reading, ReadingError, Value
 from fedge.agent.features import extract_features, window_count, window_labels
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import TaskSpec
@@ -67,6 +69,46 @@ READING_REASONS: tuple[str, ...] = (
 )
 #: Reasons counted per row (an aligned instant); a row is either kept (``rows``) or one of these.
 ROW_REASONS: tuple[str, ...] = ("incomplete", "unknown_label")
+#: Class names that name a Bool label's two values, as (false, true); matched ignoring case.
+BOOL_CLASS_NAMES: tuple[tuple[str, str], ...] = (("false", "true"), ("0", "1"))
+_BOOL_NAMES = frozenset(name for pair in BOOL_CLASS_NAMES for name in pair)
+#: How a Bool reading's value may arrive: a bool (EdgeX's "true"/"false", parsed), or, from a
+#: hand-made or replayed reading, the text or number itself. Text is matched ignoring case.
+_BOOL_VALUES: dict[str, bool] = {"true": True, "false": False, "1": True, "0": False}
+
+
+def bool_class_indices(classes: Sequence[str]) -> tuple[int, int] | None:
+    """The class indices of a Bool label's ``false`` and ``true``, or None if ``classes`` cannot
+    label a Bool.
+
+    A Bool label needs exactly two classes. If they name the two values (``["false", "true"]``
+    or ``["0", "1"]``, in any order and any letter case), each value is the class that names it,
+    as a String label matches its class by name. If neither class names a value
+    (``["vacant", "occupied"]``), false is the first class and true the second, as an integer
+    label 0 or 1 is a class index. Classes naming one value but not the other
+    (``["true", "yes"]``) or mixing spellings (``["0", "true"]``) are refused: they would mean
+    one thing by name and another by position.
+    """
+    if len(classes) != 2:
+        return None
+    folded = [name.casefold() for name in classes]
+    for false_name, true_name in BOOL_CLASS_NAMES:
+        if sorted(folded) == sorted((false_name, true_name)):
+            return folded.index(false_name), folded.index(true_name)
+    if _BOOL_NAMES.intersection(folded):
+        return None
+    return 0, 1
+
+
+def bool_value(value: Value) -> bool | None:
+    """A Bool reading's value as a bool: True/False, "true"/"false" in any case, 1/0; else None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return value == 1
+    if isinstance(value, str):
+        return _BOOL_VALUES.get(value.strip().casefold())
+    return None
 
 
 class SampleError(FedgeError):
@@ -158,6 +200,10 @@ class SampleBuilder:
         self._columns[task.label.resource] = self._label_col
         self._classes: dict[str, int] | None = (
             {name: i for i, name in enumerate(task.label.classes)} if task.label.classes is not None else None
+        )
+        #: Class indices of a Bool label's false and true (None: a Bool label is no class).
+        self._bool_classes = (
+            bool_class_indices(task.label.classes) if task.label.classes is not None else None
         )
         self._limits = _check_limits(limits)
 
@@ -265,12 +311,19 @@ class SampleBuilder:
         """The reading's usable value, or the reason it is dropped.
 
         A classification label yields its class index, or None (not a reason) for a value that
-        is not a class: that drops the row, counted once as ``unknown_label``.
+        is not a class: that drops the row, counted once as ``unknown_label``. A Bool feature or
+        regression label is 0.0 or 1.0.
         """
         if column == self._label_col and self._classes is not None:
             return self._class_index(reading), None
         try:
-            value = reading.as_float()
+            if reading.value_type == "Bool" and reading.value is not None:
+                flag = bool_value(reading.value)
+                if flag is None:
+                    return None, "not_numeric"
+                value = float(flag)
+            else:
+                value = reading.as_float()
         except (ReadingError, TypeError, ValueError):
             return None, "not_numeric"
         except OverflowError:  # an integer beyond float range
@@ -288,6 +341,11 @@ class SampleBuilder:
         if reading.value_type == "String" and isinstance(value, str):
             index = self._classes.get(value)
             return None if index is None else float(index)
+        if reading.value_type == "Bool":
+            flag = bool_value(value)
+            if flag is None or self._bool_classes is None:
+                return None
+            return float(self._bool_classes[1 if flag else 0])
         if (
             reading.value_type in INT_RANGES
             and isinstance(value, int)

@@ -1,0 +1,230 @@
+"""The EdgeX ingest: readings as EdgeX publishes them become stored samples, and every sample the
+store does not keep is counted by reason in ``report()`` and logged once, naming the setting.
+
+No bus and no core-data: events are decoded from the JSON EdgeX publishes and handed to
+:meth:`EdgeXIngest.feed`, which is what the ingest's worker does with each bus message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedge.agent.edgex.ingest import BackfillCursor, EdgeXIngest
+from fedge.agent.edgex.readings import Reading
+from fedge.agent.edgex.wire import decode_message
+from fedge.agent.sample_store import SampleStore
+from fedge.protocol.task import TaskSpec, task_spec_from_dict
+
+NOW = 1_700_000_000.0
+NS = 1_000_000_000
+MINUTE = 60
+DAY = 24 * 3600
+YEAR = 365 * DAY
+DEVICE = "room-101-2021-03-04"
+SENSORS = ("temperature", "humidity", "light", "co2", "humidity_ratio")
+DEFAULT_MAX_AGE_S = 30 * DAY  # [edgex] store_max_age_s's default
+LOGGER = "fedge.agent.edgex"
+
+
+def occupancy_task(classes: Sequence[str] = ("false", "true")) -> TaskSpec:
+    """Five Float64 room sensors; the label is a Bool resource, one sample per reading."""
+    return task_spec_from_dict(
+        {
+            "task": {"name": "room-occupancy"},
+            "features": {"resources": list(SENSORS)},
+            "label": {"resource": "occupancy", "classes": list(classes)},
+            "model": {"kind": "classification", "hidden": [8]},
+            "training": {"optimizer": "sgd", "learning_rate": 0.1, "batch_size": 4, "local_epochs": 1},
+        }
+    )
+
+
+def event_json(origin_ns: int, values: Sequence[float], occupied: str) -> bytes:
+    """One event as an EdgeX device service publishes it: every value a string, Bool as true/false."""
+    readings = [(name, "Float64", f"{value:e}") for name, value in zip(SENSORS, values, strict=True)]
+    readings.append(("occupancy", "Bool", occupied))
+    return json.dumps(
+        {
+            "apiVersion": "v3",
+            "id": str(uuid.uuid4()),
+            "deviceName": DEVICE,
+            "profileName": "Room-Sensor",
+            "sourceName": "all",
+            "origin": origin_ns,
+            "readings": [
+                {
+                    "id": str(uuid.uuid4()),
+                    "origin": origin_ns,
+                    "deviceName": DEVICE,
+                    "resourceName": name,
+                    "profileName": "Room-Sensor",
+                    "valueType": value_type,
+                    "value": text,
+                }
+                for name, value_type, text in readings
+            ],
+        }
+    ).encode()
+
+
+def readings_of(payloads: Sequence[bytes]) -> list[Reading]:
+    out: list[Reading] = []
+    for payload in payloads:
+        result = decode_message(payload)
+        assert result.rejected == []
+        out += [r for event in result.events for r in event.readings]
+    return out
+
+
+def minutes(start_s: float, labels: Sequence[str]) -> list[Reading]:
+    """One event a minute from ``start_s`` (Unix seconds); row i's temperature is 20 + i."""
+    payloads = [
+        event_json(round((start_s + i * MINUTE) * NS), [20.0 + i, 40.0, 300.0, 600.0, 0.004], label)
+        for i, label in enumerate(labels)
+    ]
+    return readings_of(payloads)
+
+
+class Clock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def clock() -> Clock:
+    return Clock()
+
+
+@contextmanager
+def make_ingest(
+    tmp_path: Path,
+    task: TaskSpec,
+    clock: Clock,
+    max_age_s: float = DEFAULT_MAX_AGE_S,
+    max_samples: int = 1000,
+) -> Iterator[EdgeXIngest]:
+    with SampleStore(tmp_path / "samples.sqlite", max_samples, max_age_s) as store:
+        cursor = BackfillCursor(tmp_path / "cursor.json")
+        yield EdgeXIngest(DEVICE, task, store, {}, None, "edgex", None, cursor, clock=clock)
+
+
+def feed_all(ingest: EdgeXIngest, readings: list[Reading]) -> None:
+    ingest.feed(readings)
+    ingest._flush()  # what the worker does once the stream pauses
+
+
+def drop_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == LOGGER and "sample store" in r.getMessage()]
+
+
+NO_DROPS = {"duplicate": 0, "expired": 0, "evicted_age": 0, "evicted_count": 0}
+
+
+# --- a Bool label ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("classes", "expected"),
+    [
+        (("false", "true"), [0, 1, 1, 0, 1]),
+        (("vacant", "occupied"), [0, 1, 1, 0, 1]),  # unnamed: false is the first class
+        (("TRUE", "FALSE"), [1, 0, 0, 1, 0]),  # named: by name, whatever the order
+    ],
+)
+def test_a_bool_label_resource_gives_stored_samples(
+    tmp_path: Path, clock: Clock, classes: tuple[str, str], expected: list[int]
+) -> None:
+    task = occupancy_task(classes)
+    with make_ingest(tmp_path, task, clock) as ingest:
+        # EdgeX's Go ParseBool spellings: a CSV replayed through a device service may send 1/0.
+        feed_all(ingest, minutes(NOW - DAY, ["false", "true", "1", "0", "True"]))
+        x, y = ingest.training_data(task)
+        report = ingest.report()
+    assert y.dtype == np.int32 and y.tolist() == expected
+    assert x[:, 0].tolist() == [20.0, 21.0, 22.0, 23.0, 24.0]
+    assert report["stored_samples"] == report["stored_this_run"] == 5
+    assert report["quality"]["unknown_label"] == 0 and report["quality"]["samples"] == 5
+    assert report["store"] == NO_DROPS
+
+
+# --- old data: counted by reason, logged once --------------------------------------------------
+
+
+def test_samples_older_than_store_max_age_are_counted_and_logged_once(
+    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = occupancy_task()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with make_ingest(tmp_path, task, clock) as ingest:
+        start = NOW - 3 * YEAR  # a building's log from three years ago, replayed
+        ingest.feed(minutes(start, ["false", "true", "true"]))
+        ingest.feed(minutes(start + 3 * MINUTE, ["false", "false"]))
+        ingest._flush()
+        report = ingest.report()
+    assert report["stored_samples"] == report["stored_this_run"] == 0
+    assert report["quality"]["samples"] == 5
+    assert report["store"] == {**NO_DROPS, "expired": 5}
+    [record] = drop_records(caplog)
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert message.startswith(
+        f"sample store: dropped 2 sample(s) of {DEVICE} older than [edgex] store_max_age_s = 2592000 s "
+        "(30.0 days): expired 2 (too old when built), evicted_age 0 (aged out); the oldest was "
+    )
+    assert "(1095.0 days) old" in message
+    assert "raise [edgex] store_max_age_s or set it to 0 (keep samples of any age)" in message
+
+
+def test_store_max_age_zero_keeps_old_samples(
+    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = occupancy_task()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with make_ingest(tmp_path, task, clock, max_age_s=0) as ingest:
+        feed_all(ingest, minutes(NOW - 3 * YEAR, ["false", "true", "true", "false"]))
+        _, y = ingest.training_data(task)
+        report = ingest.report()
+    assert y.tolist() == [0, 1, 1, 0]
+    assert report["stored_samples"] == 4
+    assert report["store"] == NO_DROPS
+    assert drop_records(caplog) == []
+
+
+def test_aged_out_and_over_count_samples_are_counted_and_each_kind_logged_once(
+    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = occupancy_task()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with make_ingest(tmp_path, task, clock, max_age_s=3600, max_samples=4) as ingest:
+        feed_all(ingest, minutes(NOW - 10 * MINUTE, ["false", "true", "true"]))
+        assert ingest.report()["store"] == NO_DROPS
+        clock.now += 2 * 3600  # the first three are now over an hour old
+        feed_all(ingest, minutes(clock.now - 10 * MINUTE, ["false", "true", "true", "false", "true", "true"]))
+        clock.now += 2 * 3600
+        feed_all(ingest, minutes(clock.now - 10 * MINUTE, ["true"]))
+        report = ingest.report()
+    assert report["stored_samples"] == 1
+    assert report["store"] == {**NO_DROPS, "evicted_age": 7, "evicted_count": 2}
+    age, count = drop_records(caplog)
+    assert age.levelno == logging.WARNING
+    assert age.getMessage().startswith(
+        f"sample store: dropped 3 sample(s) of {DEVICE} older than [edgex] store_max_age_s = 3600 s "
+        "(0.0 days): expired 0 (too old when built), evicted_age 3 (aged out); the oldest was 7800 s"
+    )
+    assert count.levelno == logging.INFO
+    assert count.getMessage().startswith(
+        # the first add of six: five rows were final, one more than fits (the sixth came at the flush)
+        "sample store: full at [edgex] store_max_samples = 4; evicted the 1 oldest sample(s) "
+        "(evicted_count). Raise [edgex] store_max_samples to keep more."
+    )
