@@ -58,6 +58,18 @@ def _run_both(
             "regression-sgd",
             {"model.kind": "regression", "label.classes": None, "training.learning_rate": 0.01},
         ),
+        # hidden = []: logistic regression and linear regression (one dense layer, no ReLU)
+        ("logistic-sgd", {"model.hidden": []}),
+        ("logistic-sgd-plain", {"model.hidden": [], "training.momentum": 0.0}),
+        (
+            "linear-regression-sgd",
+            {
+                "model.kind": "regression",
+                "label.classes": None,
+                "model.hidden": [],
+                "training.learning_rate": 0.01,
+            },
+        ),
     ],
 )
 def test_sgd_weights_match_tensorflow_within_1e6(
@@ -73,12 +85,17 @@ def test_sgd_weights_match_tensorflow_within_1e6(
     assert np.abs(lite_w - tf_w).max() <= 1e-6
 
 
+@pytest.mark.parametrize(
+    "model",
+    [{}, {"model.hidden": []}, {"model.hidden": [], "model.kind": "regression", "label.classes": None}],
+    ids=["mlp", "logistic", "linear-regression"],
+)
 def test_adam_weights_match_tensorflow(
-    har_task: TaskSpec, build_model_dir: Callable[[TaskSpec], Path]
+    har_task: TaskSpec, build_model_dir: Callable[[TaskSpec], Path], model: dict[str, object]
 ) -> None:
     task = task_variant(
         har_task,
-        {"training.optimizer": "adam", "training.momentum": None, "training.learning_rate": 0.001},
+        {"training.optimizer": "adam", "training.momentum": None, "training.learning_rate": 0.001, **model},
     )
     lite_w, tf_w, _, _ = _run_both(task, build_model_dir(task), seed=8)
     # Adam divides by sqrt(v): float32 rounding of tiny v amplifies differences a little.
@@ -93,3 +110,24 @@ def test_inference_and_evaluation_match_tensorflow(har_task: TaskSpec, har_model
     mine = lite.evaluate(x, y)
     assert mine.loss == pytest.approx(float(ev["loss"]), rel=1e-5)
     assert mine.accuracy == pytest.approx(float(ev["metric"]) / len(y))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"model.hidden": []}, {"model.hidden": [], "model.kind": "regression", "label.classes": None}],
+    ids=["logistic", "linear-regression"],
+)
+def test_linear_model_inference_and_evaluation_match_tensorflow(
+    har_task: TaskSpec, build_model_dir: Callable[[TaskSpec], Path], changes: dict[str, object]
+) -> None:
+    task = task_variant(har_task, {**changes, "training.learning_rate": 0.01})
+    _, _, lite, ref = _run_both(task, build_model_dir(task), seed=10)
+    x, y = _batches(task, 98)[0]
+    np.testing.assert_allclose(lite.predict(x), ref.infer(tf.constant(x))["outputs"].numpy(), atol=1e-6)
+    ev = ref.evaluate(tf.constant(x), tf.constant(y))
+    mine = lite.evaluate(x, y)
+    assert mine.loss == pytest.approx(float(ev["loss"]), rel=1e-5)
+    if task.model.kind == "classification":
+        assert mine.mse is None and mine.accuracy == pytest.approx(float(ev["metric"]) / len(y))
+    else:  # the model's metric is the summed squared error; the trainer reports its mean
+        assert mine.accuracy is None and mine.mse == pytest.approx(float(ev["metric"]) / len(y), rel=1e-5)

@@ -148,6 +148,48 @@ def test_regression_model_trains(build_model_dir: Callable[[TaskSpec], Path], ha
     assert t.predict(x).shape == (400, 1)
 
 
+def test_linear_regression_learns_the_true_coefficients(
+    build_model_dir: Callable[[TaskSpec], Path], har_task: TaskSpec
+) -> None:
+    """``hidden = []``: one dense layer, trained on the device, recovers ``y = 2 x0 - x1 + 0.5``."""
+    task = task_variant(
+        har_task,
+        {
+            "model.kind": "regression",
+            "label.classes": None,
+            "model.hidden": [],
+            "training.learning_rate": 0.01,
+        },
+    )
+    t = LiteRTTrainer.from_dir(build_model_dir(task))
+    assert t.parameter_count == 49
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 48)).astype(np.float32)
+    y = (x[:, 0] * 2.0 - x[:, 1] + 0.5).astype(np.float32)
+    before = t.evaluate(x, y)
+    t.fit(x, y, epochs=30, batch_size=16, rng=rng)
+    after = t.evaluate(x, y)
+    assert before.mse is not None and after.mse is not None and after.accuracy is None
+    assert after.mse < 1e-4 < before.mse
+    kernel, bias = t.get_weights()[:48], t.get_weights()[48]
+    np.testing.assert_allclose(kernel[:2], [2.0, -1.0], atol=0.01)
+    assert np.abs(kernel[2:]).max() < 0.01 and bias == pytest.approx(0.5, abs=0.01)
+
+
+def test_logistic_regression_learns(build_model_dir: Callable[[TaskSpec], Path], har_task: TaskSpec) -> None:
+    """``hidden = []`` for classification: softmax regression on a linearly separable task."""
+    t = LiteRTTrainer.from_dir(build_model_dir(task_variant(har_task, {"model.hidden": []})))
+    assert t.parameter_count == 48 * 7 + 7
+    x, y = _data(600, seed=5)
+    before = t.evaluate(x, y)
+    t.fit(x, y, epochs=20, rng=np.random.default_rng(5))
+    after = t.evaluate(x, y)
+    assert before.accuracy is not None and after.accuracy is not None and after.mse is None
+    assert after.accuracy >= 0.9 > before.accuracy
+    assert after.loss < 0.5 * before.loss
+    np.testing.assert_allclose(t.predict(x[:5]).sum(axis=1), 1.0, rtol=1e-6)
+
+
 # --- bad input: a clear error, and the model is untouched ------------------------------------
 
 BAD_INPUTS: list[tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]], str]] = [

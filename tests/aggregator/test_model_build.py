@@ -32,6 +32,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "adam": {"training.optimizer": "adam", "training.momentum": None, "training.learning_rate": 0.001},
     "regression": {"model.kind": "regression", "label.classes": None, "model.hidden": [16]},
     "deep": {"model.hidden": [32, 32, 16, 8]},
+    # hidden = []: logistic regression and linear regression, one dense layer.
+    "linear-classification": {"model.hidden": []},
+    "linear-regression": {"model.kind": "regression", "label.classes": None, "model.hidden": []},
 }
 
 
@@ -98,6 +101,37 @@ def test_manifest_describes_the_written_files(har_task: TaskSpec, har_model_dir:
     np.testing.assert_array_equal(weights, initial_weights(har_task))
     assert manifest.normalisation is None
     assert manifest.tensorflow_version == tf.__version__
+
+
+@pytest.mark.parametrize(("variant", "outputs"), [("linear-classification", 7), ("linear-regression", 1)])
+def test_a_linear_model_builds_as_one_dense_layer(
+    har_task: TaskSpec, build_model_dir: Callable[[TaskSpec], Path], variant: str, outputs: int
+) -> None:
+    """``hidden = []``: a real build writes one kernel and one bias, and LiteRT runs it."""
+    task = task_variant(har_task, VARIANTS[variant])
+    model_dir = build_model_dir(task)
+    manifest = manifest_from_json((model_dir / MANIFEST_FILE).read_bytes())
+    model = (model_dir / MODEL_FILE).read_bytes()
+    assert manifest.task == task and task.layer_sizes == (48, outputs)
+    assert [(t.name, t.shape, t.offset) for t in manifest.layout] == [
+        ("dense0/kernel", (48, outputs), 0),
+        ("dense0/bias", (outputs,), 48 * outputs),
+    ]
+    assert manifest.parameter_count == 48 * outputs + outputs
+    assert manifest.model_bytes == len(model) < len((build_model_dir(har_task) / MODEL_FILE).read_bytes())
+    weights = weights_from_bytes((model_dir / WEIGHTS_FILE).read_bytes(), manifest.parameter_count)
+    np.testing.assert_array_equal(weights, initial_weights(task))
+    limit = np.sqrt(6.0 / (48 + outputs))  # Glorot uniform kernel, zero bias
+    assert 0 < np.abs(weights[: 48 * outputs]).max() <= limit
+    assert not weights[48 * outputs :].any()
+    interpreter = find_runtime().interpreter_class(model_content=model)
+    assert sorted(interpreter.get_signature_list()) == sorted(SIGNATURES)
+    out = interpreter.get_signature_runner("infer")(x=np.ones((5, 48), np.float32))["outputs"]
+    assert out.shape == (5, outputs)
+    if outputs > 1:  # class probabilities
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-6)
+    else:  # x @ kernel + bias, with the bias still zero
+        np.testing.assert_allclose(out[:, 0], weights[:48].sum(), rtol=1e-5)
 
 
 def test_signatures_in_the_model_match_the_protocol(har_model_dir: Path) -> None:

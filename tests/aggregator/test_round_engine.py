@@ -1281,6 +1281,7 @@ def test_status_reports_the_round_the_reports_and_the_rejections() -> None:
             "moments_aggregation": "robust",
         },
         "history": [],
+        "eval_metric": "accuracy",
         "time": T0,
     }
     m = engine.open_round(T0).manifest

@@ -277,6 +277,7 @@ def test_metrics_weigh_claims_capped_and_count_what_the_fold_accepted() -> None:
     assert metrics.train_loss.mean == pytest.approx(7 / 3)
     assert metrics.eval_loss.mean == pytest.approx((10 * 2.0 + 20 * 4.0) / 30)
     assert metrics.eval_accuracy.mean == 0.5 and metrics.eval_accuracy.count == 1
+    assert metrics.eval_mse.mean == 0.1 and metrics.eval_mse.count == 1
     assert metrics.eval_loss.total_weight == 30.0
     assert metrics.examples == 40  # what the devices claimed, uncapped
     assert len(inner.seen) == 2
@@ -303,6 +304,20 @@ def test_a_refused_metrics_add_leaves_metrics_and_fold_unchanged(bad: UpdatePayl
     after = (metrics.train_loss.mean, metrics.eval_loss.mean, metrics.eval_accuracy.mean, metrics.examples)
     assert after == before and len(inner.seen) == 1
     assert (metrics.train_loss.count, metrics.eval_loss.count) == (1, 1)
+
+
+def test_regression_mse_is_weighted_like_the_loss_and_a_refused_add_keeps_it() -> None:
+    """A regression task's devices report ``mse`` (no accuracy): weighted by capped claims."""
+    inner = LastDeltaWins()
+    metrics = RoundMetrics(inner, CappedClaims(20.0))
+    metrics.add(update(1.0, 0.0, evaluation=Evaluation(10, 0.3, None, 0.25)))
+    metrics.add(update(0.0, 1.0, evaluation=Evaluation(40, 0.2, None, 1.7e308 / 40)))
+    assert metrics.eval_mse.mean == pytest.approx(10 / 30 * 0.25 + 20 / 30 * (1.7e308 / 40))
+    assert metrics.eval_accuracy.count == 0 and metrics.eval_mse.count == 2
+    before = (metrics.eval_loss.mean, metrics.eval_mse.mean, metrics.eval_mse.count, len(inner.seen))
+    with pytest.raises(AggregationError):  # the weighted MSE sum overflows: refused whole
+        metrics.add(update(1.0, 1.0, evaluation=Evaluation(20, 0.1, None, 1.7e308)))
+    assert (metrics.eval_loss.mean, metrics.eval_mse.mean, metrics.eval_mse.count, len(inner.seen)) == before
 
 
 # --- moments as a fold ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import copy
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from fedge.protocol.model_manifest import (
     mlp_tensor_layout,
     normalisation_from_moments,
 )
-from fedge.protocol.task import TaskSpec, parse_task_spec
+from fedge.protocol.task import TaskSpec, parse_task_spec, task_spec_from_dict
 
 HAR_TASK_PATH = Path(__file__).resolve().parents[2] / "tasks" / "har-watch.toml"
 MODEL_SHA = "ab" * 32
@@ -113,6 +114,25 @@ def test_layout_is_contiguous_and_totals_the_parameter_count(sizes: list[int]) -
 
 def test_layout_of_a_single_layer_size_is_empty() -> None:
     assert mlp_tensor_layout([5]) == ()
+
+
+def test_linear_model_manifest_has_one_dense_layer_and_round_trips() -> None:
+    """``hidden = []``: one kernel and one bias, 48 * 7 + 7 parameters, parsed back as written."""
+    data = HAR_TASK.to_dict()
+    data["model"]["hidden"] = []
+    manifest = replace(_manifest(_normalisation()), task=task_spec_from_dict(data))
+    assert manifest.layout == (
+        TensorLayout("dense0/kernel", (48, 7), 0),
+        TensorLayout("dense0/bias", (7,), 336),
+    )
+    assert manifest.parameter_count == 343
+    assert manifest_from_json(manifest.to_json()) == manifest
+    assert json.loads(manifest.to_json())["layout"][1] == {
+        "name": "dense0/bias",
+        "shape": [7],
+        "offset": 336,
+        "size": 7,
+    }
 
 
 # --- normalisation --------------------------------------------------------------------------

@@ -148,6 +148,24 @@ def test_adam_defaults_apply_when_left_out() -> None:
     assert (training.beta1, training.beta2, training.epsilon) == (0.9, 0.999, 1e-7)
 
 
+@pytest.mark.parametrize("make", [_har_toml_dict, _regression_dict], ids=["logistic", "linear"])
+def test_no_hidden_layers_is_a_linear_model(make: Any) -> None:
+    """``hidden = []`` in TOML: logistic regression (classification) or linear regression."""
+    text = HAR_TASK_PATH.read_text(encoding="utf-8")
+    assert text.count("\nhidden = [64, 32]\n") == 1
+    if make is _har_toml_dict:
+        spec = parse_task_spec(text.replace("\nhidden = [64, 32]\n", "\nhidden = []\n"))
+        assert spec.layer_sizes == (48, 7)
+    else:
+        spec = task_spec_from_dict(_with(_regression_dict(), {"model.hidden": []}))
+        assert spec.layer_sizes == (3, 1)
+    assert spec.model.hidden == ()
+    assert spec.to_dict()["model"]["hidden"] == []
+    assert task_spec_from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    deep = task_spec_from_dict(_with(make(), {"model.hidden": [4]}))
+    assert spec.sha256() != deep.sha256()
+
+
 # --- canonical form, round trips, hashing ---------------------------------------------------
 
 
@@ -270,7 +288,7 @@ INVALID_CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "missing model.hidden",
         {"model.hidden": DELETE},
         "model.hidden",
-        "must be a non-empty list of layer sizes",
+        "must be a list of hidden layer sizes ([] for a linear model)",
     ),
     ("missing optimizer", {"training.optimizer": DELETE}, "training.optimizer", "missing"),
     ("missing learning_rate", {"training.learning_rate": DELETE}, "training.learning_rate", "missing"),
@@ -344,7 +362,12 @@ INVALID_CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "model.hidden[0]",
         f"must be an integer in 1..{MAX_HIDDEN_UNITS}",
     ),
-    ("hidden not a list", {"model.hidden": 64}, "model.hidden", "must be a non-empty list of layer sizes"),
+    (
+        "hidden not a list",
+        {"model.hidden": 64},
+        "model.hidden",
+        "must be a list of hidden layer sizes ([] for a linear model)",
+    ),
     ("string seed", {"model.seed": "0"}, "model.seed", "must be an integer"),
     ("numeric optimizer", {"training.optimizer": 1}, "training.optimizer", "must be a string"),
     ("numeric task name", {"task.name": 7}, "task.name", "must be a string"),
@@ -396,7 +419,6 @@ INVALID_CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "model.hidden[1]",
         f"must be an integer in 1..{MAX_HIDDEN_UNITS}",
     ),
-    ("hidden empty", {"model.hidden": []}, "model.hidden", "must be a non-empty list of layer sizes"),
     (
         "too many layers",
         {"model.hidden": [8] * (MAX_LAYERS + 1)},
@@ -663,6 +685,7 @@ def _base_dicts() -> list[dict[str, Any]]:
         _adam_dict(),
         _regression_dict(),
         task_spec_from_dict(_regression_dict()).to_dict(),
+        _with(_regression_dict(), {"model.hidden": []}),
     ]
 
 

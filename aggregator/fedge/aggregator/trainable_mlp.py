@@ -86,7 +86,10 @@ class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type
     # --- forward and loss ----------------------------------------------------------------
 
     def _forward(self, x: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
-        """Returns the inputs of every layer (for backprop) and the final pre-activation."""
+        """Returns the inputs of every layer (for backprop) and the final pre-activation.
+
+        With no hidden layers (``hidden = []``) the one layer is the output layer: a linear
+        model, no ReLU, and ``_train``'s backward pass stops after its kernel and bias."""
         activations = [x]
         h = x
         n_layers = len(self.params) // 2

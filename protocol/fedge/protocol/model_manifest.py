@@ -53,7 +53,9 @@ class TensorLayout:
 
 
 def mlp_tensor_layout(layer_sizes: Sequence[int]) -> tuple[TensorLayout, ...]:
-    """Layout of an MLP's weights: ``dense{i}/kernel`` then ``dense{i}/bias``, layer by layer."""
+    """Layout of an MLP's weights: ``dense{i}/kernel`` then ``dense{i}/bias``, layer by layer.
+
+    Two sizes (a task with ``hidden = []``) give one layer, ``dense0``: a linear model."""
     layout: list[TensorLayout] = []
     offset = 0
     for i, (n_in, n_out) in enumerate(itertools.pairwise(layer_sizes)):

@@ -91,7 +91,11 @@ class LabelSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A multi-layer perceptron: hidden layer sizes, and whether it classifies or regresses."""
+    """A multi-layer perceptron: hidden layer sizes, and whether it classifies or regresses.
+
+    No hidden layers (``hidden = ()``) is a linear model: logistic (softmax) regression for
+    classification, linear regression for regression.
+    """
 
     kind: ModelKind
     hidden: tuple[int, ...]
@@ -135,7 +139,7 @@ class TaskSpec:
 
     @property
     def layer_sizes(self) -> tuple[int, ...]:
-        """All layer widths, input to output, e.g. ``(48, 64, 32, 7)``."""
+        """All layer widths, input to output, e.g. ``(48, 64, 32, 7)``; ``(48, 7)`` when linear."""
         return (self.input_dim, *self.model.hidden, self.output_dim)
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,8 +280,15 @@ def _model(t: Mapping[str, Any]) -> ModelSpec:
             found=kind,
         )
     hidden_raw = t.get("hidden")
-    if not isinstance(hidden_raw, list) or not hidden_raw:
-        raise TaskSpecError("model.hidden", "must be a non-empty list of layer sizes")
+    # Required even when empty: "hidden = []" (a linear model) is a choice to write down, not
+    # what a forgotten key should silently become.
+    if not isinstance(hidden_raw, list):
+        raise TaskSpecError(
+            "model.hidden",
+            "must be a list of hidden layer sizes ([] for a linear model)",
+            expected=f"a list of integers in 1..{MAX_HIDDEN_UNITS}, or []",
+            found=hidden_raw,
+        )
     if len(hidden_raw) > MAX_LAYERS:
         raise TaskSpecError("model.hidden", f"more than {MAX_LAYERS} hidden layers")
     hidden: list[int] = []

@@ -35,6 +35,8 @@ class RoundMetrics:
         self.train_loss = WeightedMeanAccumulator()
         self.eval_loss = WeightedMeanAccumulator()
         self.eval_accuracy = WeightedMeanAccumulator()
+        #: Regression tasks' metric: the devices' mean squared error on their held-out data.
+        self.eval_mse = WeightedMeanAccumulator()
         #: The claimed example counts of the accepted updates, summed (uncapped: what devices said).
         self.examples = 0
 
@@ -42,18 +44,22 @@ class RoundMetrics:
         """The metrics go into copies first (a sum may overflow), then the update into the inner
         fold, which checks before it changes anything; only then are the copies kept."""
         ev = update.evaluation
-        train_loss, eval_loss, eval_accuracy = (
+        train_loss, eval_loss, eval_accuracy, eval_mse = (
             copy.copy(self.train_loss),
             copy.copy(self.eval_loss),
             copy.copy(self.eval_accuracy),
+            copy.copy(self.eval_mse),
         )
         train_loss.add(update.train_loss, self.weighting(update.examples))
         if ev is not None:
             eval_loss.add(ev.loss, self.weighting(ev.examples))
             if ev.accuracy is not None:
                 eval_accuracy.add(ev.accuracy, self.weighting(ev.examples))
+            if ev.mse is not None:
+                eval_mse.add(ev.mse, self.weighting(ev.examples))
         self.inner.add(update)
-        self.train_loss, self.eval_loss, self.eval_accuracy = train_loss, eval_loss, eval_accuracy
+        self.train_loss, self.eval_loss = train_loss, eval_loss
+        self.eval_accuracy, self.eval_mse = eval_accuracy, eval_mse
         self.examples += update.examples
 
     def result(self, global_weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
