@@ -177,6 +177,14 @@ def test_an_accuracy_outside_the_unit_interval_is_refused(accuracy: float) -> No
     assert str(err) == "bad_schema: evaluation.accuracy must be in [0, 1]"
 
 
+@pytest.mark.parametrize("mse", [-1e-9, -0.5, -100])
+def test_a_negative_mse_is_refused(mse: float) -> None:
+    header, body = _update(evaluation=_evaluation(accuracy=None, mse=mse))
+    err = _update_error(header, body)
+    assert err.reason == "bad_schema"
+    assert str(err) == "bad_schema: evaluation.mse must be >= 0"
+
+
 @pytest.mark.parametrize("accuracy", [0, 0.0, 1, 1.0, 0.5])
 def test_accuracy_bounds_are_inclusive(accuracy: float) -> None:
     header, body = _update(evaluation=_evaluation(accuracy=accuracy))

@@ -224,6 +224,14 @@ def _evaluation(data: Any) -> Evaluation:
             found=accuracy,
         )
     mse = None if data["mse"] is None else _finite(data["mse"], "evaluation.mse")
+    if mse is not None and mse < 0.0:  # a negative error would pull the fleet's figure down
+        raise MessageError(
+            RejectReason.BAD_SCHEMA,
+            "evaluation.mse must be >= 0",
+            field="evaluation.mse",
+            expected="a number >= 0",
+            found=mse,
+        )
     return Evaluation(
         _count(data["examples"], "evaluation.examples"),
         _finite(data["loss"], "evaluation.loss"),
