@@ -103,6 +103,9 @@ class AggregatorConfig:
     # hung loop from a busy one; None: <state_dir>/heartbeat.
     heartbeat_file: Path | None = None
     leader: LeaderSettings = LEADER_OFF
+    #: Bumped by the operator to roll a running fleet to a new model or task (the checkpoint
+    #: of the previous generation is continued, not refused): docs/own-data.md.
+    model_generation: int = 1
 
     @property
     def heartbeat_path(self) -> Path:
@@ -128,6 +131,25 @@ ROUND_KEYS = {
     "update_norm_adaptive",
     "update_norm_policy",
     "moments_aggregation",
+}
+AGGREGATOR_KEYS = {
+    "fleet",
+    "model_dir",
+    "model_generation",
+    "state_dir",
+    "registry",
+    "box_key_file",
+    "signing_key_file",
+    "exit_when_done",
+    "heartbeat_file",
+}
+#: Every table of aggregator.toml and the keys it accepts (any other is an error); what
+#: docs/configuration.md and ``fedge aggregator config --example`` must list (their tests check it).
+AGGREGATOR_TABLES: dict[str, set[str]] = {
+    "aggregator": AGGREGATOR_KEYS,
+    "leader": LEADER_KEYS,
+    "mqtt": MQTT_KEYS,
+    "rounds": ROUND_KEYS,
 }
 
 
@@ -193,24 +215,11 @@ def load_aggregator_config(
     path: Path, env: Mapping[str, str], sa_namespace_file: Path = SA_NAMESPACE_FILE
 ) -> AggregatorConfig:
     data = config_document(*read_config_file(path, MAX_CONFIG_BYTES, "config"), path, env, ENV_PREFIX)
-    unknown = sorted(set(data) - {"aggregator", "mqtt", "rounds", "leader"})
+    unknown = sorted(set(data) - set(AGGREGATOR_TABLES))
     if unknown:
-        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: aggregator, leader, mqtt, rounds")
+        raise ConfigError(f"{path}: unknown tables {unknown}; allowed: {', '.join(AGGREGATOR_TABLES)}")
     base = path.parent
-    agg = Table(
-        data,
-        "aggregator",
-        {
-            "fleet",
-            "model_dir",
-            "state_dir",
-            "registry",
-            "box_key_file",
-            "signing_key_file",
-            "exit_when_done",
-            "heartbeat_file",
-        },
-    )
+    agg = Table(data, "aggregator", AGGREGATOR_KEYS)
     try:
         fleet = check_id(agg.text("fleet"), "fleet id")
     except TopicError as exc:
@@ -232,4 +241,5 @@ def load_aggregator_config(
         rounds=rounds,
         heartbeat_file=base / heartbeat if heartbeat else None,
         leader=leader,
+        model_generation=agg.integer("model_generation", 1, 1, 1_000_000),
     )

@@ -20,6 +20,7 @@ bounds remember of earlier rounds.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -45,11 +46,19 @@ from fedge.protocol.reasons import RejectReason
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.sealing import SealError, box_for, open_sealed, read_header
 from fedge.protocol.signing import DocType, sign_document
+from fedge.protocol.task import ModelKind
 from fedge.protocol.topics import FleetTopics, TopicError
 from fedge.protocol.weights import weights_to_bytes
 
 #: Kept for callers that name it here; the contract is fedge.protocol.signing.DocType.
 MANIFEST_DOC_TYPE = DocType.ROUND_MANIFEST
+
+
+def eval_metric(kind: ModelKind) -> str:
+    """The task's own federated evaluation metric, the ``fed_eval_<metric>`` field of a round
+    record that holds it: ``"accuracy"`` (classification) or ``"mse"`` (regression: the devices'
+    mean squared error on their held-out data, ``Evaluation.mse``)."""
+    return "accuracy" if kind == "classification" else "mse"
 
 
 @dataclass(frozen=True)
@@ -97,9 +106,25 @@ class RoundRecord:
     weight_cap: float | None = None  # "examples" weighting: the largest weight one update could have
     spent: int = 0  # devices whose one authenticated message of the round was refused
     outlier_devices: int = 0  # moments rounds: devices left out of at least one feature
+    fed_eval_metric: str = "accuracy"  # the task's metric (``eval_metric``): which field to read
+    fed_eval_mse: float | None = None  # regression: weighted mean of the devices' MSE
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def fed_eval_summary(self) -> str:
+        """The federated evaluation in the task's own metric, for the round's log line:
+        ``fed. eval accuracy 0.9123`` or ``fed. eval MSE 0.0412 (RMSE 0.203)``, ``none`` when
+        no accepted update carried one (a moments round, or no device evaluated)."""
+        if self.fed_eval_metric == "mse":
+            mse = self.fed_eval_mse
+            if mse is None:
+                return "fed. eval MSE none"
+            # A device's MSE is only checked to be finite: a negative one gets no square root.
+            rmse = f" (RMSE {math.sqrt(mse):.4g})" if mse >= 0 else ""
+            return f"fed. eval MSE {mse:.4g}{rmse}"
+        acc = self.fed_eval_accuracy
+        return f"fed. eval accuracy {'none' if acc is None else f'{acc:.4f}'}"
 
 
 @dataclass
@@ -127,6 +152,30 @@ class EngineState:
     #: device -> fingerprint of the key its counter was seen under: a new key (re-enrollment)
     #: starts a new counter sequence.
     counter_keys: dict[str, str] = field(default_factory=dict)
+    #: The model generation (``[aggregator] model_generation``): a new model or task for a
+    #: running fleet starts a new generation, which keeps only the manifest chain (version,
+    #: last hash) and the replay counters of the one before (``start_generation``).
+    generation: int = 1
+    #: The model these weights belong to (None: not recorded, checkpoints before generations).
+    model_sha256: str | None = None
+
+
+def start_generation(previous: EngineState, generation: int, initial: EngineState) -> EngineState:
+    """The state of a new model generation: ``initial`` (the new model's weights and
+    normalisation, no rounds, no history, no influence references) continuing ``previous``'s
+    manifest chain and device counters, so devices accept its first manifest as the next
+    version from the signer they trust, and every update bound to an older version, including
+    the previous generation's, is refused as it always is."""
+    if generation <= previous.generation:
+        raise FedgeError(f"model generation {generation} does not follow generation {previous.generation}")
+    return replace(
+        initial,
+        version=previous.version,
+        last_manifest_sha256=previous.last_manifest_sha256,
+        counters=dict(previous.counters),
+        counter_keys=dict(previous.counter_keys),
+        generation=generation,
+    )
 
 
 def key_fingerprint(key: PublicKey) -> str:
@@ -179,6 +228,8 @@ class RoundEngine:
         self.topics = FleetTopics(fleet)
         self.settings = settings
         self.model_manifest = model_manifest
+        #: The task's own evaluation metric, named in round records and the status.
+        self.eval_metric = eval_metric(model_manifest.task.model.kind)
         self.model_bytes = model_bytes
         self.model_sha256 = hashlib.sha256(model_bytes).hexdigest()
         self.box_key = box_key
@@ -382,6 +433,8 @@ class RoundEngine:
             fed_eval_loss=metrics.eval_loss.mean if metrics.eval_loss.count else None,
             fed_eval_accuracy=metrics.eval_accuracy.mean if metrics.eval_accuracy.count else None,
             fed_eval_examples=int(metrics.eval_loss.total_weight),
+            fed_eval_metric=self.eval_metric,
+            fed_eval_mse=metrics.eval_mse.mean if metrics.eval_mse.count else None,
             mean_update_bytes=r.update_bytes / len(r.reported) if r.reported else None,
             rejected=dict(r.rejected),
             failure=failure,
@@ -519,6 +572,7 @@ class RoundEngine:
             "rejected_total": dict(self.state.rejected_total),
             "limits": self.limits(),
             "history": self.state.history[-5:],
+            "eval_metric": self.eval_metric,  # which fed_eval_* field of a record is the task's
             "time": now,
         }
 
