@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fedge.protocol.codec_names import Codec
 from fedge.protocol.config_source import ConfigError
@@ -29,6 +30,61 @@ from fedge.version import __version__
 EXIT_USAGE = 2
 #: sysexits.h EX_CONFIG: a configuration error; restarting will not help.
 EXIT_CONFIG = 78
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, as ``argparse.ArgumentDefaultsHelpFormatter``
+    does, but not where there is nothing to show: flags, options without a default (None), and
+    help texts that already say what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if (
+            not text
+            or text == argparse.SUPPRESS
+            or not action.option_strings
+            or action.nargs == 0
+            or action.default is None
+            or action.default is argparse.SUPPRESS
+            or "default" in text.lower()
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every ``fedge`` parser, subcommands included (``add_subparsers`` makes them of the
+    parent's class), formats its help with :class:`_HelpFormatter` unless told otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _number(kind: Callable[[str], Any], low: float, high: float, what: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``kind(text)`` if it is finite and within [low, high], else a
+    usage error (exit 2) saying what the option takes, before anything starts."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+
+    return parse
+
+
+_ROUNDS = _number(int, 1, 1_000_000, "a whole number of rounds from 1 to 1000000")
+_ROUND_TIMEOUT = _number(float, 0.1, 7 * 24 * 3600.0, "a number of seconds from 0.1 to 604800")
+_SERVER_LR = _number(float, 1e-6, 100.0, "a number from 0.000001 to 100")  # [rounds] server_learning_rate
+_AT_LEAST_ONE = _number(int, 1, math.inf, "a whole number >= 1")
+_AT_LEAST_ZERO = _number(int, 0, math.inf, "a whole number >= 0")
+_SECONDS = _number(float, 1e-3, math.inf, "a positive number of seconds")
+_SPEED = _number(float, 0.0, math.inf, "a number >= 0 (0 = as fast as possible, 1 = real time)")
+_PORT = _number(int, 1, 65535, "a port number from 1 to 65535")
 
 
 def require_lab(what: str) -> None:
@@ -175,6 +231,18 @@ def cmd_aggregator_run(args: argparse.Namespace) -> int:
     return run_aggregator(config)
 
 
+def cmd_aggregator_retire(args: argparse.Namespace) -> int:
+    from fedge.aggregator.config import load_aggregator_config  # noqa: PLC0415
+    from fedge.aggregator.retire import retire_fleet  # noqa: PLC0415
+
+    config = load_aggregator_config(args.config, os.environ)
+    done = retire_fleet(config)
+    print(f"fleet {config.fleet} retired: cleared {len(done.cleared)} retained topic(s) on {config.mqtt.url}")
+    if done.checkpoint is not None:
+        print(f"checkpoint moved to {done.checkpoint}; a new fleet needs a new fleet name (docs/own-data.md)")
+    return 0
+
+
 def cmd_agent_run(args: argparse.Namespace) -> int:
     from fedge.agent.config import load_agent_config  # noqa: PLC0415
     from fedge.agent.service import run_agent  # noqa: PLC0415
@@ -245,10 +313,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_progress(rounds: int, enabled: bool) -> Any:
-    from fedge.lab.progress import ProgressBar  # noqa: PLC0415
+def _demo_progress(rounds: int, enabled: bool, stream: TextIO | None = None) -> Any:
+    """The demo's progress on ``stream`` (stderr): a bar on a terminal; elsewhere (a log, CI)
+    one line per finished round with its held-out accuracy and the time so far."""
+    from fedge.lab.progress import ProgressBar, StepLines  # noqa: PLC0415
 
-    bar = ProgressBar("fedge demo", enabled=None if enabled else False)
+    out = sys.stderr if stream is None else stream
+    tty = out.isatty()
+    bar = ProgressBar("fedge demo", out, enabled=enabled and tty)
+    lines = StepLines("fedge demo", "round", out) if enabled and not tty else None
 
     def show(observer: Any) -> None:
         view = observer.view
@@ -260,16 +333,28 @@ def _demo_progress(rounds: int, enabled: bool) -> Any:
         if acc is not None:
             suffix += f" held-out acc {acc:.3f}"
         bar(done, rounds, suffix)
+        if lines is not None:
+            lines(done, rounds, "" if acc is None else f"held-out accuracy {acc:.3f}")
 
     return show
 
 
 def cmd_edgex_tap(args: argparse.Namespace) -> int:
-    from fedge.tools.edgex_tap import tap  # noqa: PLC0415
+    from fedge.tools.edgex_tap import read_password_file, tap  # noqa: PLC0415
 
     if args.count is not None and args.count < 1:
         raise FedgeError("--count must be >= 1")
-    counters = tap(args.broker, args.prefix, args.count, args.json, args.timeout, 3 if args.mqtt_v311 else 5)
+    counters = tap(
+        args.broker,
+        args.prefix,
+        args.count,
+        args.json,
+        args.timeout,
+        3 if args.mqtt_v311 else 5,
+        username=args.username,
+        password=None if args.password_file is None else read_password_file(args.password_file),
+        ca_file=args.ca_file,
+    )
     print(f"fedge edgex tap: {json.dumps(counters)}", file=sys.stderr)
     return 0
 
@@ -281,6 +366,7 @@ def cmd_edgex_simulate(args: argparse.Namespace) -> int:
     require_lab("fedge edgex simulate")
     from fedge.lab.edgex_simulate import SimulateOptions, simulate  # noqa: PLC0415
     from fedge.lab.progress import ProgressBar  # noqa: PLC0415
+    from fedge.tools.edgex_tap import read_password_file  # noqa: PLC0415
 
     try:
         subjects = tuple(int(s) for s in args.subjects.split(","))
@@ -294,7 +380,12 @@ def cmd_edgex_simulate(args: argparse.Namespace) -> int:
         speed=args.speed,
         subjects=subjects,
         max_rows=args.rows,
+        username=args.username,
+        password=None if args.password_file is None else read_password_file(args.password_file),
+        ca_file=args.ca_file,
     )
+    if options.password is not None and options.username is None:
+        raise FedgeError("--password-file needs --username (the principal the password is for)")
     server = None
     on_event = None
     if args.core_data_port is not None:
@@ -333,7 +424,7 @@ def cmd_edgex_simulate(args: argparse.Namespace) -> int:
 
 def _add_service_parser(
     sub: Any, name: str, help: str, run_help: str, run: Callable[[argparse.Namespace], int]
-) -> None:
+) -> Any:
     """``fedge NAME run --config FILE [--verbose]``: the aggregator and the agent are started the
     same way (their units and containers rely on it), so one definition keeps their options alike."""
     service = sub.add_parser(name, help=help)
@@ -342,12 +433,23 @@ def _add_service_parser(
     service_run.add_argument("--config", type=Path, required=True, help=f"{name} config (TOML)")
     service_run.add_argument("--verbose", action="store_true")
     service_run.set_defaults(func=run)
+    return service_sub
+
+
+def _add_broker_login(parser: argparse.ArgumentParser, who: str) -> None:
+    """``--username``, ``--password-file``, ``--ca-file``: what a tool needs to reach the broker
+    ``fedge broker config`` locks down (its ``credentials/NAME.txt`` holds the password and the
+    CA's path). The password comes from a file, as a config's ``password_file``: on a command
+    line, ``ps`` and the shell's history would show it."""
+    parser.add_argument("--username", help=f"broker username: {who}")
+    parser.add_argument(
+        "--password-file", type=Path, help="file holding the password, one line, mode 0600 (0400)"
+    )
+    parser.add_argument("--ca-file", help="the CA that signed the broker's certificate (mqtts://)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedge", description="Federated learning for IoT edge devices in smart buildings."
-    )
+    parser = _Parser(prog="fedge", description="Federated learning for IoT edge devices in smart buildings.")
     parser.add_argument("--version", action="version", version=f"fedge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -380,20 +482,30 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--no-progress", action="store_true", help="no progress bar")
     tl.set_defaults(func=cmd_train_local)
 
-    _add_service_parser(
+    aggregator_sub = _add_service_parser(
         sub,
         "aggregator",
         "the gateway side: federated rounds over MQTT",
         "run the round engine",
         cmd_aggregator_run,
     )
-    _add_service_parser(
+    retire = aggregator_sub.add_parser(
+        "retire",
+        help="take the fleet off the broker for good: clear its retained manifest, blobs, status and "
+        "rotations, move the checkpoint aside (stop every aggregator replica first)",
+    )
+    retire.add_argument("--config", type=Path, required=True, help="the aggregator's config (TOML)")
+    retire.set_defaults(func=cmd_aggregator_retire)
+    agent_sub = _add_service_parser(
         sub,
         "agent",
         "the device side: train locally, send sealed updates",
         "run the device agent",
         cmd_agent_run,
     )
+    from fedge.tools.config_example import add_config_commands  # noqa: PLC0415 - stdlib only
+
+    add_config_commands(agent_sub, aggregator_sub)  # fedge agent|aggregator config --example
 
     demo = sub.add_parser("demo", help="broker + aggregator + agents on the real smartwatch data")
     demo.add_argument(
@@ -403,15 +515,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="task spec (TOML; default: the HAR watch task shipped with fedge)",
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory")
-    demo.add_argument("--devices", type=int, default=7, help="number of devices (1-7, default 7)")
-    demo.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
+    demo.add_argument("--devices", type=int, default=7, help="number of devices (1-7)")
+    demo.add_argument("--rounds", type=_ROUNDS, default=20, help="federated rounds")
     demo.add_argument(
         "--codec", choices=[c.value for c in Codec], default=Codec.FP32.value, help="update encoding"
     )
     demo.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
-    demo.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds")
-    demo.add_argument("--min-devices", type=int, help="quorum per round (default: half the devices)")
-    demo.add_argument("--server-lr", type=float, default=2.0, help="server learning rate (default 2.0)")
+    demo.add_argument("--round-timeout", type=_ROUND_TIMEOUT, default=60.0, help="round deadline in seconds")
+    demo.add_argument(
+        "--min-devices", type=_AT_LEAST_ONE, help="quorum per round (default: half the devices)"
+    )
+    demo.add_argument("--server-lr", type=_SERVER_LR, default=2.0, help="server learning rate")
     demo.add_argument(
         "--data",
         choices=["edgex", "direct"],
@@ -431,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mqtt-v311", action="store_true", help="MQTT 3.1.1 instead of MQTT 5")
     demo.add_argument(
         "--container-agents",
-        type=int,
+        type=_AT_LEAST_ZERO,
         default=0,
         help="run the first N agents in the agent image with podman (host network; needs root)",
     )
@@ -441,35 +555,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="the agent image for --container-agents (make images builds localhost/fedge-agent:VERSION-ARCH)",
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (nor, off a terminal, per-round lines)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     from fedge.tools.broker_config import add_broker_parser  # noqa: PLC0415 - stdlib-only import
     from fedge.tools.edgex_provision import add_edgex_parser  # noqa: PLC0415 - stdlib-only import
+    from fedge.tools.evaluate import add_parser as add_evaluate_parser  # noqa: PLC0415 - stdlib-only
     from fedge.tools.keys import add_keys_parser  # noqa: PLC0415 - stdlib-only import
+    from fedge.tools.task_init import add_parser as add_task_init_parser  # noqa: PLC0415 - stdlib-only
 
     add_keys_parser(sub)  # fedge keys aggregator|device|rotate, fedge enroll, revoke, registry list
     add_broker_parser(sub)  # fedge broker config
+    add_task_init_parser(sub)  # fedge task init
+    add_evaluate_parser(sub)  # fedge evaluate
     edgex_sub = add_edgex_parser(sub)
     tap = edgex_sub.add_parser("tap", help="print the readings an agent would parse, one JSON object each")
-    tap.add_argument("--broker", required=True, help="EdgeX message bus broker, mqtt://host:port")
-    tap.add_argument("--prefix", default="edgex", help="EdgeX topic prefix (default edgex)")
-    tap.add_argument("--count", type=int, help="stop after N readings")
-    tap.add_argument("--timeout", type=float, help="stop after S seconds")
+    tap.add_argument("--broker", required=True, help="EdgeX message bus broker, mqtt[s]://host:port")
+    tap.add_argument("--prefix", default="edgex", help="EdgeX topic prefix")
+    tap.add_argument("--count", type=_AT_LEAST_ONE, help="stop after N readings")
+    tap.add_argument(
+        "--timeout", type=_SECONDS, help="stop after S seconds (the connection must come within 10 s)"
+    )
+    _add_broker_login(tap, "a principal that may read the readings, e.g. ID.edgex of fedge broker config")
     tap.add_argument("--json", action="store_true", help="JSON lines (default: a table)")
     tap.add_argument("--mqtt-v311", action="store_true", help="MQTT 3.1.1 instead of MQTT 5")
     tap.set_defaults(func=cmd_edgex_tap)
     sim = edgex_sub.add_parser("simulate", help="replay the smartwatch data as EdgeX device-service events")
-    sim.add_argument("--broker", required=True, help="broker to publish on, mqtt://host:port")
-    sim.add_argument("--prefix", default="edgex", help="EdgeX topic prefix (default edgex)")
-    sim.add_argument("--edgex-version", choices=["v3", "v4"], default="v4", help="wire format (default v4)")
+    sim.add_argument("--broker", required=True, help="broker to publish on, mqtt[s]://host:port")
+    sim.add_argument("--prefix", default="edgex", help="EdgeX topic prefix")
+    sim.add_argument("--edgex-version", choices=["v3", "v4"], default="v4", help="wire format")
     sim.add_argument("--cbor", action="store_true", help="application/cbor payloads")
     sim.add_argument(
-        "--speed", type=float, default=0.0, help="1 = real time, 10 = 10x; 0 = as fast as possible"
+        "--speed", type=_SPEED, default=0.0, help="0 = as fast as possible, 1 = real time, 10 = 10x"
     )
-    sim.add_argument("--subjects", default="1,2,3,4,5,6,7", help="subjects to replay (default 1-7)")
-    sim.add_argument("--rows", type=int, help="at most N rows per subject")
-    sim.add_argument("--core-data-port", type=int, help="also serve core-data on this loopback port")
+    sim.add_argument("--subjects", default="1,2,3,4,5,6,7", help="subjects to replay")
+    sim.add_argument("--rows", type=_AT_LEAST_ONE, help="at most N rows per subject")
+    sim.add_argument("--core-data-port", type=_PORT, help="also serve core-data on this loopback port")
+    _add_broker_login(sim, "an EdgeX service principal of fedge broker config (--edgex-service)")
     sim.add_argument("--json", action="store_true", help="print a JSON report")
     sim.set_defaults(func=cmd_edgex_simulate)
     return parser

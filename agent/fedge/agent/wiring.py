@@ -17,6 +17,7 @@ demo, the tests and the container images do too, so there is no second wiring to
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,23 @@ class AgentStages:
     outbox: Outbox
 
 
+def prepare_state_dir(path: Path) -> None:
+    """Creates ``[agent] state_dir`` and proves the agent can write there (a probe file), so a
+    wrong owner or a read-only mount is one ConfigError line naming the fix now, not a SQLite
+    traceback later. (Root writes anywhere: the probe, not the mode bits, decides.)"""
+    probe = path / f".fedge-write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write [agent] state_dir {path}: {exc.strerror}; it must be a directory the agent "
+            "can write: in Docker the agent runs as uid 10001, so give it the host directory mounted "
+            "at the state_dir (sudo chown -R 10001:10001 HOST_DIR); under systemd, StateDirectory= does it"
+        ) from None
+
+
 def read_task_file(path: Path) -> TaskSpec:
     try:
         return parse_task_spec(path.read_text(encoding="utf-8"))
@@ -124,7 +142,7 @@ def build_edgex_source(config: AgentConfig) -> EdgeXIngest:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read core-data token {e.token_file}: {exc}") from None
     core_data = CoreDataClient(e.core_data_url, token=token) if e.core_data_url else None
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    prepare_state_dir(config.state_dir)
     store = SampleStore(config.state_dir / SAMPLES_FILE, e.store_max_samples, e.store_max_age_s)
     return EdgeXIngest(
         device=e.device,
@@ -150,7 +168,7 @@ def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> A
             raise ConfigError(f"[data] source {config.data.source!r} needs fedge's lab package to build it")
         source = build_edgex_source(config)
     device_key = PrivateKey(read_private_key(config.key_file, "box", what="device key"))
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    prepare_state_dir(config.state_dir)
     state = DeviceStateStore(config.state_dir / STATE_FILE)
     identity = DeviceIdentity(config.fleet, config.device_id, device_key, config.aggregator_public_key)
     core = DeviceCore(identity, state.load())  # a corrupt state file is an error now, not a reset

@@ -31,12 +31,12 @@ import paho.mqtt.client as mqtt
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from fedge.aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedge.aggregator.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.heartbeat import Heartbeat
 from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
 from fedge.aggregator.registry import load_registry, load_registry_file
-from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord
+from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord, start_generation
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
@@ -114,7 +114,15 @@ def state_from_checkpoint(ck: Checkpoint) -> EngineState:
         counter_keys={
             str(k): str(v) for k, v in dict(meta.get("counter_keys") or {}).items() if isinstance(v, str)
         },
+        generation=_generation(meta.get("generation", 1)),
+        model_sha256=meta.get("model_sha256") if isinstance(meta.get("model_sha256"), str) else None,
     )
+
+
+def _generation(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"checkpoint metadata: generation must be an integer >= 1, not {value!r}")
+    return value
 
 
 def _positive_or_none(value: object) -> float | None:
@@ -142,6 +150,8 @@ def checkpoint_from_state(state: EngineState) -> Checkpoint:
             "claim_median": state.claim_median,
             "initial_norm": state.initial_norm,
             "counter_keys": dict(state.counter_keys),
+            "generation": state.generation,
+            "model_sha256": state.model_sha256,
         },
     )
 
@@ -194,7 +204,19 @@ class AggregatorService:
             raise ConfigError(f"{enrolled} enrolled devices cannot satisfy min_devices={wanted}")
         self.box_key = PrivateKey(read_private_key(config.box_key_file, "box"))
         self.signing_key = SigningKey(read_private_key(config.signing_key_file, "signing"))
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        # Created and proven writable (a probe file) now: a wrong owner or a read-only volume is
+        # one ConfigError line with the fix, not a traceback at the first checkpoint.
+        probe = config.state_dir / f".fedge-write-probe-{time.time_ns()}-{id(self)}"  # replicas share it
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write [aggregator] state_dir {config.state_dir}: {exc.strerror}; it must be a "
+                "directory the aggregator can write: its image runs as uid 10001, so give it the "
+                "volume (sudo chown -R 10001:10001 HOST_DIR; on Kubernetes, fsGroup: 10001)"
+            ) from None
         self.checkpoint_path = config.state_dir / CHECKPOINT_FILE
         self.engine: RoundEngine
         if leadership is None:
@@ -221,25 +243,18 @@ class AggregatorService:
         """The engine, from the checkpoint if there is one (else from the initial weights)."""
         config, loaded = self.config, self.loaded
         ck = load_checkpoint(self.checkpoint_path, MAX_CHECKPOINT_BYTES)
-        if ck is None:
-            state = EngineState(
-                version=0,
-                last_manifest_sha256="",
-                completed_rounds=0,
-                weights=loaded.initial_weights.copy(),
-                normalisation=loaded.manifest.normalisation,
-                counters={},
-            )
-        else:
-            if ck.weights.shape != loaded.initial_weights.shape:
-                raise ConfigError(f"{self.checkpoint_path} is for another model (parameter count differs)")
-            state = state_from_checkpoint(ck)
-            log.info(
-                "resuming from checkpoint: version %d, %d rounds done%s",
-                state.version,
-                state.completed_rounds,
-                " (recovered from .prev)" if ck.recovered_from_previous else "",
-            )
+        generation = config.model_generation
+        initial = EngineState(
+            version=0,
+            last_manifest_sha256="",
+            completed_rounds=0,
+            weights=loaded.initial_weights.copy(),
+            normalisation=loaded.manifest.normalisation,
+            counters={},
+            generation=generation,
+            model_sha256=loaded.manifest.model_sha256,
+        )
+        state = initial if ck is None else self._resume_or_roll(ck, initial)
         self.engine = RoundEngine(
             config.fleet,
             config.rounds,
@@ -250,6 +265,50 @@ class AggregatorService:
             self.registry,
             state,
         )
+
+    def _resume_or_roll(self, ck: Checkpoint, initial: EngineState) -> EngineState:
+        """The checkpoint's state for the configured model, or a new model generation.
+
+        The same generation must be the same model. A higher ``model_generation`` than the
+        checkpoint's starts that generation with the configured model (``start_generation``:
+        the manifest chain and replay counters go on, so devices accept it from the signer
+        they trust); a lower one is refused (generations only go forward)."""
+        previous = state_from_checkpoint(ck)
+        path, generation = self.checkpoint_path, initial.generation
+        if generation < previous.generation:
+            raise ConfigError(
+                f"{path} is model generation {previous.generation}; [aggregator] model_generation = "
+                f"{generation} would go back (generations only go forward)"
+            )
+        if generation > previous.generation:
+            log.warning(
+                "starting model generation %d with %s (the checkpoint had generation %d at version %d, "
+                "%d rounds done): devices get the new model as version %d",
+                generation,
+                initial.model_sha256,
+                previous.generation,
+                previous.version,
+                previous.completed_rounds,
+                previous.version + 1,
+            )
+            return start_generation(previous, generation, initial)
+        other_model = previous.model_sha256 not in (None, initial.model_sha256)
+        if other_model or ck.weights.shape != initial.weights.shape:
+            raise ConfigError(
+                f"{path} is for another model ({previous.model_sha256 or 'parameter count differs'}); "
+                f"to roll the fleet to this model set [aggregator] model_generation = "
+                f'{previous.generation + 1} (docs/own-data.md, "A new model for a running fleet")'
+            )
+        log.info(
+            "resuming from checkpoint: generation %d, version %d, %d rounds done%s",
+            previous.generation,
+            previous.version,
+            previous.completed_rounds,
+            " (recovered from .prev)" if ck.recovered_from_previous else "",
+        )
+        if previous.model_sha256 is None:
+            previous.model_sha256 = initial.model_sha256  # recorded from the next checkpoint on
+        return previous
 
     # --- paho callbacks (network thread: only queue and flag) ------------------------------
 
@@ -404,6 +463,7 @@ class AggregatorService:
         what this service dropped (``messages_dropped`` by reason; ``inbox_overflow`` is its
         ``inbox_full``) and its inbox."""
         status = self.engine.status(self.clock())
+        status["generation"] = self.engine.state.generation
         status["online_devices"] = sorted(self.online)
         status["not_ready_devices"] = sorted(self.not_ready)
         dropped = self.messages_dropped
@@ -555,12 +615,12 @@ class AggregatorService:
                 if self.engine.round_due(self.clock()):
                     record = self.engine.close_round()
                     log.info(
-                        "round %s %s: %d/%d devices, fed. eval accuracy %s, rejected %s; %s",
+                        "round %s %s: %d/%d devices, %s, rejected %s; %s",
                         record.round_id,
                         record.outcome,
                         record.reported,
                         record.selected,
-                        record.fed_eval_accuracy,
+                        record.fed_eval_summary(),
                         record.rejected or "none",
                         influence_summary(record),
                     )

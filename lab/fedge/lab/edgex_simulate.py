@@ -12,6 +12,7 @@ A test double and demo driver: it stands in for EdgeX, which cannot run here.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,18 +20,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from fedge.agent.edgex.readings import Event, Reading
 from fedge.agent.edgex.wire import FLOAT_STYLE_BY_VERSION, edgex_event_topic, encode_envelope, event_to_dto
 from fedge.lab import har_watch
+from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.mqtt_settings import parse_broker_url
-from fedge.shell.mqtt import ephemeral_settings, make_client
+from fedge.shell.mqtt import connect_failure_hint, ephemeral_settings, make_client
 
 PROFILE = "Wearable-IMU"  # edgex_profiles/wearable-imu.yaml
 SERVICE = "device-imu"
 SOURCE = "imu"
 ROW_PERIOD_NS = int(1e9 / har_watch.SAMPLE_RATE_HZ)
+#: How long the publisher waits for the broker's CONNACK before it gives up.
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -127,14 +133,66 @@ class EdgeXPublisher:
             password=options.password,
             ca_file=options.ca_file,
         )
-        self.client = make_client(settings, persistent=False)
+        self.client_settings = settings
+        if options.ca_file is not None and not tls:
+            raise FedgeError(
+                f"--ca-file is for TLS: the broker URL must start with mqtts://, not {options.broker_url}"
+            )
+        try:
+            self.client = make_client(settings, persistent=False)
+        except ConfigError as exc:  # an unreadable --ca-file: the command's input, not a service config
+            raise FedgeError(str(exc)) from None
         self.client.max_inflight_messages_set(200)
+        # The CONNACK (or the connection closing without one), from paho's thread.
+        self._answer: list[str | None] = []
+        self._answered = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
         try:
             self.client.connect(host, port, settings.keepalive)
         except OSError as exc:
-            raise FedgeError(f"cannot connect to the broker at {options.broker_url}: {exc}") from None
+            raise FedgeError(
+                f"cannot connect to the broker at {options.broker_url}: {exc}; "
+                f"check: {connect_failure_hint(exc, settings)}"
+            ) from None
         self.client.loop_start()
+        if not self._answered.wait(CONNECT_TIMEOUT_S) or self._answer[0] is not None:
+            problem = self._answer[0] if self._answer else f"no CONNACK within {CONNECT_TIMEOUT_S:g} s"
+            self.client.disconnect()
+            self.client.loop_stop()
+            raise FedgeError(f"cannot connect to the broker at {options.broker_url}: {problem}")
         self._pending: list[mqtt.MQTTMessageInfo] = []
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self._answered.is_set():
+            return  # a reconnection: publish() and drain() carry on
+        refused = (
+            f"the broker refused the connection ({reason_code}); check --username and --password-file"
+            if reason_code.is_failure
+            else None
+        )
+        self._answer.append(refused)
+        self._answered.set()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if not self._answered.is_set():  # closed without a CONNACK
+            hint = connect_failure_hint(None, self.client_settings)
+            self._answer.append(f"the broker closed the connection without answering CONNECT; check: {hint}")
+            self._answered.set()
 
     def publish(self, event: Event) -> None:
         o = self.options

@@ -14,13 +14,22 @@ probes do not: :mod:`fedge.lab.broker` says why), so they agree on what matters 
   returns: the caller calls ``client.ack(msg.mid, msg.qos)`` once the message is stored, so a
   message lost with a crash before that is delivered again (the session keeps it);
 - :func:`watch_connection`: a refused connection is one error line, a lost one a warning, in
-  the same words for every service.
+  the same words for every service; a broker that cannot be reached (nothing listening, a
+  wrong CA, TLS on the wrong port) is a warning naming ``host:port`` and what to check, at
+  once and then at most once a minute with the number of failed attempts.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
+import ssl
+import sys
+import time
 import uuid
+import weakref
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
@@ -29,11 +38,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from fedge.protocol.config_source import ConfigError
 from fedge.protocol.mqtt_settings import MqttSettings
 
 #: paho's automatic reconnects wait 1 s, then twice as long each time, at most 30 s.
 RECONNECT_MIN_DELAY_S = 1
 RECONNECT_MAX_DELAY_S = 30
+#: A broker that cannot be reached is logged at once, then at most this often (with a count).
+FAILURE_LOG_INTERVAL_S = 60.0
+
+# The settings each client was made with (make_client), for watch_connection's hints.
+_SETTINGS: weakref.WeakKeyDictionary[mqtt.Client, MqttSettings] = weakref.WeakKeyDictionary()
 
 
 def ephemeral_settings(
@@ -80,6 +95,10 @@ def make_client(
     is for short-lived lab clients with a random id, which connect themselves with
     ``client.connect`` (a clean start): under MQTT 3.1.1 they ask for a clean session, so the
     broker keeps nothing for them after they leave.
+
+    With TLS, a ``ca_file``, ``cert_file`` or ``key_file`` that cannot be read or used is a
+    one-line :class:`ConfigError` naming the file and the fix (:func:`check_tls_files`): the
+    services build their clients before they start anything, so that is exit code 78.
     """
     cid = settings.client_id if client_id is None else client_id
     if settings.protocol == 5:
@@ -97,11 +116,55 @@ def make_client(
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password)
     if settings.tls:
-        client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file)
+        check_tls_files(settings)
+        try:
+            client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file)
+        except ssl.SSLError as exc:
+            files = ", ".join(f"{key} {path}" for key, path in _tls_files(settings))
+            raise ConfigError(
+                f"TLS files for {settings.url} ({files}) are not usable: {exc.reason or exc}; ca_file must "
+                "be a PEM CA certificate, cert_file and key_file a PEM certificate and its key"
+            ) from None
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
     client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY_S, max_delay=RECONNECT_MAX_DELAY_S)
+    _SETTINGS[client] = settings
     return client
+
+
+_TLS_FILE_FIXES = {
+    "ca_file": "the CA certificate that signed the broker's certificate (credentials/ca.crt of "
+    "fedge broker config)",
+    "cert_file": "the client certificate (credentials/NAME.crt of fedge broker config --client-certs)",
+    "key_file": "the client certificate's key (credentials/NAME.key of fedge broker config --client-certs)",
+}
+
+
+def _tls_files(settings: MqttSettings) -> list[tuple[str, str]]:
+    named = (
+        ("ca_file", settings.ca_file),
+        ("cert_file", settings.cert_file),
+        ("key_file", settings.key_file),
+    )
+    return [(key, path) for key, path in named if path is not None]
+
+
+def check_tls_files(settings: MqttSettings) -> None:
+    """A ``ca_file``, ``cert_file`` or ``key_file`` that cannot be read is a one-line
+    :class:`ConfigError` naming the file and what it must be (not an ``OSError`` traceback
+    from deep in paho's ``tls_set``). Paths in a config are relative to the config file."""
+    for key, path in _tls_files(settings):
+        try:
+            # O_NONBLOCK: a FIFO does not hang the check (ssl refuses it next).
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            problem = os.strerror(errno.EISDIR) if os.path.isdir(path) else None
+        except OSError as exc:
+            problem = exc.strerror
+        if problem is not None:
+            raise ConfigError(
+                f"cannot read {key} {path} (for {settings.url}): {problem}; "
+                f"set {key} to {_TLS_FILE_FIXES[key]}"
+            )
 
 
 def connect(client: mqtt.Client, settings: MqttSettings) -> None:
@@ -118,6 +181,114 @@ def connect(client: mqtt.Client, settings: MqttSettings) -> None:
         client.connect_async(settings.host, settings.port, settings.keepalive)
 
 
+def connect_failure_hint(error: BaseException | None, settings: MqttSettings | None) -> str:
+    """What to check when a connection attempt failed before the broker's CONNACK (pure).
+
+    ``error`` is what paho's attempt raised (an ``OSError``: refused, unreachable, a TLS
+    handshake that failed), None when the broker closed the connection without answering the
+    CONNECT; ``settings`` (None: unknown) tell whether the client uses TLS and which CA.
+    """
+    tls = settings is not None and settings.tls
+    ca_file = settings.ca_file if settings is not None else None
+    if isinstance(error, ssl.SSLCertVerificationError):
+        if error.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+            return (
+                "the broker's certificate does not name this host: connect with a name it holds "
+                "(fedge broker config --hostname)"
+            )
+        if ca_file:
+            return (
+                f"is ca_file ({ca_file}) the CA that signed the broker's certificate? "
+                "(fedge broker config writes it as credentials/ca.crt)"
+            )
+        return (
+            "ca_file is not set, so only the system's CAs are trusted: set ca_file to the CA that "
+            "signed the broker's certificate (credentials/ca.crt of fedge broker config)"
+        )
+    if isinstance(error, ssl.SSLError) or (tls and isinstance(error, ConnectionResetError | BrokenPipeError)):
+        return (
+            "is TLS on this port? mqtts:// needs the broker's TLS listener (usually 8883), "
+            "mqtt:// its plain one (usually 1883)"
+        )
+    if error is None:
+        if tls:
+            return "does the broker want a client certificate (cert_file, key_file)? is this its MQTT port?"
+        return "does this port expect TLS? (then use mqtts:// and ca_file)"
+    if isinstance(error, ConnectionRefusedError):
+        return "nothing accepts connections there: is the broker running, and are host and port right?"
+    if isinstance(error, socket.gaierror):
+        return "the host name does not resolve: is the host right?"
+    return "is the host reachable from here (network, firewall), and is the port right?"
+
+
+class _Unreachable:
+    """Failed connection attempts (no CONNACK), logged at once, then at most every
+    :data:`FAILURE_LOG_INTERVAL_S` with the number of attempts in between; or sooner when
+    the hint changes. Used from paho's network thread only."""
+
+    def __init__(self, log: logging.Logger, broker: str, clock: Callable[[], float]) -> None:
+        self.log = log
+        self.broker = broker
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.since_line = 0  # attempts failed since the last line
+        self.total = 0  # attempts failed in this outage
+        self.line_at: float | None = None
+        self.hint: str | None = None  # of the last line
+        self.warned = False
+
+    def lost(self) -> None:
+        """The connection was lost: that warning stands for the first line of the outage."""
+        self.reset()
+        self.line_at = self.clock()
+
+    def failed(self, where: str, error: BaseException | None, hint: str) -> None:
+        self.since_line += 1
+        self.total += 1
+        now = self.clock()
+        due = (
+            self.line_at is None
+            or now - self.line_at >= FAILURE_LOG_INTERVAL_S
+            or (self.hint is not None and hint != self.hint)
+        )
+        if not due:
+            return
+        what = "the broker closed the connection without answering CONNECT" if error is None else str(error)
+        if self.warned:
+            self.log.warning(
+                "still cannot connect to the %s at %s: %d attempt(s) failed since the last report "
+                "(last: %s); check: %s; retrying with backoff",
+                self.broker,
+                where,
+                self.since_line,
+                what,
+                hint,
+            )
+        else:
+            self.log.warning(
+                "cannot connect to the %s at %s: %s; check: %s; retrying with backoff",
+                self.broker,
+                where,
+                what,
+                hint,
+            )
+        self.since_line, self.line_at, self.hint, self.warned = 0, now, hint, True
+
+    def connected(self, where: str) -> None:
+        if self.warned:
+            self.log.info(
+                "connected to the %s at %s after %d failed attempt(s)", self.broker, where, self.total
+            )
+        self.reset()
+
+
+def _where(client: mqtt.Client) -> str:
+    host = client.host
+    return f"[{host}]:{client.port}" if ":" in host else f"{host}:{client.port}"
+
+
 def watch_connection(
     client: mqtt.Client,
     log: logging.Logger,
@@ -125,6 +296,7 @@ def watch_connection(
     on_disconnected: Callable[[], None] | None = None,
     *,
     broker: str = "broker",
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Installs ``client``'s ``on_connect`` and ``on_disconnect`` with fedge's connection log.
 
@@ -134,14 +306,26 @@ def watch_connection(
     - A lost connection logs a warning, "disconnected from the <broker> (<reason>);
       reconnecting with backoff"; the client's own ``disconnect()`` (reason "Success") logs
       nothing.
+    - An attempt that gets no CONNACK (nothing listens, the TLS handshake fails, the broker
+      closes the connection unanswered) logs a warning, "cannot connect to the <broker> at
+      host:port: <error>; check: <hint>; retrying with backoff", with a hint from
+      :func:`connect_failure_hint` (the client's settings come from :func:`make_client`). The
+      first failure is logged at once (after a lost connection, that warning counts as the
+      first), then at most once a minute ("still cannot connect ...", with the number of
+      attempts; ``clock`` is the monotonic clock that decides), or at once when the hint
+      changes; the connection that ends such an outage is logged at INFO.
 
     ``on_connected(client)`` runs after each successful CONNACK (subscribe there: a resumed
     session keeps subscriptions, a new one does not); ``on_disconnected()`` after every
     disconnect, refused connections included. Both run in paho's network thread.
     ``broker`` names the broker in the log ("EdgeX broker" for the EdgeX message bus).
     """
-    # Whether the last CONNACK succeeded; only paho's network thread reads and writes it.
+    # Whether the last CONNACK succeeded, and whether the current attempt got a CONNACK at all;
+    # only paho's network thread reads and writes them.
     up = [False]
+    answered = [False]
+    unreachable = _Unreachable(log, broker, clock)
+    settings = _SETTINGS.get(client)
 
     def _on_connect(
         c: mqtt.Client,
@@ -150,11 +334,20 @@ def watch_connection(
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        answered[0] = True
         if reason_code.is_failure:
+            unreachable.reset()  # reachable: the refusal is the news
             log.error("%s refused the connection: %s", broker, reason_code)
             return
         up[0] = True
+        unreachable.connected(_where(c))
         on_connected(c)
+
+    def _on_connect_fail(c: mqtt.Client, userdata: object) -> None:
+        # paho calls this inside its ``except OSError`` around the attempt: the error is the
+        # exception being handled.
+        error = sys.exc_info()[1]
+        unreachable.failed(_where(c), error, connect_failure_hint(error, settings))
 
     def _on_disconnect(
         c: mqtt.Client,
@@ -164,10 +357,17 @@ def watch_connection(
         properties: Properties | None,
     ) -> None:
         was_up, up[0] = up[0], False
+        was_answered, answered[0] = answered[0], False
         if on_disconnected is not None:
             on_disconnected()
         if was_up and reason_code.is_failure:
             log.warning("disconnected from the %s (%s); reconnecting with backoff", broker, reason_code)
+            unreachable.lost()
+        elif not was_answered and reason_code.is_failure:
+            # Connected at the socket level, then closed without a CONNACK (plain MQTT on a
+            # TLS port, a client certificate the broker wanted).
+            unreachable.failed(_where(c), None, connect_failure_hint(None, settings))
 
     client.on_connect = _on_connect
+    client.on_connect_fail = _on_connect_fail
     client.on_disconnect = _on_disconnect

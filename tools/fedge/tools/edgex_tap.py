@@ -3,6 +3,12 @@
 For users debugging their EdgeX set-up: it runs the agent's own subscriber and parser, so what
 it prints (or the malformed-message counts it reports at the end) is exactly what an agent
 would see. Values are numbers or booleans where the valueType says so.
+
+Against the broker ``fedge broker config`` locks down it connects as a principal allowed to
+read the readings (a device's ``ID.edgex``), with ``username``, a password read from a file
+(:func:`read_password_file`: the rules of a config's ``password_file``) and ``ca_file``. A tap
+that gets no connection within :data:`CONNECT_TIMEOUT_S` (or its ``timeout_s``) fails with a
+:class:`FedgeError`, instead of ending quietly with nothing printed.
 """
 
 from __future__ import annotations
@@ -12,12 +18,49 @@ import json
 import queue
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from fedge.agent.edgex.bus import EdgeXBusSubscriber
 from fedge.agent.edgex.readings import Event, Reading
-from fedge.protocol.mqtt_settings import parse_broker_url
+from fedge.protocol.config_source import MAX_SECRET_FILE_BYTES, ConfigError, secret_text
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.mqtt_settings import MqttSettings, parse_broker_url
+from fedge.shell.files import read_config_file
 from fedge.shell.mqtt import ephemeral_settings
+
+#: How long a tap waits for its connection before it gives up (at most its own timeout).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def read_password_file(path: Path, what: str = "--password-file") -> str:
+    """The password in ``path``, by the rules of a config's ``password_file``: one line,
+    readable by its owner alone (0600 or 0400). A password never goes on a command line,
+    where ``ps`` and the shell's history show it. Problems are a :class:`FedgeError` (exit 2)."""
+    try:
+        return secret_text(*read_config_file(path, MAX_SECRET_FILE_BYTES, what), path, what)
+    except ConfigError as exc:
+        raise FedgeError(str(exc)) from None
+
+
+def client_settings(
+    broker_url: str,
+    name: str,
+    *,
+    protocol: int = 5,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+) -> MqttSettings:
+    """A tool's short-lived client settings, with its credentials checked against the URL."""
+    host, port, tls = parse_broker_url(broker_url)
+    if ca_file is not None and not tls:
+        raise FedgeError(f"--ca-file is for TLS: the broker URL must start with mqtts://, not {broker_url}")
+    if password is not None and username is None:
+        raise FedgeError("--password-file needs --username (the principal the password is for)")
+    return ephemeral_settings(
+        host, port, tls, name, protocol=protocol, username=username, password=password, ca_file=ca_file
+    )
 
 
 def reading_to_json(reading: Reading) -> dict[str, Any]:
@@ -46,16 +89,36 @@ def tap(
     timeout_s: float | None = None,
     mqtt_protocol: int = 5,
     out: TextIO = sys.stdout,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Prints readings until ``count`` were printed or ``timeout_s`` passed; returns counters."""
-    host, port, tls = parse_broker_url(broker_url)
-    settings = ephemeral_settings(host, port, tls, "fedge-tap", protocol=mqtt_protocol)
+    """Prints readings until ``count`` were printed or ``timeout_s`` passed; returns counters.
+
+    Raises :class:`FedgeError` when the broker was not connected within ``connect_timeout_s``
+    (or ``timeout_s``, if shorter); why is in the connection log (``fedge.agent.edgex``).
+    """
+    settings = client_settings(
+        broker_url, "fedge-tap", protocol=mqtt_protocol, username=username, password=password, ca_file=ca_file
+    )
     events: queue.Queue[list[Event]] = queue.Queue()
-    subscriber = EdgeXBusSubscriber(settings, prefix, events.put)
+    try:
+        subscriber = EdgeXBusSubscriber(settings, prefix, events.put)
+    except ConfigError as exc:  # an unreadable --ca-file: the command's input, not a service config
+        raise FedgeError(str(exc)) from None
     printed = 0
+    window = connect_timeout_s if timeout_s is None else min(connect_timeout_s, timeout_s)
     until = None if timeout_s is None else time.monotonic() + timeout_s
     subscriber.start()
     try:
+        if not subscriber.connected.wait(window):
+            raise FedgeError(
+                f"no connection to the EdgeX broker at {settings.url} within {window:g} s (the lines "
+                "above say why); check the URL, --username, --password-file and --ca-file"
+            )
+        print(f"fedge edgex tap: reading {prefix}/ events at {settings.url}", file=sys.stderr, flush=True)
         while count is None or printed < count:
             remaining = None if until is None else until - time.monotonic()
             if remaining is not None and remaining <= 0:
