@@ -45,6 +45,9 @@ class EdgeXSettings:
     token_file: Path | None
     store_max_samples: int
     store_max_age_s: float  # 0: keep samples of any age (only store_max_samples evicts)
+    #: How far back the first core-data backfill reaches (no cursor yet); 0: everything
+    #: core-data holds (a historical export loaded into core-data).
+    first_backfill_s: float = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ EDGEX_KEYS = {
     "token_file",
     "store_max_samples",
     "store_max_age_s",
+    "first_backfill_s",
     "username",
     "password",
     "password_file",
@@ -172,6 +176,7 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         token_file=base / token_text if token_text else None,
         store_max_samples=e.integer("store_max_samples", 200_000, 1, 100_000_000),
         store_max_age_s=_store_max_age_s(e),
+        first_backfill_s=e.number("first_backfill_s", 24 * 3600.0, 0.0, 10 * 365 * 24 * 3600.0),
     )
     return AgentConfig(
         device_id=device_id,

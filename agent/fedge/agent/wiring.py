@@ -153,6 +153,7 @@ def build_edgex_source(config: AgentConfig) -> EdgeXIngest:
         prefix=e.prefix,
         core_data=core_data,
         cursor=BackfillCursor(config.state_dir / CURSOR_FILE),
+        first_backfill_s=e.first_backfill_s,
     )
 
 

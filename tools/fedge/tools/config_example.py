@@ -416,6 +416,15 @@ AGENT_SECTIONS = (
                 note="or 0: keep samples of any age",
             ),
             Key(
+                "first_backfill_s",
+                NUMBER,
+                "How far back the first core-data backfill (no cursor yet) reaches, in seconds.",
+                default=24 * 3600.0,
+                lo=0.0,
+                hi=10 * 365 * 24 * 3600.0,
+                note="0: everything core-data holds",
+            ),
+            Key(
                 "username",
                 STRING,
                 "The bus connection's own principal (`fedge broker config` makes ID.edgex); required "

@@ -95,8 +95,10 @@ class EdgeXIngest:
         core_data: CoreDataClient | None,
         cursor: BackfillCursor,
         clock: Callable[[], float] = time.time,
+        first_backfill_s: float = FIRST_BACKFILL_S,
     ) -> None:
         self.device = device
+        self.first_backfill_s = first_backfill_s
         self.task = task
         self.key = task_key(task)
         self.store = store
@@ -225,9 +227,24 @@ class EdgeXIngest:
         self._store(self.builder.flush(), [])
         self._flushed = True
 
+    def _first_backfill_start_ns(self) -> int:
+        """Where the first backfill (no cursor yet) starts: ``[edgex] first_backfill_s`` back,
+        or the beginning (0) for everything core-data holds."""
+        if self.first_backfill_s == 0:
+            log.info("first backfill of %s: all core-data holds ([edgex] first_backfill_s = 0)", self.device)
+            return 0
+        start = max(0.0, self.clock() - self.first_backfill_s)
+        log.info(
+            "first backfill of %s: readings of the last %.0f s; older ones in core-data are not read "
+            "(set [edgex] first_backfill_s = 0 to read everything, e.g. a historical export)",
+            self.device,
+            self.first_backfill_s,
+        )
+        return int(start * 1e9)
+
     def _backfill(self) -> None:
         assert self.core_data is not None
-        start = self.resume_ns if self.resume_ns is not None else int((self.clock() - FIRST_BACKFILL_S) * 1e9)
+        start = self.resume_ns if self.resume_ns is not None else self._first_backfill_start_ns()
         end = int((self.clock() + 365 * 24 * 3600) * 1e9)  # replayed data may carry future origins
         try:
             batch: list[Reading] = []
