@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.keyfile import KeyFileError, KeyKind
+from fedge.tools.standalone import run_alone
 
 #: An enrollment record is one line (~70 characters); it comes from another principal.
 MAX_RECORD_BYTES = 64 * 1024
@@ -509,14 +510,7 @@ def add_keys_parser(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """These commands on their own (``python -m fedge.tools.keys``), with ``fedge``'s error handling."""
-    parser = argparse.ArgumentParser(prog="fedge", description="fedge key and registry management")
-    add_keys_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except FedgeError as exc:
-        print(f"fedge: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_alone(add_keys_parser, "fedge key and registry management", argv)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import MAX_HIDDEN_UNITS, MAX_LAYERS, TaskSpec, parse_task_spec
+from fedge.tools.standalone import run_alone
 
 if TYPE_CHECKING:
     from fedge.agent.edgex.profile import DeviceProfile, DeviceResource
@@ -532,14 +533,7 @@ def add_parser(subparsers: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """This command on its own (``python -m fedge.tools.task_init task init ...``), with
     ``fedge``'s error handling: a one-line ``fedge: error: ...`` and exit code 2."""
-    parser = argparse.ArgumentParser(prog="fedge", description="fedge task specs")
-    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except FedgeError as exc:
-        print(f"fedge: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_alone(add_parser, "fedge task specs", argv)
 
 
 if __name__ == "__main__":
