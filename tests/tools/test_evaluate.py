@@ -509,3 +509,64 @@ def test_evaluation_runs_on_litert_without_tensorflow(
     lines = proc.stdout.splitlines()
     assert lines[0] == f"{task.name}: 25 examples from 25 rows of {csv_path} (ai_edge_litert)"
     assert lines[-1] == "heavy: []"
+
+
+# --- time: the CSV's time column places rows, and a gap splits windows as on a device -----------
+
+
+def test_a_gap_in_the_time_column_splits_windows_as_a_device_would(
+    capsys: pytest.CaptureFixture[str],
+    build_model_dir: Callable[[TaskSpec], Path],
+    class_task: tuple[Path, TaskSpec],
+    tmp_path: Path,
+) -> None:
+    base_path, _ = class_task
+    resources = 'resources = ["s0", "s1", "s2", "s3", "s4"]\n'
+    text = base_path.read_text().replace('name = "test-sensors-occupied"', 'name = "windowed"')
+    text = text.replace(
+        resources,
+        resources
+        + 'sample_rate_hz = 0.5\n[features.window]\nsize = 4\nstep = 3\nstatistics = ["mean", "max"]\n',
+    )
+    task_path = tmp_path / "windowed.toml"
+    task_path.write_text(text)
+    model_dir = build_model_dir(parse_task_spec(text))
+    n, gap_at = 40, 17
+    x, occupied = sensor_data(n, seed=11)
+    # Rows 2 s apart (the task's period) in epoch seconds, with a minute missing before row 17.
+    times = [1_740_000_000 + 2 * i + (60 if i >= gap_at else 0) for i in range(n)]
+    csv_path = write_csv(
+        tmp_path / "gap.csv", x, occupied, {(i, "time"): str(t) for i, t in enumerate(times)}
+    )
+    result = run_json(capsys, "--task", str(task_path), "--model-dir", str(model_dir), "--csv", str(csv_path))
+
+    # A device's windows: within each stretch, never across the gap (13 windows without it).
+    starts = [*range(0, gap_at - 4 + 1, 3), *range(gap_at, n - 4 + 1, 3)]
+    xs = np.array(
+        [[f(x[s : s + 4, j]) for j in range(5) for f in (np.mean, np.max)] for s in starts], dtype=np.float32
+    )
+    ys = np.array([int(occupied[s : s + 4].sum() > 2) for s in starts], dtype=np.int64)
+    expected = reference(model_dir).evaluate(xs, ys)
+    assert result["examples"] == len(starts) == 12
+    assert result["quality"]["gap"] == 1  # type: ignore[index]
+    assert result["accuracy"] == expected.accuracy
+    assert result["loss"] == pytest.approx(expected.loss, rel=1e-6)
+
+    # The same rows without their times (no time column): one stretch, 13 windows.
+    untimed = tmp_path / "untimed.csv"
+    untimed.write_text(csv_path.read_text().replace("time", "note", 1))
+    again = run_json(capsys, "--task", str(task_path), "--model-dir", str(model_dir), "--csv", str(untimed))
+    assert again["examples"] == 13
+    # Named with --time-column, the renamed column places the rows again.
+    named = run_json(
+        capsys,
+        "--task",
+        str(task_path),
+        "--model-dir",
+        str(model_dir),
+        "--csv",
+        str(untimed),
+        "--time-column",
+        "note",
+    )
+    assert named["examples"] == 12

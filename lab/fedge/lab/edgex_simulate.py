@@ -7,6 +7,14 @@ EdgeX 3.x or 4.x wire format with that version's float formatting. Recordings ar
 a pause (as in real life), so windows never span two recordings. Optionally the same events
 are served by a core-data REST double for backfill.
 
+``--csv`` replays a building's own export instead (:func:`simulate_csv`): the CSV is read by
+:mod:`fedge.tools.csv_readings` (header, the profile's value types, the time column) and split
+into groups (``--split-by day`` or ``column:NAME``); each group is one EdgeX device
+``<prefix>-<group>`` (prefix: the profile's name by default) of the given profile, one event per
+row holding a reading of every column that is one of the profile's resources, with the row's
+time as the origins (without a time column: rows one second apart from now). Values are
+encoded as EdgeX carries them (a Bool as ``"true"``/``"false"``).
+
 A test double and demo driver: it stands in for EdgeX, which cannot run here.
 """
 
@@ -17,7 +25,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
@@ -30,6 +39,10 @@ from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.mqtt_settings import parse_broker_url
 from fedge.shell.mqtt import connect_failure_hint, ephemeral_settings, make_client
+from fedge.tools.csv_readings import CsvError, CsvTable, group_name, parse_split_by, profile_cell, split_rows
+
+if TYPE_CHECKING:
+    from fedge.agent.edgex.profile import DeviceProfile
 
 PROFILE = "Wearable-IMU"  # edgex_profiles/wearable-imu.yaml
 SERVICE = "device-imu"
@@ -275,5 +288,100 @@ def simulate(
             report.last_origin_ns[event.device] = event.readings[-1].origin_ns
             if progress is not None:
                 progress(rows_done, total_rows)
+    report.seconds = time.monotonic() - wall_start
+    return report
+
+
+# --- a building's own CSV ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CsvReplay:
+    """What ``--csv`` replays: the file, its devices' profile, and how rows become devices."""
+
+    csv: Path
+    profile: DeviceProfile
+    split_by: str  # "day" or "column:NAME"
+    time_column: str | None = None
+    device_prefix: str | None = None
+
+
+def csv_device_events(replay: CsvReplay, start_ns: int | None = None) -> dict[str, list[Event]]:
+    """Each group's events (device name -> events in file order), all checked before anything
+    is published: every problem is one :class:`CsvError`."""
+    profile = replay.profile
+    prefix = replay.device_prefix if replay.device_prefix is not None else profile.name
+    if not prefix or group_name(prefix) != prefix:
+        raise CsvError(f"--device-prefix {prefix!r}: use letters, digits and _ ~ . - only")
+    split_column = parse_split_by(replay.split_by)
+    value_types = {r.name: r.value_type for r in profile.resources if "R" in r.read_write}
+    optional = [*value_types, *([split_column] if split_column is not None else [])]
+    table = CsvTable(replay.csv, optional=optional, time_column=replay.time_column)
+    resources = [n for n in value_types if n in table.header and n != table.time_column]
+    if not resources:
+        raise CsvError(
+            f"{replay.csv}: no column is a resource of profile {profile.name!r} ({', '.join(value_types)})"
+        )
+    source = _source(profile, resources)
+    offset = 0 if table.time_column is not None else (start_ns if start_ns is not None else time.time_ns())
+    events: dict[str, list[Event]] = {}
+    for group, rows in split_rows(table, replay.split_by).items():
+        device = f"{prefix}-{group}"
+        out = events.setdefault(device, [])
+        for row in rows:
+            origin = row.origin_ns + offset
+            if origin <= 0:
+                raise CsvError(f"{table.where(row)}: EdgeX origins are after 1970-01-01")
+            readings = tuple(
+                Reading(
+                    device,
+                    name,
+                    profile.name,
+                    value_types[name],
+                    profile_cell(table.where(row), name, row.cells[name], value_types[name]),
+                    origin,
+                )
+                for name in resources
+                if row.cells[name]
+            )
+            if readings:
+                out.append(Event(str(uuid.uuid4()), device, profile.name, source, origin, readings))
+    return events
+
+
+def _source(profile: DeviceProfile, resources: list[str]) -> str:
+    """The event's sourceName: a readable command reading all of ``resources``, else the one
+    resource, else the profile's name."""
+    for command in profile.commands:
+        if command.readable and set(resources) <= set(command.resources):
+            return command.name
+    return resources[0] if len(resources) == 1 else profile.name
+
+
+def simulate_csv(
+    options: SimulateOptions,
+    replay: CsvReplay,
+    on_event: Callable[[Event, dict[str, Any]], None] | None = None,
+) -> SimulationReport:
+    """Publishes the CSV's groups as EdgeX devices; the report counts events per device
+    (``rows_by_device``: one event per row with a value)."""
+    groups = csv_device_events(replay, options.start_ns)
+    report = SimulationReport(rows_by_device={device: 0 for device in groups})
+    heads = [e[0].origin_ns for e in groups.values() if e]
+    first_ns = min(heads) if heads else 0
+    wall_start = time.monotonic()
+    with EdgeXPublisher(options) as publisher:
+        for event in _interleaved([iter(e) for e in groups.values()]):
+            if options.speed > 0:
+                delay = wall_start + (event.origin_ns - first_ns) / 1e9 / options.speed - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            publisher.publish(event)
+            if on_event is not None:
+                on_event(event, event_to_dto(event, publisher.style))
+            report.events += 1
+            report.readings += len(event.readings)
+            report.rows_by_device[event.device] += 1
+            report.last_origin_ns[event.device] = event.origin_ns
     report.seconds = time.monotonic() - wall_start
     return report

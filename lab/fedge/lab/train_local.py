@@ -3,6 +3,13 @@
 All training subjects' windows are pooled, normalised with their own mean and standard
 deviation, and trained for some epochs in the LiteRT interpreter -- the same engine and model a
 device uses. Accuracy on the held-out subjects is what federated rounds are compared against.
+
+With a building's own data (:func:`train_local_csv`, ``--train``/``--test``) the samples come
+from the CSVs through the device's sample builder, exactly as ``fedge evaluate`` builds them
+(:func:`fedge.tools.evaluate.csv_samples`), the model from the task (``fedge model build``, or
+``--model-dir``), and the test metrics from the same scoring as ``fedge evaluate``
+(:func:`fedge.tools.evaluate.score`). The same task, files and seed give the same numbers: the
+initial weights come from the task's ``[model] seed``, the shuffling from ``seed``.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +27,9 @@ from fedge.agent.trainer import LiteRTTrainer
 from fedge.lab import har_watch
 from fedge.protocol.model_manifest import Normalisation, normalisation_from_moments
 from fedge.protocol.task import TaskSpec
+
+if TYPE_CHECKING:
+    from fedge.agent.edgex.profile import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -111,4 +121,87 @@ def train_local(
         seconds=seconds,
         model_sha256=trainer.manifest.model_sha256,
         history=history,
+    )
+
+
+@dataclass(frozen=True)
+class CsvTrainLocalResult:
+    """The centralized reference on a building's CSVs: the test CSV's metrics after training on
+    the train CSV (no timings: two runs with the same seed give the same result)."""
+
+    task: str
+    kind: str
+    runtime: str
+    epochs: int
+    seed: int
+    train_csv: str
+    test_csv: str
+    train_rows: int
+    test_rows: int
+    train_examples: int
+    test_examples: int
+    loss: float
+    accuracy: float | None
+    classes: list[str] | None
+    confusion_matrix: list[list[int]] | None
+    mse: float | None
+    mae: float | None
+    rmse: float | None
+    model_sha256: str
+    history: list[EpochRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_local_csv(
+    task: TaskSpec,
+    train_csv: Path,
+    test_csv: Path,
+    epochs: int,
+    seed: int = 0,
+    profile: DeviceProfile | None = None,
+    model_dir: Path | None = None,
+    runtime: str = "auto",
+    time_column: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CsvTrainLocalResult:
+    """Trains on ``train_csv``'s samples and scores on ``test_csv``'s, both built as a device
+    builds them; the normalisation is the training samples' own."""
+    from fedge.tools.evaluate import check_model_task, csv_samples, score  # noqa: PLC0415
+
+    train = csv_samples(train_csv, task, profile, time_column)
+    test = csv_samples(test_csv, task, profile, time_column)
+    with tempfile.TemporaryDirectory(prefix="fedge-model-") as tmp:
+        if model_dir is None:
+            model_dir = Path(tmp)
+            build_model_files(task, model_dir)
+        trainer = LiteRTTrainer.from_dir(model_dir, runtime=runtime)  # type: ignore[arg-type]
+        check_model_task(task, trainer.manifest, model_dir)
+    trainer.normalisation = normalisation_of(train.x)
+    rng = np.random.default_rng(seed)
+    history: list[EpochRecord] = []
+    for epoch in range(1, epochs + 1):
+        (train_loss,) = trainer.fit(train.x, train.y, epochs=1, rng=rng)
+        ev = trainer.evaluate(test.x, test.y)
+        history.append(EpochRecord(epoch, train_loss, ev.loss, ev.accuracy, ev.mse))
+        if progress is not None:
+            progress(epoch, epochs)
+    scores = score(trainer, test.x, test.y)
+    return CsvTrainLocalResult(
+        task=task.name,
+        kind=task.model.kind,
+        runtime=trainer.runtime.name,
+        epochs=epochs,
+        seed=seed,
+        train_csv=str(train_csv),
+        test_csv=str(test_csv),
+        train_rows=train.rows,
+        test_rows=test.rows,
+        train_examples=int(train.x.shape[0]),
+        test_examples=scores.pop("examples"),
+        classes=list(task.label.classes) if task.label.classes is not None else None,
+        model_sha256=trainer.manifest.model_sha256,
+        history=history,
+        **scores,
     )

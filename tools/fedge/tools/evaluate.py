@@ -4,8 +4,12 @@ The CSV has a header row naming its columns; the task's feature resources and it
 resource must be among them (other columns are ignored). Each data row becomes the EdgeX
 readings a device would receive for one instant, and those go through the device's own
 :class:`~fedge.agent.edgex.samples.SampleBuilder`: the same screening, alignment, windows and
-labels as on a device, so the score is the one a device would see on that data. Rows are one
-sample period apart (``1 / sample_rate_hz``, or one second without a rate), in file order.
+labels as on a device, so the score is the one a device would see on that data. The CSV is read
+by :mod:`fedge.tools.csv_readings`: a time column (``--time-column``, by default one named
+``time``, ``timestamp``, ``date`` or ``datetime``; ISO 8601, a time without a zone is UTC, or
+epoch seconds) gives each row's instant, so a gap in time splits windows as on a device; without
+one, rows are one sample period apart (``1 / sample_rate_hz``, or one second without a rate), in
+file order.
 
 - A cell is the reading's EdgeX value text. With ``--profile`` every column is parsed by its
   resource's ``valueType`` and checked against its ``minimum``/``maximum`` as on the device;
@@ -32,12 +36,11 @@ No TensorFlow: this module's top level imports only the standard library and
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,27 +48,23 @@ from typing import TYPE_CHECKING, Any
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, Normalisation
 from fedge.protocol.task import TaskSpec, parse_task_spec
+from fedge.tools.csv_readings import CSV_DEVICE, DEFAULT_PERIOD_NS, task_readings
+from fedge.tools.standalone import run_alone
 
 if TYPE_CHECKING:
     import numpy as np
 
     from fedge.agent.edgex.profile import DeviceProfile
-    from fedge.agent.edgex.readings import Reading, Value
+    from fedge.agent.edgex.readings import Reading
     from fedge.agent.litert_runtime import RuntimeName
     from fedge.agent.trainer import LiteRTTrainer
     from fedge.protocol.model_manifest import ModelManifest
 
 EXIT_USAGE = 2
-#: The device name the CSV's readings carry (the builder is bound to it).
-CSV_DEVICE = "csv"
-#: Row spacing when the task gives no ``sample_rate_hz``.
-DEFAULT_PERIOD_NS = 1_000_000_000
 #: Readings handed to the sample builder at a time (memory stays bounded for long files).
 FEED_READINGS = 8192
 #: A normalisation file is a few numbers per feature.
 MAX_NORMALISATION_BYTES = 4 * 1024 * 1024
-#: A CSV field longer than this is not a reading (csv's own default limit is 128 KiB).
-MAX_FIELD_CHARS = 4096
 
 
 class EvaluateError(FedgeError):
@@ -85,7 +84,9 @@ class CsvSamples:
     quality: dict[str, int]
 
 
-def csv_samples(path: Path, task: TaskSpec, profile: DeviceProfile | None = None) -> CsvSamples:
+def csv_samples(
+    path: Path, task: TaskSpec, profile: DeviceProfile | None = None, time_column: str | None = None
+) -> CsvSamples:
     """Reads ``path`` and builds the task's samples from it as a device would (module docstring)."""
     import numpy as np  # noqa: PLC0415
 
@@ -104,7 +105,7 @@ def csv_samples(path: Path, task: TaskSpec, profile: DeviceProfile | None = None
     labels: list[int | float] = []
     batch: list[Reading] = []
     rows = 0
-    for readings in _csv_readings(path, task, profile, period_ns):
+    for readings in task_readings(path, task, profile, period_ns, time_column, CSV_DEVICE):
         rows += 1
         batch += readings
         if len(batch) >= FEED_READINGS:
@@ -131,99 +132,6 @@ def _dropped(quality: dict[str, int], task: TaskSpec) -> str:
     if window is not None and quality.get("rows", 0) < window.size:
         parts.append(f"{quality.get('rows', 0)} complete rows, a window needs {window.size}")
     return f" (dropped: {', '.join(parts)})" if parts else ""
-
-
-def _csv_readings(
-    path: Path, task: TaskSpec, profile: DeviceProfile | None, period_ns: int
-) -> Iterator[list[Reading]]:
-    """Each data row's readings (a missing cell gives none), origins one period apart."""
-    from fedge.agent.edgex.readings import Reading  # noqa: PLC0415
-
-    required = [*task.features.resources, task.label.resource]
-    value_types = {r.name: r.value_type for r in profile.resources} if profile is not None else {}
-    profile_name = profile.name if profile is not None else ""
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, strict=True)
-            header = _header(path, reader, required)
-            columns = [(name, header.index(name)) for name in required]
-            width = len(header)
-            index = 0
-            for fields in reader:
-                if not fields or all(not cell.strip() for cell in fields):
-                    continue  # a blank line
-                where = f"{path} line {reader.line_num}"
-                if len(fields) != width:
-                    raise EvaluateError(f"{where}: {len(fields)} fields, the header has {width}")
-                index += 1
-                origin = index * period_ns
-                readings: list[Reading] = []
-                for name, col in columns:
-                    text = fields[col].strip()
-                    if not text:
-                        continue
-                    value_type, value = _cell(where, name, text, task, value_types.get(name))
-                    readings.append(Reading(CSV_DEVICE, name, profile_name, value_type, value, origin))
-                yield readings
-    except OSError as exc:
-        raise EvaluateError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise EvaluateError(f"{path} is not UTF-8 text") from None
-    except csv.Error as exc:
-        raise EvaluateError(f"{path}: not valid CSV: {exc}") from None
-
-
-def _header(path: Path, reader: Any, required: Sequence[str]) -> list[str]:
-    header = [name.strip() for name in next(reader, [])]
-    if not any(header):
-        raise EvaluateError(f"{path}: no header row (it names the columns: {', '.join(required)})")
-    for name in required:
-        if header.count(name) > 1:
-            raise EvaluateError(f"{path}: column {name!r} appears {header.count(name)} times in the header")
-    missing = [name for name in required if name not in header]
-    if missing:
-        listed = ", ".join(repr(m) for m in missing)
-        raise EvaluateError(
-            f"{path}: no column {listed} in the header; the task reads {', '.join(task_columns(required))}"
-        )
-    return header
-
-
-def task_columns(required: Sequence[str]) -> list[str]:
-    """The columns a task's CSV needs: its features, then ``label`` marked as such."""
-    return [*required[:-1], f"{required[-1]} (label)"]
-
-
-def _cell(where: str, name: str, text: str, task: TaskSpec, value_type: str | None) -> tuple[str, Value]:
-    """The EdgeX value type and value of one cell (module docstring)."""
-    from fedge.agent.edgex.readings import ReadingError, parse_scalar, parse_value  # noqa: PLC0415
-    from fedge.agent.edgex.samples import bool_class_indices, bool_value  # noqa: PLC0415
-
-    if len(text) > MAX_FIELD_CHARS:
-        raise EvaluateError(f"{where}: column {name!r}: a value of {len(text)} characters")
-    if value_type is not None:  # the profile's type, parsed as EdgeX sends it
-        try:
-            return value_type, parse_value(value_type, text)
-        except ReadingError as exc:
-            detail = str(exc).removeprefix(f"{exc.reason}: ")
-            raise EvaluateError(f"{where}: column {name!r}: {detail} (the profile's valueType)") from None
-    classes = task.label.classes
-    if name == task.label.resource and classes is not None:
-        if text in classes:
-            return "String", text
-        flag = bool_value(text)
-        if flag is not None and bool_class_indices(classes) is not None:
-            return "Bool", flag
-        if text.isascii() and text.lstrip("+-").isdigit():
-            return "Int64", int(text)
-        return "String", text  # not a class: the builder drops its row (unknown_label)
-    flag = bool_value(text) if text.casefold() in ("true", "false") else None
-    if flag is not None:
-        return "Bool", flag
-    try:
-        return "Float64", parse_scalar("Float64", text)
-    except ReadingError:
-        raise EvaluateError(f"{where}: column {name!r}: {text!r} is not a number") from None
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -370,6 +278,7 @@ def evaluate(
     normalisation_file: Path | None = None,
     profile: DeviceProfile | None = None,
     runtime: RuntimeName = "auto",
+    time_column: str | None = None,
 ) -> EvaluationReport:
     """Everything ``fedge evaluate`` does but printing: every problem raises before a result."""
     from fedge.agent.trainer import LiteRTTrainer, load_model_dir  # noqa: PLC0415
@@ -380,7 +289,7 @@ def evaluate(
     normalisation = manifest.normalisation
     if normalisation_file is not None:
         normalisation = read_normalisation(normalisation_file, task.input_dim)
-    samples = csv_samples(csv_path, task, profile)
+    samples = csv_samples(csv_path, task, profile, time_column)
     trainer = LiteRTTrainer(model, manifest, runtime)
     trainer.normalisation = normalisation
     trainer.set_weights(weights)
@@ -459,6 +368,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         normalisation_file=args.normalisation,
         profile=profile,
         runtime=args.runtime,
+        time_column=args.time_column,
     )
     print(json.dumps(report.to_dict()) if args.json else render_report(report))
     return 0
@@ -499,6 +409,12 @@ def add_parser(subparsers: Any) -> None:
         help="the device's EdgeX profile: parse cells by valueType, drop out-of-range readings",
     )
     ev.add_argument(
+        "--time-column",
+        metavar="NAME",
+        help="the column of each row's time, ISO 8601 (no zone: UTC) or epoch seconds (default: a "
+        "column named time, timestamp, date or datetime if any, else rows one sample period apart)",
+    )
+    ev.add_argument(
         "--runtime",
         choices=["auto", "ai_edge_litert", "tflite_runtime"],
         default="auto",
@@ -511,14 +427,7 @@ def add_parser(subparsers: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """This command on its own (``python -m fedge.tools.evaluate evaluate ...``), with
     ``fedge``'s error handling: a one-line ``fedge: error: ...`` and exit code 2."""
-    parser = argparse.ArgumentParser(prog="fedge", description="fedge model evaluation")
-    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except FedgeError as exc:
-        print(f"fedge: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_alone(add_parser, "fedge model evaluation", argv)
 
 
 if __name__ == "__main__":
