@@ -165,6 +165,10 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     from fedge.lab.train_local import train_local  # noqa: PLC0415
 
     bar = ProgressBar("train-local", enabled=False if args.no_progress else None)
+    if args.train is not None or args.test is not None:
+        return _train_local_csv(args, task, bar)
+    if args.profile is not None or args.time_column is not None:
+        raise FedgeError("--profile and --time-column go with --train and --test")
     result = train_local(
         task,
         args.epochs,
@@ -204,6 +208,57 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     )
     if args.plot is not None:
         print(f"plot: {args.plot}")
+    return 0
+
+
+def _train_local_csv(args: argparse.Namespace, task: TaskSpec, bar: Callable[[int, int], None]) -> int:
+    """``fedge train-local --train CSV --test CSV``: the centralized reference on own data."""
+    from fedge.lab.train_local import train_local_csv  # noqa: PLC0415
+
+    if args.train is None or args.test is None:
+        raise FedgeError("--train and --test go together: the CSV to train on and the one to score on")
+    profile = None
+    if args.profile is not None:
+        from fedge.agent.edgex.profile import load_profile  # noqa: PLC0415 - PyYAML
+
+        profile = load_profile(args.profile)
+    result = train_local_csv(
+        task,
+        args.train,
+        args.test,
+        args.epochs,
+        seed=args.seed,
+        profile=profile,
+        model_dir=args.model_dir,
+        runtime=args.runtime,
+        time_column=args.time_column,
+        progress=bar,
+    )
+    if args.plot is not None:
+        from fedge.lab.plots import plot_history  # noqa: PLC0415
+
+        h = result.history
+        plot_history(
+            args.plot,
+            f"fedge train-local: {task.name} (LiteRT, {result.train_examples} samples)",
+            [r.epoch for r in h],
+            [r.train_loss for r in h],
+            [r.test_loss for r in h],
+            [r.test_accuracy for r in h],
+        )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    metric = (
+        f"accuracy {result.accuracy:.4f}"
+        if result.accuracy is not None
+        else f"MSE {result.mse:.4f}  MAE {result.mae:.4f}  RMSE {result.rmse:.4f}"
+    )
+    print(
+        f"{task.name}: trained centrally on {result.train_examples} samples of {result.train_csv} "
+        f"({result.epochs} epochs, seed {result.seed}, {result.runtime})\n"
+        f"on {result.test_examples} samples of {result.test_csv}: loss {result.loss:.4f}  {metric}"
+    )
     return 0
 
 
@@ -259,11 +314,46 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     return run_agent(build_agent(config, source))
 
 
+def _check_demo_own_data(args: argparse.Namespace) -> None:
+    """``fedge demo --train``'s options, checked before anything starts."""
+    own = {"--test": args.test, "--profile": args.profile, "--split-by": args.split_by}
+    if args.train is None:
+        given = [
+            name for name, value in {**own, "--time-column": args.time_column}.items() if value is not None
+        ]
+        if given:
+            raise FedgeError(f"{', '.join(given)} go with --train (a building's own data)")
+        return
+    missing = [name for name, value in {"--task": args.task, **own}.items() if value is None]
+    if missing:
+        raise FedgeError(f"--train needs {', '.join(missing)} (docs/own-data.md)")
+    if args.devices is not None:
+        raise FedgeError(
+            "--devices goes without --train: with --train, the groups of --split-by are the devices"
+        )
+    if args.data != "edgex":
+        raise FedgeError("--train feeds the devices through EdgeX: --data direct is for the smartwatch data")
+    from fedge.tools.csv_readings import parse_split_by  # noqa: PLC0415
+
+    parse_split_by(args.split_by)
+    for name, path in (
+        ("--task", args.task),
+        ("--profile", args.profile),
+        ("--train", args.train),
+        ("--test", args.test),
+    ):
+        if not path.is_file():
+            raise FedgeError(f"{name} {path}: no such file")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     require_lab("fedge demo")
     from fedge.lab.demo import DemoOptions, render_table, run_demo, write_outputs  # noqa: PLC0415
     from fedge.tools.bundled import task_path  # noqa: PLC0415
 
+    _check_demo_own_data(args)
+    if args.train is None and args.devices is None:
+        args.devices = 7
     if args.task is None:  # the default task, shipped with fedge: found from any directory
         args.task = task_path()
     task = read_task(args.task)
@@ -271,7 +361,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options = DemoOptions(
         task=task,
         out=args.out,
-        devices=args.devices,
+        devices=args.devices or 0,
         rounds=args.rounds,
         codec=args.codec,
         broker_url=args.broker,
@@ -297,6 +387,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         task_file=args.task,
         container_agents=args.container_agents,
         agent_image=args.agent_image,
+        train_csv=args.train,
+        test_csv=args.test,
+        profile_file=args.profile,
+        split_by=args.split_by or "day",
+        time_column=args.time_column,
+        seed=args.seed,
     )
     from fedge.lab.progress import ProgressBar  # noqa: PLC0415
 
@@ -364,7 +460,7 @@ def cmd_edgex_simulate(args: argparse.Namespace) -> int:
     import threading  # noqa: PLC0415
 
     require_lab("fedge edgex simulate")
-    from fedge.lab.edgex_simulate import SimulateOptions, simulate  # noqa: PLC0415
+    from fedge.lab.edgex_simulate import CsvReplay, SimulateOptions, simulate, simulate_csv  # noqa: PLC0415
     from fedge.lab.progress import ProgressBar  # noqa: PLC0415
     from fedge.tools.edgex_tap import read_password_file  # noqa: PLC0415
 
@@ -386,6 +482,23 @@ def cmd_edgex_simulate(args: argparse.Namespace) -> int:
     )
     if options.password is not None and options.username is None:
         raise FedgeError("--password-file needs --username (the principal the password is for)")
+    replay = None
+    csv_only = {
+        "--profile": args.profile,
+        "--split-by": args.split_by,
+        "--time-column": args.time_column,
+        "--device-prefix": args.device_prefix,
+    }
+    if args.csv is not None:
+        if args.profile is None or args.split_by is None:
+            raise FedgeError("--csv needs --profile PROFILE.yaml and --split-by day|column:NAME")
+        from fedge.agent.edgex.profile import load_profile  # noqa: PLC0415 - PyYAML
+
+        replay = CsvReplay(
+            args.csv, load_profile(args.profile), args.split_by, args.time_column, args.device_prefix
+        )
+    elif given := [name for name, value in csv_only.items() if value is not None]:
+        raise FedgeError(f"{', '.join(given)} only go with --csv")
     server = None
     on_event = None
     if args.core_data_port is not None:
@@ -394,7 +507,13 @@ def cmd_edgex_simulate(args: argparse.Namespace) -> int:
         server = CoreDataServer(port=args.core_data_port)
         on_event = lambda event, dto: server.add_event(dto)  # noqa: E731
     try:
-        report = simulate(options, on_event=on_event, progress=ProgressBar("edgex simulate"))
+        if replay is not None:
+            report = simulate_csv(options, replay, on_event=on_event)
+            if not args.json:
+                for device, events in report.rows_by_device.items():
+                    print(f"{device}: {events} events")
+        else:
+            report = simulate(options, on_event=on_event, progress=ProgressBar("edgex simulate"))
         summary = {
             "events": report.events,
             "readings": report.readings,
@@ -465,12 +584,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_model_build)
 
     tl = sub.add_parser(
-        "train-local", help="train centrally with LiteRT on the HAR data: the reference accuracy"
+        "train-local",
+        help="train centrally with LiteRT on the HAR data or your CSVs: the reference accuracy",
     )
     tl.add_argument("--task", type=Path, required=True, help="task spec (TOML)")
     tl.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     tl.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
     tl.add_argument("--model-dir", type=Path, help="use a model from 'fedge model build'")
+    tl.add_argument(
+        "--train", type=Path, metavar="CSV", help="train on this labelled CSV (as fedge evaluate reads it)"
+    )
+    tl.add_argument("--test", type=Path, metavar="CSV", help="with --train: score on this labelled CSV")
+    tl.add_argument(
+        "--profile", type=Path, metavar="FILE", help="with --train: the EdgeX profile (valueType, min/max)"
+    )
+    tl.add_argument(
+        "--time-column",
+        metavar="NAME",
+        help="with --train: each row's time, ISO 8601 (no zone: UTC) or epoch seconds (default: a "
+        "column named time, timestamp, date or datetime)",
+    )
     tl.add_argument(
         "--runtime",
         choices=["auto", "ai_edge_litert", "tflite_runtime"],
@@ -515,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="task spec (TOML; default: the HAR watch task shipped with fedge)",
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory")
-    demo.add_argument("--devices", type=int, default=7, help="number of devices (1-7)")
+    demo.add_argument("--devices", type=int, default=None, help="number of devices (1-7; default 7)")
     demo.add_argument("--rounds", type=_ROUNDS, default=20, help="federated rounds")
     demo.add_argument(
         "--codec", choices=[c.value for c in Codec], default=Codec.FP32.value, help="update encoding"
@@ -553,6 +686,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--agent-image",
         default=None,
         help="the agent image for --container-agents (make images builds localhost/fedge-agent:VERSION-ARCH)",
+    )
+    demo.add_argument(
+        "--train",
+        type=Path,
+        metavar="CSV",
+        help="a building's own data instead of the smartwatch set: each group of this CSV (--split-by) "
+        "is one device, fed through EdgeX; needs --task, --profile, --test, --split-by (docs/own-data.md)",
+    )
+    demo.add_argument(
+        "--test", type=Path, metavar="CSV", help="with --train: the CSV every global model is scored on"
+    )
+    demo.add_argument("--profile", type=Path, help="with --train: the devices' EdgeX device profile (YAML)")
+    demo.add_argument(
+        "--split-by",
+        metavar="day|column:NAME",
+        help="with --train: one device per UTC day of the time column, or per value of column NAME",
+    )
+    demo.add_argument(
+        "--time-column",
+        metavar="NAME",
+        help="with --train: each row's time (default: a column named time, timestamp, date or datetime)",
+    )
+    demo.add_argument(
+        "--seed", type=_AT_LEAST_ZERO, default=0, help="seed of the centralized reference's shuffling"
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument(
@@ -593,6 +750,27 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--subjects", default="1,2,3,4,5,6,7", help="subjects to replay")
     sim.add_argument("--rows", type=_AT_LEAST_ONE, help="at most N rows per subject")
     sim.add_argument("--core-data-port", type=_PORT, help="also serve core-data on this loopback port")
+    sim.add_argument(
+        "--csv",
+        type=Path,
+        metavar="FILE",
+        help="replay this CSV (a header row) instead of the smartwatch data",
+    )
+    sim.add_argument("--profile", type=Path, metavar="FILE", help="with --csv: the devices' EdgeX profile")
+    sim.add_argument(
+        "--split-by",
+        metavar="day|column:NAME",
+        help="with --csv: one device per UTC day of the time column, or per value of column NAME",
+    )
+    sim.add_argument(
+        "--time-column",
+        metavar="NAME",
+        help="with --csv: each row's time, ISO 8601 (no zone: UTC) or epoch seconds (default: a "
+        "column named time, timestamp, date or datetime)",
+    )
+    sim.add_argument(
+        "--device-prefix", metavar="P", help="with --csv: devices are P-GROUP (default: the profile's name)"
+    )
     _add_broker_login(sim, "an EdgeX service principal of fedge broker config (--edgex-service)")
     sim.add_argument("--json", action="store_true", help="print a JSON report")
     sim.set_defaults(func=cmd_edgex_simulate)

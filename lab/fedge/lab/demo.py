@@ -5,6 +5,12 @@ processes (``fedge aggregator run`` / ``fedge agent run``) that talk only throug
 broker; updates are sealed, manifests signed. The demo itself only provisions the fleet,
 starts the processes, and watches from outside like a building-management system would,
 evaluating every global model on the held-out subjects.
+
+With a building's own data (``--train``, :class:`OwnData`) the task, the EdgeX profile and the
+CSVs are the user's: each group of the training CSV (``--split-by``) is one device, fed
+through EdgeX events by the CSV replay of ``fedge edgex simulate --csv``; the centralized
+reference is ``fedge train-local --train --test`` on the same files, and every global model is
+scored on the test CSV's samples (accuracy, or MSE for a regression task).
 """
 
 from __future__ import annotations
@@ -20,19 +26,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedge.lab import har_watch
 from fedge.lab.container_agent import podman_run_command, stage_container_agent
 from fedge.lab.observer import FleetObserver
 from fedge.lab.provision import create_fleet
-from fedge.lab.train_local import build_model_files, train_local
+from fedge.lab.train_local import build_model_files, train_local, train_local_csv
 from fedge.protocol.codec import Codec
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.mqtt_settings import parse_broker_url
 from fedge.protocol.task import TaskSpec
 from fedge.tools import bundled
 from fedge.tools.broker_config import edgex_principal
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from fedge.agent.edgex.profile import DeviceProfile
+    from fedge.agent.edgex.readings import Event
+    from fedge.lab.edgex_simulate import CsvReplay
 
 FLEET = "demo"
 log = logging.getLogger("fedge.lab.demo")
@@ -69,6 +82,16 @@ class DemoOptions:
     # of as host processes: what a board running `docker run` does, in the same fleet.
     container_agents: int = 0
     agent_image: str | None = None
+    # A building's own data instead of the smartwatch set: the training CSV's groups
+    # (split_by: "day" or "column:NAME") are the devices (not `devices`), each an EdgeX device
+    # <profile name>-<group> of `profile_file`; every global model is scored on `test_csv`.
+    # `seed` seeds the centralized reference's shuffling (fedge train-local --seed).
+    train_csv: Path | None = None
+    test_csv: Path | None = None
+    profile_file: Path | None = None
+    split_by: str = "day"
+    time_column: str | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -87,6 +110,10 @@ class DemoSummary:
     rejected: dict[str, int]
     per_round: list[dict[str, Any]] = field(default_factory=list)
     processes: dict[str, int | None] = field(default_factory=dict)
+    metric: str = "accuracy"  # the task's held-out metric: "accuracy", or "mse" for a regression
+    centralized_mse: float | None = None
+    final_mse: float | None = None
+    data: dict[str, Any] | None = None  # with --train: the CSVs, the split and each device's rows
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -264,18 +291,131 @@ def _feed_through_edgex(
     )
 
 
+@dataclass(frozen=True)
+class OwnData:
+    """A building's own data, read and checked before anything starts: the replay of the training
+    CSV, each device's events, and how many samples each device's builder makes of them."""
+
+    replay: CsvReplay
+    profile: DeviceProfile
+    events: dict[str, list[Event]]  # device id (= EdgeX device name) -> its events
+    expected: dict[str, int]  # device id -> samples its sample builder stores
+    x_test: np.ndarray  # the test CSV's samples, built as a device builds them
+    y_test: np.ndarray
+
+    @property
+    def devices(self) -> dict[str, int]:
+        """Device id -> its index (``create_fleet``'s subjects; unused by an EdgeX fleet)."""
+        return {device: index for index, device in enumerate(self.events, start=1)}
+
+
+def _own_data(options: DemoOptions) -> OwnData:
+    """Reads the profile and the training CSV as ``fedge edgex simulate --csv`` does, and counts
+    the samples each device's builder makes (the device's own limits and screening)."""
+    from fedge.agent.edgex.profile import check_task_against_profile, load_profile  # noqa: PLC0415
+    from fedge.agent.edgex.samples import SampleBuilder  # noqa: PLC0415
+    from fedge.lab.edgex_simulate import CsvReplay, csv_device_events  # noqa: PLC0415
+    from fedge.protocol.topics import check_id  # noqa: PLC0415
+    from fedge.tools.evaluate import csv_samples  # noqa: PLC0415
+
+    if options.train_csv is None or options.test_csv is None or options.profile_file is None:
+        raise FedgeError("--train needs --test and --profile")
+    if options.task_file is None:
+        raise FedgeError("--train needs --task (the file the devices are provisioned with)")
+    if options.data_path != "edgex":
+        raise FedgeError("--train feeds the devices through EdgeX; --data direct is for the smartwatch set")
+    profile = load_profile(options.profile_file)
+    check_task_against_profile(options.task, profile)
+    replay = CsvReplay(options.train_csv, profile, options.split_by, options.time_column)
+    events = csv_device_events(replay)
+    if len(events) > 256:
+        raise FedgeError(f"{options.train_csv}: {len(events)} groups; the demo runs at most 256 devices")
+    limits = {r.name: (r.minimum, r.maximum) for r in profile.resources}
+    expected: dict[str, int] = {}
+    for device, device_events in events.items():
+        check_id(device)  # the device's fleet id, and its EdgeX-bus principal's
+        builder = SampleBuilder(options.task, limits, device=device)
+        samples = builder.add([r for e in device_events for r in e.readings])
+        expected[device] = len(samples) + len(builder.flush())
+        if expected[device] < 2:
+            raise FedgeError(
+                f"{options.train_csv}: device {device} gets {expected[device]} sample(s) of task "
+                f"{options.task.name!r}; a device needs at least 2 (fedge evaluate shows what is dropped)"
+            )
+    test = csv_samples(options.test_csv, options.task, profile, options.time_column)
+    return OwnData(replay, profile, events, expected, test.x, test.y)
+
+
+def _device_data(observer: FleetObserver, device: str) -> dict[str, Any]:
+    status = observer.view.device_status.get(device, {})
+    report = status.get("data") if isinstance(status, dict) else None
+    return report if isinstance(report, dict) else {}
+
+
+def _feed_csv_through_edgex(
+    options: DemoOptions,
+    own: OwnData,
+    observer: FleetObserver,
+    broker_url: str,
+    mqtt_protocol: int,
+    procs: dict[str, subprocess.Popen[bytes]],
+    progress: Callable[[int, int], None] | None,
+    simulator_creds: dict[str, Any] | None = None,
+) -> None:
+    """Replays the training CSV as EdgeX events (``fedge edgex simulate --csv``) and waits until
+    every agent stored its samples."""
+    from fedge.lab.edgex_simulate import SimulateOptions, simulate_csv  # noqa: PLC0415
+
+    _wait(
+        lambda: all(_device_data(observer, d).get("bus_connected") for d in own.events),
+        observer,
+        120,
+        "the agents to subscribe to EdgeX",
+        procs,
+    )
+    total = sum(len(e) for e in own.events.values())
+    done = 0
+
+    def on_event(event: Event, dto: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    simulate_csv(
+        SimulateOptions(
+            broker_url=broker_url,
+            version=options.edgex_version,
+            mqtt_protocol=mqtt_protocol,
+            **_client_creds(simulator_creds),
+        ),
+        own.replay,
+        on_event=on_event,
+    )
+    _wait(
+        lambda: all(_device_data(observer, d).get("stored_samples", 0) >= n for d, n in own.expected.items()),
+        observer,
+        180,
+        "every agent to store its samples",
+        procs,
+    )
+
+
 def run_demo(
     options: DemoOptions,
     on_progress: Callable[[FleetObserver], None] | None = None,
     on_data_progress: Callable[[int, int], None] | None = None,
 ) -> DemoSummary:
-    if not 1 <= options.devices <= MAX_DEVICES:
+    own = _own_data(options) if options.train_csv is not None else None  # checked before anything starts
+    if own is None and not 1 <= options.devices <= MAX_DEVICES:
         raise FedgeError(f"--devices must be 1..{MAX_DEVICES} (subjects 1-7; 8-10 are held out for testing)")
-    min_devices = options.min_devices or max(1, (options.devices + 1) // 2)
-    if min_devices > options.devices:
-        raise FedgeError(f"--min-devices {min_devices} exceeds --devices {options.devices}")
-    if not 0 <= options.container_agents <= options.devices:
-        raise FedgeError(f"--container-agents must be 0..{options.devices} (the number of devices)")
+    n_devices = len(own.events) if own is not None else options.devices
+    min_devices = options.min_devices or max(1, (n_devices + 1) // 2)
+    if min_devices > n_devices:
+        what = f"the {n_devices} devices (groups of --train)" if own is not None else f"--devices {n_devices}"
+        raise FedgeError(f"--min-devices {min_devices} exceeds {what}")
+    if not 0 <= options.container_agents <= n_devices:
+        raise FedgeError(f"--container-agents must be 0..{n_devices} (the number of devices)")
     if options.container_agents and not options.agent_image:
         raise FedgeError("--container-agents needs --agent-image (built by make images)")
     out = options.out.resolve()  # the broker's configuration names absolute paths
@@ -287,13 +427,34 @@ def run_demo(
     start = time.perf_counter()
     model_dir = out / "model"
     build_model_files(options.task, model_dir)
-    reference = train_local(options.task, options.reference_epochs, model_dir=model_dir)
-    devices = har_watch.load_devices(options.task, har_watch.TEST_SUBJECTS)
-    x_test, y_test = har_watch.pooled(devices.values())
+    centralized_mse: float | None = None
+    if own is not None:
+        assert options.test_csv is not None  # checked by _own_data
+        # fedge train-local --train --test: the same files, the same model, the same seed.
+        reference_csv = train_local_csv(
+            options.task,
+            own.replay.csv,
+            options.test_csv,
+            options.reference_epochs,
+            seed=options.seed,
+            profile=own.profile,
+            model_dir=model_dir,
+            time_column=options.time_column,
+        )
+        centralized, centralized_mse = reference_csv.accuracy, reference_csv.mse
+        x_test, y_test = own.x_test, own.y_test
+        subjects = own.devices
+    else:
+        reference = train_local(
+            options.task, options.reference_epochs, seed=options.seed, model_dir=model_dir
+        )
+        centralized = reference.test_accuracy
+        devices = har_watch.load_devices(options.task, har_watch.TEST_SUBJECTS)
+        x_test, y_test = har_watch.pooled(devices.values())
+        subjects = {har_watch.device_id(s): s for s in har_watch.TRAIN_SUBJECTS[: options.devices]}
 
     broker: Any = None
     mqtt_protocol = options.mqtt_protocol
-    subjects = {har_watch.device_id(s): s for s in har_watch.TRAIN_SUBJECTS[: options.devices]}
     creds: dict[str, dict[str, Any]] = {}
     if options.broker_url is None and options.secure_broker:
         broker, broker_url, creds = _start_secure_broker(out, list(subjects), model_dir)
@@ -317,6 +478,9 @@ def run_demo(
     if options.data_path == "edgex":
         profile = bundled.profiles_dir() / "wearable-imu.yaml"
         edgex = {"prefix": "edgex", "profile": str(profile)}
+        if own is not None and options.profile_file is not None:
+            # A replayed export is old: keep samples of any age (docs/own-data.md).
+            edgex = {"prefix": "edgex", "profile": str(options.profile_file.resolve()), "store_max_age_s": 0}
         if options.broker_url is None and options.secure_broker:
             # The EdgeX bus is the fleet's broker, and each agent's EdgeX connection is the
             # device's own EdgeX principal (the device's principal may not read EdgeX topics).
@@ -375,7 +539,18 @@ def run_demo(
                 procs[device_id] = _spawn_container(podman_run_command(agent, options.agent_image), log_path)
             else:
                 procs[device_id] = _spawn(["agent", "run", "--config", str(cfg)], log_path)
-        if options.data_path == "edgex":
+        if own is not None:
+            _feed_csv_through_edgex(
+                options,
+                own,
+                observer,
+                broker_url,
+                mqtt_protocol,
+                procs,
+                on_data_progress,
+                creds.get("simulator"),
+            )
+        elif options.data_path == "edgex":
             _feed_through_edgex(
                 options,
                 observer,
@@ -411,7 +586,14 @@ def run_demo(
         if broker is not None:
             broker.stop()
     return _summarise(
-        options, observer, reference.test_accuracy, broker_url, time.perf_counter() - start, exit_codes
+        options,
+        observer,
+        centralized,
+        broker_url,
+        time.perf_counter() - start,
+        exit_codes,
+        centralized_mse=centralized_mse,
+        own=own,
     )
 
 
@@ -422,6 +604,8 @@ def _summarise(
     broker_url: str,
     seconds: float,
     exit_codes: dict[str, int | None],
+    centralized_mse: float | None = None,
+    own: OwnData | None = None,
 ) -> DemoSummary:
     view = observer.view
     by_round: dict[int, Any] = {}
@@ -440,6 +624,7 @@ def _summarise(
                 "round": n,
                 "test_accuracy": by_round[n].accuracy,
                 "test_loss": by_round[n].loss,
+                "test_mse": by_round[n].mse,
                 "train_loss": rec.get("train_loss"),
                 "fed_eval_accuracy": rec.get("fed_eval_accuracy"),  # of the model sent out in that round
                 "fed_eval_loss": rec.get("fed_eval_loss"),
@@ -449,10 +634,11 @@ def _summarise(
             }
         )
     final = per_round[-1]["test_accuracy"] if per_round else None
+    final_mse = per_round[-1]["test_mse"] if per_round else None
     sizes = [r["mean_update_bytes"] for r in per_round if r["mean_update_bytes"]]
     return DemoSummary(
         task=options.task.name,
-        devices=options.devices,
+        devices=len(own.events) if own is not None else options.devices,
         rounds_requested=options.rounds,
         rounds_completed=len(per_round),
         codec=options.codec,
@@ -465,7 +651,26 @@ def _summarise(
         rejected=dict(view.aggregator_status.get("rejected_total", {})),
         per_round=per_round,
         processes=exit_codes,
+        metric="accuracy" if options.task.model.kind == "classification" else "mse",
+        centralized_mse=centralized_mse,
+        final_mse=final_mse,
+        data=_own_summary(options, own) if own is not None else None,
     )
+
+
+def _own_summary(options: DemoOptions, own: OwnData) -> dict[str, Any]:
+    """What a run on own data read: the files, the split, and each device's rows and samples."""
+    return {
+        "train_csv": str(own.replay.csv),
+        "test_csv": str(options.test_csv),
+        "profile": str(options.profile_file),
+        "split_by": own.replay.split_by,
+        "time_column": own.replay.time_column,
+        "seed": options.seed,
+        "groups": {device: len(events) for device, events in own.events.items()},
+        "samples": dict(own.expected),
+        "test_examples": int(own.x_test.shape[0]),
+    }
 
 
 def write_outputs(summary: DemoSummary, out: Path) -> tuple[Path, Path | None]:
@@ -476,10 +681,14 @@ def write_outputs(summary: DemoSummary, out: Path) -> tuple[Path, Path | None]:
         from fedge.lab.plots import plot_history  # noqa: PLC0415
 
         rows = summary.per_round
+        # A regression's metric is its loss (MSE): the plot shows the losses only.
+        c_acc, c_mse = summary.centralized_accuracy, summary.centralized_mse
+        reference_text = (
+            f"{c_acc:.3f}" if c_acc is not None else f"MSE {c_mse:.4f}" if c_mse is not None else "-"
+        )
         plot = plot_history(
             out / "rounds.png",
-            f"fedge demo: {summary.devices} devices, {summary.codec} updates "
-            f"(centralized {summary.centralized_accuracy:.3f})",
+            f"fedge demo: {summary.devices} devices, {summary.codec} updates (centralized {reference_text})",
             [r["round"] for r in rows],
             [r["train_loss"] if r["train_loss"] is not None else float("nan") for r in rows],
             [r["test_loss"] for r in rows],
@@ -493,8 +702,10 @@ def write_outputs(summary: DemoSummary, out: Path) -> tuple[Path, Path | None]:
 
 
 def render_table(summary: DemoSummary) -> str:
+    mse = summary.metric == "mse"
+    held_out = "held-out MSE" if mse else "held-out acc"
     lines = [
-        f"{'round':>5} {'held-out acc':>12} {'fed. eval acc':>13} {'train loss':>10} {'devices':>7} "
+        f"{'round':>5} {held_out:>12} {'fed. eval acc':>13} {'train loss':>10} {'devices':>7} "
         f"{'bytes/update':>12}"
     ]
     for r in summary.per_round:
@@ -502,10 +713,20 @@ def render_table(summary: DemoSummary) -> str:
         tl = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-"
         dev = f"{r['reported']}/{r['selected']}" if r["reported"] is not None else "-"
         size = f"{r['mean_update_bytes']:.0f}" if r["mean_update_bytes"] else "-"
-        lines.append(f"{r['round']:>5} {r['test_accuracy']:>12.3f} {fed:>13} {tl:>10} {dev:>7} {size:>12}")
+        held = f"{r['test_mse']:.4f}" if mse else f"{r['test_accuracy']:.3f}"
+        lines.append(f"{r['round']:>5} {held:>12} {fed:>13} {tl:>10} {dev:>7} {size:>12}")
     c = summary.centralized_accuracy
     f = summary.final_accuracy
     lines.append("")
+    if mse:
+        cm, fm = summary.centralized_mse, summary.final_mse
+        lines.append(
+            f"centralized reference MSE (fedge train-local): {cm:.4f}" if cm is not None else "centralized: -"
+        )
+        if fm is not None:
+            lines.append(f"federated MSE after {summary.rounds_completed} rounds: {fm:.4f}")
+        lines.append(f"rejected updates: {summary.rejected or 'none'}; took {summary.seconds:.0f}s")
+        return "\n".join(lines)
     lines.append(f"centralized reference (fedge train-local): {c:.3f}" if c is not None else "centralized: -")
     if f is not None and c:
         lines.append(

@@ -42,6 +42,7 @@ class ModelEvaluation:
     phase: str
     loss: float
     accuracy: float | None
+    mse: float | None = None  # a regression's held-out MSE
 
 
 @dataclass
@@ -178,7 +179,7 @@ class FleetObserver:
         ev = self._trainer.evaluate(self.x_test, self.y_test)
         after = manifest.round_number if manifest.phase == "final" else manifest.round_number - 1
         self.view.evaluations.append(
-            ModelEvaluation(manifest.version, after, manifest.phase, ev.loss, ev.accuracy)
+            ModelEvaluation(manifest.version, after, manifest.phase, ev.loss, ev.accuracy, ev.mse)
         )
 
     def wait(self, timeout: float) -> None:
