@@ -178,17 +178,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
         progress=bar,
     )
     if args.plot is not None:
-        from fedge.lab.plots import plot_history  # noqa: PLC0415
-
-        h = result.history
-        plot_history(
-            args.plot,
-            f"fedge train-local: {task.name} (LiteRT, {result.train_examples} windows)",
-            [r.epoch for r in h],
-            [r.train_loss for r in h],
-            [r.test_loss for r in h],
-            [r.test_accuracy for r in h],
-        )
+        _plot_train_local(args.plot, task, result.history, f"{result.train_examples} windows")
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -209,6 +199,20 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     if args.plot is not None:
         print(f"plot: {args.plot}")
     return 0
+
+
+def _plot_train_local(path: Path, task: TaskSpec, history: Any, trained_on: str) -> None:
+    """The loss and accuracy per epoch of a train-local run (``--plot``)."""
+    from fedge.lab.plots import plot_history  # noqa: PLC0415
+
+    plot_history(
+        path,
+        f"fedge train-local: {task.name} (LiteRT, {trained_on})",
+        [r.epoch for r in history],
+        [r.train_loss for r in history],
+        [r.test_loss for r in history],
+        [r.test_accuracy for r in history],
+    )
 
 
 def _train_local_csv(args: argparse.Namespace, task: TaskSpec, bar: Callable[[int, int], None]) -> int:
@@ -235,17 +239,7 @@ def _train_local_csv(args: argparse.Namespace, task: TaskSpec, bar: Callable[[in
         progress=bar,
     )
     if args.plot is not None:
-        from fedge.lab.plots import plot_history  # noqa: PLC0415
-
-        h = result.history
-        plot_history(
-            args.plot,
-            f"fedge train-local: {task.name} (LiteRT, {result.train_examples} samples)",
-            [r.epoch for r in h],
-            [r.train_loss for r in h],
-            [r.test_loss for r in h],
-            [r.test_accuracy for r in h],
-        )
+        _plot_train_local(args.plot, task, result.history, f"{result.train_examples} samples")
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
