@@ -469,7 +469,7 @@ def test_add_parser_wires_evaluate(
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["evaluate", "--task", str(task_path), "--csv", str(csv_path)])
     assert exc.value.code == 2
-    assert "the following arguments are required: --model-dir" in capsys.readouterr().err
+    assert "one of the arguments --model-dir --global is required" in capsys.readouterr().err
 
 
 def test_evaluation_runs_on_litert_without_tensorflow(

@@ -24,7 +24,10 @@ file order.
 
 The model is a ``fedge model build`` directory (its hashes are checked), with its initial
 weights or ``--weights`` (a weights blob, e.g. a global model's, :mod:`fedge.protocol.weights`),
-and the manifest's normalisation or ``--normalisation``. Metrics come from the model's own
+and the manifest's normalisation or ``--normalisation``. Or, with ``--global BROKER_URL --fleet
+FLEET --verify-key FILE``, the fleet's current signed global model, fetched from the broker and
+verified as a device does (:mod:`fedge.tools.global_model`): its model, its weights and its
+manifest's normalisation (or ``--normalisation``). Metrics come from the model's own
 ``evaluate`` and ``infer`` signatures in the LiteRT interpreter (:class:`LiteRTTrainer`):
 loss, accuracy and a confusion matrix (rows: true class, columns: predicted class) for a
 classification; loss, MSE, MAE and RMSE for a regression.
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
     from fedge.agent.litert_runtime import RuntimeName
     from fedge.agent.trainer import LiteRTTrainer
     from fedge.protocol.model_manifest import ModelManifest
+    from fedge.tools.global_model import GlobalModel
 
 EXIT_USAGE = 2
 #: Readings handed to the sample builder at a time (memory stays bounded for long files).
@@ -233,6 +237,8 @@ class EvaluationReport:
     mae: float | None
     rmse: float | None
     quality: dict[str, int]
+    #: With ``--global``: which manifest was scored (fleet, version, round, ...).
+    global_model: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -281,12 +287,83 @@ def evaluate(
     time_column: str | None = None,
 ) -> EvaluationReport:
     """Everything ``fedge evaluate`` does but printing: every problem raises before a result."""
-    from fedge.agent.trainer import LiteRTTrainer, load_model_dir  # noqa: PLC0415
+    from fedge.agent.trainer import load_model_dir  # noqa: PLC0415
 
     model, manifest = load_model_dir(model_dir)
     check_model_task(task, manifest, model_dir)
     weights = load_weights(model_dir, manifest, weights_file)
-    normalisation = manifest.normalisation
+    return _score_model(
+        task,
+        model,
+        manifest,
+        weights,
+        manifest.normalisation,
+        csv_path,
+        source=str(model_dir),
+        weights_name=str(weights_file) if weights_file is not None else "initial",
+        normalisation_file=normalisation_file,
+        profile=profile,
+        runtime=runtime,
+        time_column=time_column,
+    )
+
+
+def evaluate_global(
+    task: TaskSpec,
+    fetched: GlobalModel,
+    csv_path: Path,
+    *,
+    normalisation_file: Path | None = None,
+    profile: DeviceProfile | None = None,
+    runtime: RuntimeName = "auto",
+    time_column: str | None = None,
+) -> EvaluationReport:
+    """Scores a fetched global model (:func:`fedge.tools.global_model.fetch_global_model`) as
+    :func:`evaluate` scores a model directory: its weights, its manifest's normalisation."""
+    from fedge.protocol.weights import WeightsError, weights_from_bytes  # noqa: PLC0415
+
+    manifest = fetched.manifest.model_manifest
+    source = f"global model of fleet {fetched.manifest.fleet}"
+    check_model_task(task, manifest, Path(source))
+    try:
+        weights = weights_from_bytes(fetched.weights, manifest.parameter_count)
+    except WeightsError as exc:
+        raise EvaluateError(f"{source}: weights blob: {exc}") from None
+    return _score_model(
+        task,
+        fetched.model,
+        manifest,
+        weights,
+        fetched.manifest.normalisation,
+        csv_path,
+        source=f"{source}, manifest v{fetched.manifest.version}",
+        weights_name=f"blob {fetched.manifest.weights_sha256[:16]}",
+        normalisation_file=normalisation_file,
+        profile=profile,
+        runtime=runtime,
+        time_column=time_column,
+        global_model=fetched.describe(),
+    )
+
+
+def _score_model(
+    task: TaskSpec,
+    model: bytes,
+    manifest: ModelManifest,
+    weights: np.ndarray,
+    normalisation: Normalisation | None,
+    csv_path: Path,
+    *,
+    source: str,
+    weights_name: str,
+    normalisation_file: Path | None,
+    profile: DeviceProfile | None,
+    runtime: RuntimeName,
+    time_column: str | None,
+    global_model: dict[str, Any] | None = None,
+) -> EvaluationReport:
+    from fedge.agent.trainer import LiteRTTrainer  # noqa: PLC0415
+
     if normalisation_file is not None:
         normalisation = read_normalisation(normalisation_file, task.input_dim)
     samples = csv_samples(csv_path, task, profile, time_column)
@@ -298,8 +375,8 @@ def evaluate(
         task=task.name,
         kind=task.model.kind,
         csv=str(csv_path),
-        model_dir=str(model_dir),
-        weights=str(weights_file) if weights_file is not None else "initial",
+        model_dir=source,
+        weights=weights_name,
         normalisation=(
             "none"
             if normalisation is None
@@ -311,13 +388,21 @@ def evaluate(
         rows=samples.rows,
         classes=list(task.label.classes) if task.label.classes is not None else None,
         quality=samples.quality,
+        global_model=global_model,
         **scores,
     )
 
 
 def render_report(report: EvaluationReport) -> str:
     """The report as a short table."""
-    lines = [
+    lines = []
+    if report.global_model is not None:
+        g = report.global_model
+        lines.append(
+            f"scored the global model of fleet {g['fleet']}: manifest v{g['version']}, round "
+            f"{g['round_number']} ({g['round_id']}, phase {g['phase']})"
+        )
+    lines += [
         f"{report.task}: {report.examples} examples from {report.rows} rows of {report.csv} "
         f"({report.runtime})",
         f"model {report.model_dir}, weights {report.weights}, normalisation {report.normalisation}",
@@ -354,12 +439,32 @@ def render_report(report: EvaluationReport) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    check_global_args(args)
     task = read_task(args.task)
     profile = None
     if args.profile is not None:
         from fedge.agent.edgex.profile import load_profile  # noqa: PLC0415 - PyYAML
 
         profile = load_profile(args.profile)
+    if args.global_url is not None:
+        fetched = fetch_global(args)
+        g = fetched.manifest
+        print(
+            f"fedge evaluate: scoring fleet {g.fleet}'s global model: manifest v{g.version}, "
+            f"round {g.round_number} ({g.round_id}, phase {g.phase})",
+            file=sys.stderr,
+        )
+        report = evaluate_global(
+            task,
+            fetched,
+            args.csv,
+            normalisation_file=args.normalisation,
+            profile=profile,
+            runtime=args.runtime,
+            time_column=args.time_column,
+        )
+        print(json.dumps(report.to_dict()) if args.json else render_report(report))
+        return 0
     report = evaluate(
         task,
         args.model_dir,
@@ -374,6 +479,56 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_global_args(args: argparse.Namespace) -> None:
+    """``--global`` needs ``--fleet`` and ``--verify-key``; the broker options go with it alone."""
+    if args.global_url is None:
+        given = [
+            name
+            for name, value in (
+                ("--fleet", args.fleet),
+                ("--verify-key", args.verify_key),
+                ("--username", args.username),
+                ("--password-file", args.password_file),
+                ("--ca-file", args.ca_file),
+                ("--timeout", args.timeout),
+            )
+            if value is not None
+        ]
+        if given:
+            raise EvaluateError(f"{', '.join(given)}: only with --global BROKER_URL")
+        return
+    missing = [n for n, v in (("--fleet", args.fleet), ("--verify-key", args.verify_key)) if v is None]
+    if missing:
+        raise EvaluateError(f"--global needs {' and '.join(missing)}")
+    if args.weights is not None:
+        raise EvaluateError("--weights does not go with --global: the global model brings its weights")
+    if args.timeout is not None and not args.timeout > 0:
+        raise EvaluateError("--timeout must be > 0 seconds")
+
+
+def fetch_global(args: argparse.Namespace) -> GlobalModel:
+    """The fleet's verified global model, as the command's options say (``--global``)."""
+    from fedge.protocol.topics import check_id  # noqa: PLC0415
+    from fedge.tools.edgex_tap import client_settings, read_password_file  # noqa: PLC0415
+    from fedge.tools.global_model import (  # noqa: PLC0415
+        DEFAULT_TIMEOUT_S,
+        fetch_global_model,
+        read_verify_keys,
+    )
+
+    check_id(args.fleet)
+    trusted = read_verify_keys(args.verify_key)
+    settings = client_settings(
+        args.global_url,
+        "fedge-evaluate",
+        username=args.username,
+        password=None if args.password_file is None else read_password_file(args.password_file),
+        ca_file=args.ca_file,
+    )
+    timeout = DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
+    return fetch_global_model(settings, args.fleet, trusted, timeout)
+
+
 def add_parser(subparsers: Any) -> None:
     """Adds ``fedge evaluate`` to the subparsers of ``fedge``."""
     ev = subparsers.add_parser(
@@ -384,8 +539,14 @@ def add_parser(subparsers: Any) -> None:
         "through the device's sample builder.",
     )
     ev.add_argument("--task", type=Path, required=True, metavar="FILE", help="task spec (TOML)")
-    ev.add_argument(
-        "--model-dir", type=Path, required=True, metavar="DIR", help="a model from 'fedge model build'"
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir", type=Path, metavar="DIR", help="a model from 'fedge model build'")
+    source.add_argument(
+        "--global",
+        dest="global_url",
+        metavar="BROKER_URL",
+        help="score the fleet's current signed global model, fetched from this broker "
+        "(mqtt://HOST:PORT or mqtts://); needs --fleet and --verify-key",
     )
     ev.add_argument(
         "--csv", type=Path, required=True, metavar="FILE", help="labelled data, with a header row"
@@ -419,6 +580,27 @@ def add_parser(subparsers: Any) -> None:
         choices=["auto", "ai_edge_litert", "tflite_runtime"],
         default="auto",
         help="TFLite runtime (default: ai_edge_litert, else tflite_runtime)",
+    )
+    ev.add_argument("--fleet", help="with --global: the fleet whose global model to score")
+    ev.add_argument(
+        "--verify-key",
+        type=Path,
+        metavar="FILE",
+        help="with --global: the aggregator's verify key (base64, or the aggregator_verify_keys "
+        "line / --json output of 'fedge keys aggregator', or an agent config)",
+    )
+    ev.add_argument("--username", help="with --global: broker username (e.g. a device's or an observer's)")
+    ev.add_argument(
+        "--password-file",
+        type=Path,
+        help="with --global: file holding the password, one line, mode 0600 (0400)",
+    )
+    ev.add_argument("--ca-file", help="with --global: the CA that signed the broker's certificate (mqtts://)")
+    ev.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --global: how long to wait for the manifest and its blobs (default 30)",
     )
     ev.add_argument("--json", action="store_true", help="print the scores as JSON")
     ev.set_defaults(func=cmd_evaluate)
