@@ -128,7 +128,7 @@ def drop_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == LOGGER and "sample store" in r.getMessage()]
 
 
-NO_DROPS = {"duplicate": 0, "expired": 0, "evicted_age": 0, "evicted_count": 0}
+NO_DROPS = {"duplicate": 0, "expired": 0, "evicted_age": 0, "evicted_count": 0, "store_error": 0}
 
 
 # --- a Bool label ------------------------------------------------------------------------------
@@ -228,3 +228,25 @@ def test_aged_out_and_over_count_samples_are_counted_and_each_kind_logged_once(
         "sample store: full at [edgex] store_max_samples = 4; evicted the 1 oldest sample(s) "
         "(evicted_count). Raise [edgex] store_max_samples to keep more."
     )
+
+
+def test_samples_lost_to_a_store_error_are_counted_before_the_error_is_reported(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the store raises (a full disk, a damaged file) while adding a batch.
+    The error still reaches the worker (which logs it and sets last_error), and the batch's
+    samples are counted as lost instead of disappearing."""
+    from fedge.agent.sample_store import SampleStoreError
+
+    task = occupancy_task()
+    with make_ingest(tmp_path, task, clock) as ingest:
+
+        def full_disk(*args: object, **kwargs: object) -> None:
+            raise SampleStoreError("sample store: database or disk is full")
+
+        monkeypatch.setattr(ingest.store, "add_counted", full_disk)
+        with pytest.raises(SampleStoreError, match="disk is full"):
+            feed_all(ingest, minutes(NOW - DAY, ["false", "true", "true"]))
+        report = ingest.report()
+    assert report["store"] == {**NO_DROPS, "store_error": report["quality"]["samples"]}
+    assert report["store"]["store_error"] >= 1 and report["stored_this_run"] == 0

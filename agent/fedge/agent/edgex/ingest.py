@@ -126,7 +126,8 @@ class EdgeXIngest:
         self.stored = 0
         #: This run's samples the store did not keep, by reason: already stored (``duplicate``)
         #: or dropped (:data:`fedge.agent.sample_store.DROP_REASONS`). In :meth:`report`.
-        self.store_counts: dict[str, int] = dict.fromkeys(("duplicate", *DROP_REASONS), 0)
+        # store_error: samples lost because the store raised (a full disk, a damaged file).
+        self.store_counts: dict[str, int] = dict.fromkeys(("duplicate", *DROP_REASONS, "store_error"), 0)
         self._logged_drops: set[str] = set()  # "age", "count": logged once per run
         self._thread = threading.Thread(target=self._run, name="fedge-edgex-ingest", daemon=True)
         self.bus = (
@@ -173,7 +174,11 @@ class EdgeXIngest:
     def _store(self, samples: list[Sample], readings: list[Reading]) -> int:
         stored = 0
         if samples:
-            outcome = self.store.add_counted(samples, self.key, self.clock())
+            try:
+                outcome = self.store.add_counted(samples, self.key, self.clock())
+            except FedgeError:
+                self.store_counts["store_error"] += len(samples)  # lost: counted, then reported
+                raise
             stored = outcome.inserted
             self._count_drops(outcome)
         self.stored += stored
