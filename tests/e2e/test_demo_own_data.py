@@ -159,3 +159,57 @@ def test_a_missing_csv_is_refused_before_anything_starts(
     assert main(["demo", "--out", str(tmp_path / "out"), *argv]) == 2
     assert "nope.csv" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_on_own_data_reports_a_regression_tasks_own_metric(tmp_path: Path) -> None:
+    """A Float64 label (a comfort index linear in two sensors): the task is a regression, the
+    table, JSON and rounds carry MSE, and the federated model beats predicting the mean."""
+    profile = tmp_path / "comfort.yaml"
+    profile.write_text(
+        PROFILE_YAML.replace('"occupied"', '"comfort"').replace('valueType: "Bool"', 'valueType: "Float64"')
+    )
+    task = tmp_path / "comfort.toml"
+    argv = ["task", "init", "--profile", str(profile), "--label", "comfort", "--hidden", "none"]
+    assert task_init_main([*argv, "--out", str(task)]) == 0
+
+    def write(path: Path, days: tuple[str, ...], seed: int) -> Path:
+        rng = np.random.default_rng(seed)
+        lines = ["time,s0,s1,s2,s3,s4,comfort"]
+        for day in days:
+            start = datetime.fromisoformat(day).replace(hour=8, tzinfo=UTC)
+            s = rng.normal(0.0, 1.0, (MINUTES, 5))
+            comfort = 2.0 * s[:, 0] - s[:, 1] + rng.normal(0.0, 0.1, MINUTES)
+            for i in range(MINUTES):
+                when = (start + timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+                lines.append(f"{when},{','.join(f'{v:.5f}' for v in s[i])},{comfort[i]:.5f}")
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    options = DemoOptions(
+        task=parse_task_spec(task.read_text()),
+        task_file=task,
+        out=tmp_path / "demo",
+        rounds=3,
+        round_timeout_s=20.0,
+        server_learning_rate=1.0,  # what `fedge demo --train` uses (2.0 overshoots: MSE 1.2)
+        min_devices=4,
+        train_csv=write(tmp_path / "train.csv", DAYS, seed=3),
+        test_csv=write(tmp_path / "test.csv", ("2025-03-05",), seed=4),
+        profile_file=profile,
+        split_by="day",
+        seed=0,
+    )
+    summary = run_demo(options)
+    table = render_table(summary)
+    print(table)
+    assert summary.metric == "mse" and summary.rounds_completed == 3
+    assert all(r["test_mse"] is not None for r in summary.per_round)
+    assert (
+        summary.final_accuracy is None
+        and summary.final_mse is not None
+        and summary.centralized_mse is not None
+    )
+    # The label's variance is about 5; the centralized reference reaches about 0.01.
+    assert summary.final_mse < 0.1
+    assert table.splitlines()[0].split()[1:6] == ["held-out", "MSE", "fed.", "eval", "MSE"]
+    assert any(r["fed_eval_mse"] is not None for r in summary.per_round)  # the devices' own evaluations

@@ -186,7 +186,10 @@ def test_help_shows_the_defaults() -> None:
     text = " ".join(demo.stdout.split())  # argparse wraps lines
     assert "--rounds ROUNDS federated rounds (default: 20)" in text
     assert "--round-timeout ROUND_TIMEOUT round deadline in seconds (default: 60.0)" in text
-    assert "--server-lr SERVER_LR server learning rate (default: 2.0)" in text
+    assert (
+        "--server-lr SERVER_LR server learning rate (default: 2.0 for the smartwatch data, 1.0 with --train)"
+        in text
+    )
     assert "(default: None)" not in text and "(default: False)" not in text
     simulate = " ".join(fedge("edgex", "simulate", "--help").stdout.split())
     assert "--speed SPEED 0 = as fast as possible, 1 = real time, 10 = 10x (default: 0.0)" in simulate

@@ -627,6 +627,7 @@ def _summarise(
                 "test_mse": by_round[n].mse,
                 "train_loss": rec.get("train_loss"),
                 "fed_eval_accuracy": rec.get("fed_eval_accuracy"),  # of the model sent out in that round
+                "fed_eval_mse": rec.get("fed_eval_mse"),  # the same, for a regression task
                 "fed_eval_loss": rec.get("fed_eval_loss"),
                 "reported": rec.get("reported"),
                 "selected": rec.get("selected"),
@@ -704,12 +705,14 @@ def write_outputs(summary: DemoSummary, out: Path) -> tuple[Path, Path | None]:
 def render_table(summary: DemoSummary) -> str:
     mse = summary.metric == "mse"
     held_out = "held-out MSE" if mse else "held-out acc"
+    fed_name = "fed. eval MSE" if mse else "fed. eval acc"
     lines = [
-        f"{'round':>5} {held_out:>12} {'fed. eval acc':>13} {'train loss':>10} {'devices':>7} "
+        f"{'round':>5} {held_out:>12} {fed_name:>13} {'train loss':>10} {'devices':>7} "
         f"{'bytes/update':>12}"
     ]
     for r in summary.per_round:
-        fed = f"{r['fed_eval_accuracy']:.3f}" if r["fed_eval_accuracy"] is not None else "-"
+        fed_value = r.get("fed_eval_mse") if mse else r["fed_eval_accuracy"]
+        fed = "-" if fed_value is None else (f"{fed_value:.4f}" if mse else f"{fed_value:.3f}")
         tl = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-"
         dev = f"{r['reported']}/{r['selected']}" if r["reported"] is not None else "-"
         size = f"{r['mean_update_bytes']:.0f}" if r["mean_update_bytes"] else "-"
