@@ -20,35 +20,11 @@ from fedge.cli import main
 from fedge.lab.demo import DemoOptions, render_table, run_demo, write_outputs
 from fedge.protocol.task import parse_task_spec
 from fedge.tools.task_init import main as task_init_main
+from support.building import SENSORS_PROFILE_YAML
 
 pytestmark = pytest.mark.slow
 
-PROFILE_YAML = """\
-name: "Test-Sensors"
-deviceResources:
-  - name: "s0"
-    properties: { valueType: "Float64", readWrite: "R", minimum: -50, maximum: 50 }
-  - name: "s1"
-    properties: { valueType: "Float64", readWrite: "R" }
-  - name: "s2"
-    properties: { valueType: "Float64", readWrite: "R" }
-  - name: "s3"
-    properties: { valueType: "Float64", readWrite: "R" }
-  - name: "s4"
-    properties: { valueType: "Float64", readWrite: "R" }
-  - name: "occupied"
-    properties: { valueType: "Bool", readWrite: "R" }
-deviceCommands:
-  - name: "all"
-    readWrite: "R"
-    resourceOperations:
-      - { deviceResource: "s0" }
-      - { deviceResource: "s1" }
-      - { deviceResource: "s2" }
-      - { deviceResource: "s3" }
-      - { deviceResource: "s4" }
-      - { deviceResource: "occupied" }
-"""
+PROFILE_YAML = SENSORS_PROFILE_YAML
 
 DAYS = ("2025-03-01", "2025-03-02", "2025-03-03", "2025-03-04")
 MINUTES = 240  # rows per day, one a minute

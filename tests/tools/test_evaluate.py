@@ -27,33 +27,9 @@ from fedge.protocol.weights import weights_from_bytes, weights_to_bytes
 from fedge.tools.evaluate import add_parser
 from fedge.tools.evaluate import main as evaluate_main
 from fedge.tools.task_init import choose_task, write_task
+from support.building import SENSORS_PROFILE_YAML
 
-SENSORS_YAML = """\
-name: "Test-Sensors"
-deviceResources:
-  - name: "s0"
-    properties: { valueType: "Float64", readWrite: "R", minimum: -50, maximum: 50 }
-  - name: "s1"
-    properties: { valueType: "Float64", readWrite: "R" }
-  - name: "s2"
-    properties: { valueType: "Float64", readWrite: "R" }
-  - name: "s3"
-    properties: { valueType: "Float64", readWrite: "R" }
-  - name: "s4"
-    properties: { valueType: "Float64", readWrite: "R" }
-  - name: "occupied"
-    properties: { valueType: "Bool", readWrite: "R" }
-deviceCommands:
-  - name: "all"
-    readWrite: "R"
-    resourceOperations:
-      - { deviceResource: "s0" }
-      - { deviceResource: "s1" }
-      - { deviceResource: "s2" }
-      - { deviceResource: "s3" }
-      - { deviceResource: "s4" }
-      - { deviceResource: "occupied" }
-"""
+SENSORS_YAML = SENSORS_PROFILE_YAML
 SENSORS = ("s0", "s1", "s2", "s3", "s4")
 #: Columns in another order than the task's, and one the task does not read.
 CSV_COLUMNS = ("occupied", "s3", "time", "s0", "s1", "s2", "s4")
