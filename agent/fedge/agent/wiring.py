@@ -17,7 +17,6 @@ demo, the tests and the container images do too, so there is no second wiring to
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from fedge.agent.sample_store import SampleStore
 from fedge.agent.trust import TrustStore
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.task import TaskSpec, parse_task_spec
-from fedge.shell.files import read_private_key
+from fedge.shell.files import prepare_writable_dir, read_private_key
 
 SAMPLES_FILE = "samples.sqlite"
 CURSOR_FILE = "edgex_cursor.json"
@@ -104,11 +103,8 @@ def prepare_state_dir(path: Path) -> None:
     """Creates ``[agent] state_dir`` and proves the agent can write there (a probe file), so a
     wrong owner or a read-only mount is one ConfigError line naming the fix now, not a SQLite
     traceback later. (Root writes anywhere: the probe, not the mode bits, decides.)"""
-    probe = path / f".fedge-write-probe-{os.getpid()}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        prepare_writable_dir(path)
     except OSError as exc:
         raise ConfigError(
             f"cannot write [agent] state_dir {path}: {exc.strerror}; it must be a directory the agent "
@@ -125,7 +121,8 @@ def read_task_file(path: Path) -> TaskSpec:
 
 
 def build_edgex_source(config: AgentConfig) -> EdgeXIngest:
-    """The EdgeX ingest for this device: profile-checked task, sample store, bus and backfill."""
+    """The EdgeX ingest for this device: profile-checked task, sample store, bus and backfill
+    (in the state directory, which :func:`build_agent` has prepared)."""
     if config.data.task_file is None:
         raise ConfigError("[data] task is required for the EdgeX data source")
     task = read_task_file(config.data.task_file)
@@ -142,7 +139,6 @@ def build_edgex_source(config: AgentConfig) -> EdgeXIngest:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read core-data token {e.token_file}: {exc}") from None
     core_data = CoreDataClient(e.core_data_url, token=token) if e.core_data_url else None
-    prepare_state_dir(config.state_dir)
     store = SampleStore(config.state_dir / SAMPLES_FILE, e.store_max_samples, e.store_max_age_s)
     return EdgeXIngest(
         device=e.device,
@@ -164,12 +160,12 @@ def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> A
     Every problem with the config, the key, the state directory or the stored state is raised
     here (a ConfigError exits 78), before anything connects.
     """
+    if source is None and config.data.source != "edgex":
+        raise ConfigError(f"[data] source {config.data.source!r} needs fedge's lab package to build it")
+    prepare_state_dir(config.state_dir)  # the sample store, the state and the outbox live there
     if source is None:
-        if config.data.source != "edgex":
-            raise ConfigError(f"[data] source {config.data.source!r} needs fedge's lab package to build it")
         source = build_edgex_source(config)
     device_key = PrivateKey(read_private_key(config.key_file, "box", what="device key"))
-    prepare_state_dir(config.state_dir)
     state = DeviceStateStore(config.state_dir / STATE_FILE)
     identity = DeviceIdentity(config.fleet, config.device_id, device_key, config.aggregator_public_key)
     core = DeviceCore(identity, state.load())  # a corrupt state file is an error now, not a reset

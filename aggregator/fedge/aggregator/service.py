@@ -44,7 +44,7 @@ from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, ModelManifest, m
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import WeightsError, weights_from_bytes
 from fedge.shell.drops import DroppedMessages
-from fedge.shell.files import read_private_key
+from fedge.shell.files import prepare_writable_dir, read_private_key
 from fedge.shell.mqtt import connect, make_client, watch_connection
 
 if TYPE_CHECKING:  # the Kubernetes client is imported only with [leader] enabled
@@ -206,11 +206,8 @@ class AggregatorService:
         self.signing_key = SigningKey(read_private_key(config.signing_key_file, "signing"))
         # Created and proven writable (a probe file) now: a wrong owner or a read-only volume is
         # one ConfigError line with the fix, not a traceback at the first checkpoint.
-        probe = config.state_dir / f".fedge-write-probe-{time.time_ns()}-{id(self)}"  # replicas share it
         try:
-            config.state_dir.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
+            prepare_writable_dir(config.state_dir)
         except OSError as exc:
             raise ConfigError(
                 f"cannot write [aggregator] state_dir {config.state_dir}: {exc.strerror}; it must be a "

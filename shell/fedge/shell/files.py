@@ -17,6 +17,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -85,6 +86,18 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def prepare_writable_dir(path: Path) -> None:
+    """Creates ``path`` and proves this process can write there by writing and removing a
+    probe file: a wrong owner or a read-only mount fails now, not at the first state write.
+    The probe, not the mode bits, decides (root writes anywhere); its name is unique per
+    process and call, so replicas sharing a volume do not trip over each other. Raises
+    :class:`OSError`; the caller names its setting and the fix."""
+    probe = path / f".fedge-write-probe-{os.getpid()}-{time.time_ns()}"
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def read_private_key(
