@@ -317,6 +317,55 @@ def test_hidden_layers_and_a_linear_model(capsys: pytest.CaptureFixture[str], tm
     assert parse_hidden("") == parse_hidden("Linear") == ()
 
 
+def test_a_window_and_its_statistics(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    profile = write_profile(tmp_path, SENSORS_YAML)
+    out = tmp_path / "window.toml"
+    init_ok(
+        capsys, "--profile", str(profile), "--label", "occupied", "--window", "6,1",
+        "--statistics", "mean,std,range", "--hidden", "none", "--out", str(out),
+    )  # fmt: skip
+    task = check_written(out, profile)
+    assert task.features.window is not None
+    assert (task.features.window.size, task.features.window.step) == (6, 1)
+    assert task.features.window.statistics == ("mean", "std", "range")
+    assert task.layer_sizes == (15, 2)  # 5 resources x 3 statistics
+    text = out.read_text()
+    assert "\n[features.window]\n" in text and "# [features.window]" not in text
+    assert "# A linear model: 15 inputs, softmax over 2 classes, cross-entropy loss.\n" in text
+    side_by_side = tmp_path / "side.toml"
+    init_ok(
+        capsys, "--profile", str(profile), "--label", "occupied", "--window", "10", "--out", str(side_by_side)
+    )
+    window = check_written(side_by_side, profile).features.window
+    assert window is not None
+    assert (window.size, window.step, window.statistics) == (10, 10, ("mean", "std", "min", "max"))
+
+
+def test_window_options_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    profile = str(write_profile(tmp_path, SENSORS_YAML))
+    out = tmp_path / "t.toml"
+    base = ["--profile", profile, "--label", "occupied", "--out", str(out)]
+    assert_error(
+        capsys, [*base, "--statistics", "mean"],
+        "--statistics needs --window SIZE[,STEP]: statistics are computed over a window",
+    )  # fmt: skip
+    assert_error(capsys, [*base, "--window", "0"], "--window: size and step must be in 1..1000000, got 0,0")
+    assert_error(
+        capsys, [*base, "--window", "6,x"],
+        "--window: '6,x' is not SIZE or SIZE,STEP (rows per window, rows between window starts), "
+        "e.g. 6 or 6,1",
+    )  # fmt: skip
+    assert_error(
+        capsys, [*base, "--window", "6", "--statistics", "mean,avg"],
+        "--statistics: unknown statistic 'avg'; known: mean, std, min, max, median, rms, range, p10, p25, "
+        "p75, p90, mad",
+    )  # fmt: skip
+    assert_error(
+        capsys, [*base, "--window", "6", "--statistics", "mean,mean"], "--statistics lists 'mean' twice"
+    )
+    assert not out.exists()
+
+
 def test_bool_label_with_its_own_class_names(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     profile = write_profile(tmp_path, SENSORS_YAML)
     out_file = tmp_path / "t.toml"

@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedge.protocol.errors import FedgeError
-from fedge.protocol.task import MAX_HIDDEN_UNITS, MAX_LAYERS, TaskSpec, parse_task_spec
+from fedge.protocol.task import (
+    MAX_HIDDEN_UNITS,
+    MAX_LAYERS,
+    MAX_WINDOW,
+    WINDOW_STATISTICS,
+    TaskSpec,
+    parse_task_spec,
+)
 from fedge.tools.standalone import run_alone
 
 if TYPE_CHECKING:
@@ -48,6 +55,8 @@ EXIT_USAGE = 2
 #: Hidden layers when ``--hidden`` is not given: one small layer, enough for a handful of
 #: building sensors and a few hundred weights to send per round.
 DEFAULT_HIDDEN: tuple[int, ...] = (16,)
+#: Statistics of a window when ``--window`` is given without ``--statistics``.
+DEFAULT_STATISTICS: tuple[str, ...] = ("mean", "std", "min", "max")
 #: ``--hidden`` spellings of a linear model (``hidden = []``).
 LINEAR_SPELLINGS = ("", "none", "linear")
 #: A task name and each resource name of a spec (``fedge.protocol.task``'s rule).
@@ -84,6 +93,10 @@ class TaskChoice:
     hidden: tuple[int, ...]
     #: Whether ``--features`` named the features (else: every other readable numeric resource).
     features_chosen: bool = False
+    #: ``--window``: (rows per window, rows between window starts), or None for one row a sample.
+    window: tuple[int, int] | None = None
+    #: ``--statistics``: what each window computes per resource (with ``window`` only).
+    statistics: tuple[str, ...] = DEFAULT_STATISTICS
 
     @property
     def kind(self) -> str:
@@ -100,6 +113,8 @@ def choose_task(
     classes: Sequence[str] | None = None,
     name: str | None = None,
     hidden: Sequence[int] = DEFAULT_HIDDEN,
+    window: tuple[int, int] | None = None,
+    statistics: Sequence[str] | None = None,
 ) -> TaskChoice:
     """Picks the label, its classes and the features from ``profile`` (see the module docstring)."""
     from fedge.agent.edgex.readings import NUMERIC_TYPES  # noqa: PLC0415 - with the profile parser
@@ -178,6 +193,8 @@ def choose_task(
             "String, an integer or a float"
         )
 
+    if statistics is not None and window is None:
+        raise TaskInitError("--statistics needs --window SIZE[,STEP]: statistics are computed over a window")
     task_name = name if name is not None else default_name(profile.name, label_resource.name)
     if not _NAME_RE.fullmatch(task_name):
         raise TaskInitError(
@@ -193,6 +210,8 @@ def choose_task(
         source,
         tuple(hidden),
         features_chosen=features is not None,
+        window=window,
+        statistics=tuple(statistics) if statistics is not None else DEFAULT_STATISTICS,
     )
 
 
@@ -218,6 +237,34 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     if len(sizes) > MAX_LAYERS:
         raise TaskInitError(f"--hidden: {len(sizes)} layers; at most {MAX_LAYERS}")
     return tuple(sizes)
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``--window``: ``SIZE`` (windows side by side: step = size) or ``SIZE,STEP``."""
+    parts = [part.strip() for part in text.split(",")]
+    if not 1 <= len(parts) <= 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise TaskInitError(
+            f"--window: {text!r} is not SIZE or SIZE,STEP (rows per window, rows between window "
+            "starts), e.g. 6 or 6,1"
+        )
+    size = int(parts[0])
+    step = int(parts[1]) if len(parts) == 2 else size
+    if not 1 <= size <= MAX_WINDOW or not 1 <= step <= MAX_WINDOW:
+        raise TaskInitError(f"--window: size and step must be in 1..{MAX_WINDOW}, got {size},{step}")
+    return size, step
+
+
+def parse_statistics(text: str) -> tuple[str, ...]:
+    """``--statistics``: comma-separated names of :data:`WINDOW_STATISTICS`, each once."""
+    names = split_names(text)
+    for name in names:
+        if name not in WINDOW_STATISTICS:
+            raise TaskInitError(
+                f"--statistics: unknown statistic {name!r}; known: {', '.join(WINDOW_STATISTICS)}"
+            )
+        if names.count(name) > 1:
+            raise TaskInitError(f"--statistics lists {name!r} twice")
+    return tuple(names)
 
 
 def split_names(text: str) -> list[str]:
@@ -305,11 +352,12 @@ def render_task(choice: TaskChoice, profile_path: str = "") -> str:
         lines.append(f"#   {_describe(r)}")
     lines.append(f"resources = [{', '.join(_toml_str(n) for n in names)}]")
     covering = [c.name for c in p.commands if c.readable and {*names, label.name} <= set(c.resources)]
-    lines += [
-        "# No [features.window]: one aligned reading row is one sample, and its features are the",
-        "# readings themselves. Building sensors report every few seconds to minutes, so a single",
-        "# row already describes the room or the machine; windows suit fast signals.",
-    ]
+    if choice.window is None:
+        lines += [
+            "# No [features.window]: one aligned reading row is one sample, and its features are the",
+            "# readings themselves. Building sensors report every few seconds to minutes, so a single",
+            "# row already describes the room or the machine; windows suit fast signals.",
+        ]
     if covering:
         lines += [
             f"# The profile's command {covering[0]!r} reads these resources and the label in one event,",
@@ -323,16 +371,30 @@ def render_task(choice: TaskChoice, profile_path: str = "") -> str:
             "# separate events have different origins and align into a row only within a quarter",
             "# of the sample period: set the reporting rate, e.g. for once a minute:",
         ]
-    lines += [
-        "# sample_rate_hz = 0.016666666666666666   # once a minute",
-        "# To compute statistics over several rows instead (see docs/task-spec.md):",
-        "# [features.window]",
-        "# size = 10          # rows per window",
-        "# step = 10          # a new window every 10 rows",
-        '# statistics = ["mean", "std", "min", "max"]',
-        "",
-        "[label]",
-    ]
+    lines.append("# sample_rate_hz = 0.016666666666666666   # once a minute")
+    if choice.window is None:
+        lines += [
+            "# To compute statistics over several rows instead (see docs/task-spec.md):",
+            "# [features.window]",
+            "# size = 10          # rows per window",
+            "# step = 10          # a new window every 10 rows",
+            '# statistics = ["mean", "std", "min", "max"]',
+        ]
+    else:
+        size, step = choice.window
+        stats = ", ".join(_toml_str(name) for name in choice.statistics)
+        lines += [
+            "",
+            "[features.window]",
+            f"# One sample per {size} consecutive rows; its features are these statistics of each",
+            f"# resource over the window ({len(names)} x {len(choice.statistics)} = "
+            f"{len(names) * len(choice.statistics)} inputs), resource by resource.",
+            "# A classification sample takes the window's majority class, a regression its mean label.",
+            f"size = {size}",
+            f"step = {step}" + ("   # overlapping windows: a new one every row" if step == 1 else ""),
+            f"statistics = [{stats}]",
+        ]
+    lines += ["", "[label]"]
     lines += [f"# {line}" for line in _label_comment(choice)]
     lines.append(f"resource = {_toml_str(label.name)}")
     if choice.classes is not None:
@@ -348,13 +410,14 @@ def render_task(choice: TaskChoice, profile_path: str = "") -> str:
         if choice.classes is not None
         else "one numeric output, squared-error loss"
     )
+    n_inputs = len(names) * (len(choice.statistics) if choice.window is not None else 1)
     lines += [
         "",
         "[model]",
         (
-            f"# A small multi-layer perceptron: {len(names)} inputs, {output}."
+            f"# A small multi-layer perceptron: {n_inputs} inputs, {output}."
             if choice.hidden
-            else f"# A linear model: {len(names)} inputs, {output}."
+            else f"# A linear model: {n_inputs} inputs, {output}."
         ),
         'type = "mlp"',
         f'kind = "{choice.kind}"',
@@ -479,6 +542,8 @@ def cmd_task_init(args: argparse.Namespace) -> int:
         classes=split_names(args.classes) if args.classes is not None else None,
         name=args.name,
         hidden=hidden,
+        window=parse_window(args.window) if args.window is not None else None,
+        statistics=parse_statistics(args.statistics) if args.statistics is not None else None,
     )
     task = write_task(choice, args.out, str(args.profile), force=args.force)
     what = (
@@ -524,6 +589,18 @@ def add_parser(subparsers: Any) -> None:
         "--hidden",
         metavar="N,N,...",
         help="hidden layer sizes (default 16; 'none' for a linear model)",
+    )
+    init.add_argument(
+        "--window",
+        metavar="SIZE[,STEP]",
+        help="one sample per SIZE consecutive rows, a new one every STEP rows (default: STEP = SIZE); "
+        "default: no window, one row is one sample",
+    )
+    init.add_argument(
+        "--statistics",
+        metavar="S1,S2,...",
+        help=f"per-window statistics (with --window; default {','.join(DEFAULT_STATISTICS)}; "
+        f"known: {','.join(WINDOW_STATISTICS)})",
     )
     init.add_argument("--out", type=Path, required=True, metavar="FILE", help="task spec to write (TOML)")
     init.add_argument("--force", action="store_true", help="replace an existing --out file")
