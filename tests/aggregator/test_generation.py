@@ -92,7 +92,11 @@ def test_devices_accept_the_next_generation_from_their_signer_and_fetch_its_mode
     pub = new.open_round(T0 + 10)
     assert pub.manifest.version == first.manifest.version + 1
     assert pub.manifest.parent_sha256 == first.manifest.sha256()
+    # The signed manifest says which generation it is (what the device's predictions name).
+    assert (first.manifest.generation, pub.manifest.generation) == (1, 2)
+    assert "generation" not in first.manifest.to_dict() and pub.manifest.to_dict()["generation"] == 2
     actions = device.manifest_arrived(pub.manifest_frame, TRUSTED, T0 + 11)
+    assert device.current is None or device.current.generation in (1, 2)
     assert isinstance(actions[0], Persist) and actions[0].state.manifest_version == pub.manifest.version
     assert actions[-1] == FetchBlobs(frozenset({NEW_MANIFEST.model_sha256, pub.manifest.weights_sha256}))
 

@@ -178,7 +178,24 @@ _CHANGES: dict[str, Any] = {
     "weights_bytes": 4 * 5447 + 1,
     "model_manifest": dataclasses.replace(MODEL_MANIFEST, model_bytes=1),
     "normalisation": None,
+    "generation": 2,
 }
+
+
+def test_generation_is_in_the_document_only_after_the_first() -> None:
+    assert MANIFEST.generation == 1 and "generation" not in MANIFEST_DICT  # what older devices accept
+    second = dataclasses.replace(MANIFEST, generation=2)
+    doc = second.to_dict()
+    assert doc["generation"] == 2
+    assert round_manifest_from_dict(doc) == second
+    assert round_manifest_from_dict(doc).sha256() == second.sha256() != MANIFEST.sha256()
+    for bad in (1, 0, True, 2.0, "2", 1_000_001):
+        with pytest.raises(RoundManifestError) as err:
+            round_manifest_from_dict({**MANIFEST_DICT, "generation": bad})
+        assert str(err.value) == "generation must be an integer in 2..1000000 (absent: 1)"
+        assert err.value.field == "generation"
+    with pytest.raises(RoundManifestError, match=r"unexpected \['generations'\]"):
+        round_manifest_from_dict({**MANIFEST_DICT, "generations": 2})
 
 
 def test_the_change_table_covers_every_field() -> None:

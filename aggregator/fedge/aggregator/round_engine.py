@@ -329,6 +329,7 @@ class RoundEngine:
             weights_bytes=len(weights_bytes),
             model_manifest=self.model_manifest,
             normalisation=self.state.normalisation,
+            generation=self.state.generation,
         )
         frame = sign_document(MANIFEST_DOC_TYPE, manifest.to_dict(), self.signing_key)
         weights_topic = self.topics.blob(weights_sha)

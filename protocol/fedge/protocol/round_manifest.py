@@ -27,6 +27,8 @@ from fedge.protocol.topics import TopicError, check_id
 from fedge.protocol.weights import weights_nbytes
 
 PHASES = ("moments", "train", "final")
+FIRST_GENERATION = 1
+MAX_GENERATION = 1_000_000
 MAX_SELECTED_DEVICES = 100_000
 
 
@@ -54,9 +56,14 @@ class RoundManifest:
     weights_bytes: int
     model_manifest: ModelManifest
     normalisation: Normalisation | None
+    #: The model generation (``[aggregator] model_generation``), so a device can say which model
+    #: it runs (its predictions name it). Left out of the document while it is the first, 1:
+    #: manifests of a fleet that never changed its model stay what devices before this field
+    #: accept, and a device must know the field only once a fleet moves to a new generation.
+    generation: int = FIRST_GENERATION
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "fleet": self.fleet,
             "version": self.version,
             "parent_sha256": self.parent_sha256,
@@ -76,6 +83,9 @@ class RoundManifest:
             "model_manifest": self.model_manifest.to_dict(),
             "normalisation": self.normalisation.to_dict() if self.normalisation else None,
         }
+        if self.generation != FIRST_GENERATION:
+            doc["generation"] = self.generation
+        return doc
 
     def sha256(self) -> str:
         """Hash of the canonical document: what the next manifest's ``parent_sha256`` names."""
@@ -113,8 +123,8 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         "model_manifest",
         "normalisation",
     }
-    if set(data) != expected:
-        missing, extra = sorted(expected - set(data)), sorted(set(data) - expected)
+    if set(data) - {"generation"} != expected:
+        missing, extra = sorted(expected - set(data)), sorted(set(data) - expected - {"generation"})
         raise RoundManifestError(
             f"round manifest fields: missing {missing}, unexpected {extra}",
             field="round manifest",
@@ -221,7 +231,28 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         weights_bytes=ints["weights_bytes"],
         model_manifest=model_manifest,
         normalisation=norm,
+        generation=_generation(data),
     )
+
+
+def _generation(data: dict[str, Any]) -> int:
+    """``generation``: absent is the first; present, it must say a later one (2 and up), so a
+    manifest has exactly one document, and one hash, per content."""
+    if "generation" not in data:
+        return FIRST_GENERATION
+    value = data["generation"]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not FIRST_GENERATION < value <= MAX_GENERATION
+    ):
+        raise RoundManifestError(
+            f"generation must be an integer in 2..{MAX_GENERATION} (absent: 1)",
+            field="generation",
+            expected=f"2..{MAX_GENERATION}",
+            found=value,
+        )
+    return value
 
 
 def _int(data: dict[str, Any], key: str) -> int:
