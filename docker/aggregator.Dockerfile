@@ -56,8 +56,11 @@ WORKDIR /var/lib/fedge
 USER 10001:10001
 # State: keys, registry, checkpoints, models. Owned by uid 10001, mode 0700.
 VOLUME ["/var/lib/fedge"]
-# The aggregator serves no HTTP: healthy means it touched its heartbeat file recently.
+# Healthy means the aggregator's loop touched its heartbeat file recently; with [metrics] enabled
+# (off by default: a board opens no port unless told) set FEDGE_HEALTH_URL to its /healthz,
+# e.g. -e FEDGE_HEALTH_URL=http://127.0.0.1:9465/healthz, and the check asks it instead
+# (200: healthy; 503, refused or no answer in 4 s: not). docs/metrics.md.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, time; p = os.environ.get('FEDGE_HEALTH_FILE', '/var/lib/fedge/heartbeat'); m = float(os.environ.get('FEDGE_HEALTH_MAX_AGE_S', '120')); sys.exit(0 if os.path.isfile(p) and time.time() - os.path.getmtime(p) < m else 1)"]
+    CMD ["python", "-c", "import os, sys, time, urllib.request; u = os.environ.get('FEDGE_HEALTH_URL'); p = os.environ.get('FEDGE_HEALTH_FILE', '/var/lib/fedge/heartbeat'); m = float(os.environ.get('FEDGE_HEALTH_MAX_AGE_S', '120')); sys.exit(0 if (urllib.request.build_opener(urllib.request.ProxyHandler({})).open(u, timeout=4).status == 200 if u else os.path.isfile(p) and time.time() - os.path.getmtime(p) < m) else 1)"]
 ENTRYPOINT ["fedge", "aggregator", "run"]
 CMD ["--config", "/etc/fedge/aggregator.toml"]

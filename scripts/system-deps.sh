@@ -10,10 +10,16 @@ command -v make >/dev/null || need+=(make)
 # /usr/sbin, which is not on a normal user's PATH. Where systemd runs, the package also starts
 # a system broker on port 1883; fedge's own brokers use free ports and do not need it.
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+# mosquitto_sub: the BMS guide's command line is run as written (tests/tools/test_fleet_status.py).
+command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
 # The lab CA of `fedge broker config`, and the check of the agent's systemd unit.
 command -v openssl >/dev/null || need+=(openssl)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v shellcheck >/dev/null || need+=(shellcheck)  # the board installer scripts
+# npm fetches AsyncAPI's JSON Schemas (@asyncapi/specs) that tests/contract validate against.
+command -v npm >/dev/null || need+=(npm)
+# The fleet dashboard's browser test (tests/e2e/test_dashboard_browser.py): headless Chromium.
+command -v chromium >/dev/null || need+=(chromium)
 # The container images and their tests (scripts/container-images.sh): podman with runc (crun
 # refuses hosts whose cgroups are hybrid v1/v2), and debootstrap for the local base image, since
 # no registry is reachable. The systemd-in-a-container and `podman kube play` tests need them too

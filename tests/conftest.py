@@ -2,7 +2,8 @@
 the markers: each test carries its part's marker from its folder (``pytest -m agent``, or
 ``pytest tests/agent``), and attacks carry ``adversarial``.
 
-Layout: ``tests/<part>/`` for protocol, shell, edgex, agent, aggregator, tools, e2e and deploy;
+Layout: ``tests/<part>/`` for protocol, shell, edgex, agent, aggregator, tools, e2e, deploy and
+contract (the MQTT contract, ``docs/asyncapi.yaml``);
 ``tests/support/`` holds the harnesses they share (imported as ``support.<module>``).
 """
 
@@ -106,7 +107,7 @@ _ATTACK_WORDS = (
 
 
 #: The folders under tests/ whose tests carry a marker of the same name.
-PARTS = ("protocol", "shell", "edgex", "agent", "aggregator", "tools", "e2e", "deploy")
+PARTS = ("protocol", "shell", "edgex", "agent", "aggregator", "tools", "e2e", "deploy", "contract")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

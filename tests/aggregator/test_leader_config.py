@@ -134,7 +134,9 @@ def test_bad_leader_config_from_the_environment_overlay(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^\[leader\] renew_deadline_s \(20\) must be shorter than"):
         load_aggregator_config(path, env)
     path.write_text(BASE + "\n[leaders]\n")
-    with pytest.raises(ConfigError, match=r"unknown tables \['leaders'\]; allowed: aggregator, leader, mqtt"):
+    with pytest.raises(
+        ConfigError, match=r"unknown tables \['leaders'\]; allowed: aggregator, leader, metrics, mqtt"
+    ):
         load_aggregator_config(path, {})
 
 

@@ -58,6 +58,7 @@ def test_retiring_clears_the_fleet_from_the_broker_and_moves_the_checkpoint_asid
     what_the_aggregator_left = {
         topics.manifest: pub.manifest_frame,
         topics.aggregator_status: b'{"state": "done"}',
+        topics.fleet_summary: b'{"schema": "fedge.fleet/1"}',
     }
     what_the_aggregator_left.update(pub.blobs)
     for topic, payload in what_the_aggregator_left.items():

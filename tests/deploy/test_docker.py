@@ -197,6 +197,41 @@ def test_healthcheck_judges_the_heartbeat_file_age(side: str, tmp_path: Path) ->
     assert "FEDGE_HEALTH_MAX_AGE_S=120" in env
 
 
+@pytest.mark.parametrize("side", sorted(DOCKERFILES))
+def test_healthcheck_asks_the_health_endpoint_when_told(side: str, tmp_path: Path) -> None:
+    """With [metrics] enabled, FEDGE_HEALTH_URL makes the same HEALTHCHECK ask /healthz instead
+    of reading the heartbeat file: 200 healthy; 503, or nothing listening, unhealthy."""
+    from fedge.shell.http_endpoint import HttpEndpoint, health_response
+
+    argv = healthcheck_command(DOCKERFILES[side])
+    alive = [True]
+    endpoint = HttpEndpoint("127.0.0.1", 0, {"/healthz": lambda: health_response(alive[0], {})})
+    url = f"{endpoint.url}/healthz"
+
+    def check(health_url: str) -> int:
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "FEDGE_HEALTH_URL": health_url,
+            "FEDGE_HEALTH_FILE": str(tmp_path / "absent"),  # not read when the URL is set
+            "http_proxy": "http://192.0.2.1:9",  # never used for the endpoint
+        }
+        return subprocess.run(
+            [sys.executable, *argv[1:]], env=env, timeout=20, capture_output=True, check=False
+        ).returncode
+
+    try:
+        assert check(url) == 0
+        alive[0] = False
+        assert check(url) == 1
+    finally:
+        endpoint.stop()
+    assert check(url) == 1, "nothing listening must be unhealthy"
+    assert check("") == 1, "an empty URL falls back to the (absent) heartbeat file"
+    # The port it names is the service's [metrics] default.
+    port = {"agent": 9464, "aggregator": 9465}[side]
+    assert f"FEDGE_HEALTH_URL=http://127.0.0.1:{port}/healthz" in DOCKERFILES[side].read_text()
+
+
 def test_dockerignore_allow_lists_exactly_what_the_images_copy() -> None:
     ignores = {side: DOCKER / f"{p.name}.dockerignore" for side, p in DOCKERFILES.items()}
     texts = {side: p.read_text(encoding="utf-8") for side, p in ignores.items()}

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -152,9 +151,10 @@ def test_images_and_probes(rendered: dict[str, list[dict[str, Any]]], overlay: s
     (container,) = agg["containers"]
     assert container["image"] == "fedge-aggregator:0.1.0"
     assert {c["image"] for c in agg["initContainers"]} == {"fedge-aggregator:0.1.0"}
-    assert "ports" not in container  # no HTTP port: exec probes only
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["exec"]["command"][:2] == ["python3", "-c"], probe
+    # Its only port is [metrics]: /metrics for Prometheus, /healthz and /readyz for the probes.
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9465, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     (broker,) = pod_spec(rendered[overlay], BROKER)["containers"]
     assert broker["image"] == "eclipse-mosquitto:2.0"
     assert broker["ports"] == [{"name": "mqtts", "containerPort": 8883, "protocol": "TCP"}]
@@ -169,37 +169,60 @@ def _aggregator_container() -> dict[str, Any]:
     return dict(container)
 
 
-def test_probe_scripts_compile() -> None:
-    container = _aggregator_container()
-    for probe in ("livenessProbe", "readinessProbe"):
-        compile(container[probe]["exec"]["command"][2], probe, "exec")
+def test_the_probes_reach_the_endpoint_the_config_serves() -> None:
+    """[metrics] in the pod's config is on, on every interface (the kubelet probes the pod's
+    IP), on the container's metrics port; the probed paths are the endpoint's health routes.
+    The heartbeat file stays on the pod's own /tmp volume (never the shared state PVC)."""
+    from fedge.aggregator.metrics import LIVE_MAX_AGE_S, READY_MAX_AGE_S
 
-
-def _run_probe(container: dict[str, Any], probe: str, heartbeat: Path) -> int:
-    script = container[probe]["exec"]["command"][2].replace("/tmp/fedge-aggregator.heartbeat", str(heartbeat))
-    script = script.replace("/var/lib/fedge/model/manifest.json", str(heartbeat))  # exists when it does
-    script = script.replace("/var/lib/fedge/state", str(heartbeat.parent))
-    return subprocess.run([sys.executable, "-c", script], timeout=30, check=False).returncode
-
-
-def test_probes_read_the_heartbeat_the_config_names(tmp_path: Path) -> None:
-    """Liveness fails without a heartbeat or with a stale one; the file is the one the config
-    tells the aggregator to touch, on the pod's own /tmp volume (not the shared state PVC)."""
     container = _aggregator_container()
     cfg = load_aggregator_config(ROOT / "k8s" / "base" / "config" / "aggregator.toml", {})
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert str(cfg.heartbeat_path) in container[probe]["exec"]["command"][2], probe
+    assert cfg.metrics.enabled and cfg.metrics.bind == "0.0.0.0"
+    (port,) = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("metrics", cfg.metrics.port)
+    # A failure counts after failureThreshold x periodSeconds on top of the endpoint's own bound.
+    live, ready = container["livenessProbe"], container["readinessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] <= LIVE_MAX_AGE_S
+    assert ready["timeoutSeconds"] < READY_MAX_AGE_S
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts[str(cfg.heartbeat_path.parent)] == "tmp"
-    heartbeat = tmp_path / "heartbeat"
-    assert _run_probe(container, "livenessProbe", heartbeat) == 1  # none yet
-    heartbeat.write_text("")
-    assert _run_probe(container, "livenessProbe", heartbeat) == 0
-    assert _run_probe(container, "readinessProbe", heartbeat) == 0
-    old = time.time() - 61
-    os.utime(heartbeat, (old, old))
-    assert _run_probe(container, "livenessProbe", heartbeat) == 1
-    assert _run_probe(container, "readinessProbe", heartbeat) == 1
+
+
+def test_the_probed_health_routes_judge_the_loop_and_the_role() -> None:
+    """What /healthz and /readyz answer (fedge.aggregator.metrics, which the probes call): a
+    stale loop fails both; a leader must be connected; a follower is ready, standing by."""
+    import json
+    import threading
+    from types import SimpleNamespace
+
+    from fedge.aggregator.metrics import liveness, readiness
+
+    def service(age: float, connected: bool, leader: bool | None) -> Any:
+        event = threading.Event()
+        if connected:
+            event.set()
+        return SimpleNamespace(
+            heartbeat=SimpleNamespace(age_s=lambda: age),
+            connected=event,
+            leadership=None if leader is None else SimpleNamespace(is_leader=leader),
+        )
+
+    def answer(response: Any) -> tuple[int, dict[str, Any]]:
+        return response.status, json.loads(response.body)
+
+    assert answer(liveness(service(1.0, False, None)))[0] == 200
+    assert answer(liveness(service(61.0, True, None)))[0] == 503
+    assert answer(liveness(service(float("inf"), True, None))) == (
+        503,
+        {"ok": False, "loop_age_s": None, "max_age_s": 60.0},
+    )
+    assert answer(readiness(service(1.0, True, None)))[0] == 200
+    status, body = answer(readiness(service(1.0, False, True)))
+    assert (status, body["role"], body["reason"]) == (503, "leader", "not connected to the broker")
+    status, body = answer(readiness(service(1.0, False, False)))  # a follower connects to nothing
+    assert (status, body["role"], body["leading"]) == (200, "follower", False)
+    assert answer(readiness(service(31.0, True, True)))[0] == 503
+    assert answer(readiness(service(31.0, False, False)))[0] == 503
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -145,6 +145,10 @@ def overlay(tmp: Path, broker_dir: Path, fleet: FleetFiles, port: int, aggregato
     config["aggregator"]["fleet"] = FLEET
     config["mqtt"]["broker"] = f"mqtts://localhost:{port}"
     config["rounds"].update(rounds=1, min_devices=len(DEVICES), round_timeout_s=90.0, wait_for_devices_s=60.0)
+    # [metrics] (the probes' endpoint) on a free port too: with host networking a fixed 9465
+    # could collide; the container's metrics port is patched to match (below).
+    metrics_port = free_loopback_port()
+    config["metrics"]["port"] = metrics_port
     (out / "aggregator.toml").write_text(render_toml(config))
     name, _, tag = aggregator_image.rpartition(":")
     broker_name, _, broker_tag = BROKER_IMAGE.rpartition(":")
@@ -184,6 +188,23 @@ def overlay(tmp: Path, broker_dir: Path, fleet: FleetFiles, port: int, aggregato
         # 8883 could collide with a broker on the host or a concurrent run.
         "patches": [
             {
+                "target": {"kind": "Deployment", "name": "fedge-aggregator"},
+                "patch": yaml.safe_dump(
+                    [
+                        {
+                            "op": "test",
+                            "path": "/spec/template/spec/containers/0/ports/0/name",
+                            "value": "metrics",
+                        },
+                        {
+                            "op": "replace",
+                            "path": "/spec/template/spec/containers/0/ports/0/containerPort",
+                            "value": metrics_port,
+                        },
+                    ]
+                ),
+            },
+            {
                 "target": {"kind": "Deployment", "name": "fedge-broker"},
                 "patch": yaml.safe_dump(
                     [
@@ -199,7 +220,7 @@ def overlay(tmp: Path, broker_dir: Path, fleet: FleetFiles, port: int, aggregato
                         },
                     ]
                 ),
-            }
+            },
         ],
     }
     (out / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
@@ -318,6 +339,14 @@ def adapt_for_podman(
                 tcp = container.get(probe, {}).get("tcpSocket")
                 if tcp and isinstance(tcp["port"], str):
                     tcp["port"] = ports[tcp["port"]]
+                # 7. httpGet: podman 4.3 runs it with curl inside the container, and the image
+                #    has none (python:3.11-slim). The same GET in the image's python3 instead.
+                http = container.get(probe, {}).pop("httpGet", None)
+                if http:
+                    port = ports[http["port"]] if isinstance(http["port"], str) else http["port"]
+                    url = f"http://127.0.0.1:{port}{http['path']}"
+                    script = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=4)"
+                    container[probe]["exec"] = {"command": ["python3", "-c", script]}
     return played, dropped
 
 

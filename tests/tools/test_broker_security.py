@@ -448,7 +448,7 @@ def test_device_cannot_publish_as_another_device_or_the_aggregator(pw: Deploymen
         (T.manifest, True),
         (BLOB, True),
         (T.aggregator_status, True),
-        (f"{T.base}/insight/{DEV_A}", False),
+        (T.insight(DEV_B), True),
         ("edgex/events/device/svc/prof/dev-b/src", False),
     ):
         rc = device.publish(topic, forged, retain=retain)
@@ -456,9 +456,11 @@ def test_device_cannot_publish_as_another_device_or_the_aggregator(pw: Deploymen
     sentinel = token("own")
     device.send(T.update(DEV_A), sentinel)
     device.send(T.status(DEV_A), sentinel, retain=True)
+    device.send(T.insight(DEV_A), sentinel, retain=True)  # its own predictions
     agg.wait_for(T.update(DEV_A), sentinel)
     agg.wait_for(T.status(DEV_A), sentinel)
     bms.wait_for(T.status(DEV_A), sentinel)
+    bms.wait_for(T.insight(DEV_A), sentinel)
     assert agg.got(forged) == [] and bms.got(forged) == []
     # Nothing forged was retained either: a newcomer sees only dev-a's own status.
     late = pw.peer(AGG).connected()
@@ -896,15 +898,18 @@ GOLDEN_ACL = """\
 user agg
 topic read fedge/v1/f1/update/+
 topic read fedge/v1/f1/status/+
+topic read fedge/v1/f1/insight/+
 topic write fedge/v1/f1/manifest
 topic write fedge/v1/f1/blob/#
 topic write fedge/v1/f1/aggregator/status
+topic write fedge/v1/f1/aggregator/fleet
 topic write fedge/v1/f1/keys/rotation/+
 
 # building-management system (read-only): bms-1
 user bms-1
 topic read fedge/v1/f1/status/+
 topic read fedge/v1/f1/aggregator/status
+topic read fedge/v1/f1/aggregator/fleet
 topic read fedge/v1/f1/insight/#
 
 # EdgeX service (its message bus): edgex-core
@@ -915,6 +920,7 @@ topic readwrite site-7/edgex/#
 user dev-a
 topic write fedge/v1/f1/update/dev-a
 topic write fedge/v1/f1/status/dev-a
+topic write fedge/v1/f1/insight/dev-a
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
@@ -928,6 +934,7 @@ topic read site-7/edgex/events/core/+/+/dev-a/#
 user dev-b
 topic write fedge/v1/f1/update/dev-b
 topic write fedge/v1/f1/status/dev-b
+topic write fedge/v1/f1/insight/dev-b
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
@@ -1313,3 +1320,84 @@ def test_cli_errors_are_fedge_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # argparse: exactly one of --tls lab, --tls-cert, --no-tls
         run_cli("broker", "config", "--fleet", "f", "--device", "d", "--out", out)
     assert not Path(out).exists()
+
+
+# --- Home Assistant discovery (--home-assistant; docs/home-assistant.md) ---------------------------
+
+
+def ha_access(**changes: Any) -> FleetAccess:
+    values: dict[str, Any] = {
+        "fleet": FLEET,
+        "devices": (DEV_B, DEV_A),
+        "aggregator": AGG,
+        "bms": (BMS,),
+        "edgex_services": (EDGEX,),
+        "home_assistant_prefix": "homeassistant",
+    }
+    values.update(changes)
+    return FleetAccess(**values)
+
+
+def test_home_assistant_is_off_by_default_and_adds_two_rules_when_on() -> None:
+    assert "homeassistant" not in render_acl(access())
+    acl = render_acl(ha_access())
+    assert acl.count("homeassistant/") == 3
+    own = "topic write homeassistant/sensor/fedge_f1_dev-a/prediction/config"
+    assert f"user {DEV_A}\n" in acl and own in acl
+    assert f"user {BMS}\ntopic read {T.status_filter}" in acl and "topic read homeassistant/#" in acl
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"home_assistant_prefix": "fedge/ha"}, "inside fedge's topic tree"),
+        ({"home_assistant_prefix": "ha/#"}, "without '\\+', '#'"),
+        ({"home_assistant_prefix": "edgex/ha"}, "lies in the EdgeX tree"),
+        ({"devices": ("room.1", "room_1")}, "would share one Home Assistant discovery topic"),
+    ],
+)
+def test_home_assistant_refuses_a_prefix_it_cannot_confine_and_colliding_devices(
+    changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(BrokerConfigError, match=message):
+        ha_access(**changes)
+
+
+def test_a_device_writes_its_own_discovery_config_only_and_bms_reads_them(tmp_path: Path) -> None:
+    """Against mosquitto running the generated config: dev-a may publish (retained) its own config
+    topic and no other (dev-b's, another object, the prefix's status topic), the aggregator none,
+    and the BMS (Home Assistant) reads the configs but writes nothing under the prefix."""
+    for d in deploy(tmp_path, access=ha_access()):
+        prefix = "homeassistant"
+        own = f"{prefix}/sensor/fedge_f1_dev-a/prediction/config"
+        other = f"{prefix}/sensor/fedge_f1_dev-b/prediction/config"
+        bms = d.peer(BMS).connected()
+        bms.subscribe(f"{prefix}/#")
+        device = d.peer(DEV_A).connected()
+        forged = token("forged")
+        wrong_object = f"{prefix}/sensor/fedge_f1_dev-a/other/config"
+        for topic in (other, wrong_object, f"{prefix}/status", f"{prefix}/x"):
+            assert device.publish(topic, forged, retain=True).value == NOT_AUTHORIZED, topic
+        assert d.peer(AGG).connected().publish(own, forged, retain=True).value == NOT_AUTHORIZED
+        assert bms.publish(other, forged, retain=True).value == NOT_AUTHORIZED
+        config = token("config")
+        device.send(own, config, retain=True)
+        bms.wait_for(own, config)
+        assert bms.got(forged) == []
+        # Retained: a Home Assistant that connects later finds it, and nothing forged.
+        late = d.peer(BMS).connected()
+        late.subscribe(f"{prefix}/#")
+        late.wait_for(own, config)
+        assert late.got(forged) == []
+
+
+def test_the_cli_flag_sets_the_prefix(tmp_path: Path) -> None:
+    from fedge.tools.broker_config import request_from_args
+
+    parser = argparse.ArgumentParser()
+    add_broker_parser(parser.add_subparsers(dest="command"))
+    base = ["broker", "config", "--fleet", FLEET, "--device", DEV_A, "--bms", BMS, "--no-tls"]
+    base += ["--out", str(tmp_path)]
+    assert request_from_args(parser.parse_args(base)).access.home_assistant_prefix is None
+    on = parser.parse_args([*base, "--home-assistant", "--home-assistant-prefix", "site/ha"])
+    assert request_from_args(on).access.home_assistant_prefix == "site/ha"

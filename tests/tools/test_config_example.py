@@ -34,6 +34,7 @@ from fedge.tools.config_example import (
     SERVICES,
     STRING,
     STRINGS,
+    TABLES,
     Key,
     add_config_commands,
     example_config,
@@ -200,6 +201,8 @@ def test_each_kind_range_and_choice_list_is_the_loaders(
         assert "must be true or false" in message
     elif key.kind == STRINGS:
         assert "must be a non-empty list" in message
+    elif key.kind == TABLES:
+        assert "must be a list of tables" in message
     else:
         assert re.search(r"must be a (non-empty )?string", message), message
 

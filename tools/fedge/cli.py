@@ -770,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedge.tools.broker_config import add_broker_parser  # noqa: PLC0415 - stdlib-only import
     from fedge.tools.edgex_provision import add_edgex_parser  # noqa: PLC0415 - stdlib-only import
     from fedge.tools.evaluate import add_parser as add_evaluate_parser  # noqa: PLC0415 - stdlib-only
+    from fedge.tools.fleet_status import add_parser as add_status_parser  # noqa: PLC0415 - stdlib-only
     from fedge.tools.keys import add_keys_parser  # noqa: PLC0415 - stdlib-only import
     from fedge.tools.task_init import add_parser as add_task_init_parser  # noqa: PLC0415 - stdlib-only
 
@@ -777,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_broker_parser(sub)  # fedge broker config
     add_task_init_parser(sub)  # fedge task init
     add_evaluate_parser(sub)  # fedge evaluate
+    add_status_parser(sub)  # fedge status
     edgex_sub = add_edgex_parser(sub)
     tap = edgex_sub.add_parser("tap", help="print the readings an agent would parse, one JSON object each")
     tap.add_argument("--broker", required=True, help="EdgeX message bus broker, mqtt[s]://host:port")

@@ -15,6 +15,14 @@ from nacl.signing import VerifyKey
 
 from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
 from fedge.protocol.errors import FedgeError
+from fedge.protocol.home_assistant import check_prefix
+from fedge.protocol.metrics_settings import (
+    AGENT_METRICS_PORT,
+    METRICS_KEYS,
+    METRICS_OFF,
+    MetricsSettings,
+    metrics_settings_from_table,
+)
 from fedge.protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_table
 from fedge.protocol.sealing import public_key_from_text
 from fedge.protocol.signing import key_id, verify_key_from_text
@@ -48,6 +56,74 @@ class EdgeXSettings:
     #: How far back the first core-data backfill reaches (no cursor yet); 0: everything
     #: core-data holds (a historical export loaded into core-data).
     first_backfill_s: float = 24 * 3600.0
+    #: core-command's base URL, for ``[[insight.writeback]]`` rules (``docs/edgex.md``,
+    #: "Write-back (core-command)"); None: no write-back.
+    core_command_url: str | None = None
+
+
+#: ``[insight] publish``: every window, only when the prediction changes, or never.
+INSIGHT_MODES = ("on_change", "every_window", "off")
+
+
+@dataclass(frozen=True)
+class InsightSettings:
+    """``[insight]``: live predictions on ``insight/{device_id}`` (``docs/protocol.md``,
+    "Predictions (insight)"): the verified global model run on the device's live windows.
+
+    Defaults, and why:
+
+    - ``publish = "on_change"``: the message is retained, so the broker always holds the
+      current prediction for a BMS that connects later; a building's state (occupancy, an
+      activity, a comfort class) stays the same for minutes to hours, so publishing only
+      when the class changes (or a regression value moves by more than ``min_change``, or
+      the model changes) carries the same information for a fraction of the traffic.
+      ``"every_window"`` publishes each window (still rate-limited); ``"off"`` runs nothing.
+    - ``min_interval_s = 60``: at most one publication a minute per device, without exception
+      (a change inside the interval is published by the first window after it), which keeps a
+      flapping model or a 1 s window step from flooding the broker and the BMS; 0 = no limit.
+    - ``min_change = 0``: the units are the task's, so no threshold fits every task; 0 means
+      any change of a regression value counts (``min_interval_s`` still bounds the rate).
+    - ``stale_after_s = 900``: a window whose end is more than 15 minutes behind the device's
+      clock describes the past (a backfill after an outage, a stalled sensor); it is not
+      published, so the retained message is never replaced by old news. 0 = never stale,
+      for replayed historical data, whose origins are old by design.
+    """
+
+    publish: str = "on_change"
+    min_interval_s: float = 60.0
+    min_change: float = 0.0
+    stale_after_s: float = 900.0
+    #: Home Assistant MQTT discovery of the prediction (``docs/home-assistant.md``): off by default.
+    home_assistant: bool = False
+    home_assistant_prefix: str = "homeassistant"
+    #: ``[[insight.writeback]]``: write-back rules through core-command (none by default).
+    writeback: tuple[WritebackRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class WritebackRule:
+    """One ``[[insight.writeback]]`` rule: when a published prediction meets the condition
+    (``when_label`` for classification; ``when_above`` and/or ``when_below`` for regression),
+    ``PUT`` ``values`` to core-command's ``command`` of EdgeX device ``device``, at most once per
+    ``min_interval_s`` (``fedge.agent.writeback`` has the trigger semantics)."""
+
+    device: str
+    command: str
+    values: tuple[tuple[str, str], ...]
+    when_label: str | None = None
+    when_above: float | None = None
+    when_below: float | None = None
+    min_interval_s: float = 300.0
+
+    def describe(self) -> str:
+        """``when label = 'occupied' -> PUT hvac-1/setpoint``, for logs."""
+        if self.when_label is not None:
+            condition = f"label = {self.when_label!r}"
+        else:
+            parts = [f"value > {self.when_above:g}"] if self.when_above is not None else []
+            parts += [f"value < {self.when_below:g}"] if self.when_below is not None else []
+            condition = " and ".join(parts)
+        return f"when {condition} -> PUT {self.device}/{self.command}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +140,9 @@ class AgentConfig:
     mqtt: MqttSettings
     data: DataSettings
     edgex: EdgeXSettings
+    insight: InsightSettings = InsightSettings()
+    #: ``[metrics]``: Prometheus metrics and health endpoints (off by default; docs/metrics.md).
+    metrics: MetricsSettings = METRICS_OFF
 
 
 #: What identifies a connection to the broker; never shared by the agent's two connections.
@@ -88,6 +167,7 @@ EDGEX_KEYS = {
     "device",
     "profile",
     "core_data",
+    "core_command",
     "token_file",
     "store_max_samples",
     "store_max_age_s",
@@ -100,6 +180,17 @@ EDGEX_KEYS = {
     "cert_file",
     "key_file",
 }
+INSIGHT_KEYS = {
+    "publish",
+    "min_interval_s",
+    "min_change",
+    "stale_after_s",
+    "home_assistant",
+    "home_assistant_prefix",
+    "writeback",
+}
+#: The keys of one ``[[insight.writeback]]`` rule.
+WRITEBACK_KEYS = {"when_label", "when_above", "when_below", "device", "command", "values", "min_interval_s"}
 #: Every table of agent.toml and the keys it accepts (any other is an error); what
 #: docs/configuration.md and ``fedge agent config --example`` must list (their tests check it).
 AGENT_TABLES: dict[str, set[str]] = {
@@ -107,6 +198,8 @@ AGENT_TABLES: dict[str, set[str]] = {
     "mqtt": MQTT_KEYS,
     "data": DATA_KEYS,
     "edgex": EDGEX_KEYS,
+    "insight": INSIGHT_KEYS,
+    "metrics": METRICS_KEYS,
 }
 
 
@@ -177,6 +270,7 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         store_max_samples=e.integer("store_max_samples", 200_000, 1, 100_000_000),
         store_max_age_s=_store_max_age_s(e),
         first_backfill_s=e.number("first_backfill_s", 24 * 3600.0, 0.0, 10 * 365 * 24 * 3600.0),
+        core_command_url=_core_command_url(e),
     )
     return AgentConfig(
         device_id=device_id,
@@ -197,7 +291,124 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
             task_file=base / task_text if task_text else None,
         ),
         edgex=edgex,
+        insight=_checked_writeback(_insight_settings(Table(data, "insight", INSIGHT_KEYS)), edgex),
+        metrics=metrics_settings_from_table(Table(data, "metrics", METRICS_KEYS), AGENT_METRICS_PORT),
     )
+
+
+#: Longest ``[insight] min_interval_s``: one day.
+MAX_INSIGHT_INTERVAL_S = 24 * 3600.0
+#: Largest ``[insight] min_change`` (in the label's units).
+MAX_INSIGHT_CHANGE = 1e12
+
+
+def _insight_settings(i: Table) -> InsightSettings:
+    """``[insight]``, every key optional (see :class:`InsightSettings` for the defaults)."""
+    default = InsightSettings()
+    return InsightSettings(
+        publish=i.choice("publish", default.publish, INSIGHT_MODES),
+        min_interval_s=i.number("min_interval_s", default.min_interval_s, 0.0, MAX_INSIGHT_INTERVAL_S),
+        min_change=i.number("min_change", default.min_change, 0.0, MAX_INSIGHT_CHANGE),
+        stale_after_s=i.number("stale_after_s", default.stale_after_s, 0.0, MAX_STORE_AGE_S),
+        home_assistant=i.flag("home_assistant", default.home_assistant),
+        home_assistant_prefix=_home_assistant_prefix(i, default.home_assistant_prefix),
+        writeback=_writeback_rules(i),
+    )
+
+
+def _home_assistant_prefix(i: Table, default: str) -> str:
+    prefix = i.text("home_assistant_prefix", default)
+    try:
+        return check_prefix(prefix)
+    except FedgeError as exc:
+        raise ConfigError(f"[insight] home_assistant_prefix: {exc}") from None
+
+
+#: Shortest and longest ``min_interval_s`` of a write-back rule: one write a second at most
+#: (never a storm), one a day at least.
+WRITEBACK_INTERVAL_RANGE = (1.0, 24 * 3600.0)
+
+
+def _writeback_rules(i: Table) -> tuple[WritebackRule, ...]:
+    """``[[insight.writeback]]``: each rule a table of :data:`WRITEBACK_KEYS`, its errors naming
+    it ``[insight.writeback[N]]`` (N from 0, in file order)."""
+    raw = i.raw.get("writeback", [])
+    if not isinstance(raw, list) or not all(isinstance(r, Mapping) for r in raw):
+        raise ConfigError(
+            f"[insight] writeback must be a list of tables ([[insight.writeback]] rules), got {raw!r}"[:200]
+        )
+    rules = []
+    for n, rule in enumerate(raw):
+        name = f"insight.writeback[{n}]"
+        t = Table({name: rule}, name, WRITEBACK_KEYS)
+        label = t.opt_text("when_label")
+        above = _opt_number(t, "when_above")
+        below = _opt_number(t, "when_below")
+        if label is not None and (above is not None or below is not None):
+            raise ConfigError(
+                f"[{name}] when_label goes alone: when_above/when_below are for regression tasks"
+            )
+        if label is None and above is None and below is None:
+            raise ConfigError(
+                f"[{name}] when_label (classification) or when_above/when_below (regression) is required"
+            )
+        if label == "":
+            raise ConfigError(f"[{name}] when_label must be a non-empty string")
+        if above is not None and below is not None and not above < below:
+            raise ConfigError(
+                f"[{name}] when_above ({above:g}) must be below when_below ({below:g}): the rule "
+                "holds for when_above < value < when_below"
+            )
+        values = t.raw.get("values")
+        if (
+            not isinstance(values, Mapping)
+            or not values
+            or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in values.items())
+        ):
+            raise ConfigError(
+                f'[{name}] values must be a non-empty table of resource = "value" strings (what '
+                f"core-command writes), got {values!r}"
+            )
+        rules.append(
+            WritebackRule(
+                device=t.text("device"),
+                command=t.text("command"),
+                values=tuple((str(k), str(v)) for k, v in values.items()),
+                when_label=label,
+                when_above=above,
+                when_below=below,
+                min_interval_s=t.number("min_interval_s", 300.0, *WRITEBACK_INTERVAL_RANGE),
+            )
+        )
+    return tuple(rules)
+
+
+def _opt_number(t: Table, key: str) -> float | None:
+    if key not in t.raw:
+        return None
+    return t.number(key, 0.0, -MAX_INSIGHT_CHANGE, MAX_INSIGHT_CHANGE)
+
+
+def _checked_writeback(insight: InsightSettings, edgex: EdgeXSettings) -> InsightSettings:
+    """Write-back rules need core-command's URL, and predictions to act on."""
+    if insight.writeback and edgex.core_command_url is None:
+        raise ConfigError(
+            "[insight] writeback: the rules need [edgex] core_command, core-command's base URL "
+            '(e.g. "http://edgex-core-command:59882")'
+        )
+    if insight.writeback and insight.publish == "off":
+        raise ConfigError(
+            '[insight] writeback: the rules act on published predictions, but publish = "off"; set '
+            'publish = "on_change" (or "every_window")'
+        )
+    return insight
+
+
+def _core_command_url(e: Table) -> str | None:
+    url = e.opt_text("core_command")
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"[edgex] core_command must be an http:// or https:// URL, got {url!r}")
+    return url
 
 
 def check_own_edgex_principal(mqtt_table: Table, edgex_table: Table) -> None:

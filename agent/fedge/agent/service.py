@@ -42,6 +42,8 @@ from fedge.agent.core import (
     Train,
     check_blob,
 )
+from fedge.agent.home_assistant import HomeAssistantDiscovery
+from fedge.agent.insight import InsightPublisher
 from fedge.agent.systemd_notify import Notifier, status_line
 from fedge.agent.trainer import LiteRTTrainer
 from fedge.agent.wiring import AgentStages
@@ -49,8 +51,11 @@ from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.key_rotation import read_rotation_unverified
 from fedge.protocol.round_manifest import RoundManifest
+from fedge.protocol.statuses import device_status, offline_will
 from fedge.protocol.weights import weights_from_bytes
 from fedge.shell.drops import DroppedMessages
+from fedge.shell.http_endpoint import HttpEndpoint
+from fedge.shell.meters import Durations, Traffic
 from fedge.shell.mqtt import connect, make_client, watch_connection
 
 __all__ = [
@@ -68,6 +73,9 @@ HEARTBEAT_INTERVAL_S = 5.0
 MIN_LOCAL_SAMPLES = 2
 #: How often a device selected without enough data looks at its data again.
 DATA_RETRY_S = 5.0
+#: ``fedge_agent_training_seconds`` buckets: a local training takes seconds on a gateway,
+#: minutes on a small board.
+TRAINING_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 #: What to do about a message the agent dropped, by reason (the part before "_" or ":").
 _DROP_ADVICE = {
     "blob": "A blob that is not (or not exactly) one this device asked for: a re-delivery, or "
@@ -147,10 +155,42 @@ class AgentService:
         self._ready_sent = False
         self._heartbeat = config.state_dir / "heartbeat"
         self._heartbeat_at = float("-inf")
-        offline = json.dumps({"device_id": config.device_id, "state": "offline"}).encode()
+        # For [metrics] (fedge.agent.metrics, read from the HTTP server's threads): the worker's
+        # last turn (time.monotonic()), and what the status lacks, recorded as it happens.
+        self.alive_at: float | None = None
+        self.traffic = Traffic(self.topics.base)
+        self.training_durations = Durations(TRAINING_BUCKETS)
+        self.endpoint: HttpEndpoint | None = None
+        # The Last Will is the status's own shape, every value empty (fedge.protocol.statuses).
+        offline = offline_will(config.device_id)
         self.client = make_client(config.mqtt, will=(self.topics.status(config.device_id), offline))
         watch_connection(self.client, log, self._on_connect, self.connected.clear)
         self.client.on_message = self._on_message
+        # Live predictions (insight/{device_id}): the verified global model in an interpreter of
+        # its own, run by the worker on the source's live windows (fedge.agent.insight).
+        self.insights = InsightPublisher(
+            config.insight,
+            config.device_id,
+            config.fleet,
+            self.topics.insight(config.device_id),
+            config.runtime,
+            self._publish_insight,
+            on_published=self._insight_published,
+        )
+        # Optional, off by default: Home Assistant discovery of the prediction, and write-back
+        # rules through EdgeX core-command (both act on published predictions only).
+        self._connections = 0  # CONNACKs so far: the discovery config goes out once per connection
+        self.home_assistant: HomeAssistantDiscovery | None = None
+        if config.insight.home_assistant:
+            self.home_assistant = HomeAssistantDiscovery(
+                config.insight.home_assistant_prefix,
+                config.fleet,
+                config.device_id,
+                self.topics.insight(config.device_id),
+                self.topics.status(config.device_id),
+                self._publish_insight,
+            )
+        self.writeback = stages.writeback
 
     @property
     def current(self) -> RoundManifest | None:
@@ -171,6 +211,7 @@ class AgentService:
         with self._lock:
             for sha in self._wanted_blobs:
                 client.subscribe(self.topics.blob(sha), qos=1)
+        self._connections += 1
         self.connected.set()
         log.info("connected to %s", self.config.mqtt.url)
         self._publish_status()
@@ -186,6 +227,7 @@ class AgentService:
         try:
             topic = msg.topic
             payload = bytes(msg.payload)
+            self.traffic.inbound(topic, len(payload))
             with self._wake:
                 dropped = self._queue_locked(topic, payload)
                 self._wake.notify_all()
@@ -226,31 +268,39 @@ class AgentService:
         with self._lock:
             status = self.status()
         self.notifier.status(status_line(status))
-        self.client.publish(
-            self.topics.status(self.config.device_id), json.dumps(status).encode(), qos=1, retain=True
-        )
+        encoded = json.dumps(status).encode()
+        self.client.publish(self.topics.status(self.config.device_id), encoded, qos=1, retain=True)
+        self.traffic.outbound(self.topics.status(self.config.device_id), len(encoded))
+
+    def status_now(self) -> dict[str, Any]:
+        """The status, read under the lock the worker and paho's thread take for it (for
+        another thread: the metrics endpoint)."""
+        with self._lock:
+            return self.status()
 
     def status(self) -> dict[str, Any]:
         st = self.state.load()
         outbox = self.outbox.stats()
         current = self.core.current
-        return {
-            "device_id": self.config.device_id,
-            "state": self.phase_state,
-            "model_version": st.manifest_version,
-            "round_id": current.round_id if current else None,
-            "ready": self._ready(),
-            "samples": int(self.data.x_train.shape[0]) if self.data else None,
-            "holdout_samples": int(self.data.x_holdout.shape[0]) if self.data else None,
-            "runtime": self.trainer.runtime.name if self.trainer else None,
-            "outbox_pending": outbox.pending,
-            "outbox_dropped_total": outbox.dropped_total,
-            "rejected_manifests": dict(self.rejected_manifests),
-            "messages_dropped": self.dropped.counts(),
-            "last_error": self.last_error,
-            "data": self.source.report(),
-            "time": self.clock(),
-        }
+        # Every key must be in fedge.protocol.statuses.DEVICE_STATUS_EMPTY (the Last Will's shape).
+        return device_status(
+            self.config.device_id,
+            self.phase_state,
+            model_version=st.manifest_version,
+            round_id=current.round_id if current else None,
+            ready=self._ready(),
+            samples=int(self.data.x_train.shape[0]) if self.data else None,
+            holdout_samples=int(self.data.x_holdout.shape[0]) if self.data else None,
+            runtime=self.trainer.runtime.name if self.trainer else None,
+            outbox_pending=outbox.pending,
+            outbox_dropped_total=outbox.dropped_total,
+            rejected_manifests=dict(self.rejected_manifests),
+            messages_dropped=self.dropped.counts(),
+            last_error=self.last_error,
+            data=self.source.report(),
+            insights=self._insights_report(),
+            time=self.clock(),
+        )
 
     def _ready(self) -> bool:
         """Whether this device can take part: not waiting for data in a round, and its source
@@ -276,6 +326,7 @@ class AgentService:
             if message.id in self._in_flight:
                 continue  # paho itself retries messages in flight on this session
             info = self.client.publish(message.topic, message.payload, qos=message.qos)
+            self.traffic.outbound(message.topic, len(message.payload))
             self.outbox.mark_in_flight(message.id, info.mid)
             self.outbox.record_attempt(message.id)
             self._in_flight[message.id] = info
@@ -285,6 +336,7 @@ class AgentService:
         ``state_dir/heartbeat`` (what the container's HEALTHCHECK reads)."""
         self.notifier.watchdog()
         now = time.monotonic()
+        self.alive_at = now
         if now - self._heartbeat_at >= HEARTBEAT_INTERVAL_S:
             self._heartbeat_at = now
             try:
@@ -390,6 +442,7 @@ class AgentService:
             self.core.model_loaded(manifest.model_sha256)
         self.trainer.normalisation = manifest.normalisation
         self.trainer.set_weights(weights_from_bytes(action.weights, manifest.model_manifest.parameter_count))
+        self.insights.load(manifest, action.model, action.weights)  # never raises into the round
 
     def _local_data(self, manifest: RoundManifest) -> LocalData | None:
         """This round's local data (a live source keeps growing), split (seeded) for evaluation;
@@ -416,12 +469,14 @@ class AgentService:
             raise ConfigError("no model loaded")
         global_weights = trainer.get_weights()
         evaluation = trainer.evaluate(data.x_holdout, data.y_holdout) if data.x_holdout.shape[0] > 0 else None
+        started = time.monotonic()
         losses = trainer.fit(
             data.x_train,
             data.y_train,
             rng=np.random.default_rng([self.config.data.seed, action.manifest.version]),
             progress=self._alive,  # long training is not a hang
         )
+        self.training_durations.observe(time.monotonic() - started)
         delta = trainer.get_weights() - global_weights
         return self.core.trained(delta, int(data.x_train.shape[0]), losses[-1], evaluation, self.clock())
 
@@ -435,7 +490,7 @@ class AgentService:
 
     def _work_once(self) -> None:
         """One turn of the worker: flush the outbox, apply rotations, handle the newest manifest
-        (if one is pending), publish the status when due.
+        (if one is pending), publish predictions on the live windows, publish the status when due.
 
         Never raises an Exception: fedge's own errors (bad data, a full outbox) are reported
         in ``last_error``; anything else is a bug, counted as ``handler_error:<type>`` in
@@ -454,6 +509,7 @@ class AgentService:
                 self._carry_out(self.core.manifest_arrived(frame, self.trust.trusted_keys(), self.clock()))
             elif waiting_for_data and time.monotonic() >= self._data_retry_at:
                 self._carry_out(self.core.retry_data(self.clock()))
+            self._predict()
             if time.monotonic() >= self._next_status_at and self.connected.is_set():
                 self._publish_status()
                 self._next_status_at = time.monotonic() + self.config.status_interval_s
@@ -467,17 +523,68 @@ class AgentService:
             where = self.topics.manifest if frame is not None else "the worker"
             self._drop(f"handler_error:{type(exc).__name__}", where, repr(exc), exc)
 
+    def _predict(self) -> None:
+        """Runs the verified global model on the source's new live windows and publishes the
+        predictions ``[insight]`` lets through; every other window is counted by reason."""
+        try:
+            batch = self.source.live_windows(self.insights.task)
+        except Exception as exc:  # a source's failure never ends a round or the worker
+            self.insights.policy.skip("error")
+            log.warning("insight: the data source could not give live windows: %s", exc)
+            return
+        self.insights.process(batch, self.clock(), self.connected.is_set())
+        if self.home_assistant is not None and self.connected.is_set():
+            self.home_assistant.ensure(self._connections)  # once per connection
+        if self.writeback is not None:
+            self.writeback.tick(self.clock())  # pending writes whose interval has passed
+
+    def _insight_published(self, payload: dict[str, Any], now: float) -> None:
+        """A prediction went out on insight/{device_id}: what acts on it (off by default)."""
+        if self.home_assistant is not None:
+            self.home_assistant.prediction_published(payload, self._connections)
+        if self.writeback is not None:
+            self.writeback.prediction_published(payload, now)
+
+    def _insights_report(self) -> dict[str, Any]:
+        """``insights`` in the status, with ``home_assistant`` and ``writeback`` when configured."""
+        report = self.insights.report()
+        if self.home_assistant is not None:
+            report["home_assistant"] = self.home_assistant.report()
+        if self.writeback is not None:
+            report["writeback"] = self.writeback.report()
+        return report
+
+    def _publish_insight(self, topic: str, payload: bytes) -> bool:
+        """Publishes a prediction retained with QoS 1 (the last one stays for a BMS that
+        connects later); False if paho refused it."""
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        self.traffic.outbound(topic, len(payload))
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
     def _abandon_round(self) -> None:
         """After a failure: the core waits for the next manifest, whatever it was doing."""
         if self.core.abandon() is Phase.TRAINING:
             self.phase_state = "idle"
 
     def run(self) -> int:
-        self.source.start()
+        """With ``[metrics] enabled``, serves /metrics, /healthz and /readyz meanwhile."""
+        if self.config.metrics.enabled:  # prometheus-client is imported only then
+            from fedge.agent.metrics import serve_metrics  # noqa: PLC0415
+
+            self.endpoint = serve_metrics(self)
         try:
-            return self._run()
+            self.source.start()
+            if self.writeback is not None:
+                self.writeback.start()
+            try:
+                return self._run()
+            finally:
+                if self.writeback is not None:
+                    self.writeback.stop()
+                self.source.stop()
         finally:
-            self.source.stop()
+            if self.endpoint is not None:
+                self.endpoint.stop()
 
     def _run(self) -> int:
         connect(self.client, self.config.mqtt)

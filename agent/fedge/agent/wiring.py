@@ -11,8 +11,11 @@ The stages, in the order data flows through them:
 
 For EdgeX the first three live in :class:`~fedge.agent.edgex.ingest.EdgeXIngest` (its worker
 thread owns the builder and the store); any other source only has to give
-:class:`LocalDataSource`'s four methods. ``fedge agent run`` calls :func:`build_agent`; the
-demo, the tests and the container images do too, so there is no second wiring to drift.
+:class:`LocalDataSource`'s methods. A source also hands the agent its live prediction windows
+(``live_windows``, :mod:`fedge.agent.live`), on which the agent runs the verified global model
+and publishes the predictions (``[insight]``, :mod:`fedge.agent.insight`). ``fedge agent run``
+calls :func:`build_agent`; the demo, the tests and the container images do too, so there is no
+second wiring to drift.
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ from typing import Any, Protocol
 import numpy as np
 from nacl.public import PrivateKey
 
-from fedge.agent.config import AgentConfig
+from fedge.agent.config import AgentConfig, EdgeXSettings
 from fedge.agent.core import DeviceCore, DeviceIdentity
 from fedge.agent.device_state import DeviceStateStore
+from fedge.agent.edgex.core_command import CoreCommandClient, CoreCommandError
 from fedge.agent.edgex.core_data import CoreDataClient
 from fedge.agent.edgex.ingest import BackfillCursor, EdgeXIngest
 from fedge.agent.edgex.profile import check_task_against_profile, load_profile
+from fedge.agent.live import NO_LIVE_WINDOWS, LiveWindows
 from fedge.agent.outbox import Outbox
 from fedge.agent.sample_store import SampleStore
 from fedge.agent.trust import TrustStore
+from fedge.agent.writeback import Writeback
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.task import TaskSpec, parse_task_spec
 from fedge.shell.files import prepare_writable_dir, read_private_key
@@ -64,6 +70,14 @@ class LocalDataSource(Protocol):
 
     def report(self) -> dict[str, Any] | None: ...
 
+    def live_windows(self, task: TaskSpec | None) -> LiveWindows:
+        """The prediction windows built since the last call (oldest first, the same features
+        and windows as training) and how many were dropped meanwhile; clears them. ``task`` is
+        the verified global model's (None before one), for a source that builds windows for
+        whatever task it is given; a source provisioned for a task of its own ignores it.
+        Called from the agent's worker thread."""
+        ...
+
 
 @dataclass(frozen=True)
 class ProvidedData:
@@ -86,6 +100,9 @@ class ProvidedData:
     def report(self) -> dict[str, Any] | None:
         return None
 
+    def live_windows(self, task: TaskSpec | None) -> LiveWindows:
+        return NO_LIVE_WINDOWS  # recorded arrays: nothing live to predict on
+
 
 @dataclass(frozen=True)
 class AgentStages:
@@ -97,6 +114,8 @@ class AgentStages:
     state: DeviceStateStore
     trust: TrustStore
     outbox: Outbox
+    #: ``[[insight.writeback]]`` rules (:func:`build_writeback`); None without any.
+    writeback: Writeback | None = None
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -128,16 +147,14 @@ def build_edgex_source(config: AgentConfig) -> EdgeXIngest:
     task = read_task_file(config.data.task_file)
     e = config.edgex
     limits: dict[str, tuple[float | None, float | None]] = {}
+    label_units: str | None = None
     if e.profile_file is not None:
         profile = load_profile(e.profile_file)
         check_task_against_profile(task, profile)
         limits = {r.name: (r.minimum, r.maximum) for r in profile.resources}
-    token = None
-    if e.token_file is not None:
-        try:
-            token = e.token_file.read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read core-data token {e.token_file}: {exc}") from None
+        label = task.label.resource
+        label_units = next((r.units for r in profile.resources if r.name == label and r.units), None)
+    token = read_edgex_token(e)
     core_data = CoreDataClient(e.core_data_url, token=token) if e.core_data_url else None
     store = SampleStore(config.state_dir / SAMPLES_FILE, e.store_max_samples, e.store_max_age_s)
     return EdgeXIngest(
@@ -150,7 +167,33 @@ def build_edgex_source(config: AgentConfig) -> EdgeXIngest:
         core_data=core_data,
         cursor=BackfillCursor(config.state_dir / CURSOR_FILE),
         first_backfill_s=e.first_backfill_s,
+        live=config.insight.publish != "off",
+        label_units=label_units,
     )
+
+
+def read_edgex_token(e: EdgeXSettings) -> str | None:
+    """``[edgex] token_file``'s JWT (EdgeX's secure mode), for core-data and core-command alike."""
+    if e.token_file is None:
+        return None
+    try:
+        return e.token_file.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read core-data token {e.token_file}: {exc}") from None
+
+
+def build_writeback(config: AgentConfig) -> Writeback | None:
+    """The ``[[insight.writeback]]`` rules' runner, writing through ``[edgex] core_command``
+    (with ``token_file``'s JWT); None without rules. Its thread starts with the agent."""
+    rules = config.insight.writeback
+    url = config.edgex.core_command_url
+    if not rules or url is None:
+        return None
+    try:
+        client = CoreCommandClient(url, token=read_edgex_token(config.edgex))
+    except CoreCommandError as exc:
+        raise ConfigError(f"[edgex] core_command: {exc.detail}") from None
+    return Writeback(rules, config.insight.stale_after_s, client.set_command)
 
 
 def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> AgentStages:
@@ -174,4 +217,4 @@ def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> A
     trust = TrustStore.open_or_create(
         config.state_dir / TRUST_FILE, config.fleet, config.trusted_keys.values()
     )
-    return AgentStages(config, source, core, state, trust, outbox)
+    return AgentStages(config, source, core, state, trust, outbox, build_writeback(config))

@@ -20,6 +20,13 @@ from fedge.aggregator.leader_config import (
 )
 from fedge.protocol.codec import Codec
 from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
+from fedge.protocol.metrics_settings import (
+    AGGREGATOR_METRICS_PORT,
+    METRICS_KEYS,
+    METRICS_OFF,
+    MetricsSettings,
+    metrics_settings_from_table,
+)
 from fedge.protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_table
 from fedge.protocol.topics import TopicError, check_id
 from fedge.shell.files import read_config_file
@@ -106,6 +113,8 @@ class AggregatorConfig:
     #: Bumped by the operator to roll a running fleet to a new model or task (the checkpoint
     #: of the previous generation is continued, not refused): docs/own-data.md.
     model_generation: int = 1
+    #: ``[metrics]``: Prometheus metrics and health endpoints (off by default; docs/metrics.md).
+    metrics: MetricsSettings = METRICS_OFF
 
     @property
     def heartbeat_path(self) -> Path:
@@ -148,6 +157,7 @@ AGGREGATOR_KEYS = {
 AGGREGATOR_TABLES: dict[str, set[str]] = {
     "aggregator": AGGREGATOR_KEYS,
     "leader": LEADER_KEYS,
+    "metrics": METRICS_KEYS,
     "mqtt": MQTT_KEYS,
     "rounds": ROUND_KEYS,
 }
@@ -242,4 +252,5 @@ def load_aggregator_config(
         heartbeat_file=base / heartbeat if heartbeat else None,
         leader=leader,
         model_generation=agg.integer("model_generation", 1, 1, 1_000_000),
+        metrics=metrics_settings_from_table(Table(data, "metrics", METRICS_KEYS), AGGREGATOR_METRICS_PORT),
     )

@@ -33,6 +33,11 @@ class Heartbeat:
         self._last = float("-inf")
         self._failing = False
 
+    def age_s(self) -> float:
+        """Seconds since the loop last beat (whether or not the file could be touched); inf
+        before the first beat. What ``/healthz`` and ``/readyz`` read (fedge.aggregator.metrics)."""
+        return self.clock() - self._last
+
     def beat(self) -> None:
         now = self.clock()
         if now - self._last < self.interval_s:

@@ -1,8 +1,8 @@
 """``fedge aggregator retire``: take a fleet off the broker for good.
 
 An aggregator leaves retained messages behind: the signed round manifest, the model and weights
-blobs, its status and the key-rotation documents. A retired fleet must not keep serving them
-(a device provisioned by mistake would train the old model; a building-management system
+blobs, its status, the fleet summary and the key-rotation documents. A retired fleet must not
+keep serving them (a device provisioned by mistake would train the old model; a building-management system
 would show a fleet that no longer runs). Retiring clears each of them with an empty retained
 message, through the aggregator's own broker account (the only one allowed to write there),
 and moves the checkpoint (and its previous copy) aside, so an aggregator started again with
@@ -39,13 +39,14 @@ class Retirement:
 
 
 def retained_topics(config: AggregatorConfig) -> list[str]:
-    """Every retained topic this fleet's aggregator may have published: manifest, status, the
-    model blob, the checkpoint's current weights blob and every rotation document beside the
+    """Every retained topic this fleet's aggregator may have published: manifest, status, fleet
+    summary, the model blob, the checkpoint's current weights blob and every rotation document beside the
     signing key."""
     topics = FleetTopics(config.fleet)
     found = [
         topics.manifest,
         topics.aggregator_status,
+        topics.fleet_summary,
         topics.blob(load_model(config.model_dir).manifest.model_sha256),
     ]
     ck = load_checkpoint(config.state_dir / CHECKPOINT_FILE, MAX_CHECKPOINT_BYTES)

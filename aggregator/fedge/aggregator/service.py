@@ -33,6 +33,8 @@ from nacl.signing import SigningKey
 
 from fedge.aggregator.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedge.aggregator.config import AggregatorConfig
+from fedge.aggregator.dashboard import build_view, view_json
+from fedge.aggregator.fleet_summary import DeviceSeen, build_fleet_summary, device_condition
 from fedge.aggregator.heartbeat import Heartbeat
 from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
 from fedge.aggregator.registry import load_registry, load_registry_file
@@ -41,14 +43,17 @@ from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, ModelManifest, manifest_from_json
+from fedge.protocol.statuses import AGGREGATOR_STATUS_SCHEMA
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import WeightsError, weights_from_bytes
 from fedge.shell.drops import DroppedMessages
 from fedge.shell.files import prepare_writable_dir, read_private_key
+from fedge.shell.meters import Counts, Durations, Traffic
 from fedge.shell.mqtt import connect, make_client, watch_connection
 
 if TYPE_CHECKING:  # the Kubernetes client is imported only with [leader] enabled
     from fedge.aggregator.leadership import Leadership
+    from fedge.shell.http_endpoint import HttpEndpoint
 
 log = logging.getLogger("fedge.aggregator")
 CHECKPOINT_FILE = "checkpoint.bin"
@@ -60,6 +65,10 @@ DEFAULT_INBOX_MAX_BYTES = 64 * 1024 * 1024
 #: A device's status is 0.3-1 KB of JSON; a bigger one is dropped in paho's thread, unparsed.
 MAX_STATUS_BYTES = 64 * 1024
 STATUS_INTERVAL_S = 0.5
+#: A prediction is ~1 KB of JSON (``fedge.insight/1``); a bigger one is dropped unparsed.
+MAX_INSIGHT_BYTES = 16 * 1024
+#: ``fedge_aggregator_round_duration_seconds`` buckets: rounds last seconds to hours.
+ROUND_DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)
 #: What an operator should do about a dropped message, by reason (prefix before "_" or ":").
 _DROP_ADVICE = {
     "inbox": "The aggregator cannot keep up with what arrives: a flood (check which device "
@@ -230,6 +239,22 @@ class AggregatorService:
         # Devices whose status says "ready": false (too few local samples): not selected while
         # enough others are ready, and waited for before the first round.
         self.not_ready: set[str] = set()
+        # Each device's last status (state, ready, when it arrived), for the fleet summary.
+        self.seen: dict[str, DeviceSeen] = {}
+        self.wall_seen: dict[str, float] = {}  # when (epoch s) each device's status last came
+        # With [metrics] enabled: each enrolled device's latest prediction, and the dashboard's
+        # view as JSON (rebuilt in the main thread, read whole by the HTTP threads).
+        self.insights: dict[str, dict[str, Any]] = {}
+        self.dashboard_json: bytes = b"{}"
+        self._stale_sent: frozenset[str] = frozenset()
+        # For [metrics] (fedge.aggregator.metrics, read from the HTTP server's threads): what the
+        # status lacks, recorded as it happens, and the last status published (replaced whole).
+        self.traffic = Traffic(self.topics.base)
+        self.accepted = Counts()
+        self.round_outcomes = Counts()
+        self.round_durations = Durations(ROUND_DURATION_BUCKETS)
+        self.last_status: dict[str, Any] | None = None
+        self.endpoint: HttpEndpoint | None = None
         self.connected = threading.Event()
         self.stop_requested = threading.Event()
         self.client = make_client(config.mqtt)
@@ -312,7 +337,10 @@ class AggregatorService:
     def _on_connect(self, client: mqtt.Client) -> None:
         """After each successful CONNACK (a refusal or a lost connection is logged by
         :func:`~fedge.shell.mqtt.watch_connection`, which clears ``connected``)."""
-        client.subscribe([(self.topics.update_filter, 1), (self.topics.status_filter, 1)])
+        topics = [(self.topics.update_filter, 1), (self.topics.status_filter, 1)]
+        if self.config.metrics.enabled:  # the dashboard lists each device's latest prediction
+            topics.append((self.topics.insight_filter, 1))
+        client.subscribe(topics)
         self.connected.set()
         log.info("connected to %s", self.config.mqtt.url)
 
@@ -322,7 +350,9 @@ class AggregatorService:
         topic = "?"
         try:
             topic = msg.topic
-            self._enqueue(topic, bytes(msg.payload))
+            payload = bytes(msg.payload)
+            self.traffic.inbound(topic, len(payload))
+            self._enqueue(topic, payload)
         except Exception as exc:  # one message never ends the service
             self._drop(f"handler_error:{type(exc).__name__}", topic, repr(exc), exc)
 
@@ -332,6 +362,9 @@ class AggregatorService:
         size = len(payload)
         if size > MAX_STATUS_BYTES and topic.startswith(self.topics.base + "/status/"):
             self._drop("status_too_large", topic, f"{size} bytes > {MAX_STATUS_BYTES}")
+            return
+        if size > MAX_INSIGHT_BYTES and topic.startswith(self.topics.base + "/insight/"):
+            self._drop("insight_too_large", topic, f"{size} bytes > {MAX_INSIGHT_BYTES}")
             return
         with self._counts_lock:
             queued = self._inbox_bytes
@@ -394,6 +427,7 @@ class AggregatorService:
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self._ensure_leader()
         info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self.traffic.outbound(topic, len(payload))
         while not info.is_published():
             if self.stop_requested.is_set():
                 return
@@ -443,23 +477,44 @@ class AggregatorService:
         self.engine.set_registry(registry.devices, set(registry.revoked))
 
     def _publish_status(self, force: bool = True) -> None:
-        """Retained status for operators and BMS; at most twice a second unless ``force``d."""
+        """Retained status and fleet summary for operators and BMS; at most twice a second
+        unless ``force``d. A device turning stale (no status for a while) is a change too."""
         now = time.monotonic()
-        if not force and (not self._status_dirty or now - self._status_sent_at < STATUS_INTERVAL_S):
+        if not force and now - self._status_sent_at < STATUS_INTERVAL_S:
+            return
+        stale = self._stale_devices()
+        if not force and not self._status_dirty and stale == self._stale_sent:
             return
         self._ensure_leader()
         status = self.status()
-        self.client.publish(self.topics.aggregator_status, json.dumps(status).encode(), qos=1, retain=True)
+        self.last_status = status
+        encoded = json.dumps(status).encode()
+        self.client.publish(self.topics.aggregator_status, encoded, qos=1, retain=True)
+        self.traffic.outbound(self.topics.aggregator_status, len(encoded))
+        summary = self.fleet_summary(status)
+        self._refresh_dashboard(status)
+        self.client.publish(self.topics.fleet_summary, json.dumps(summary).encode(), qos=1, retain=True)
+        self.traffic.outbound(self.topics.fleet_summary, len(json.dumps(summary)))  # ASCII JSON
         if self.leadership is not None:
             self.leadership.report(status, self.clock())
         self._status_dirty = False
         self._status_sent_at = now
+        self._stale_sent = stale
+
+    def _stale_devices(self) -> frozenset[str]:
+        now = self.clock()
+        return frozenset(d for d, seen in self.seen.items() if device_condition(seen, now) == "stale")
+
+    def fleet_summary(self, status: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The retained ``aggregator/fleet`` (``fedge.fleet/1``, :mod:`fleet_summary`)."""
+        status = self.status() if status is None else status
+        return build_fleet_summary(status, self.seen, self.engine.registry, self.clock())
 
     def status(self) -> dict[str, Any]:
         """The retained ``aggregator/status``: the engine's, plus which devices are online and
         what this service dropped (``messages_dropped`` by reason; ``inbox_overflow`` is its
         ``inbox_full``) and its inbox."""
-        status = self.engine.status(self.clock())
+        status = {"schema": AGGREGATOR_STATUS_SCHEMA, **self.engine.status(self.clock())}
         status["generation"] = self.engine.state.generation
         status["online_devices"] = sorted(self.online)
         status["not_ready_devices"] = sorted(self.not_ready)
@@ -494,12 +549,63 @@ class AggregatorService:
         if topic.startswith(self.topics.base + "/status/"):
             self._track_status(topic, payload)
             return
+        if topic.startswith(self.topics.base + "/insight/"):
+            self._track_insight(topic, payload)
+            return
         outcome = self.engine.handle(topic, payload, self.clock())
         if outcome.accepted:
+            self.accepted.add(outcome.kind or "update")
             log.info("accepted %s from %s", outcome.kind, outcome.device_id)
         else:
             log.warning("rejected message from %s on %s: %s", outcome.device_id or "?", topic, outcome.reason)
         self._status_dirty = True
+
+    def _track_insight(self, topic: str, payload: bytes) -> None:
+        """Keeps each enrolled device's latest prediction for the dashboard (an empty payload:
+        cleared). Bounded: one document per enrolled device, each at most MAX_INSIGHT_BYTES."""
+        try:
+            device = self.topics.device_of(topic, "insight")
+        except FedgeError as exc:
+            self._drop("insight_bad_topic", topic, str(exc))
+            return
+        if device not in self.engine.registry:
+            self._drop("insight_unknown_device", topic, f"{device!r} is not enrolled")
+            return
+        if not payload:
+            self.insights.pop(device, None)
+        else:
+            try:
+                document = loads_bounded(payload, max_bytes=MAX_INSIGHT_BYTES)
+            except BoundedJsonError as exc:
+                self._drop(f"insight_{exc.reason}", topic, str(exc))
+                return
+            if not isinstance(document, dict):
+                self._drop("insight_not_an_object", topic, f"a JSON {type(document).__name__}")
+                return
+            self.insights[device] = document
+        self._refresh_dashboard()
+
+    def _refresh_dashboard(self, status: dict[str, Any] | None = None) -> None:
+        """Rebuilds the dashboard's view (main thread); the HTTP route hands out the bytes."""
+        if not self.config.metrics.enabled:
+            return
+        status = status if status is not None else self.last_status or self.status()
+        now = self.clock()
+        devices = []
+        for device in sorted(set(self.engine.registry) | set(self.seen)):
+            seen = self.seen.get(device)
+            devices.append(
+                {
+                    "device_id": device,
+                    "condition": device_condition(seen, now),
+                    "state": seen.state if seen else None,
+                    "ready": seen.ready if seen else None,
+                    "last_seen": self.wall_seen.get(device),
+                }
+            )
+        summary = self.fleet_summary(status)
+        view = build_view(status, summary, self.engine.state.history, devices, self.insights)
+        self.dashboard_json = view_json(view)
 
     def _track_status(self, topic: str, payload: bytes) -> None:
         """Which devices are online, from their retained statuses (an empty one: cleared)."""
@@ -522,6 +628,8 @@ class AggregatorService:
             ready = status.get("ready") is not False  # absent (older agents): ready
         else:
             ready = True
+        self.seen[device] = DeviceSeen(state if isinstance(state, str) else "online", ready, self.clock())
+        self.wall_seen[device] = time.time()
         was = (device in self.online, device in self.not_ready)
         if state == "offline":
             self.online.discard(device)
@@ -573,8 +681,20 @@ class AggregatorService:
         return False
 
     def run(self) -> int:
-        """0 when stopped or done; :data:`EXIT_LEADERSHIP_LOST` when the Lease was lost."""
+        """0 when stopped or done; :data:`EXIT_LEADERSHIP_LOST` when the Lease was lost. With
+        ``[metrics] enabled`` it serves /metrics, /healthz and /readyz meanwhile."""
         self.heartbeat.beat()
+        if self.config.metrics.enabled:  # prometheus-client is imported only then
+            from fedge.aggregator.metrics import serve_metrics  # noqa: PLC0415
+
+            self.endpoint = serve_metrics(self)
+        try:
+            return self._run_elected()
+        finally:
+            if self.endpoint is not None:
+                self.endpoint.stop()
+
+    def _run_elected(self) -> int:
         if self.leadership is None:
             return self._run_rounds()
         try:
@@ -610,7 +730,10 @@ class AggregatorService:
                     continue
                 self._drain(0.1)
                 if self.engine.round_due(self.clock()):
+                    issued_at = self.engine.current.manifest.issued_at
                     record = self.engine.close_round()
+                    self.round_outcomes.add(record.outcome)
+                    self.round_durations.observe(max(0.0, self.clock() - issued_at))
                     log.info(
                         "round %s %s: %d/%d devices, %s, rejected %s; %s",
                         record.round_id,

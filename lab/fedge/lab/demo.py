@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
 
 FLEET = "demo"
 log = logging.getLogger("fedge.lab.demo")
+#: After its training data, each device's live (unlabelled) readings start this much later.
+LIVE_GAP_NS = 2_000_000_000
+#: How long the end of a run waits for every device's first prediction.
+PREDICTION_WAIT_S = 30.0
 MAX_DEVICES = len(har_watch.TRAIN_SUBJECTS)
 
 
@@ -114,6 +119,8 @@ class DemoSummary:
     centralized_mse: float | None = None
     final_mse: float | None = None
     data: dict[str, Any] | None = None  # with --train: the CSVs, the split and each device's rows
+    #: Predictions (``insight/{device_id}``) seen per device, and each device's latest one.
+    predictions: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -245,6 +252,21 @@ def _start_secure_broker(
     return broker, result.broker_url, creds
 
 
+def _wait_for_predictions(
+    observer: FleetObserver, devices: list[str], live_thread: threading.Thread | None
+) -> None:
+    """With live sensor data, waits (bounded) until every device has published a prediction,
+    so the run shows what a BMS reads. A device publishes its first prediction as soon as it
+    holds a trained model; later ones at most every ``[insight] min_interval_s`` (60 s)."""
+    if live_thread is None:
+        return
+    deadline = time.monotonic() + PREDICTION_WAIT_S
+    while time.monotonic() < deadline and live_thread.is_alive():
+        if all(d in observer.view.insights for d in devices):
+            return
+        observer.wait(0.5)
+
+
 def _feed_through_edgex(
     options: DemoOptions,
     observer: FleetObserver,
@@ -254,9 +276,9 @@ def _feed_through_edgex(
     procs: dict[str, subprocess.Popen[bytes]],
     progress: Callable[[int, int], None] | None,
     simulator_creds: dict[str, Any] | None = None,
-) -> None:
+) -> dict[str, int]:
     """Replays each device's recordings as EdgeX events and waits until every agent stored them."""
-    from fedge.lab.edgex_simulate import SimulateOptions, simulate  # noqa: PLC0415
+    from fedge.lab.edgex_simulate import ROW_PERIOD_NS, SimulateOptions, simulate  # noqa: PLC0415
 
     def data(device: str) -> dict[str, Any]:
         status = observer.view.device_status.get(device, {})
@@ -272,8 +294,17 @@ def _feed_through_edgex(
     )
     loaded = har_watch.load_devices(options.task, subjects.values())
     expected = {har_watch.device_id(s): d.x.shape[0] for s, d in loaded.items()}
-    simulate(
+    # The recordings are placed so that they end now: the readings a building's sensors sent
+    # before the fleet started, and the live stream after them carries the wall-clock time.
+    recordings = har_watch.load_recordings()
+    gap_s = SimulateOptions.gap_s
+    span_ns = max(
+        sum(r.readings.shape[0] * ROW_PERIOD_NS + int(gap_s * 1e9) for r in recordings if r.subject == s)
+        for s in subjects.values()
+    )
+    report = simulate(
         SimulateOptions(
+            start_ns=time.time_ns() - span_ns,
             broker_url=broker_url,
             version=options.edgex_version,
             subjects=tuple(subjects.values()),
@@ -289,6 +320,49 @@ def _feed_through_edgex(
         "every agent to store its samples",
         procs,
     )
+    return report.last_origin_ns
+
+
+def _start_live_stream(
+    options: DemoOptions,
+    subjects: dict[str, int],
+    last_origin_ns: dict[str, int],
+    broker_url: str,
+    mqtt_protocol: int,
+    simulator_creds: dict[str, Any] | None,
+    stop: threading.Event,
+) -> threading.Thread:
+    """After the training data, each device's sensors keep sending (without a label): the
+    held-out subjects' recordings, in real time, from which the agents publish predictions
+    (``insight/{device_id}``) once they hold a trained global model."""
+    from fedge.lab.edgex_simulate import SimulateOptions, stream_live  # noqa: PLC0415
+
+    recordings = har_watch.load_recordings()
+    held_out = har_watch.TEST_SUBJECTS
+    sources = {
+        subject: [r for r in recordings if r.subject == held_out[i % len(held_out)]]
+        for i, subject in enumerate(subjects.values())
+    }
+    start = {
+        subject: last_origin_ns.get(device, time.time_ns()) + LIVE_GAP_NS
+        for device, subject in subjects.items()
+    }
+    live = SimulateOptions(
+        broker_url=broker_url,
+        version=options.edgex_version,
+        mqtt_protocol=mqtt_protocol,
+        **_client_creds(simulator_creds),
+    )
+
+    def run() -> None:
+        try:
+            stream_live(live, sources, start, stop)
+        except FedgeError as exc:  # the demo goes on; its summary says no predictions came
+            log.warning("live EdgeX stream ended: %s", exc)
+
+    thread = threading.Thread(target=run, name="fedge-demo-live", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass(frozen=True)
@@ -529,6 +603,8 @@ def run_demo(
     procs: dict[str, subprocess.Popen[bytes]] = {}
     exit_codes: dict[str, int | None] = {}
     containers: list[str] = []
+    live_stop = threading.Event()
+    live_thread: threading.Thread | None = None
     try:
         observer.start()
         for index, (device_id, cfg) in enumerate(fleet.agent_configs.items()):
@@ -551,7 +627,7 @@ def run_demo(
                 creds.get("simulator"),
             )
         elif options.data_path == "edgex":
-            _feed_through_edgex(
+            last_origins = _feed_through_edgex(
                 options,
                 observer,
                 subjects,
@@ -560,6 +636,9 @@ def run_demo(
                 procs,
                 on_data_progress,
                 creds.get("simulator"),
+            )
+            live_thread = _start_live_stream(
+                options, subjects, last_origins, broker_url, mqtt_protocol, creds.get("simulator"), live_stop
             )
         procs["aggregator"] = _spawn(
             ["aggregator", "run", "--config", str(fleet.aggregator_config)], out / "logs" / "aggregator.log"
@@ -571,6 +650,7 @@ def run_demo(
                 on_progress(observer)
             finals = [e for e in observer.view.evaluations if e.phase == "final"]
             if finals and procs["aggregator"].poll() is not None:
+                _wait_for_predictions(observer, list(fleet.agent_configs), live_thread)
                 break
             code = procs["aggregator"].poll()
             if code is not None and not finals:
@@ -580,6 +660,9 @@ def run_demo(
             if time.monotonic() > limit:
                 raise FedgeError(f"the demo did not finish in time; see the logs in {out / 'logs'}")
     finally:
+        live_stop.set()
+        if live_thread is not None:
+            live_thread.join(timeout=10)
         exit_codes = _terminate(procs)
         _remove_containers(containers)
         observer.stop()
@@ -656,6 +739,10 @@ def _summarise(
         centralized_mse=centralized_mse,
         final_mse=final_mse,
         data=_own_summary(options, own) if own is not None else None,
+        predictions={
+            "published": dict(view.insight_counts),
+            "latest": {device: doc.get("prediction") for device, doc in view.insights.items()},
+        },
     )
 
 
@@ -707,8 +794,7 @@ def render_table(summary: DemoSummary) -> str:
     held_out = "held-out MSE" if mse else "held-out acc"
     fed_name = "fed. eval MSE" if mse else "fed. eval acc"
     lines = [
-        f"{'round':>5} {held_out:>12} {fed_name:>13} {'train loss':>10} {'devices':>7} "
-        f"{'bytes/update':>12}"
+        f"{'round':>5} {held_out:>12} {fed_name:>13} {'train loss':>10} {'devices':>7} {'bytes/update':>12}"
     ]
     for r in summary.per_round:
         fed_value = r.get("fed_eval_mse") if mse else r["fed_eval_accuracy"]
@@ -736,4 +822,10 @@ def render_table(summary: DemoSummary) -> str:
             f"federated after {summary.rounds_completed} rounds: {f:.3f} ({100 * f / c:.1f}% of centralized)"
         )
     lines.append(f"rejected updates: {summary.rejected or 'none'}; took {summary.seconds:.0f}s")
+    published = summary.predictions.get("published", {})
+    if published:
+        lines.append(
+            f"predictions: {len(published)} of {summary.devices} devices published "
+            f"({sum(published.values())} in all) on fedge/v1/{FLEET}/insight/+"
+        )
     return "\n".join(lines)

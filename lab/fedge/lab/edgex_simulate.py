@@ -20,6 +20,7 @@ A test double and demo driver: it stands in for EdgeX, which cannot run here.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -87,8 +88,10 @@ def device_events(
     batch_rows: int,
     gap_s: float,
     max_rows: int | None = None,
+    labelled: bool = True,
 ) -> Iterator[Event]:
-    """One subject's recordings as EdgeX events of ``batch_rows`` rows each, in time order."""
+    """One subject's recordings as EdgeX events of ``batch_rows`` rows each, in time order.
+    ``labelled=False``: without the label reading, as a building's live sensors send them."""
     device = har_watch.device_id(subject)
     t = start_ns
     emitted = 0
@@ -106,7 +109,8 @@ def device_events(
             for row in chunk:
                 for name, value in zip(har_watch.RESOURCES, row, strict=True):
                     readings.append(Reading(device, name, PROFILE, "Float32", float(value), t))
-                readings.append(Reading(device, har_watch.LABEL_RESOURCE, PROFILE, "String", label, t))
+                if labelled:
+                    readings.append(Reading(device, har_watch.LABEL_RESOURCE, PROFILE, "String", label, t))
                 t += ROW_PERIOD_NS
             emitted += chunk.shape[0]
             yield Event(str(uuid.uuid4()), device, PROFILE, SOURCE, first_origin, tuple(readings))
@@ -234,6 +238,51 @@ class EdgeXPublisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stream_live(
+    options: SimulateOptions,
+    sources: dict[int, list[har_watch.Recording]],
+    start_ns: dict[int, int],
+    stop: threading.Event,
+) -> SimulationReport:
+    """Streams unlabelled readings in real time until ``stop``: each device (a training
+    subject) replays ``sources[subject]`` (recordings it never trained on) over and over, its
+    origins continuing from ``start_ns[subject]`` (after its training data, so none is late).
+    What a building's sensors send once the model is trained: the agents' predictions
+    (``insight/{device_id}``) are made from these."""
+    report = SimulationReport()
+    wall_start = time.monotonic()
+    base = min(start_ns.values()) if start_ns else time.time_ns()
+    streams = [
+        device_events(
+            subject,
+            list(itertools.islice(itertools.cycle(recordings), 10_000)),
+            start_ns[subject],
+            options.batch_rows,
+            options.gap_s,
+            labelled=False,
+        )
+        for subject, recordings in sources.items()
+        if recordings
+    ]
+    with EdgeXPublisher(options) as publisher:
+        for event in _interleaved(streams):
+            due = wall_start + (event.origin_ns - base) / 1e9
+            while not stop.is_set() and time.monotonic() < due:
+                stop.wait(min(0.2, due - time.monotonic()))
+            if stop.is_set():
+                break
+            publisher.publish(event)
+            publisher.drain()
+            report.events += 1
+            report.readings += len(event.readings)
+            report.rows_by_device[event.device] = report.rows_by_device.get(event.device, 0) + len(
+                event.readings
+            ) // len(har_watch.RESOURCES)
+            report.last_origin_ns[event.device] = event.readings[-1].origin_ns
+    report.seconds = time.monotonic() - wall_start
+    return report
 
 
 def replay_events(options: SimulateOptions) -> tuple[Iterator[Event], int, int]:

@@ -6,17 +6,24 @@ subjects 8, 9 and 10 as the test set, so accuracy is measured on people the mode
 
 Windows never cross recordings: each recording is windowed on its own, and every window of a
 recording carries that recording's exercise label.
+
+As an agent's source (:class:`HarWatchSource`) a subject also has live windows to predict on: the
+held-out test subjects' windows, replayed in time (one every window step, ``step /
+sample_rate_hz`` seconds, as a sensor would give them), each device starting at its own place in
+them, so ``fedge demo`` publishes predictions (``insight/{device_id}``) of people the model never saw.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fedge.agent.features import extract_features
+from fedge.agent.live import DEFAULT_LIVE_WINDOWS, NO_LIVE_WINDOWS, LiveWindow, LiveWindows
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import TaskSpec
 
@@ -121,13 +128,51 @@ def pooled(devices: Iterable[DeviceData]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([d.x for d in items]), np.concatenate([d.y for d in items])
 
 
+class LiveReplay:
+    """Recorded windows given out in time, as if a sensor were producing them now: window ``i``
+    (counting from the first call) ends at ``t0 + i * period``; a call returns the windows that
+    ended since the last one (at most ``keep``, the newest; the others are counted as dropped).
+    ``x`` is cycled from ``offset`` on."""
+
+    def __init__(
+        self, x: np.ndarray, task: TaskSpec, offset: int, t0: float, keep: int = DEFAULT_LIVE_WINDOWS
+    ) -> None:
+        if x.shape[0] == 0:
+            raise DatasetError("no windows to replay")
+        rate = task.features.sample_rate_hz or SAMPLE_RATE_HZ
+        window = task.features.window
+        self.x = x
+        self.spec = task.features
+        self.period_s = (window.step if window is not None else 1) / rate
+        self.span_s = ((window.size if window is not None else 1) - 1) / rate
+        self.offset = offset % x.shape[0]
+        self.t0 = t0
+        self.keep = keep
+        self.given = 0  # windows handed out or dropped so far
+
+    def due(self, now: float) -> LiveWindows:
+        total = int((now - self.t0) / self.period_s) + 1 if now >= self.t0 else 0
+        new = range(self.given, max(self.given, total))
+        dropped = max(0, len(new) - self.keep)
+        windows = []
+        for i in new[dropped:]:
+            end = self.t0 + i * self.period_s
+            features = self.x[(self.offset + i) % self.x.shape[0]]
+            windows.append(LiveWindow(features, int((end - self.span_s) * 1e9), int(end * 1e9), self.spec))
+        self.given = max(self.given, total)
+        return LiveWindows(tuple(windows), dropped)
+
+
 class HarWatchSource:
     """One subject of the recorded data set as an agent's data source (``[data] source =
-    "har-watch"``: tests and comparisons without EdgeX); loaded once per task."""
+    "har-watch"``: tests and comparisons without EdgeX); loaded once per task. Its live windows
+    replay the test subjects' windows in time (:class:`LiveReplay`)."""
 
-    def __init__(self, subject: int) -> None:
+    def __init__(self, subject: int, clock: Callable[[], float] = time.time) -> None:
         self.subject = subject
+        self.clock = clock
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._replays: dict[str, LiveReplay] = {}
 
     def start(self) -> None:
         return None
@@ -146,3 +191,15 @@ class HarWatchSource:
 
     def report(self) -> dict[str, Any] | None:
         return None
+
+    def live_windows(self, task: TaskSpec | None) -> LiveWindows:
+        """The test subjects' windows for ``task`` (the verified model's) that are due now; none
+        before a model names the task. Each subject starts its replay at its own place."""
+        if task is None:
+            return NO_LIVE_WINDOWS
+        replay = self._replays.get(task.sha256())
+        if replay is None:
+            x, _ = pooled(load_devices(task, TEST_SUBJECTS).values())
+            offset = (self.subject - 1) * x.shape[0] // len(SUBJECTS)
+            replay = self._replays[task.sha256()] = LiveReplay(x, task, offset, self.clock())
+        return replay.due(self.clock())

@@ -51,6 +51,8 @@ class FleetView:
     evaluations: list[ModelEvaluation] = field(default_factory=list)
     aggregator_status: dict[str, Any] = field(default_factory=dict)
     device_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    insights: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> latest prediction
+    insight_counts: Counter[str] = field(default_factory=Counter)  # device -> predictions seen
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)  # round_id -> record
     errors: list[str] = field(default_factory=list)  # the first MAX_KEPT_ERRORS, verbatim
     error_counts: Counter[str] = field(default_factory=Counter)  # every error, by reason
@@ -107,7 +109,12 @@ class FleetObserver:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         client.subscribe(
-            [(self.topics.manifest, 1), (self.topics.aggregator_status, 1), (self.topics.status_filter, 1)]
+            [
+                (self.topics.manifest, 1),
+                (self.topics.aggregator_status, 1),
+                (self.topics.status_filter, 1),
+                (self.topics.insight_filter, 1),
+            ]
         )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -140,6 +147,10 @@ class FleetObserver:
         elif topic.startswith(self.topics.base + "/status/") and payload:
             device = self.topics.device_of(topic, "status")
             self.view.device_status[device] = self._json_object(payload)
+        elif topic.startswith(self.topics.base + "/insight/") and payload:
+            device = self.topics.device_of(topic, "insight")
+            self.view.insights[device] = self._json_object(payload)
+            self.view.insight_counts[device] += 1
         elif topic.startswith(self.topics.base + "/blob/"):
             self._weights(topic.rsplit("/", 1)[-1], payload)
 

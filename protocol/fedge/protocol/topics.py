@@ -73,6 +73,12 @@ class FleetTopics:
         """Retained JSON status of the aggregator: round, version, rejected updates by reason."""
         return f"{self.base}/aggregator/status"
 
+    @property
+    def fleet_summary(self) -> str:
+        """Retained JSON summary of the fleet for building-management systems (``fedge.fleet/1``):
+        devices online, stale, offline, not ready; model version; last round; rejections."""
+        return f"{self.base}/aggregator/fleet"
+
     # devices -> aggregator
     def update(self, device_id: str) -> str:
         """Sealed messages from one device: model updates, feature moments (QoS 1)."""
@@ -89,6 +95,15 @@ class FleetTopics:
     @property
     def status_filter(self) -> str:
         return f"{self.base}/status/+"
+
+    def insight(self, device_id: str) -> str:
+        """Retained JSON prediction of one device (``fedge.insight/1``, QoS 1): the verified
+        global model run on the device's newest live window, for building-management systems."""
+        return f"{self.base}/insight/{check_id(device_id)}"
+
+    @property
+    def insight_filter(self) -> str:
+        return f"{self.base}/insight/+"
 
     def device_of(self, topic: str, kind: str) -> str:
         """The device id in ``{base}/{kind}/{device}``; raises on any other topic."""

@@ -75,6 +75,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedge.protocol.errors import FedgeError
+from fedge.protocol.home_assistant import DEFAULT_PREFIX as DEFAULT_HA_PREFIX
+from fedge.protocol.home_assistant import check_prefix
+from fedge.protocol.home_assistant import discovery_topic as ha_discovery_topic
+from fedge.protocol.home_assistant import node_id as ha_node_id
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE
 from fedge.protocol.topics import ROOT, FleetTopics, TopicError, check_id
 from fedge.shell.files import atomic_write
@@ -89,7 +93,8 @@ DEFAULT_AGGREGATOR = "aggregator"
 DEFAULT_EDGEX_PREFIX = "edgex"
 DEFAULT_HOSTNAMES = ("localhost", "127.0.0.1")
 DEFAULT_DATA_DIR = Path("/var/lib/mosquitto")
-#: The level under the fleet where prediction topics will live (BMS read them).
+#: The level under the fleet where the devices' predictions live (``insight/{device}``; BMS and
+#: monitors read them, each device writes its own).
 INSIGHT_LEVEL = "insight"
 
 #: Largest MQTT packet the protocol can express (remaining length of 268,435,455 bytes).
@@ -130,7 +135,7 @@ Role = Literal["aggregator", "bms", "monitor", "edgex", "device", "device-edgex"
 ROLE_TITLES: dict[Role, str] = {
     "aggregator": "aggregator",
     "bms": "building-management system (read-only)",
-    "monitor": "fleet monitor: reads the global models and statuses (read-only)",
+    "monitor": "fleet monitor: reads the global models, statuses and predictions (read-only)",
     "edgex": "EdgeX service (its message bus)",
     "device": "device",
     "device-edgex": "device's EdgeX-bus connection (its readings, read-only)",
@@ -206,6 +211,9 @@ class FleetAccess:
     edgex_prefix: str = DEFAULT_EDGEX_PREFIX
     monitors: tuple[str, ...] = ()
     device_edgex: bool = True
+    #: Home Assistant's discovery prefix with ``--home-assistant`` (None: off): each device may
+    #: then write its own discovery config, and BMS principals read ``{prefix}/#``.
+    home_assistant_prefix: str | None = None
 
     def __post_init__(self) -> None:
         _checked(self.fleet, "fleet id")
@@ -228,6 +236,34 @@ class FleetAccess:
                 )
             seen[principal.name] = principal
         check_edgex_prefix(self.edgex_prefix)
+        if self.home_assistant_prefix is not None:
+            self._check_home_assistant()
+
+    def _check_home_assistant(self) -> None:
+        """The discovery prefix is a plain topic outside fedge's and EdgeX's trees (EdgeX
+        services may write all of theirs), and no two devices share a discovery topic (their
+        node ids replace '.' with '_': ``fedge.protocol.home_assistant``)."""
+        prefix = self.home_assistant_prefix
+        assert prefix is not None
+        try:
+            check_prefix(prefix)
+        except FedgeError as exc:
+            raise BrokerConfigError(str(exc)) from None
+        if prefix.split("/")[0] == self.edgex_prefix.split("/")[0]:
+            raise BrokerConfigError(
+                f"Home Assistant discovery prefix {prefix!r} lies in the EdgeX tree {self.edgex_prefix}/, "
+                "which EdgeX services may write: choose another (Home Assistant's default is "
+                f"{DEFAULT_HA_PREFIX!r})"
+            )
+        owners: dict[str, str] = {}
+        for device in self.devices:
+            node = ha_node_id(self.fleet, device)
+            if node in owners:
+                raise BrokerConfigError(
+                    f"devices {owners[node]!r} and {device!r} would share one Home Assistant discovery "
+                    f"topic (node id {node!r}: Home Assistant allows no '.'); rename one"
+                )
+            owners[node] = device
 
     @property
     def topics(self) -> FleetTopics:
@@ -257,9 +293,11 @@ class FleetAccess:
             return [
                 ("read", t.update_filter),
                 ("read", t.status_filter),
+                ("read", t.insight_filter),  # the dashboard's latest predictions
                 ("write", t.manifest),
                 ("write", f"{t.base}/blob/#"),
                 ("write", t.aggregator_status),
+                ("write", t.fleet_summary),
                 ("write", t.rotation_filter),
             ]
         if principal.role == "monitor":
@@ -268,13 +306,19 @@ class FleetAccess:
                 ("read", f"{t.base}/blob/#"),
                 ("read", t.status_filter),
                 ("read", t.aggregator_status),
-            ]
-        if principal.role == "bms":
-            return [
-                ("read", t.status_filter),
-                ("read", t.aggregator_status),
+                ("read", t.fleet_summary),
                 ("read", f"{t.base}/{INSIGHT_LEVEL}/#"),
             ]
+        if principal.role == "bms":
+            bms = [
+                ("read", t.status_filter),
+                ("read", t.aggregator_status),
+                ("read", t.fleet_summary),
+                ("read", f"{t.base}/{INSIGHT_LEVEL}/#"),
+            ]
+            if self.home_assistant_prefix is not None:  # Home Assistant's discovery configs
+                bms.append(("read", f"{self.home_assistant_prefix}/#"))
+            return bms
         if principal.role == "edgex":
             return [("readwrite", f"{self.edgex_prefix}/#")]
         if principal.role == "device-edgex":
@@ -287,14 +331,19 @@ class FleetAccess:
                 ("read", f"{self.edgex_prefix}/events/core/+/+/{device}/#"),
             ]
         device = principal.name
-        return [
-            # Its own update and status topics only; the status topic also carries its Last Will.
+        rules = [
+            # Its own update, status and insight topics only; the status topic also carries its
+            # Last Will, the insight topic its predictions.
             ("write", t.update(device)),
             ("write", t.status(device)),
+            ("write", t.insight(device)),
             ("read", t.manifest),
             ("read", f"{t.base}/blob/#"),
             ("read", t.rotation_filter),  # signing-key rotations
         ]
+        if self.home_assistant_prefix is not None:  # its own discovery config, no other
+            rules.append(("write", ha_discovery_topic(self.home_assistant_prefix, self.fleet, device)))
+        return rules
 
 
 def _checked(value: str, what: str) -> str:
@@ -1291,6 +1340,15 @@ def add_broker_parser(sub: Any) -> Any:
         help=f"devices read EdgeX from another broker: no per-device ID{EDGEX_PRINCIPAL_SUFFIX} principals "
         "(by default each device's EdgeX-bus connection gets one, which alone reads its readings)",
     )  # fmt: skip
+    cfg.add_argument(
+        "--home-assistant", action="store_true",
+        help="Home Assistant MQTT discovery (docs/home-assistant.md): each device may write its own "
+        "discovery config, BMS users (--bms) read PREFIX/#",
+    )  # fmt: skip
+    cfg.add_argument(
+        "--home-assistant-prefix", default=DEFAULT_HA_PREFIX, metavar="PREFIX",
+        help=f"Home Assistant's discovery prefix (default {DEFAULT_HA_PREFIX})",
+    )  # fmt: skip
     cfg.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     cfg.add_argument("--force", action="store_true", help="replace generated files in a non-empty DIR")
     tls = cfg.add_mutually_exclusive_group(required=True)
@@ -1370,6 +1428,7 @@ def request_from_args(args: argparse.Namespace) -> BrokerConfigRequest:
         edgex_services=_split_names(args.edgex_service),
         edgex_prefix=args.edgex_prefix,
         device_edgex=not args.no_device_edgex,
+        home_assistant_prefix=args.home_assistant_prefix if args.home_assistant else None,
     )
     tls_files: TlsFiles | None = None
     if args.tls_cert is not None:

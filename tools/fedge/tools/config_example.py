@@ -34,7 +34,9 @@ STRING = "string"
 #: A string naming a file or directory, relative to the config file's directory.
 PATH = "path"
 STRINGS = "list of strings"
-KINDS = (INTEGER, NUMBER, BOOLEAN, STRING, PATH, STRINGS)
+#: An array of tables (``[[table.key]]``), each checked key by key (``[insight] writeback``).
+TABLES = "list of tables"
+KINDS = (INTEGER, NUMBER, BOOLEAN, STRING, PATH, STRINGS, TABLES)
 
 WIDTH = 100
 
@@ -216,6 +218,35 @@ def _mqtt_keys(principal: str, client_id: str) -> tuple[Key, ...]:
     )
 
 
+def _metrics_section(port: int, names: str) -> Section:
+    """The ``[metrics]`` table of both services (``fedge.protocol.metrics_settings``); only the
+    default port differs (docs/metrics.md)."""
+    return Section(
+        "metrics",
+        f"Prometheus metrics ({names}, process_*) on /metrics, and the health endpoints /healthz "
+        "and /readyz (docs/metrics.md). Off by default.",
+        (
+            Key("enabled", BOOLEAN, "Serve /metrics, /healthz and /readyz.", default=False),
+            Key(
+                "bind",
+                STRING,
+                'The IP address to listen on: the loopback interface by default; "0.0.0.0" where a '
+                "scraper or the kubelet connects from elsewhere (a pod).",
+                default="127.0.0.1",
+            ),
+            Key(
+                "port",
+                INTEGER,
+                "The TCP port (0: any free port, logged at start). A port in use stops the service "
+                "(exit 78).",
+                default=port,
+                lo=0,
+                hi=65535,
+            ),
+        ),
+    )
+
+
 AGENT_SECTIONS = (
     Section(
         "agent",
@@ -392,6 +423,14 @@ AGENT_SECTIONS = (
                 default_text="none (no backfill)",
             ),
             Key(
+                "core_command",
+                STRING,
+                "core-command's base URL, for the [[insight.writeback]] rules (token_file's JWT in "
+                "secure mode).",
+                example="http://edgex-core-command:59882",
+                default_text="none (no write-back)",
+            ),
+            Key(
                 "token_file",
                 PATH,
                 "A file holding the JWT for core-data in EdgeX's secure mode.",
@@ -478,6 +517,75 @@ AGENT_SECTIONS = (
             ),
         ),
     ),
+    Section(
+        "insight",
+        "Live predictions for building-management systems: the verified global model run on the "
+        "device's live windows, published retained (QoS 1) on fedge/v1/FLEET/insight/DEVICE.",
+        (
+            Key(
+                "publish",
+                STRING,
+                "on_change: only when the predicted class changes (regression: the value moves by more "
+                "than min_change) or the model does; every_window: each window; off: no predictions.",
+                default="on_change",
+                choices=("on_change", "every_window", "off"),
+            ),
+            Key(
+                "min_interval_s",
+                NUMBER,
+                "At most one prediction published per this many seconds (0: no limit).",
+                default=60.0,
+                lo=0.0,
+                hi=24 * 3600.0,
+            ),
+            Key(
+                "min_change",
+                NUMBER,
+                "Regression with publish = on_change: the smallest change of the value, in the label's "
+                "units, that is published (0: any change).",
+                default=0.0,
+                lo=0.0,
+                hi=1e12,
+            ),
+            Key(
+                "stale_after_s",
+                NUMBER,
+                "Nothing is published while the newest window ended more than this many seconds "
+                "before the device's clock (0: never stale, for replayed historical data).",
+                default=900.0,
+                lo=0.0,
+                hi=10 * 365 * 24 * 3600.0,
+            ),
+            Key(
+                "home_assistant",
+                BOOLEAN,
+                "Publish a Home Assistant MQTT discovery config (retained) so that Home Assistant shows "
+                "the prediction as a sensor (docs/home-assistant.md; `fedge broker config "
+                "--home-assistant`).",
+                default=False,
+            ),
+            Key(
+                "home_assistant_prefix",
+                STRING,
+                "Home Assistant's discovery prefix: the config goes to "
+                "PREFIX/sensor/fedge_FLEET_DEVICE/prediction/config.",
+                default="homeassistant",
+            ),
+            Key(
+                "writeback",
+                TABLES,
+                "Write-back rules through EdgeX core-command (needs [edgex] core_command), one "
+                '[[insight.writeback]] table each: when_label = "occupied" (classification) or '
+                "when_above / when_below = NUMBER (regression: when_above < value < when_below); "
+                'device = "EdgeX device"; command = "its command"; values = { resource = '
+                '"value" } (strings, as core-command takes them); min_interval_s = 300.0 '
+                "(1.0..86_400.0). Edge-triggered: one write when the condition starts to hold, at most "
+                'one per min_interval_s (docs/edgex.md, "Write-back (core-command)").',
+                default=[],
+            ),
+        ),
+    ),
+    _metrics_section(9464, "fedge_agent_*"),
 )
 
 AGGREGATOR_SECTIONS = (
@@ -793,6 +901,7 @@ AGGREGATOR_SECTIONS = (
             ),
         ),
     ),
+    _metrics_section(9465, "fedge_aggregator_*"),
 )
 
 #: Each service's tables, in the order the example writes them.

@@ -300,9 +300,7 @@ class CoreDataClient:
 
     def _get_json(self, path: str, params: dict[str, int] | None, *, retries: int) -> Any:
         """One logical GET, retried on connection errors and 5xx, returning the parsed 200 body."""
-        headers = {"Accept": "application/json", "X-Correlation-ID": str(uuid.uuid4())}
-        if self._token is not None:
-            headers["Authorization"] = f"Bearer {self._token}"
+        headers = edgex_headers(self._token)
         url = self._base + path
         attempt = 0
         while True:
@@ -331,20 +329,37 @@ class CoreDataClient:
 
     def _read_bounded(self, response: requests.Response, path: str) -> bytes:
         """The body, refused once it passes ``max_response_bytes`` (declared or streamed)."""
-        limit = self._max_response_bytes
-        declared = response.headers.get("Content-Length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            detail = f"GET {path}: body of {declared} bytes exceeds {limit}"
+        return read_bounded(response, self._max_response_bytes, f"GET {path}")
+
+
+# -- shared by the agent's EdgeX REST clients (core-data here, core-command in core_command.py) --
+
+
+def edgex_headers(token: str | None) -> dict[str, str]:
+    """The headers of a request to an EdgeX service: JSON, a fresh ``X-Correlation-ID`` (a UUID,
+    as the specs require) and, in secure mode, ``Authorization: Bearer <JWT>``."""
+    headers = {"Accept": "application/json", "X-Correlation-ID": str(uuid.uuid4())}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def read_bounded(response: requests.Response, limit: int, where: str) -> bytes:
+    """``response``'s body (a streamed request), refused with ``response_too_large`` once it
+    passes ``limit`` bytes, declared or streamed; ``where`` ("GET /api/v3/...") names the call."""
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        detail = f"{where}: body of {declared} bytes exceeds {limit}"
+        raise CoreDataError("response_too_large", detail, status=response.status_code)
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(_READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            detail = f"{where}: body exceeds {limit} bytes"
             raise CoreDataError("response_too_large", detail, status=response.status_code)
-        chunks: list[bytes] = []
-        size = 0
-        for chunk in response.iter_content(_READ_CHUNK):
-            size += len(chunk)
-            if size > limit:
-                detail = f"GET {path}: body exceeds {limit} bytes"
-                raise CoreDataError("response_too_large", detail, status=response.status_code)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -369,7 +384,7 @@ def _parse_json(data: bytes, path: str, max_bytes: int) -> Any:
         raise CoreDataError("bad_json", f"GET {path}: body is not JSON ({exc})", status=200) from None
 
 
-def _status_error(status: int, data: bytes, path: str) -> CoreDataError:
+def _status_error(status: int, data: bytes, path: str, method: str = "GET") -> CoreDataError:
     """The error for a non-200 answer, quoting EdgeX's ``message`` when the body has one.
 
     Never raises: whatever the body is (not JSON, nested 100,000 deep, huge), the answer is the
@@ -388,7 +403,7 @@ def _status_error(status: int, data: bytes, path: str) -> CoreDataError:
         403: "forbidden",
         404: "not_found",
     }.get(status, "server_error" if status >= 500 else "unexpected_status")
-    return CoreDataError(reason, f"GET {path} answered {status}{message}", status=status)
+    return CoreDataError(reason, f"{method} {path} answered {status}{message}", status=status)
 
 
 def _dedupe_key(reading: Reading) -> tuple[str, ...]:

@@ -7,6 +7,12 @@ outage are neither lost (backfill) nor counted twice (the builder drops duplicat
 resource and origin). Raw readings never leave this process; only feature vectors and labels
 are stored, and only on the device.
 
+With ``live=True`` the worker also builds prediction windows from the same readings (an
+unlabelled :class:`SampleBuilder`: the same screening, alignment and windows, no label needed)
+and keeps the newest in a bounded :class:`~fedge.agent.live.LiveWindowBuffer`, which the agent's
+worker drains with :meth:`EdgeXIngest.live_windows` to publish predictions. The training path
+(builder, store, cursor) is the same with or without it.
+
 No sample is dropped silently: the builder counts its drops (``quality`` in :meth:`EdgeXIngest.report`)
 and the store's refusals and evictions are counted by reason under ``store``, the first of
 each kind per run logged with the setting to change.
@@ -30,6 +36,7 @@ from fedge.agent.edgex.bus import EdgeXBusSubscriber
 from fedge.agent.edgex.core_data import CoreDataClient
 from fedge.agent.edgex.readings import Event, Reading
 from fedge.agent.edgex.samples import Sample, SampleBuilder
+from fedge.agent.live import NO_LIVE_WINDOWS, LiveWindow, LiveWindowBuffer, LiveWindows
 from fedge.agent.sample_store import DROP_REASONS, AddOutcome, SampleStore
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
@@ -96,6 +103,8 @@ class EdgeXIngest:
         cursor: BackfillCursor,
         clock: Callable[[], float] = time.time,
         first_backfill_s: float = FIRST_BACKFILL_S,
+        live: bool = False,
+        label_units: str | None = None,
     ) -> None:
         self.device = device
         self.first_backfill_s = first_backfill_s
@@ -103,6 +112,11 @@ class EdgeXIngest:
         self.key = task_key(task)
         self.store = store
         self.builder = SampleBuilder(task, limits, device=device)
+        #: Prediction windows (``live``): the same windows from the features alone.
+        self.live_builder = SampleBuilder(task, limits, device=device, labelled=False) if live else None
+        self.live = LiveWindowBuffer()
+        self.label_units = label_units
+        self.live_errors = 0
         self._last_feed = time.monotonic()
         self._flushed = True
         self.core_data = core_data
@@ -167,6 +181,8 @@ class EdgeXIngest:
         """Builds samples from readings and stores them; returns how many were stored."""
         readings = list(readings)
         samples = self.builder.add(readings)
+        if self.live_builder is not None:
+            self._live(lambda b: b.add(readings))
         self._last_feed = time.monotonic()
         self._flushed = False
         return self._store(samples, readings)
@@ -228,7 +244,25 @@ class EdgeXIngest:
                 outcome.evicted_count,
             )
 
+    def _live(self, build: Callable[[SampleBuilder], list[Sample]]) -> None:
+        """Prediction windows from the live builder into the buffer; a failure here is counted
+        (``live.errors`` in the report) and never touches the training path."""
+        assert self.live_builder is not None
+        try:
+            windows = build(self.live_builder)
+        except Exception as exc:  # predictions are best effort; training data is not
+            self.live_errors += 1
+            if self.live_errors == 1:
+                log.error("live prediction windows of %s: %s (counted in data.live.errors)", self.device, exc)
+            return
+        spec = self.task.features
+        self.live.put(
+            LiveWindow(s.features, s.start_ns, s.end_ns, spec, self.device, self.label_units) for s in windows
+        )
+
     def _flush(self) -> None:
+        if self.live_builder is not None:
+            self._live(lambda b: b.flush())
         self._store(self.builder.flush(), [])
         self._flushed = True
 
@@ -298,6 +332,11 @@ class EdgeXIngest:
             )
         return self.store.load(self.key)
 
+    def live_windows(self, task: TaskSpec | None) -> LiveWindows:
+        """The pending prediction windows (built for this device's own task; ``task``, the
+        verified model's, is not needed) and how many were dropped; clears them."""
+        return self.live.take() if self.live_builder is not None else NO_LIVE_WINDOWS
+
     def available(self) -> int | None:
         """Samples stored for this device's task (what the device's ``ready`` status is from)."""
         return self.store.stats(self.clock()).per_task.get(self.key, 0)
@@ -317,4 +356,13 @@ class EdgeXIngest:
             "last_origin_ns": self.last_origin_ns,
             "resume_ns": self.resume_ns,
             "last_error": self.last_error,
+            "live": (
+                {
+                    "quality": self.live_builder.quality.to_dict(),
+                    "pending": len(self.live),
+                    "errors": self.live_errors,
+                }
+                if self.live_builder is not None
+                else None
+            ),
         }

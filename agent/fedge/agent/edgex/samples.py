@@ -24,6 +24,11 @@ Stages, all streaming and pure (no I/O, no clock: time is the readings' own ``or
    :func:`fedge.agent.features.window_labels`, exactly as on a recorded contiguous block; windows
    never span a time gap over ``max_gap_ns`` (``gap``).
 
+An unlabelled builder (``labelled=False``) is the same pipeline for live prediction windows:
+it reads the feature resources only (a label reading is ``ignored``), a row with every feature
+is complete, and its samples carry ``label`` NaN; the windows and features are those of the
+labelled builder on the same rows.
+
 Memory is bounded whatever the stream's length: the reorder buffer (by time, and by count
 with ``max_pending``), the duplicate-key memory (``recent_keys``) and the rows of the current,
 incomplete window.
@@ -177,7 +182,8 @@ class SampleBuilder:
 
     ``limits`` maps a resource to its profile's ``(minimum, maximum)`` (either may be None);
     limits of resources the task does not use are ignored. ``device`` names the device; if
-    None, the builder binds to the device of the first reading it sees.
+    None, the builder binds to the device of the first reading it sees. ``labelled=False``:
+    prediction windows from the features alone (see the module docstring).
     """
 
     def __init__(
@@ -191,13 +197,16 @@ class SampleBuilder:
         max_gap_ns: int | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         recent_keys: int = DEFAULT_RECENT_KEYS,
+        labelled: bool = True,
     ) -> None:
         self.task = task
+        self.labelled = labelled
         spec = task.features
         self._n_features = len(spec.resources)
         self._label_col = self._n_features
         self._columns: dict[str, int] = {name: i for i, name in enumerate(spec.resources)}
-        self._columns[task.label.resource] = self._label_col
+        if labelled:
+            self._columns[task.label.resource] = self._label_col
         self._classes: dict[str, int] | None = (
             {name: i for i, name in enumerate(task.label.classes)} if task.label.classes is not None else None
         )
@@ -396,7 +405,12 @@ class SampleBuilder:
             values[column] = value
         self._floor = limit if self._floor is None else max(self._floor, limit)
         q = self._quality
-        if len(values) <= self._n_features:  # features plus label: n_features + 1 columns
+        if not self.labelled:
+            if len(values) < self._n_features:  # the features alone
+                q.incomplete += 1
+                return
+            values[self._label_col] = math.nan
+        elif len(values) <= self._n_features:  # features plus label: n_features + 1 columns
             q.incomplete += 1
             return
         label = values[self._label_col]
@@ -455,10 +469,13 @@ class SampleBuilder:
             self._window_rows = block
             return []
         x = np.array([row.values for row in block], dtype=np.float64)
-        label_dtype = np.int64 if kind == "classification" else np.float64
-        y = np.array([row.label for row in block], dtype=label_dtype)
         features = extract_features(x, spec)
-        labels = window_labels(y, window, kind)
+        if self.labelled:
+            label_dtype = np.int64 if kind == "classification" else np.float64
+            y = np.array([row.label for row in block], dtype=label_dtype)
+            labels = window_labels(y, window, kind)
+        else:
+            labels = np.full(n_samples, np.nan)
         if window is None:
             size, step = 1, 1
         else:
@@ -466,7 +483,7 @@ class SampleBuilder:
         consumed = n_samples * step
         self._window_rows = block[consumed:]
         self._skip = max(0, consumed - len(block))
-        convert = int if kind == "classification" else float
+        convert = int if kind == "classification" and self.labelled else float
         return [
             Sample(
                 features=features[i].copy(),
