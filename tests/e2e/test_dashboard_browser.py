@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from fedge.lab.broker import MosquittoBroker, free_loopback_port
-from support.fleet_harness import Fleet, wait_status
+from support.fleet_harness import Fleet, latest_status, wait_status
 from support.mqtt_fixtures import TrafficRecorder, in_ci
 
 pytest_plugins = ("support.mqtt_fixtures",)
@@ -120,6 +120,17 @@ def test_the_dashboard_shows_a_running_fleet(
         assert [d["device_id"] for d in view["devices"]] == devices
         assert [p["round"] for p in view["history"]] == list(range(1, ROUNDS + 1))
 
+        # The view follows the devices' statuses (rebuilt at most once a second): wait until it
+        # shows each device's last one, then load the page.
+        deadline = time.monotonic() + 20
+        while True:
+            states = {
+                d: latest_status(recorder.messages, fleet.topics.status(d)).get("state") for d in devices
+            }
+            if {d["device_id"]: d["state"] for d in fetch_json(url + "/api/fleet")["devices"]} == states:
+                break
+            assert time.monotonic() < deadline, f"the view's device states never matched {states}"
+            time.sleep(0.5)
         dom = headless(exe, tmp_path / "chromium-1", "--dump-dom", url + "/").stdout
         assert 'data-loaded="true"' in dom, dom[-2000:]
         assert text_of(dom, "fleet") == "e2e"
@@ -129,12 +140,20 @@ def test_the_dashboard_shows_a_running_fleet(
         assert text_of(dom, "online") == str(DEVICES)
         assert [row[0] for row in cells(dom, "devices")] == devices
         assert {row[1] for row in cells(dom, "devices")} == {"online"}
+        assert {row[0]: row[2] for row in cells(dom, "devices")} == states  # each device's last status
         predictions = cells(dom, "predictions")
         assert sorted(row[0] for row in predictions) == devices
-        classes = set(json.loads(json.dumps(view["predictions"]))[0:0]) | {
-            p["prediction"] for p in view["predictions"]
-        }
-        assert {row[2] for row in predictions} <= classes
+        by_device = {p["device_id"]: p["prediction"] for p in view["predictions"]}
+        assert {row[0]: row[2] for row in predictions} == by_device  # the page shows the view's labels
+        assert set(by_device.values()) <= {
+            "PEN",
+            "ABD",
+            "FEL",
+            "IR",
+            "ER",
+            "TRAP",
+            "ROW",
+        }  # the task's classes
         assert f'data-points="{ROUNDS}"' in dom  # one chart point per aggregated round
         assert cells(dom, "rejected") == []
 

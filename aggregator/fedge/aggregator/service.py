@@ -67,6 +67,8 @@ MAX_STATUS_BYTES = 64 * 1024
 STATUS_INTERVAL_S = 0.5
 #: A prediction is ~1 KB of JSON (``fedge.insight/1``); a bigger one is dropped unparsed.
 MAX_INSIGHT_BYTES = 16 * 1024
+#: The dashboard's view is rebuilt for new device statuses and predictions at most this often.
+DASHBOARD_INTERVAL_S = 1.0
 #: ``fedge_aggregator_round_duration_seconds`` buckets: rounds last seconds to hours.
 ROUND_DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)
 #: What an operator should do about a dropped message, by reason (prefix before "_" or ":").
@@ -246,6 +248,8 @@ class AggregatorService:
         # view as JSON (rebuilt in the main thread, read whole by the HTTP threads).
         self.insights: dict[str, dict[str, Any]] = {}
         self.dashboard_json: bytes = b"{}"
+        self._dashboard_due = False  # a prediction or a device's status arrived since the last view
+        self._dashboard_built_at = float("-inf")
         self._stale_sent: frozenset[str] = frozenset()
         # For [metrics] (fedge.aggregator.metrics, read from the HTTP server's threads): what the
         # status lacks, recorded as it happens, and the last status published (replaced whole).
@@ -535,6 +539,7 @@ class AggregatorService:
             topic, payload = self.inbox.get(timeout=timeout)
         except queue.Empty:
             self._publish_status(force=False)
+            self._dashboard_tick()
             return
         self._release(len(payload))
         try:
@@ -544,6 +549,7 @@ class AggregatorService:
         except Exception as exc:  # one message never ends the service
             self._drop(f"handler_error:{type(exc).__name__}", topic, repr(exc), exc)
         self._publish_status(force=False)
+        self._dashboard_tick()
 
     def _handle(self, topic: str, payload: bytes) -> None:
         if topic.startswith(self.topics.base + "/status/"):
@@ -583,12 +589,20 @@ class AggregatorService:
                 self._drop("insight_not_an_object", topic, f"a JSON {type(document).__name__}")
                 return
             self.insights[device] = document
-        self._refresh_dashboard()
+        self._dashboard_due = True
+
+    def _dashboard_tick(self) -> None:
+        """Rebuilds the dashboard's view when a prediction or a device status changed it, at
+        most once a second (a status publish rebuilds it anyway)."""
+        if self._dashboard_due and time.monotonic() - self._dashboard_built_at >= DASHBOARD_INTERVAL_S:
+            self._refresh_dashboard()
 
     def _refresh_dashboard(self, status: dict[str, Any] | None = None) -> None:
         """Rebuilds the dashboard's view (main thread); the HTTP route hands out the bytes."""
         if not self.config.metrics.enabled:
             return
+        self._dashboard_due = False
+        self._dashboard_built_at = time.monotonic()
         status = status if status is not None else self.last_status or self.status()
         now = self.clock()
         devices = []
@@ -630,6 +644,7 @@ class AggregatorService:
             ready = True
         self.seen[device] = DeviceSeen(state if isinstance(state, str) else "online", ready, self.clock())
         self.wall_seen[device] = time.time()
+        self._dashboard_due = True  # its state and last status on the dashboard
         was = (device in self.online, device in self.not_ready)
         if state == "offline":
             self.online.discard(device)
