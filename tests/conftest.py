@@ -111,9 +111,12 @@ PARTS = ("protocol", "shell", "edgex", "agent", "aggregator", "tools", "e2e", "d
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).resolve().parent
     for item in items:
-        part = item.path.parent.name
-        if part in PARTS and item.path.parent.parent == Path(__file__).resolve().parent:
+        # The first folder under tests/ names the part, also for a subfolder (protocol/secagg).
+        relative = item.path.resolve().relative_to(tests).parts if item.path.is_relative_to(tests) else ()
+        part = relative[0] if len(relative) > 1 else ""
+        if part in PARTS:
             item.add_marker(getattr(pytest.mark, part))
         if item.path.name in _ATTACK_MODULES and any(w in item.name.lower() for w in _ATTACK_WORDS):
             item.add_marker(pytest.mark.adversarial)
