@@ -79,6 +79,7 @@ bench: install
 	$(BIN)/python bench/bench_flood.py --out bench/results/flood.json
 	$(BIN)/python bench/bench_poisoning.py --out bench/results/poisoning.json
 	$(BIN)/python bench/bench_insight.py --out bench/results/insight.json
+	$(BIN)/python bench/bench_secagg.py --out bench/results/secagg.json
 
 # The images, built with podman on a local debootstrap base (no registry, no Docker engine);
 # prints each image's size. `make test` builds the ones its tests run.
