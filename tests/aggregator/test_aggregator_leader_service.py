@@ -28,7 +28,7 @@ from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
 from fedge.lab.broker import MosquittoBroker
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
 from fedge.protocol.signing import DocType, key_id, verify_document
-from support.fleet_harness import Fleet, wait_device_online
+from support.fleet_harness import Fleet, latest_status, wait_device_online
 from support.k8s_api_double import KubeApiDouble
 from support.mqtt_fixtures import TrafficRecorder
 
@@ -274,6 +274,17 @@ def test_a_leader_whose_lease_is_taken_exits_with_the_distinct_code_and_publishe
     try:
         replicas.start("agg-a")
         wait_until(lambda: len(manifests_in_order(fleet, recorder)) >= 2, 30, "two manifests", logs)
+
+        def settled() -> bool:
+            """The last announcement's status and fleet summary are out too (they follow the
+            manifest within the status rate limit): after them, nothing is due before the next
+            1 s round, and the steal is detected within 0.2 s."""
+            version = manifests_in_order(fleet, recorder)[-1].version
+            status = latest_status(recorder.messages, fleet.topics.aggregator_status)
+            summary = latest_status(recorder.messages, fleet.topics.fleet_summary)
+            return status.get("version") == version and summary.get("model", {}).get("version") == version
+
+        wait_until(settled, 30, "the announcement's status and fleet summary", logs)
         lease = kube.get_object("Lease", NS, LEASE_NAME)
         assert lease is not None
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
