@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fedge.protocol.statuses import status_counts, status_number
 from fedge.shell.http_endpoint import HttpEndpoint, Response, health_response, start_endpoint
 from fedge.shell.prometheus import (
     counter,
@@ -122,12 +123,12 @@ class AgentCollector(Collector):
         yield from gauge(
             f"{p}_model_version",
             "Version of the newest verified manifest.",
-            _number(status.get("model_version")),
+            status_number(status.get("model_version")),
         )
         yield from gauge(
             f"{p}_training_samples",
             "Local samples the last round trained on.",
-            _number(status.get("samples")),
+            status_number(status.get("samples")),
         )
         yield histogram(
             f"{p}_training_seconds",
@@ -138,31 +139,31 @@ class AgentCollector(Collector):
         yield from gauge(
             f"{p}_outbox_pending",
             "Sealed messages waiting for the broker's PUBACK.",
-            _number(status.get("outbox_pending")),
+            status_number(status.get("outbox_pending")),
         )
         yield from counter(
             f"{p}_outbox_dropped",
             "Sealed messages dropped from the outbox (their round closed, or the outbox was full).",
-            _number(status.get("outbox_dropped_total")),
+            status_number(status.get("outbox_dropped_total")),
         )
         yield labelled_counter(
             f"{p}_manifests_rejected",
             "Round manifests (and key rotations: rotation_*) refused, by reason.",
             "reason",
-            _counts(status.get("rejected_manifests")),
+            status_counts(status.get("rejected_manifests")),
         )
         yield labelled_counter(
             f"{p}_messages_dropped",
             "MQTT messages not handled, by reason (blob_*, rotation_*, handler_error:*).",
             "reason",
-            _counts(status.get("messages_dropped")),
+            status_counts(status.get("messages_dropped")),
         )
         insights = status.get("insights")
         if isinstance(insights, Mapping):
             yield from counter(
                 f"{p}_predictions_published",
                 "Predictions published on insight/DEVICE.",
-                _number(insights.get("published")),
+                status_number(insights.get("published")),
             )
         data = status.get("data")
         if isinstance(data, Mapping):
@@ -180,10 +181,10 @@ def _source_families(data: Mapping[str, Any]) -> Iterable[Metric]:
     yield from gauge(
         f"{p}_samples_in_store",
         "Samples of this device's task in the sample store.",
-        _number(data.get("stored_samples")),
+        status_number(data.get("stored_samples")),
     )
     yield from counter(
-        f"{p}_samples_stored", "Samples stored by this run.", _number(data.get("stored_this_run"))
+        f"{p}_samples_stored", "Samples stored by this run.", status_number(data.get("stored_this_run"))
     )
     store = data.get("store")
     if isinstance(store, Mapping):
@@ -192,11 +193,11 @@ def _source_families(data: Mapping[str, Any]) -> Iterable[Metric]:
             "Samples the store did not keep or evicted, by reason (duplicate, expired, evicted_age, "
             "evicted_count, store_error).",
             "reason",
-            _counts(store),
+            status_counts(store),
         )
     quality = data.get("quality")
     if isinstance(quality, Mapping):
-        counts = _counts(quality)
+        counts = status_counts(quality)
         yield from counter(
             f"{p}_readings", "EdgeX readings seen by the sample builder.", counts.get("readings")
         )
@@ -215,18 +216,6 @@ def _source_families(data: Mapping[str, Any]) -> Iterable[Metric]:
             "reason",
             {r: counts.get(r, 0) for r in ROW_DROPS},
         )
-
-
-def _counts(value: object) -> dict[str, int]:
-    if not isinstance(value, Mapping):
-        return {}
-    return {str(k): v for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool)}
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
 
 
 def _flag(value: object) -> float | None:

@@ -26,6 +26,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from fedge.protocol.statuses import status_counts, status_number
 from fedge.shell.http_endpoint import Response, Route
 
 DASHBOARD_SCHEMA = "fedge.dashboard/1"
@@ -46,12 +47,6 @@ _SECURITY_HEADERS = {
 }
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
 def history_points(history: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One point per aggregated training round: the fleet's own held-out metric and the mean
     training loss (moments rounds and aborted rounds are not points of the chart)."""
@@ -63,9 +58,9 @@ def history_points(history: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
             {
                 "round": record.get("round_number"),
                 "version": record.get("version"),
-                "accuracy": _number(record.get("fed_eval_accuracy")),
-                "mse": _number(record.get("fed_eval_mse")),
-                "loss": _number(record.get("train_loss")),
+                "accuracy": status_number(record.get("fed_eval_accuracy")),
+                "mse": status_number(record.get("fed_eval_mse")),
+                "loss": status_number(record.get("train_loss")),
                 "reported": record.get("reported"),
                 "selected": record.get("selected"),
             }
@@ -85,7 +80,7 @@ def prediction_row(device: str, insight: Mapping[str, Any]) -> dict[str, Any] | 
         return None
     row: dict[str, Any] = {
         "device_id": device,
-        "time": _number(window.get("end")),
+        "time": status_number(window.get("end")),
         "model_version": model.get("version") if isinstance(model.get("version"), int) else None,
     }
     label = prediction.get("label")
@@ -93,23 +88,15 @@ def prediction_row(device: str, insight: Mapping[str, Any]) -> dict[str, Any] | 
         probabilities = prediction.get("probabilities")
         probability = probabilities.get(label) if isinstance(probabilities, dict) else None
         row["prediction"] = label[:64]
-        row["confidence"] = _number(probability)
+        row["confidence"] = status_number(probability)
         return row
-    value = _number(prediction.get("value"))
+    value = status_number(prediction.get("value"))
     if value is None:
         return None
     units = prediction.get("units")
     row["prediction"] = f"{value:.4g}" + (f" {units[:16]}" if isinstance(units, str) and units else "")
     row["confidence"] = None
     return row
-
-
-def _device_counts(fleet: Mapping[str, Any]) -> dict[str, int]:
-    """The fleet summary's device counts (``enrolled``, ``online``, ``stale``, ...)."""
-    devices = fleet.get("devices")
-    if not isinstance(devices, dict):
-        return {}
-    return {k: v for k, v in devices.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def build_view(
@@ -145,7 +132,7 @@ def build_view(
             "reported": len(status.get("reported") or []),
         },
         "metric": status.get("eval_metric") or "accuracy",
-        "counts": _device_counts(fleet),
+        "counts": status_counts(fleet.get("devices")),  # enrolled, online, stale, ...
         "devices": list(devices),
         "rejected": dict(status.get("rejected_total") or {}),
         "history": history_points(history),

@@ -29,6 +29,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fedge.aggregator.dashboard import dashboard_routes
+from fedge.protocol.statuses import status_counts, status_number
 from fedge.shell.http_endpoint import HttpEndpoint, Response, health_response, start_endpoint
 from fedge.shell.prometheus import (
     counter,
@@ -148,30 +149,30 @@ class AggregatorCollector(Collector):
             "Messages on update/+ rejected, by reason (docs/protocol.md, reject reasons); "
             "kept in the checkpoint, so it counts over the fleet's life, not this process's.",
             "reason",
-            _counts(rejected),
+            status_counts(rejected),
         )
         yield from gauge(
-            f"{p}_model_version", "Version of the newest manifest.", _number(status.get("version"))
+            f"{p}_model_version", "Version of the newest manifest.", status_number(status.get("version"))
         )
         yield from gauge(
             f"{p}_model_generation",
             "The model generation ([aggregator] model_generation).",
-            _number(status.get("generation")),
+            status_number(status.get("generation")),
         )
         yield from counter(
             f"{p}_completed_rounds",
             "Training rounds completed over the fleet's life (from the checkpoint).",
-            _number(status.get("completed_rounds")),
+            status_number(status.get("completed_rounds")),
         )
         yield from gauge(
             f"{p}_rounds_planned",
             "[rounds] rounds: rounds before the final model.",
-            _number(status.get("rounds")),
+            status_number(status.get("rounds")),
         )
         yield from gauge(
             f"{p}_round_selected_devices",
             "Devices selected for the open round.",
-            _number(status.get("selected")),
+            status_number(status.get("selected")),
         )
         reported = status.get("reported")
         yield from gauge(
@@ -192,18 +193,6 @@ class AggregatorCollector(Collector):
             yield devices
         state = status.get("state")
         yield from gauge(f"{p}_done", "1 once the final model is published, else 0.", state == "done")
-
-
-def _counts(value: object) -> dict[str, int]:
-    if not isinstance(value, Mapping):
-        return {}
-    return {str(k): v for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool)}
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
 
 
 def _finite(value: float) -> float | None:

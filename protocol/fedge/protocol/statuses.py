@@ -15,6 +15,7 @@ drift apart (``tests/agent/test_status_shape.py``).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 DEVICE_STATUS_SCHEMA = "fedge.device-status/1"
@@ -62,3 +63,23 @@ def offline_will(device_id: str) -> bytes:
 
 def _fresh(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else value
+
+
+# --- reading a status -------------------------------------------------------------------------
+# A status is JSON from another process (a device, an older release): what reads it for metrics
+# or the dashboard takes a value only when it has the expected type, and never a bool for a number.
+
+
+def status_number(value: object) -> float | None:
+    """A status value as a float, or None if it is not an int or float (a bool is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def status_counts(value: object) -> dict[str, int]:
+    """A status's counts by reason (``{"reason": n}``): only integer values, keys as text; {} if
+    the value is no mapping."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool)}
