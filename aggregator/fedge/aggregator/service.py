@@ -496,9 +496,10 @@ class AggregatorService:
         self.client.publish(self.topics.aggregator_status, encoded, qos=1, retain=True)
         self.traffic.outbound(self.topics.aggregator_status, len(encoded))
         summary = self.fleet_summary(status)
-        self._refresh_dashboard(status)
-        self.client.publish(self.topics.fleet_summary, json.dumps(summary).encode(), qos=1, retain=True)
-        self.traffic.outbound(self.topics.fleet_summary, len(json.dumps(summary)))  # ASCII JSON
+        self._refresh_dashboard(status, summary)
+        encoded_summary = json.dumps(summary).encode()
+        self.client.publish(self.topics.fleet_summary, encoded_summary, qos=1, retain=True)
+        self.traffic.outbound(self.topics.fleet_summary, len(encoded_summary))
         if self.leadership is not None:
             self.leadership.report(status, self.clock())
         self._status_dirty = False
@@ -597,8 +598,11 @@ class AggregatorService:
         if self._dashboard_due and time.monotonic() - self._dashboard_built_at >= DASHBOARD_INTERVAL_S:
             self._refresh_dashboard()
 
-    def _refresh_dashboard(self, status: dict[str, Any] | None = None) -> None:
-        """Rebuilds the dashboard's view (main thread); the HTTP route hands out the bytes."""
+    def _refresh_dashboard(
+        self, status: dict[str, Any] | None = None, summary: dict[str, Any] | None = None
+    ) -> None:
+        """Rebuilds the dashboard's view (main thread); the HTTP route hands out the bytes.
+        ``status`` and ``summary``: the ones just published, if any (not built again)."""
         if not self.config.metrics.enabled:
             return
         self._dashboard_due = False
@@ -617,7 +621,7 @@ class AggregatorService:
                     "last_seen": self.wall_seen.get(device),
                 }
             )
-        summary = self.fleet_summary(status)
+        summary = summary if summary is not None else self.fleet_summary(status)
         view = build_view(status, summary, self.engine.state.history, devices, self.insights)
         self.dashboard_json = view_json(view)
 
