@@ -1282,6 +1282,7 @@ def test_status_reports_the_round_the_reports_and_the_rejections() -> None:
         },
         "history": [],
         "eval_metric": "accuracy",
+        "privacy": None,
         "time": T0,
     }
     m = engine.open_round(T0).manifest

@@ -206,6 +206,7 @@ AGGREGATOR_STATUS = {
         }
     ],
     "eval_metric": "accuracy",
+    "privacy": None,
     "time": 1_700_000_001.0,
     "generation": 1,
     "online_devices": ["watch-01", "watch-02"],
@@ -237,6 +238,50 @@ def test_the_fleet_summary_the_aggregator_builds_matches_its_schema() -> None:
         _channel("aggregatorStatus").validate(
             T.aggregator_status,
             json.dumps({k: v for k, v in AGGREGATOR_STATUS.items() if k != "schema"}).encode(),
+        )
+
+
+def test_the_status_of_a_fleet_with_differential_privacy_matches_its_schema() -> None:
+    """``privacy`` as the engine builds it, after a charged round (not a hand-written copy)."""
+    from fedge.aggregator.privacy import AdaptiveClipping, PrivacyConfig
+    from fedge.aggregator.round_engine import RoundEngine
+    from support.engine_helpers import (
+        AGGREGATOR_KEY,
+        FLEET,
+        MODEL_BYTES,
+        MODEL_MANIFEST,
+        SIGNING_KEY,
+        devices,
+        initial_state,
+        registry,
+        settings,
+    )
+
+    dp = PrivacyConfig(noise_multiplier=2.0, adaptive=AdaptiveClipping(clip_count_stddev=2.0))
+    engine = RoundEngine(
+        FLEET,
+        settings(),
+        MODEL_MANIFEST,
+        MODEL_BYTES,
+        AGGREGATOR_KEY,
+        SIGNING_KEY,
+        registry(),
+        initial_state(),
+        dp,
+    )
+    m = engine.open_round(1_700_000_000.0).manifest
+    for device in devices().values():
+        assert engine.handle(device.topic, device.update(m), 1_700_000_001.0).accepted
+    engine.close_round()
+    privacy = engine.status(1_700_000_002.0)["privacy"]
+    assert privacy["rounds_charged"] == 1 and privacy["epsilon_spent"] > 0
+    _channel("aggregatorStatus").validate(
+        T.aggregator_status, json.dumps({**AGGREGATOR_STATUS, "privacy": privacy}).encode()
+    )
+    with pytest.raises(AssertionError):
+        _channel("aggregatorStatus").validate(
+            T.aggregator_status,
+            json.dumps({**AGGREGATOR_STATUS, "privacy": {**privacy, "extra": 1}}).encode(),
         )
 
 

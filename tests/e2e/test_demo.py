@@ -126,3 +126,36 @@ def test_demo_refuses_more_devices_than_training_subjects(tmp_path: Path) -> Non
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--devices must be 1..7 (subjects 1-7; 8-10 are held out for testing)" in proc.stderr
+
+
+def test_demo_with_differential_privacy_spends_no_more_than_its_budget(tmp_path: Path) -> None:
+    """``--dp-epsilon``: the aggregator's [privacy], devices clipping to the signed bound, the
+    accountant's epsilon in the JSON; through the demo's real broker, agents and aggregator."""
+    from fedge.aggregator.privacy import compute_epsilon, noise_multiplier_for
+
+    out = tmp_path / "dp"
+    s = run_demo(
+        out, "--devices", "3", "--rounds", "3", "--data", "direct", "--dp-epsilon", "4", "--dp-delta", "1e-6"
+    )
+    assert (s["rounds_completed"], s["rejected"]) == (3, {})
+    assert (s["secure_aggregation"], s["dropped"], s["delta"]) == (False, 0, 1e-6)
+    z = noise_multiplier_for(4.0, 1e-6, 3, 1.0)
+    assert s["epsilon_spent"] == pytest.approx(compute_epsilon(z, 1.0, 3, 1e-6), rel=1e-9)
+    assert 3.9 < s["epsilon_spent"] <= 4.0
+    log = (out / "logs" / "aggregator.log").read_text()
+    assert f"differential privacy: epsilon budget 4 at delta 1e-06, noise multiplier {z:.4g}" in log
+    plain = run_demo(tmp_path / "plain", "--devices", "2", "--rounds", "1", "--data", "direct")
+    assert (plain["epsilon_spent"], plain["delta"]) == (None, None)
+
+
+def test_demo_refuses_privacy_options_without_an_epsilon(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedge.cli", "demo", "--out", str(tmp_path), "--dp-delta", "1e-6"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--dp-delta and --dp-clip-bound go with --dp-epsilon (differential privacy)" in proc.stderr

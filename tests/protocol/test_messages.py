@@ -359,3 +359,18 @@ def test_a_moments_header_with_the_wrong_keys_is_refused(header: dict[str, Any])
         decode_moments(header, body, 6)
     assert exc.value.reason == "bad_schema"
     assert str(exc.value) == "bad_schema: moments header must have count and features"
+
+
+def test_the_clip_indicator_is_in_the_header_only_when_given_and_only_plus_or_minus_one() -> None:
+    delta = np.linspace(-1, 1, 23).astype(np.float32)
+    plain_header, body = encode_update(delta, LAYOUT, Codec.FP32, 10, 0.5, None)
+    assert "clip_indicator" not in plain_header
+    assert decode_update(plain_header, body, LAYOUT, Codec.FP32).clip_indicator is None
+    for indicator in (1, -1):
+        header, body = encode_update(delta, LAYOUT, Codec.FP32, 10, 0.5, None, indicator)
+        assert header["clip_indicator"] == indicator
+        assert decode_update(header, body, LAYOUT, Codec.FP32).clip_indicator == indicator
+    for bad in (0, 2, True, "1", None, 1.0 + 1e-9):
+        with pytest.raises(MessageError) as refused:
+            decode_update({**plain_header, "clip_indicator": bad}, body, LAYOUT, Codec.FP32)
+        assert (refused.value.reason, refused.value.field) == ("bad_schema", "clip_indicator")

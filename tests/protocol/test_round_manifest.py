@@ -19,6 +19,7 @@ import pytest
 from fedge.protocol.codec import Codec
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import ModelManifest, Normalisation
+from fedge.protocol.privacy_announcement import PrivacyAnnouncement
 from fedge.protocol.round_manifest import (
     MAX_SELECTED_DEVICES,
     PHASES,
@@ -179,6 +180,7 @@ _CHANGES: dict[str, Any] = {
     "model_manifest": dataclasses.replace(MODEL_MANIFEST, model_bytes=1),
     "normalisation": None,
     "generation": 2,
+    "privacy": PrivacyAnnouncement("central", 0.5, False, 1.2, 2, 0.0, 8.0, 1e-5),
 }
 
 
@@ -196,6 +198,19 @@ def test_generation_is_in_the_document_only_after_the_first() -> None:
         assert err.value.field == "generation"
     with pytest.raises(RoundManifestError, match=r"unexpected \['generations'\]"):
         round_manifest_from_dict({**MANIFEST_DICT, "generations": 2})
+
+
+def test_privacy_is_in_the_document_only_when_announced_and_checked_like_any_field() -> None:
+    assert MANIFEST.privacy is None and "privacy" not in MANIFEST_DICT
+    announced = dataclasses.replace(MANIFEST, privacy=_CHANGES["privacy"])
+    doc = announced.to_dict()
+    assert doc["privacy"]["clip_bound"] == 0.5
+    assert round_manifest_from_dict(json.loads(json.dumps(doc))) == announced
+    with pytest.raises(RoundManifestError) as err:
+        round_manifest_from_dict({**doc, "privacy": {**doc["privacy"], "clip_bound": 0}})
+    assert (str(err.value), err.value.field) == ("privacy.clip_bound must be > 0", "privacy.clip_bound")
+    with pytest.raises(RoundManifestError, match="privacy must be an object"):
+        round_manifest_from_dict({**doc, "privacy": None})
 
 
 def test_the_change_table_covers_every_field() -> None:

@@ -79,6 +79,9 @@ def _number(kind: Callable[[str], Any], low: float, high: float, what: str) -> C
 
 _ROUNDS = _number(int, 1, 1_000_000, "a whole number of rounds from 1 to 1000000")
 _ROUND_TIMEOUT = _number(float, 0.1, 7 * 24 * 3600.0, "a number of seconds from 0.1 to 604800")
+_EPSILON = _number(float, 1e-3, 1e6, "an epsilon from 0.001 to 1000000")
+_DELTA = _number(float, 1e-12, 0.1, "a delta from 1e-12 to 0.1")
+_CLIP_BOUND = _number(float, 1e-9, 1e9, "an L2 norm above 0")
 _SERVER_LR = _number(float, 1e-6, 100.0, "a number from 0.000001 to 100")  # [rounds] server_learning_rate
 _AT_LEAST_ONE = _number(int, 1, math.inf, "a whole number >= 1")
 _AT_LEAST_ZERO = _number(int, 0, math.inf, "a whole number >= 0")
@@ -369,6 +372,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedge.tools.bundled import task_path  # noqa: PLC0415
 
     _check_demo_own_data(args)
+    if args.dp_epsilon is None and (args.dp_delta is not None or args.dp_clip_bound is not None):
+        raise FedgeError("--dp-delta and --dp-clip-bound go with --dp-epsilon (differential privacy)")
     if args.train is None and args.devices is None:
         args.devices = 7
     if args.server_lr is None:
@@ -414,6 +419,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         split_by=args.split_by or "day",
         time_column=args.time_column,
         seed=args.seed,
+        dp_epsilon=args.dp_epsilon,
+        dp_delta=1e-5 if args.dp_delta is None else args.dp_delta,
+        dp_clip_bound=1.0 if args.dp_clip_bound is None else args.dp_clip_bound,
     )
     from fedge.lab.progress import ProgressBar  # noqa: PLC0415
 
@@ -676,11 +684,15 @@ def build_parser() -> argparse.ArgumentParser:
     appliances.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write into")
     appliances.add_argument("--start", default="2016-01-12", metavar="DATE", help="first training day")
     appliances.add_argument(
-        "--train-days", type=_number(int, 1, 200, "a number of days from 1 to 200"), default=21,
+        "--train-days",
+        type=_number(int, 1, 200, "a number of days from 1 to 200"),
+        default=21,
         help="training days (one device each with --split-by day)",
     )
     appliances.add_argument(
-        "--test-days", type=_number(int, 1, 200, "a number of days from 1 to 200"), default=7,
+        "--test-days",
+        type=_number(int, 1, 200, "a number of days from 1 to 200"),
+        default=7,
         help="held-out days after the training days",
     )
     appliances.set_defaults(func=cmd_dataset_appliances)
@@ -760,6 +772,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--seed", type=_AT_LEAST_ZERO, default=0, help="seed of the centralized reference's shuffling"
+    )
+    demo.add_argument(
+        "--dp-epsilon",
+        type=_EPSILON,
+        metavar="E",
+        help="differential privacy: the epsilon budget for the whole run (docs/differential-privacy.md)",
+    )
+    demo.add_argument(
+        "--dp-delta", type=_DELTA, metavar="D", help="with --dp-epsilon: the delta (default 1e-05)"
+    )
+    demo.add_argument(
+        "--dp-clip-bound",
+        type=_CLIP_BOUND,
+        metavar="C",
+        help="with --dp-epsilon: the first clip bound; adaptive clipping moves it (default 1.0)",
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument(

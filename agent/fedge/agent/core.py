@@ -46,6 +46,7 @@ from fedge.agent.device_state import (
     ManifestRollbackError,
     manifest_is_new,
 )
+from fedge.protocol.dp_noise import clip_l2, unclipped_indicator
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import Evaluation, encode_moments, encode_update
 from fedge.protocol.round_manifest import RoundManifest, RoundManifestError, round_manifest_from_dict
@@ -284,7 +285,19 @@ def update_payload(
     train_loss: float,
     evaluation: Evaluation | None,
 ) -> tuple[dict[str, Any], bytes]:
-    """What a device sends in a train round: its weight delta in the manifest's codec."""
+    """What a device sends in a train round: its weight delta in the manifest's codec.
+
+    In a round with differential privacy (``manifest.privacy``) the delta is clipped here, on
+    the device, to the announced L2 bound before it is encoded, and with adaptive clipping
+    the header says whether it had to be (``+1`` within the bound, ``-1`` clipped): the bound
+    is what the noise is calibrated to, so it must hold before the update leaves the device."""
+    indicator: int | None = None
+    privacy = manifest.privacy
+    if privacy is not None:
+        clipped = clip_l2(delta, privacy.clip_bound)
+        delta = clipped.update
+        if privacy.adaptive_clipping:
+            indicator = unclipped_indicator(clipped)
     return encode_update(
         delta.astype(np.float32),
         manifest.model_manifest.layout,
@@ -292,6 +305,7 @@ def update_payload(
         examples,
         train_loss,
         evaluation,
+        indicator,
     )
 
 

@@ -18,6 +18,12 @@ from fedge.aggregator.leader_config import (
     LeaderSettings,
     leader_settings_from_table,
 )
+from fedge.aggregator.privacy_config import (
+    PRIVACY_KEYS,
+    PRIVACY_OFF,
+    PrivacySettings,
+    privacy_settings_from_table,
+)
 from fedge.protocol.codec import Codec
 from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
 from fedge.protocol.metrics_settings import (
@@ -115,6 +121,8 @@ class AggregatorConfig:
     model_generation: int = 1
     #: ``[metrics]``: Prometheus metrics and health endpoints (off by default; docs/metrics.md).
     metrics: MetricsSettings = METRICS_OFF
+    #: ``[privacy]``: client-level differential privacy (off by default; docs/differential-privacy.md).
+    privacy: PrivacySettings = PRIVACY_OFF
 
     @property
     def heartbeat_path(self) -> Path:
@@ -159,6 +167,7 @@ AGGREGATOR_TABLES: dict[str, set[str]] = {
     "leader": LEADER_KEYS,
     "metrics": METRICS_KEYS,
     "mqtt": MQTT_KEYS,
+    "privacy": PRIVACY_KEYS,
     "rounds": ROUND_KEYS,
 }
 
@@ -253,4 +262,5 @@ def load_aggregator_config(
         leader=leader,
         model_generation=agg.integer("model_generation", 1, 1, 1_000_000),
         metrics=metrics_settings_from_table(Table(data, "metrics", METRICS_KEYS), AGGREGATOR_METRICS_PORT),
+        privacy=privacy_settings_from_table(Table(data, "privacy", PRIVACY_KEYS), rounds),
     )

@@ -193,6 +193,18 @@ class AggregatorCollector(Collector):
             yield devices
         state = status.get("state")
         yield from gauge(f"{p}_done", "1 once the final model is published, else 0.", state == "done")
+        privacy = status.get("privacy")
+        if isinstance(privacy, Mapping):  # [privacy] enabled
+            yield from gauge(
+                f"{p}_dp_epsilon_spent",
+                "Differential privacy: epsilon spent so far, per device, at [privacy] target_delta.",
+                status_number(privacy.get("epsilon_spent")),
+            )
+            yield from gauge(
+                f"{p}_dp_epsilon_budget",
+                "Differential privacy: [privacy] epsilon_budget; training stops before it is exceeded.",
+                status_number(privacy.get("epsilon_budget")),
+            )
 
 
 def _finite(value: float) -> float | None:

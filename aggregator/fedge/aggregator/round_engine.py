@@ -23,7 +23,7 @@ import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from nacl.public import Box, PrivateKey, PublicKey
@@ -33,15 +33,19 @@ from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.fedavg import AggregationError
 from fedge.aggregator.strategies.clipping import NormBounds, NormTooLarge, l2
 from fedge.aggregator.strategies.factory import (
+    DpRound,
     InfluenceHistory,
     RoundFolds,
     RoundLimits,
+    build_dp_round_folds,
     build_round_folds,
     round_limits,
 )
+from fedge.protocol.dp_noise import noise_generator
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import MessageError, decode_moments, decode_update, max_sealed_bytes
 from fedge.protocol.model_manifest import ModelManifest, Normalisation
+from fedge.protocol.privacy_announcement import PrivacyAnnouncement
 from fedge.protocol.reasons import RejectReason
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.sealing import SealError, box_for, open_sealed, read_header
@@ -49,6 +53,9 @@ from fedge.protocol.signing import DocType, sign_document
 from fedge.protocol.task import ModelKind
 from fedge.protocol.topics import FleetTopics, TopicError
 from fedge.protocol.weights import weights_to_bytes
+
+if TYPE_CHECKING:  # the accountant loads dp-accounting (~75 MB): only fleets with DP import it
+    from fedge.aggregator.privacy import PrivacyAccountant, PrivacyConfig
 
 #: Kept for callers that name it here; the contract is fedge.protocol.signing.DocType.
 MANIFEST_DOC_TYPE = DocType.ROUND_MANIFEST
@@ -108,6 +115,9 @@ class RoundRecord:
     outlier_devices: int = 0  # moments rounds: devices left out of at least one feature
     fed_eval_metric: str = "accuracy"  # the task's metric (``eval_metric``): which field to read
     fed_eval_mse: float | None = None  # regression: weighted mean of the devices' MSE
+    #: ``[privacy]``: the epsilon spent after this round (at the config's target delta); None
+    #: without differential privacy.
+    epsilon_spent: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -158,6 +168,9 @@ class EngineState:
     generation: int = 1
     #: The model these weights belong to (None: not recorded, checkpoints before generations).
     model_sha256: str | None = None
+    #: ``[privacy]``: the accountant's state (``PrivacyAccountant.state``): what the fleet's
+    #: devices have spent, which must survive restarts and leader changes. None: no DP yet.
+    privacy: dict[str, Any] | None = None
 
 
 def start_generation(previous: EngineState, generation: int, initial: EngineState) -> EngineState:
@@ -218,7 +231,13 @@ class RoundEngine:
         signing_key: SigningKey,
         registry: dict[str, PublicKey],
         state: EngineState,
+        privacy: PrivacyConfig | None = None,
+        noise_rng: np.random.Generator | None = None,
     ) -> None:
+        """``privacy``: the fleet's differential privacy (``[privacy]``), whose accountant
+        continues from ``state.privacy`` (a ``PrivacyStateError`` if that was spent under other
+        parameters). ``noise_rng``: the DP noise's source; None draws a secret seed (tests pass
+        a seeded one)."""
         k = settings.devices_per_round
         if 0 < k < settings.min_devices:
             raise FedgeError(
@@ -249,6 +268,17 @@ class RoundEngine:
         # One Box per device: the X25519 shared key is computed once, not per message.
         self._boxes: dict[str, Box] = {}
         self.set_registry(registry)
+        self.accountant: PrivacyAccountant | None = None
+        if privacy is not None:
+            from fedge.aggregator.privacy import PrivacyAccountant  # noqa: PLC0415 - loads dp-accounting
+
+            self.accountant = (
+                PrivacyAccountant(privacy)
+                if state.privacy is None
+                else PrivacyAccountant.from_state(privacy, state.privacy)
+            )
+            state.privacy = self.accountant.state()
+        self.noise_rng = noise_rng if noise_rng is not None else noise_generator()
 
     def set_registry(self, registry: dict[str, PublicKey], revoked: set[str] | None = None) -> None:
         """New enrollments and revocations, effective from the next round.
@@ -273,7 +303,13 @@ class RoundEngine:
 
     @property
     def done(self) -> bool:
-        return self.state.completed_rounds >= self.settings.rounds
+        return self.state.completed_rounds >= self.settings.rounds or self.budget_spent
+
+    @property
+    def budget_spent(self) -> bool:
+        """``[privacy]``: one more train round would spend more than the epsilon budget, so
+        training is over (the final model is published, like after the last round)."""
+        return self.accountant is not None and self.accountant.would_exceed_budget()
 
     @property
     def phase(self) -> str:
@@ -308,6 +344,7 @@ class RoundEngine:
         else:
             round_id = f"final-v{version}"
         timeout = 0.0 if phase == "final" else self.settings.round_timeout_s
+        selected = () if phase == "final" else self.select_devices(version, not_ready)
         weights_bytes = weights_to_bytes(self.state.weights)
         weights_sha = hashlib.sha256(weights_bytes).hexdigest()
         manifest = RoundManifest(
@@ -320,7 +357,7 @@ class RoundEngine:
             issued_at=now,
             deadline=now + timeout,
             expires_at=now + timeout + self.settings.manifest_ttl_s,
-            selected_devices=() if phase == "final" else self.select_devices(version, not_ready),
+            selected_devices=selected,
             min_devices=self.settings.min_devices,
             codec=self.settings.codec,
             model_sha256=self.model_sha256,
@@ -330,6 +367,7 @@ class RoundEngine:
             model_manifest=self.model_manifest,
             normalisation=self.state.normalisation,
             generation=self.state.generation,
+            privacy=self._privacy_announcement(phase, len(selected)),
         )
         frame = sign_document(MANIFEST_DOC_TYPE, manifest.to_dict(), self.signing_key)
         weights_topic = self.topics.blob(weights_sha)
@@ -338,25 +376,57 @@ class RoundEngine:
         self.state.published_weights_sha256 = weights_sha
         self.state.version = version
         self.state.last_manifest_sha256 = manifest.sha256()
-        self.current = (
-            None
-            if phase == "final"
-            else _OpenRound(
-                manifest,
-                build_round_folds(
-                    self.settings,
-                    self.state.weights,
-                    self._history(),
-                    self.model_manifest.parameter_count,
-                    self.model_manifest.task.input_dim,
-                ),
-            )
-        )
+        self.current = None if phase == "final" else _OpenRound(manifest, self._round_folds(manifest))
         blobs = {weights_topic: weights_bytes}
         if not self._model_published:  # retained: once per process is enough
             blobs = {self.topics.blob(self.model_sha256): self.model_bytes, **blobs}
             self._model_published = True
         return Publication(manifest=manifest, manifest_frame=frame, blobs=blobs, clear_blobs=clear)
+
+    def _round_folds(self, manifest: RoundManifest) -> RoundFolds:
+        """The arithmetic of the round ``manifest`` opens: with ``[privacy]``, the DP folds at
+        the bound and noise the manifest announces."""
+        p = manifest.privacy
+        if p is None or self.accountant is None:
+            return build_round_folds(
+                self.settings,
+                self.state.weights,
+                self._history(),
+                self.model_manifest.parameter_count,
+                self.model_manifest.task.input_dim,
+            )
+        adaptive = self.accountant.config.adaptive
+        dp = DpRound(
+            clip_bound=p.clip_bound,
+            update_noise_multiplier=self.accountant.config.update_noise_multiplier,
+            indicator_noise_stddev=None if adaptive is None else adaptive.indicator_noise_multiplier,
+            expected_participants=p.expected_participants,
+        )
+        return build_dp_round_folds(
+            self.settings,
+            self._history(),
+            self.model_manifest.parameter_count,
+            self.model_manifest.task.input_dim,
+            dp,
+            self.noise_rng,
+        )
+
+    def _privacy_announcement(self, phase: str, selected: int) -> PrivacyAnnouncement | None:
+        """What the manifest says about DP: the bound devices clip to, the noise, the budget."""
+        a = self.accountant
+        if a is None:
+            return None
+        config = a.config
+        return PrivacyAnnouncement(
+            noise="central",
+            clip_bound=a.clip_bound,
+            adaptive_clipping=config.adaptive is not None,
+            noise_multiplier=float(config.noise_multiplier),
+            expected_participants=max(1, selected),
+            epsilon_spent=a.epsilon_spent(),
+            epsilon_budget=float(config.epsilon_budget),
+            target_delta=float(config.target_delta),
+        )
 
     def _history(self) -> InfluenceHistory:
         """What the influence bounds remember, as ``EngineState`` (and the checkpoint) holds it."""
@@ -408,6 +478,7 @@ class RoundEngine:
             elif enough:
                 self.state.weights = folds.updates.result(self.state.weights)
                 self.state.completed_rounds += 1
+                self._charge_privacy(folds, m)
         except AggregationError as exc:
             # E.g. fewer than 2 samples for a normalisation, or weights overflowing float32: the
             # round is aborted (no new model), never a crash of the aggregator.
@@ -445,10 +516,27 @@ class RoundEngine:
             weight_cap=folds.limits.weight_cap,
             spent=len(r.spent),
             outlier_devices=len(outliers),
+            epsilon_spent=None if self.accountant is None else self.accountant.epsilon_spent(),
         )
         self.state.history.append(record.to_dict())
         self.current = None
         return record
+
+    def _charge_privacy(self, folds: RoundFolds, m: RoundManifest) -> None:
+        """A DP round's noised aggregate was used: the accountant charges it (and, with
+        adaptive clipping, moves the bound by the noisy count), and the state keeps the ledger
+        for the checkpoint. Aborted rounds release nothing and cost nothing."""
+        a = self.accountant
+        if a is None or folds.dp is None or m.privacy is None:
+            return
+        if a.config.adaptive is None:
+            a.record_round()
+        else:
+            a.record_round(
+                noisy_indicator_sum=folds.dp.noisy_indicator_sum,
+                expected_participants=m.privacy.expected_participants,
+            )
+        self.state.privacy = a.state()
 
     # --- messages ----------------------------------------------------------------------------
 
@@ -542,6 +630,10 @@ class RoundEngine:
                 r.moment_devices.append(device)
                 return None
             update = decode_update(payload_header, body, self.layout, m.codec)
+            # The clip indicator belongs to adaptive-DP rounds only, and they need it.
+            adaptive = m.privacy is not None and m.privacy.adaptive_clipping
+            if (update.clip_indicator is not None) != adaptive:
+                return RejectReason.BAD_SCHEMA
             ev = update.evaluation
             if update.examples > limit or (ev is not None and ev.examples > limit):
                 return RejectReason.TOO_MANY_EXAMPLES
@@ -574,7 +666,28 @@ class RoundEngine:
             "limits": self.limits(),
             "history": self.state.history[-5:],
             "eval_metric": self.eval_metric,  # which fed_eval_* field of a record is the task's
+            "privacy": self.privacy_status(),
             "time": now,
+        }
+
+    def privacy_status(self) -> dict[str, Any] | None:
+        """``[privacy]`` for operators: the budget, what is spent and what is left; None when off."""
+        a = self.accountant
+        if a is None:
+            return None
+        c = a.config
+        return {
+            "noise": "central",
+            "epsilon_spent": a.epsilon_spent(),
+            "epsilon_budget": float(c.epsilon_budget),
+            "target_delta": float(c.target_delta),
+            "rounds_charged": a.rounds,
+            "rounds_left": a.rounds_left(),
+            "budget_spent": self.budget_spent,
+            "clip_bound": a.clip_bound,
+            "adaptive_clipping": c.adaptive is not None,
+            "noise_multiplier": float(c.noise_multiplier),
+            "update_noise_multiplier": float(c.update_noise_multiplier),
         }
 
     def limits(self) -> dict[str, Any]:
@@ -600,4 +713,5 @@ class RoundEngine:
             rejected_total=dict(self.state.rejected_total),
             history=list(self.state.history),
             counter_keys=dict(self.state.counter_keys),
+            privacy=None if self.state.privacy is None else dict(self.state.privacy),
         )

@@ -37,6 +37,7 @@ from fedge.aggregator.dashboard import build_view, view_json
 from fedge.aggregator.fleet_summary import DeviceSeen, build_fleet_summary, device_condition
 from fedge.aggregator.heartbeat import Heartbeat
 from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
+from fedge.aggregator.privacy_config import privacy_config
 from fedge.aggregator.registry import load_registry, load_registry_file
 from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord, start_generation
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
@@ -127,7 +128,18 @@ def state_from_checkpoint(ck: Checkpoint) -> EngineState:
         },
         generation=_generation(meta.get("generation", 1)),
         model_sha256=meta.get("model_sha256") if isinstance(meta.get("model_sha256"), str) else None,
+        privacy=_privacy_state(meta.get("privacy")),
     )
+
+
+def _privacy_state(value: object) -> dict[str, Any] | None:
+    """The checkpointed accountant state: an object (checked against ``[privacy]`` when the
+    engine restores it), or absent / null (no rounds under differential privacy yet)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint metadata: privacy must be an object or null, not {value!r}")
+    return dict(value)
 
 
 def _generation(value: object) -> int:
@@ -163,6 +175,7 @@ def checkpoint_from_state(state: EngineState) -> Checkpoint:
             "counter_keys": dict(state.counter_keys),
             "generation": state.generation,
             "model_sha256": state.model_sha256,
+            "privacy": state.privacy,
         },
     )
 
@@ -226,6 +239,18 @@ class AggregatorService:
                 "volume (sudo chown -R 10001:10001 HOST_DIR; on Kubernetes, fsGroup: 10001)"
             ) from None
         self.checkpoint_path = config.state_dir / CHECKPOINT_FILE
+        # [privacy]: resolved once (the derived noise multiplier), and dp-accounting loaded,
+        # only when it is enabled.
+        self.privacy = privacy_config(config.privacy, config.rounds)
+        if self.privacy is not None:
+            log.info(
+                "differential privacy: epsilon budget %g at delta %g, noise multiplier %.4g, clip bound %g%s",
+                self.privacy.epsilon_budget,
+                self.privacy.target_delta,
+                self.privacy.noise_multiplier,
+                self.privacy.clip_bound,
+                " (adaptive)" if self.privacy.adaptive is not None else "",
+            )
         self.engine: RoundEngine
         if leadership is None:
             self._load_state()
@@ -281,16 +306,46 @@ class AggregatorService:
             model_sha256=loaded.manifest.model_sha256,
         )
         state = initial if ck is None else self._resume_or_roll(ck, initial)
-        self.engine = RoundEngine(
-            config.fleet,
-            config.rounds,
-            loaded.manifest,
-            loaded.model,
-            self.box_key,
-            self.signing_key,
-            self.registry,
-            state,
-        )
+        if self.privacy is None and state.privacy is not None:
+            log.warning(
+                "[privacy] is off, but the checkpoint has rounds under differential privacy "
+                "(epsilon %s spent): rounds from now on add noise no more, and the fleet's "
+                "guarantee ends here",
+                state.privacy.get("epsilon_spent"),
+            )
+            state.privacy = None
+        elif self.privacy is not None and state.privacy is None and state.completed_rounds > 0:
+            log.warning(
+                "[privacy] is on from round %d: the %d rounds before were not private, and the "
+                "epsilon reported covers only the rounds from now on",
+                state.completed_rounds + 1,
+                state.completed_rounds,
+            )
+        try:
+            self.engine = RoundEngine(
+                config.fleet,
+                config.rounds,
+                loaded.manifest,
+                loaded.model,
+                self.box_key,
+                self.signing_key,
+                self.registry,
+                state,
+                privacy=self.privacy,
+            )
+        except FedgeError as exc:
+            if self.privacy is None:
+                raise
+            from fedge.aggregator.privacy import PrivacyStateError  # noqa: PLC0415 - loads dp-accounting
+
+            if not isinstance(exc, PrivacyStateError):
+                raise
+            # A privacy ledger spent under other [privacy] parameters.
+            raise ConfigError(
+                f"{self.checkpoint_path}: {exc}; the [privacy] parameters (and [rounds] rounds, "
+                "which the noise multiplier is derived from) of a running fleet cannot change: "
+                "its budget was spent at the old ones. Restore them (docs/differential-privacy.md)"
+            ) from None
 
     def _resume_or_roll(self, ck: Checkpoint, initial: EngineState) -> EngineState:
         """The checkpoint's state for the configured model, or a new model generation.

@@ -97,6 +97,13 @@ class DemoOptions:
     split_by: str = "day"
     time_column: str | None = None
     seed: int = 0
+    # Differential privacy (the aggregator's [privacy]): None = off; else the epsilon budget
+    # for the whole run at dp_delta, the noise multiplier derived from it and `rounds`.
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    # The first clip bound (adaptive clipping moves it to the median update norm, at most
+    # about 10 % a round): near the har-watch demo's update norms, 1-3.
+    dp_clip_bound: float = 1.0
 
 
 @dataclass
@@ -121,6 +128,13 @@ class DemoSummary:
     data: dict[str, Any] | None = None  # with --train: the CSVs, the split and each device's rows
     #: Predictions (``insight/{device_id}``) seen per device, and each device's latest one.
     predictions: dict[str, Any] = field(default_factory=dict)
+    #: Secure aggregation (issue 14): not wired into the demo's rounds yet, so always False.
+    secure_aggregation: bool = False
+    #: Devices the demo made drop out of rounds (``--drop-devices``, with secure aggregation).
+    dropped: int = 0
+    #: Differential privacy: the epsilon spent over the run at ``delta`` (None without DP).
+    epsilon_spent: float | None = None
+    delta: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -580,6 +594,16 @@ def run_demo(
             "server_learning_rate": options.server_learning_rate,
             "wait_for_devices_s": 60.0,
         },
+        privacy=(
+            None
+            if options.dp_epsilon is None
+            else {
+                "enabled": True,
+                "epsilon_budget": options.dp_epsilon,
+                "target_delta": options.dp_delta,
+                "clip_bound": options.dp_clip_bound,
+            }
+        ),
         mqtt_protocol=mqtt_protocol,
         edgex=edgex,
         task_file=options.task_file,
@@ -743,7 +767,18 @@ def _summarise(
             "published": dict(view.insight_counts),
             "latest": {device: doc.get("prediction") for device, doc in view.insights.items()},
         },
+        epsilon_spent=_epsilon_spent(view.aggregator_status),
+        delta=options.dp_delta if options.dp_epsilon is not None else None,
     )
+
+
+def _epsilon_spent(status: dict[str, Any]) -> float | None:
+    """The epsilon the aggregator's last status says the fleet spent (None without DP)."""
+    privacy = status.get("privacy")
+    if not isinstance(privacy, dict):
+        return None
+    spent = privacy.get("epsilon_spent")
+    return float(spent) if isinstance(spent, int | float) and not isinstance(spent, bool) else None
 
 
 def _own_summary(options: DemoOptions, own: OwnData) -> dict[str, Any]:
@@ -822,6 +857,11 @@ def render_table(summary: DemoSummary) -> str:
             f"federated after {summary.rounds_completed} rounds: {f:.3f} ({100 * f / c:.1f}% of centralized)"
         )
     lines.append(f"rejected updates: {summary.rejected or 'none'}; took {summary.seconds:.0f}s")
+    if summary.epsilon_spent is not None:
+        lines.append(
+            f"differential privacy: epsilon {summary.epsilon_spent:.3f} spent at delta {summary.delta:g} "
+            "(per device, whole run)"
+        )
     published = summary.predictions.get("published", {})
     if published:
         lines.append(

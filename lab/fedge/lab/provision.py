@@ -77,6 +77,7 @@ def create_fleet(
     task_file: Path | None = None,
     mqtt_extra: dict[str, dict[str, object]] | None = None,
     edgex_extra: dict[str, dict[str, object]] | None = None,
+    privacy: dict[str, object] | None = None,
 ) -> FleetFiles:
     """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject.
 
@@ -144,6 +145,7 @@ def create_fleet(
                 },
                 "mqtt": {"broker": broker_url, "protocol": mqtt_protocol, **extra.get("aggregator", {})},
                 "rounds": dict(rounds),
+                **({"privacy": dict(privacy)} if privacy else {}),
             }
         ),
         secret="password" in extra.get("aggregator", {}),

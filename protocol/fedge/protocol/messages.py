@@ -70,6 +70,9 @@ class UpdatePayload:
     examples: int
     train_loss: float
     evaluation: Evaluation | None
+    #: With adaptive DP clipping (``privacy.adaptive_clipping`` in the manifest): ``+1`` if the
+    #: device's update was within the clip bound, ``-1`` if it had to be clipped; else None.
+    clip_indicator: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,18 @@ def encode_update(
     examples: int,
     train_loss: float,
     evaluation: Evaluation | None,
+    clip_indicator: int | None = None,
 ) -> tuple[dict[str, Any], bytes]:
-    header = {
+    """``clip_indicator`` (``+1``/``-1``) only in rounds with adaptive DP clipping; the header
+    has the key only then, so updates of other rounds are what they always were."""
+    header: dict[str, Any] = {
         "codec": codec.value,
         "examples": int(examples),
         "train_loss": float(train_loss),
         "evaluation": evaluation.to_dict() if evaluation else None,
     }
+    if clip_indicator is not None:
+        header["clip_indicator"] = int(clip_indicator)
     return header, encode_tensors(delta, layout, codec)
 
 
@@ -101,7 +109,7 @@ def decode_update(
 ) -> UpdatePayload:
     """Checks the schema, the codec the round asked for, and every value's finiteness."""
     fields = {"codec", "examples", "train_loss", "evaluation"}
-    if set(header) != fields:
+    if set(header) - {"clip_indicator"} != fields:
         raise MessageError(
             RejectReason.BAD_SCHEMA,
             "update header must have codec, examples, train_loss, evaluation",
@@ -120,13 +128,22 @@ def decode_update(
     examples = _count(header["examples"], "examples")
     train_loss = _finite(header["train_loss"], "train_loss")
     evaluation = None if header["evaluation"] is None else _evaluation(header["evaluation"])
+    indicator = header.get("clip_indicator")
+    if "clip_indicator" in header and (isinstance(indicator, bool) or indicator not in (1, -1)):
+        raise MessageError(
+            RejectReason.BAD_SCHEMA,
+            "clip_indicator must be 1 or -1",
+            field="clip_indicator",
+            expected=[1, -1],
+            found=indicator,
+        )
     try:
         delta = decode_tensors(body, layout, codec)
     except CodecError as exc:
         raise MessageError(
             RejectReason.BAD_TENSOR, str(exc), field=exc.field, expected=exc.expected, found=exc.found
         ) from None
-    return UpdatePayload(delta, examples, train_loss, evaluation)
+    return UpdatePayload(delta, examples, train_loss, evaluation, indicator)
 
 
 def encode_moments(count: int, sums: np.ndarray, sums_sq: np.ndarray) -> tuple[dict[str, Any], bytes]:

@@ -22,6 +22,7 @@ from fedge.protocol.codec import Codec, CodecError, parse_codec
 from fedge.protocol.digests import is_sha256_hex
 from fedge.protocol.errors import FedgeError, FieldError
 from fedge.protocol.model_manifest import ModelManifest, Normalisation, manifest_from_json
+from fedge.protocol.privacy_announcement import PrivacyAnnouncement, PrivacyAnnouncementError
 from fedge.protocol.signing import canonical_json
 from fedge.protocol.topics import TopicError, check_id
 from fedge.protocol.weights import weights_nbytes
@@ -61,6 +62,9 @@ class RoundManifest:
     #: manifests of a fleet that never changed its model stay what devices before this field
     #: accept, and a device must know the field only once a fleet moves to a new generation.
     generation: int = FIRST_GENERATION
+    #: Differential privacy (``[privacy]``): the clip bound devices apply, the noise, the budget
+    #: spent. Left out of the document when off, like ``generation``.
+    privacy: PrivacyAnnouncement | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -85,6 +89,8 @@ class RoundManifest:
         }
         if self.generation != FIRST_GENERATION:
             doc["generation"] = self.generation
+        if self.privacy is not None:
+            doc["privacy"] = self.privacy.to_dict()
         return doc
 
     def sha256(self) -> str:
@@ -123,8 +129,9 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         "model_manifest",
         "normalisation",
     }
-    if set(data) - {"generation"} != expected:
-        missing, extra = sorted(expected - set(data)), sorted(set(data) - expected - {"generation"})
+    optional = {"generation", "privacy"}
+    if set(data) - optional != expected:
+        missing, extra = sorted(expected - set(data)), sorted(set(data) - expected - optional)
         raise RoundManifestError(
             f"round manifest fields: missing {missing}, unexpected {extra}",
             field="round manifest",
@@ -232,7 +239,19 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         model_manifest=model_manifest,
         normalisation=norm,
         generation=_generation(data),
+        privacy=_privacy(data),
     )
+
+
+def _privacy(data: dict[str, Any]) -> PrivacyAnnouncement | None:
+    """``privacy``: absent when the fleet has no differential privacy; present, it must be a
+    complete announcement (``fedge.protocol.privacy_announcement``)."""
+    if "privacy" not in data:
+        return None
+    try:
+        return PrivacyAnnouncement.from_dict(data["privacy"])
+    except PrivacyAnnouncementError as exc:
+        raise RoundManifestError(str(exc), field=exc.field, expected=exc.expected, found=exc.found) from None
 
 
 def _generation(data: dict[str, Any]) -> int:

@@ -822,6 +822,105 @@ AGGREGATOR_SECTIONS = (
         ),
     ),
     Section(
+        "privacy",
+        "Client-level differential privacy (docs/differential-privacy.md). Off by default: it "
+        "costs accuracy, and a fleet opts in. With it on, devices clip their updates to the bound "
+        "the signed manifest announces, the aggregator adds Gaussian noise to the sum, and "
+        'training stops before the epsilon budget is overspent; needs [rounds] weighting = "equal".',
+        (
+            Key("enabled", BOOLEAN, "Differentially private rounds.", default=False),
+            Key(
+                "noise",
+                STRING,
+                "central: the aggregator adds the noise to the sum of clipped updates.",
+                default="central",
+                choices=("central",),
+            ),
+            Key(
+                "epsilon_budget",
+                NUMBER,
+                "The most epsilon (per device, whole training) the fleet may spend; training "
+                "stops before a round would exceed it.",
+                default=8.0,
+                lo=1e-3,
+                hi=1e6,
+            ),
+            Key(
+                "target_delta",
+                NUMBER,
+                "The delta epsilon is computed at; keep it well below 1 / number of devices.",
+                default=1e-5,
+                lo=1e-12,
+                hi=0.1,
+            ),
+            Key(
+                "noise_multiplier",
+                NUMBER,
+                "Noise standard deviation over the clip bound; 0 derives the smallest that fits "
+                "[rounds] rounds in epsilon_budget.",
+                default=0.0,
+                lo=0.0,
+                hi=1e4,
+            ),
+            Key(
+                "clip_bound",
+                NUMBER,
+                "The L2 bound devices clip their update to (the first one, with adaptive clipping).",
+                default=0.1,
+                lo=1e-9,
+                hi=1e9,
+            ),
+            Key(
+                "adaptive_clipping",
+                BOOLEAN,
+                "Move the bound towards the target_quantile of the update norms each round "
+                "(Andrew et al. 2021), from a noised count.",
+                default=True,
+            ),
+            Key(
+                "target_quantile",
+                NUMBER,
+                "Adaptive clipping: the fraction of updates meant to fit within the bound.",
+                default=0.5,
+                lo=0.0,
+                hi=1.0,
+            ),
+            Key(
+                "clip_learning_rate",
+                NUMBER,
+                "Adaptive clipping: how fast the bound moves (the paper's eta).",
+                default=0.2,
+                lo=1e-6,
+                hi=10.0,
+            ),
+            Key(
+                "clip_count_stddev",
+                NUMBER,
+                "Adaptive clipping: the noise on the count of unclipped updates, in devices; 0 "
+                "uses the noise multiplier.",
+                default=0.0,
+                lo=0.0,
+                hi=1e6,
+            ),
+            Key(
+                "sampling_rate",
+                NUMBER,
+                "The chance a device takes part in a round, for the accountant; below 1 only holds "
+                "with secret, random selection (a warning says so).",
+                default=1.0,
+                lo=1e-6,
+                hi=1.0,
+            ),
+            Key(
+                "accountant",
+                STRING,
+                "rdp (fast, standard) or pld (tighter), from Google's dp-accounting.",
+                default="rdp",
+                choices=("rdp", "pld"),
+            ),
+        ),
+    ),
+    Section(
         "leader",
         "Leader election between aggregator replicas through a Kubernetes Lease "
         "(retry_period_s < renew_deadline_s < lease_duration_s).",

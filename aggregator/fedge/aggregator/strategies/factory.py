@@ -23,15 +23,18 @@ from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.fedavg import FedAvg
 from fedge.aggregator.moments import MomentsAggregation
 from fedge.aggregator.strategies.clipping import NormBounds, NormClip, norm_bounds
+from fedge.aggregator.strategies.dp_mean import DpGaussianMean
 from fedge.aggregator.strategies.fold import MomentsFold, UpdateFold
 from fedge.aggregator.strategies.metrics import RoundMetrics
 from fedge.aggregator.strategies.weighting import CappedClaims, claim_cap, update_weighting, weight_cap
 from fedge.protocol.messages import MomentsPayload, UpdatePayload
 
 __all__ = [
+    "DpRound",
     "InfluenceHistory",
     "RoundFolds",
     "RoundLimits",
+    "build_dp_round_folds",
     "build_round_folds",
     "moments_strategy",
     "round_limits",
@@ -87,12 +90,20 @@ class RoundFolds:
     """
 
     def __init__(
-        self, limits: RoundLimits, updates: NormClip, metrics: RoundMetrics, moments: MomentsFold
+        self,
+        limits: RoundLimits,
+        updates: NormClip,
+        metrics: RoundMetrics,
+        moments: MomentsFold,
+        dp: DpGaussianMean | None = None,
     ) -> None:
         self.limits = limits
         self.updates = updates
         self.metrics = metrics
         self.moments = moments
+        #: The DP fold of a round with ``[privacy]`` (its noisy indicator sum feeds the
+        #: accountant); None otherwise.
+        self.dp = dp
         #: The accepted reports' claimed example counts (the next round's claim cap).
         self.claims: list[int] = []
 
@@ -145,3 +156,45 @@ def build_round_folds(
     metrics = RoundMetrics(update_strategy(settings, limits, parameter_count), CappedClaims(limits.claim_cap))
     updates = NormClip(metrics, limits.bounds, reject=settings.update_norm_policy == "reject")
     return RoundFolds(limits, updates, metrics, moments_strategy(settings, n_features))
+
+
+@dataclass(frozen=True)
+class DpRound:
+    """A DP round's parameters, fixed when it opens (the manifest's ``privacy`` says the same)."""
+
+    clip_bound: float
+    update_noise_multiplier: float
+    #: ``2 * clip_count_stddev``: the noise on the sum of ``+1``/``-1`` indicators; None with
+    #: fixed clipping.
+    indicator_noise_stddev: float | None
+    expected_participants: int
+
+
+def build_dp_round_folds(
+    settings: RoundSettings,
+    history: InfluenceHistory,
+    parameter_count: int,
+    n_features: int,
+    dp: DpRound,
+    rng: np.random.Generator,
+) -> RoundFolds:
+    """A round's folds under central differential privacy: the DP clip bound is the only norm
+    bound (clip, never reject: a device's update is clipped on the device already, and one
+    over the bound by codec rounding or by malice is scaled down here), every update counts
+    once, and the mean is the noised sum over the expected participants
+    (``strategies.dp_mean``). The ``[rounds]`` norm bounds and example weighting are not used:
+    the adaptive one is an exact median of the last round's norms, which is not private."""
+    claim = claim_cap(settings, history.claim_median)
+    limits = RoundLimits(bounds=NormBounds(hard=None, clip=dp.clip_bound), weight_cap=None, claim_cap=claim)
+    fold = DpGaussianMean(
+        parameter_count,
+        settings.max_examples_per_update,
+        expected_participants=dp.expected_participants,
+        update_noise_stddev=dp.update_noise_multiplier * dp.clip_bound,
+        indicator_noise_stddev=dp.indicator_noise_stddev,
+        server_learning_rate=settings.server_learning_rate,
+        rng=rng,
+    )
+    metrics = RoundMetrics(fold, CappedClaims(claim))
+    updates = NormClip(metrics, limits.bounds, reject=False)
+    return RoundFolds(limits, updates, metrics, moments_strategy(settings, n_features), dp=fold)
