@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -80,6 +80,12 @@ bench: install
 	$(BIN)/python bench/bench_poisoning.py --out bench/results/poisoning.json
 	$(BIN)/python bench/bench_insight.py --out bench/results/insight.json
 	$(BIN)/python bench/bench_secagg.py --out bench/results/secagg.json
+	$(BIN)/python bench/bench_dp.py --out bench/results/dp.json
+
+# Accuracy vs epsilon (differential privacy, issue 14): 7 and 100 devices, 30 rounds, ~15 s;
+# writes bench/results/dp.json and dp.png.
+bench-dp: install
+	$(BIN)/python bench/bench_dp.py --out bench/results/dp.json
 
 # The images, built with podman on a local debootstrap base (no registry, no Docker engine);
 # prints each image's size. `make test` builds the ones its tests run.
