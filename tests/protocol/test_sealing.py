@@ -430,7 +430,8 @@ def test_sealed_header_refuses_bad_ids(key: str, what: str, value: str) -> None:
 @pytest.mark.parametrize("kind", ["status", "manifest", "Update", "update\n", ""])
 def test_sealed_header_refuses_an_unknown_kind(kind: str) -> None:
     assert _from_dict_error({**HEADER.to_dict(), "kind": kind}) == (
-        "bad_header: kind must be one of ('update', 'moments')"
+        "bad_header: kind must be one of ('update', 'moments', "
+        "'secagg_advertise', 'secagg_shares', 'secagg_masked', 'secagg_unmask')"
     )
 
 

@@ -28,7 +28,9 @@ from fedge.protocol.keyfile import KeyTextError, key_bytes_from_text
 from fedge.protocol.reasons import FRAME_PREFIX, PAYLOAD_PREFIX, RejectReason
 from fedge.protocol.topics import TopicError, check_id
 
-MESSAGE_KINDS = ("update", "moments")
+#: ``update`` and ``moments`` are the plain rounds' messages; the ``secagg_*`` kinds carry one
+#: secure-aggregation message each (:mod:`fedge.protocol.secagg.wire`), on the same topic.
+MESSAGE_KINDS = ("update", "moments", "secagg_advertise", "secagg_shares", "secagg_masked", "secagg_unmask")
 NONCE_BYTES = Box.NONCE_SIZE
 MAC_BYTES = 16  # Poly1305 tag (crypto_box_MACBYTES)
 _MAX_COUNTER = 2**63 - 1

@@ -40,6 +40,18 @@ class DocType(StrEnum):
     ROUND_MANIFEST = "round-manifest"
     #: A signing-key rotation (:mod:`fedge.protocol.key_rotation`).
     KEY_ROTATION = "key-rotation"
+    #: A secure-aggregation round's config (:mod:`fedge.protocol.secagg.wire`), retained on
+    #: ``secagg/{round_id}/config``.
+    SECAGG_ROUND = "secagg-round"
+    #: A device's neighbours' advertisements, relayed (``secagg/{round_id}/bundle/{device}``).
+    SECAGG_BUNDLE = "secagg-bundle"
+    #: The share ciphertexts addressed to one device, relayed (``.../delivery/{device}``).
+    SECAGG_DELIVERY = "secagg-delivery"
+    #: An unmask request to one device (``.../unmask/{device}``).
+    SECAGG_UNMASK = "secagg-unmask"
+    #: A device's identity key, certified by the fleet operator's key
+    #: (:mod:`fedge.protocol.identity`): what secure aggregation's advertisements are signed with.
+    IDENTITY_CERTIFICATE = "identity-certificate"
 
 
 class SignatureError(ReasonError[str]):

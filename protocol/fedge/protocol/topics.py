@@ -14,6 +14,10 @@ from fedge.protocol.digests import is_sha256_hex
 from fedge.protocol.errors import FedgeError
 
 ROOT = "fedge/v1"
+#: What a secure-aggregation round publishes once for the whole fleet (``secagg/{round}/{what}``).
+SECAGG_ROUND_TOPICS = ("config",)
+#: What it publishes to each device (``secagg/{round}/{what}/{device}``), in phase order.
+SECAGG_DEVICE_TOPICS = ("bundle", "delivery", "unmask")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
@@ -30,7 +34,7 @@ def check_id(value: str, what: str = "device id") -> str:
 
 @dataclass(frozen=True)
 class FleetTopics:
-    """All topics of one fleet. Retained: manifest, blobs, statuses."""
+    """All topics of one fleet. Retained: manifest, blobs, statuses, secure-aggregation documents."""
 
     fleet: str
 
@@ -79,9 +83,53 @@ class FleetTopics:
         devices online, stale, offline, not ready; model version; last round; rejections."""
         return f"{self.base}/aggregator/fleet"
 
+    # secure aggregation, aggregator -> devices (fedge.protocol.secagg.wire)
+    def secagg(self, round_id: str, what: str) -> str:
+        """Retained, signed document of a secure-aggregation round for every device: its
+        ``config``. Per round, so a device that reconnects mid-round finds it, and a new round
+        never overwrites a round still running; cleared (empty retained payload) when it ends."""
+        if what not in SECAGG_ROUND_TOPICS:
+            raise TopicError(f"invalid secagg round topic {what!r}: one of {SECAGG_ROUND_TOPICS}")
+        return f"{self.base}/secagg/{check_id(round_id, 'round id')}/{what}"
+
+    def secagg_device(self, round_id: str, device_id: str, what: str) -> str:
+        """Retained, signed document of a secure-aggregation round for one device: its
+        ``bundle`` (neighbours' advertisements), ``delivery`` (shares addressed to it) or
+        ``unmask`` request; one topic each, so a later phase never replaces an earlier one."""
+        if what not in SECAGG_DEVICE_TOPICS:
+            raise TopicError(f"invalid secagg device topic {what!r}: one of {SECAGG_DEVICE_TOPICS}")
+        return f"{self.base}/secagg/{check_id(round_id, 'round id')}/{what}/{check_id(device_id)}"
+
+    @property
+    def secagg_config_filter(self) -> str:
+        """Every round's config: how a device learns that a secure-aggregation round started."""
+        return f"{self.base}/secagg/+/config"
+
+    def secagg_device_filter(self, round_id: str, device_id: str) -> str:
+        """Everything one round sends one device (bundle, delivery, unmask)."""
+        return f"{self.base}/secagg/{check_id(round_id, 'round id')}/+/{check_id(device_id)}"
+
+    def secagg_round_filter(self, round_id: str) -> str:
+        """Everything one round publishes (to find and clear its retained documents)."""
+        return f"{self.base}/secagg/{check_id(round_id, 'round id')}/#"
+
+    def secagg_parse(self, topic: str) -> tuple[str, str, str | None]:
+        """``(round_id, what, device_id or None)`` of a secure-aggregation topic of this fleet;
+        raises :class:`TopicError` on any other topic (ids checked like everywhere else)."""
+        prefix = f"{self.base}/secagg/"
+        if not topic.startswith(prefix):
+            raise TopicError(f"topic {topic!r} is not a secagg topic of fleet {self.fleet!r}")
+        parts = topic[len(prefix) :].split("/")
+        if len(parts) == 2 and parts[1] in SECAGG_ROUND_TOPICS:
+            return check_id(parts[0], "round id"), parts[1], None
+        if len(parts) == 3 and parts[1] in SECAGG_DEVICE_TOPICS:
+            return check_id(parts[0], "round id"), parts[1], check_id(parts[2])
+        raise TopicError(f"topic {topic!r} is not a secagg topic of fleet {self.fleet!r}")
+
     # devices -> aggregator
     def update(self, device_id: str) -> str:
-        """Sealed messages from one device: model updates, feature moments (QoS 1)."""
+        """Sealed messages from one device: model updates, feature moments, secure-aggregation
+        messages (QoS 1)."""
         return f"{self.base}/update/{check_id(device_id)}"
 
     @property
