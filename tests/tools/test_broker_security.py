@@ -904,6 +904,7 @@ topic write fedge/v1/f1/blob/#
 topic write fedge/v1/f1/aggregator/status
 topic write fedge/v1/f1/aggregator/fleet
 topic write fedge/v1/f1/keys/rotation/+
+topic write fedge/v1/f1/secagg/#
 
 # building-management system (read-only): bms-1
 user bms-1
@@ -924,6 +925,8 @@ topic write fedge/v1/f1/insight/dev-a
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
+topic read fedge/v1/f1/secagg/+/config
+topic read fedge/v1/f1/secagg/+/+/dev-a
 
 # device's EdgeX-bus connection (its readings, read-only): dev-a.edgex
 user dev-a.edgex
@@ -938,6 +941,8 @@ topic write fedge/v1/f1/insight/dev-b
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
+topic read fedge/v1/f1/secagg/+/config
+topic read fedge/v1/f1/secagg/+/+/dev-b
 
 # device's EdgeX-bus connection (its readings, read-only): dev-b.edgex
 user dev-b.edgex

@@ -299,6 +299,7 @@ class FleetAccess:
                 ("write", t.aggregator_status),
                 ("write", t.fleet_summary),
                 ("write", t.rotation_filter),
+                ("write", f"{t.base}/secagg/#"),  # secure-aggregation rounds' signed documents
             ]
         if principal.role == "monitor":
             return [
@@ -340,6 +341,10 @@ class FleetAccess:
             ("read", t.manifest),
             ("read", f"{t.base}/blob/#"),
             ("read", t.rotation_filter),  # signing-key rotations
+            # Secure aggregation: every round's config, and only what a round sends this device
+            # (its neighbours' keys, the shares addressed to it, its unmask request).
+            ("read", f"{t.base}/secagg/+/config"),
+            ("read", f"{t.base}/secagg/+/+/{device}"),
         ]
         if self.home_assistant_prefix is not None:  # its own discovery config, no other
             rules.append(("write", ha_discovery_topic(self.home_assistant_prefix, self.fleet, device)))

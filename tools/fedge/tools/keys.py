@@ -484,6 +484,10 @@ def add_keys_parser(sub: Any) -> None:
     rot.add_argument("--json", action="store_true", help="print the result as JSON")
     rot.set_defaults(func=cmd_keys_rotate)
 
+    from fedge.tools.identity_keys import add_identity_parsers  # noqa: PLC0415 - imports this module
+
+    add_identity_parsers(keys_sub, sub)  # fedge keys operator|identity, fedge certify
+
     enroll = sub.add_parser("enroll", help="enroll a device's public key in the registry")
     enroll.add_argument("--registry", type=Path, required=True, metavar="FILE", help="registry (TOML)")
     enroll.add_argument("--id", help="device id")
