@@ -20,6 +20,7 @@ from fedge.protocol.codec import Codec
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import ModelManifest, Normalisation
 from fedge.protocol.privacy_announcement import PrivacyAnnouncement
+from fedge.protocol.secagg.announcement import SecureAggregationAnnouncement
 from fedge.protocol.round_manifest import (
     MAX_SELECTED_DEVICES,
     PHASES,
@@ -181,6 +182,7 @@ _CHANGES: dict[str, Any] = {
     "normalisation": None,
     "generation": 2,
     "privacy": PrivacyAnnouncement("central", 0.5, False, 1.2, 2, 0.0, 8.0, 1e-5),
+    "secure_aggregation": SecureAggregationAnnouncement(2.0, 32, 2, 2),
 }
 
 
@@ -211,6 +213,24 @@ def test_privacy_is_in_the_document_only_when_announced_and_checked_like_any_fie
     assert (str(err.value), err.value.field) == ("privacy.clip_bound must be > 0", "privacy.clip_bound")
     with pytest.raises(RoundManifestError, match="privacy must be an object"):
         round_manifest_from_dict({**doc, "privacy": None})
+
+
+def test_secure_aggregation_is_announced_in_train_rounds_only() -> None:
+    assert MANIFEST.phase == "train" and "secure_aggregation" not in MANIFEST_DICT
+    secure = dataclasses.replace(MANIFEST, secure_aggregation=SecureAggregationAnnouncement(1.5, 32, 6, 4))
+    doc = secure.to_dict()
+    assert doc["secure_aggregation"] == {"clip_norm": 1.5, "bits": 32, "degree": 6, "threshold": 4}
+    assert round_manifest_from_dict(json.loads(json.dumps(doc))) == secure
+    with pytest.raises(RoundManifestError) as err:
+        round_manifest_from_dict({**doc, "phase": "final"})
+    assert (str(err.value), err.value.field) == (
+        "secure_aggregation is only for train rounds",
+        "secure_aggregation",
+    )
+    for key, bad in (("bits", 63), ("clip_norm", 0), ("threshold", True), ("degree", 1)):
+        with pytest.raises(RoundManifestError) as err:
+            round_manifest_from_dict({**doc, "secure_aggregation": {**doc["secure_aggregation"], key: bad}})
+        assert err.value.field == f"secure_aggregation.{key}"
 
 
 def test_the_change_table_covers_every_field() -> None:

@@ -905,6 +905,7 @@ topic write fedge/v1/f1/aggregator/status
 topic write fedge/v1/f1/aggregator/fleet
 topic write fedge/v1/f1/keys/rotation/+
 topic write fedge/v1/f1/secagg/#
+topic read fedge/v1/f1/identity/+
 
 # building-management system (read-only): bms-1
 user bms-1
@@ -927,6 +928,8 @@ topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
 topic read fedge/v1/f1/secagg/+/config
 topic read fedge/v1/f1/secagg/+/+/dev-a
+topic write fedge/v1/f1/identity/dev-a
+topic read fedge/v1/f1/identity/+
 
 # device's EdgeX-bus connection (its readings, read-only): dev-a.edgex
 user dev-a.edgex
@@ -943,6 +946,8 @@ topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
 topic read fedge/v1/f1/secagg/+/config
 topic read fedge/v1/f1/secagg/+/+/dev-b
+topic write fedge/v1/f1/identity/dev-b
+topic read fedge/v1/f1/identity/+
 
 # device's EdgeX-bus connection (its readings, read-only): dev-b.edgex
 user dev-b.edgex

@@ -23,6 +23,10 @@ from fedge.protocol.digests import is_sha256_hex
 from fedge.protocol.errors import FedgeError, FieldError
 from fedge.protocol.model_manifest import ModelManifest, Normalisation, manifest_from_json
 from fedge.protocol.privacy_announcement import PrivacyAnnouncement, PrivacyAnnouncementError
+from fedge.protocol.secagg.announcement import (
+    SecureAggregationAnnouncement,
+    SecureAggregationAnnouncementError,
+)
 from fedge.protocol.signing import canonical_json
 from fedge.protocol.topics import TopicError, check_id
 from fedge.protocol.weights import weights_nbytes
@@ -65,6 +69,9 @@ class RoundManifest:
     #: Differential privacy (``[privacy]``): the clip bound devices apply, the noise, the budget
     #: spent. Left out of the document when off, like ``generation``.
     privacy: PrivacyAnnouncement | None = None
+    #: Secure aggregation (``[privacy] secure_aggregation``), in train manifests only: the
+    #: device's update goes into the masked sum, never in the clear. Left out when off.
+    secure_aggregation: SecureAggregationAnnouncement | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -91,6 +98,8 @@ class RoundManifest:
             doc["generation"] = self.generation
         if self.privacy is not None:
             doc["privacy"] = self.privacy.to_dict()
+        if self.secure_aggregation is not None:
+            doc["secure_aggregation"] = self.secure_aggregation.to_dict()
         return doc
 
     def sha256(self) -> str:
@@ -129,7 +138,7 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         "model_manifest",
         "normalisation",
     }
-    optional = {"generation", "privacy"}
+    optional = {"generation", "privacy", "secure_aggregation"}
     if set(data) - optional != expected:
         missing, extra = sorted(expected - set(data)), sorted(set(data) - expected - optional)
         raise RoundManifestError(
@@ -240,7 +249,25 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         normalisation=norm,
         generation=_generation(data),
         privacy=_privacy(data),
+        secure_aggregation=_secure_aggregation(data),
     )
+
+
+def _secure_aggregation(data: dict[str, Any]) -> SecureAggregationAnnouncement | None:
+    """``secure_aggregation``: absent unless the round is secure, and then in a train round only."""
+    if "secure_aggregation" not in data:
+        return None
+    if data["phase"] != "train":
+        raise RoundManifestError(
+            "secure_aggregation is only for train rounds",
+            field="secure_aggregation",
+            expected="absent",
+            found=data["phase"],
+        )
+    try:
+        return SecureAggregationAnnouncement.from_dict(data["secure_aggregation"])
+    except SecureAggregationAnnouncementError as exc:
+        raise RoundManifestError(str(exc), field=exc.field, expected=exc.expected, found=exc.found) from None
 
 
 def _privacy(data: dict[str, Any]) -> PrivacyAnnouncement | None:

@@ -149,6 +149,17 @@ class FleetTopics:
         global model run on the device's newest live window, for building-management systems."""
         return f"{self.base}/insight/{check_id(device_id)}"
 
+    def identity(self, device_id: str) -> str:
+        """Retained identity certificate of one device (``fedge.protocol.identity``), published by
+        the device itself: the operator-signed key its secure-aggregation round keys are signed
+        with. Read by every device (its neighbours) and the aggregator; only a pinned operator
+        key makes one count, so neither the broker nor the aggregator can forge it."""
+        return f"{self.base}/identity/{check_id(device_id)}"
+
+    @property
+    def identity_filter(self) -> str:
+        return f"{self.base}/identity/+"
+
     @property
     def insight_filter(self) -> str:
         return f"{self.base}/insight/+"

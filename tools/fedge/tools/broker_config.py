@@ -300,6 +300,7 @@ class FleetAccess:
                 ("write", t.fleet_summary),
                 ("write", t.rotation_filter),
                 ("write", f"{t.base}/secagg/#"),  # secure-aggregation rounds' signed documents
+                ("read", t.identity_filter),  # devices' operator-signed identity certificates
             ]
         if principal.role == "monitor":
             return [
@@ -345,6 +346,9 @@ class FleetAccess:
             # (its neighbours' keys, the shares addressed to it, its unmask request).
             ("read", f"{t.base}/secagg/+/config"),
             ("read", f"{t.base}/secagg/+/+/{device}"),
+            # Its own identity certificate (retained), and every device's: its neighbours'.
+            ("write", t.identity(device)),
+            ("read", t.identity_filter),
         ]
         if self.home_assistant_prefix is not None:  # its own discovery config, no other
             rules.append(("write", ha_discovery_topic(self.home_assistant_prefix, self.fleet, device)))
