@@ -16,6 +16,8 @@ from nacl.signing import SigningKey
 
 from fedge.agent.core import (
     MAX_BLOB_BYTES,
+    PLAIN_ROUND_REFUSED,
+    SECAGG_NOT_CONFIGURED,
     TRANSITIONS,
     DeviceCore,
     DeviceCoreError,
@@ -28,7 +30,9 @@ from fedge.agent.core import (
     Outcome,
     Persist,
     Phase,
+    RefuseRound,
     Reject,
+    SecureUpdate,
     Send,
     StatusState,
     Train,
@@ -37,7 +41,9 @@ from fedge.agent.core import (
 )
 from fedge.agent.device_state import DeviceState
 from fedge.aggregator.round_engine import Publication, RoundEngine
-from fedge.protocol.signing import key_id
+from fedge.protocol.round_manifest import RoundManifest
+from fedge.protocol.secagg.announcement import SecureAggregationAnnouncement
+from fedge.protocol.signing import DocType, key_id, sign_document
 from support.engine_helpers import (
     AGGREGATOR_KEY,
     DEVICE_IDS,
@@ -378,3 +384,100 @@ def test_a_round_that_closes_while_waiting_for_data_is_given_up_and_a_new_manife
     with pytest.raises(DeviceCoreError, match="manifest_rejected is not expected in phase waiting_for_data"):
         c2.manifest_arrived(b"junk", TRUSTED, T0 + 2)
     assert c2.superseded() == [] and c2.phase is Phase.WAITING
+
+
+# --- secure aggregation -------------------------------------------------------------------------
+
+SECURE = SecureAggregationAnnouncement(clip_norm=1.0, bits=32, degree=4, threshold=3)
+
+
+def secure_core(*, secure: bool = True, require: bool = False) -> DeviceCore:
+    identity = DeviceIdentity(FLEET, DEVICE, DEVICE_KEYS[DEVICE], AGGREGATOR_KEY.public_key)
+    return DeviceCore(identity, DeviceState(), secure_aggregation=secure, require_secure_aggregation=require)
+
+
+def secure_round(pub: Publication) -> tuple[Publication, RoundManifest]:
+    """The engine's round, announced as a secure one (re-signed with the aggregator's key)."""
+    manifest = replace(pub.manifest, secure_aggregation=SECURE)
+    frame = sign_document(DocType.ROUND_MANIFEST, manifest.to_dict(), SIGNING_KEY)
+    return replace(pub, manifest=manifest, manifest_frame=frame), manifest
+
+
+def test_a_secure_round_hands_the_delta_over_and_never_seals_a_plain_update() -> None:
+    pub, m = secure_round(train_engine()[1])
+    c = secure_core()
+    assert fetch_and_load(c, pub)[-2:] == [StatusState("training"), Train(m, "update")]
+    delta = np.full(P, 0.001, np.float32)
+    actions = c.trained(delta, 120, 0.5, None, T0 + 2)
+    assert types(actions) == [Persist, SecureUpdate]
+    done, update = actions
+    assert isinstance(done, Persist) and isinstance(update, SecureUpdate)
+    # Handed over: a restart does not train for the round again; no counter spent, nothing sealed.
+    assert done.state.last_round_id == m.round_id and done.state.update_counter == 0
+    assert update.manifest == m and update.delta is delta
+    assert not any(isinstance(a, Send) for a in actions)
+    # The status stays "training" (the secure round runs on): the shell says when it is over.
+    assert not any(isinstance(a, StatusState) for a in actions)
+    assert c.phase is Phase.WAITING and c.pending is None
+
+
+def test_a_secure_round_closed_while_training_hands_nothing_over() -> None:
+    pub, m = secure_round(train_engine()[1])
+    c = secure_core()
+    fetch_and_load(c, pub)
+    late = c.trained(np.zeros(P, np.float32), 1, 0.1, None, m.deadline + 1)
+    assert types(late) == [Note, StatusState] and c.phase is Phase.WAITING
+
+
+def test_a_device_without_an_identity_key_sits_a_secure_round_out_and_counts_it() -> None:
+    pub, m = secure_round(train_engine()[1])
+    c = secure_core(secure=False)
+    actions = fetch_and_load(c, pub)
+    assert types(actions) == [Load, RefuseRound, Note, StatusState]
+    refused = actions[1]
+    assert isinstance(refused, RefuseRound)
+    assert (refused.round_id, refused.reason) == (m.round_id, SECAGG_NOT_CONFIGURED)
+    assert "identity_key_file" in refused.detail
+    assert actions[-1] == StatusState("idle") and c.phase is Phase.WAITING
+    assert c.current == m  # the model is installed for predictions all the same
+
+
+def test_require_secure_aggregation_refuses_a_plain_train_round_but_installs_its_model() -> None:
+    _, pub = train_engine()
+    c = secure_core(require=True)
+    actions = fetch_and_load(c, pub)
+    assert types(actions) == [Load, RefuseRound, Note, StatusState]
+    refused = actions[1]
+    assert isinstance(refused, RefuseRound) and refused.reason == PLAIN_ROUND_REFUSED == "plain_round_refused"
+    note = actions[2]
+    assert isinstance(note, Note) and note.problem and "require_secure_aggregation" in note.text
+    assert c.phase is Phase.WAITING and c.current == pub.manifest
+    assert c.state.update_counter == 0 and c.state.last_round_id is None
+
+
+def test_require_secure_aggregation_takes_part_in_secure_rounds_and_moments_rounds() -> None:
+    pub, m = secure_round(train_engine()[1])
+    c = secure_core(require=True)
+    assert fetch_and_load(c, pub)[-1] == Train(m, "update")
+    assert types(c.trained(np.zeros(P, np.float32), 1, 0.1, None, T0 + 2)) == [Persist, SecureUpdate]
+    # A moments round carries no update: it is not a plain round to refuse.
+    _, moments = moments_engine()
+    c = secure_core(require=True)
+    assert fetch_and_load(c, moments)[-1] == Train(moments.manifest, "moments")
+
+
+def test_requiring_secure_aggregation_without_an_identity_is_a_bug_of_the_caller() -> None:
+    with pytest.raises(DeviceCoreError, match="identity key"):
+        secure_core(secure=False, require=True)
+
+
+def test_reserved_counters_are_persisted_first_and_shared_with_updates() -> None:
+    engine, pub = train_engine()
+    c = secure_core()
+    reserved = [c.reserve_counter() for _ in range(4)]  # a secure round's four frames
+    assert [p.state.update_counter for p in reserved] == [1, 2, 3, 4]
+    assert c.state.update_counter == 4
+    fetch_and_load(c, pub)
+    send = c.trained(np.full(P, 0.001, np.float32), 10, 0.5, None, T0 + 2)[1]
+    assert isinstance(send, Send) and send.counter == 5
+    assert engine.handle(send.topic, send.frame, T0 + 3).accepted

@@ -1279,6 +1279,7 @@ def test_status_reports_the_round_the_reports_and_the_rejections() -> None:
             "norm_bound_hard": pytest.approx(0.5 * float(np.linalg.norm(INITIAL_WEIGHTS.astype(np.float64)))),
             "norm_policy": "clip",
             "moments_aggregation": "robust",
+            "secure_aggregation": None,
         },
         "history": [],
         "eval_metric": "accuracy",

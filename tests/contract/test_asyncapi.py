@@ -59,6 +59,9 @@ def test_every_fleet_topic_is_exactly_one_channel() -> None:
         "update": T.update("watch-01"),
         "deviceStatus": T.status("watch-01"),
         "insight": getattr(T, "insight", lambda d: f"{T.base}/insight/{d}")("watch-01"),
+        "secaggConfig": T.secagg("r0003-v7", "config"),
+        "secaggRelay": T.secagg_device("r0003-v7", "watch-01", "bundle"),
+        "identity": T.identity("watch-01"),
         "edgexDeviceEvents": "edgex/events/device/device-imu/wearable-imu/watch-01/imu",
         "edgexCoreEvents": "edgex/events/core/core-data/wearable-imu/watch-01/imu",
     }
@@ -66,7 +69,17 @@ def test_every_fleet_topic_is_exactly_one_channel() -> None:
     for key, topic in topics.items():
         channel = doc.channel_for(topic)
         assert channel is not None and channel.key == key, topic
-    for stray in (f"{T.base}/status/a/b", f"{T.base}/blob/xyz", f"{T.base}/aggregator/other", "fedge/v1/f1"):
+    for what in ("delivery", "unmask"):
+        relay = doc.channel_for(T.secagg_device("r0003-v7", "watch-01", what))
+        assert relay is not None and relay.key == "secaggRelay", what
+    for stray in (
+        f"{T.base}/status/a/b",
+        f"{T.base}/blob/xyz",
+        f"{T.base}/aggregator/other",
+        "fedge/v1/f1",
+        f"{T.base}/secagg/r0003-v7/other/watch-01",
+        f"{T.base}/secagg/r0003-v7/bundle",
+    ):
         assert doc.channel_for(stray) is None, stray
 
 
@@ -96,6 +109,8 @@ def _sample(address: str) -> str:
         .replace("{device_id}", "watch-01")
         .replace("{sha256}", SHA)
         .replace("{seq}", "000001")
+        .replace("{round_id}", "r0003-v7")
+        .replace("{document}", "bundle")
     )
 
 
@@ -283,6 +298,51 @@ def test_the_status_of_a_fleet_with_differential_privacy_matches_its_schema() ->
             T.aggregator_status,
             json.dumps({**AGGREGATOR_STATUS, "privacy": {**privacy, "extra": 1}}).encode(),
         )
+
+
+def test_the_status_of_a_fleet_with_secure_aggregation_matches_its_schema() -> None:
+    """``limits.secure_aggregation`` as the engine builds it, idle and in a round, and a secure
+    round's record (not hand-written copies)."""
+    from fedge.aggregator.privacy_config import SecureSettings
+    from fedge.aggregator.round_engine import RoundEngine
+    from support.engine_helpers import (
+        AGGREGATOR_KEY,
+        FLEET,
+        MODEL_BYTES,
+        MODEL_MANIFEST,
+        SIGNING_KEY,
+        initial_state,
+        registry,
+        settings,
+    )
+
+    engine = RoundEngine(
+        FLEET,
+        settings(min_devices=3),
+        MODEL_MANIFEST,
+        MODEL_BYTES,
+        AGGREGATOR_KEY,
+        SIGNING_KEY,
+        registry(),
+        initial_state(),
+        secure=SecureSettings(),
+    )
+    idle = engine.status(1_700_000_000.0)
+    m = engine.open_round(1_700_000_000.0).manifest
+    running = engine.status(1_700_000_001.0)
+    assert running["limits"]["secure_aggregation"]["phase"] == "advertise"
+    engine.close_round()
+    record = engine.status(m.deadline)["history"][-1]
+    assert record["secure_aggregation"] is True and record["outcome"] == "aborted"
+    channel = _channel("aggregatorStatus")
+    for status in (idle, running):
+        channel.validate(
+            T.aggregator_status, json.dumps({**AGGREGATOR_STATUS, "limits": status["limits"]}).encode()
+        )
+    channel.validate(T.aggregator_status, json.dumps({**AGGREGATOR_STATUS, "history": [record]}).encode())
+    broken = {**running["limits"], "secure_aggregation": {**running["limits"]["secure_aggregation"], "x": 1}}
+    with pytest.raises(AssertionError):
+        channel.validate(T.aggregator_status, json.dumps({**AGGREGATOR_STATUS, "limits": broken}).encode())
 
 
 INSIGHT: dict[str, Any] = {

@@ -159,3 +159,20 @@ def test_demo_refuses_privacy_options_without_an_epsilon(tmp_path: Path) -> None
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--dp-delta and --dp-clip-bound go with --dp-epsilon (differential privacy)" in proc.stderr
+
+
+def test_demo_with_secure_aggregation_and_two_devices_dropping_every_round(tmp_path: Path) -> None:
+    """``--secure-aggregation --drop-devices 2``: identity keys and certificates for every device,
+    masked updates only, two agents frozen mid-round in every round (SIGSTOP once their
+    neighbours' keys are relayed) and the rounds still aggregate from the five survivors."""
+    out = tmp_path / "secure"
+    s = run_demo(out, "--rounds", "3", "--data", "direct", "--secure-aggregation", "--drop-devices", "2")
+    assert (s["secure_aggregation"], s["rounds_completed"], s["devices"]) == (True, 3, 7)
+    assert [r["dropped"] for r in s["per_round"]] == [2, 2, 2] and s["dropped"] == 6
+    assert [(r["reported"], r["selected"]) for r in s["per_round"]] == [(5, 7)] * 3
+    assert all(code == 0 for code in s["processes"].values()), s["processes"]
+    log = (out / "logs" / "aggregator.log").read_text()
+    assert "secure" in log
+    for device in (f"watch-{i:02d}" for i in range(1, 8)):
+        agent_log = (out / "logs" / f"{device}.log").read_text()
+        assert "update for round" not in agent_log  # never a plain update ("update for round R sealed")

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,7 @@ from fedge.protocol.secagg.wire import (
 )
 from fedge.protocol.signing import DocType, sign_document
 from fedge.protocol.topics import FleetTopics
+from support.memory_walk import vectors_held
 from support.mqtt_fixtures import TrafficRecorder
 
 pytest_plugins = ("support.mqtt_fixtures",)
@@ -264,27 +265,6 @@ class Device:
 
 #: The only places the driver may hold a vector: the running sum of masked inputs, the result.
 ALLOWED_VECTORS = {"driver.session._sum", "driver.result.total"}
-
-
-def vectors_held(obj: object, path: str, seen: set[int] | None = None) -> list[tuple[str, np.ndarray]]:
-    """Every numpy array reachable from ``obj`` (attributes, mappings, sequences), with its path."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or isinstance(obj, str | bytes | int | float | type) or callable(obj):
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, np.ndarray):
-        return [(path, obj)]
-    found: list[tuple[str, np.ndarray]] = []
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            found += vectors_held(value, f"{path}[{key!r}]", seen)
-    elif isinstance(obj, list | tuple | set | frozenset):
-        for i, item in enumerate(obj):
-            found += vectors_held(item, f"{path}[{i}]", seen)
-    elif hasattr(obj, "__dict__"):
-        for name, value in vars(obj).items():
-            found += vectors_held(value, f"{path}.{name}", seen)
-    return found
 
 
 class Aggregator:

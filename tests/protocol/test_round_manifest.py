@@ -20,7 +20,6 @@ from fedge.protocol.codec import Codec
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import ModelManifest, Normalisation
 from fedge.protocol.privacy_announcement import PrivacyAnnouncement
-from fedge.protocol.secagg.announcement import SecureAggregationAnnouncement
 from fedge.protocol.round_manifest import (
     MAX_SELECTED_DEVICES,
     PHASES,
@@ -28,6 +27,7 @@ from fedge.protocol.round_manifest import (
     RoundManifestError,
     round_manifest_from_dict,
 )
+from fedge.protocol.secagg.announcement import SecureAggregationAnnouncement
 from fedge.protocol.task import parse_task_spec
 
 HAR_TASK_PATH = Path(__file__).resolve().parents[2] / "tasks" / "har-watch.toml"

@@ -422,6 +422,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon,
         dp_delta=1e-5 if args.dp_delta is None else args.dp_delta,
         dp_clip_bound=1.0 if args.dp_clip_bound is None else args.dp_clip_bound,
+        secure_aggregation=args.secure_aggregation,
+        drop_devices=args.drop_devices,
     )
     from fedge.lab.progress import ProgressBar  # noqa: PLC0415
 
@@ -787,6 +789,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_CLIP_BOUND,
         metavar="C",
         help="with --dp-epsilon: the first clip bound; adaptive clipping moves it (default 1.0)",
+    )
+    demo.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="mask every update (SecAgg+): the aggregator learns only the sum (docs/secure-aggregation.md)",
+    )
+    demo.add_argument(
+        "--drop-devices",
+        type=_AT_LEAST_ZERO,
+        default=0,
+        metavar="K",
+        help="with --secure-aggregation: freeze K devices of every round mid-round (they drop out)",
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument(

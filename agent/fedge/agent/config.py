@@ -7,7 +7,7 @@ sealed to it) and its Ed25519 verify keys (manifests must be signed by one of th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nacl.public import PublicKey
@@ -143,6 +143,19 @@ class AgentConfig:
     insight: InsightSettings = InsightSettings()
     #: ``[metrics]``: Prometheus metrics and health endpoints (off by default; docs/metrics.md).
     metrics: MetricsSettings = METRICS_OFF
+    #: Secure aggregation (``docs/secure-aggregation.md``): the device's Ed25519 identity key,
+    #: its operator-signed certificate and the operator's pinned verify keys, all three or none
+    #: (:func:`_secure_settings`); checked against each other by ``fedge.agent.wiring``.
+    identity_key_file: Path | None = None
+    identity_certificate_file: Path | None = None
+    operator_verify_keys: dict[str, VerifyKey] = field(default_factory=dict)
+    #: Never send a plain update: a selected device sits out train rounds without secure aggregation.
+    require_secure_aggregation: bool = False
+
+    @property
+    def secure_aggregation_ready(self) -> bool:
+        """Whether the device can take part in secure-aggregation rounds (identity configured)."""
+        return self.identity_key_file is not None
 
 
 #: What identifies a connection to the broker; never shared by the agent's two connections.
@@ -158,7 +171,13 @@ AGENT_KEYS = {
     "runtime",
     "blob_timeout_s",
     "status_interval_s",
+    "identity_key_file",
+    "identity_certificate_file",
+    "operator_verify_keys",
+    "require_secure_aggregation",
 }
+#: The ``[agent]`` keys secure aggregation needs, all three or none.
+IDENTITY_CONFIG_KEYS = ("identity_key_file", "identity_certificate_file", "operator_verify_keys")
 DATA_KEYS = {"source", "subject", "holdout_fraction", "seed", "task"}
 EDGEX_KEYS = {
     "broker",
@@ -227,6 +246,7 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         raise ConfigError(f"[agent] {exc}") from None
     d = Table(data, "data", DATA_KEYS)
     base = path.parent
+    identity_key_file, certificate_file, operator_keys, require_secure = _secure_settings(a, base, trusted)
     source = d.choice("source", "edgex", ("edgex", "har-watch"))
     task_text = d.opt_text("task")
     if source == "edgex" and not task_text:
@@ -293,6 +313,62 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         edgex=edgex,
         insight=_checked_writeback(_insight_settings(Table(data, "insight", INSIGHT_KEYS)), edgex),
         metrics=metrics_settings_from_table(Table(data, "metrics", METRICS_KEYS), AGENT_METRICS_PORT),
+        identity_key_file=identity_key_file,
+        identity_certificate_file=certificate_file,
+        operator_verify_keys=operator_keys,
+        require_secure_aggregation=require_secure,
+    )
+
+
+def _secure_settings(
+    a: Table, base: Path, aggregator_keys: Mapping[str, VerifyKey]
+) -> tuple[Path | None, Path | None, dict[str, VerifyKey], bool]:
+    """``[agent]``'s secure-aggregation keys: each one's type first, then all three identity
+    keys or none, and ``require_secure_aggregation = true`` only with them. The operator's key
+    certifies identity keys so that the aggregator cannot: it must not be an aggregator key."""
+    paths: dict[str, Path] = {}
+    for key in IDENTITY_CONFIG_KEYS[:2]:
+        text = a.opt_text(key)
+        if text is not None:
+            if not text:
+                raise ConfigError(f"[agent] {key} must be a non-empty string")
+            paths[key] = base / text
+    operator_keys: dict[str, VerifyKey] = {}
+    raw = a.raw.get("operator_verify_keys")
+    if raw is not None:
+        if not isinstance(raw, list) or not raw or not all(isinstance(k, str) for k in raw):
+            raise ConfigError("[agent] operator_verify_keys must be a non-empty list of base64 keys")
+        try:
+            operator_keys = {key_id(k): k for k in (verify_key_from_text(t) for t in raw)}
+        except FedgeError as exc:
+            raise ConfigError(f"[agent] operator_verify_keys: {exc}") from None
+    require = a.flag("require_secure_aggregation", False)
+    given = [k for k in IDENTITY_CONFIG_KEYS if k in paths or (k == "operator_verify_keys" and operator_keys)]
+    if given and len(given) < len(IDENTITY_CONFIG_KEYS):
+        missing = [k for k in IDENTITY_CONFIG_KEYS if k not in given]
+        raise ConfigError(
+            f"[agent] {' and '.join(missing)} missing: secure aggregation needs identity_key_file "
+            "(`fedge keys identity`), identity_certificate_file (`fedge certify`) and "
+            "operator_verify_keys (`fedge keys operator`) together; set all three or none"
+        )
+    if require and not given:
+        raise ConfigError(
+            "[agent] require_secure_aggregation = true needs identity_key_file, "
+            "identity_certificate_file and operator_verify_keys (from `fedge keys identity`, "
+            "`fedge certify` and `fedge keys operator`), or set it to false"
+        )
+    shared = sorted(set(operator_keys) & set(aggregator_keys))
+    if shared:
+        raise ConfigError(
+            f"[agent] operator_verify_keys: key {shared[0]} is also in aggregator_verify_keys; the "
+            "operator key certifies identity keys the aggregator must not choose: pin the key "
+            "`fedge keys operator` printed, never an aggregator key"
+        )
+    return (
+        paths.get("identity_key_file"),
+        paths.get("identity_certificate_file"),
+        operator_keys,
+        require,
     )
 
 

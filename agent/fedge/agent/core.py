@@ -20,6 +20,13 @@ silently different path.
 
 and from any phase, :meth:`DeviceCore.abandon` (carrying out an action failed) back to WAITING.
 
+**Secure aggregation.** For a train manifest that announces ``secure_aggregation`` the core never
+seals an update: when training finishes it hands the delta to the shell in a
+:class:`SecureUpdate` (TRAINING --secured--> WAITING), and the shell runs the round's masked
+protocol (``fedge.agent.secure_agent``). A device that cannot take part (no identity key
+configured) sits such a round out, and one configured with ``require_secure_aggregation`` sits
+out train rounds *without* it: :class:`RefuseRound`, counted, and the model still loaded.
+
 The persisted counter is the one rule that is about ordering, not values: the core hands out
 :class:`Persist` (the counter already advanced) before the :class:`Send` that uses it, and the
 shell carries actions out in order, so a crash between them can waste a counter but never
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -94,6 +101,7 @@ class Outcome(StrEnum):
     NOT_TAKING_PART = "not_taking_part"
     TAKING_PART = "taking_part"
     SEALED = "sealed"
+    SECURED = "secured"  # the delta handed to the secure-aggregation round (never sealed plain)
     TOO_LATE = "too_late"
     NOT_ENOUGH_DATA = "not_enough_data"
     DATA_RETRY = "data_retry"
@@ -111,6 +119,7 @@ TRANSITIONS: Mapping[tuple[Phase, Outcome], Phase] = {
     (Phase.FETCHING, Outcome.NOT_TAKING_PART): Phase.WAITING,
     (Phase.FETCHING, Outcome.TAKING_PART): Phase.TRAINING,
     (Phase.TRAINING, Outcome.SEALED): Phase.WAITING,
+    (Phase.TRAINING, Outcome.SECURED): Phase.WAITING,
     (Phase.TRAINING, Outcome.TOO_LATE): Phase.WAITING,
     (Phase.TRAINING, Outcome.NOT_ENOUGH_DATA): Phase.WAITING_FOR_DATA,
     (Phase.WAITING_FOR_DATA, Outcome.DATA_RETRY): Phase.TRAINING,
@@ -187,6 +196,28 @@ class Send:
 
 
 @dataclass(frozen=True)
+class SecureUpdate:
+    """Take part in ``manifest``'s secure-aggregation round with ``delta`` (trained weights -
+    global weights): the shell waits for the round's config, checks it against the manifest and
+    masks the clipped, quantised delta; it never leaves the device in the clear. Compared by
+    manifest only (``delta`` is an array)."""
+
+    manifest: RoundManifest
+    delta: np.ndarray = field(compare=False)
+
+
+@dataclass(frozen=True)
+class RefuseRound:
+    """This device sits the manifest's round out for ``reason`` (counted in the status's
+    ``messages_dropped``): a plain round under ``require_secure_aggregation``, a secure round
+    without an identity key."""
+
+    round_id: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class StatusState:
     """The device's status ``state`` changed (``idle``, ``training``): publish the status."""
 
@@ -201,7 +232,23 @@ class Note:
     problem: bool = False
 
 
-Action = Persist | Reject | DropOtherRounds | FetchBlobs | Load | Train | Send | StatusState | Note
+Action = (
+    Persist
+    | Reject
+    | DropOtherRounds
+    | FetchBlobs
+    | Load
+    | Train
+    | Send
+    | SecureUpdate
+    | RefuseRound
+    | StatusState
+    | Note
+)
+
+#: :class:`RefuseRound` reasons.
+PLAIN_ROUND_REFUSED = "plain_round_refused"
+SECAGG_NOT_CONFIGURED = "secagg_not_configured"
 
 
 @dataclass(frozen=True)
@@ -316,7 +363,20 @@ class DeviceCore:
     """One device's protocol state: the persisted :class:`DeviceState` snapshot, the phase, the
     round in hand and which model is loaded. Not thread-safe: one worker drives it."""
 
-    def __init__(self, identity: DeviceIdentity, state: DeviceState) -> None:
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        state: DeviceState,
+        *,
+        secure_aggregation: bool = False,
+        require_secure_aggregation: bool = False,
+    ) -> None:
+        """``secure_aggregation``: the device can take part in secure rounds (it has an identity
+        key); ``require_secure_aggregation``: it takes part in no other train round."""
+        if require_secure_aggregation and not secure_aggregation:
+            raise DeviceCoreError("device core: requiring secure aggregation needs an identity key")
+        self.secure_aggregation = secure_aggregation
+        self.require_secure_aggregation = require_secure_aggregation
         self.identity = identity
         self.topics = FleetTopics(identity.fleet)
         self.state = state
@@ -444,6 +504,10 @@ class DeviceCore:
         if now > manifest.deadline:
             self._move(Outcome.NOT_TAKING_PART)
             return [*actions, Note(f"round {manifest.round_id} closed before this device could take part")]
+        refused = self._refusal(manifest)
+        if refused is not None:
+            self._move(Outcome.NOT_TAKING_PART)
+            return [*actions, refused, Note(refused.detail, problem=True), StatusState("idle")]
         self._move(Outcome.TAKING_PART)
         kind = "moments" if manifest.phase == "moments" else "update"
         return [*actions, StatusState("training"), Train(manifest, kind)]
@@ -451,8 +515,11 @@ class DeviceCore:
     def trained(
         self, delta: np.ndarray, examples: int, train_loss: float, evaluation: Evaluation | None, now: float
     ) -> list[Action]:
-        """Local training finished: ``delta`` = trained weights - global weights."""
+        """Local training finished: ``delta`` = trained weights - global weights. In a secure
+        round the delta goes to the shell's secure round (:class:`SecureUpdate`), never sealed."""
         manifest = self._pending()
+        if manifest.secure_aggregation is not None:
+            return self._secure(manifest, delta, now)
         return self._seal(
             manifest, "update", lambda: update_payload(manifest, delta, examples, train_loss, evaluation), now
         )
@@ -468,6 +535,14 @@ class DeviceCore:
         self._move(Outcome.ABANDONED)
         return left
 
+    def reserve_counter(self) -> Persist:
+        """The next sealed counter, for a message the shell seals itself (secure aggregation):
+        carry out the returned :class:`Persist` before using ``state.update_counter``. The same
+        counter as updates and moments, so no two sealed messages ever share one."""
+        if self.state.update_counter >= MAX_COUNTER:
+            raise DeviceStateError("device state: update counter exhausted")
+        return self._persist(replace(self.state, update_counter=self.state.update_counter + 1))
+
     def model_loaded(self, model_sha256: str) -> None:
         """The shell loaded this model: later manifests naming it do not fetch it again."""
         self.loaded_model_sha256 = model_sha256
@@ -478,6 +553,41 @@ class DeviceCore:
         if self.pending is None:
             raise DeviceCoreError(f"device core: no round in hand in phase {self.phase.value}")
         return self.pending
+
+    def _refusal(self, manifest: RoundManifest) -> RefuseRound | None:
+        """Why this selected device sits the round out, if it does (see :class:`RefuseRound`)."""
+        if manifest.phase != "train":
+            return None
+        if manifest.secure_aggregation is not None and not self.secure_aggregation:
+            return RefuseRound(
+                manifest.round_id,
+                SECAGG_NOT_CONFIGURED,
+                f"round {manifest.round_id} uses secure aggregation, but this device has no identity "
+                "key: set [agent] identity_key_file, identity_certificate_file and operator_verify_keys",
+            )
+        if manifest.secure_aggregation is None and self.require_secure_aggregation:
+            return RefuseRound(
+                manifest.round_id,
+                PLAIN_ROUND_REFUSED,
+                f"round {manifest.round_id} has no secure aggregation and [agent] "
+                "require_secure_aggregation = true: this device does not send a plain update",
+            )
+        return None
+
+    def _secure(self, manifest: RoundManifest, delta: np.ndarray, now: float) -> list[Action]:
+        if self.phase is not Phase.TRAINING:
+            raise DeviceCoreError(f"device core: an update is not expected in phase {self.phase.value}")
+        if now > manifest.deadline:
+            self._move(Outcome.TOO_LATE)
+            return [
+                Note(f"round {manifest.round_id} closed while training; update not sent"),
+                StatusState("idle"),
+            ]
+        # Handed to the secure round now: a restart does not train for this round again (its
+        # round keys would die with the process anyway: docs/secure-aggregation.md).
+        done = self._persist(replace(self.state, last_round_id=manifest.round_id))
+        self._move(Outcome.SECURED)
+        return [done, SecureUpdate(manifest, delta)]
 
     def _seal(
         self,

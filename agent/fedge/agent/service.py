@@ -9,6 +9,13 @@ rotations, blobs); one worker thread drives the core, loads and trains. Sealed m
 through the on-disk outbox first and leave it only when the broker acknowledges them (PUBACK),
 so an update survives a crash or a broker outage; updates of rounds that closed are dropped (and
 logged) when a newer manifest arrives.
+
+Secure aggregation (with ``[agent] identity_key_file`` and the rest): on every connect the agent
+publishes its identity certificate (retained) and subscribes to the fleet's certificates and to
+the secure rounds' documents; paho's thread verifies certificates and queues round documents in
+:class:`~fedge.agent.secure_agent.SecureRounds`, which the worker drives after the core hands it
+a trained delta (:class:`~fedge.agent.core.SecureUpdate`). Its sealed frames take the same path
+as updates: a counter reserved and persisted first, the outbox, PUBACK.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from fedge.agent.core import (
     Note,
     Persist,
     Phase,
+    RefuseRound,
     Reject,
+    SecureUpdate,
     Send,
     StatusState,
     Train,
@@ -44,6 +53,7 @@ from fedge.agent.core import (
 )
 from fedge.agent.home_assistant import HomeAssistantDiscovery
 from fedge.agent.insight import InsightPublisher
+from fedge.agent.secure_agent import RevealedRecords, SecureRounds
 from fedge.agent.systemd_notify import Notifier, status_line
 from fedge.agent.trainer import LiteRTTrainer
 from fedge.agent.wiring import AgentStages
@@ -84,9 +94,17 @@ _DROP_ADVICE = {
     "rotation": "A signing-key rotation over the size bound: not from fedge's aggregator.",
     "unexpected": "A message on a topic the agent does not subscribe to.",
     "handler": "A bug in fedge: the message was skipped. Please report this traceback.",
+    "identity": "An identity certificate that does not verify with [agent] operator_verify_keys for "
+    "this fleet and the device its topic names: a device certified by another operator, or someone "
+    "who may publish on identity/+ forging one. That device's secure-aggregation messages are refused.",
+    "secagg": "A secure-aggregation round document or step refused (the reason says which): a round "
+    "config that is not the one its manifest implies, a document not signed by the aggregator's key, "
+    "a malicious request. The device sends nothing for it; see docs/secure-aggregation.md.",
+    "plain": "A train round without secure aggregation, refused because of [agent] "
+    "require_secure_aggregation = true: the device installs the model but sends no plain update.",
 }
 #: Dropped messages that happen in a healthy fleet: logged at INFO, not ERROR.
-_ROUTINE_DROPS = frozenset({"blob_unwanted"})
+_ROUTINE_DROPS = frozenset({"blob_unwanted", "plain_round_refused"})
 
 
 @dataclass(frozen=True)
@@ -191,6 +209,19 @@ class AgentService:
                 self._publish_insight,
             )
         self.writeback = stages.writeback
+        self.secure: SecureRounds | None = None
+        if stages.secure is not None:
+            self.secure = SecureRounds(
+                fleet=config.fleet,
+                device_id=config.device_id,
+                identity=stages.secure,
+                box_key=self.core.identity.device_key,
+                aggregator_box_key=self.core.identity.aggregator_key,
+                aggregator_keys=self.trust.trusted_keys,
+                reserve_counter=self._reserve_counter,
+                records=RevealedRecords(config.state_dir),
+                count=self._drop,
+            )
 
     @property
     def current(self) -> RoundManifest | None:
@@ -208,6 +239,11 @@ class AgentService:
         """After each successful CONNACK (a refusal or a lost connection is logged by
         :func:`~fedge.shell.mqtt.watch_connection`, which clears ``connected``)."""
         client.subscribe([(self.topics.manifest, 1), (self.topics.rotation_filter, 1)])
+        if self.secure is not None:
+            client.subscribe(self.secure.subscriptions)
+            own = self.secure.identity_publication()
+            client.publish(own.topic, own.payload, qos=own.qos, retain=own.retain)
+            self.traffic.outbound(own.topic, len(own.payload))
         with self._lock:
             for sha in self._wanted_blobs:
                 client.subscribe(self.topics.blob(sha), qos=1)
@@ -228,6 +264,14 @@ class AgentService:
             topic = msg.topic
             payload = bytes(msg.payload)
             self.traffic.inbound(topic, len(payload))
+            if self.secure is not None and self.secure.handles(topic):
+                # Certificates are verified here, outside the lock; round documents only queued.
+                refused = self.secure.offer(topic, payload)
+                with self._wake:
+                    self._wake.notify_all()
+                if refused is not None:
+                    self._drop(refused[0], topic, refused[1])
+                return
             with self._wake:
                 dropped = self._queue_locked(topic, payload)
                 self._wake.notify_all()
@@ -375,6 +419,14 @@ class AgentService:
                 log.warning("manifest rejected (%s): %s", action.reason, action.detail)
             elif isinstance(action, DropOtherRounds):
                 self._drop_other_rounds(action.round_id)
+                if self.secure is not None:
+                    self._carry_out_secure(self.secure.drop_other_rounds(action.round_id))
+            elif isinstance(action, SecureUpdate):
+                if self.secure is None:  # the core hands none out without an identity key
+                    raise ConfigError("a secure round without an identity key")
+                self._carry_out_secure(self.secure.begin(action, self.clock()))
+            elif isinstance(action, RefuseRound):
+                self._drop(action.reason, self.topics.manifest, action.detail)
             elif isinstance(action, FetchBlobs):
                 self._carry_out(self._fetch(action.wanted))
             elif isinstance(action, Load):
@@ -400,6 +452,25 @@ class AgentService:
                     log.warning("%s", action.text)
                 else:
                     log.info("%s", action.text)
+
+    def _carry_out_secure(self, actions: list[Action]) -> None:
+        """The secure round's actions; its "idle" only while the core has no round in hand."""
+        self._carry_out(
+            [a for a in actions if not isinstance(a, StatusState) or self.core.phase is Phase.WAITING]
+        )
+
+    def _reserve_counter(self) -> int:
+        """The next sealed counter for a secure-aggregation frame, persisted before it is used."""
+        reserve = self.core.reserve_counter()
+        self.state.save(reserve.state)
+        return reserve.state.update_counter
+
+    def _secure_turn(self) -> None:
+        """Drives the secure round: the documents that arrived, its deadlines."""
+        if self.secure is None:
+            return
+        newest = self.core.pending or self.core.current
+        self._carry_out_secure(self.secure.turn(self.clock(), newest.round_id if newest else None))
 
     def _drop_other_rounds(self, round_id: str) -> None:
         dropped = self.outbox.drop_rounds(lambda r: r != round_id)
@@ -483,8 +554,9 @@ class AgentService:
     def _worker(self) -> None:
         while not self.stop_requested.is_set():
             self._alive()  # a hung worker stops pinging and systemd (or Docker) restarts the agent
+            secure_work = self.secure is not None and self.secure.has_work()
             with self._wake:
-                if self._pending_manifest is None:
+                if self._pending_manifest is None and not secure_work:
                     self._wake.wait(0.5)
             self._work_once()
 
@@ -509,6 +581,7 @@ class AgentService:
                 self._carry_out(self.core.manifest_arrived(frame, self.trust.trusted_keys(), self.clock()))
             elif waiting_for_data and time.monotonic() >= self._data_retry_at:
                 self._carry_out(self.core.retry_data(self.clock()))
+            self._secure_turn()
             self._predict()
             if time.monotonic() >= self._next_status_at and self.connected.is_set():
                 self._publish_status()

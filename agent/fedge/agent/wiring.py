@@ -9,6 +9,11 @@ The stages, in the order data flows through them:
       -> sealer (``fedge.agent.core.DeviceCore``: verifies manifests, seals updates)
       -> outbox (SQLite, leaves on PUBACK, ``fedge.agent.outbox``)
 
+With ``[agent] identity_key_file`` (and its two companions) the trained delta of a secure round
+goes from the core to the secure-aggregation driver (``fedge.agent.secure_agent``) instead of
+the sealer; its masked messages take the same outbox. The identity is checked at start
+(:func:`~fedge.agent.secure_agent.load_secure_identity`).
+
 For EdgeX the first three live in :class:`~fedge.agent.edgex.ingest.EdgeXIngest` (its worker
 thread owns the builder and the store); any other source only has to give
 :class:`LocalDataSource`'s methods. A source also hands the agent its live prediction windows
@@ -38,6 +43,7 @@ from fedge.agent.edgex.profile import check_task_against_profile, load_profile
 from fedge.agent.live import NO_LIVE_WINDOWS, LiveWindows
 from fedge.agent.outbox import Outbox
 from fedge.agent.sample_store import SampleStore
+from fedge.agent.secure_agent import SecureIdentity, load_secure_identity
 from fedge.agent.trust import TrustStore
 from fedge.agent.writeback import Writeback
 from fedge.protocol.config_source import ConfigError
@@ -116,6 +122,8 @@ class AgentStages:
     outbox: Outbox
     #: ``[[insight.writeback]]`` rules (:func:`build_writeback`); None without any.
     writeback: Writeback | None = None
+    #: The device's verified identity for secure aggregation; None when not configured.
+    secure: SecureIdentity | None = None
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -209,12 +217,19 @@ def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> A
     if source is None:
         source = build_edgex_source(config)
     device_key = PrivateKey(read_private_key(config.key_file, "box", what="device key"))
+    # Its identity key and certificate, checked against the pinned operator keys now.
+    secure = load_secure_identity(config)
     state = DeviceStateStore(config.state_dir / STATE_FILE)
     identity = DeviceIdentity(config.fleet, config.device_id, device_key, config.aggregator_public_key)
-    core = DeviceCore(identity, state.load())  # a corrupt state file is an error now, not a reset
+    core = DeviceCore(  # a corrupt state file is an error now, not a reset
+        identity,
+        state.load(),
+        secure_aggregation=secure is not None,
+        require_secure_aggregation=config.require_secure_aggregation,
+    )
     outbox = Outbox(config.state_dir / OUTBOX_FILE)
     # Pinned at provisioning, then moved only by rotations a trusted key vouches for.
     trust = TrustStore.open_or_create(
         config.state_dir / TRUST_FILE, config.fleet, config.trusted_keys.values()
     )
-    return AgentStages(config, source, core, state, trust, outbox, build_writeback(config))
+    return AgentStages(config, source, core, state, trust, outbox, build_writeback(config), secure)

@@ -11,6 +11,14 @@ break the guarantee are refused here, with the fix in the message (``weighting =
 sensitivity, would not be bounded by the clip bound). The ``[rounds]`` norm bounds step aside:
 the DP clip bound is the only one applied, because the adaptive one is the exact median of
 the previous round's norms, which is not private.
+
+``secure_aggregation`` (off by default; ``docs/secure-aggregation.md``) runs train rounds as
+SecAgg+ rounds: the aggregator only ever sees the sum of the updates. It works without DP and is
+refused with it for now (central noise needs the plain updates' sum on a trusted aggregator;
+distributed noise is not wired yet), with ``weighting = "examples"`` (the sum carries no
+per-device weights), with ``min_devices`` below 3 (the protocol's minimum) and without a static
+norm bound (devices clip to it before masking). :func:`secure_settings` is what the round engine
+gets.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ PRIVACY_KEYS: Final = {
     "clip_count_stddev",
     "sampling_rate",
     "accountant",
+    "secure_aggregation",
+    "secure_aggregation_bits",
+    "secure_aggregation_threshold",
 }
 #: ``noise``: who adds it. "central": the aggregator, to the sum (it sees the updates: trusted).
 #: The distributed kinds ("skellam", "discrete_gaussian") need secure aggregation.
@@ -64,9 +75,58 @@ class PrivacySettings:
     clip_count_stddev: float = 0.0
     sampling_rate: float = 1.0
     accountant: str = "rdp"
+    #: Secure aggregation (SecAgg+, docs/secure-aggregation.md): train rounds whose updates the
+    #: aggregator only ever sees summed. Works without differential privacy (``enabled``).
+    secure_aggregation: bool = False
+    #: The modulus ``2**bits`` of the masked sum (the quantiser's headroom shrinks with it).
+    secure_aggregation_bits: int = 32
+    #: The Shamir threshold t; 0: chosen per round by ``fedge.protocol.secagg.choose_parameters``.
+    secure_aggregation_threshold: int = 0
 
 
 PRIVACY_OFF: Final = PrivacySettings()
+#: Fewest devices a secure round can have (``fedge.protocol.secagg.params.MIN_DEVICES``).
+SECURE_MIN_DEVICES: Final = 3
+SECURE_MIN_BITS: Final = 16
+SECURE_MAX_BITS: Final = 62
+#: Largest threshold (``fedge.protocol.secagg.params.MAX_DEGREE``: a threshold is at most the degree).
+SECURE_MAX_THRESHOLD: Final = 1000
+SECURE_WITH_DP: Final = (
+    "[privacy] secure_aggregation with differential privacy needs distributed noise, not wired yet: "
+    "turn one of them off"
+)
+SECURE_WITH_EXAMPLES: Final = (
+    '[privacy] secure_aggregation needs [rounds] weighting = "equal": the masked sum has no '
+    "per-device weights, so each update counts once"
+)
+SECURE_MIN_DEVICES_MESSAGE: Final = (
+    "[privacy] secure_aggregation needs [rounds] min_devices >= 3: the protocol needs at least 3 "
+    "devices (with 2, the sum would reveal the other device's update)"
+)
+SECURE_NEEDS_BOUND: Final = (
+    "[privacy] secure_aggregation needs a norm bound devices clip to before masking: set [rounds] "
+    "max_update_norm or update_norm_ratio above 0 (the adaptive bound needs the updates' norms, "
+    "which the aggregator no longer sees)"
+)
+SECURE_THRESHOLD_ONE: Final = (
+    "[privacy] secure_aggregation_threshold must be 0 (chosen per round) or at least 2, got 1"
+)
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """What the round engine needs of ``[privacy] secure_aggregation`` (on: not None)."""
+
+    bits: int = 32
+    #: The Shamir threshold t; 0: ``choose_parameters(n)``'s for the round's n selected devices.
+    threshold: int = 0
+
+
+def secure_settings(settings: PrivacySettings) -> SecureSettings | None:
+    """The engine's secure-aggregation settings; None when ``secure_aggregation`` is off."""
+    if not settings.secure_aggregation:
+        return None
+    return SecureSettings(settings.secure_aggregation_bits, settings.secure_aggregation_threshold)
 
 
 def privacy_settings_from_table(t: Table, rounds: RoundSettings) -> PrivacySettings:
@@ -85,7 +145,16 @@ def privacy_settings_from_table(t: Table, rounds: RoundSettings) -> PrivacySetti
         clip_count_stddev=t.number("clip_count_stddev", d.clip_count_stddev, 0.0, 1e6),
         sampling_rate=t.number("sampling_rate", d.sampling_rate, 1e-6, 1.0),
         accountant=t.choice("accountant", d.accountant, ("rdp", "pld")),
+        secure_aggregation=t.flag("secure_aggregation", d.secure_aggregation),
+        secure_aggregation_bits=t.integer(
+            "secure_aggregation_bits", d.secure_aggregation_bits, SECURE_MIN_BITS, SECURE_MAX_BITS
+        ),
+        secure_aggregation_threshold=t.integer(
+            "secure_aggregation_threshold", d.secure_aggregation_threshold, 0, SECURE_MAX_THRESHOLD
+        ),
     )
+    if settings.secure_aggregation:
+        _check_secure(settings, rounds)
     if not settings.enabled:
         return settings
     if rounds.weighting != "equal":
@@ -101,6 +170,39 @@ def privacy_settings_from_table(t: Table, rounds: RoundSettings) -> PrivacySetti
             settings.sampling_rate,
         )
     return settings
+
+
+def _check_secure(settings: PrivacySettings, rounds: RoundSettings) -> None:
+    """Refuses what secure aggregation cannot do, or what no round could open with. What
+    depends on the round's selection (a threshold the protocol does not allow for n devices, a
+    modulus without headroom for them) is checked per round: that round aborts and says why."""
+    if settings.enabled:
+        raise ConfigError(SECURE_WITH_DP)
+    if rounds.weighting != "equal":
+        raise ConfigError(SECURE_WITH_EXAMPLES)
+    if rounds.min_devices < SECURE_MIN_DEVICES:
+        raise ConfigError(SECURE_MIN_DEVICES_MESSAGE)
+    if rounds.max_update_norm == 0.0 and rounds.update_norm_ratio == 0.0:
+        raise ConfigError(SECURE_NEEDS_BOUND)
+    threshold = settings.secure_aggregation_threshold
+    if threshold == 1:
+        raise ConfigError(SECURE_THRESHOLD_ONE)
+    n = rounds.devices_per_round
+    if n == 0:
+        return  # every enrolled device: n is known per round only
+    from fedge.protocol.secagg import SecAggError, choose_parameters  # noqa: PLC0415 - secure fleets only
+    from fedge.protocol.secagg.params import check_parameters  # noqa: PLC0415
+    from fedge.protocol.secagg.quantise import Quantiser  # noqa: PLC0415
+
+    try:
+        if threshold:
+            check_parameters(n, choose_parameters(n).degree, threshold)
+        Quantiser(1.0, settings.secure_aggregation_bits, n)
+    except SecAggError as exc:
+        raise ConfigError(
+            f"[privacy] secure_aggregation cannot run rounds of [rounds] devices_per_round = {n} "
+            f"devices: {exc}"
+        ) from None
 
 
 def privacy_config(settings: PrivacySettings, rounds: RoundSettings) -> PrivacyConfig | None:

@@ -15,6 +15,22 @@ The engine owns the rules about messages (which one counts, for which round, fro
 arithmetic (the norm bounds, the weighting, FedAvg, the moments normalisation) is in the round's
 folds, which ``fedge.aggregator.strategies.factory`` builds from the settings and what the
 bounds remember of earlier rounds.
+
+**Secure rounds** (``[privacy] secure_aggregation``, ``docs/secure-aggregation.md``): a train
+round's manifest announces ``secure_aggregation`` (the clip bound, modulus, graph degree and
+threshold), and a :class:`~fedge.aggregator.secure_round.SecureRoundDriver` runs the SecAgg+
+round over the config :func:`~fedge.protocol.secure_round_config.round_config_for` derives from
+the manifest. The engine hands it every sealed ``secagg_*`` message (after its own cheap checks),
+refuses a plain ``update`` (``wrong_kind``), returns the driver's signed documents from
+:meth:`RoundEngine.open_round` (``Publication.secagg``) and :meth:`RoundEngine.tick`, and, when
+the round closes, moves the model by the mean of the survivors' clipped deltas:
+``global + server_learning_rate * sum / survivors``. It never sees an individual update, so
+nothing per update is possible (norm bounds on the aggregator, metrics, example weights):
+devices clip before masking, every update counts once, and the record's evaluation fields are
+None. Moments rounds stay plain. The driver lives in memory only: a restart or a leader change
+mid-round loses it, and the round is aborted (the next manifest opens a new one; an engine
+built on a checkpoint clears what the lost round may have left retained, with its first
+manifest).
 """
 
 from __future__ import annotations
@@ -31,6 +47,8 @@ from nacl.signing import SigningKey
 
 from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.fedavg import AggregationError
+from fedge.aggregator.privacy_config import SECURE_MIN_DEVICES, SecureSettings
+from fedge.aggregator.secure_round import SecureRoundDriver
 from fedge.aggregator.strategies.clipping import NormBounds, NormTooLarge, l2
 from fedge.aggregator.strategies.factory import (
     DpRound,
@@ -49,6 +67,16 @@ from fedge.protocol.privacy_announcement import PrivacyAnnouncement
 from fedge.protocol.reasons import RejectReason
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.sealing import SealError, box_for, open_sealed, read_header
+from fedge.protocol.secagg import SecAggError, choose_parameters
+from fedge.protocol.secagg.announcement import (
+    SecureAggregationAnnouncement,
+    SecureAggregationAnnouncementError,
+)
+from fedge.protocol.secagg.wire import DEVICE_KINDS as SECAGG_KINDS
+from fedge.protocol.secagg.wire import KIND_MASKED
+from fedge.protocol.secagg.wire import Publication as SecAggPublication
+from fedge.protocol.secagg.wire import max_sealed_bytes as secagg_max_sealed_bytes
+from fedge.protocol.secure_round_config import round_config_for
 from fedge.protocol.signing import DocType, sign_document
 from fedge.protocol.task import ModelKind
 from fedge.protocol.topics import FleetTopics, TopicError
@@ -78,14 +106,21 @@ class Outcome:
     kind: str | None = None
 
 
+#: ``failure`` of a secure round that could not open for lack of devices.
+SECURE_TOO_FEW_DEVICES = "secure aggregation needs at least 3 selected devices"
+
+
 @dataclass(frozen=True)
 class Publication:
-    """What the shell must publish, in order: blobs (retained), then the manifest (retained)."""
+    """What the shell must publish, in order: blobs (retained), then the manifest (retained),
+    then ``secagg`` (each as it says: retained, QoS 1; an empty payload clears a topic): the
+    previous secure round's clears and this secure round's signed config."""
 
     manifest: RoundManifest
     manifest_frame: bytes
     blobs: dict[str, bytes]
     clear_blobs: tuple[str, ...]
+    secagg: tuple[SecAggPublication, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +153,12 @@ class RoundRecord:
     #: ``[privacy]``: the epsilon spent after this round (at the config's target delta); None
     #: without differential privacy.
     epsilon_spent: float | None = None
+    #: ``[privacy] secure_aggregation``: the round's updates were only ever summed (``reported``
+    #: is then the number of devices in the sum, ``examples`` 0 and every evaluation None: the
+    #: aggregator sees no device's metrics).
+    secure_aggregation: bool = False
+    #: Secure rounds: selected devices whose update is not in the sum (all of them if aborted).
+    dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -200,9 +241,21 @@ class _OpenRound:
     """The open round as the engine keeps it: who reported, who used up their slot, what was
     rejected; the arithmetic is in ``folds``."""
 
-    def __init__(self, manifest: RoundManifest, folds: RoundFolds) -> None:
+    def __init__(
+        self,
+        manifest: RoundManifest,
+        folds: RoundFolds,
+        secure: SecureRoundDriver | None = None,
+        secure_failure: str | None = None,
+    ) -> None:
         self.manifest = manifest
         self.folds = folds
+        #: A secure round's driver (None: a plain round, or a secure one that could not open).
+        self.secure = secure
+        #: Why a secure round could not open (it was announced with no device selected).
+        self.secure_failure = secure_failure
+        #: Secure rounds: devices whose masked input the driver accepted.
+        self.masked: set[str] = set()
         self.reported: dict[str, int] = {}  # device -> accepted counter
         # device -> counter of its one authenticated message, which was refused: the device's
         # slot in the round is used up, so further messages cost no decryption.
@@ -233,11 +286,17 @@ class RoundEngine:
         state: EngineState,
         privacy: PrivacyConfig | None = None,
         noise_rng: np.random.Generator | None = None,
+        secure: SecureSettings | None = None,
     ) -> None:
         """``privacy``: the fleet's differential privacy (``[privacy]``), whose accountant
         continues from ``state.privacy`` (a ``PrivacyStateError`` if that was spent under other
         parameters). ``noise_rng``: the DP noise's source; None draws a secret seed (tests pass
-        a seeded one)."""
+        a seeded one). ``secure``: ``[privacy] secure_aggregation`` (train rounds run SecAgg+;
+        not with ``privacy`` yet)."""
+        if secure is not None and privacy is not None:
+            raise FedgeError(
+                "secure aggregation with differential privacy needs distributed noise, not wired yet"
+            )
         k = settings.devices_per_round
         if 0 < k < settings.min_devices:
             raise FedgeError(
@@ -279,6 +338,14 @@ class RoundEngine:
             )
             state.privacy = self.accountant.state()
         self.noise_rng = noise_rng if noise_rng is not None else noise_generator()
+        self.secure = secure
+        # Secure rounds' documents still to publish (the clears of a round closed by
+        # close_round): handed out by the next open_round or tick.
+        self._secagg_outbox: list[SecAggPublication] = []
+        if secure is not None and state.version > 0 and self.phase == "train":
+            # The round the checkpoint's version opened may have been a secure round lost with
+            # the previous process: clear whatever of it is retained on the broker.
+            self._secagg_outbox = self._clears_of(self._round_id("train", state.version))
 
     def set_registry(self, registry: dict[str, PublicKey], revoked: set[str] | None = None) -> None:
         """New enrollments and revocations, effective from the next round.
@@ -337,12 +404,7 @@ class RoundEngine:
         ``not_ready``: devices whose status says they cannot take part yet (``select_devices``)."""
         version = self.state.version + 1
         phase = self.phase
-        if phase == "train":
-            round_id = f"r{self.state.completed_rounds + 1:04d}-v{version}"
-        elif phase == "moments":
-            round_id = f"m-v{version}"
-        else:
-            round_id = f"final-v{version}"
+        round_id = self._round_id(phase, version)
         timeout = 0.0 if phase == "final" else self.settings.round_timeout_s
         selected = () if phase == "final" else self.select_devices(version, not_ready)
         weights_bytes = weights_to_bytes(self.state.weights)
@@ -369,6 +431,10 @@ class RoundEngine:
             generation=self.state.generation,
             privacy=self._privacy_announcement(phase, len(selected)),
         )
+        driver: SecureRoundDriver | None = None
+        secure_failure: str | None = None
+        if phase == "train" and self.secure is not None:
+            manifest, driver, secure_failure = self._secure_round(manifest)
         frame = sign_document(MANIFEST_DOC_TYPE, manifest.to_dict(), self.signing_key)
         weights_topic = self.topics.blob(weights_sha)
         previous = self.state.published_weights_sha256
@@ -376,12 +442,101 @@ class RoundEngine:
         self.state.published_weights_sha256 = weights_sha
         self.state.version = version
         self.state.last_manifest_sha256 = manifest.sha256()
-        self.current = None if phase == "final" else _OpenRound(manifest, self._round_folds(manifest))
+        self.current = (
+            None
+            if phase == "final"
+            else _OpenRound(manifest, self._round_folds(manifest), driver, secure_failure)
+        )
         blobs = {weights_topic: weights_bytes}
         if not self._model_published:  # retained: once per process is enough
             blobs = {self.topics.blob(self.model_sha256): self.model_bytes, **blobs}
             self._model_published = True
-        return Publication(manifest=manifest, manifest_frame=frame, blobs=blobs, clear_blobs=clear)
+        secagg = self._take_outbox()
+        if driver is not None:
+            secagg += driver.start(now)
+        return Publication(
+            manifest=manifest, manifest_frame=frame, blobs=blobs, clear_blobs=clear, secagg=tuple(secagg)
+        )
+
+    def _round_id(self, phase: str, version: int) -> str:
+        if phase == "train":
+            return f"r{self.state.completed_rounds + 1:04d}-v{version}"
+        if phase == "moments":
+            return f"m-v{version}"
+        return f"final-v{version}"
+
+    def _clears_of(self, round_id: str) -> list[SecAggPublication]:
+        """Empty retained payloads for every document a secure round ``round_id`` can have
+        published (its config, and each enrolled device's bundle, delivery and unmask request)."""
+        t = self.topics
+        topics = [t.secagg(round_id, "config")] + [
+            t.secagg_device(round_id, device, what)
+            for device in sorted(self.registry)
+            for what in ("bundle", "delivery", "unmask")
+        ]
+        return [SecAggPublication(topic, b"", retain=True) for topic in topics]
+
+    def _secure_round(
+        self, manifest: RoundManifest
+    ) -> tuple[RoundManifest, SecureRoundDriver | None, str | None]:
+        """The secure train round ``manifest`` opens: the manifest with its
+        ``secure_aggregation`` announcement and the round's driver, or, when the round cannot
+        run (too few devices selected, a threshold or modulus the protocol does not allow for
+        them, no norm bound), the manifest with nobody selected and why. Never a plain round:
+        a device of a secure fleet must never be asked for an update in the clear."""
+        assert self.secure is not None
+        n = len(manifest.selected_devices)
+        failure: str | None = None
+        if n < SECURE_MIN_DEVICES:
+            failure = SECURE_TOO_FEW_DEVICES
+        else:
+            bounds = self.round_limits().bounds
+            clip = bounds.hard if bounds.hard is not None else bounds.clip
+            if clip is None:
+                failure = (
+                    "secure aggregation needs a norm bound devices clip to before masking "
+                    "([rounds] max_update_norm or update_norm_ratio)"
+                )
+            else:
+                try:
+                    chosen = choose_parameters(n)
+                    announced = SecureAggregationAnnouncement(
+                        clip_norm=float(clip),
+                        bits=self.secure.bits,
+                        degree=chosen.degree,
+                        threshold=self.secure.threshold or chosen.threshold,
+                    )
+                    manifest = replace(manifest, secure_aggregation=announced)
+                    config = round_config_for(manifest)  # checks the parameters for n devices
+                except (SecAggError, SecureAggregationAnnouncementError) as exc:
+                    failure = f"secure aggregation cannot open with {n} selected devices: {exc}"
+                else:
+                    driver = SecureRoundDriver(
+                        fleet=self.fleet,
+                        config=config,
+                        model_version=manifest.version,
+                        signing_key=self.signing_key,
+                        box_key=self.box_key,
+                        registry=self.registry,
+                        counters=self.state.counters,  # shared: a counter is never reused
+                    )
+                    return manifest, driver, None
+        return replace(manifest, selected_devices=(), secure_aggregation=None), None, failure
+
+    def _take_outbox(self) -> list[SecAggPublication]:
+        out, self._secagg_outbox = self._secagg_outbox, []
+        return out
+
+    def tick(self, now: float) -> list[SecAggPublication]:
+        """A secure round's documents due by ``now`` (the next phase's per-device documents;
+        the clears once it ended), to publish as each says (retained, QoS 1). The shell calls
+        it on every turn of its loop, after each message and at least every 100 ms. Empty for
+        plain rounds."""
+        out = self._take_outbox()
+        r = self.current
+        if r is not None and r.secure is not None:
+            out += r.secure.tick(now)
+        return out
 
     def _round_folds(self, manifest: RoundManifest) -> RoundFolds:
         """The arithmetic of the round ``manifest`` opens: with ``[privacy]``, the DP folds at
@@ -457,6 +612,10 @@ class RoundEngine:
         if self.current is None:
             return False
         m = self.current.manifest
+        if self.current.secure is not None:  # the sum (or the abort) is there, or time is up
+            return self.current.secure.done or now >= m.deadline
+        if self.current.secure_failure is not None:  # nobody selected: wait out the round
+            return now >= m.deadline
         finished = len(self.current.reported) + len(self.current.spent)
         return finished >= len(m.selected_devices) or now >= m.deadline
 
@@ -465,6 +624,8 @@ class RoundEngine:
         if self.current is None:
             raise FedgeError("no round is open")
         r = self.current
+        if r.secure is not None or r.secure_failure is not None:
+            return self._close_secure_round(r)
         m = r.manifest
         enough = len(r.reported) >= self.settings.min_devices
         failure: str | None = None
@@ -522,6 +683,67 @@ class RoundEngine:
         self.current = None
         return record
 
+    def _close_secure_round(self, r: _OpenRound) -> RoundRecord:
+        """A secure round's end: ``global + server_learning_rate * sum / survivors`` if the
+        driver produced the sum of at least ``min_devices`` devices, else aborted with the reason.
+        The driver is run to its end first if the deadline passed before it got there."""
+        m = r.manifest
+        driver = r.secure
+        failure = r.secure_failure
+        survivors: tuple[str, ...] = ()
+        if driver is not None:
+            if not driver.done:  # time is up: every phase is due at the round's deadline
+                self._secagg_outbox += driver.tick(max(m.deadline, driver.config.deadlines.unmask))
+            result = driver.result
+            if result is None:
+                failure = driver.abort_reason or "the secure round did not finish"
+            elif len(result.survivors) < self.settings.min_devices:
+                failure = (
+                    f"{len(result.survivors)} device(s) in the secure sum, fewer than "
+                    f"min_devices={self.settings.min_devices}"
+                )
+            else:
+                survivors = result.survivors
+                mean = result.dequantised(driver.config) / len(survivors)
+                lr = self.settings.server_learning_rate
+                with np.errstate(over="ignore"):
+                    weights = (self.state.weights.astype(np.float64) + lr * mean).astype(np.float32)
+                del mean
+                if np.all(np.isfinite(weights)):
+                    self.state.weights = weights
+                    self.state.completed_rounds += 1
+                else:
+                    survivors, failure = (), "the aggregated weights overflow float32"
+        # Counters advanced as the driver accepted messages (it shares the engine's map).
+        announced = m.secure_aggregation
+        record = RoundRecord(
+            round_number=m.round_number,
+            round_id=m.round_id,
+            phase=m.phase,
+            outcome="aggregated" if survivors else "aborted",
+            version=m.version,
+            selected=len(m.selected_devices),
+            reported=len(survivors) if survivors else len(r.masked),
+            examples=0,
+            train_loss=None,
+            fed_eval_loss=None,
+            fed_eval_accuracy=None,
+            fed_eval_examples=0,
+            fed_eval_metric=self.eval_metric,
+            fed_eval_mse=None,
+            mean_update_bytes=r.update_bytes / len(r.masked) if r.masked else None,
+            rejected=dict(r.rejected),
+            failure=failure,
+            norm_bound=None if announced is None else announced.clip_norm,
+            weighting="equal",
+            weight_cap=None,
+            secure_aggregation=True,
+            dropped=len(m.selected_devices) - len(survivors),
+        )
+        self.state.history.append(record.to_dict())
+        self.current = None
+        return record
+
     def _charge_privacy(self, folds: RoundFolds, m: RoundManifest) -> None:
         """A DP round's noised aggregate was used: the accountant charges it (and, with
         adaptive clipping, moves the bound by the noisy count), and the state keeps the ledger
@@ -549,15 +771,25 @@ class RoundEngine:
                 self.current.rejected[outcome.reason] += 1
         return outcome
 
+    def message_limit(self) -> int:
+        """The largest message accepted now: ``max_message_bytes``, or in a secure round the
+        largest secure-aggregation message of its config if that is larger (a masked input is
+        the model in ``bits``-bit integers, base64)."""
+        r = self.current
+        if r is not None and r.secure is not None:
+            return max(self.max_message_bytes, secagg_max_sealed_bytes(r.secure.config))
+        return self.max_message_bytes
+
     def _check(self, topic: str, payload: bytes, now: float) -> Outcome:
-        if len(payload) > self.max_message_bytes:
+        limit = self.message_limit()
+        if len(payload) > limit:
             return Outcome(False, RejectReason.TOO_LARGE, None)
         try:
             topic_device = self.topics.device_of(topic, "update")
         except TopicError:
             return Outcome(False, RejectReason.BAD_TOPIC, None)
         try:
-            header, ciphertext = read_header(payload, self.max_message_bytes)
+            header, ciphertext = read_header(payload, limit)
         except SealError as exc:
             return Outcome(False, exc.reason, topic_device)
         device = header.device_id
@@ -581,6 +813,8 @@ class RoundEngine:
             return Outcome(False, RejectReason.WRONG_VERSION, device, header.kind)
         if not m.is_selected(device):
             return Outcome(False, RejectReason.NOT_SELECTED, device, header.kind)
+        if r.secure is not None:
+            return self._secure_message(r, device, header.kind, topic, payload, now)
         expected_kind = "moments" if m.phase == "moments" else "update"
         if header.kind != expected_kind:
             return Outcome(False, RejectReason.WRONG_KIND, device, header.kind)
@@ -609,6 +843,21 @@ class RoundEngine:
         r.reported[device] = header.counter
         r.update_bytes += len(payload)
         return Outcome(True, "accepted", device, header.kind)
+
+    def _secure_message(
+        self, r: _OpenRound, device: str, kind: str, topic: str, payload: bytes, now: float
+    ) -> Outcome:
+        """A secure round takes only its own kinds (a plain ``update`` is ``wrong_kind``: it
+        would be an update in the clear); the driver checks and counts the rest."""
+        driver = r.secure
+        assert driver is not None
+        if kind not in SECAGG_KINDS:
+            return Outcome(False, RejectReason.WRONG_KIND, device, kind)
+        outcome = driver.handle(topic, payload, now)
+        if outcome.accepted and outcome.kind == KIND_MASKED:
+            r.masked.add(device)
+            r.update_bytes += len(payload)
+        return Outcome(outcome.accepted, outcome.reason, outcome.device_id or device, outcome.kind or kind)
 
     def _fold_in(
         self, r: _OpenRound, device: str, kind: str, payload_header: dict[str, Any], body: bytes
@@ -660,7 +909,7 @@ class RoundEngine:
             "round_id": r.manifest.round_id if r else None,
             "deadline": r.manifest.deadline if r else None,
             "selected": len(r.manifest.selected_devices) if r else 0,
-            "reported": sorted(r.reported) if r else [],
+            "reported": sorted(r.masked if r.secure is not None else r.reported) if r else [],
             "refused": sorted(r.spent) if r else [],
             "rejected_total": dict(self.state.rejected_total),
             "limits": self.limits(),
@@ -695,13 +944,39 @@ class RoundEngine:
         s = self.settings
         limits = self.current.folds.limits if self.current is not None else self.round_limits()
         return {
-            "max_message_bytes": self.max_message_bytes,
+            "max_message_bytes": self.message_limit(),
             "weighting": s.weighting,
             "weight_cap": limits.weight_cap,
             "norm_bound": limits.bounds.clip,
             "norm_bound_hard": limits.bounds.hard,
             "norm_policy": s.update_norm_policy,
             "moments_aggregation": s.moments_aggregation,
+            "secure_aggregation": self.secure_status(),
+        }
+
+    def secure_status(self) -> dict[str, Any] | None:
+        """``[privacy] secure_aggregation`` for operators (None when off): the modulus, and for
+        the open secure round its parameters and phase (``phase`` None: no secure round open;
+        ``threshold`` then the configured one, None when chosen per round)."""
+        if self.secure is None:
+            return None
+        r = self.current
+        driver = r.secure if r is not None else None
+        if driver is None:
+            return {
+                "bits": self.secure.bits,
+                "degree": None,
+                "threshold": self.secure.threshold or None,
+                "clip_norm": None,
+                "phase": None,
+            }
+        c = driver.config
+        return {
+            "bits": c.bits,
+            "degree": c.degree,
+            "threshold": c.threshold,
+            "clip_norm": c.clip_norm,
+            "phase": str(driver.phase),
         }
 
     def snapshot(self) -> EngineState:

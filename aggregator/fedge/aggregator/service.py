@@ -9,6 +9,14 @@ heartbeat and connecting to nothing; only once it holds the Lease does it read t
 (the one the previous leader wrote on the shared volume) and connect to the broker. Before
 every checkpoint write and every publish it checks that it still leads; when it does not, it
 stops at once and exits with :data:`EXIT_LEADERSHIP_LOST`.
+
+Secure rounds (``[privacy] secure_aggregation``): the engine returns the round's signed
+documents (``Publication.secagg`` after the manifest, then :meth:`RoundEngine.tick` on every turn
+of the loop); the shell publishes each retained, QoS 1 (an empty payload clears a topic), with
+the same leadership check as every publish. The round's session lives only in this process: a
+restart or a leader change mid-round loses it, the round is aborted (its manifest version is
+never reused) and the next manifest opens a new one; the new process clears the lost round's
+retained documents with its first manifest.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -37,13 +45,14 @@ from fedge.aggregator.dashboard import build_view, view_json
 from fedge.aggregator.fleet_summary import DeviceSeen, build_fleet_summary, device_condition
 from fedge.aggregator.heartbeat import Heartbeat
 from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
-from fedge.aggregator.privacy_config import privacy_config
+from fedge.aggregator.privacy_config import privacy_config, secure_settings
 from fedge.aggregator.registry import load_registry, load_registry_file
 from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord, start_generation
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, ModelManifest, manifest_from_json
+from fedge.protocol.secagg.wire import Publication as SecAggPublication
 from fedge.protocol.statuses import AGGREGATOR_STATUS_SCHEMA
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import WeightsError, weights_from_bytes
@@ -184,6 +193,12 @@ def influence_summary(record: RoundRecord) -> str:
     """What the influence bounds did in a round, for the log line an operator reads."""
     if record.phase == "moments":
         return f"{record.outlier_devices} device(s) left out of the normalisation as outliers"
+    if record.secure_aggregation:
+        bound = "none" if record.norm_bound is None else f"{record.norm_bound:.4g}"
+        return (
+            f"secure aggregation: {record.reported} update(s) in the sum, {record.dropped} selected "
+            f"device(s) not in it, clipped to norm {bound} on the devices"
+        )
     bound = "unbounded" if record.norm_bound is None else f"{record.norm_bound:.4g}"
     return f"{record.clipped} update(s) clipped to norm {bound}, {record.spent} refused after opening"
 
@@ -250,6 +265,13 @@ class AggregatorService:
                 self.privacy.noise_multiplier,
                 self.privacy.clip_bound,
                 " (adaptive)" if self.privacy.adaptive is not None else "",
+            )
+        self.secure = secure_settings(config.privacy)
+        if self.secure is not None:
+            log.info(
+                "secure aggregation: train rounds run SecAgg+ (modulus 2**%d, threshold %s)",
+                self.secure.bits,
+                self.secure.threshold or "chosen per round",
             )
         self.engine: RoundEngine
         if leadership is None:
@@ -332,6 +354,7 @@ class AggregatorService:
                 self.registry,
                 state,
                 privacy=self.privacy,
+                secure=self.secure,
             )
         except FedgeError as exc:
             if self.privacy is None:
@@ -500,6 +523,7 @@ class AggregatorService:
         for topic, blob in pub.blobs.items():
             self._publish(topic, blob, retain=True)
         self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
+        self._publish_secagg(pub.secagg)
         for topic in pub.clear_blobs:
             self._publish(topic, b"", retain=True)
         m = pub.manifest
@@ -511,6 +535,18 @@ class AggregatorService:
             len(m.selected_devices),
             m.deadline - m.issued_at,
         )
+
+    def _publish_secagg(self, publications: Sequence[SecAggPublication]) -> None:
+        """A secure round's signed documents (or the empty payloads that clear them), in order."""
+        for p in publications:
+            self._publish(p.topic, p.payload, retain=p.retain)
+
+    def _tick(self) -> None:
+        """Lets the engine close the secure round's phases that are due; publishes what it says."""
+        publications = self.engine.tick(self.clock())
+        if publications:
+            self._publish_secagg(publications)
+            self._status_dirty = True
 
     def _publish_rotations(self) -> None:
         """Every rotation document ``fedge keys rotate`` left beside the signing key, retained,
@@ -798,11 +834,13 @@ class AggregatorService:
             self._publish_status()
             while not self.stop_requested.is_set():
                 if self.engine.current is None:  # final model published
+                    self._tick()  # clears a secure round left to publish, if any
                     if self.config.exit_when_done:
                         break
                     self._drain(0.5)
                     continue
                 self._drain(0.1)
+                self._tick()
                 if self.engine.round_due(self.clock()):
                     issued_at = self.engine.current.manifest.issued_at
                     record = self.engine.close_round()

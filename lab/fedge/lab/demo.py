@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedge.lab import har_watch
 from fedge.lab.container_agent import podman_run_command, stage_container_agent
+from fedge.lab.dropouts import Dropouts
 from fedge.lab.observer import FleetObserver
 from fedge.lab.provision import create_fleet
 from fedge.lab.train_local import build_model_files, train_local, train_local_csv
@@ -38,6 +39,7 @@ from fedge.protocol.codec import Codec
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.mqtt_settings import parse_broker_url
 from fedge.protocol.task import TaskSpec
+from fedge.shell.mqtt import ephemeral_settings
 from fedge.tools import bundled
 from fedge.tools.broker_config import edgex_principal
 
@@ -104,6 +106,11 @@ class DemoOptions:
     # The first clip bound (adaptive clipping moves it to the median update norm, at most
     # about 10 % a round): near the har-watch demo's update norms, 1-3.
     dp_clip_bound: float = 1.0
+    # Secure aggregation (the aggregator's [privacy] secure_aggregation, identity keys and
+    # certificates for every device); drop_devices: that many of each round's devices are
+    # frozen (SIGSTOP) once their neighbours' keys are relayed, and thawed at the next manifest.
+    secure_aggregation: bool = False
+    drop_devices: int = 0
 
 
 @dataclass
@@ -128,9 +135,10 @@ class DemoSummary:
     data: dict[str, Any] | None = None  # with --train: the CSVs, the split and each device's rows
     #: Predictions (``insight/{device_id}``) seen per device, and each device's latest one.
     predictions: dict[str, Any] = field(default_factory=dict)
-    #: Secure aggregation (issue 14): not wired into the demo's rounds yet, so always False.
+    #: Secure aggregation: every train round's updates were masked (``--secure-aggregation``).
     secure_aggregation: bool = False
-    #: Devices the demo made drop out of rounds (``--drop-devices``, with secure aggregation).
+    #: Device-rounds left out of the sum: the devices the demo froze mid-round
+    #: (``--drop-devices``), as the aggregator's round records count them.
     dropped: int = 0
     #: Differential privacy: the epsilon spent over the run at ``delta`` (None without DP).
     epsilon_spent: float | None = None
@@ -231,7 +239,11 @@ def _start_secure_broker(
     )
 
     access = FleetAccess(
-        FLEET, tuple(devices), aggregator="aggregator", monitors=("observer",), edgex_services=("simulator",)
+        FLEET,
+        tuple(devices),
+        aggregator="aggregator",
+        monitors=("observer", "dropouts"),
+        edgex_services=("simulator",),
     )
     data_dir = out / "broker" / "data"
     data_dir.mkdir(parents=True)
@@ -506,6 +518,7 @@ def run_demo(
         raise FedgeError(f"--container-agents must be 0..{n_devices} (the number of devices)")
     if options.container_agents and not options.agent_image:
         raise FedgeError("--container-agents needs --agent-image (built by make images)")
+    threshold = _secure_threshold(options, n_devices, min_devices)
     out = options.out.resolve()  # the broker's configuration names absolute paths
     out.mkdir(parents=True, exist_ok=True)
     # A demo is a fresh fleet: new keys, no checkpoint, no broker state from an earlier run
@@ -594,16 +607,8 @@ def run_demo(
             "server_learning_rate": options.server_learning_rate,
             "wait_for_devices_s": 60.0,
         },
-        privacy=(
-            None
-            if options.dp_epsilon is None
-            else {
-                "enabled": True,
-                "epsilon_budget": options.dp_epsilon,
-                "target_delta": options.dp_delta,
-                "clip_bound": options.dp_clip_bound,
-            }
-        ),
+        privacy=_privacy_table(options, threshold),
+        secure_aggregation=options.secure_aggregation,
         mqtt_protocol=mqtt_protocol,
         edgex=edgex,
         task_file=options.task_file,
@@ -629,6 +634,7 @@ def run_demo(
     containers: list[str] = []
     live_stop = threading.Event()
     live_thread: threading.Thread | None = None
+    dropouts: Dropouts | None = None
     try:
         observer.start()
         for index, (device_id, cfg) in enumerate(fleet.agent_configs.items()):
@@ -664,6 +670,25 @@ def run_demo(
             live_thread = _start_live_stream(
                 options, subjects, last_origins, broker_url, mqtt_protocol, creds.get("simulator"), live_stop
             )
+        if options.drop_devices:
+            dropouts = Dropouts(
+                FLEET,
+                ephemeral_settings(
+                    host,
+                    port,
+                    creds.get("dropouts", {}).get("ca_file") is not None,
+                    "fedge-dropouts",
+                    protocol=mqtt_protocol,
+                    **_client_creds(creds.get("dropouts")),
+                ),
+                host,
+                port,
+                {d: procs[d].pid for d in fleet.agent_configs},
+                options.drop_devices,
+                fleet.signing_key.verify_key,
+                seed=options.seed,
+            )
+            dropouts.start()
         procs["aggregator"] = _spawn(
             ["aggregator", "run", "--config", str(fleet.aggregator_config)], out / "logs" / "aggregator.log"
         )
@@ -684,6 +709,8 @@ def run_demo(
             if time.monotonic() > limit:
                 raise FedgeError(f"the demo did not finish in time; see the logs in {out / 'logs'}")
     finally:
+        if dropouts is not None:
+            dropouts.stop()
         live_stop.set()
         if live_thread is not None:
             live_thread.join(timeout=10)
@@ -738,6 +765,7 @@ def _summarise(
                 "fed_eval_loss": rec.get("fed_eval_loss"),
                 "reported": rec.get("reported"),
                 "selected": rec.get("selected"),
+                "dropped": rec.get("dropped", 0),
                 "mean_update_bytes": rec.get("mean_update_bytes"),
             }
         )
@@ -768,8 +796,61 @@ def _summarise(
             "latest": {device: doc.get("prediction") for device, doc in view.insights.items()},
         },
         epsilon_spent=_epsilon_spent(view.aggregator_status),
+        secure_aggregation=options.secure_aggregation,
+        dropped=sum(int(r["dropped"] or 0) for r in per_round),
         delta=options.dp_delta if options.dp_epsilon is not None else None,
     )
+
+
+def _secure_threshold(options: DemoOptions, n_devices: int, min_devices: int) -> int | None:
+    """The Shamir threshold for ``--drop-devices K``: the graph's degree less K, so that every
+    survivor keeps enough surviving neighbours; None lets the aggregator choose. Refuses what
+    cannot work, before anything starts."""
+    k = options.drop_devices
+    if not options.secure_aggregation:
+        if k:
+            raise FedgeError("--drop-devices goes with --secure-aggregation")
+        return None
+    if options.dp_epsilon is not None:
+        raise FedgeError(
+            "--secure-aggregation with --dp-epsilon needs distributed noise, which is not wired yet: "
+            "use one of them"
+        )
+    if n_devices < 3:
+        raise FedgeError("--secure-aggregation needs at least 3 devices")
+    if not k:
+        return None
+    if options.container_agents:
+        raise FedgeError("--drop-devices freezes host processes: it does not go with --container-agents")
+    from fedge.protocol.secagg import choose_parameters  # noqa: PLC0415
+
+    degree = choose_parameters(n_devices).degree
+    threshold, lowest = degree - k, max(2, degree // 2 + 1)
+    if threshold < lowest:
+        raise FedgeError(
+            f"--drop-devices {k} leaves too few of each device's {degree} neighbours for the secret "
+            f"sharing (needs a threshold above {degree // 2}): drop at most {degree - lowest}"
+        )
+    if n_devices - k < min_devices:
+        raise FedgeError(f"--drop-devices {k} leaves fewer than --min-devices {min_devices} in each round")
+    return threshold
+
+
+def _privacy_table(options: DemoOptions, threshold: int | None) -> dict[str, object] | None:
+    """The aggregator's ``[privacy]`` table for the demo's options (None: all off)."""
+    table: dict[str, object] = {}
+    if options.dp_epsilon is not None:
+        table.update(
+            enabled=True,
+            epsilon_budget=options.dp_epsilon,
+            target_delta=options.dp_delta,
+            clip_bound=options.dp_clip_bound,
+        )
+    if options.secure_aggregation:
+        table["secure_aggregation"] = True
+        if threshold is not None:
+            table["secure_aggregation_threshold"] = threshold
+    return table or None
 
 
 def _epsilon_spent(status: dict[str, Any]) -> float | None:
@@ -857,6 +938,11 @@ def render_table(summary: DemoSummary) -> str:
             f"federated after {summary.rounds_completed} rounds: {f:.3f} ({100 * f / c:.1f}% of centralized)"
         )
     lines.append(f"rejected updates: {summary.rejected or 'none'}; took {summary.seconds:.0f}s")
+    if summary.secure_aggregation:
+        lines.append(
+            f"secure aggregation: the aggregator saw only sums; {summary.dropped} device-round(s) "
+            "dropped out of the sum"
+        )
     if summary.epsilon_spent is not None:
         lines.append(
             f"differential privacy: epsilon {summary.epsilon_spent:.3f} spent at delta {summary.delta:g} "

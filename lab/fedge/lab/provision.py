@@ -6,6 +6,7 @@ never printed; configs refer to key files by relative path, so a fleet directory
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from fedge.aggregator.registry import render_registry
+from fedge.protocol.identity import certify
 from fedge.protocol.sealing import key_to_text
 from fedge.protocol.signing import signing_key_to_text
 from fedge.shell.files import atomic_write
@@ -78,6 +80,7 @@ def create_fleet(
     mqtt_extra: dict[str, dict[str, object]] | None = None,
     edgex_extra: dict[str, dict[str, object]] | None = None,
     privacy: dict[str, object] | None = None,
+    secure_aggregation: bool = False,
 ) -> FleetFiles:
     """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject.
 
@@ -86,6 +89,10 @@ def create_fleet(
     settings: with EdgeX on the fleet's broker, the credentials of the device's own EdgeX-bus
     principal (``{device}.edgex`` of ``fedge broker config``), which the agent requires when its
     fleet connection has credentials. Configs holding a password are written mode 0600.
+    ``privacy``: the aggregator's ``[privacy]`` table (differential privacy, secure aggregation),
+    if any. ``secure_aggregation``: every device also gets an Ed25519 identity key and a
+    certificate signed by an operator key of the fleet (``keys/operator.sign``, which the
+    aggregator never reads), pins that operator key, and requires secure rounds.
     """
     extra = mqtt_extra or {}
     edgex_settings = edgex_extra or {}
@@ -97,6 +104,9 @@ def create_fleet(
     write_private(keys / "aggregator.box", key_to_text(box))
     device_keys: dict[str, PrivateKey] = {}
     agent_configs: dict[str, Path] = {}
+    operator = SigningKey.generate() if secure_aggregation else None
+    if operator is not None:
+        write_private(keys / "operator.sign", signing_key_to_text(operator))
     for device_id, subject in subjects.items():
         key = PrivateKey.generate()
         device_keys[device_id] = key
@@ -123,6 +133,17 @@ def create_fleet(
             agent_tables["edgex"] = {"device": device_id, **edgex, **edgex_settings.get(device_id, {})}
         elif device_id in edgex_settings:
             raise ValueError("EdgeX credentials for a fleet whose devices do not read EdgeX")
+        if operator is not None:  # the identity its secure-aggregation round keys are signed with
+            identity = SigningKey.generate()
+            write_private(keys / f"{device_id}.identity", signing_key_to_text(identity))
+            cert = certify(operator, fleet, device_id, identity.verify_key, 0.0)
+            atomic_write(keys / f"{device_id}.cert", base64.b64encode(cert) + b"\n", 0o644)
+            agent_tables["agent"].update(
+                identity_key_file=f"keys/{device_id}.identity",
+                identity_certificate_file=f"keys/{device_id}.cert",
+                operator_verify_keys=[signing_key_to_text(operator.verify_key)],
+                require_secure_aggregation=True,
+            )
         path = root / f"agent-{device_id}.toml"
         secret = any("password" in table for table in agent_tables.values())
         write_config(path, render_toml(agent_tables), secret=secret)

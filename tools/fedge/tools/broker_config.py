@@ -135,7 +135,7 @@ Role = Literal["aggregator", "bms", "monitor", "edgex", "device", "device-edgex"
 ROLE_TITLES: dict[Role, str] = {
     "aggregator": "aggregator",
     "bms": "building-management system (read-only)",
-    "monitor": "fleet monitor: reads the global models, statuses and predictions (read-only)",
+    "monitor": "fleet monitor: reads global models, statuses, predictions, secure rounds (read-only)",
     "edgex": "EdgeX service (its message bus)",
     "device": "device",
     "device-edgex": "device's EdgeX-bus connection (its readings, read-only)",
@@ -310,6 +310,9 @@ class FleetAccess:
                 ("read", t.aggregator_status),
                 ("read", t.fleet_summary),
                 ("read", f"{t.base}/{INSIGHT_LEVEL}/#"),
+                # Secure rounds' public documents (keys, ciphertexts, who is asked for what):
+                # an operator's view of how far a round got.
+                ("read", f"{t.base}/secagg/#"),
             ]
         if principal.role == "bms":
             bms = [

@@ -322,6 +322,37 @@ AGENT_SECTIONS = (
                 lo=0.5,
                 hi=3600.0,
             ),
+            Key(
+                "identity_key_file",
+                PATH,
+                "Secure aggregation: the device's Ed25519 identity key (mode 0600; `fedge keys "
+                "identity`). With identity_certificate_file and operator_verify_keys, or none of them.",
+                example="keys/watch-01.identity",
+                default_text="not set: no secure aggregation",
+            ),
+            Key(
+                "identity_certificate_file",
+                PATH,
+                "Secure aggregation: the operator's certificate of the identity key (`fedge certify`); "
+                "published on identity/DEVICE.",
+                example="keys/watch-01.cert",
+                default_text="not set: no secure aggregation",
+            ),
+            Key(
+                "operator_verify_keys",
+                STRINGS,
+                "Secure aggregation: the operator's Ed25519 verify keys (base64; `fedge keys "
+                "operator`), which certify every device's identity key. Never an aggregator key.",
+                example=["PASTE-FROM-fedge-keys-operator"],
+                default_text="not set: no secure aggregation",
+            ),
+            Key(
+                "require_secure_aggregation",
+                BOOLEAN,
+                "Never send a plain update: sit out train rounds without secure aggregation (needs "
+                "the three keys above).",
+                default=False,
+            ),
         ),
     ),
     Section(
@@ -917,6 +948,34 @@ AGGREGATOR_SECTIONS = (
                 "rdp (fast, standard) or pld (tighter), from Google's dp-accounting.",
                 default="rdp",
                 choices=("rdp", "pld"),
+            ),
+            Key(
+                "secure_aggregation",
+                BOOLEAN,
+                "Secure aggregation (SecAgg+, docs/secure-aggregation.md): the aggregator sees only "
+                "the sum of each train round's updates; devices clip to the [rounds] norm bound "
+                'before masking. Not with enabled = true yet; needs weighting = "equal", '
+                "min_devices >= 3 and max_update_norm or update_norm_ratio.",
+                default=False,
+            ),
+            Key(
+                "secure_aggregation_bits",
+                INTEGER,
+                "Secure aggregation: the masked sum is modulo 2**bits (fewer bits: coarser "
+                "quantisation of the updates).",
+                default=32,
+                lo=16,
+                hi=62,
+            ),
+            Key(
+                "secure_aggregation_threshold",
+                INTEGER,
+                "Secure aggregation: the Shamir threshold t (> half the graph degree); 0 chooses "
+                "it per round for the selected devices. A round it does not fit is aborted.",
+                default=0,
+                lo=0,
+                hi=1000,
+                note="0, or at least 2",
             ),
         ),
     ),
