@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -41,9 +42,13 @@ REQUIRE_INSIGHTS = True
 DEMO_TIMEOUT_S = 600
 
 
-@pytest.fixture(scope="module")
-def captured(tmp_path_factory: pytest.TempPathFactory) -> list[RecordedMessage]:
-    tmp = tmp_path_factory.mktemp("contract-demo")
+#: What a secure round adds (``--secure-aggregation``): the round's signed documents and the
+#: devices' identity certificates.
+SECURE_CHANNELS = {"secaggConfig", "secaggRelay", "identity", "update", "manifest"}
+
+
+def run_and_record(tmp: Path, *demo_args: str) -> list[RecordedMessage]:
+    """Every message a ``fedge demo`` run with ``demo_args`` sends through a recorded broker."""
     exe = require_mosquitto()
     with (
         MosquittoBroker(BrokerSettings(data_dir=tmp / "mosquitto"), executable=exe) as broker,
@@ -56,12 +61,7 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> list[RecordedMessage]:
             "demo",
             "--broker",
             broker.url,
-            "--rounds",
-            "2",
-            "--devices",
-            "2",
-            "--round-timeout",
-            "30",
+            *demo_args,
             "--out",
             str(tmp / "demo"),
             "--no-progress",
@@ -74,10 +74,32 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> list[RecordedMessage]:
         return recorder.messages
 
 
-@pytest.mark.slow
-def test_every_message_of_a_real_fleet_is_on_a_documented_channel_and_matches_it(
-    captured: list[RecordedMessage],
-) -> None:
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory: pytest.TempPathFactory) -> list[RecordedMessage]:
+    return run_and_record(
+        tmp_path_factory.mktemp("contract-demo"), "--rounds", "2", "--devices", "2", "--round-timeout", "30"
+    )
+
+
+@pytest.fixture(scope="module")
+def captured_secure(tmp_path_factory: pytest.TempPathFactory) -> list[RecordedMessage]:
+    return run_and_record(
+        tmp_path_factory.mktemp("contract-secure"),
+        "--rounds",
+        "1",
+        "--devices",
+        "3",
+        "--data",
+        "direct",
+        "--round-timeout",
+        "30",
+        "--secure-aggregation",
+    )
+
+
+def check_against_the_contract(captured: list[RecordedMessage]) -> Counter[str]:
+    """Every message on a documented channel, matching its schema, frame, QoS and retain flag;
+    returns how many messages each channel carried."""
     doc = load_document()
     undocumented = sorted({m.topic for m in captured if doc.channel_for(m.topic) is None})
     assert undocumented == [], f"topics no channel of docs/asyncapi.yaml lists: {undocumented}"
@@ -99,9 +121,25 @@ def test_every_message_of_a_real_fleet_is_on_a_documented_channel_and_matches_it
         if channel.binary and message.payload[:1] == b"{":
             problems.append(f"{message.topic}: JSON on a binary channel")
     assert problems[:10] == [], f"{len(problems)} message(s) break the contract"
+    return seen
+
+
+@pytest.mark.slow
+def test_every_message_of_a_real_fleet_is_on_a_documented_channel_and_matches_it(
+    captured: list[RecordedMessage],
+) -> None:
+    seen = check_against_the_contract(captured)
     assert set(seen) >= EXPECTED_CHANNELS, f"channels without traffic: {EXPECTED_CHANNELS - set(seen)}"
     if REQUIRE_INSIGHTS:
         assert seen["insight"] > 0, "no insight/{device_id} message in the run"
+
+
+@pytest.mark.slow
+def test_a_secure_round_speaks_the_contract_too(captured_secure: list[RecordedMessage]) -> None:
+    """Its signed documents, sealed secagg messages and identity certificates are all documented."""
+    seen = check_against_the_contract(captured_secure)
+    assert set(seen) >= SECURE_CHANNELS, f"channels without traffic: {SECURE_CHANNELS - set(seen)}"
+    assert seen["identity"] >= 3  # each device's certificate (retained, again on each connect)
 
 
 @pytest.mark.slow

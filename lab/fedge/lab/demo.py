@@ -511,6 +511,10 @@ def run_demo(
         raise FedgeError(f"--devices must be 1..{MAX_DEVICES} (subjects 1-7; 8-10 are held out for testing)")
     n_devices = len(own.events) if own is not None else options.devices
     min_devices = options.min_devices or max(1, (n_devices + 1) // 2)
+    if options.secure_aggregation and options.min_devices is None:
+        min_devices = max(min_devices, 3)  # the protocol's least: with 2, one sum reveals the other
+    elif options.secure_aggregation and min_devices < 3:
+        raise FedgeError("--secure-aggregation needs --min-devices 3 or more")
     if min_devices > n_devices:
         what = f"the {n_devices} devices (groups of --train)" if own is not None else f"--devices {n_devices}"
         raise FedgeError(f"--min-devices {min_devices} exceeds {what}")
