@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
+import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,11 +30,14 @@ from fedge.agent.core import update_payload
 from fedge.agent.secure_round import DeviceSecureRound, open_round_config
 from fedge.aggregator.config import RoundSettings, load_aggregator_config
 from fedge.aggregator.privacy_config import (
+    DISTRIBUTED_WITHOUT_SECURE,
     PRIVACY_KEYS,
+    SECURE_DP_ADAPTIVE,
+    SECURE_DP_BITS,
     SECURE_MIN_DEVICES_MESSAGE,
     SECURE_NEEDS_BOUND,
     SECURE_THRESHOLD_ONE,
-    SECURE_WITH_DP,
+    SECURE_WITH_CENTRAL_NOISE,
     SECURE_WITH_EXAMPLES,
     SecureSettings,
     privacy_settings_from_table,
@@ -50,14 +55,17 @@ from fedge.lab.provision import create_fleet
 from fedge.protocol.config_source import ConfigError, Table
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import Normalisation
+from fedge.protocol.privacy_announcement import PrivacyAnnouncement
 from fedge.protocol.reasons import RejectReason
 from fedge.protocol.round_manifest import RoundManifest, round_manifest_from_dict
 from fedge.protocol.sealing import SealedHeader, read_header, seal
 from fedge.protocol.secagg import choose_parameters
 from fedge.protocol.secagg.announcement import SecureAggregationAnnouncement
+from fedge.protocol.secagg.prg import modulus_mask
 from fedge.protocol.secagg.quantise import clip_to_norm
 from fedge.protocol.secagg.wire import Publication as WirePublication
 from fedge.protocol.secagg.wire import max_sealed_bytes, trusted_keys
+from fedge.protocol.secure_dp import add_noise_share, noise_plan, sum_correction
 from fedge.protocol.secure_round_config import round_config_for
 from fedge.protocol.signing import DocType, verify_document
 from support.engine_helpers import (
@@ -162,6 +170,11 @@ class SimDevice:
     sent: list[str] = field(default_factory=list)
     gone: bool = False
     counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    #: Differential privacy: the round's manifest announcement and min_devices (the device adds
+    #: its noise share after quantising, as the agent does).
+    privacy: tuple[PrivacyAnnouncement, int] | None = None
+    #: The noise share this device added (to check the engine never holds it either).
+    noise: npt.NDArray[np.uint64] | None = None
 
     def join(
         self, topic: str, payload: bytes, now: float, fleet_ids: tuple[str, ...]
@@ -171,7 +184,12 @@ class SimDevice:
 
         def quantised_update(config: Any) -> npt.NDArray[np.uint64]:
             self.quantised = config.quantiser.quantise(self.update, np.random.default_rng(seed))
-            return self.quantised
+            if self.privacy is None:
+                return self.quantised
+            plan = noise_plan(self.privacy[0], config, self.privacy[1])
+            noised = add_noise_share(self.quantised, plan, config.bits, random.Random(seed))
+            self.noise = (noised - self.quantised) & modulus_mask(config.bits)
+            return noised
 
         def persist(round_id: str, record: dict[str, str]) -> None:
             self.records[round_id] = dict(record)
@@ -239,6 +257,8 @@ class SimRound:
             individual.append(d.update)
             if d.quantised is not None:
                 individual.append(d.quantised)
+            if d.noise is not None:
+                individual.append(d.noise)
         for path, vector in held:
             assert not any(np.array_equal(vector, v) for v in individual), f"{path} is a device's update"
 
@@ -300,7 +320,9 @@ def open_secure_round(
     publication = engine.open_round(now)
     selected = publication.manifest.selected_devices
     updates = updates or {d: delta(d) for d in selected}
-    devices = {d: SimDevice(d, updates[d], (stop_after or {}).get(d)) for d in selected}
+    m = publication.manifest
+    privacy = (m.privacy, m.min_devices) if m.privacy is not None else None
+    devices = {d: SimDevice(d, updates[d], (stop_after or {}).get(d), privacy=privacy) for d in selected}
     for d, device in devices.items():  # the counter each device persisted, one past its newest
         device.counter = itertools.count(engine.state.counters.get(d, 0) + 1)
     return SimRound(engine, publication, devices, now=now + 1.0)
@@ -609,10 +631,10 @@ def test_a_restarted_engine_clears_what_a_lost_secure_round_left_retained() -> N
     assert pub.manifest.version == lost.version + 1
 
 
-def test_secure_aggregation_with_differential_privacy_is_refused_by_the_engine() -> None:
-    from fedge.aggregator.privacy import PrivacyConfig
+def test_secure_aggregation_with_adaptive_clipping_is_refused_by_the_engine() -> None:
+    from fedge.aggregator.privacy import AdaptiveClipping, PrivacyConfig
 
-    with pytest.raises(FedgeError, match="distributed noise"):
+    with pytest.raises(FedgeError, match="adaptive clipping cannot run under secure aggregation"):
         RoundEngine(
             FLEET,
             secure_settings_for(),
@@ -622,7 +644,7 @@ def test_secure_aggregation_with_differential_privacy_is_refused_by_the_engine()
             SIGNING_KEY,
             registry(ids(5)),
             initial_state(),
-            privacy=PrivacyConfig(noise_multiplier=1.0),
+            privacy=PrivacyConfig(noise_multiplier=1.0, adaptive=AdaptiveClipping(clip_count_stddev=1.0)),
             secure=SecureSettings(),
         )
 
@@ -654,7 +676,17 @@ def test_the_secure_aggregation_keys_and_their_defaults() -> None:
 @pytest.mark.parametrize(
     ("privacy", "rounds", "message"),
     [
-        ({"enabled": True}, {}, SECURE_WITH_DP),
+        ({"enabled": True}, {}, SECURE_WITH_CENTRAL_NOISE),
+        (
+            {"enabled": True, "noise": "distributed_discrete_gaussian", "secure_aggregation_bits": 62},
+            {},
+            SECURE_DP_ADAPTIVE,
+        ),
+        (
+            {"enabled": True, "noise": "distributed_discrete_gaussian", "adaptive_clipping": False},
+            {},
+            SECURE_DP_BITS,
+        ),
         ({}, {"weighting": "examples"}, SECURE_WITH_EXAMPLES),
         ({}, {"min_devices": 2}, SECURE_MIN_DEVICES_MESSAGE),
         ({}, {"max_update_norm": 0.0, "update_norm_ratio": 0.0}, SECURE_NEEDS_BOUND),
@@ -667,13 +699,18 @@ def test_what_secure_aggregation_cannot_do_is_refused_with_the_fix(
     with pytest.raises(ConfigError) as refused:
         load({"secure_aggregation": True, **privacy}, **rounds)
     assert str(refused.value) == message
-    load(privacy, **rounds)  # the same without secure aggregation loads
+    if privacy.get("noise") != "distributed_discrete_gaussian":
+        load(privacy, **rounds)  # the same without secure aggregation loads
+    else:
+        with pytest.raises(ConfigError) as plain:
+            load(privacy, **rounds)
+        assert str(plain.value) == DISTRIBUTED_WITHOUT_SECURE
 
 
 def test_the_refusal_messages_are_the_documented_ones() -> None:
-    assert SECURE_WITH_DP == (
-        "[privacy] secure_aggregation with differential privacy needs distributed noise, not wired "
-        "yet: turn one of them off"
+    assert SECURE_WITH_CENTRAL_NOISE == (
+        '[privacy] enabled with secure_aggregation needs noise = "distributed_discrete_gaussian": each '
+        'device adds its share before masking (with "central" the aggregator would see the sum un-noised)'
     )
     assert "weighting" in SECURE_WITH_EXAMPLES and "each update counts once" in SECURE_WITH_EXAMPLES
     assert "min_devices >= 3" in SECURE_MIN_DEVICES_MESSAGE and "3" in SECURE_MIN_DEVICES_MESSAGE
@@ -731,3 +768,74 @@ def test_the_service_publishes_the_secure_documents_retained_after_the_manifest(
     assert record.outcome == "aborted" and record.failure == "too_few_survivors"
     summary = influence_summary(record)
     assert "secure aggregation: 0 update(s) in the sum, 3 selected device(s) not in it" in summary
+
+
+# --- differential privacy under secure aggregation ------------------------------------------------
+
+
+def test_with_differential_privacy_devices_add_the_noise_and_the_aggregator_never_sees_it_alone() -> None:
+    """Distributed discrete Gaussian: each device adds its share before masking, so the unmasked
+    sum is already noised; the mean divides by the selected count; the accountant charges it."""
+    from fedge.aggregator.privacy import PrivacyConfig, compute_epsilon
+
+    n, z, clip = 7, 2.0, 0.05
+    engine = RoundEngine(
+        FLEET,
+        secure_settings_for(min_devices=4),
+        MODEL_MANIFEST,
+        MODEL_BYTES,
+        AGGREGATOR_KEY,
+        SIGNING_KEY,
+        registry(ids(n)),
+        initial_state(),
+        privacy=PrivacyConfig(noise_multiplier=z, clip_bound=clip, epsilon_budget=100.0),
+        secure=SecureSettings(bits=62),
+    )
+    start = engine.state.weights.copy()
+    updates = {d: delta(d, scale=0.01) for d in ids(n)}
+    r = open_secure_round(engine, updates, stop_after={ids(n)[0]: "secagg_shares"})  # one drops
+    m = r.manifest
+    assert m.privacy is not None and m.secure_aggregation is not None
+    assert (m.privacy.noise, m.privacy.clip_bound, m.secure_aggregation.clip_norm) == (
+        "distributed_discrete_gaussian",
+        clip,
+        clip,
+    )
+    record = r.run()
+    assert record.outcome == "aggregated" and (record.reported, record.dropped) == (6, 1)
+    assert record.epsilon_spent == pytest.approx(compute_epsilon(z, 1.0, 1, 1e-5))
+    assert engine.accountant is not None and engine.accountant.rounds == 1
+    # What the weights moved by, against the clean mean over the selected count: the noise of
+    # six shares (each min_devices' part of the planned variance), over 7, in float units.
+    config = round_config_for(m)
+    plan = noise_plan(m.privacy, config, m.min_devices)
+    clean = sum(clip_to_norm(updates[d], clip) for d in ids(n)[1:]) / n
+    noise = engine.state.weights.astype(np.float64) - start - clean
+    expected_std = plan.float_stddev * math.sqrt(6 / 4) / n
+    assert float(np.std(noise)) == pytest.approx(expected_std, rel=0.15)
+    assert abs(float(np.mean(noise))) < 4 * expected_std / math.sqrt(P)
+    assert sum_correction(plan) < 1e-300
+
+
+def test_the_modulus_must_hold_the_noise_or_the_round_does_not_open() -> None:
+    from fedge.aggregator.privacy import PrivacyConfig
+
+    engine = RoundEngine(
+        FLEET,
+        secure_settings_for(),
+        MODEL_MANIFEST,
+        MODEL_BYTES,
+        AGGREGATOR_KEY,
+        SIGNING_KEY,
+        registry(ids(5)),
+        initial_state(),
+        privacy=PrivacyConfig(noise_multiplier=2.0, clip_bound=0.05, epsilon_budget=100.0),
+        secure=SecureSettings(bits=32),
+    )
+    pub = engine.open_round(T0)
+    assert pub.manifest.selected_devices == () and pub.manifest.secure_aggregation is None
+    assert engine.round_due(pub.manifest.deadline)
+    record = engine.close_round()
+    assert record.outcome == "aborted" and record.failure is not None
+    assert record.failure.endswith("(secure_aggregation_bits = 62)")
+    assert engine.accountant is not None and engine.accountant.rounds == 0  # nothing released

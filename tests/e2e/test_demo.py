@@ -176,3 +176,30 @@ def test_demo_with_secure_aggregation_and_two_devices_dropping_every_round(tmp_p
     for device in (f"watch-{i:02d}" for i in range(1, 8)):
         agent_log = (out / "logs" / f"{device}.log").read_text()
         assert "update for round" not in agent_log  # never a plain update ("update for round R sealed")
+
+
+def test_demo_with_secure_aggregation_and_differential_privacy_noises_on_the_devices(tmp_path: Path) -> None:
+    """``--secure-aggregation --dp-epsilon``: each device adds its share of the noise before
+    masking (distributed discrete Gaussian), the accountant charges every aggregated round."""
+    from fedge.aggregator.privacy import compute_epsilon, noise_multiplier_for
+
+    out = tmp_path / "secure-dp"
+    s = run_demo(
+        out,
+        "--devices",
+        "3",
+        "--rounds",
+        "2",
+        "--data",
+        "direct",
+        "--secure-aggregation",
+        "--dp-epsilon",
+        "8",
+    )
+    assert (s["secure_aggregation"], s["rounds_completed"], s["dropped"]) == (True, 2, 0)
+    z = noise_multiplier_for(8.0, 1e-5, 2, 1.0)
+    assert s["epsilon_spent"] == pytest.approx(compute_epsilon(z, 1.0, 2, 1e-5), rel=1e-9)
+    aggregator_log = (out / "logs" / "aggregator.log").read_text()
+    assert "differential privacy: epsilon budget 8" in aggregator_log
+    config = (out / "fleet" / "aggregator.toml").read_text()
+    assert 'noise = "distributed_discrete_gaussian"' in config and "secure_aggregation_bits = 62" in config

@@ -65,6 +65,7 @@ from fedge.protocol.sealing import SealError, read_header
 from fedge.protocol.secagg import DevicePhase, RoundConfig, SecAggError
 from fedge.protocol.secagg.quantise import clip_to_norm
 from fedge.protocol.secagg.wire import Publication, WireError, max_document_bytes
+from fedge.protocol.secure_dp import NoisePlan, SecureDpError, add_noise_share, noise_plan
 from fedge.protocol.secure_round_config import round_config_for
 from fedge.protocol.signing import signing_key_to_text
 from fedge.protocol.topics import FleetTopics, TopicError
@@ -90,6 +91,8 @@ MAX_RECORD_BYTES: Final = 1024 * 1024
 
 #: Counted reasons of this module (``messages_dropped``); the round's own are ``secagg_<reason>``.
 CONFIG_MISMATCH: Final = "secagg_config_mismatch"
+#: The round announces differential privacy this device cannot add noise for.
+PRIVACY_MISMATCH: Final = "secagg_privacy_mismatch"
 NO_CONFIG: Final = "secagg_no_config"
 NO_ROUND: Final = "secagg_no_round"
 BAD_UPDATE: Final = "secagg_bad_update"
@@ -467,6 +470,13 @@ class SecureRounds:
                 "the round config document is not the one its signed manifest implies "
                 f"(manifest v{waiting.manifest.version}): refusing the round",
             )
+        privacy = waiting.manifest.privacy
+        plan: NoisePlan | None = None
+        if privacy is not None:  # differential privacy: this device adds its share of the noise
+            try:
+                plan = noise_plan(privacy, announcement.config, waiting.manifest.min_devices)
+            except SecureDpError as exc:
+                return self._refuse(PRIVACY_MISMATCH, round_id, f"refusing the round: {exc}")
         self._waiting = None
         delta, records = waiting.delta, self.records
         neighbours = announcement.config.neighbours(self.device_id)
@@ -479,9 +489,7 @@ class SecureRounds:
             identity_key=self.identity.signing_key,
             neighbour_keys=keys,
             aggregator_keys=dict(self._aggregator_keys()),
-            quantised_update=lambda config: config.quantiser.quantise(
-                clip_to_norm(delta, config.clip_norm), np.random.default_rng(secrets.randbits(128))
-            ),
+            quantised_update=lambda config: _quantised(delta, config, plan),
             next_counter=self._reserve_counter,
             persist_revealed=records.save,
             revealed=records.load(round_id),
@@ -547,3 +555,15 @@ class SecureRounds:
             self._finished.append(round_id)
         with self._lock:
             self._cleared.pop(round_id, None)
+
+
+def _quantised(delta: np.ndarray, config: RoundConfig, plan: NoisePlan | None) -> npt.NDArray[np.uint64]:
+    """The device's vector for the masked sum: its delta clipped to the round's bound and
+    quantised (fresh randomness), plus, with differential privacy, its share of the noise
+    (``fedge.protocol.secure_dp``: exact discrete Gaussian from the OS's randomness)."""
+    quantised = config.quantiser.quantise(
+        clip_to_norm(delta, config.clip_norm), np.random.default_rng(secrets.randbits(128))
+    )
+    if plan is None:
+        return quantised
+    return add_noise_share(quantised, plan, config.bits, secrets.SystemRandom())

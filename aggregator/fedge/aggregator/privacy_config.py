@@ -54,7 +54,7 @@ PRIVACY_KEYS: Final = {
 }
 #: ``noise``: who adds it. "central": the aggregator, to the sum (it sees the updates: trusted).
 #: The distributed kinds ("skellam", "discrete_gaussian") need secure aggregation.
-PRIVACY_NOISE: Final = ("central",)
+PRIVACY_NOISE: Final = ("central", "distributed_discrete_gaussian")
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,21 @@ SECURE_MIN_BITS: Final = 16
 SECURE_MAX_BITS: Final = 62
 #: Largest threshold (``fedge.protocol.secagg.params.MAX_DEGREE``: a threshold is at most the degree).
 SECURE_MAX_THRESHOLD: Final = 1000
-SECURE_WITH_DP: Final = (
-    "[privacy] secure_aggregation with differential privacy needs distributed noise, not wired yet: "
-    "turn one of them off"
+SECURE_WITH_CENTRAL_NOISE: Final = (
+    '[privacy] enabled with secure_aggregation needs noise = "distributed_discrete_gaussian": each '
+    'device adds its share before masking (with "central" the aggregator would see the sum un-noised)'
+)
+DISTRIBUTED_WITHOUT_SECURE: Final = (
+    '[privacy] noise = "distributed_discrete_gaussian" needs secure_aggregation = true (without it '
+    'use "central")'
+)
+SECURE_DP_ADAPTIVE: Final = (
+    "[privacy] enabled with secure_aggregation needs adaptive_clipping = false: the count of clipped "
+    "updates would travel unmasked"
+)
+SECURE_DP_BITS: Final = (
+    "[privacy] enabled with secure_aggregation needs secure_aggregation_bits = 62: the modulus must "
+    "hold the devices' noise shares on top of the sum"
 )
 SECURE_WITH_EXAMPLES: Final = (
     '[privacy] secure_aggregation needs [rounds] weighting = "equal": the masked sum has no '
@@ -155,6 +167,8 @@ def privacy_settings_from_table(t: Table, rounds: RoundSettings) -> PrivacySetti
     )
     if settings.secure_aggregation:
         _check_secure(settings, rounds)
+    elif settings.enabled and settings.noise != "central":
+        raise ConfigError(DISTRIBUTED_WITHOUT_SECURE)
     if not settings.enabled:
         return settings
     if rounds.weighting != "equal":
@@ -177,13 +191,18 @@ def _check_secure(settings: PrivacySettings, rounds: RoundSettings) -> None:
     depends on the round's selection (a threshold the protocol does not allow for n devices, a
     modulus without headroom for them) is checked per round: that round aborts and says why."""
     if settings.enabled:
-        raise ConfigError(SECURE_WITH_DP)
+        if settings.noise != "distributed_discrete_gaussian":
+            raise ConfigError(SECURE_WITH_CENTRAL_NOISE)
+        if settings.adaptive_clipping:
+            raise ConfigError(SECURE_DP_ADAPTIVE)
+        if settings.secure_aggregation_bits != 62:
+            raise ConfigError(SECURE_DP_BITS)
     if rounds.weighting != "equal":
         raise ConfigError(SECURE_WITH_EXAMPLES)
     if rounds.min_devices < SECURE_MIN_DEVICES:
         raise ConfigError(SECURE_MIN_DEVICES_MESSAGE)
-    if rounds.max_update_norm == 0.0 and rounds.update_norm_ratio == 0.0:
-        raise ConfigError(SECURE_NEEDS_BOUND)
+    if not settings.enabled and rounds.max_update_norm == 0.0 and rounds.update_norm_ratio == 0.0:
+        raise ConfigError(SECURE_NEEDS_BOUND)  # with DP, devices clip to the privacy clip bound
     threshold = settings.secure_aggregation_threshold
     if threshold == 1:
         raise ConfigError(SECURE_THRESHOLD_ONE)

@@ -76,6 +76,7 @@ from fedge.protocol.secagg.wire import DEVICE_KINDS as SECAGG_KINDS
 from fedge.protocol.secagg.wire import KIND_MASKED
 from fedge.protocol.secagg.wire import Publication as SecAggPublication
 from fedge.protocol.secagg.wire import max_sealed_bytes as secagg_max_sealed_bytes
+from fedge.protocol.secure_dp import DISTRIBUTED_NOISE, SecureDpError, noise_plan
 from fedge.protocol.secure_round_config import round_config_for
 from fedge.protocol.signing import DocType, sign_document
 from fedge.protocol.task import ModelKind
@@ -292,11 +293,10 @@ class RoundEngine:
         continues from ``state.privacy`` (a ``PrivacyStateError`` if that was spent under other
         parameters). ``noise_rng``: the DP noise's source; None draws a secret seed (tests pass
         a seeded one). ``secure``: ``[privacy] secure_aggregation`` (train rounds run SecAgg+;
-        not with ``privacy`` yet)."""
-        if secure is not None and privacy is not None:
-            raise FedgeError(
-                "secure aggregation with differential privacy needs distributed noise, not wired yet"
-            )
+        with ``privacy`` too, devices add the noise before masking: ``fedge.protocol.secure_dp``,
+        which needs fixed clipping)."""
+        if secure is not None and privacy is not None and privacy.adaptive is not None:
+            raise FedgeError("adaptive clipping cannot run under secure aggregation: its count is not masked")
         k = settings.devices_per_round
         if 0 < k < settings.min_devices:
             raise FedgeError(
@@ -492,6 +492,8 @@ class RoundEngine:
         else:
             bounds = self.round_limits().bounds
             clip = bounds.hard if bounds.hard is not None else bounds.clip
+            if self.accountant is not None:  # DP: the privacy clip bound is the only bound
+                clip = self.accountant.clip_bound
             if clip is None:
                 failure = (
                     "secure aggregation needs a norm bound devices clip to before masking "
@@ -508,7 +510,9 @@ class RoundEngine:
                     )
                     manifest = replace(manifest, secure_aggregation=announced)
                     config = round_config_for(manifest)  # checks the parameters for n devices
-                except (SecAggError, SecureAggregationAnnouncementError) as exc:
+                    if manifest.privacy is not None:  # the devices' noise must fit the modulus
+                        noise_plan(manifest.privacy, config, manifest.min_devices)
+                except (SecAggError, SecureAggregationAnnouncementError, SecureDpError) as exc:
                     failure = f"secure aggregation cannot open with {n} selected devices: {exc}"
                 else:
                     driver = SecureRoundDriver(
@@ -573,7 +577,7 @@ class RoundEngine:
             return None
         config = a.config
         return PrivacyAnnouncement(
-            noise="central",
+            noise=DISTRIBUTED_NOISE if self.secure is not None else "central",
             clip_bound=a.clip_bound,
             adaptive_clipping=config.adaptive is not None,
             noise_multiplier=float(config.noise_multiplier),
@@ -704,7 +708,12 @@ class RoundEngine:
                 )
             else:
                 survivors = result.survivors
-                mean = result.dequantised(driver.config) / len(survivors)
+                # With DP the denominator is public and fixed (the selected count): dividing by
+                # the survivors would let their number leak through the mean.
+                p = m.privacy
+                mean = result.dequantised(driver.config) / (
+                    p.expected_participants if p is not None else len(survivors)
+                )
                 lr = self.settings.server_learning_rate
                 with np.errstate(over="ignore"):
                     weights = (self.state.weights.astype(np.float64) + lr * mean).astype(np.float32)
@@ -712,6 +721,9 @@ class RoundEngine:
                 if np.all(np.isfinite(weights)):
                     self.state.weights = weights
                     self.state.completed_rounds += 1
+                    if self.accountant is not None and m.privacy is not None:
+                        self.accountant.record_round()  # a noised sum was used: charge it
+                        self.state.privacy = self.accountant.state()
                 else:
                     survivors, failure = (), "the aggregated weights overflow float32"
         # Counters advanced as the driver accepted messages (it shares the engine's map).
@@ -739,6 +751,7 @@ class RoundEngine:
             weight_cap=None,
             secure_aggregation=True,
             dropped=len(m.selected_devices) - len(survivors),
+            epsilon_spent=None if self.accountant is None else self.accountant.epsilon_spent(),
         )
         self.state.history.append(record.to_dict())
         self.current = None
@@ -926,7 +939,7 @@ class RoundEngine:
             return None
         c = a.config
         return {
-            "noise": "central",
+            "noise": DISTRIBUTED_NOISE if self.secure is not None else "central",
             "epsilon_spent": a.epsilon_spent(),
             "epsilon_budget": float(c.epsilon_budget),
             "target_delta": float(c.target_delta),

@@ -815,11 +815,6 @@ def _secure_threshold(options: DemoOptions, n_devices: int, min_devices: int) ->
         if k:
             raise FedgeError("--drop-devices goes with --secure-aggregation")
         return None
-    if options.dp_epsilon is not None:
-        raise FedgeError(
-            "--secure-aggregation with --dp-epsilon needs distributed noise, which is not wired yet: "
-            "use one of them"
-        )
     if n_devices < 3:
         raise FedgeError("--secure-aggregation needs at least 3 devices")
     if not k:
@@ -854,6 +849,10 @@ def _privacy_table(options: DemoOptions, threshold: int | None) -> dict[str, obj
         table["secure_aggregation"] = True
         if threshold is not None:
             table["secure_aggregation_threshold"] = threshold
+        if options.dp_epsilon is not None:  # each device adds its noise share before masking
+            table.update(
+                noise="distributed_discrete_gaussian", adaptive_clipping=False, secure_aggregation_bits=62
+            )
     return table or None
 
 

@@ -18,9 +18,10 @@ from typing import Any, Final
 
 from fedge.protocol.errors import FieldError
 
-#: Who adds the noise. Only ``central`` (the aggregator, on the sum) is wired today; the
-#: distributed kinds need secure aggregation (issue 14, docs/secure-aggregation.md).
-NOISE_KINDS: Final = ("central",)
+#: Who adds the noise: ``central``, the aggregator, to the sum of updates it sees; or
+#: ``distributed_discrete_gaussian``, each device, a share before masking, in secure rounds
+#: (``fedge.protocol.secure_dp``): nobody sees an un-noised sum.
+NOISE_KINDS: Final = ("central", "distributed_discrete_gaussian")
 _KEYS: Final = frozenset(
     {
         "noise",

@@ -863,9 +863,11 @@ AGGREGATOR_SECTIONS = (
             Key(
                 "noise",
                 STRING,
-                "central: the aggregator adds the noise to the sum of clipped updates.",
+                "central: the aggregator adds the noise to the sum of clipped updates; "
+                "distributed_discrete_gaussian (with secure_aggregation): each device adds its share "
+                "before masking, so no one sees the sum un-noised.",
                 default="central",
-                choices=("central",),
+                choices=("central", "distributed_discrete_gaussian"),
             ),
             Key(
                 "epsilon_budget",
