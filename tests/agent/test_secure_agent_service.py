@@ -68,7 +68,10 @@ OTHERS = DEVICE_IDS[1:]
 OPERATOR = SigningKey.generate()
 IDENTITY = {d: SigningKey.generate() for d in DEVICE_IDS}
 SECURE = SecureAggregationAnnouncement(clip_norm=1.0, bits=32, degree=4, threshold=3)
-UPDATES = {d: np.random.default_rng(i).normal(0.0, 0.1, P) for i, d in enumerate(DEVICE_IDS)}
+# float32, as a trained delta is: the agent quantises exactly what the test sums.
+UPDATES = {
+    d: np.random.default_rng(i).normal(0.0, 0.1, P).astype(np.float32) for i, d in enumerate(DEVICE_IDS)
+}
 WAIT_S = 20.0
 
 
