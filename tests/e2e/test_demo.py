@@ -166,7 +166,9 @@ def test_demo_with_secure_aggregation_and_two_devices_dropping_every_round(tmp_p
     masked updates only, two agents frozen mid-round in every round (SIGSTOP once their
     neighbours' keys are relayed) and the rounds still aggregate from the five survivors."""
     out = tmp_path / "secure"
-    s = run_demo(out, "--rounds", "3", "--data", "direct", "--secure-aggregation", "--drop-devices", "2")
+    # The frozen devices make every phase wait for its deadline: short rounds keep the test quick.
+    args = ["--rounds", "3", "--data", "direct", "--round-timeout", "10"]
+    s = run_demo(out, *args, "--secure-aggregation", "--drop-devices", "2")
     assert (s["secure_aggregation"], s["rounds_completed"], s["devices"]) == (True, 3, 7)
     assert [r["dropped"] for r in s["per_round"]] == [2, 2, 2] and s["dropped"] == 6
     assert [(r["reported"], r["selected"]) for r in s["per_round"]] == [(5, 7)] * 3
