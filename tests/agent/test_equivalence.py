@@ -60,6 +60,8 @@ def _run_both(
         ),
         # hidden = []: logistic regression and linear regression (one dense layer, no ReLU)
         ("logistic-sgd", {"model.hidden": []}),
+        # FedProx: the proximal term pulls towards the weights set_weights loaded.
+        ("fedprox-sgd-momentum", {"training.proximal_mu": 0.5}),
         ("logistic-sgd-plain", {"model.hidden": [], "training.momentum": 0.0}),
         (
             "linear-regression-sgd",
@@ -131,3 +133,40 @@ def test_linear_model_inference_and_evaluation_match_tensorflow(
         assert mine.mse is None and mine.accuracy == pytest.approx(float(ev["metric"]) / len(y))
     else:  # the model's metric is the summed squared error; the trainer reports its mean
         assert mine.accuracy is None and mine.mse == pytest.approx(float(ev["metric"]) / len(y), rel=1e-5)
+
+
+def test_the_proximal_term_is_fedprox_s_gradient_computed_by_hand(
+    har_task: TaskSpec, build_model_dir: Callable[[TaskSpec], Path]
+) -> None:
+    """Logistic regression, plain SGD, mu = 0.5: LiteRT's steps equal numpy's
+    ``w -= lr * (grad_data + mu * (w - w_start))`` (the FedProx objective's gradient), and the
+    weights end closer to the start than without the term."""
+    mu, lr = 0.5, 0.05
+    task = task_variant(
+        har_task,
+        {
+            "model.hidden": [],
+            "training.momentum": 0.0,
+            "training.proximal_mu": mu,
+            "training.learning_rate": lr,
+        },
+    )
+    lite = LiteRTTrainer.from_dir(build_model_dir(task))
+    start = np.random.default_rng(3).normal(0, 0.2, lite.parameter_count).astype(np.float32)
+    lite.set_weights(start)
+    d, k = task.input_dim, task.output_dim
+    w, b = start[: d * k].reshape(d, k).astype(np.float64), start[d * k :].astype(np.float64)
+    w0, b0 = w.copy(), b.copy()
+    for x, y in _batches(task, 11):
+        lite.train_step(x, y)
+        logits = x.astype(np.float64) @ w + b
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        delta = (p - np.eye(k)[y]) / len(y)
+        w, b = w - lr * (x.T @ delta + mu * (w - w0)), b - lr * (delta.sum(axis=0) + mu * (b - b0))
+    np.testing.assert_allclose(lite.get_weights(), np.concatenate([w.ravel(), b]), atol=1e-5)
+    plain = LiteRTTrainer.from_dir(build_model_dir(task_variant(task, {"training.proximal_mu": 0.0})))
+    plain.set_weights(start)
+    for x, y in _batches(task, 11):
+        plain.train_step(x, y)
+    assert np.linalg.norm(lite.get_weights() - start) < np.linalg.norm(plain.get_weights() - start)

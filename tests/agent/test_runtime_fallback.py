@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedge.protocol.task import TaskSpec
+from support.tasks import task_variant
 from support.training_probe import run_probe, tensorflow_weights, write_batches
 
 FALLBACK_PYTHON = os.environ.get("FEDGE_TFLITE_PYTHON")
@@ -45,3 +47,14 @@ def test_agent_trains_with_tflite_runtime_like_tensorflow(
     assert str(report["numpy"]).startswith("1.")
     assert report["heavy_modules"] == []
     np.testing.assert_allclose(np.load(tmp_path / "w.npy"), tensorflow_weights(har_task, arrays), atol=1e-6)
+
+
+def test_a_fedprox_model_trains_with_tflite_runtime_like_tensorflow(
+    fallback_python: str, har_task: TaskSpec, build_model_dir: Callable[[TaskSpec], Path], tmp_path: Path
+) -> None:
+    """The proximal term (``training.proximal_mu``) in the fallback runtime too."""
+    task = task_variant(har_task, {"training.proximal_mu": 0.5})
+    arrays = write_batches(task, tmp_path / "batches.npz")
+    report = run_probe(fallback_python, build_model_dir(task), tmp_path / "batches.npz", tmp_path / "w.npy")
+    assert report["runtime"] == "tflite_runtime"
+    np.testing.assert_allclose(np.load(tmp_path / "w.npy"), tensorflow_weights(task, arrays), atol=1e-6)

@@ -35,6 +35,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     # hidden = []: logistic regression and linear regression, one dense layer.
     "linear-classification": {"model.hidden": []},
     "linear-regression": {"model.kind": "regression", "label.classes": None, "model.hidden": []},
+    # FedProx: the proximal term's gradient in the train step, still builtin ops only.
+    "fedprox-sgd": {"training.proximal_mu": 0.1},
+    "fedprox-adam": {
+        "training.optimizer": "adam",
+        "training.momentum": None,
+        "training.learning_rate": 0.001,
+        "training.proximal_mu": 0.1,
+    },
 }
 
 

@@ -38,7 +38,9 @@ HAR_CLASSES = ("PEN", "ABD", "FEL", "IR", "ER", "TRAP", "ROW")
 #: Marks a key to delete in :func:`_with`.
 DELETE = object()
 
-TRAINING_KEYS = "batch_size, beta1, beta2, epsilon, learning_rate, local_epochs, momentum, optimizer"
+TRAINING_KEYS = (
+    "batch_size, beta1, beta2, epsilon, learning_rate, local_epochs, momentum, optimizer, proximal_mu"
+)
 
 
 def _har_toml_dict() -> dict[str, Any]:
@@ -731,3 +733,21 @@ def test_arbitrary_text_either_parses_or_raises_task_spec_error(text: str) -> No
     except TaskSpecError as exc:
         assert exc.field == "<toml>" or exc.problem
         assert str(exc) == f"task spec: {exc.field}: {exc.problem}"
+
+
+def test_proximal_mu_is_optional_checked_and_left_out_of_the_canonical_form_when_zero() -> None:
+    base = HAR_TASK_PATH.read_text(encoding="utf-8")
+    spec = parse_task_spec(base)
+    assert spec.training.proximal_mu == 0.0 and "proximal_mu" not in spec.to_dict()["training"]
+    prox = parse_task_spec(base.replace("[training]\n", "[training]\nproximal_mu = 0.01\n", 1))
+    assert prox.training.proximal_mu == 0.01
+    assert prox.to_dict()["training"]["proximal_mu"] == 0.01 and prox.sha256() != spec.sha256()
+    assert task_spec_from_dict(prox.to_dict()) == prox
+    for bad, message in (
+        ("-0.1", "must be in [0, 100]"),
+        ("1000.0", "must be in [0, 100]"),
+        ('"x"', "must be a number"),
+    ):
+        with pytest.raises(TaskSpecError) as refused:
+            parse_task_spec(base.replace("[training]\n", f"[training]\nproximal_mu = {bad}\n", 1))
+        assert refused.value.field == "training.proximal_mu" and message in str(refused.value)

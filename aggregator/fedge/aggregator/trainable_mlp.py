@@ -62,6 +62,14 @@ class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type
         self.slot_m = [tf.Variable(tf.zeros(t.shape), name=f"m_{i}") for i, t in enumerate(self.layout)]
         self.slot_v = [tf.Variable(tf.zeros(t.shape), name=f"v_{i}") for i, t in enumerate(self.layout)]
         self.step = tf.Variable(0.0, name="adam_step")
+        # FedProx: the weights the round started from (what set_weights loaded), the anchor of
+        # the proximal term. Only in models whose task asks for it: others stay as they were.
+        self.mu = float(train.proximal_mu)
+        self.anchor = (
+            [tf.Variable(p.read_value(), name=f"anchor_{i}") for i, p in enumerate(self.params)]
+            if self.mu > 0.0
+            else []
+        )
         d_in = task.input_dim
         y_spec = tf.TensorSpec([None], tf.int32 if self.classification else tf.float32, name="y")
         x_spec = tf.TensorSpec([None, d_in], tf.float32, name="x")
@@ -138,6 +146,10 @@ class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type
                 # ReLU's derivative as a mask: avoids the ReluGrad op (Flex-only).
                 mask = tf.cast(activations[i] > 0.0, tf.float32)
                 delta = tf.matmul(delta, self.params[2 * i], transpose_b=True) * mask
+        if self.anchor:
+            # FedProx: the gradient of mu / 2 * ||w - w_round_start||**2, written out like the rest
+            # (Sub, Mul, Add: builtin ops). ``loss`` stays the data loss the task measures.
+            grads = [g + self.mu * (p - a) for g, p, a in zip(grads, self.params, self.anchor, strict=True)]
         self._apply(grads)
         return {"loss": loss}
 
@@ -175,6 +187,8 @@ class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type
         """Loads a flat weight vector and resets the optimizer state (a new round starts fresh)."""
         for p, t in zip(self.params, self.layout, strict=True):
             p.assign(tf.reshape(weights[t.offset : t.offset + t.size], t.shape))
+        for a, t in zip(self.anchor, self.layout, strict=False):  # FedProx: the round's start
+            a.assign(tf.reshape(weights[t.offset : t.offset + t.size], t.shape))
         for m, v in zip(self.slot_m, self.slot_v, strict=True):
             m.assign(tf.zeros_like(m))
             v.assign(tf.zeros_like(v))

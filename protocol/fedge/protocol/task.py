@@ -102,6 +102,11 @@ class ModelSpec:
     seed: int
 
 
+#: The largest FedProx coefficient a task may ask for (Li et al. try 0.001..1; far beyond that the
+#: proximal term alone decides every step).
+MAX_PROXIMAL_MU = 100.0
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     """Local training on a device: optimizer, its hyper-parameters, batch size and epochs."""
@@ -114,6 +119,10 @@ class TrainingSpec:
     epsilon: float
     batch_size: int
     local_epochs: int
+    #: FedProx (Li et al. 2020): ``mu / 2 * ||w - w_global||**2`` added to the local loss, so a
+    #: device on skewed data drifts less from the global model. 0 (the default): plain local
+    #: training; left out of the canonical form then, so specs and models without it hash alike.
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,8 @@ class TaskSpec:
         irrelevant = ("beta1", "beta2", "epsilon") if self.training.optimizer == "sgd" else ("momentum",)
         for key in irrelevant:
             raw["training"].pop(key)
+        if self.training.proximal_mu == 0.0:
+            raw["training"].pop("proximal_mu")
         raw["model"]["type"] = "mlp"
         result: dict[str, Any] = _tuples_to_lists(raw)
         return result
@@ -309,7 +320,17 @@ def _training(t: Mapping[str, Any]) -> TrainingSpec:
     _only_keys(
         t,
         "training",
-        {"optimizer", "learning_rate", "momentum", "beta1", "beta2", "epsilon", "batch_size", "local_epochs"},
+        {
+            "optimizer",
+            "learning_rate",
+            "momentum",
+            "beta1",
+            "beta2",
+            "epsilon",
+            "batch_size",
+            "local_epochs",
+            "proximal_mu",
+        },
     )
     optimizer = _str(t, "training.optimizer")
     if optimizer not in ("sgd", "adam"):
@@ -329,7 +350,15 @@ def _training(t: Mapping[str, Any]) -> TrainingSpec:
     epsilon = _positive_float(t, "training.epsilon", default=1e-7)
     batch = _int(t, "training.batch_size", lo=1, hi=65536)
     epochs = _int(t, "training.local_epochs", lo=1, hi=10000)
-    return TrainingSpec(optimizer, lr, momentum, beta1, beta2, epsilon, batch, epochs)  # type: ignore[arg-type]
+    mu = _float(t, "training.proximal_mu", default=0.0)
+    if not 0.0 <= mu <= MAX_PROXIMAL_MU:
+        raise TaskSpecError(
+            "training.proximal_mu",
+            f"must be in [0, {MAX_PROXIMAL_MU:g}], got {mu}",
+            expected=f"[0, {MAX_PROXIMAL_MU:g}]",
+            found=mu,
+        )
+    return TrainingSpec(optimizer, lr, momentum, beta1, beta2, epsilon, batch, epochs, mu)  # type: ignore[arg-type]
 
 
 # --- small typed accessors, each raising TaskSpecError with the full field path ------------
