@@ -1280,6 +1280,7 @@ def test_status_reports_the_round_the_reports_and_the_rejections() -> None:
             "norm_policy": "clip",
             "moments_aggregation": "robust",
             "secure_aggregation": None,
+            "strategy": "fedavg",
         },
         "history": [],
         "eval_metric": "accuracy",

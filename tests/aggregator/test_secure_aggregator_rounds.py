@@ -143,10 +143,12 @@ def secure_engine(
 
 # --- the engine's memory, walked --------------------------------------------------------------------
 
-#: Where the engine may hold a vector: the global model, the open round's unused plain folds
-#: (zeroed accumulators), the driver's running sum of masked inputs and the unmasked sum.
+#: Where the engine may hold a vector: the global model, a server optimizer's state (moments
+#: of the aggregated means), the open round's unused plain folds (zeroed accumulators), the
+#: driver's running sum of masked inputs and the unmasked sum.
 ALLOWED_PREFIXES = (
     "engine.state.weights",
+    "engine.state.server_optimizer.",
     "engine.current.folds.",
     "engine.current.secure.session._sum",
     "engine.current.secure.result.total",

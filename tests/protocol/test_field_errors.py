@@ -80,7 +80,14 @@ def _frame(version: int = FRAME_VERSION, reserved: int = 0) -> bytes:
 
 P = MODEL_MANIFEST.parameter_count
 CASES: list[tuple[str, Callable[[], object], type[FieldError], str, Any, Any]] = [
-    ("codec name", lambda: parse_codec("fp64"), CodecError, "codec", ("fp32", "fp16", "int8"), "fp64"),
+    (
+        "codec name",
+        lambda: parse_codec("fp64"),
+        CodecError,
+        "codec",
+        ("fp32", "fp16", "int8", "topk-fp16", "topk-int8"),
+        "fp64",
+    ),
     ("codec body", lambda: decode_tensors(b"\0" * 35, LAYOUT, Codec.FP32), CodecError, "fp32 body", 36, 35),
     ("frame prefix", lambda: decode_frame(b"FEDG", FrameKind.SEALED), FrameError, "frame length", ">= 16", 4),
     ("frame version", lambda: decode_frame(_frame(version=9), FrameKind.SEALED), FrameError, "version", 1, 9),
@@ -169,7 +176,7 @@ CASES: list[tuple[str, Callable[[], object], type[FieldError], str, Any, Any]] =
         lambda: round_manifest_from_dict(_round(codec="fp64")),
         RoundManifestError,
         "codec",
-        ("fp32", "fp16", "int8"),
+        ("fp32", "fp16", "int8", "topk-fp16", "topk-int8"),
         "fp64",
     ),
     (

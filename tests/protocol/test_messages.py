@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedge.protocol.codec import Codec, encode_tensors
+from fedge.protocol.codec import Codec, encode_tensors, encoded_size
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import (
+    SEALED_HEADROOM_BYTES,
     Evaluation,
     MessageError,
     MomentsPayload,
@@ -24,6 +25,7 @@ from fedge.protocol.messages import (
     decode_update,
     encode_moments,
     encode_update,
+    max_sealed_bytes,
 )
 from fedge.protocol.model_manifest import mlp_tensor_layout
 
@@ -56,6 +58,7 @@ def _evaluation(**changes: Any) -> dict[str, Any]:
 
 # --- update round trips ---------------------------------------------------------------------
 
+DENSE = [Codec.FP32, Codec.FP16, Codec.INT8]
 _TOLERANCE = {
     Codec.FP32: 0.0,
     Codec.FP16: 0.75 * 2.0**-11,  # half a float16 step at |x| <= 0.75
@@ -63,7 +66,7 @@ _TOLERANCE = {
 }
 
 
-@pytest.mark.parametrize("codec", list(Codec))
+@pytest.mark.parametrize("codec", DENSE)
 @pytest.mark.parametrize(
     "evaluation",
     [EVALUATION, Evaluation(3, 0.1, None, 0.02), Evaluation(1, 0.0, 1.0, 0.0), None],
@@ -238,7 +241,7 @@ def test_a_malformed_evaluation_object_is_refused(evaluation: Any) -> None:
     assert str(err) == "bad_schema: evaluation must have examples, loss, accuracy, mse"
 
 
-@pytest.mark.parametrize("codec", list(Codec))
+@pytest.mark.parametrize("codec", DENSE)
 @pytest.mark.parametrize("delta", [-1, 1], ids=["one byte short", "one byte long"])
 def test_an_update_body_of_the_wrong_length_is_a_bad_tensor(codec: Codec, delta: int) -> None:
     header, body = _update(codec)
@@ -374,3 +377,29 @@ def test_the_clip_indicator_is_in_the_header_only_when_given_and_only_plus_or_mi
         with pytest.raises(MessageError) as refused:
             decode_update({**plain_header, "clip_indicator": bad}, body, LAYOUT, Codec.FP32)
         assert (refused.value.reason, refused.value.field) == ("bad_schema", "clip_indicator")
+
+
+# --- sparse updates -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", [Codec.TOPK_FP16, Codec.TOPK_INT8])
+def test_a_sparse_update_decodes_dense_with_zeros_where_nothing_was_sent(codec: Codec) -> None:
+    header, body = encode_update(DELTA, LAYOUT, codec, 120, 0.25, None, topk_fraction=0.25)
+    assert header["codec"] == codec.value
+    update = decode_update(_wire(header), body, LAYOUT, codec, 0.25)
+    assert update.delta.shape == (P,) and update.delta.dtype == np.float32
+    kept = update.delta != 0
+    assert 0 < int(kept.sum()) <= int(0.25 * P) + len(LAYOUT)
+    assert np.max(np.abs(update.delta[kept] - DELTA[kept])) <= 1.25 / 255
+    for bad_body, fraction in ((body[:-1], 0.25), (body, 0.1)):  # the round's fraction decides k
+        with pytest.raises(MessageError) as err:
+            decode_update(_wire(header), bad_body, LAYOUT, codec, fraction)
+        assert err.value.reason == "bad_tensor"
+
+
+def test_max_sealed_bytes_of_a_sparse_codec_is_its_largest_body_plus_the_headroom() -> None:
+    har = mlp_tensor_layout((48, 64, 32, 7))
+    assert max_sealed_bytes(har, Codec.FP32, 48) == 25_884
+    assert max_sealed_bytes(har, Codec.TOPK_INT8, 48, 0.1) == 1279 + SEALED_HEADROOM_BYTES == 5375
+    assert max_sealed_bytes(har, Codec.TOPK_FP16, 48, 0.1) == 1775 + SEALED_HEADROOM_BYTES
+    assert max_sealed_bytes(har, Codec.TOPK_INT8, 48, 0.5) == encoded_size(har, Codec.TOPK_INT8, 0.5) + 4096

@@ -28,6 +28,7 @@ from fedge.protocol.round_manifest import (
     round_manifest_from_dict,
 )
 from fedge.protocol.secagg.announcement import SecureAggregationAnnouncement
+from fedge.protocol.strategy_announcement import StrategyAnnouncement
 from fedge.protocol.task import parse_task_spec
 
 HAR_TASK_PATH = Path(__file__).resolve().parents[2] / "tasks" / "har-watch.toml"
@@ -183,6 +184,8 @@ _CHANGES: dict[str, Any] = {
     "generation": 2,
     "privacy": PrivacyAnnouncement("central", 0.5, False, 1.2, 2, 0.0, 8.0, 1e-5),
     "secure_aggregation": SecureAggregationAnnouncement(2.0, 32, 2, 2),
+    "strategy": StrategyAnnouncement("median", {"server_learning_rate": 1.0}),
+    "topk_fraction": 0.2,
 }
 
 
@@ -231,6 +234,83 @@ def test_secure_aggregation_is_announced_in_train_rounds_only() -> None:
         with pytest.raises(RoundManifestError) as err:
             round_manifest_from_dict({**doc, "secure_aggregation": {**doc["secure_aggregation"], key: bad}})
         assert err.value.field == f"secure_aggregation.{key}"
+
+
+def test_strategy_is_announced_in_train_rounds_only_and_omitted_for_fedavg() -> None:
+    assert MANIFEST.phase == "train" and MANIFEST.strategy is None and "strategy" not in MANIFEST_DICT
+    params = {"server_learning_rate": 0.05, "server_beta1": 0.9, "server_beta2": 0.99, "server_tau": 0.001}
+    adam = dataclasses.replace(MANIFEST, strategy=StrategyAnnouncement("fedadam", params))
+    doc = adam.to_dict()
+    assert doc["strategy"] == {"name": "fedadam", "parameters": params}
+    assert round_manifest_from_dict(json.loads(json.dumps(doc))) == adam
+    assert (
+        round_manifest_from_dict(json.loads(json.dumps(doc))).sha256() == adam.sha256() != MANIFEST.sha256()
+    )
+    krum = {
+        "name": "multi_krum",
+        "parameters": {"server_learning_rate": 1, "byzantine_devices": 2, "multi_krum_select": 0},
+    }
+    parsed = round_manifest_from_dict({**MANIFEST_DICT, "strategy": krum})
+    assert parsed.strategy is not None and parsed.strategy.parameters["byzantine_devices"] == 2
+    with pytest.raises(RoundManifestError) as err:
+        round_manifest_from_dict({**doc, "phase": "final"})
+    assert (str(err.value), err.value.field) == ("strategy is only for train rounds", "strategy")
+    bad: list[tuple[Any, str]] = [
+        (None, "strategy"),
+        ({"name": "fedadam"}, "strategy"),
+        ({"name": "fedavg", "parameters": {}}, "strategy.name"),
+        ({"name": "fedprox", "parameters": {}}, "strategy.name"),
+        ({"name": "fedadam", "parameters": {**params, "extra": 1}}, "strategy.parameters"),
+        ({"name": "fedadam", "parameters": []}, "strategy.parameters"),
+        ({"name": "fedadam", "parameters": {**params, "server_tau": -1}}, "strategy.parameters.server_tau"),
+        ({"name": "fedadam", "parameters": {**params, "server_tau": True}}, "strategy.parameters.server_tau"),
+        (
+            {**krum, "parameters": {**krum["parameters"], "byzantine_devices": 1.5}},
+            "strategy.parameters.byzantine_devices",
+        ),
+    ]
+    for value, field in bad:
+        with pytest.raises(RoundManifestError) as err:
+            round_manifest_from_dict({**MANIFEST_DICT, "strategy": value})
+        assert err.value.field == field, value
+
+
+def test_topk_fraction_is_announced_exactly_with_a_sparse_codec() -> None:
+    assert MANIFEST.topk_fraction is None and "topk_fraction" not in MANIFEST_DICT
+    sparse = dataclasses.replace(MANIFEST, codec=Codec.TOPK_INT8, topk_fraction=0.1)
+    doc = sparse.to_dict()
+    assert (doc["codec"], doc["topk_fraction"]) == ("topk-int8", 0.1)
+    assert round_manifest_from_dict(json.loads(json.dumps(doc))) == sparse
+    assert sparse.sha256() != dataclasses.replace(sparse, topk_fraction=0.2).sha256()
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({**doc, "topk_fraction": 0.6}, "topk_fraction", "topk-int8 needs a topk_fraction in 0.001..0.5"),
+        ({**doc, "topk_fraction": True}, "topk_fraction", "topk-int8 needs a topk_fraction in 0.001..0.5"),
+        ({**doc, "topk_fraction": "0.1"}, "topk_fraction", "topk-int8 needs a topk_fraction in 0.001..0.5"),
+        (
+            {k: v for k, v in doc.items() if k != "topk_fraction"},
+            "topk_fraction",
+            "topk_fraction must be present exactly with a sparse codec (codec topk-int8)",
+        ),
+        (
+            {**MANIFEST_DICT, "topk_fraction": 0.1},
+            "topk_fraction",
+            "topk_fraction must be present exactly with a sparse codec (codec int8)",
+        ),
+        (
+            {**doc, "privacy": _CHANGES["privacy"].to_dict()},
+            "codec",
+            "codec topk-int8 cannot be used with privacy or secure_aggregation",
+        ),
+        (
+            {**doc, "secure_aggregation": _CHANGES["secure_aggregation"].to_dict()},
+            "codec",
+            "codec topk-int8 cannot be used with privacy or secure_aggregation",
+        ),
+    ]
+    for data, field, message in cases:
+        with pytest.raises(RoundManifestError) as err:
+            round_manifest_from_dict(data)
+        assert (str(err.value), err.value.field) == (message, field)
 
 
 def test_the_change_table_covers_every_field() -> None:
@@ -393,7 +473,9 @@ def test_equal_and_integer_times_are_accepted_as_floats() -> None:
 @pytest.mark.parametrize("codec", ["FP32", "int4", "", None, 8], ids=repr)
 def test_bad_codec_is_refused(codec: Any) -> None:
     shown = repr(codec) if isinstance(codec, str) else "''"
-    assert _error(_data(codec=codec)) == f"unknown codec {shown}; known: fp32, fp16, int8"
+    assert (
+        _error(_data(codec=codec)) == f"unknown codec {shown}; known: fp32, fp16, int8, topk-fp16, topk-int8"
+    )
 
 
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])

@@ -20,6 +20,13 @@ silently different path.
 
 and from any phase, :meth:`DeviceCore.abandon` (carrying out an action failed) back to WAITING.
 
+**Sparse updates.** In a round whose codec is a top-k one (``manifest.topk_fraction``) the core
+adds the device's error-feedback residual to the delta before it is encoded and keeps what the
+update did not carry as the next residual (``fedge.agent.error_feedback``): a
+:class:`SaveResidual` before the :class:`Send`. A residual of another model or generation is
+dropped with a :class:`Note`; a dense round drops any residual (it would be stale by the time
+a sparse round came back).
+
 **Secure aggregation.** For a train manifest that announces ``secure_aggregation`` the core never
 seals an update: when training finishes it hands the delta to the shell in a
 :class:`SecureUpdate` (TRAINING --secured--> WAITING), and the shell runs the round's masked
@@ -53,6 +60,8 @@ from fedge.agent.device_state import (
     ManifestRollbackError,
     manifest_is_new,
 )
+from fedge.agent.error_feedback import Residual
+from fedge.protocol.codec import decode_tensors
 from fedge.protocol.dp_noise import clip_l2, unclipped_indicator
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import Evaluation, encode_moments, encode_update
@@ -140,6 +149,13 @@ class Persist:
     """Save this device state (atomically) before carrying out any later action."""
 
     state: DeviceState
+
+
+@dataclass(frozen=True)
+class SaveResidual:
+    """Save the error-feedback residual (atomically; None: remove it) before any later action."""
+
+    residual: Residual | None
 
 
 @dataclass(frozen=True)
@@ -234,6 +250,7 @@ class Note:
 
 Action = (
     Persist
+    | SaveResidual
     | Reject
     | DropOtherRounds
     | FetchBlobs
@@ -353,7 +370,29 @@ def update_payload(
         train_loss,
         evaluation,
         indicator,
+        topk_fraction=manifest.topk_fraction,
     )
+
+
+def sparse_update_payload(
+    manifest: RoundManifest,
+    delta: np.ndarray,
+    residual: np.ndarray | None,
+    examples: int,
+    train_loss: float,
+    evaluation: Evaluation | None,
+) -> tuple[tuple[dict[str, Any], bytes], np.ndarray]:
+    """A sparse round's update with error feedback, and the new residual: ``delta + residual``
+    is encoded (its top k per tensor) and what the update does not carry, quantisation error
+    included, is owed to the next round (``fedge.agent.error_feedback``). Sparse codecs come
+    without DP or secure aggregation (the manifest parser refuses the combination)."""
+    layout = manifest.model_manifest.layout
+    owed = delta.astype(np.float32)
+    if residual is not None:
+        owed = owed + residual.astype(np.float32)
+    payload = update_payload(manifest, owed, examples, train_loss, evaluation)
+    sent = decode_tensors(payload[1], layout, manifest.codec, manifest.topk_fraction)
+    return payload, owed - sent
 
 
 # --- the state machine -------------------------------------------------------------------------
@@ -387,6 +426,9 @@ class DeviceCore:
         self.current: RoundManifest | None = None
         self.loaded_model_sha256: str | None = None
         self.wanted: frozenset[str] = frozenset()
+        #: The error-feedback residual of sparse rounds; the shell sets the stored one at start
+        #: (``fedge.agent.error_feedback.ResidualStore``) and saves what :class:`SaveResidual` says.
+        self.residual: Residual | None = None
 
     def _move(self, outcome: Outcome) -> None:
         nxt = TRANSITIONS.get((self.phase, outcome))
@@ -520,13 +562,22 @@ class DeviceCore:
         manifest = self._pending()
         if manifest.secure_aggregation is not None:
             return self._secure(manifest, delta, now)
-        return self._seal(
-            manifest, "update", lambda: update_payload(manifest, delta, examples, train_loss, evaluation), now
-        )
+        if manifest.codec.sparse:
+            return self._seal(
+                manifest,
+                "update",
+                lambda: self._sparse(manifest, delta, examples, train_loss, evaluation),
+                now,
+            )
+
+        def dense() -> tuple[tuple[dict[str, Any], bytes], list[Action]]:
+            return update_payload(manifest, delta, examples, train_loss, evaluation), self._drop_residual()
+
+        return self._seal(manifest, "update", dense, now)
 
     def moments_computed(self, x_train: np.ndarray, now: float) -> list[Action]:
         """The local training features (raw) for a moments round."""
-        return self._seal(self._pending(), "moments", lambda: moments_payload(x_train), now)
+        return self._seal(self._pending(), "moments", lambda: (moments_payload(x_train), []), now)
 
     def abandon(self) -> Phase:
         """Carrying out an action raised (bad local data, a model the runtime refuses): drop the
@@ -574,6 +625,33 @@ class DeviceCore:
             )
         return None
 
+    def _sparse(
+        self,
+        manifest: RoundManifest,
+        delta: np.ndarray,
+        examples: int,
+        train_loss: float,
+        evaluation: Evaluation | None,
+    ) -> tuple[tuple[dict[str, Any], bytes], list[Action]]:
+        """A sparse round's payload with error feedback, and the actions that keep the residual."""
+        notes: list[Action] = []
+        residual = self.residual
+        count = manifest.model_manifest.parameter_count
+        if residual is not None and not residual.fits(manifest.model_sha256, manifest.generation, count):
+            notes.append(
+                Note(
+                    f"error-feedback residual reset: it is for model {residual.model_sha256[:12]} "
+                    f"generation {residual.generation} ({residual.values.shape[0]} parameters), the "
+                    f"round's is {manifest.model_sha256[:12]} generation {manifest.generation} ({count})"
+                )
+            )
+            residual = None
+        payload, owed = sparse_update_payload(
+            manifest, delta, None if residual is None else residual.values, examples, train_loss, evaluation
+        )
+        self.residual = Residual(manifest.model_sha256, manifest.generation, owed)
+        return payload, [*notes, SaveResidual(self.residual)]
+
     def _secure(self, manifest: RoundManifest, delta: np.ndarray, now: float) -> list[Action]:
         if self.phase is not Phase.TRAINING:
             raise DeviceCoreError(f"device core: an update is not expected in phase {self.phase.value}")
@@ -587,15 +665,23 @@ class DeviceCore:
         # round keys would die with the process anyway: docs/secure-aggregation.md).
         done = self._persist(replace(self.state, last_round_id=manifest.round_id))
         self._move(Outcome.SECURED)
-        return [done, SecureUpdate(manifest, delta)]
+        return [done, *self._drop_residual(), SecureUpdate(manifest, delta)]
+
+    def _drop_residual(self) -> list[Action]:
+        """A dense train round (plain or secure) drops any error-feedback residual."""
+        if self.residual is None:
+            return []
+        self.residual = None
+        return [SaveResidual(None), Note("dense round: error-feedback residual dropped")]
 
     def _seal(
         self,
         manifest: RoundManifest,
         kind: str,
-        payload: Callable[[], tuple[dict[str, Any], bytes]],
+        payload: Callable[[], tuple[tuple[dict[str, Any], bytes], list[Action]]],
         now: float,
     ) -> list[Action]:
+        """``payload`` gives the payload and the actions to carry out before it is sent."""
         if self.phase is not Phase.TRAINING:
             raise DeviceCoreError(f"device core: a {kind} result is not expected in phase {self.phase.value}")
         if now > manifest.deadline:
@@ -604,9 +690,9 @@ class DeviceCore:
                 Note(f"round {manifest.round_id} closed while training; update not sent"),
                 StatusState("idle"),
             ]
-        header, body = payload()
-        if self.state.update_counter >= MAX_COUNTER:
+        if self.state.update_counter >= MAX_COUNTER:  # before payload() moves the residual
             raise DeviceStateError("device state: update counter exhausted")
+        (header, body), before_send = payload()
         counter = self.state.update_counter + 1
         reserve = self._persist(replace(self.state, update_counter=counter))  # before it is used
         frame = seal_contribution(
@@ -615,4 +701,4 @@ class DeviceCore:
         send = Send(self.topics.update(self.identity.device_id), frame, manifest.round_id, kind, counter)
         done = self._persist(replace(self.state, last_round_id=manifest.round_id))
         self._move(Outcome.SEALED)
-        return [reserve, send, done, StatusState("idle")]
+        return [reserve, *before_send, send, done, StatusState("idle")]

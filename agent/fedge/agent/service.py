@@ -45,12 +45,14 @@ from fedge.agent.core import (
     Phase,
     RefuseRound,
     Reject,
+    SaveResidual,
     SecureUpdate,
     Send,
     StatusState,
     Train,
     check_blob,
 )
+from fedge.agent.error_feedback import ResidualError
 from fedge.agent.home_assistant import HomeAssistantDiscovery
 from fedge.agent.insight import InsightPublisher
 from fedge.agent.secure_agent import RevealedRecords, SecureRounds
@@ -141,6 +143,7 @@ class AgentService:
         self.core = stages.core
         self.state = stages.state
         self.outbox = stages.outbox
+        self.residuals = stages.residuals
         self.trust = stages.trust
         self.clock = clock
         self.topics = self.core.topics
@@ -411,6 +414,12 @@ class AgentService:
         for action in actions:
             if isinstance(action, Persist):
                 self.state.save(action.state)
+            elif isinstance(action, SaveResidual):
+                if self.residuals is not None:
+                    try:
+                        self.residuals.save(action.residual)
+                    except ResidualError as exc:  # the update still goes; a restart starts from zero
+                        log.warning("%s", exc)
             elif isinstance(action, Reject):
                 if action.frame is not None:
                     self._parked_manifest = action.frame  # maybe signed by a key a rotation vouches for

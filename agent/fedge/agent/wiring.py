@@ -40,6 +40,7 @@ from fedge.agent.edgex.core_command import CoreCommandClient, CoreCommandError
 from fedge.agent.edgex.core_data import CoreDataClient
 from fedge.agent.edgex.ingest import BackfillCursor, EdgeXIngest
 from fedge.agent.edgex.profile import check_task_against_profile, load_profile
+from fedge.agent.error_feedback import RESIDUAL_FILE, ResidualStore
 from fedge.agent.live import NO_LIVE_WINDOWS, LiveWindows
 from fedge.agent.outbox import Outbox
 from fedge.agent.sample_store import SampleStore
@@ -124,6 +125,8 @@ class AgentStages:
     writeback: Writeback | None = None
     #: The device's verified identity for secure aggregation; None when not configured.
     secure: SecureIdentity | None = None
+    #: Where the error-feedback residual of sparse rounds is kept; None: in memory only.
+    residuals: ResidualStore | None = None
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -227,9 +230,11 @@ def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> A
         secure_aggregation=secure is not None,
         require_secure_aggregation=config.require_secure_aggregation,
     )
+    residuals = ResidualStore(config.state_dir / RESIDUAL_FILE)
+    core.residual = residuals.load()  # unreadable: logged, and error feedback starts from zero
     outbox = Outbox(config.state_dir / OUTBOX_FILE)
     # Pinned at provisioning, then moved only by rotations a trusted key vouches for.
     trust = TrustStore.open_or_create(
         config.state_dir / TRUST_FILE, config.fleet, config.trusted_keys.values()
     )
-    return AgentStages(config, source, core, state, trust, outbox, build_writeback(config), secure)
+    return AgentStages(config, source, core, state, trust, outbox, build_writeback(config), secure, residuals)

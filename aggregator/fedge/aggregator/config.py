@@ -25,6 +25,7 @@ from fedge.aggregator.privacy_config import (
     privacy_settings_from_table,
 )
 from fedge.protocol.codec import Codec
+from fedge.protocol.codec_names import DEFAULT_TOPK_FRACTION, MAX_TOPK_FRACTION, MIN_TOPK_FRACTION
 from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
 from fedge.protocol.metrics_settings import (
     AGGREGATOR_METRICS_PORT,
@@ -34,6 +35,7 @@ from fedge.protocol.metrics_settings import (
     metrics_settings_from_table,
 )
 from fedge.protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_table
+from fedge.protocol.strategy_announcement import ADAPTIVE_OPTIMIZERS, ROBUST_STRATEGIES, STRATEGIES
 from fedge.protocol.topics import TopicError, check_id
 from fedge.shell.files import read_config_file
 
@@ -67,6 +69,9 @@ class RoundSettings:
     round_timeout_s: float = 60.0
     server_learning_rate: float = 1.0
     codec: Codec = Codec.FP32
+    #: With a sparse codec (``topk-fp16``, ``topk-int8``): the share of each tensor's values an
+    #: update carries (announced in the manifest); ignored with a dense codec.
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
     #: A sanity bound on the example count a device claims (larger claims are rejected).
     max_examples_per_update: int = 1_000_000
     #: Largest sealed message accepted; 0 derives it from the model: the round codec's encoded
@@ -93,6 +98,32 @@ class RoundSettings:
     #: bound only ever clips (it sits at the median honest norm, so half the updates reach it).
     update_norm_policy: str = "clip"
     moments_aggregation: str = "robust"
+    #: How a train round's updates become the next model (docs/strategies.md): "fedavg" (the
+    #: mean), a server optimizer on the mean ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
+    #: or a robust aggregator ("median", "trimmed_mean", "krum", "multi_krum").
+    strategy: str = "fedavg"
+    #: FedAvgM: ``m = server_momentum * m + mean``.
+    server_momentum: float = 0.9
+    #: FedAdagrad/FedAdam/FedYogi: the first moment's decay (``m = b1 m + (1 - b1) mean``).
+    server_beta1: float = 0.9
+    #: FedAdam/FedYogi: the second moment's decay.
+    server_beta2: float = 0.99
+    #: FedAdagrad/FedAdam/FedYogi: the adaptivity ``tau`` (``step = lr m / (sqrt(v) + tau)``).
+    server_tau: float = 1e-3
+    #: "trimmed_mean": the fraction of values dropped from each end, per coordinate.
+    trim_fraction: float = 0.1
+    #: "krum"/"multi_krum": ``f``, the Byzantine devices assumed among a round's updates.
+    byzantine_devices: int = 1
+    #: "multi_krum": how many of the best-scored updates are averaged; 0 = ``n - f``.
+    multi_krum_select: int = 0
+    #: Robust strategies hold every update of a round: at most this many (more are refused,
+    #: ``too_many_updates``).
+    robust_max_updates: int = 1000
+
+    @property
+    def robust(self) -> bool:
+        """A robust aggregator: needs every update individually (no DP, no secure aggregation)."""
+        return self.strategy in ROBUST_STRATEGIES
 
     @property
     def norm_unbounded(self) -> bool:
@@ -136,6 +167,7 @@ ROUND_KEYS = {
     "round_timeout_s",
     "server_learning_rate",
     "codec",
+    "topk_fraction",
     "max_examples_per_update",
     "max_update_bytes",
     "manifest_ttl_s",
@@ -148,6 +180,15 @@ ROUND_KEYS = {
     "update_norm_adaptive",
     "update_norm_policy",
     "moments_aggregation",
+    "strategy",
+    "server_momentum",
+    "server_beta1",
+    "server_beta2",
+    "server_tau",
+    "trim_fraction",
+    "byzantine_devices",
+    "multi_krum_select",
+    "robust_max_updates",
 }
 AGGREGATOR_KEYS = {
     "fleet",
@@ -186,6 +227,7 @@ def round_settings_from_table(r: Table) -> RoundSettings:
         round_timeout_s=r.number("round_timeout_s", d.round_timeout_s, 0.1, 7 * 24 * 3600.0),
         server_learning_rate=r.number("server_learning_rate", d.server_learning_rate, 1e-6, 100.0),
         codec=Codec(r.choice("codec", d.codec.value, tuple(c.value for c in Codec))),
+        topk_fraction=r.number("topk_fraction", d.topk_fraction, MIN_TOPK_FRACTION, MAX_TOPK_FRACTION),
         max_examples_per_update=r.integer("max_examples_per_update", d.max_examples_per_update, 1, 2**31 - 1),
         max_update_bytes=_zero_or_at_least(
             r,
@@ -203,7 +245,17 @@ def round_settings_from_table(r: Table) -> RoundSettings:
         update_norm_adaptive=r.number("update_norm_adaptive", d.update_norm_adaptive, 0.0, 1e6),
         update_norm_policy=r.choice("update_norm_policy", d.update_norm_policy, ("clip", "reject")),
         moments_aggregation=r.choice("moments_aggregation", d.moments_aggregation, MOMENTS_AGGREGATIONS),
+        strategy=r.choice("strategy", d.strategy, STRATEGIES),
+        server_momentum=r.number("server_momentum", d.server_momentum, 0.0, 0.999),
+        server_beta1=r.number("server_beta1", d.server_beta1, 0.0, 0.999),
+        server_beta2=r.number("server_beta2", d.server_beta2, 0.0, 0.999999),
+        server_tau=r.number("server_tau", d.server_tau, 1e-9, 10.0),
+        trim_fraction=r.number("trim_fraction", d.trim_fraction, 0.0, 0.49),
+        byzantine_devices=r.integer("byzantine_devices", d.byzantine_devices, 0, 100_000),
+        multi_krum_select=r.integer("multi_krum_select", d.multi_krum_select, 0, 1_000_000),
+        robust_max_updates=r.integer("robust_max_updates", d.robust_max_updates, 1, 1_000_000),
     )
+    _check_strategy(rounds)
     if rounds.norm_unbounded:
         log.warning(
             "[rounds] update norms are unbounded (max_update_norm, update_norm_ratio and "
@@ -220,6 +272,33 @@ def round_settings_from_table(r: Table) -> RoundSettings:
             f"{rounds.min_devices}: every round would be aborted"
         )
     return rounds
+
+
+def _check_strategy(s: RoundSettings) -> None:
+    """Refuses a ``[rounds] strategy`` no round could aggregate with; warns about a server
+    learning rate an adaptive optimizer is unlikely to train with."""
+    name = s.strategy
+    if s.robust and s.weighting != "equal":
+        raise ConfigError(f'[rounds] strategy = "{name}" counts every update once: set weighting = "equal"')
+    if s.robust and s.robust_max_updates < s.min_devices:
+        raise ConfigError(
+            f"[rounds] robust_max_updates={s.robust_max_updates} is below min_devices={s.min_devices}: "
+            "every round would be aborted"
+        )
+    krum_needs = 2 * s.byzantine_devices + 3
+    if name in ("krum", "multi_krum") and s.min_devices < krum_needs:
+        raise ConfigError(
+            f'[rounds] strategy = "{name}" with byzantine_devices = {s.byzantine_devices} needs '
+            f"min_devices >= {krum_needs} (Krum needs n > 2f + 2 updates)"
+        )
+    if name in ADAPTIVE_OPTIMIZERS and s.server_learning_rate > 0.1:
+        log.warning(
+            '[rounds] strategy = "%s" with server_learning_rate = %g: an adaptive server optimizer '
+            "moves each weight by up to about server_learning_rate per round; 0.01-0.1 is typical "
+            "(docs/strategies.md)",
+            name,
+            s.server_learning_rate,
+        )
 
 
 def _zero_or_at_least(r: Table, key: str, value: int, low: int) -> int:

@@ -187,6 +187,10 @@ class FedAvg:
     def result(self, global_weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return self.mean.result(global_weights, self.server_learning_rate)
 
+    def mean_delta(self) -> npt.NDArray[np.float64]:
+        """The round's weighted mean delta in float64 (what a server optimizer steps with)."""
+        return self.mean.mean_delta()
+
 
 class WeightedMeanAccumulator:
     """A weighted mean of scalars, e.g. devices' evaluation loss weighted by example count.

@@ -125,6 +125,33 @@ SECURE_THRESHOLD_ONE: Final = (
 )
 
 
+def sparse_refused(codec: str, what: str) -> str:
+    """The refusal of a sparse ``[rounds] codec`` with ``[privacy] enabled`` or ``secure_aggregation``."""
+    why = (
+        "the device's error-feedback residual would carry update mass past the clip bound"
+        if what == "enabled"
+        else "the masked sum needs dense vectors"
+    )
+    return f'[rounds] codec = "{codec}" cannot run with [privacy] {what}: {why}; use fp32, fp16 or int8'
+
+
+def robust_with_secure(strategy: str) -> str:
+    """The refusal of a robust ``[rounds] strategy`` with ``secure_aggregation``."""
+    return (
+        f'[rounds] strategy = "{strategy}" needs every update on its own, and secure aggregation '
+        "only ever shows the sum: use fedavg or a server optimizer (fedavgm, fedadagrad, fedadam, "
+        "fedyogi), or set [privacy] secure_aggregation = false"
+    )
+
+
+def robust_with_dp(strategy: str) -> str:
+    """The refusal of a robust ``[rounds] strategy`` with ``[privacy] enabled``."""
+    return (
+        f'[rounds] strategy = "{strategy}" cannot run with [privacy] enabled: the noise is calibrated '
+        "to the clipped mean; use fedavg or a server optimizer (fedavgm, fedadagrad, fedadam, fedyogi)"
+    )
+
+
 @dataclass(frozen=True)
 class SecureSettings:
     """What the round engine needs of ``[privacy] secure_aggregation`` (on: not None)."""
@@ -165,6 +192,13 @@ def privacy_settings_from_table(t: Table, rounds: RoundSettings) -> PrivacySetti
             "secure_aggregation_threshold", d.secure_aggregation_threshold, 0, SECURE_MAX_THRESHOLD
         ),
     )
+    if rounds.codec.sparse and (settings.enabled or settings.secure_aggregation):
+        what = "secure_aggregation" if settings.secure_aggregation else "enabled"
+        raise ConfigError(sparse_refused(rounds.codec.value, what))
+    if rounds.robust and settings.secure_aggregation:
+        raise ConfigError(robust_with_secure(rounds.strategy))
+    if rounds.robust and settings.enabled:
+        raise ConfigError(robust_with_dp(rounds.strategy))
     if settings.secure_aggregation:
         _check_secure(settings, rounds)
     elif settings.enabled and settings.noise != "central":

@@ -24,7 +24,9 @@ the manifest. The engine hands it every sealed ``secagg_*`` message (after its o
 refuses a plain ``update`` (``wrong_kind``), returns the driver's signed documents from
 :meth:`RoundEngine.open_round` (``Publication.secagg``) and :meth:`RoundEngine.tick`, and, when
 the round closes, moves the model by the mean of the survivors' clipped deltas:
-``global + server_learning_rate * sum / survivors``. It never sees an individual update, so
+``global + server_learning_rate * sum / survivors``, or by the server optimizer's step for that
+mean (``[rounds] strategy``: ``fedavgm``, ``fedadagrad``, ``fedadam``, ``fedyogi``; robust
+strategies need individual updates and are refused). It never sees an individual update, so
 nothing per update is possible (norm bounds on the aggregator, metrics, example weights):
 devices clip before masking, every update counts once, and the record's evaluation fields are
 None. Moments rounds stay plain. The driver lives in memory only: a restart or a leader change
@@ -58,6 +60,13 @@ from fedge.aggregator.strategies.factory import (
     build_dp_round_folds,
     build_round_folds,
     round_limits,
+    strategy_announcement,
+)
+from fedge.aggregator.strategies.robust import TooManyUpdates
+from fedge.aggregator.strategies.server_optimizers import (
+    ServerOptimizerState,
+    check_state,
+    optimizer_step,
 )
 from fedge.protocol.dp_noise import noise_generator
 from fedge.protocol.errors import FedgeError
@@ -79,6 +88,7 @@ from fedge.protocol.secagg.wire import max_sealed_bytes as secagg_max_sealed_byt
 from fedge.protocol.secure_dp import DISTRIBUTED_NOISE, SecureDpError, noise_plan
 from fedge.protocol.secure_round_config import round_config_for
 from fedge.protocol.signing import DocType, sign_document
+from fedge.protocol.strategy_announcement import SERVER_OPTIMIZERS
 from fedge.protocol.task import ModelKind
 from fedge.protocol.topics import FleetTopics, TopicError
 from fedge.protocol.weights import weights_to_bytes
@@ -160,6 +170,8 @@ class RoundRecord:
     secure_aggregation: bool = False
     #: Secure rounds: selected devices whose update is not in the sum (all of them if aborted).
     dropped: int = 0
+    #: ``[rounds] strategy``: how the round's updates became the model (docs/strategies.md).
+    strategy: str = "fedavg"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -213,6 +225,10 @@ class EngineState:
     #: ``[privacy]``: the accountant's state (``PrivacyAccountant.state``): what the fleet's
     #: devices have spent, which must survive restarts and leader changes. None: no DP yet.
     privacy: dict[str, Any] | None = None
+    #: ``[rounds] strategy`` is a server optimizer: its state (``m``, ``v``, step) after the
+    #: last aggregated round, which must survive restarts and leader changes. None: none yet
+    #: (a new model generation starts without one).
+    server_optimizer: ServerOptimizerState | None = None
 
 
 def start_generation(previous: EngineState, generation: int, initial: EngineState) -> EngineState:
@@ -297,6 +313,13 @@ class RoundEngine:
         which needs fixed clipping)."""
         if secure is not None and privacy is not None and privacy.adaptive is not None:
             raise FedgeError("adaptive clipping cannot run under secure aggregation: its count is not masked")
+        if settings.robust and (secure is not None or privacy is not None):
+            raise FedgeError(
+                f'strategy "{settings.strategy}" needs every update on its own: it cannot run under '
+                "secure aggregation or differential privacy"
+            )
+        # A server-optimizer state of another strategy or model: refused (ServerOptimizerStateError).
+        check_state(state.server_optimizer, settings.strategy, model_manifest.parameter_count)
         k = settings.devices_per_round
         if 0 < k < settings.min_devices:
             raise FedgeError(
@@ -318,7 +341,7 @@ class RoundEngine:
         self.layout = model_manifest.layout
         #: The largest message accepted on ``update/+``: configured, or derived from the model.
         self.max_message_bytes = settings.max_update_bytes or max_sealed_bytes(
-            self.layout, settings.codec, model_manifest.task.input_dim
+            self.layout, settings.codec, model_manifest.task.input_dim, self._topk_fraction
         )
         if state.initial_norm is None:  # a fresh state holds the initial weights
             state.initial_norm = l2(state.weights)
@@ -422,6 +445,7 @@ class RoundEngine:
             selected_devices=selected,
             min_devices=self.settings.min_devices,
             codec=self.settings.codec,
+            topk_fraction=self._topk_fraction,
             model_sha256=self.model_sha256,
             model_bytes=len(self.model_bytes),
             weights_sha256=weights_sha,
@@ -430,6 +454,7 @@ class RoundEngine:
             normalisation=self.state.normalisation,
             generation=self.state.generation,
             privacy=self._privacy_announcement(phase, len(selected)),
+            strategy=strategy_announcement(self.settings) if phase == "train" else None,
         )
         driver: SecureRoundDriver | None = None
         secure_failure: str | None = None
@@ -553,6 +578,7 @@ class RoundEngine:
                 self._history(),
                 self.model_manifest.parameter_count,
                 self.model_manifest.task.input_dim,
+                self.state.server_optimizer,
             )
         adaptive = self.accountant.config.adaptive
         dp = DpRound(
@@ -568,7 +594,13 @@ class RoundEngine:
             self.model_manifest.task.input_dim,
             dp,
             self.noise_rng,
+            self.state.server_optimizer,
         )
+
+    @property
+    def _topk_fraction(self) -> float | None:
+        """The manifest's ``topk_fraction``: ``[rounds] topk_fraction`` with a sparse codec."""
+        return self.settings.topk_fraction if self.settings.codec.sparse else None
 
     def _privacy_announcement(self, phase: str, selected: int) -> PrivacyAnnouncement | None:
         """What the manifest says about DP: the bound devices clip to, the noise, the budget."""
@@ -643,6 +675,8 @@ class RoundEngine:
             elif enough:
                 self.state.weights = folds.updates.result(self.state.weights)
                 self.state.completed_rounds += 1
+                if folds.optimizer is not None:  # the state moves with the weights, never alone
+                    self.state.server_optimizer = folds.optimizer.next_state
                 self._charge_privacy(folds, m)
         except AggregationError as exc:
             # E.g. fewer than 2 samples for a normalisation, or weights overflowing float32: the
@@ -682,6 +716,7 @@ class RoundEngine:
             spent=len(r.spent),
             outlier_devices=len(outliers),
             epsilon_spent=None if self.accountant is None else self.accountant.epsilon_spent(),
+            strategy=self.settings.strategy,
         )
         self.state.history.append(record.to_dict())
         self.current = None
@@ -714,13 +749,19 @@ class RoundEngine:
                 mean = result.dequantised(driver.config) / (
                     p.expected_participants if p is not None else len(survivors)
                 )
-                lr = self.settings.server_learning_rate
-                with np.errstate(over="ignore"):
-                    weights = (self.state.weights.astype(np.float64) + lr * mean).astype(np.float32)
-                del mean
+                optimizer: ServerOptimizerState | None = None
+                if self.settings.strategy in SERVER_OPTIMIZERS:  # it acts on the mean: runs here too
+                    step, optimizer = optimizer_step(self.settings, self.state.server_optimizer, mean)
+                else:
+                    step = self.settings.server_learning_rate * mean
+                with np.errstate(over="ignore", invalid="ignore"):
+                    weights = (self.state.weights.astype(np.float64) + step).astype(np.float32)
+                del mean, step
                 if np.all(np.isfinite(weights)):
                     self.state.weights = weights
                     self.state.completed_rounds += 1
+                    if optimizer is not None:
+                        self.state.server_optimizer = optimizer
                     if self.accountant is not None and m.privacy is not None:
                         self.accountant.record_round()  # a noised sum was used: charge it
                         self.state.privacy = self.accountant.state()
@@ -752,6 +793,7 @@ class RoundEngine:
             secure_aggregation=True,
             dropped=len(m.selected_devices) - len(survivors),
             epsilon_spent=None if self.accountant is None else self.accountant.epsilon_spent(),
+            strategy=self.settings.strategy,
         )
         self.state.history.append(record.to_dict())
         self.current = None
@@ -891,7 +933,7 @@ class RoundEngine:
                     return RejectReason.BAD_MOMENTS
                 r.moment_devices.append(device)
                 return None
-            update = decode_update(payload_header, body, self.layout, m.codec)
+            update = decode_update(payload_header, body, self.layout, m.codec, m.topk_fraction)
             # The clip indicator belongs to adaptive-DP rounds only, and they need it.
             adaptive = m.privacy is not None and m.privacy.adaptive_clipping
             if (update.clip_indicator is not None) != adaptive:
@@ -905,6 +947,8 @@ class RoundEngine:
             return exc.reason
         except NormTooLarge:  # over the hard bound, with update_norm_policy = "reject"
             return RejectReason.NORM_TOO_LARGE
+        except TooManyUpdates:  # a robust strategy holds robust_max_updates updates already
+            return RejectReason.TOO_MANY_UPDATES
         except AggregationError:
             return RejectReason.REJECTED_BY_AGGREGATION
 
@@ -964,6 +1008,7 @@ class RoundEngine:
             "norm_bound_hard": limits.bounds.hard,
             "norm_policy": s.update_norm_policy,
             "moments_aggregation": s.moments_aggregation,
+            "strategy": s.strategy,
             "secure_aggregation": self.secure_status(),
         }
 

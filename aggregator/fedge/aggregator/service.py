@@ -48,6 +48,12 @@ from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
 from fedge.aggregator.privacy_config import privacy_config, secure_settings
 from fedge.aggregator.registry import load_registry, load_registry_file
 from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord, start_generation
+from fedge.aggregator.strategies.server_optimizers import (
+    ServerOptimizerState,
+    ServerOptimizerStateError,
+    state_from_json,
+    state_to_json,
+)
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
@@ -138,7 +144,18 @@ def state_from_checkpoint(ck: Checkpoint) -> EngineState:
         generation=_generation(meta.get("generation", 1)),
         model_sha256=meta.get("model_sha256") if isinstance(meta.get("model_sha256"), str) else None,
         privacy=_privacy_state(meta.get("privacy")),
+        server_optimizer=_server_optimizer_state(meta.get("server_optimizer")),
     )
+
+
+def _server_optimizer_state(value: object) -> ServerOptimizerState | None:
+    """The checkpointed server-optimizer state (absent in checkpoints before server optimizers,
+    null before a server optimizer's first round); checked against ``[rounds] strategy`` and
+    the model when the engine restores it."""
+    try:
+        return state_from_json(value)
+    except ServerOptimizerStateError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _privacy_state(value: object) -> dict[str, Any] | None:
@@ -185,6 +202,7 @@ def checkpoint_from_state(state: EngineState) -> Checkpoint:
             "generation": state.generation,
             "model_sha256": state.model_sha256,
             "privacy": state.privacy,
+            "server_optimizer": state_to_json(state.server_optimizer),
         },
     )
 
@@ -356,6 +374,8 @@ class AggregatorService:
                 privacy=self.privacy,
                 secure=self.secure,
             )
+        except ServerOptimizerStateError as exc:  # the strategy of a running fleet changed
+            raise ConfigError(f"{self.checkpoint_path}: {exc}") from None
         except FedgeError as exc:
             if self.privacy is None:
                 raise

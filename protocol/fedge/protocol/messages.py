@@ -34,17 +34,21 @@ class MessageError(ReasonFieldError[RejectReason]):
 SEALED_HEADROOM_BYTES = 4096
 
 
-def max_sealed_bytes(layout: Sequence[TensorLayout], codec: Codec, features: int) -> int:
+def max_sealed_bytes(
+    layout: Sequence[TensorLayout], codec: Codec, features: int, topk_fraction: float | None = None
+) -> int:
     """The largest sealed message an honest device sends for this model and codec: an update
-    (the delta encoded with ``codec``) or feature moments, plus :data:`SEALED_HEADROOM_BYTES`.
+    (the delta encoded with ``codec``; a sparse codec's largest body for the round's
+    ``topk_fraction``) or feature moments, plus :data:`SEALED_HEADROOM_BYTES`.
 
     Why it exists: a receiver that accepts 16 MiB for a 22 KB update lets one device make it
     read, decrypt and hold 700 times more than any honest message needs. har-watch: 25,884
-    bytes for fp32, 14,990 for fp16, 9,591 for int8.
+    bytes for fp32, 14,990 for fp16, 9,591 for int8, 5,375 for topk-int8 at 0.1 (moments:
+    768 bytes of body).
     """
     if isinstance(features, bool) or not isinstance(features, int) or features < 1:
         raise ValueError(f"features must be an integer >= 1, got {features!r}")
-    return max(encoded_size(layout, codec), 16 * features) + SEALED_HEADROOM_BYTES
+    return max(encoded_size(layout, codec, topk_fraction), 16 * features) + SEALED_HEADROOM_BYTES
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,12 @@ def encode_update(
     train_loss: float,
     evaluation: Evaluation | None,
     clip_indicator: int | None = None,
+    *,
+    topk_fraction: float | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """``clip_indicator`` (``+1``/``-1``) only in rounds with adaptive DP clipping; the header
-    has the key only then, so updates of other rounds are what they always were."""
+    has the key only then, so updates of other rounds are what they always were.
+    ``topk_fraction``: the round's, for a sparse codec (None for a dense one)."""
     header: dict[str, Any] = {
         "codec": codec.value,
         "examples": int(examples),
@@ -101,13 +108,18 @@ def encode_update(
     }
     if clip_indicator is not None:
         header["clip_indicator"] = int(clip_indicator)
-    return header, encode_tensors(delta, layout, codec)
+    return header, encode_tensors(delta, layout, codec, topk_fraction)
 
 
 def decode_update(
-    header: dict[str, Any], body: bytes, layout: Sequence[TensorLayout], codec: Codec
+    header: dict[str, Any],
+    body: bytes,
+    layout: Sequence[TensorLayout],
+    codec: Codec,
+    topk_fraction: float | None = None,
 ) -> UpdatePayload:
-    """Checks the schema, the codec the round asked for, and every value's finiteness."""
+    """Checks the schema, the codec the round asked for, and every value's finiteness. A sparse
+    codec's update (the round's ``topk_fraction``) comes back dense: 0 where nothing was sent."""
     fields = {"codec", "examples", "train_loss", "evaluation"}
     if set(header) - {"clip_indicator"} != fields:
         raise MessageError(
@@ -138,7 +150,7 @@ def decode_update(
             found=indicator,
         )
     try:
-        delta = decode_tensors(body, layout, codec)
+        delta = decode_tensors(body, layout, codec, topk_fraction)
     except CodecError as exc:
         raise MessageError(
             RejectReason.BAD_TENSOR, str(exc), field=exc.field, expected=exc.expected, found=exc.found

@@ -91,6 +91,9 @@ class RejectReason(StrEnum):
     BAD_MOMENTS = "bad_moments"
     #: The update's norm is over the bound, with ``update_norm_policy = "reject"``.
     NORM_TOO_LARGE = "norm_too_large"
+    #: A robust strategy (median, trimmed mean, Krum) already holds ``robust_max_updates``
+    #: updates this round: the update is refused rather than held.
+    TOO_MANY_UPDATES = "too_many_updates"
     #: The aggregation refused the update (e.g. adding it would overflow the weighted sum).
     REJECTED_BY_AGGREGATION = "rejected_by_aggregation"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from fedge.protocol.codec import Codec, CodecError, parse_codec
+from fedge.protocol.codec import Codec, CodecError, check_topk_fraction, parse_codec
 from fedge.protocol.digests import is_sha256_hex
 from fedge.protocol.errors import FedgeError, FieldError
 from fedge.protocol.model_manifest import ModelManifest, Normalisation, manifest_from_json
@@ -28,6 +28,7 @@ from fedge.protocol.secagg.announcement import (
     SecureAggregationAnnouncementError,
 )
 from fedge.protocol.signing import canonical_json
+from fedge.protocol.strategy_announcement import StrategyAnnouncement, StrategyAnnouncementError
 from fedge.protocol.topics import TopicError, check_id
 from fedge.protocol.weights import weights_nbytes
 
@@ -72,6 +73,14 @@ class RoundManifest:
     #: Secure aggregation (``[privacy] secure_aggregation``), in train manifests only: the
     #: device's update goes into the masked sum, never in the clear. Left out when off.
     secure_aggregation: SecureAggregationAnnouncement | None = None
+    #: The aggregation strategy (``[rounds] strategy``: a server optimizer or a robust
+    #: aggregator, ``docs/strategies.md``) and its parameters, in train manifests only. Left out
+    #: for plain FedAvg, like ``generation``.
+    strategy: StrategyAnnouncement | None = None
+    #: With a sparse codec (``topk-fp16``, ``topk-int8``): the share of each tensor's values an
+    #: update carries (``[rounds] topk_fraction``), which fixes every tensor's ``k``. Present
+    #: exactly when the codec is sparse, so dense manifests are what they always were.
+    topk_fraction: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -100,6 +109,10 @@ class RoundManifest:
             doc["privacy"] = self.privacy.to_dict()
         if self.secure_aggregation is not None:
             doc["secure_aggregation"] = self.secure_aggregation.to_dict()
+        if self.strategy is not None:
+            doc["strategy"] = self.strategy.to_dict()
+        if self.topk_fraction is not None:
+            doc["topk_fraction"] = self.topk_fraction
         return doc
 
     def sha256(self) -> str:
@@ -138,7 +151,7 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         "model_manifest",
         "normalisation",
     }
-    optional = {"generation", "privacy", "secure_aggregation"}
+    optional = {"generation", "privacy", "secure_aggregation", "strategy", "topk_fraction"}
     if set(data) - optional != expected:
         missing, extra = sorted(expected - set(data)), sorted(set(data) - expected - optional)
         raise RoundManifestError(
@@ -250,7 +263,49 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         generation=_generation(data),
         privacy=_privacy(data),
         secure_aggregation=_secure_aggregation(data),
+        strategy=_strategy(data),
+        topk_fraction=_topk_fraction(data, codec),
     )
+
+
+def _topk_fraction(data: dict[str, Any], codec: Codec) -> float | None:
+    """``topk_fraction``: present exactly with a sparse codec, in its range; and a sparse codec
+    only in rounds without differential privacy or secure aggregation (the device's error
+    feedback would escape the clip bound, and the masked sum needs dense vectors)."""
+    value = data.get("topk_fraction")
+    if codec.sparse and ("privacy" in data or "secure_aggregation" in data):
+        raise RoundManifestError(
+            f"codec {codec.value} cannot be used with privacy or secure_aggregation",
+            field="codec",
+            expected="a dense codec",
+            found=codec.value,
+        )
+    if ("topk_fraction" in data) != codec.sparse:
+        raise RoundManifestError(
+            f"topk_fraction must be present exactly with a sparse codec (codec {codec.value})",
+            field="topk_fraction",
+            expected="a number" if codec.sparse else "absent",
+            found=value,
+        )
+    try:
+        return check_topk_fraction(codec, value)
+    except CodecError as exc:
+        raise RoundManifestError(str(exc), field=exc.field, expected=exc.expected, found=exc.found) from None
+
+
+def _strategy(data: dict[str, Any]) -> StrategyAnnouncement | None:
+    """``strategy``: absent for plain FedAvg and outside train rounds; present, a complete
+    announcement (``fedge.protocol.strategy_announcement``)."""
+    if "strategy" not in data:
+        return None
+    if data["phase"] != "train":
+        raise RoundManifestError(
+            "strategy is only for train rounds", field="strategy", expected="absent", found=data["phase"]
+        )
+    try:
+        return StrategyAnnouncement.from_dict(data["strategy"])
+    except StrategyAnnouncementError as exc:
+        raise RoundManifestError(str(exc), field=exc.field, expected=exc.expected, found=exc.found) from None
 
 
 def _secure_aggregation(data: dict[str, Any]) -> SecureAggregationAnnouncement | None:

@@ -738,7 +738,9 @@ AGGREGATOR_SECTIONS = (
             Key(
                 "server_learning_rate",
                 NUMBER,
-                "The new model is global + server_learning_rate x mean delta.",
+                "The new model is global + server_learning_rate x mean delta (x the server "
+                "optimizer's step with a server optimizer: fedadagrad, fedadam and fedyogi want "
+                "0.01-0.1).",
                 default=1.0,
                 lo=1e-6,
                 hi=100.0,
@@ -746,9 +748,20 @@ AGGREGATOR_SECTIONS = (
             Key(
                 "codec",
                 STRING,
-                "How devices encode their deltas.",
+                "How devices encode their deltas: dense (fp32, fp16, int8) or sparse, each tensor's "
+                "largest values only with error feedback on the device (topk-fp16, topk-int8; not "
+                "with [privacy] enabled or secure_aggregation).",
                 default="fp32",
-                choices=("fp32", "fp16", "int8"),
+                choices=("fp32", "fp16", "int8", "topk-fp16", "topk-int8"),
+            ),
+            Key(
+                "topk_fraction",
+                NUMBER,
+                "With a sparse codec: the share of each tensor's values an update carries (0.1 keeps "
+                "a har-watch topk-int8 update under a tenth of fp32). Ignored by the dense codecs.",
+                default=0.1,
+                lo=0.001,
+                hi=0.5,
             ),
             Key(
                 "max_examples_per_update",
@@ -849,6 +862,92 @@ AGGREGATOR_SECTIONS = (
                 "pooled statistics (one device can move the normalisation).",
                 default="robust",
                 choices=("robust", "pooled"),
+            ),
+            Key(
+                "strategy",
+                STRING,
+                "How a train round's updates become the next model (docs/strategies.md): fedavg "
+                "(the mean); a server optimizer on the mean (fedavgm, fedadagrad, fedadam, "
+                "fedyogi); a robust aggregator holding every update (median, trimmed_mean, krum, "
+                "multi_krum; not with [privacy] enabled or secure_aggregation).",
+                default="fedavg",
+                choices=(
+                    "fedavg",
+                    "fedavgm",
+                    "fedadagrad",
+                    "fedadam",
+                    "fedyogi",
+                    "median",
+                    "trimmed_mean",
+                    "krum",
+                    "multi_krum",
+                ),
+            ),
+            Key(
+                "server_momentum",
+                NUMBER,
+                "fedavgm: m = server_momentum x m + mean delta.",
+                default=0.9,
+                lo=0.0,
+                hi=0.999,
+            ),
+            Key(
+                "server_beta1",
+                NUMBER,
+                "fedadagrad, fedadam, fedyogi: decay of the first moment m.",
+                default=0.9,
+                lo=0.0,
+                hi=0.999,
+            ),
+            Key(
+                "server_beta2",
+                NUMBER,
+                "fedadam, fedyogi: decay of the second moment v.",
+                default=0.99,
+                lo=0.0,
+                hi=0.999999,
+            ),
+            Key(
+                "server_tau",
+                NUMBER,
+                "fedadagrad, fedadam, fedyogi: the adaptivity, step = lr x m / (sqrt(v) + tau).",
+                default=1e-3,
+                lo=1e-9,
+                hi=10.0,
+            ),
+            Key(
+                "trim_fraction",
+                NUMBER,
+                "trimmed_mean: the fraction of values dropped from each end, per coordinate.",
+                default=0.1,
+                lo=0.0,
+                hi=0.49,
+            ),
+            Key(
+                "byzantine_devices",
+                INTEGER,
+                "krum, multi_krum: f, the compromised devices assumed per round (min_devices must "
+                "be at least 2f + 3).",
+                default=1,
+                lo=0,
+                hi=100_000,
+            ),
+            Key(
+                "multi_krum_select",
+                INTEGER,
+                "multi_krum: how many best-scored updates are averaged; 0 = n - f.",
+                default=0,
+                lo=0,
+                hi=1_000_000,
+            ),
+            Key(
+                "robust_max_updates",
+                INTEGER,
+                "Robust strategies hold a round's updates in memory: at most this many (more are "
+                "rejected, too_many_updates). Not below min_devices.",
+                default=1000,
+                lo=1,
+                hi=1_000_000,
             ),
         ),
     ),

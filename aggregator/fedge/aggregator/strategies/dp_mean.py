@@ -68,10 +68,10 @@ class DpGaussianMean:
         if indicator is not None:
             self._indicator_sum += indicator
 
-    def result(self, global_weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """``global + lr * (sum + N(0, sigma**2 I)) / expected_participants``. The noise is
-        drawn here, once per round; a round closed twice would draw it twice, so the engine
-        calls this once."""
+    def mean_delta(self) -> npt.NDArray[np.float64]:
+        """``(sum + N(0, sigma**2 I)) / expected_participants`` in float64: the noised mean (a
+        server optimizer steps with it: post-processing, no privacy cost). The noise is drawn
+        here, once per call; a round's mean is taken once (by :meth:`result` or an optimizer)."""
         if self.sum.count == 0:
             raise AggregationError("no updates were added; there is no mean")
         noised = self.sum.mean_delta() * self.sum.total_weight + gaussian_noise(
@@ -81,7 +81,14 @@ class DpGaussianMean:
             self.noisy_indicator_sum = float(self._indicator_sum) + float(
                 gaussian_noise(self.rng, 1, self.indicator_noise_stddev)[0]
             )
-        mean = noised / float(self.expected_participants)
+        out: npt.NDArray[np.float64] = noised / float(self.expected_participants)
+        return out
+
+    def result(self, global_weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``global + lr * (sum + N(0, sigma**2 I)) / expected_participants``. The noise is
+        drawn here, once per round; a round closed twice would draw it twice, so the engine
+        calls this once."""
+        mean = self.mean_delta()
         with np.errstate(over="ignore", invalid="ignore"):
             out = (global_weights.astype(np.float64) + self.server_learning_rate * mean).astype(np.float32)
         if not np.all(np.isfinite(out)):

@@ -7,6 +7,10 @@ bounds carry into the next round (:meth:`RoundFolds.next_history`). A train roun
 through ``NormClip(RoundMetrics(strategy))``: the norm bounds, then the round's metrics, then
 the strategy, each checking before it changes anything, so a refused update leaves no trace.
 
+The strategies (``[rounds] strategy``, docs/strategies.md): ``fedavg`` (``FedAvg``), the
+server optimizers (``server_optimizers.ServerOptimizer`` around the FedAvg or DP mean) and the
+robust aggregators (``robust``: median, trimmed mean, (Multi-)Krum).
+
 A new strategy is a fold (``fedge.aggregator.strategies.fold``), a ``[rounds]`` value naming
 it, and a branch in :func:`update_strategy` (or :func:`moments_strategy`).
 """
@@ -26,8 +30,11 @@ from fedge.aggregator.strategies.clipping import NormBounds, NormClip, norm_boun
 from fedge.aggregator.strategies.dp_mean import DpGaussianMean
 from fedge.aggregator.strategies.fold import MomentsFold, UpdateFold
 from fedge.aggregator.strategies.metrics import RoundMetrics
+from fedge.aggregator.strategies.robust import Krum, Median, TrimmedMean
+from fedge.aggregator.strategies.server_optimizers import ServerOptimizer, ServerOptimizerState
 from fedge.aggregator.strategies.weighting import CappedClaims, claim_cap, update_weighting, weight_cap
 from fedge.protocol.messages import MomentsPayload, UpdatePayload
+from fedge.protocol.strategy_announcement import SERVER_OPTIMIZERS, STRATEGY_PARAMETERS, StrategyAnnouncement
 
 __all__ = [
     "DpRound",
@@ -38,6 +45,7 @@ __all__ = [
     "build_round_folds",
     "moments_strategy",
     "round_limits",
+    "strategy_announcement",
     "update_strategy",
 ]
 
@@ -96,6 +104,7 @@ class RoundFolds:
         metrics: RoundMetrics,
         moments: MomentsFold,
         dp: DpGaussianMean | None = None,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         self.limits = limits
         self.updates = updates
@@ -104,6 +113,9 @@ class RoundFolds:
         #: The DP fold of a round with ``[privacy]`` (its noisy indicator sum feeds the
         #: accountant); None otherwise.
         self.dp = dp
+        #: The server optimizer of a round with one (its ``next_state`` is the engine's to keep
+        #: once the round aggregated); None otherwise.
+        self.optimizer = optimizer
         #: The accepted reports' claimed example counts (the next round's claim cap).
         self.claims: list[int] = []
 
@@ -127,16 +139,41 @@ class RoundFolds:
         )
 
 
-def update_strategy(settings: RoundSettings, limits: RoundLimits, parameter_count: int) -> UpdateFold:
-    """The train round's aggregation strategy, the fold inside the clipping and the metrics:
-    FedAvg, weighted by the round's weighting (the only strategy yet; robust means and server
-    optimizers add a ``[rounds]`` value and a branch here)."""
-    return FedAvg(
-        parameter_count,
-        settings.max_examples_per_update,
-        settings.server_learning_rate,
-        update_weighting(limits.weight_cap),
-    )
+def update_strategy(
+    settings: RoundSettings,
+    limits: RoundLimits,
+    parameter_count: int,
+    optimizer_state: ServerOptimizerState | None = None,
+) -> UpdateFold:
+    """The train round's aggregation strategy (``[rounds] strategy``), the fold inside the
+    clipping and the metrics: FedAvg weighted by the round's weighting, a server optimizer on
+    that mean (continuing ``optimizer_state``), or a robust aggregator holding the updates."""
+    s = settings
+    name = s.strategy
+    lr = s.server_learning_rate
+    mean = FedAvg(parameter_count, s.max_examples_per_update, lr, update_weighting(limits.weight_cap))
+    if name == "fedavg":
+        return mean
+    if name in SERVER_OPTIMIZERS:
+        return ServerOptimizer(mean, s, optimizer_state)
+    cap = s.robust_max_updates
+    if name == "median":
+        return Median(parameter_count, s.max_examples_per_update, cap, lr)
+    if name == "trimmed_mean":
+        return TrimmedMean(parameter_count, s.max_examples_per_update, cap, lr, s.trim_fraction)
+    if name in ("krum", "multi_krum"):
+        select = 1 if name == "krum" else s.multi_krum_select
+        return Krum(parameter_count, s.max_examples_per_update, cap, lr, s.byzantine_devices, select)
+    raise ValueError(f"unknown [rounds] strategy {name!r}")
+
+
+def strategy_announcement(settings: RoundSettings) -> StrategyAnnouncement | None:
+    """What a train manifest says about ``[rounds] strategy``: its name and parameters (the
+    ``[rounds]`` keys of the same names); None for plain FedAvg."""
+    name = settings.strategy
+    if name == "fedavg":
+        return None
+    return StrategyAnnouncement(name, {key: getattr(settings, key) for key in STRATEGY_PARAMETERS[name]})
 
 
 def moments_strategy(settings: RoundSettings, n_features: int) -> MomentsFold:
@@ -150,12 +187,16 @@ def build_round_folds(
     history: InfluenceHistory,
     parameter_count: int,
     n_features: int,
+    optimizer_state: ServerOptimizerState | None = None,
 ) -> RoundFolds:
-    """A round's folds, for a global model ``weights`` and the bounds' ``history``."""
+    """A round's folds, for a global model ``weights`` and the bounds' ``history``; a server
+    optimizer continues from ``optimizer_state``."""
     limits = round_limits(settings, weights, history)
-    metrics = RoundMetrics(update_strategy(settings, limits, parameter_count), CappedClaims(limits.claim_cap))
+    strategy = update_strategy(settings, limits, parameter_count, optimizer_state)
+    metrics = RoundMetrics(strategy, CappedClaims(limits.claim_cap))
     updates = NormClip(metrics, limits.bounds, reject=settings.update_norm_policy == "reject")
-    return RoundFolds(limits, updates, metrics, moments_strategy(settings, n_features))
+    optimizer = strategy if isinstance(strategy, ServerOptimizer) else None
+    return RoundFolds(limits, updates, metrics, moments_strategy(settings, n_features), optimizer=optimizer)
 
 
 @dataclass(frozen=True)
@@ -177,13 +218,16 @@ def build_dp_round_folds(
     n_features: int,
     dp: DpRound,
     rng: np.random.Generator,
+    optimizer_state: ServerOptimizerState | None = None,
 ) -> RoundFolds:
     """A round's folds under central differential privacy: the DP clip bound is the only norm
     bound (clip, never reject: a device's update is clipped on the device already, and one
     over the bound by codec rounding or by malice is scaled down here), every update counts
     once, and the mean is the noised sum over the expected participants
     (``strategies.dp_mean``). The ``[rounds]`` norm bounds and example weighting are not used:
-    the adaptive one is an exact median of the last round's norms, which is not private."""
+    the adaptive one is an exact median of the last round's norms, which is not private.
+    A server optimizer steps with the noised mean (post-processing: no privacy cost); robust
+    strategies are refused with DP (``privacy_config``)."""
     claim = claim_cap(settings, history.claim_median)
     limits = RoundLimits(bounds=NormBounds(hard=None, clip=dp.clip_bound), weight_cap=None, claim_cap=claim)
     fold = DpGaussianMean(
@@ -195,6 +239,13 @@ def build_dp_round_folds(
         server_learning_rate=settings.server_learning_rate,
         rng=rng,
     )
-    metrics = RoundMetrics(fold, CappedClaims(claim))
+    if settings.robust:
+        raise ValueError(f'[rounds] strategy = "{settings.strategy}" cannot run under differential privacy')
+    optimizer = (
+        ServerOptimizer(fold, settings, optimizer_state) if settings.strategy in SERVER_OPTIMIZERS else None
+    )
+    metrics = RoundMetrics(fold if optimizer is None else optimizer, CappedClaims(claim))
     updates = NormClip(metrics, limits.bounds, reject=False)
-    return RoundFolds(limits, updates, metrics, moments_strategy(settings, n_features), dp=fold)
+    return RoundFolds(
+        limits, updates, metrics, moments_strategy(settings, n_features), dp=fold, optimizer=optimizer
+    )
