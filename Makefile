@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-codecs flower-env bench-vs-flower bench-robust-mqtt images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -73,7 +73,7 @@ demo-building: install
 		--train out/building/appliances-train.csv --test out/building/appliances-test.csv \
 		--split-by day --rounds 30 --out out/building/demo
 
-bench: install
+bench: install flower-env
 	$(BIN)/python bench/bench_training.py --out bench/results/training.json
 	$(BIN)/python bench/bench_rounds.py --out bench/results/rounds.json
 	$(BIN)/python bench/bench_flood.py --out bench/results/flood.json
@@ -83,6 +83,10 @@ bench: install
 	$(BIN)/python bench/bench_dp.py --out bench/results/dp.json
 	$(BIN)/python bench/bench_secure_accuracy.py --out bench/results/secure_accuracy.json
 	$(BIN)/python bench/bench_secagg_mqtt.py --out bench/results/secagg_mqtt.json
+	$(BIN)/python bench/bench_noniid.py --out bench/results/noniid.json
+	$(BIN)/python bench/bench_codecs.py --out bench/results/codecs.json
+	$(BIN)/python bench/bench_vs_flower.py --out bench/results/vs_flower.json
+	$(BIN)/python bench/bench_robust_mqtt.py --out bench/results/robust_mqtt.json
 
 # Accuracy vs epsilon (differential privacy, issue 14): 7 and 100 devices, 30 rounds, ~15 s;
 # writes bench/results/dp.json and dp.png.
@@ -100,6 +104,38 @@ bench-secure: install
 # their shares; ~30 s; writes bench/results/secagg_mqtt.json and secagg_mqtt.png.
 bench-secagg-mqtt: install
 	$(BIN)/python bench/bench_secagg_mqtt.py --out bench/results/secagg_mqtt.json
+
+# Strategies on non-IID fleets (issue 15): har-watch over 20 devices by label skew (Dirichlet
+# alpha 0.1 and 1.0) and the appliances house with one device per day, 8 strategies, 60 rounds,
+# against centralized; ~10 min; writes bench/results/noniid.json and noniid.png.
+bench-noniid: install
+	$(BIN)/python bench/bench_noniid.py --out bench/results/noniid.json
+
+# Held-out accuracy against bytes per update for fp32, fp16, int8 and the top-k codecs with
+# error feedback (issue 15): 7 devices, 30 rounds, 3 seeds each; ~8 min; writes
+# bench/results/codecs.json and codecs.png.
+bench-codecs: install
+	$(BIN)/python bench/bench_codecs.py --out bench/results/codecs.json
+
+# Robustness (issue 15): 2 of 7 devices malicious (sign-flipped, scaled, label-flipped updates)
+# through a real Mosquitto broker and the real aggregator; fedavg (with and without the norm
+# bounds), median, trimmed_mean, krum, multi_krum, each clean and under each attack, 20 rounds;
+# ~5 min on 2 busy cores (--quick: ~2 min); writes bench/results/robust_mqtt.json and .png.
+bench-robust-mqtt: install
+	$(BIN)/python bench/bench_robust_mqtt.py --out bench/results/robust_mqtt.json
+
+# Flower's own venv for bench-vs-flower (.venv-flower: flwr 1.42.0 and the same numpy as .venv,
+# no model library); ~1.5 min the first time, nothing once its pins are installed.
+flower-env:
+	PYTHON=$(PYTHON) bash scripts/flower-venv.sh
+
+# fedge and Flower side by side on the same workload (issue 15): 7 devices, 30 rounds each,
+# fedge through a TLS Mosquitto broker, Flower's deployment engine (a SuperLink and one SuperNode
+# per device on loopback); ~14 min on a busy 2-core machine, nearly all of it Flower's rounds;
+# writes bench/results/vs_flower.json and vs_flower.png. For the README's table add
+# --docs-json docs/results/vs_flower.json --readme README.md.
+bench-vs-flower: install flower-env
+	$(BIN)/python bench/bench_vs_flower.py --out bench/results/vs_flower.json
 
 # The images, built with podman on a local debootstrap base (no registry, no Docker engine);
 # prints each image's size. `make test` builds the ones its tests run.
