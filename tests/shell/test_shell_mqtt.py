@@ -16,7 +16,7 @@ import pytest
 
 from fedge.lab.broker import BrokerSettings, MosquittoBroker
 from fedge.protocol.mqtt_settings import MqttSettings
-from fedge.shell.mqtt import connect, ephemeral_settings, make_client, watch_connection
+from fedge.shell.mqtt import connect, ephemeral_settings, make_client, publish_queued, watch_connection
 from fedge.tools.broker_config import hash_password
 from support.mqtt_fixtures import require_mosquitto
 
@@ -216,6 +216,33 @@ def test_a_lost_connection_is_one_warning_and_the_client_reconnects(
     level, text = lines[0]
     assert level == logging.WARNING
     assert text.startswith("disconnected from the broker (") and text.endswith("); reconnecting with backoff")
+
+
+def test_a_message_published_while_the_broker_is_down_is_queued_and_delivered_after_the_reconnect(
+    mosquitto: MosquittoBroker,
+) -> None:
+    topic = f"shell/{uuid.uuid4().hex}"
+    receiver = Peer(settings_for(mosquitto, f"rx-{uuid.uuid4().hex[:8]}"), subscribe=topic).start()
+    sender = Peer(settings_for(mosquitto, f"tx-{uuid.uuid4().hex[:8]}")).start()
+    try:
+        receiver.wait(lambda: receiver.subscribed, "the subscription")
+        sender.wait(lambda: sender.connects == 1, "the sender's connection")
+        mosquitto.stop()
+        sender.wait(lambda: sender.disconnects == 1, "the sender to see the broker gone")
+        plain = sender.client.publish(topic, b"plain", qos=1)
+        assert plain.rc == mqtt.MQTT_ERR_NO_CONN  # what paho's own publish leaves, for ever
+        info = publish_queued(sender.client, topic, b"queued", qos=1)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS and not info.is_published()  # queued, not raised
+        mosquitto.start()
+        info.wait_for_publish(WAIT_S)
+        assert info.is_published()  # the broker's PUBACK after the reconnect
+        receiver.wait(lambda: b"queued" in receiver.payloads(), "the queued message")
+        assert sorted(receiver.payloads()) == [b"plain", b"queued"]  # both sent, once each
+        with pytest.raises(RuntimeError, match="not currently connected"):
+            plain.is_published()
+    finally:
+        sender.stop()
+        receiver.stop()
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ from fedge.protocol.weights import weights_from_bytes
 from fedge.shell.drops import DroppedMessages
 from fedge.shell.http_endpoint import HttpEndpoint
 from fedge.shell.meters import Durations, Traffic
-from fedge.shell.mqtt import connect, make_client, watch_connection
+from fedge.shell.mqtt import connect, make_client, publish_queued, watch_connection
 
 __all__ = [
     "MAX_BLOB_BYTES",
@@ -372,7 +372,7 @@ class AgentService:
         for message in self.outbox.pending():
             if message.id in self._in_flight:
                 continue  # paho itself retries messages in flight on this session
-            info = self.client.publish(message.topic, message.payload, qos=message.qos)
+            info = publish_queued(self.client, message.topic, message.payload, qos=message.qos)
             self.traffic.outbound(message.topic, len(message.payload))
             self.outbox.mark_in_flight(message.id, info.mid)
             self.outbox.record_attempt(message.id)
