@@ -65,7 +65,7 @@ from fedge.protocol.weights import WeightsError, weights_from_bytes
 from fedge.shell.drops import DroppedMessages
 from fedge.shell.files import prepare_writable_dir, read_private_key
 from fedge.shell.meters import Counts, Durations, Traffic
-from fedge.shell.mqtt import connect, make_client, watch_connection
+from fedge.shell.mqtt import connect, make_client, publish_queued, watch_connection
 
 if TYPE_CHECKING:  # the Kubernetes client is imported only with [leader] enabled
     from fedge.aggregator.leadership import Leadership
@@ -325,6 +325,12 @@ class AggregatorService:
         self.last_status: dict[str, Any] | None = None
         self.endpoint: HttpEndpoint | None = None
         self.connected = threading.Event()
+        # Set by every CONNACK after the first: the broker may have restarted without what it
+        # retained (mosquitto saves its store every autosave_interval, not on each message), so
+        # the loop publishes the current model blobs and manifest again (_republish_retained).
+        self.reconnected = threading.Event()
+        self._connacks = 0
+        self._last_publication: Publication | None = None
         self.stop_requested = threading.Event()
         self.client = make_client(config.mqtt)
         watch_connection(self.client, log, self._on_connect, self.connected.clear)
@@ -443,6 +449,9 @@ class AggregatorService:
         if self.config.metrics.enabled:  # the dashboard lists each device's latest prediction
             topics.append((self.topics.insight_filter, 1))
         client.subscribe(topics)
+        self._connacks += 1
+        if self._connacks > 1:
+            self.reconnected.set()
         self.connected.set()
         log.info("connected to %s", self.config.mqtt.url)
 
@@ -528,7 +537,7 @@ class AggregatorService:
 
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self._ensure_leader()
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info = publish_queued(self.client, topic, payload, qos=1, retain=retain)
         self.traffic.outbound(topic, len(payload))
         while not info.is_published():
             if self.stop_requested.is_set():
@@ -546,6 +555,7 @@ class AggregatorService:
         self._publish_secagg(pub.secagg)
         for topic in pub.clear_blobs:
             self._publish(topic, b"", retain=True)
+        self._last_publication = pub
         m = pub.manifest
         log.info(
             "published manifest v%d: %s round %s, %d devices selected, deadline in %.0fs",
@@ -555,6 +565,25 @@ class AggregatorService:
             len(m.selected_devices),
             m.deadline - m.issued_at,
         )
+
+    def _republish_retained(self) -> None:
+        """After a reconnect: the newest manifest and its blobs again, byte for byte (the same
+        signed frame, so devices that have it ignore it). A broker killed before its autosave
+        comes back without them, and devices waiting for a blob would wait for the next model
+        version; found by the chaos loop (tests/e2e/test_chaos.py). A secure round's documents
+        are not repeated: that round ends at its deadline and the next one starts clean."""
+        if not self.reconnected.is_set():
+            return
+        self.reconnected.clear()
+        pub = self._last_publication
+        if pub is None:
+            return
+        blobs = {self.topics.blob(self.engine.model_sha256): self.engine.model_bytes, **pub.blobs}
+        for topic, blob in blobs.items():
+            self._publish(topic, blob, retain=True)
+        self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
+        self._status_dirty = True
+        log.info("reconnected: published manifest v%d and its model again", pub.manifest.version)
 
     def _publish_secagg(self, publications: Sequence[SecAggPublication]) -> None:
         """A secure round's signed documents (or the empty payloads that clear them), in order."""
@@ -853,6 +882,7 @@ class AggregatorService:
             self._announce(self.engine.open_round(self.clock(), frozenset(self.not_ready)))
             self._publish_status()
             while not self.stop_requested.is_set():
+                self._republish_retained()
                 if self.engine.current is None:  # final model published
                     self._tick()  # clears a secure round left to publish, if any
                     if self.config.exit_when_done:
