@@ -146,6 +146,10 @@ def test_the_service_publishes_the_summary_with_its_status_and_again_when_a_devi
     T = FleetTopics("f1")
     service._handle(T.status("watch-01"), json.dumps({"state": "idle", "ready": True}).encode())
     service._publish_status(force=False)
+    assert sent == []  # offline: nothing queued (paho would send it after a fresher one)
+    service.connected.set()  # as after a CONNACK
+    service._status_sent_at = float("-inf")
+    service._publish_status(force=False)  # still due: the offline attempt left it dirty
     assert [t for t, _ in sent] == [T.aggregator_status, T.fleet_summary]
     assert sent[0][1]["schema"] == "fedge.aggregator-status/1"
     devices = sent[1][1]["devices"]

@@ -135,6 +135,10 @@ def split_holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> L
     return LocalData(x[train], y[train], x[hold], y[hold])
 
 
+#: Copies of the open round's update sent after reconnects (:meth:`AgentService._resend_lost_update`).
+RESENDS_PER_ROUND = 2
+
+
 class AgentService:
     def __init__(self, stages: AgentStages, clock: Callable[[], float] = time.time) -> None:
         config = stages.config
@@ -159,6 +163,10 @@ class AgentService:
             log, _DROP_ADVICE, "messages_dropped in the device status", _ROUTINE_DROPS
         )
         self._next_status_at = 0.0
+        # The open round's update and the copies sent after reconnects (_resend_lost_update).
+        self._last_update: Send | None = None
+        self._resends = 0
+        self._resend_due = False
         self.phase_state = "online"
         self.last_error: str | None = None
         self._lock = threading.Lock()
@@ -251,9 +259,16 @@ class AgentService:
             for sha in self._wanted_blobs:
                 client.subscribe(self.topics.blob(sha), qos=1)
         self._connections += 1
+        if self._connections > 1:
+            self._resend_due = True  # the broker may have lost the open round's update
         self.connected.set()
         log.info("connected to %s", self.config.mqtt.url)
         self._publish_status()
+        # And the worker once more, soon: paho sends the QoS 1 messages queued before an outage
+        # only after on_connect returns, so a status queued then (published as the connection
+        # dropped) would overtake this one and the broker would retain the older (found by the
+        # chaos loop: a device's installed model seemed to go back after a broker restart).
+        self._next_status_at = 0.0
         if not self._ready_sent:  # state loaded and the broker reached: the service is up
             self._ready_sent = self.notifier.ready(status_line(self.status()))
         with self._wake:
@@ -443,18 +458,22 @@ class AgentService:
             elif isinstance(action, Train):
                 self._carry_out(self._train(action))
             elif isinstance(action, Send):
-                self.outbox.put(action.topic, action.frame, 1, action.round_id, action.kind)
+                message_id = self.outbox.put(action.topic, action.frame, 1, action.round_id, action.kind)
+                if action.kind == "update":
+                    self._last_update, self._resends = action, 0
                 log.info(
-                    "%s for round %s sealed (%d bytes, counter %d)",
+                    "%s for round %s sealed (%d bytes, counter %d, message %d)",
                     action.kind,
                     action.round_id,
                     len(action.frame),
                     action.counter,
+                    message_id,
                 )
                 self._flush_outbox()
             elif isinstance(action, StatusState):
                 self.phase_state = action.state
-                self._publish_status()
+                if self.connected.is_set():  # offline: the reconnect publishes the fresh one
+                    self._publish_status()
             elif isinstance(action, Note):
                 if action.problem:
                     self.last_error = action.text
@@ -480,6 +499,39 @@ class AgentService:
             return
         newest = self.core.pending or self.core.current
         self._carry_out_secure(self.secure.turn(self.clock(), newest.round_id if newest else None))
+
+    def _resend_lost_update(self) -> None:
+        """After a reconnect, each copy of the open round's manifest that arrives sends this
+        device's update for that round once more (at most ``RESENDS_PER_ROUND`` times).
+
+        A broker that crashed before its autosave comes back without what it acknowledged
+        and had not yet delivered, and without the aggregator's subscription until the
+        aggregator reconnects, which its republished manifest shows; a device cannot tell a
+        crash from a network blip, so it resends after any reconnect. The first copy of the
+        manifest may be the broker's retained one (the aggregator perhaps not subscribed yet),
+        the second the aggregator's own after its reconnect. An aggregator that has the update
+        refuses the copy as a ``duplicate`` (counted, logged at INFO): never counted twice.
+        Found by the chaos loop (tests/e2e/test_chaos.py)."""
+        if not self._resend_due:
+            return
+        last, current = self._last_update, self.core.current
+        if last is None or current is None or current.round_id != last.round_id:
+            self._resend_due = False  # nothing sent in the open round: nothing to lose
+            return
+        if self._resends >= RESENDS_PER_ROUND:
+            return
+        if any(m.round_id == last.round_id and m.kind == last.kind for m in self.outbox.pending()):
+            return  # still in the outbox: it goes anyway
+        self._resends += 1
+        message_id = self.outbox.put(last.topic, last.frame, 1, last.round_id, last.kind)
+        log.info(
+            "reconnected in round %s: sent its update again in case the broker lost it "
+            "(counter %d, message %d)",
+            last.round_id,
+            last.counter,
+            message_id,
+        )
+        self._flush_outbox()
 
     def _drop_other_rounds(self, round_id: str) -> None:
         dropped = self.outbox.drop_rounds(lambda r: r != round_id)
@@ -588,6 +640,7 @@ class AgentService:
                 if waiting_for_data:
                     self.core.superseded()  # a newer manifest replaces the round in hand
                 self._carry_out(self.core.manifest_arrived(frame, self.trust.trusted_keys(), self.clock()))
+                self._resend_lost_update()
             elif waiting_for_data and time.monotonic() >= self._data_retry_at:
                 self._carry_out(self.core.retry_data(self.clock()))
             self._secure_turn()

@@ -58,6 +58,7 @@ from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.model_manifest import INITIAL_WEIGHTS_FILE, ModelManifest, manifest_from_json
+from fedge.protocol.reasons import RejectReason
 from fedge.protocol.secagg.wire import Publication as SecAggPublication
 from fedge.protocol.statuses import AGGREGATOR_STATUS_SCHEMA
 from fedge.protocol.topics import FleetTopics
@@ -632,17 +633,21 @@ class AggregatorService:
         self._ensure_leader()
         status = self.status()
         self.last_status = status
-        encoded = json.dumps(status).encode()
-        self.client.publish(self.topics.aggregator_status, encoded, qos=1, retain=True)
-        self.traffic.outbound(self.topics.aggregator_status, len(encoded))
         summary = self.fleet_summary(status)
         self._refresh_dashboard(status, summary)
-        encoded_summary = json.dumps(summary).encode()
-        self.client.publish(self.topics.fleet_summary, encoded_summary, qos=1, retain=True)
-        self.traffic.outbound(self.topics.fleet_summary, len(encoded_summary))
+        # Offline, nothing is queued: paho would send a queued status after the fresh one the
+        # reconnect publishes, and the broker would retain the older (found by the chaos loop).
+        online = self.connected.is_set()
+        if online:
+            encoded = json.dumps(status).encode()
+            self.client.publish(self.topics.aggregator_status, encoded, qos=1, retain=True)
+            self.traffic.outbound(self.topics.aggregator_status, len(encoded))
+            encoded_summary = json.dumps(summary).encode()
+            self.client.publish(self.topics.fleet_summary, encoded_summary, qos=1, retain=True)
+            self.traffic.outbound(self.topics.fleet_summary, len(encoded_summary))
         if self.leadership is not None:
             self.leadership.report(status, self.clock())
-        self._status_dirty = False
+        self._status_dirty = not online
         self._status_sent_at = now
         self._stale_sent = stale
 
@@ -703,6 +708,8 @@ class AggregatorService:
         if outcome.accepted:
             self.accepted.add(outcome.kind or "update")
             log.info("accepted %s from %s", outcome.kind, outcome.device_id)
+        elif outcome.reason == RejectReason.DUPLICATE:  # a QoS 1 redelivery, a resend after a reconnect
+            log.info("rejected message from %s on %s: duplicate (counted already)", outcome.device_id, topic)
         else:
             log.warning("rejected message from %s on %s: %s", outcome.device_id or "?", topic, outcome.reason)
         self._status_dirty = True
