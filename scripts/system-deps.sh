@@ -25,6 +25,10 @@ command -v chromium >/dev/null || need+=(chromium)
 # no registry is reachable. The systemd-in-a-container and `podman kube play` tests need them too
 # (catatonit: the init of kube play's pause image, which podman builds locally).
 command -v podman >/dev/null || need+=(podman iptables containernetworking-plugins catatonit)
+# The network-fault tests (tests/e2e/test_network_faults.py): a network namespace and a veth
+# pair per device (ip), token-bucket rate limits (tc), packet loss and partitions (iptables).
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
+command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need+=(iptables)
 command -v runc >/dev/null || [ -x /usr/sbin/runc ] || need+=(runc)
 command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 # --arm64: the arm64 agent image builds and runs under emulation (make images-arm64).

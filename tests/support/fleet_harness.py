@@ -64,15 +64,20 @@ class Fleet:
     # --- processes -------------------------------------------------------------------------
 
     def spawn(
-        self, name: str, args: list[str], env_overrides: dict[str, str] | None = None
+        self,
+        name: str,
+        args: list[str],
+        env_overrides: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """``fedge ARGS`` as process ``name``, logging to ``root/name.log``. Never as if in a
-        pod: without KUBERNETES_SERVICE_HOST the aggregator's leader election stays off."""
+        pod: without KUBERNETES_SERVICE_HOST the aggregator's leader election stays off.
+        ``prefix`` runs it through another command that execs it (``ip netns exec NS``)."""
         log = (self.root / f"{name}.log").open("ab")
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KUBERNETES_SERVICE_HOST")}
         env.update(PYTHONPATH=SOURCE_PYTHONPATH, TF_CPP_MIN_LOG_LEVEL="2", **(env_overrides or {}))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedge.cli", *args],
+            [*(prefix or []), sys.executable, "-m", "fedge.cli", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -82,8 +87,11 @@ class Fleet:
         self.procs[name] = proc
         return proc
 
-    def start_agent(self, device_id: str) -> subprocess.Popen[bytes]:
-        return self.spawn(device_id, ["agent", "run", "--config", str(self.files.agent_configs[device_id])])
+    def start_agent(
+        self, device_id: str, env_overrides: dict[str, str] | None = None, prefix: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        args = ["agent", "run", "--config", str(self.files.agent_configs[device_id])]
+        return self.spawn(device_id, args, env_overrides, prefix)
 
     def start_aggregator(self) -> subprocess.Popen[bytes]:
         return self.spawn("aggregator", ["aggregator", "run", "--config", str(self.files.aggregator_config)])
