@@ -10,6 +10,7 @@ collectors read.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -26,6 +27,7 @@ from fedge.agent.metrics import AgentCollector
 from fedge.aggregator.metrics import AggregatorCollector
 from fedge.shell.meters import Counts, Durations, Traffic
 from fedge.shell.prometheus import registry_with
+from fedge.shell.storage_faults import StateDirWatch
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
@@ -63,6 +65,9 @@ def _aggregator() -> Any:
         traffic=_traffic(),
         inbox_status=lambda: {"messages": 0, "bytes": 0, "max_messages": 1, "max_bytes": 1},
         messages_dropped={"inbox_full": 1},
+        state_dir_watch=StateDirWatch(
+            logging.getLogger("test"), "[aggregator] state_dir", ROOT, "aggregator", ""
+        ),
         last_status={
             "state": "running",
             "version": 3,

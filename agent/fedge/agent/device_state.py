@@ -28,6 +28,7 @@ from typing import Any
 from fedge.protocol.bounded_json import loads_state_file
 from fedge.protocol.errors import FedgeError
 from fedge.shell.files import atomic_write
+from fedge.shell.storage_faults import StorageFault, storage_fault
 
 FORMAT = 1
 #: The state is a few hundred bytes; refuse to parse anything absurd.
@@ -41,6 +42,10 @@ _KEYS = {"format", "manifest_version", "manifest_sha256", "update_counter", "las
 
 class DeviceStateError(FedgeError):
     """The state file is unreadable, corrupt or malformed, or a new state would break an invariant."""
+
+
+class DeviceStateStorageFault(DeviceStateError, StorageFault):
+    """The state directory is full or read-only: the file on disk is the previous state."""
 
 
 class ManifestRollbackError(FedgeError):
@@ -281,7 +286,6 @@ def _validate(state: DeviceState, where: str) -> None:
         raise DeviceStateError(f"{where}: extra is not plain JSON: {exc}") from None
 
 
-
 # --- files ---------------------------------------------------------------------------------
 
 
@@ -294,4 +298,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         atomic_write(path, data)
     except OSError as exc:
+        found = storage_fault(exc)
+        if found is not None:
+            raise DeviceStateStorageFault("device state", path, *found) from None
         raise DeviceStateError(f"cannot write device state {path}: {exc.strerror}") from None

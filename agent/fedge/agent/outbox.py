@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fedge.agent.sqlite_file import SQLiteFile, SQLiteFileKind
 from fedge.protocol.errors import FedgeError
+from fedge.shell.storage_faults import StorageFault
 
 DEFAULT_MAX_MESSAGES = 1000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -60,7 +61,11 @@ class OutboxError(FedgeError):
     """The outbox file is unusable (corrupt, foreign, unwritable) or a message is invalid."""
 
 
-_KIND = SQLiteFileKind("outbox", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, OutboxError)
+class OutboxStorageFault(OutboxError, StorageFault):
+    """The file system of the outbox is full or read-only: nothing was stored or changed."""
+
+
+_KIND = SQLiteFileKind("outbox", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, OutboxError, OutboxStorageFault)
 
 
 class OutboxFullError(OutboxError):

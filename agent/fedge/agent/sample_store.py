@@ -45,6 +45,7 @@ from fedge.agent.edgex.samples import Sample
 from fedge.agent.sqlite_file import SQLiteFile, SQLiteFileKind
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import MAX_FEATURES
+from fedge.shell.storage_faults import StorageFault
 
 #: Marks the SQLite file as a fedge sample store ('fdgs'), so no other database is mistaken for one.
 APPLICATION_ID = 0x66646773
@@ -86,7 +87,13 @@ class SampleStoreError(FedgeError):
     """The store file is unusable (corrupt, foreign, unwritable) or a sample is invalid."""
 
 
-_KIND = SQLiteFileKind("sample store", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, SampleStoreError)
+class SampleStoreStorageFault(SampleStoreError, StorageFault):
+    """The file system of the store is full or read-only: nothing was stored or changed."""
+
+
+_KIND = SQLiteFileKind(
+    "sample store", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, SampleStoreError, SampleStoreStorageFault
+)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ from fedge.shell.drops import DroppedMessages
 from fedge.shell.http_endpoint import HttpEndpoint
 from fedge.shell.meters import Durations, Traffic
 from fedge.shell.mqtt import connect, make_client, publish_queued, watch_connection
+from fedge.shell.storage_faults import STATE_DIR_RETRY_S, StateDirWatch, StorageFault
 
 __all__ = [
     "MAX_BLOB_BYTES",
@@ -104,6 +105,9 @@ _DROP_ADVICE = {
     "a malicious request. The device sends nothing for it; see docs/secure-aggregation.md.",
     "plain": "A train round without secure aggregation, refused because of [agent] "
     "require_secure_aggregation = true: the device installs the model but sends no plain update.",
+    "state": "The round's manifest or update could not be stored before a newer manifest closed the round: "
+    "[agent] state_dir was full or read-only (logged when it began). Free space there or remount it "
+    "read-write; the agent takes part again by itself once it can write.",
 }
 #: Dropped messages that happen in a healthy fleet: logged at INFO, not ERROR.
 _ROUTINE_DROPS = frozenset({"blob_unwanted", "plain_round_refused"})
@@ -169,6 +173,20 @@ class AgentService:
         self._resend_due = False
         self.phase_state = "online"
         self.last_error: str | None = None
+        # A full or read-only state directory: the first failed write of an episode is logged,
+        # the round's actions from the failed one on wait here and are tried again every
+        # STATE_DIR_RETRY_S until they succeed or a newer manifest closes the round (counted).
+        self.state_dir_watch = StateDirWatch(
+            log,
+            "[agent] state_dir",
+            config.state_dir,
+            "agent",
+            "the round in hand waits in memory until the round closes, and what is lost is counted "
+            "(messages_dropped: state_dir_full, state_dir_read_only in the device status)",
+        )
+        self._parked: list[Action] = []
+        self._parked_retry_at = 0.0
+        self._heartbeat_failing = False
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending_manifest: bytes | None = None
@@ -376,7 +394,32 @@ class AgentService:
     # --- the worker: carrying out what the core asks -----------------------------------------
 
     def _flush_outbox(self) -> None:
-        """Acknowledges what the broker PUBACKed, then publishes what is not yet in flight."""
+        """Acknowledges what the broker PUBACKed, then publishes what is not yet in flight.
+
+        A full or read-only state directory stops the flush with nothing lost: an acknowledged
+        message stays in flight (and in the outbox) until its deletion can be written, and a
+        message is in flight before its bookkeeping is written, so it is not published twice."""
+        in_flight = len(self._in_flight)
+        try:
+            self._flush_outbox_now()
+        except StorageFault as exc:
+            self._write_failed(exc)
+            return
+        if len(self._in_flight) < in_flight:  # an acknowledgement was written
+            self._wrote()
+
+    def _write_failed(self, exc: StorageFault) -> None:
+        """A write the state directory refused (full, read-only): logged once per episode, and
+        the status's ``last_error`` until a write succeeds again."""
+        self.last_error = self.state_dir_watch.failed(exc)
+
+    def _wrote(self) -> None:
+        """A write succeeded: an episode of a full or read-only state directory is over."""
+        problem = self.state_dir_watch.problem
+        if self.state_dir_watch.wrote() and self.last_error == problem:
+            self.last_error = None
+
+    def _flush_outbox_now(self) -> None:
         for message_id, info in list(self._in_flight.items()):
             if info.is_published():
                 self.outbox.acknowledge(message_id)
@@ -389,9 +432,9 @@ class AgentService:
                 continue  # paho itself retries messages in flight on this session
             info = publish_queued(self.client, message.topic, message.payload, qos=message.qos)
             self.traffic.outbound(message.topic, len(message.payload))
+            self._in_flight[message.id] = info  # first: a failed write below must not publish it twice
             self.outbox.mark_in_flight(message.id, info.mid)
             self.outbox.record_attempt(message.id)
-            self._in_flight[message.id] = info
 
     def _alive(self, *_: object) -> None:
         """The loop is alive: pings systemd's watchdog and, at most every few seconds, touches
@@ -404,7 +447,11 @@ class AgentService:
             try:
                 self._heartbeat.touch()
             except OSError as exc:
-                log.warning("cannot touch %s: %s", self._heartbeat, exc.strerror)
+                if not self._heartbeat_failing:  # once until it works again
+                    log.warning("cannot touch %s: %s", self._heartbeat, exc.strerror)
+                self._heartbeat_failing = True
+            else:
+                self._heartbeat_failing = False
 
     def _apply_rotations(self) -> bool:
         """Applies queued signing-key rotations in sequence order; True if one was accepted."""
@@ -425,7 +472,48 @@ class AgentService:
         return accepted
 
     def _carry_out(self, actions: list[Action]) -> None:
-        """Does what the core asked, in order (a Persist before the Send that needs it)."""
+        """Does what the core asked, in order (a Persist before the Send that needs it).
+
+        A write the state directory refuses (full, read-only) parks that action and the ones
+        after it: :meth:`_retry_parked` carries them out, in order, once it can write, unless a
+        newer manifest closes the round first (:meth:`_drop_parked`). Nothing is skipped, so a
+        Send never goes before its Persist."""
+        for i, action in enumerate(actions):
+            try:
+                self._carry_out_each([action])
+            except StorageFault as exc:
+                self._write_failed(exc)
+                self._parked = [*actions[i:], *self._parked]
+                self._parked_retry_at = time.monotonic() + STATE_DIR_RETRY_S
+                return
+            if isinstance(action, Persist | Send):
+                self._wrote()
+
+    def _retry_parked(self) -> None:
+        """The actions a full or read-only state directory stopped, again when due."""
+        if self._parked and time.monotonic() >= self._parked_retry_at:
+            parked, self._parked = self._parked, []
+            self._carry_out(parked)
+
+    def _drop_parked(self) -> None:
+        """A newer manifest closes the round whose actions wait for the state directory: they
+        are dropped and counted (``state_dir_full`` or ``state_dir_read_only``)."""
+        parked, self._parked = self._parked, []
+        if not parked:
+            return
+        problem = self.state_dir_watch.problem or ""
+        reason = "state_dir_read_only" if " is read-only (" in problem else "state_dir_full"
+        send = next((a for a in parked if isinstance(a, Send)), None)
+        if send is not None:
+            what, topic = f"the {send.kind} of round {send.round_id} (counter {send.counter})", send.topic
+        else:
+            pending = self.core.pending
+            what, topic = f"round {pending.round_id if pending else '?'}", self.topics.manifest
+        self._drop(reason, topic, f"{what} could not be stored before a newer manifest closed the round")
+        self._abandon_round()
+
+    def _carry_out_each(self, actions: list[Action]) -> None:
+        """Does each of ``actions``; :meth:`_carry_out` hands them over one at a time."""
         for action in actions:
             if isinstance(action, Persist):
                 self.state.save(action.state)
@@ -635,8 +723,11 @@ class AgentService:
             self._flush_outbox()
             if self._apply_rotations() and frame is None and self._parked_manifest is not None:
                 frame, self._parked_manifest = self._parked_manifest, None
+            if frame is None:
+                self._retry_parked()  # what a full or read-only state directory stopped
             waiting_for_data = self.core.phase is Phase.WAITING_FOR_DATA
             if frame is not None:
+                self._drop_parked()  # a round that waited for the state directory is closed
                 if waiting_for_data:
                     self.core.superseded()  # a newer manifest replaces the round in hand
                 self._carry_out(self.core.manifest_arrived(frame, self.trust.trusted_keys(), self.clock()))
@@ -648,6 +739,10 @@ class AgentService:
             if time.monotonic() >= self._next_status_at and self.connected.is_set():
                 self._publish_status()
                 self._next_status_at = time.monotonic() + self.config.status_interval_s
+        except StorageFault as exc:  # not one of a round's actions (those wait in _parked): e.g. a
+            # secure round's counter or a resent copy of an update; what it was for is counted
+            self._write_failed(exc)
+            self._drop(f"state_dir_{exc.fault}", "the worker", str(exc))
         except FedgeError as exc:  # bad data, full outbox...: reported, never a crash
             self._abandon_round()
             self.last_error = str(exc)

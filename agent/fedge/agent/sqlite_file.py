@@ -9,6 +9,7 @@ misread; every write runs in one ``BEGIN IMMEDIATE`` transaction under the owner
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -21,17 +22,27 @@ from typing import Self
 
 from fedge.protocol.errors import FedgeError
 from fedge.shell.files import fsync_directory
+from fedge.shell.storage_faults import StorageFault, storage_fault
 
 
 @dataclass(frozen=True)
 class SQLiteFileKind:
-    """One kind of file: its name in messages, its identity, its schema and its error type."""
+    """One kind of file: its name in messages, its identity, its schema and its error types
+    (``fault``: a write the file system refused for being full or read-only, which derives from
+    both ``error`` and :class:`~fedge.shell.files.StorageFault`)."""
 
     what: str  # e.g. "outbox", "sample store"
     application_id: int
     schema_version: int
     schema: str
     error: type[FedgeError]
+    fault: type[StorageFault]
+
+
+def _fault_error(exc: BaseException, path: Path, kind: SQLiteFileKind) -> StorageFault | None:
+    """``kind.fault`` when ``exc`` is the file system being full or read-only, else None."""
+    found = storage_fault(exc, path.parent)
+    return None if found is None else kind.fault(kind.what, path, *found)
 
 
 def check_or_create_schema(conn: sqlite3.Connection, path: Path, kind: SQLiteFileKind) -> None:
@@ -60,7 +71,13 @@ def write_transaction(
     path: Path,
     kind: SQLiteFileKind,
 ) -> Iterator[sqlite3.Connection]:
-    """Holds ``lock`` and one write transaction; SQLite errors become ``kind.error``."""
+    """Holds ``lock`` and one write transaction; SQLite errors become ``kind.error`` (a full or
+    read-only file system ``kind.fault``: nothing was written, the same write may succeed later).
+
+    On an error the transaction is rolled back, unless SQLite already did: it rolls back by
+    itself on ``SQLITE_FULL`` and some I/O errors, and a ROLLBACK then would fail and hide the
+    real error ("cannot rollback - no transaction is active").
+    """
     with lock:
         conn = connection()
         if conn is None:
@@ -71,10 +88,22 @@ def write_transaction(
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
         except sqlite3.Error as exc:
+            fault = _fault_error(exc, path, kind)
+            if fault is not None:
+                raise fault from None
             raise kind.error(f"{kind.what} {path}: {exc}") from None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Rolls back the open transaction, if SQLite has not already; never hides the error that
+    made it necessary."""
+    if conn.in_transaction:
+        # The first error is the one to report; SQLite ends the transaction either way.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def open_sqlite_file(
@@ -127,9 +156,12 @@ def _prepare(
                 on_open(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
     except sqlite3.Error as exc:
+        fault = _fault_error(exc, path, kind)
+        if fault is not None:  # a full or read-only file system: the file is fine, leave it
+            raise fault from None
         raise kind.error(
             f"{kind.what} {path} is not a usable SQLite database ({exc}); move it aside"
         ) from None
@@ -147,6 +179,9 @@ def create_private_file(path: Path, kind: SQLiteFileKind) -> None:
     except FileExistsError:
         return
     except OSError as exc:
+        fault = _fault_error(exc, path, kind)
+        if fault is not None:
+            raise fault from None
         raise kind.error(f"cannot create {kind.what} {path}: {exc.strerror}") from None
     os.close(fd)
     try:

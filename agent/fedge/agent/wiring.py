@@ -50,6 +50,7 @@ from fedge.agent.writeback import Writeback
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.task import TaskSpec, parse_task_spec
 from fedge.shell.files import prepare_writable_dir, read_private_key
+from fedge.shell.storage_faults import StorageFault, unwritable_dir_fix
 
 SAMPLES_FILE = "samples.sqlite"
 CURSOR_FILE = "edgex_cursor.json"
@@ -131,11 +132,14 @@ class AgentStages:
 
 def prepare_state_dir(path: Path) -> None:
     """Creates ``[agent] state_dir`` and proves the agent can write there (a probe file), so a
-    wrong owner or a read-only mount is one ConfigError line naming the fix now, not a SQLite
-    traceback later. (Root writes anywhere: the probe, not the mode bits, decides.)"""
+    wrong owner, a read-only mount or a full file system is one ConfigError line naming the fix
+    now, not a SQLite traceback later. (Root writes anywhere: the probe, not the mode bits, decides.)"""
     try:
         prepare_writable_dir(path)
     except OSError as exc:
+        fix = unwritable_dir_fix(exc, "agent")  # full or read-only: no ownership problem
+        if fix is not None:
+            raise ConfigError(f"cannot write [agent] state_dir {path}: {exc.strerror}; {fix}") from None
         raise ConfigError(
             f"cannot write [agent] state_dir {path}: {exc.strerror}; it must be a directory the agent "
             "can write: in Docker the agent runs as uid 10001, so give it the host directory mounted "
@@ -212,8 +216,17 @@ def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> A
     (``[data] source = "edgex"``); lab sources (``har-watch``) are built by their package.
 
     Every problem with the config, the key, the state directory or the stored state is raised
-    here (a ConfigError exits 78), before anything connects.
+    here (a ConfigError exits 78), before anything connects. A state file that cannot be
+    written because the state directory is full or read-only is one too, naming the fix.
     """
+    try:
+        return _build_agent(config, source)
+    except StorageFault as exc:  # the probe passed, but opening a state file needed more room
+        fix = unwritable_dir_fix(exc, "agent")
+        raise ConfigError(f"cannot write [agent] state_dir {config.state_dir}: {exc}; {fix}") from None
+
+
+def _build_agent(config: AgentConfig, source: LocalDataSource | None) -> AgentStages:
     if source is None and config.data.source != "edgex":
         raise ConfigError(f"[data] source {config.data.source!r} needs fedge's lab package to build it")
     prepare_state_dir(config.state_dir)  # the sample store, the state and the outbox live there

@@ -35,12 +35,14 @@ from fedge.protocol.errors import FedgeError, ManifestError
 from fedge.protocol.model_manifest import Normalisation
 from fedge.protocol.weights import weights_from_bytes, weights_nbytes, weights_to_bytes
 from fedge.shell.files import atomic_write
+from fedge.shell.storage_faults import StorageFault, storage_fault
 
 __all__ = [
     "HEADER_BYTES",
     "MAGIC",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointStorageFault",
     "load_checkpoint",
     "previous_path",
     "save_checkpoint",
@@ -71,6 +73,10 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(FedgeError):
     """A checkpoint cannot be written, or is corrupt, truncated, oversized or malformed."""
+
+
+class CheckpointStorageFault(CheckpointError, StorageFault):
+    """The state directory is full or read-only: the checkpoint on disk is the previous one."""
 
 
 def _is_int(value: Any) -> bool:
@@ -218,13 +224,19 @@ def save_checkpoint(path: Path | str, checkpoint: Checkpoint) -> None:
     """Atomically replaces the checkpoint at ``path``, keeping the old one as ``.prev``
     (:func:`fedge.shell.files.atomic_write`, mode 0600).
 
-    Returns only once the new checkpoint and the directory entry are on disk (fsync).
+    Returns only once the new checkpoint and the directory entry are on disk (fsync). A full or
+    read-only file system is a :class:`CheckpointStorageFault` ("cannot write checkpoint PATH:
+    No space left on device"), and the checkpoint on disk is then still the previous one: the
+    new content goes to a temp file first, which is removed when it cannot be written whole.
     """
     path = Path(path)
     prev = previous_path(path)
     try:
         atomic_write(path, _encode(checkpoint), keep_previous=prev)
     except OSError as exc:
+        found = storage_fault(exc)
+        if found is not None:
+            raise CheckpointStorageFault("checkpoint", path, *found) from None
         raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
 
 

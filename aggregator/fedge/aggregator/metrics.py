@@ -137,6 +137,14 @@ class AggregatorCollector(Collector):
             "reason",
             s.messages_dropped,
         )
+        yield labelled_counter(
+            f"{p}_state_dir_failed_writes",
+            "Checkpoint writes [aggregator] state_dir refused, by fault (full, read_only); no round is "
+            "published until its checkpoint is written.",
+            "fault",
+            s.state_dir_watch.report()["failed_writes"],
+            ("full", "read_only"),
+        )
         status = s.last_status
         if status is not None:  # a follower, or a leader before its first status, has none
             yield from self._from_status(status)

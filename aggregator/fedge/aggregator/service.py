@@ -67,6 +67,7 @@ from fedge.shell.drops import DroppedMessages
 from fedge.shell.files import prepare_writable_dir, read_private_key
 from fedge.shell.meters import Counts, Durations, Traffic
 from fedge.shell.mqtt import connect, make_client, publish_queued, watch_connection
+from fedge.shell.storage_faults import STATE_DIR_RETRY_S, StateDirWatch, StorageFault, unwritable_dir_fix
 
 if TYPE_CHECKING:  # the Kubernetes client is imported only with [leader] enabled
     from fedge.aggregator.leadership import Leadership
@@ -267,12 +268,26 @@ class AggregatorService:
         try:
             prepare_writable_dir(config.state_dir)
         except OSError as exc:
+            fix = unwritable_dir_fix(exc, "aggregator")  # full or read-only: no ownership problem
+            if fix is not None:
+                raise ConfigError(
+                    f"cannot write [aggregator] state_dir {config.state_dir}: {exc.strerror}; {fix}"
+                ) from None
             raise ConfigError(
                 f"cannot write [aggregator] state_dir {config.state_dir}: {exc.strerror}; it must be a "
                 "directory the aggregator can write: its image runs as uid 10001, so give it the "
                 "volume (sudo chown -R 10001:10001 HOST_DIR; on Kubernetes, fsGroup: 10001)"
             ) from None
         self.checkpoint_path = config.state_dir / CHECKPOINT_FILE
+        # Checkpoint writes the state directory refuses (full, read-only): logged once, counted in
+        # the status (state_dir), retried; nothing of a round is published before its checkpoint.
+        self.state_dir_watch = StateDirWatch(
+            log,
+            "[aggregator] state_dir",
+            config.state_dir,
+            "aggregator",
+            "it publishes no new round, whose version a restart could reuse (state_dir in aggregator/status)",
+        )
         # [privacy]: resolved once (the derived noise multiplier), and dp-accounting loaded,
         # only when it is enabled.
         self.privacy = privacy_config(config.privacy, config.rounds)
@@ -548,8 +563,8 @@ class AggregatorService:
             info.wait_for_publish(timeout=0.5)
 
     def _announce(self, pub: Publication) -> None:
-        self._ensure_leader()
-        save_checkpoint(self.checkpoint_path, checkpoint_from_state(self.engine.snapshot()))
+        if not self._checkpoint():
+            return  # asked to stop while the checkpoint could not be written: nothing published
         for topic, blob in pub.blobs.items():
             self._publish(topic, blob, retain=True)
         self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
@@ -566,6 +581,33 @@ class AggregatorService:
             len(m.selected_devices),
             m.deadline - m.issued_at,
         )
+
+    def _checkpoint(self) -> bool:
+        """Saves the engine's state before anything of a new manifest goes out, so a restart
+        never reuses a published version nor goes back to an older model.
+
+        A state directory that is full or read-only does not end the aggregator and nothing of
+        the round is published: the first failure is logged (one line with the fix), every one
+        counted (``state_dir`` in the status), and the save retried every
+        :data:`~fedge.shell.files.STATE_DIR_RETRY_S` while the loop goes on draining messages,
+        publishing its status and beating. Once it is written, the round is published as usual.
+        False only if asked to stop meanwhile. Any other error writing it propagates."""
+        while True:
+            self._ensure_leader()
+            try:
+                save_checkpoint(self.checkpoint_path, checkpoint_from_state(self.engine.snapshot()))
+            except StorageFault as exc:
+                self.state_dir_watch.failed(exc)
+                self._status_dirty = True
+                until = time.monotonic() + STATE_DIR_RETRY_S
+                while time.monotonic() < until:
+                    if self.stop_requested.is_set():
+                        return False
+                    self._drain(0.1)
+                continue
+            if self.state_dir_watch.wrote():
+                self._status_dirty = True
+            return True
 
     def _republish_retained(self) -> None:
         """After a reconnect: the newest manifest and its blobs again, byte for byte (the same
@@ -663,7 +705,8 @@ class AggregatorService:
     def status(self) -> dict[str, Any]:
         """The retained ``aggregator/status``: the engine's, plus which devices are online and
         what this service dropped (``messages_dropped`` by reason; ``inbox_overflow`` is its
-        ``inbox_full``) and its inbox."""
+        ``inbox_full``), its inbox, and its state directory (``state_dir``: the problem while
+        checkpoint writes fail for a full or read-only file system, and the failed writes so far)."""
         status = {"schema": AGGREGATOR_STATUS_SCHEMA, **self.engine.status(self.clock())}
         status["generation"] = self.engine.state.generation
         status["online_devices"] = sorted(self.online)
@@ -672,6 +715,7 @@ class AggregatorService:
         status["inbox_overflow"] = dropped.get("inbox_full", 0)
         status["messages_dropped"] = dropped
         status["inbox"] = self.inbox_status()
+        status["state_dir"] = self.state_dir_watch.report()
         return status
 
     def _drain(self, timeout: float) -> None:

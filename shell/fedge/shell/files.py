@@ -88,16 +88,31 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+#: What the write probe of :func:`prepare_writable_dir` writes: one page, so a full file system
+#: fails the probe too (an empty file needs only an inode).
+PROBE_BYTES = 4096
+
+
 def prepare_writable_dir(path: Path) -> None:
-    """Creates ``path`` and proves this process can write there by writing and removing a
-    probe file: a wrong owner or a read-only mount fails now, not at the first state write.
-    The probe, not the mode bits, decides (root writes anywhere); its name is unique per
-    process and call, so replicas sharing a volume do not trip over each other. Raises
-    :class:`OSError`; the caller names its setting and the fix."""
+    """Creates ``path`` and proves this process can write there by writing (one page, fsynced)
+    and removing a probe file: a wrong owner, a read-only mount or a full file system fails
+    now, not at the first state write. The probe, not the mode bits, decides (root writes
+    anywhere); its name is unique per process and call, so replicas sharing a volume do not
+    trip over each other. Raises :class:`OSError` (the probe is removed whatever fails); the
+    caller names its setting and the fix (:func:`unwritable_dir_fix` for the ones that are no
+    ownership problem)."""
     probe = path / f".fedge-write-probe-{os.getpid()}-{time.time_ns()}"
     path.mkdir(parents=True, exist_ok=True)
-    probe.write_bytes(b"")
-    probe.unlink()
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"\0" * PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            probe.unlink()
 
 
 def read_private_key(

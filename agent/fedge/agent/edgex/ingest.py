@@ -43,6 +43,7 @@ from fedge.protocol.errors import FedgeError
 from fedge.protocol.mqtt_settings import MqttSettings
 from fedge.protocol.task import TaskSpec
 from fedge.shell.files import atomic_write
+from fedge.shell.storage_faults import StateDirWatch, StorageFault, storage_fault
 
 #: The cursor is ``{"resume_ns": N}``; anything far bigger is not one.
 MAX_CURSOR_BYTES = 4096
@@ -80,7 +81,13 @@ class BackfillCursor:
     def save(self, origin_ns: int, now: float, force: bool = False) -> None:
         if not force and now - self._saved_at < self.min_interval_s:
             return
-        atomic_write(self.path, json.dumps({"resume_ns": origin_ns}).encode("utf-8"))
+        try:
+            atomic_write(self.path, json.dumps({"resume_ns": origin_ns}).encode("utf-8"))
+        except OSError as exc:  # the old cursor stays: a backfill re-reads a little more
+            found = storage_fault(exc)
+            if found is not None:
+                raise StorageFault("backfill cursor", self.path, *found) from None
+            raise FedgeError(f"cannot write backfill cursor {self.path}: {exc.strerror}") from None
         self._saved_at = now
 
 
@@ -143,6 +150,15 @@ class EdgeXIngest:
         # store_error: samples lost because the store raised (a full disk, a damaged file).
         self.store_counts: dict[str, int] = dict.fromkeys(("duplicate", *DROP_REASONS, "store_error"), 0)
         self._logged_drops: set[str] = set()  # "age", "count": logged once per run
+        # A full or read-only state directory: one line per episode, the lost samples counted
+        # (store_error), the store tried again with the next batch.
+        self.state_dir_watch = StateDirWatch(
+            log,
+            "[agent] state_dir",
+            store.path.parent,
+            "agent",
+            "the samples it cannot store are dropped, counted in data.store.store_error of the device status",
+        )
         self._thread = threading.Thread(target=self._run, name="fedge-edgex-ingest", daemon=True)
         self.bus = (
             EdgeXBusSubscriber(bus_settings, prefix, self._on_events, on_connect=self.backfill_needed.set)
@@ -166,7 +182,10 @@ class EdgeXIngest:
         self.inbox.put(None)
         self._thread.join(timeout=10)
         if self.resume_ns is not None:
-            self.cursor.save(self.resume_ns, self.clock(), force=True)
+            try:
+                self.cursor.save(self.resume_ns, self.clock(), force=True)
+            except FedgeError as exc:  # the next backfill starts a little earlier
+                log.warning("%s", exc)
 
     # --- inputs ------------------------------------------------------------------------------
 
@@ -192,6 +211,10 @@ class EdgeXIngest:
         if samples:
             try:
                 outcome = self.store.add_counted(samples, self.key, self.clock())
+            except StorageFault as exc:  # full or read-only: counted, logged once, tried again next batch
+                self.store_counts["store_error"] += len(samples)
+                self.last_error = self.state_dir_watch.failed(exc)
+                return 0
             except FedgeError:
                 self.store_counts["store_error"] += len(samples)  # lost: counted, then reported
                 raise
@@ -206,8 +229,19 @@ class EdgeXIngest:
             nxt = max(s.start_ns for s in samples) + (self.step_ns or 1)
             if self.resume_ns is None or nxt > self.resume_ns:
                 self.resume_ns = nxt
-                self.cursor.save(nxt, self.clock())
+                try:
+                    self.cursor.save(nxt, self.clock())
+                except StorageFault as exc:  # the samples are stored; the cursor is saved later
+                    self.last_error = self.state_dir_watch.failed(exc)
+                    return stored
+            self._wrote()
         return stored
+
+    def _wrote(self) -> None:
+        """The store took a batch: a full or read-only episode is over."""
+        problem = self.state_dir_watch.problem
+        if self.state_dir_watch.wrote() and self.last_error == problem:
+            self.last_error = None
 
     def _count_drops(self, outcome: AddOutcome) -> None:
         """Counts what the store did not keep; logs the first drop of each kind this run."""
