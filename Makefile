@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-codecs flower-env bench-vs-flower bench-robust-mqtt chaos images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget chaos images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -141,6 +141,12 @@ bench-vs-flower: install flower-env
 # prints each image's size. `make test` builds the ones its tests run.
 images: system-deps
 	bash scripts/container-images.sh base agent aggregator docker/broker.Dockerfile=localhost/fedge-broker:2.0.11-amd64
+
+# 50 real agents in one fleet against 7 (round time, per-agent RSS/PSS and CPU per round,
+# aggregator, broker), and one agent under a board's budget: a cgroup of 128 MiB and one CPU
+# (issue 16); needs root; ~3 min on 2 cores; writes bench/results/fleet_budget.json and .png.
+bench-fleet-budget: install
+	$(BIN)/python bench/bench_fleet_budget.py --out bench/results/fleet_budget.json
 
 # The long chaos loop: kill -9 of the broker, the aggregator and an agent at every phase of a
 # round, FEDGE_CHAOS_REPEATS times each (3: 54 kills, ~4 min); recovery times in
