@@ -17,6 +17,7 @@ from fedge.aggregator.fleet_summary import (
 )
 from fedge.aggregator.service import AggregatorService
 from fedge.lab.provision import create_fleet
+from fedge.protocol.statuses import offline_will
 from fedge.protocol.topics import FleetTopics
 
 NOW = 10_000.0
@@ -162,3 +163,27 @@ def test_the_service_publishes_the_summary_with_its_status_and_again_when_a_devi
     service._publish_status(force=False)
     assert [t for t, _ in sent] == [T.aggregator_status, T.fleet_summary]
     assert sent[1][1]["devices"]["stale_ids"] == ["watch-01"]
+
+
+def test_a_device_gone_offline_is_left_out_of_the_next_rounds_while_enough_others_remain(
+    tmp_path: Path, har_model_dir: Path
+) -> None:
+    fleet = create_fleet(
+        tmp_path,
+        "f1",
+        har_model_dir,
+        "mqtt://127.0.0.1:9",
+        {"watch-01": 1, "watch-02": 2, "watch-03": 3},
+        {"min_devices": 2},
+    )
+    service = AggregatorService(load_aggregator_config(fleet.aggregator_config, {}))
+    T = FleetTopics("f1")
+    for device in ("watch-01", "watch-02"):
+        service._handle(T.status(device), json.dumps({"state": "idle", "ready": True}).encode())
+    service._handle(T.status("watch-02"), offline_will("watch-02"))  # its Last Will: the agent died
+    # watch-03 was never heard from: still asked; watch-02 is known to be gone: left out.
+    assert service._unavailable() == frozenset({"watch-02"})
+    manifest = service.engine.open_round(1_000.0, service._unavailable()).manifest
+    assert manifest.selected_devices == ("watch-01", "watch-03")
+    service._handle(T.status("watch-02"), json.dumps({"state": "idle", "ready": True}).encode())
+    assert service._unavailable() == frozenset()  # back: selected again

@@ -852,6 +852,15 @@ class AggregatorService:
         if was != (device in self.online, device in self.not_ready):
             self._status_dirty = True
 
+    def _unavailable(self) -> frozenset[str]:
+        """The devices a round leaves out while enough others remain
+        (:meth:`RoundEngine.select_devices`): those whose status says they are not ready, and
+        those whose last status is ``offline`` (their Last Will, or a clean stop). A device
+        known to be gone would keep every round waiting for its deadline (bench_fleet_budget
+        found it: an OOM-killed agent stayed selected). Devices never heard from stay in."""
+        gone = {device for device in self.seen if device not in self.online}
+        return frozenset(self.not_ready | gone)
+
     def _wait_for_devices(self) -> None:
         """Before the first round, give enrolled devices a moment to connect (bounded)."""
         wanted = set(self.engine.registry)
@@ -930,7 +939,7 @@ class AggregatorService:
             if self.stop_requested.is_set():
                 return 0
             self._reload_registry()
-            self._announce(self.engine.open_round(self.clock(), frozenset(self.not_ready)))
+            self._announce(self.engine.open_round(self.clock(), self._unavailable()))
             self._publish_status()
             while not self.stop_requested.is_set():
                 self._republish_retained()
@@ -958,7 +967,7 @@ class AggregatorService:
                         influence_summary(record),
                     )
                     self._reload_registry()
-                    self._announce(self.engine.open_round(self.clock(), frozenset(self.not_ready)))
+                    self._announce(self.engine.open_round(self.clock(), self._unavailable()))
                     self._publish_status()
             return 0
         except LeadershipLost:
