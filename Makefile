@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget chaos images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-scale chaos images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -147,6 +147,14 @@ images: system-deps
 # (issue 16); needs root; ~3 min on 2 cores; writes bench/results/fleet_budget.json and .png.
 bench-fleet-budget: install
 	$(BIN)/python bench/bench_fleet_budget.py --out bench/results/fleet_budget.json
+
+# Rounds at scale (issue 16): 100, 1,000, 5,000 and 10,000 light simulated devices (2 worker
+# processes, one MQTT connection each, real crypto and sealed har-watch updates) against one real
+# aggregator and a fresh Mosquitto per N, 5 train rounds each: round overhead, aggregator CPU and
+# RSS, broker RSS, cost per device and growth with N. ~6 min on a quiet 2-core machine; writes
+# bench/results/scale.json and scale.png. --quick: N = 100 and 1,000, 2 rounds (~30 s).
+bench-scale: install
+	$(BIN)/python bench/bench_scale.py --out bench/results/scale.json
 
 # The long chaos loop: kill -9 of the broker, the aggregator and an agent at every phase of a
 # round, FEDGE_CHAOS_REPEATS times each (3: 54 kills, ~4 min); recovery times in

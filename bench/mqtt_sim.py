@@ -283,6 +283,9 @@ class RoundTraffic:
     blob_messages: int = 0
     blob_bytes: int = 0
     all_reported_at: float | None = None
+    #: The largest backlog the aggregator's statuses showed in its inbox (messages, payload bytes).
+    max_inbox_messages: int = 0
+    max_inbox_bytes: int = 0
 
 
 class Observer:
@@ -339,6 +342,9 @@ class Observer:
                     t.status_messages += 1
                     t.status_bytes += len(payload)
                     status = json.loads(payload)
+                    inbox = status.get("inbox") or {}
+                    t.max_inbox_messages = max(t.max_inbox_messages, int(inbox.get("messages", 0)))
+                    t.max_inbox_bytes = max(t.max_inbox_bytes, int(inbox.get("bytes", 0)))
                     cur = self.manifests[-1] if self.manifests else None
                     if (
                         cur is not None
