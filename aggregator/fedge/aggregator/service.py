@@ -963,7 +963,7 @@ class AggregatorService:
                         record.reported,
                         record.selected,
                         record.fed_eval_summary(),
-                        record.rejected or "none",
+                        ", ".join(f"{why}: {n}" for why, n in sorted(record.rejected.items())) or "none",
                         influence_summary(record),
                     )
                     self._reload_registry()
