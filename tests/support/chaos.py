@@ -270,12 +270,16 @@ def check_invariants(
     if versions != sorted(set(versions)):
         problems.append(f"manifest versions not strictly increasing: {versions}")
     for device in devices:
-        seen = [
-            json.loads(m.payload).get("model_version")
-            for m in recorder.matching(fleet.topics.status(device))
-            if m.payload
+        # In the device's own order (its ``time``): QoS 1 delivers a status again after a broker
+        # restart (a copy in flight when it died), after newer ones, as MQTT allows; a subscriber
+        # keeps the newest by ``time`` (docs/bms.md), and so does this check.
+        statuses = [
+            json.loads(m.payload) for m in recorder.matching(fleet.topics.status(device)) if m.payload
         ]
-        installed = [v for v in seen if isinstance(v, int)]
+        timed = sorted(
+            (s for s in statuses if isinstance(s.get("time"), float | int)), key=lambda s: s["time"]
+        )
+        installed = [s["model_version"] for s in timed if isinstance(s.get("model_version"), int)]
         if any(b < a for a, b in itertools.pairwise(installed)):
             problems.append(f"{device}'s installed model went back: {installed}")
     checkpoint = load_checkpoint(loop.checkpoint, 10**8)
