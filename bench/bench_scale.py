@@ -54,9 +54,14 @@ from pathlib import Path
 from typing import Any
 
 from bench_rounds import (
+    DEFAULT_TASK,
+    MB,
+    ROOT,
+    TARGET_RSS_GROWTH_SHARE,
     BenchError,
     _f,
     _int_list,
+    _mb,
     _table,
     _tail,
     build_model_dir,
@@ -71,13 +76,10 @@ from bench_rounds import (
 )
 from bench_training import _version, machine_info
 
-ROOT = Path(__file__).resolve().parent.parent
 SCALE_WORKER = Path(__file__).resolve().parent / "scale_worker.py"
 DEFAULT_OUT = ROOT / "bench" / "results" / "scale.json"
-DEFAULT_TASK = ROOT / "tasks" / "har-watch.toml"
 DEFAULT_SIZES = (100, 1000, 5000, 10000)
 QUICK_SIZES = (100, 1000)
-MB = 1_000_000
 SAMPLE_S = 0.1
 AGGREGATOR_EXIT_TIMEOUT_S = 60.0
 WORKER_EXIT_TIMEOUT_S = 60.0
@@ -85,10 +87,8 @@ WORKER_EXIT_TIMEOUT_S = 60.0
 WAIT_FOR_DEVICES_S = 60.0
 #: create_fleet runs before the broker picks its port; the aggregator's config gets the real URL.
 PLACEHOLDER_URL = "mqtt://127.0.0.1:1"
-#: "Aggregator memory flat in N", as bench_rounds.py states the streaming claim: from the smallest
-#: to the largest N its peak RSS grows by less than this share of what keeping every fp32 delta
-#: until the round closes would add.
-TARGET_RSS_GROWTH_SHARE = 0.10
+# TARGET_RSS_GROWTH_SHARE (from bench_rounds): "aggregator memory flat in N" as bench_rounds.py
+# states the streaming claim, a growth below that share of keeping every fp32 delta.
 #: "Round overhead growing no faster than linearly": from each N to the next, the overhead ratio
 #: is at most the ratio of N times this (10% for noise).
 LINEAR_TOLERANCE = 1.10
@@ -798,10 +798,6 @@ def scale_run(n: int, cfg: Config, exe: Path, model_dir: Path, loaded: Any, work
         "rounds": rounds,
         "problems": problems,
     }
-
-
-def _mb(value: int | None) -> float | None:
-    return None if value is None else value / MB
 
 
 # --- the benchmark ------------------------------------------------------------------------------
