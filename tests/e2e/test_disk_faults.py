@@ -19,11 +19,9 @@ tests/shell/test_storage_faults.py.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from fedge.agent.outbox import Outbox
 from fedge.aggregator.checkpoint import load_checkpoint
 from fedge.lab.broker import MosquittoBroker
 from fedge.lab.provision import create_fleet
+from support.cli import fedge
 from support.fleet_harness import Fleet, latest_status, wait_device_online, wait_status
 from support.mqtt_fixtures import TrafficRecorder
 from support.tiny_fs import TinyFs
@@ -41,7 +40,6 @@ from support.tiny_fs import TinyFs
 pytest_plugins = ("support.mqtt_fixtures", "support.tiny_fs")
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 EX_CONFIG = 78
 
 
@@ -54,20 +52,6 @@ def recorder(mosquitto: MosquittoBroker) -> Iterator[TrafficRecorder]:
 def error_lines(log: str, logger: str) -> list[str]:
     """The text of each ERROR line of ``logger`` (after the time and level)."""
     return re.findall(rf"^\S+ \S+ ERROR {re.escape(logger)}: (.*)$", log, re.M)
-
-
-def fedge(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGE_")}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return subprocess.run(
-        [sys.executable, "-m", "fedge.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        check=False,
-    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], message: str) -> None:

@@ -22,24 +22,11 @@ import pytest
 
 from fedge.lab.broker import free_loopback_port
 from fedge.lab.provision import FleetFiles, create_fleet
+from support.cli import fedge
 
 REPO = Path(__file__).resolve().parents[2]
 EX_CONFIG = 78
 DEVICE = "watch-01"
-
-
-def fedge(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGE_")}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return subprocess.run(
-        [sys.executable, "-m", "fedge.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        check=False,
-    )
 
 
 def fleet(root: Path, model_dir: Path, broker: str, **mqtt: object) -> FleetFiles:
