@@ -20,7 +20,7 @@ from support.asyncapi import DOCUMENT, asyncapi_schema, load_document
 
 T = FleetTopics("f1")
 SHA = "ab" * 32
-APPLICATIONS = {"agent", "aggregator", "bms", "monitor", "edgex-service"}
+APPLICATIONS = {"agent", "aggregator", "aggregator-worker", "bms", "monitor", "edgex-service"}
 
 
 def test_the_document_is_valid_asyncapi_3() -> None:
@@ -62,6 +62,9 @@ def test_every_fleet_topic_is_exactly_one_channel() -> None:
         "secaggConfig": T.secagg("r0003-v7", "config"),
         "secaggRelay": T.secagg_device("r0003-v7", "watch-01", "bundle"),
         "identity": T.identity("watch-01"),
+        "aggregatorWork": T.work,
+        "aggregatorPartial": T.partial("worker-1"),
+        "partialVerdict": T.verdict("worker-1"),
         "edgexDeviceEvents": "edgex/events/device/device-imu/wearable-imu/watch-01/imu",
         "edgexCoreEvents": "edgex/events/core/core-data/wearable-imu/watch-01/imu",
     }
@@ -95,10 +98,12 @@ def test_operations_name_their_application_and_every_fedge_channel_has_a_sender_
             mqtt = op["bindings"]["mqtt"]
             assert {"qos", "retain"} <= set(mqtt), op
     # What docs/protocol.md's table says: everything the fleet publishes is QoS 1, all but
-    # updates retained.
+    # updates and the replicas' partials and verdicts retained.
     fedge = {k: c for k, c in doc.channels.items() if not k.startswith("edgex")}
     assert {k: c.send_bindings for k, c in fedge.items() if not c.retained} == {
-        "update": frozenset({("agent", 1, False)})
+        "update": frozenset({("agent", 1, False)}),
+        "aggregatorPartial": frozenset({("aggregator-worker", 1, False)}),
+        "partialVerdict": frozenset({("aggregator", 1, False)}),
     }
     assert all(qos == 1 for c in fedge.values() for _, qos, _ in c.send_bindings)
 
@@ -111,16 +116,20 @@ def _sample(address: str) -> str:
         .replace("{seq}", "000001")
         .replace("{round_id}", "r0003-v7")
         .replace("{document}", "bundle")
+        .replace("{worker_id}", "worker-1")
     )
 
 
-@pytest.mark.parametrize("application,role", [("bms", "bms"), ("aggregator", "aggregator")])
+@pytest.mark.parametrize(
+    "application,role",
+    [("bms", "bms"), ("aggregator", "aggregator"), ("aggregator-worker", "aggregator-worker")],
+)
 def test_what_an_application_sends_and_receives_is_what_the_acl_grants_it(
     application: str, role: str
 ) -> None:
     doc = load_document()
-    access = FleetAccess("f1", ("watch-01",), aggregator="agg", bms=("bms-1",))
-    name = "agg" if role == "aggregator" else "bms-1"
+    access = FleetAccess("f1", ("watch-01",), aggregator="agg", bms=("bms-1",), workers=("worker-1",))
+    name = {"aggregator": "agg", "bms": "bms-1", "aggregator-worker": "worker-1"}[role]
     rules = access.rules(Principal(name, role))
     fedge = {k: c for k, c in doc.channels.items() if not k.startswith("edgex")}
     for action, access_kind in (("receive", "read"), ("send", "write")):
@@ -230,6 +239,7 @@ AGGREGATOR_STATUS = {
     "messages_dropped": {},
     "inbox": {"messages": 0, "bytes": 0, "max_messages": 100000, "max_bytes": 67108864},
     "state_dir": {"problem": None, "failed_writes": {"full": 0, "read_only": 0}},
+    "replicas": None,
 }
 
 

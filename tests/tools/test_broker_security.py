@@ -906,6 +906,16 @@ topic write fedge/v1/f1/aggregator/fleet
 topic write fedge/v1/f1/keys/rotation/+
 topic write fedge/v1/f1/secagg/#
 topic read fedge/v1/f1/identity/+
+topic read fedge/v1/f1/aggregator/partial/+
+topic write fedge/v1/f1/aggregator/work
+topic write fedge/v1/f1/aggregator/verdict/+
+
+# aggregator worker ([replicas]): a share of the updates in, its partials out: agg-worker-1
+user agg-worker-1
+topic read fedge/v1/f1/update/+
+topic read fedge/v1/f1/aggregator/work
+topic read fedge/v1/f1/aggregator/verdict/agg-worker-1
+topic write fedge/v1/f1/aggregator/partial/agg-worker-1
 
 # building-management system (read-only): bms-1
 user bms-1
@@ -964,6 +974,7 @@ def test_rendered_acl_is_golden() -> None:
         bms=(BMS,),
         edgex_services=(EDGEX,),
         edgex_prefix="site-7/edgex",
+        workers=("agg-worker-1",),
     )
     assert render_acl(fleet) == GOLDEN_ACL
     # Devices that read EdgeX from a broker of their own get no EdgeX principals here.
@@ -1411,3 +1422,60 @@ def test_the_cli_flag_sets_the_prefix(tmp_path: Path) -> None:
     assert request_from_args(parser.parse_args(base)).access.home_assistant_prefix is None
     on = parser.parse_args([*base, "--home-assistant", "--home-assistant-prefix", "site/ha"])
     assert request_from_args(on).access.home_assistant_prefix == "site/ha"
+
+
+def test_aggregator_workers_get_their_share_of_updates_and_only_their_own_topics(tmp_path: Path) -> None:
+    """Against mosquitto running the generated config with two ``--aggregator-worker``s: both
+    workers and the aggregator share update/+ through ``$share/``; a worker reads the work order
+    and its own verdicts, writes its own partial topic, and nothing else; a device can write none
+    of the replicas' topics."""
+    workers = ("w-1", "w-2")
+    fleet = FleetAccess(fleet=FLEET, devices=(DEV_A,), aggregator=AGG, bms=(BMS,), workers=workers)
+    for d in deploy(tmp_path, access=fleet):
+        shared = f"$share/fedge-aggregators/{T.update_filter}"
+        members = [d.peer(name).connected() for name in (AGG, *workers)]
+        for member in members:
+            assert all(code.value < 0x80 for code in member.subscribe(shared))
+        device = d.peer(DEV_A).connected()
+        sent = [token(f"update-{i}") for i in range(6)]
+        for payload in sent:
+            device.send(T.update(DEV_A), payload)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(len(m.got(p)) for m in members for p in sent) < len(sent):
+            time.sleep(0.05)
+        # Each update went to exactly one member of the group, and every worker got some.
+        assert [sum(len(m.got(p)) for m in members) for p in sent] == [1] * len(sent)
+        assert all(any(m.got(p) for p in sent) for m in members[1:])
+        w1, w2 = members[1], members[2]
+        forged = token("forged")
+        assert w1.publish(T.partial("w-2"), forged).value == NOT_AUTHORIZED
+        assert w1.publish(T.verdict("w-1"), forged).value == NOT_AUTHORIZED
+        assert w1.publish(T.work, forged, retain=True).value == NOT_AUTHORIZED
+        assert w1.publish(T.manifest, forged, retain=True).value == NOT_AUTHORIZED
+        assert device.publish(T.partial("w-1"), forged).value == NOT_AUTHORIZED
+        assert device.publish(T.work, forged, retain=True).value == NOT_AUTHORIZED
+        leader = members[0]
+        leader.subscribe(T.partial_filter)
+        w2.subscribe(T.verdict("w-1"), T.work)
+        w1.subscribe(T.verdict("w-1"), T.work)
+        partial, verdict, work = token("partial"), token("verdict"), token("work")
+        w1.send(T.partial("w-1"), partial)
+        leader.wait_for(T.partial("w-1"), partial)
+        leader.send(T.verdict("w-1"), verdict)
+        leader.send(T.work, work, retain=True)
+        w1.wait_for(T.verdict("w-1"), verdict)
+        w1.wait_for(T.work, work)
+        w2.wait_for(T.work, work)
+        assert w2.got(verdict) == []  # another worker's verdict is not delivered to it
+
+
+def test_the_cli_flag_adds_aggregator_workers(tmp_path: Path) -> None:
+    from fedge.tools.broker_config import request_from_args
+
+    parser = argparse.ArgumentParser()
+    add_broker_parser(parser.add_subparsers(dest="command"))
+    args = ["broker", "config", "--fleet", FLEET, "--device", DEV_A, "--no-tls", "--out", str(tmp_path)]
+    args += ["--aggregator-worker", "w-2,w-1"]
+    access = request_from_args(parser.parse_args(args)).access
+    assert access.workers == ("w-1", "w-2")
+    assert [p.role for p in access.principals][:3] == ["aggregator", "aggregator-worker", "aggregator-worker"]

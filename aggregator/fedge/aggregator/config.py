@@ -24,6 +24,13 @@ from fedge.aggregator.privacy_config import (
     PrivacySettings,
     privacy_settings_from_table,
 )
+from fedge.aggregator.replica_config import (
+    REPLICA_KEYS,
+    REPLICAS_OFF,
+    ReplicaSettings,
+    check_replicable,
+    replica_settings_from_table,
+)
 from fedge.protocol.codec import Codec
 from fedge.protocol.codec_names import DEFAULT_TOPK_FRACTION, MAX_TOPK_FRACTION, MIN_TOPK_FRACTION
 from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
@@ -154,6 +161,8 @@ class AggregatorConfig:
     metrics: MetricsSettings = METRICS_OFF
     #: ``[privacy]``: client-level differential privacy (off by default; docs/differential-privacy.md).
     privacy: PrivacySettings = PRIVACY_OFF
+    #: ``[replicas]``: a leader and workers sharing the fleet's updates (off by default; docs/scale.md).
+    replicas: ReplicaSettings = REPLICAS_OFF
 
     @property
     def heartbeat_path(self) -> Path:
@@ -209,6 +218,7 @@ AGGREGATOR_TABLES: dict[str, set[str]] = {
     "metrics": METRICS_KEYS,
     "mqtt": MQTT_KEYS,
     "privacy": PRIVACY_KEYS,
+    "replicas": REPLICA_KEYS,
     "rounds": ROUND_KEYS,
 }
 
@@ -325,6 +335,9 @@ def load_aggregator_config(
     rounds = round_settings_from_table(Table(data, "rounds", ROUND_KEYS))
     leader = leader_settings_from_table(Table(data, "leader", LEADER_KEYS), env, sa_namespace_file)
     heartbeat = agg.opt_text("heartbeat_file")
+    privacy = privacy_settings_from_table(Table(data, "privacy", PRIVACY_KEYS), rounds)
+    replicas = replica_settings_from_table(Table(data, "replicas", REPLICA_KEYS), env)
+    check_replicable(replicas, rounds.strategy, rounds.robust, privacy.enabled, privacy.secure_aggregation)
     return AggregatorConfig(
         fleet=fleet,
         model_dir=base / agg.text("model_dir"),
@@ -341,5 +354,6 @@ def load_aggregator_config(
         leader=leader,
         model_generation=agg.integer("model_generation", 1, 1, 1_000_000),
         metrics=metrics_settings_from_table(Table(data, "metrics", METRICS_KEYS), AGGREGATOR_METRICS_PORT),
-        privacy=privacy_settings_from_table(Table(data, "privacy", PRIVACY_KEYS), rounds),
+        privacy=privacy,
+        replicas=replicas,
     )

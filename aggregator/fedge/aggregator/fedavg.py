@@ -133,6 +133,29 @@ class StreamingFedAvg:
         self._total_examples += n
         self._total_weight += w
 
+    def parts(self) -> tuple[npt.NDArray[np.float64], int, int, float]:
+        """What a replica sends the leader (``fedge.aggregator.partials``): a copy of the
+        weighted sum, the count, the examples and the total weight."""
+        return self._sum.copy(), self._count, self._total_examples, self._total_weight
+
+    def absorb(self, weighted_sum: npt.NDArray[np.float64], count: int, examples: int, weight: float) -> None:
+        """Adds another fold's :meth:`parts` (a replica's partial): checked first, so a refused
+        partial changes nothing."""
+        if not isinstance(weighted_sum, np.ndarray) or weighted_sum.shape != (self.parameter_count,):
+            raise AggregationError(f"a partial's sum must have shape ({self.parameter_count},)")
+        if count < 0 or examples < 0 or not math.isfinite(weight) or weight < 0:
+            raise AggregationError("a partial's count, examples and weight must be >= 0")
+        if count > 0 and weight <= 0:
+            raise AggregationError("a partial with updates must have a positive weight")
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = self._sum + weighted_sum
+        if not np.all(np.isfinite(total)):
+            raise AggregationError("a partial's sum is not finite or overflows")
+        self._sum = total
+        self._count += int(count)
+        self._total_examples += int(examples)
+        self._total_weight += float(weight)
+
     def mean_delta(self) -> npt.NDArray[np.float64]:
         """The weighted mean delta in float64 (a new array), e.g. for server momentum."""
         if self._count == 0:
@@ -225,6 +248,22 @@ class WeightedMeanAccumulator:
             raise AggregationError("the weighted sum overflows")
         self._weighted_sum, self._total_weight = weighted_sum, total_weight
         self._count += 1
+
+    def parts(self) -> tuple[float, float, int]:
+        """The weighted sum, total weight and count (a replica's partial carries them)."""
+        return self._weighted_sum, self._total_weight, self._count
+
+    def absorb(self, weighted_sum: float, total_weight: float, count: int) -> None:
+        """Adds another accumulator's :meth:`parts`; a refused one changes nothing."""
+        ws = _finite_float(weighted_sum, "weighted sum")
+        tw = _finite_float(total_weight, "total weight")
+        if tw < 0 or count < 0 or (count > 0) != (tw > 0):
+            raise AggregationError("a partial's metric has an impossible weight or count")
+        new_sum, new_weight = self._weighted_sum + ws, self._total_weight + tw
+        if not (math.isfinite(new_sum) and math.isfinite(new_weight)):
+            raise AggregationError("the weighted sum overflows")
+        self._weighted_sum, self._total_weight = new_sum, new_weight
+        self._count += int(count)
 
     @property
     def mean(self) -> float:

@@ -169,6 +169,11 @@ class MomentsAccumulator:
 
     def add(self, count: int, sums: FeatureValues, sums_sq: FeatureValues) -> None:
         """Adds one device's moments after checking they could come from real samples."""
+        self.absorb([(count, sums, sums_sq)])
+
+    def _checked_row(
+        self, count: int, sums: FeatureValues, sums_sq: FeatureValues
+    ) -> tuple[int, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
             raise AggregationError(f"moments: count must be an integer >= 1, got {count!r}")
         if self.max_count_per_update is not None and count > self.max_count_per_update:
@@ -190,15 +195,28 @@ class MomentsAccumulator:
                 f"moments: feature {i} is impossible: sum**2 ({s[i] ** 2:.6g}) exceeds "
                 f"count * sum_sq ({n * sq[i]:.6g}), i.e. a negative variance"
             )
+        return n, s, sq
+
+    def absorb(self, rows: Sequence[tuple[int, FeatureValues, FeatureValues]]) -> None:
+        """Adds several devices' moments (one device's, or a replica's partial) all or nothing:
+        every row is checked and the totals computed before anything changes."""
+        checked = [self._checked_row(*row) for row in rows]
+        new_sums, new_sums_sq = self._sums.copy(), self._sums_sq.copy()
         with np.errstate(over="ignore"):
-            new_sums = self._sums + s
-            new_sums_sq = self._sums_sq + sq
+            for _, s, sq in checked:
+                new_sums += s
+                new_sums_sq += sq
         if not (np.all(np.isfinite(new_sums)) and np.all(np.isfinite(new_sums_sq))):
             raise AggregationError("moments: the totals overflow")
         self._sums, self._sums_sq = new_sums, new_sums_sq
-        self._rows.append((n, s, sq))
-        self._count += n
-        self._updates += 1
+        self._rows.extend(checked)
+        self._count += sum(row[0] for row in checked)
+        self._updates += len(checked)
+
+    @property
+    def rows(self) -> list[tuple[int, npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
+        """Each accepted report's (count, sums, sums_sq), in arrival order (a replica's partial)."""
+        return list(self._rows)
 
     @property
     def counts(self) -> list[int]:

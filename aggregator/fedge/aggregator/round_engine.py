@@ -93,8 +93,10 @@ from fedge.protocol.task import ModelKind
 from fedge.protocol.topics import FleetTopics, TopicError
 from fedge.protocol.weights import weights_to_bytes
 
-if TYPE_CHECKING:  # the accountant loads dp-accounting (~75 MB): only fleets with DP import it
+if TYPE_CHECKING:
+    # the accountant loads dp-accounting (~75 MB): only fleets with DP import it
     from fedge.aggregator.privacy import PrivacyAccountant, PrivacyConfig
+    from fedge.aggregator.replica_round import WorkerBatch
 
 #: Kept for callers that name it here; the contract is fedge.protocol.signing.DocType.
 MANIFEST_DOC_TYPE = DocType.ROUND_MANIFEST
@@ -280,6 +282,13 @@ class _OpenRound:
         self.moment_devices: list[str] = []  # the moments fold's rows, in order
         self.update_bytes = 0
         self.rejected: Counter[str] = Counter()
+        #: An aggregator worker's round (``fedge.aggregator.replica_round``): the batch since its
+        #: last partial, whose decoded payloads it keeps until the leader accepted the partial;
+        #: None on the leader.
+        self.batch: WorkerBatch | None = None
+        #: The leader's round with ``[replicas]``: (worker, batch) of every partial absorbed, so
+        #: a partial resent because its verdict was lost is answered, not counted again.
+        self.absorbed: set[tuple[str, int]] = set()
 
     @property
     def bounds(self) -> NormBounds:
@@ -365,6 +374,8 @@ class RoundEngine:
         # Secure rounds' documents still to publish (the clears of a round closed by
         # close_round): handed out by the next open_round or tick.
         self._secagg_outbox: list[SecAggPublication] = []
+        #: ``[replicas]``: how long past a deadline the round waits for workers' partials.
+        self.partial_grace_s = 0.0
         if secure is not None and state.version > 0 and self.phase == "train":
             # The round the checkpoint's version opened may have been a secure round lost with
             # the previous process: clear whatever of it is retained on the broker.
@@ -653,7 +664,7 @@ class RoundEngine:
         if self.current.secure_failure is not None:  # nobody selected: wait out the round
             return now >= m.deadline
         finished = len(self.current.reported) + len(self.current.spent)
-        return finished >= len(m.selected_devices) or now >= m.deadline
+        return finished >= len(m.selected_devices) or now >= m.deadline + self.partial_grace_s
 
     def close_round(self) -> RoundRecord:
         """Aggregates the open round if enough devices reported, else aborts it (no new model)."""
@@ -824,6 +835,8 @@ class RoundEngine:
             self.state.rejected_total[outcome.reason] = self.state.rejected_total.get(outcome.reason, 0) + 1
             if self.current is not None:
                 self.current.rejected[outcome.reason] += 1
+                if self.current.batch is not None:
+                    self.current.batch.rejected[outcome.reason] += 1
         return outcome
 
     def message_limit(self) -> int:
@@ -894,9 +907,14 @@ class RoundEngine:
         refused = self._fold_in(r, device, expected_kind, payload_header, body)
         if refused is not None:
             r.spent[device] = header.counter
+            if r.batch is not None:
+                r.batch.spent[device] = header.counter
             return Outcome(False, refused, device, header.kind)
         r.reported[device] = header.counter
         r.update_bytes += len(payload)
+        if r.batch is not None:
+            r.batch.accepted[device] = header.counter
+            r.batch.update_bytes += len(payload)
         return Outcome(True, "accepted", device, header.kind)
 
     def _secure_message(
@@ -932,6 +950,8 @@ class RoundEngine:
                 except AggregationError:  # moments no real data can have, or too many samples
                     return RejectReason.BAD_MOMENTS
                 r.moment_devices.append(device)
+                if r.batch is not None:
+                    r.batch.keep(device, moments)
                 return None
             update = decode_update(payload_header, body, self.layout, m.codec, m.topk_fraction)
             # The clip indicator belongs to adaptive-DP rounds only, and they need it.
@@ -942,6 +962,8 @@ class RoundEngine:
             if update.examples > limit or (ev is not None and ev.examples > limit):
                 return RejectReason.TOO_MANY_EXAMPLES
             r.folds.add_update(update)  # the norm bounds, then the metrics, then the strategy
+            if r.batch is not None:
+                r.batch.keep(device, update)
             return None
         except MessageError as exc:
             return exc.reason

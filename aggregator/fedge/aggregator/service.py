@@ -47,6 +47,7 @@ from fedge.aggregator.heartbeat import Heartbeat
 from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
 from fedge.aggregator.privacy_config import privacy_config, secure_settings
 from fedge.aggregator.registry import load_registry, load_registry_file
+from fedge.aggregator.replica_leader import PartialIntake
 from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord, start_generation
 from fedge.aggregator.strategies.server_optimizers import (
     ServerOptimizerState,
@@ -123,6 +124,21 @@ def load_model(model_dir: Path) -> LoadedModel:
     except WeightsError as exc:  # a manifest whose hash matches a blob of another model's size
         raise ConfigError(f"{model_dir}: {INITIAL_WEIGHTS_FILE}: {exc}") from None
     return LoadedModel(manifest, model, weights)
+
+
+def initial_state(loaded: LoadedModel, generation: int = 1) -> EngineState:
+    """A fleet's state before its first round: the model's initial weights (an aggregator
+    without a checkpoint; a worker, which keeps no state)."""
+    return EngineState(
+        version=0,
+        last_manifest_sha256="",
+        completed_rounds=0,
+        weights=loaded.initial_weights.copy(),
+        normalisation=loaded.manifest.normalisation,
+        counters={},
+        generation=generation,
+        model_sha256=loaded.manifest.model_sha256,
+    )
 
 
 def state_from_checkpoint(ck: Checkpoint) -> EngineState:
@@ -307,6 +323,12 @@ class AggregatorService:
                 self.secure.bits,
                 self.secure.threshold or "chosen per round",
             )
+        # [replicas]: the leader takes its workers' partials (docs/scale.md).
+        self.intake = (
+            PartialIntake(config.replicas, self.topics, self.box_key, self.signing_key)
+            if config.replicas.enabled
+            else None
+        )
         self.engine: RoundEngine
         if leadership is None:
             self._load_state()
@@ -357,16 +379,7 @@ class AggregatorService:
         config, loaded = self.config, self.loaded
         ck = load_checkpoint(self.checkpoint_path, MAX_CHECKPOINT_BYTES)
         generation = config.model_generation
-        initial = EngineState(
-            version=0,
-            last_manifest_sha256="",
-            completed_rounds=0,
-            weights=loaded.initial_weights.copy(),
-            normalisation=loaded.manifest.normalisation,
-            counters={},
-            generation=generation,
-            model_sha256=loaded.manifest.model_sha256,
-        )
+        initial = initial_state(loaded, generation)
         state = initial if ck is None else self._resume_or_roll(ck, initial)
         if self.privacy is None and state.privacy is not None:
             log.warning(
@@ -411,6 +424,8 @@ class AggregatorService:
                 "which the noise multiplier is derived from) of a running fleet cannot change: "
                 "its budget was spent at the old ones. Restore them (docs/differential-privacy.md)"
             ) from None
+        if config.replicas.enabled:
+            self.engine.partial_grace_s = config.replicas.partial_grace_s
 
     def _resume_or_roll(self, ck: Checkpoint, initial: EngineState) -> EngineState:
         """The checkpoint's state for the configured model, or a new model generation.
@@ -461,7 +476,12 @@ class AggregatorService:
     def _on_connect(self, client: mqtt.Client) -> None:
         """After each successful CONNACK (a refusal or a lost connection is logged by
         :func:`~fedge.shell.mqtt.watch_connection`, which clears ``connected``)."""
-        topics = [(self.topics.update_filter, 1), (self.topics.status_filter, 1)]
+        updates = self.topics.update_filter
+        if self.intake is not None:  # the broker hands each update to one of the leader and its workers
+            updates = self.topics.shared_update_filter(self.config.replicas.share_group)
+        topics = [(updates, 1), (self.topics.status_filter, 1)]
+        if self.intake is not None:
+            topics.append((self.topics.partial_filter, 1))
         if self.config.metrics.enabled:  # the dashboard lists each device's latest prediction
             topics.append((self.topics.insight_filter, 1))
         client.subscribe(topics)
@@ -567,6 +587,7 @@ class AggregatorService:
             return  # asked to stop while the checkpoint could not be written: nothing published
         for topic, blob in pub.blobs.items():
             self._publish(topic, blob, retain=True)
+        self._publish_work_order()
         self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
         self._publish_secagg(pub.secagg)
         for topic in pub.clear_blobs:
@@ -624,9 +645,16 @@ class AggregatorService:
         blobs = {self.topics.blob(self.engine.model_sha256): self.engine.model_bytes, **pub.blobs}
         for topic, blob in blobs.items():
             self._publish(topic, blob, retain=True)
+        self._publish_work_order()
         self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
         self._status_dirty = True
         log.info("reconnected: published manifest v%d and its model again", pub.manifest.version)
+
+    def _publish_work_order(self) -> None:
+        """``[replicas]``: the open round as the workers fold it, retained, before its manifest
+        (the broker routes it to the workers before any device can answer the manifest)."""
+        if self.intake is not None:
+            self._publish(self.topics.work, self.intake.work_order(self.engine), retain=True)
 
     def _publish_secagg(self, publications: Sequence[SecAggPublication]) -> None:
         """A secure round's signed documents (or the empty payloads that clear them), in order."""
@@ -716,6 +744,7 @@ class AggregatorService:
         status["messages_dropped"] = dropped
         status["inbox"] = self.inbox_status()
         status["state_dir"] = self.state_dir_watch.report()
+        status["replicas"] = None if self.intake is None else self.intake.status()
         return status
 
     def _drain(self, timeout: float) -> None:
@@ -747,6 +776,12 @@ class AggregatorService:
             return
         if topic.startswith(self.topics.base + "/insight/"):
             self._track_insight(topic, payload)
+            return
+        if self.intake is not None and topic.startswith(self.topics.base + "/aggregator/partial/"):
+            answer = self.intake.handle(self.engine, topic, payload, self.clock())
+            if answer is not None:
+                self._publish(answer[0], answer[1], retain=False)
+            self._status_dirty = True
             return
         outcome = self.engine.handle(topic, payload, self.clock())
         if outcome.accepted:

@@ -52,6 +52,12 @@ class DocType(StrEnum):
     #: A device's identity key, certified by the fleet operator's key
     #: (:mod:`fedge.protocol.identity`): what secure aggregation's advertisements are signed with.
     IDENTITY_CERTIFICATE = "identity-certificate"
+    #: The open round as aggregator workers fold it (``[replicas]``), retained on ``aggregator/work``.
+    AGGREGATOR_WORK = "aggregator-work"
+    #: A worker's sealed partial aggregate, on ``aggregator/partial/{worker}``.
+    AGGREGATOR_PARTIAL = "aggregator-partial"
+    #: The leader's answer to a partial, on ``aggregator/verdict/{worker}``.
+    PARTIAL_VERDICT = "partial-verdict"
 
 
 class SignatureError(ReasonError[str]):

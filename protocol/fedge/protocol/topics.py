@@ -77,6 +77,29 @@ class FleetTopics:
         """Retained JSON status of the aggregator: round, version, rejected updates by reason."""
         return f"{self.base}/aggregator/status"
 
+    # aggregator replicas ([replicas]: docs/scale.md)
+    @property
+    def work(self) -> str:
+        """Retained, signed: the open round and its limits, as every aggregator worker folds it."""
+        return f"{self.base}/aggregator/work"
+
+    def partial(self, worker: str) -> str:
+        """A worker's sealed partial aggregate, to the leader."""
+        return f"{self.base}/aggregator/partial/{check_id(worker, 'worker id')}"
+
+    @property
+    def partial_filter(self) -> str:
+        return f"{self.base}/aggregator/partial/+"
+
+    def verdict(self, worker: str) -> str:
+        """The leader's signed answer to a worker's partial."""
+        return f"{self.base}/aggregator/verdict/{check_id(worker, 'worker id')}"
+
+    def shared_update_filter(self, group: str) -> str:
+        """``update/+`` through an MQTT shared subscription: the broker hands each update to one
+        member of ``group`` (the leader and its workers)."""
+        return f"$share/{check_id(group, 'share group')}/{self.update_filter}"
+
     @property
     def fleet_summary(self) -> str:
         """Retained JSON summary of the fleet for building-management systems (``fedge.fleet/1``):

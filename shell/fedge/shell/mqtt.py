@@ -167,13 +167,17 @@ def check_tls_files(settings: MqttSettings) -> None:
             )
 
 
-def connect(client: mqtt.Client, settings: MqttSettings) -> None:
+def connect(client: mqtt.Client, settings: MqttSettings, receive_maximum: int | None = None) -> None:
     """Starts connecting without blocking (run ``client.loop_start()`` next; paho's loop then
     connects and reconnects). MQTT 5: ``clean_start=False`` with the session expiry, so the
-    broker resumes this client's session and delivers what it queued meanwhile."""
+    broker resumes this client's session and delivers what it queued meanwhile.
+    ``receive_maximum`` (MQTT 5): the most QoS 1 messages the broker may have sent this client
+    unacknowledged, which bounds what a ``manual_ack`` client holds in memory."""
     if settings.protocol == 5:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = settings.session_expiry_s
+        if receive_maximum is not None:
+            props.ReceiveMaximum = receive_maximum
         client.connect_async(
             settings.host, settings.port, settings.keepalive, clean_start=False, properties=props
         )

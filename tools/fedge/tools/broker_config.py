@@ -131,9 +131,10 @@ DEFAULT_CERT_DAYS = 825
 OPENSSL_TIMEOUT_S = 30.0
 
 TlsMode = Literal["lab", "files", "none"]
-Role = Literal["aggregator", "bms", "monitor", "edgex", "device", "device-edgex"]
+Role = Literal["aggregator", "aggregator-worker", "bms", "monitor", "edgex", "device", "device-edgex"]
 ROLE_TITLES: dict[Role, str] = {
     "aggregator": "aggregator",
+    "aggregator-worker": "aggregator worker ([replicas]): a share of the updates in, its partials out",
     "bms": "building-management system (read-only)",
     "monitor": "fleet monitor: reads global models, statuses, predictions, secure rounds (read-only)",
     "edgex": "EdgeX service (its message bus)",
@@ -210,6 +211,9 @@ class FleetAccess:
     edgex_services: tuple[str, ...] = ()
     edgex_prefix: str = DEFAULT_EDGEX_PREFIX
     monitors: tuple[str, ...] = ()
+    #: ``[replicas]`` workers beside the aggregator (their ``worker_id``s, each its own principal:
+    #: the username is the client id, and a worker's broker session must be its own).
+    workers: tuple[str, ...] = ()
     device_edgex: bool = True
     #: Home Assistant's discovery prefix with ``--home-assistant`` (None: off): each device may
     #: then write its own discovery config, and BMS principals read ``{prefix}/#``.
@@ -223,6 +227,7 @@ class FleetAccess:
         object.__setattr__(self, "bms", tuple(sorted(self.bms)))
         object.__setattr__(self, "edgex_services", tuple(sorted(self.edgex_services)))
         object.__setattr__(self, "monitors", tuple(sorted(self.monitors)))
+        object.__setattr__(self, "workers", tuple(sorted(self.workers)))
         seen: dict[str, Principal] = {}
         for principal in self.principals:
             _checked(principal.name, f"{principal.role} name")
@@ -280,6 +285,7 @@ class FleetAccess:
                 devices.append(Principal(edgex_principal(device), "device-edgex", device))
         return (
             Principal(self.aggregator, "aggregator"),
+            *(Principal(n, "aggregator-worker") for n in self.workers),
             *(Principal(n, "bms") for n in self.bms),
             *(Principal(n, "monitor") for n in self.monitors),
             *(Principal(n, "edgex") for n in self.edgex_services),
@@ -301,6 +307,19 @@ class FleetAccess:
                 ("write", t.rotation_filter),
                 ("write", f"{t.base}/secagg/#"),  # secure-aggregation rounds' signed documents
                 ("read", t.identity_filter),  # devices' operator-signed identity certificates
+                # [replicas]: its workers' partials in, the work order and the verdicts out
+                ("read", t.partial_filter),
+                ("write", t.work),
+                ("write", f"{t.base}/aggregator/verdict/+"),
+            ]
+        if principal.role == "aggregator-worker":
+            # Updates through the shared subscription (mosquitto checks a $share/ subscription's
+            # deliveries against the topic itself), the leader's work order, its own verdicts.
+            return [
+                ("read", t.update_filter),
+                ("read", t.work),
+                ("read", t.verdict(principal.name)),
+                ("write", t.partial(principal.name)),
             ]
         if principal.role == "monitor":
             return [
@@ -1340,6 +1359,10 @@ def add_broker_parser(sub: Any) -> Any:
         "--bms", action="append", metavar="NAME", help="a read-only building-management-system user (repeat)"
     )
     cfg.add_argument(
+        "--aggregator-worker", action="append", metavar="NAME",
+        help="an aggregator worker's username = its [replicas] worker_id (repeat; docs/scale.md)",
+    )  # fmt: skip
+    cfg.add_argument(
         "--edgex-service", action="append", metavar="NAME",
         help="a user for EdgeX services sharing this broker: readwrite on PREFIX/# (repeat)",
     )  # fmt: skip
@@ -1437,6 +1460,7 @@ def request_from_args(args: argparse.Namespace) -> BrokerConfigRequest:
         devices=device_ids,
         aggregator=args.aggregator,
         bms=_split_names(args.bms),
+        workers=_split_names(args.aggregator_worker),
         edgex_services=_split_names(args.edgex_service),
         edgex_prefix=args.edgex_prefix,
         device_edgex=not args.no_device_edgex,

@@ -1160,6 +1160,67 @@ AGGREGATOR_SECTIONS = (
             ),
         ),
     ),
+    Section(
+        "replicas",
+        "A leader and workers sharing the fleet's updates through an MQTT shared subscription "
+        "(docs/scale.md): each worker folds its share and sends the leader sealed partials. FedAvg "
+        "and the server optimizers only, plain rounds only (no robust strategy, no [privacy]).",
+        (
+            Key(
+                "enabled",
+                BOOLEAN,
+                "Subscribe to update/+ through $share/{share_group}/ and take workers' partials "
+                "(the leader); needed by workers too.",
+                default=False,
+            ),
+            Key(
+                "role",
+                STRING,
+                "leader: runs the rounds; worker: folds a share of the updates and sends partials.",
+                default="leader",
+                choices=("leader", "worker"),
+            ),
+            Key(
+                "worker_id",
+                STRING,
+                "A worker's name in aggregator/partial/{worker_id} and its MQTT client id: stable "
+                "across restarts (a StatefulSet pod name), so a restarted worker resumes its session.",
+                example="fedge-aggregator-worker-0",
+                default_text="`POD_NAME`, else the hostname",
+            ),
+            Key(
+                "share_group",
+                STRING,
+                "The shared subscription's group: the leader and its workers.",
+                default="fedge-aggregators",
+            ),
+            Key(
+                "flush_updates",
+                INTEGER,
+                "A worker sends a partial once it handled this many updates ...",
+                default=64,
+                lo=1,
+                hi=10_000,
+            ),
+            Key(
+                "flush_interval_s",
+                NUMBER,
+                "... or this many seconds after the first of them.",
+                default=0.2,
+                lo=0.01,
+                hi=60.0,
+            ),
+            Key(
+                "partial_grace_s",
+                NUMBER,
+                "How long past a round's deadline the leader waits for partials of updates its "
+                "workers accepted in time (at least twice flush_interval_s).",
+                default=2.0,
+                lo=0.0,
+                hi=600.0,
+            ),
+        ),
+    ),
     _metrics_section(9465, "fedge_aggregator_*"),
 )
 

@@ -44,6 +44,7 @@ __all__ = [
     "build_dp_round_folds",
     "build_round_folds",
     "moments_strategy",
+    "round_folds_for_limits",
     "round_limits",
     "strategy_announcement",
     "update_strategy",
@@ -127,6 +128,20 @@ class RoundFolds:
         self.moments.add(moments)
         self.claims.append(moments.count)
 
+    def moments_rows(self) -> list[tuple[int, npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
+        """The moments round's accepted rows, in order (a replica's partial carries them)."""
+        if not isinstance(self.moments, MomentsAggregation):
+            raise TypeError(f"{type(self.moments).__name__} keeps no rows")
+        return self.moments.accumulator.rows
+
+    def absorb_moments(
+        self, rows: list[tuple[int, npt.NDArray[np.float64], npt.NDArray[np.float64]]]
+    ) -> None:
+        """Adds a replica's moment rows, all or nothing (their claims come with the partial)."""
+        if not isinstance(self.moments, MomentsAggregation):
+            raise TypeError(f"{type(self.moments).__name__} cannot absorb rows")
+        self.moments.accumulator.absorb(rows)
+
     def next_history(self, previous: InfluenceHistory) -> InfluenceHistory:
         """What the bounds remember after this round: the medians of its claims and of its
         updates' norms before clipping; a round without any keeps the previous ones (a moments
@@ -192,6 +207,18 @@ def build_round_folds(
     """A round's folds, for a global model ``weights`` and the bounds' ``history``; a server
     optimizer continues from ``optimizer_state``."""
     limits = round_limits(settings, weights, history)
+    return round_folds_for_limits(settings, limits, parameter_count, n_features, optimizer_state)
+
+
+def round_folds_for_limits(
+    settings: RoundSettings,
+    limits: RoundLimits,
+    parameter_count: int,
+    n_features: int,
+    optimizer_state: ServerOptimizerState | None = None,
+) -> RoundFolds:
+    """A round's folds for limits fixed elsewhere: an aggregator worker folds with the limits
+    the leader's work order announces (``fedge.aggregator.partials``)."""
     strategy = update_strategy(settings, limits, parameter_count, optimizer_state)
     metrics = RoundMetrics(strategy, CappedClaims(limits.claim_cap))
     updates = NormClip(metrics, limits.bounds, reject=settings.update_norm_policy == "reject")
