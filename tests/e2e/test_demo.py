@@ -205,3 +205,38 @@ def test_demo_with_secure_aggregation_and_differential_privacy_noises_on_the_dev
     assert "differential privacy: epsilon budget 8" in aggregator_log
     config = (out / "fleet" / "aggregator.toml").read_text()
     assert 'noise = "distributed_discrete_gaussian"' in config and "secure_aggregation_bits = 62" in config
+
+
+def test_demo_with_aggregator_replicas_counts_every_update_once(tmp_path: Path) -> None:
+    """``--aggregator-replicas 3``: a leader and two workers, each its own principal of the
+    demo's locked-down broker, sharing the updates; every round counts every device once and
+    both workers' shares are in the leader's counts (the summary's ``workers``)."""
+    out = tmp_path / "replicas"
+    s = run_demo(out, "--devices", "4", "--rounds", "3", "--data", "direct", "--aggregator-replicas", "3")
+    assert (s["rounds_completed"], s["rejected"], s["aggregator_replicas"]) == (3, {}, 3)
+    assert [(r["reported"], r["selected"]) for r in s["per_round"]] == [(4, 4)] * 3
+    workers = s["workers"]
+    assert set(workers) == {"aggregator-worker-1", "aggregator-worker-2"}
+    # 16 updates (the moments round and 3 train rounds of 4 devices) over three members.
+    assert all(w["updates"] >= 1 and set(w["verdicts"]) <= {"accepted", "conflict"} for w in workers.values())
+    assert sum(w["updates"] for w in workers.values()) < 16
+    assert {name: code for name, code in s["processes"].items() if "worker" in name} == {
+        "aggregator-worker-1": 0,
+        "aggregator-worker-2": 0,
+    }
+    for worker in workers:
+        assert "Traceback" not in (out / "logs" / f"{worker}.log").read_text()
+
+
+def test_demo_refuses_replicas_with_secure_aggregation(tmp_path: Path) -> None:
+    args = ["demo", "--out", str(tmp_path), "--aggregator-replicas", "2", "--secure-aggregation"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--aggregator-replicas above 1 cannot run with --secure-aggregation" in proc.stderr

@@ -428,6 +428,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         dp_clip_bound=1.0 if args.dp_clip_bound is None else args.dp_clip_bound,
         secure_aggregation=args.secure_aggregation,
         drop_devices=args.drop_devices,
+        aggregator_replicas=args.aggregator_replicas,
     )
     from fedge.lab.progress import ProgressBar  # noqa: PLC0415
 
@@ -805,6 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="K",
         help="with --secure-aggregation: freeze K devices of every round mid-round (they drop out)",
+    )
+    demo.add_argument(
+        "--aggregator-replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N aggregator processes: a leader and N-1 workers sharing the updates (docs/scale.md)",
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument(

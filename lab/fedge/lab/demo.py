@@ -57,6 +57,8 @@ LIVE_GAP_NS = 2_000_000_000
 #: How long the end of a run waits for every device's first prediction.
 PREDICTION_WAIT_S = 30.0
 MAX_DEVICES = len(har_watch.TRAIN_SUBJECTS)
+#: ``--aggregator-replicas``: a leader and up to 7 workers (more gain nothing on one machine).
+MAX_AGGREGATOR_REPLICAS = 8
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,9 @@ class DemoOptions:
     # frozen (SIGSTOP) once their neighbours' keys are relayed, and thawed at the next manifest.
     secure_aggregation: bool = False
     drop_devices: int = 0
+    # Aggregator processes sharing the fleet's updates ([replicas], docs/scale.md): 1 is the
+    # lone aggregator; N starts a leader and N - 1 workers on one shared subscription.
+    aggregator_replicas: int = 1
 
 
 @dataclass
@@ -143,14 +148,21 @@ class DemoSummary:
     #: Differential privacy: the epsilon spent over the run at ``delta`` (None without DP).
     epsilon_spent: float | None = None
     delta: float | None = None
+    #: Aggregator processes (``--aggregator-replicas``): 1, or a leader and its workers.
+    aggregator_replicas: int = 1
+    #: With replicas: each worker's partials and the updates they counted, from the leader's
+    #: status (``replicas.workers``).
+    workers: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    args: list[str], log_path: Path, env_overrides: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_overrides or {}))
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "fedge.cli", *args],
@@ -216,7 +228,7 @@ def _client_creds(c: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _start_secure_broker(
-    out: Path, devices: list[str], model_dir: Path
+    out: Path, devices: list[str], model_dir: Path, workers: tuple[str, ...] = ()
 ) -> tuple[Any, str, dict[str, dict[str, Any]]]:
     """Mosquitto with the configuration ``fedge broker config`` generates: TLS with a lab CA,
     a password per principal, ACLs (a device reaches only its own topics), no anonymous access.
@@ -224,7 +236,7 @@ def _start_secure_broker(
     Every connection is a principal of its own (the broker takes the client id from the
     username): each device, each device's EdgeX-bus connection (``{device}.edgex``), the
     aggregator, the observer and the EdgeX simulator. ``creds`` maps each name to its
-    credentials file's values."""
+    credentials file's values. ``workers``: aggregator workers ([replicas]), one principal each."""
     import ssl  # noqa: PLC0415
     import tomllib  # noqa: PLC0415
 
@@ -244,6 +256,7 @@ def _start_secure_broker(
         aggregator="aggregator",
         monitors=("observer", "dropouts"),
         edgex_services=("simulator",),
+        workers=workers,
     )
     data_dir = out / "broker" / "data"
     data_dir.mkdir(parents=True)
@@ -523,6 +536,7 @@ def run_demo(
     if options.container_agents and not options.agent_image:
         raise FedgeError("--container-agents needs --agent-image (built by make images)")
     threshold = _secure_threshold(options, n_devices, min_devices)
+    workers = _worker_names(options)
     out = options.out.resolve()  # the broker's configuration names absolute paths
     out.mkdir(parents=True, exist_ok=True)
     # A demo is a fresh fleet: new keys, no checkpoint, no broker state from an earlier run
@@ -562,7 +576,7 @@ def run_demo(
     mqtt_protocol = options.mqtt_protocol
     creds: dict[str, dict[str, Any]] = {}
     if options.broker_url is None and options.secure_broker:
-        broker, broker_url, creds = _start_secure_broker(out, list(subjects), model_dir)
+        broker, broker_url, creds = _start_secure_broker(out, list(subjects), model_dir, workers)
     elif options.broker_url is None:
         from fedge.lab.broker import AmqttBroker, BrokerSettings, local_broker  # noqa: PLC0415
 
@@ -613,6 +627,7 @@ def run_demo(
         },
         privacy=_privacy_table(options, threshold),
         secure_aggregation=options.secure_aggregation,
+        replicas={"enabled": True} if workers else None,
         mqtt_protocol=mqtt_protocol,
         edgex=edgex,
         task_file=options.task_file,
@@ -693,6 +708,12 @@ def run_demo(
                 seed=options.seed,
             )
             dropouts.start()
+        for worker in workers:  # before the leader, so that each has joined the shared subscription
+            procs[worker] = _spawn(
+                ["aggregator", "run", "--config", str(fleet.aggregator_config)],
+                out / "logs" / f"{worker}.log",
+                _worker_env(worker, creds.get(worker)),
+            )
         procs["aggregator"] = _spawn(
             ["aggregator", "run", "--config", str(fleet.aggregator_config)], out / "logs" / "aggregator.log"
         )
@@ -733,6 +754,32 @@ def run_demo(
         centralized_mse=centralized_mse,
         own=own,
     )
+
+
+def _worker_names(options: DemoOptions) -> tuple[str, ...]:
+    """``--aggregator-replicas N``: the N - 1 workers' ids (and broker usernames); refuses what
+    replicas cannot run (``fedge.aggregator.replica_config.check_replicable``)."""
+    n = options.aggregator_replicas
+    if not 1 <= n <= MAX_AGGREGATOR_REPLICAS:
+        raise FedgeError(f"--aggregator-replicas must be 1..{MAX_AGGREGATOR_REPLICAS}")
+    if n > 1 and (options.secure_aggregation or options.dp_epsilon is not None):
+        raise FedgeError(
+            "--aggregator-replicas above 1 cannot run with --secure-aggregation or --dp-epsilon: one process "
+            "runs a secure round's unmasking and the DP accountant (docs/scale.md)"
+        )
+    return tuple(f"aggregator-worker-{i}" for i in range(1, n))
+
+
+def _worker_env(worker: str, creds: dict[str, Any] | None) -> dict[str, str]:
+    """A worker runs the leader's config with its role, its id and its own broker principal."""
+    env = {
+        "FEDGE_AGGREGATOR__REPLICAS__ROLE": "worker",
+        "FEDGE_AGGREGATOR__REPLICAS__WORKER_ID": worker,
+    }
+    if creds and creds.get("username"):
+        env["FEDGE_AGGREGATOR__MQTT__USERNAME"] = str(creds["username"])
+        env["FEDGE_AGGREGATOR__MQTT__PASSWORD"] = str(creds["password"])
+    return env
 
 
 def _summarise(
@@ -803,6 +850,8 @@ def _summarise(
         secure_aggregation=options.secure_aggregation,
         dropped=sum(int(r["dropped"] or 0) for r in per_round),
         delta=options.dp_delta if options.dp_epsilon is not None else None,
+        aggregator_replicas=options.aggregator_replicas,
+        workers=dict((view.aggregator_status.get("replicas") or {}).get("workers", {})),
     )
 
 
@@ -950,6 +999,15 @@ def render_table(summary: DemoSummary) -> str:
         lines.append(
             f"differential privacy: epsilon {summary.epsilon_spent:.3f} spent at delta {summary.delta:g} "
             "(per device, whole run)"
+        )
+    if summary.aggregator_replicas > 1:
+        shares = ", ".join(
+            f"{name} {w.get('updates', 0)} updates in {w.get('partials', 0)} partials"
+            for name, w in sorted(summary.workers.items())
+        )
+        lines.append(
+            f"aggregator replicas: a leader and {summary.aggregator_replicas - 1} worker(s) on one shared "
+            f"subscription; {shares or 'no worker heard from'}"
         )
     published = summary.predictions.get("published", {})
     if published:

@@ -81,6 +81,7 @@ def create_fleet(
     edgex_extra: dict[str, dict[str, object]] | None = None,
     privacy: dict[str, object] | None = None,
     secure_aggregation: bool = False,
+    replicas: dict[str, object] | None = None,
 ) -> FleetFiles:
     """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject.
 
@@ -93,6 +94,7 @@ def create_fleet(
     if any. ``secure_aggregation``: every device also gets an Ed25519 identity key and a
     certificate signed by an operator key of the fleet (``keys/operator.sign``, which the
     aggregator never reads), pins that operator key, and requires secure rounds.
+    ``replicas``: the aggregator's ``[replicas]`` table (a leader and workers), if any.
     """
     extra = mqtt_extra or {}
     edgex_settings = edgex_extra or {}
@@ -167,6 +169,7 @@ def create_fleet(
                 "mqtt": {"broker": broker_url, "protocol": mqtt_protocol, **extra.get("aggregator", {})},
                 "rounds": dict(rounds),
                 **({"privacy": dict(privacy)} if privacy else {}),
+                **({"replicas": dict(replicas)} if replicas else {}),
             }
         ),
         secret="password" in extra.get("aggregator", {}),
