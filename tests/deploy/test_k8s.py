@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ K8S = ROOT / "k8s"
 OVERLAYS = ("dev", "prod")
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests must work on
 AGGREGATOR = "fedge-aggregator"
+WORKERS = "fedge-aggregator-worker"  # the StatefulSet of [replicas] workers
 BROKER = "fedge-broker"
 BIN_DIR = Path(sys.executable).parent
 
@@ -72,15 +74,29 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def find(docs: list[dict[str, Any]], kind: str, name_prefix: str) -> dict[str, Any]:
-    """The one object of ``kind`` whose name starts with ``name_prefix`` (generators add a hash)."""
-    hits = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
-    assert len(hits) == 1, f"expected one {kind} {name_prefix}*, found {len(hits)}"
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The one object of ``kind`` named ``name``; a ``name`` ending in "-" is a generator's
+    prefix (generators add a hash), so ``fedge-aggregator`` never finds ``fedge-aggregator-worker``."""
+    hits = [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and (d["metadata"]["name"] == name or (name.endswith("-") and d["metadata"]["name"].startswith(name)))
+    ]
+    assert len(hits) == 1, f"expected one {kind} {name}, found {len(hits)}"
     return hits[0]
 
 
+#: The kind of each workload the tests look into.
+WORKLOAD_KINDS = {AGGREGATOR: "Deployment", WORKERS: "StatefulSet", BROKER: "Deployment"}
+
+
+def workload(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return find(docs, WORKLOAD_KINDS[name], name)
+
+
 def pod_spec(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    spec: dict[str, Any] = find(docs, "Deployment", name)["spec"]["template"]["spec"]
+    spec: dict[str, Any] = workload(docs, name)["spec"]["template"]["spec"]
     return spec
 
 
@@ -107,7 +123,8 @@ def test_rendered_overlay_passes_strict_validation(
     kinds = {d["kind"] for d in docs}
     assert {
         "Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret",
-        "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
+        "PersistentVolumeClaim", "Deployment", "StatefulSet", "Service", "PodDisruptionBudget",
+        "NetworkPolicy",
     } <= kinds  # fmt: skip
     for doc in docs:
         kv.validate(doc, K8S_VERSION, strict=True)  # raises with the offending field
@@ -116,17 +133,24 @@ def test_rendered_overlay_passes_strict_validation(
 
 
 def test_replicas_and_update_strategy(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    for overlay, replicas in (("dev", 1), ("prod", 2)):  # prod: two replicas elect a leader
+    # prod: two replicas elect a leader, two workers share the updates with it; dev: one each.
+    for overlay, replicas, workers in (("dev", 1, 1), ("prod", 2, 2)):
         deployment = find(rendered[overlay], "Deployment", AGGREGATOR)
         assert deployment["spec"]["replicas"] == replicas, overlay
         # Shared checkpoint volume: never two generations side by side.
         assert deployment["spec"]["strategy"] == {"type": "Recreate"}
         assert find(rendered[overlay], "Deployment", BROKER)["spec"]["strategy"] == {"type": "Recreate"}
+        statefulset = find(rendered[overlay], "StatefulSet", WORKERS)["spec"]
+        assert statefulset["replicas"] == workers, overlay
+        # Peers: started and replaced together; updated one at a time (they keep no state).
+        assert statefulset["podManagementPolicy"] == "Parallel"
+        assert statefulset["updateStrategy"] == {"type": "RollingUpdate"}
+        assert "volumeClaimTemplates" not in statefulset
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_security_contexts(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
-    for name, uid in ((AGGREGATOR, 10001), (BROKER, 1883)):
+    for name, uid in ((AGGREGATOR, 10001), (WORKERS, 10001), (BROKER, 1883)):
         spec = pod_spec(rendered[overlay], name)
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["runAsUser"] == uid
@@ -143,6 +167,7 @@ def test_security_contexts(rendered: dict[str, list[dict[str, Any]]], overlay: s
             assert "cpu" in c["resources"]["requests"] and "memory" in c["resources"]["requests"]
             assert "cpu" in c["resources"]["limits"] and "memory" in c["resources"]["limits"]
     assert pod_spec(rendered[overlay], BROKER)["automountServiceAccountToken"] is False
+    assert pod_spec(rendered[overlay], WORKERS)["automountServiceAccountToken"] is False
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -315,6 +340,296 @@ def test_volumes_match_aggregator_config(rendered: dict[str, list[dict[str, Any]
     assert cfg.mqtt.ca_file is not None and Path(cfg.mqtt.ca_file).name in config_map["data"]
 
 
+# --- aggregator workers ([replicas]; k8s/base/aggregator-workers-statefulset.yaml) -------------
+
+
+def _pod_env(container: dict[str, Any], pod: str) -> dict[str, str]:
+    """The container's environment as the kubelet builds it for pod ``pod``: the downward API's
+    metadata.name and metadata.namespace, and ``$(VAR)`` references to variables defined before
+    (Secret references become placeholders)."""
+    fields = {"metadata.name": pod, "metadata.namespace": "fedge"}
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            value = e["value"]
+            for name, defined in env.items():
+                value = value.replace(f"$({name})", defined)
+            env[e["name"]] = value
+        elif "fieldRef" in e["valueFrom"]:
+            env[e["name"]] = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[e["name"]] = f"<{e['name']} from {sorted(e['valueFrom'])[0]}>"
+    return env
+
+
+def _worker_pods(docs: list[dict[str, Any]]) -> list[str]:
+    """The pod names (= worker ids = broker usernames) the StatefulSet runs: <name>-<ordinal>."""
+    statefulset = find(docs, "StatefulSet", WORKERS)
+    return [f"{statefulset['metadata']['name']}-{i}" for i in range(statefulset["spec"]["replicas"])]
+
+
+def _config_file(docs: list[dict[str, Any]], tmp_path: Path) -> Path:
+    config = tmp_path / "aggregator.toml"
+    config.write_text(find(docs, "ConfigMap", "fedge-aggregator-config-")["data"]["aggregator.toml"])
+    return config
+
+
+#: Every pod gets these from the kubelet (also with enableServiceLinks: false).
+POD_ENV = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_run_the_aggregator_command_as_workers(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path
+) -> None:
+    """Same image, command, config and model build as the aggregator; each pod comes up as
+    ``role = "worker"`` with its pod name as worker id and broker username, its own password
+    file, and the leader (from the same ConfigMap) takes the updates through $share."""
+    docs = rendered[overlay]
+    spec = pod_spec(docs, WORKERS)
+    agg_spec = pod_spec(docs, AGGREGATOR)
+    (worker,), (agg,) = spec["containers"], agg_spec["containers"]
+    assert worker["image"] == agg["image"] == "fedge-aggregator:0.1.0"
+    assert {c["image"] for c in spec["initContainers"]} == {agg["image"]}
+    assert worker["command"] == agg["command"]
+    assert worker["resources"] == agg["resources"]
+    assert "ports" not in worker  # it serves nothing; nothing connects to it
+    inits = {c["name"]: c for c in spec["initContainers"]}
+    assert list(inits) == ["private-keys", "build-model"]
+    (agg_build,) = [c for c in agg_spec["initContainers"] if c["name"] == "build-model"]
+    assert inits["build-model"] == agg_build  # the leader's model, from the same task spec
+
+    # A StatefulSet for stable pod names, governed by a headless Service that selects its pods.
+    statefulset = find(docs, "StatefulSet", WORKERS)["spec"]
+    service = find(docs, "Service", statefulset["serviceName"])["spec"]
+    assert service["clusterIP"] == "None" and "ports" not in service
+    assert service["selector"] == statefulset["selector"]["matchLabels"]
+    assert _selects(statefulset["selector"], _labels(docs, WORKERS))
+
+    config = _config_file(docs, tmp_path)
+    no_token = tmp_path / "no-service-account-token" / "namespace"  # automountServiceAccountToken: false
+    leader_env = {**POD_ENV, **_pod_env(agg, f"{AGGREGATOR}-abc12-xyz34")}
+    leader = load_aggregator_config(config, leader_env, no_token)
+    assert leader.replicas.enabled and leader.replicas.role == "leader"
+    assert leader.leader.enabled  # the Deployment's replicas elect the leader
+    assert not any(e["name"].startswith("FEDGE_AGGREGATOR__REPLICAS__") for e in agg.get("env", []))
+    password = tmp_path / "password"
+    password.write_text("from-the-secret\n")
+    password.chmod(0o400)
+    keys_mount = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}["keys"]
+    pods = _worker_pods(docs)
+    assert pods == [f"{WORKERS}-{i}" for i in range({"dev": 1, "prod": 2}[overlay])]
+    for pod in pods:
+        env = _pod_env(worker, pod)
+        assert env["FEDGE_AGGREGATOR__REPLICAS__ROLE"] == "worker"
+        # Its own password, copied by private-keys to the in-memory keys volume.
+        password_file = Path(env["FEDGE_AGGREGATOR__MQTT__PASSWORD_FILE"])
+        assert password_file == Path(keys_mount) / f"{pod}.mqtt-password"
+        assert "FEDGE_AGGREGATOR__MQTT__PASSWORD" not in env  # not the aggregator's password
+        env["FEDGE_AGGREGATOR__MQTT__PASSWORD_FILE"] = str(password)  # the copy, here
+        cfg = load_aggregator_config(config, {**POD_ENV, **env}, no_token)
+        assert cfg.replicas.worker and cfg.replicas.worker_id == pod
+        # In a pod, [leader] "auto" would elect (and need the namespace no token gives): off.
+        assert not cfg.leader.enabled
+        assert cfg.replicas.share_group == leader.replicas.share_group
+        # Its own principal: the broker uses the username as the client id, so a worker
+        # logging in as the aggregator would take the leader's session.
+        assert cfg.mqtt.username == pod != leader.mqtt.username
+        assert cfg.mqtt.password == "from-the-secret"
+        assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.tls) == (leader.mqtt.host, leader.mqtt.port, True)
+        # A short session: a worker that never comes back stops being handed updates soon;
+        # one that restarts (within a round or two) still gets back what it had not acked.
+        assert leader.rounds.round_timeout_s < cfg.mqtt.session_expiry_s <= 600 < leader.mqtt.session_expiry_s
+        assert (cfg.fleet, cfg.rounds, cfg.model_dir) == (leader.fleet, leader.rounds, leader.model_dir)
+        assert (cfg.box_key_file, cfg.signing_key_file) == (leader.box_key_file, leader.signing_key_file)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_mount_the_aggregators_config_and_keys_and_nothing_durable(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path
+) -> None:
+    docs = rendered[overlay]
+    spec, agg_spec = pod_spec(docs, WORKERS), pod_spec(docs, AGGREGATOR)
+    (worker,), (agg,) = spec["containers"], agg_spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    agg_volumes = {v["name"]: v for v in agg_spec["volumes"]}
+    mounts = {m["name"]: m for m in worker["volumeMounts"]}
+    agg_mounts = {m["name"]: m for m in agg["volumeMounts"]}
+    cfg = load_aggregator_config(_config_file(docs, tmp_path), {})
+
+    # The aggregator's ConfigMap (aggregator.toml, task, registry, CA), where the aggregator has it.
+    assert volumes["config"] == agg_volumes["config"]
+    assert mounts["config"] == agg_mounts["config"] and mounts["config"]["readOnly"] is True
+    # Every path of the config lands on the same kind of volume as for the aggregator, except
+    # state_dir: an emptyDir, not the checkpoint PVC. No PVC at all, no Secret in the main container.
+    assert {n: m["mountPath"] for n, m in mounts.items()} == {
+        n: m["mountPath"] for n, m in agg_mounts.items()
+    }  # fmt: skip
+    assert str(cfg.state_dir) == mounts["state"]["mountPath"] and "emptyDir" in volumes["state"]
+    assert str(cfg.model_dir) == mounts["model"]["mountPath"] and mounts["model"]["readOnly"] is True
+    assert not any("persistentVolumeClaim" in v for v in spec["volumes"])
+    assert set(mounts) == {"config", "keys", "state", "model", "tmp"}
+    assert volumes["keys"]["emptyDir"]["medium"] == "Memory" and mounts["keys"]["readOnly"] is True
+
+    # The Secrets: the leader's box and signing keys (the same items as the aggregator's, not
+    # its MQTT password) and the workers' passwords, in one projected volume only private-keys reads.
+    keys_secret = find(docs, "Secret", "fedge-aggregator-keys-")
+    passwords = find(docs, "Secret", "fedge-aggregator-worker-passwords-")
+    projected = volumes["key-secret"]["projected"]
+    assert projected["defaultMode"] == agg_volumes["key-secret"]["secret"]["defaultMode"] == 0o400
+    leader_keys, worker_passwords = (source["secret"] for source in projected["sources"])
+    assert leader_keys["name"] == keys_secret["metadata"]["name"]
+    assert leader_keys["items"] == agg_volumes["key-secret"]["secret"]["items"]
+    assert "mqtt-password" not in {item["key"] for item in leader_keys["items"]}
+    assert worker_passwords == {"name": passwords["metadata"]["name"]}  # every key, by its name
+    files = {item["path"] for item in leader_keys["items"]} | set(passwords["data"])
+
+    inits = {c["name"]: c for c in spec["initContainers"]}
+    copy = inits["private-keys"]
+    copy_mounts = {m["name"]: m for m in copy["volumeMounts"]}
+    assert copy_mounts["key-secret"]["readOnly"] is True and "readOnly" not in copy_mounts["keys"]
+    assert copy["command"][:3] == ["install", "-m", "0400"]
+    assert (
+        Path(copy["command"][-1])
+        == Path(copy_mounts["keys"]["mountPath"])
+        == Path(mounts["keys"]["mountPath"])
+    )
+    for pod in _worker_pods(docs):
+        # $(POD_NAME) as the kubelet expands it in the command: each pod copies the leader's
+        # two keys and its own password, all of which the projected volume holds.
+        env = _pod_env(copy, pod)
+        sources = [Path(arg.replace("$(POD_NAME)", env["POD_NAME"])) for arg in copy["command"][3:-1]]
+        assert all(s.parent == Path(copy_mounts["key-secret"]["mountPath"]) for s in sources)
+        assert {s.name for s in sources} <= files, f"{pod}: missing from the Secrets"
+        copied = {Path(mounts["keys"]["mountPath"]) / s.name for s in sources}
+        assert copied == {
+            cfg.box_key_file,
+            cfg.signing_key_file,
+            Path(_pod_env(worker, pod)["FEDGE_AGGREGATOR__MQTT__PASSWORD_FILE"]),
+        }  # fmt: skip
+    assert copy["securityContext"]["runAsUser"] == spec["securityContext"]["runAsUser"] == 10001
+
+
+def test_worker_probes_read_the_heartbeat_with_the_aggregators_bounds(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """A worker serves no HTTP: its probes are exec probes on the heartbeat file its loop
+    touches, on the pod's own /tmp, passing and failing at the aggregator's /healthz and /readyz
+    bounds. Run here as the kubelet would run them, against a heartbeat of a chosen age."""
+    from fedge.aggregator.metrics import LIVE_MAX_AGE_S, READY_MAX_AGE_S
+
+    docs = rendered["dev"]
+    spec = pod_spec(docs, WORKERS)
+    (worker,) = spec["containers"]
+    env = {**POD_ENV, **_pod_env(worker, f"{WORKERS}-0")}
+    env.pop("FEDGE_AGGREGATOR__MQTT__PASSWORD_FILE")
+    cfg = load_aggregator_config(_config_file(docs, tmp_path), env, tmp_path / "no-token")
+    assert cfg.replicas.worker
+    mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+    assert mounts[str(cfg.heartbeat_path.parent)] == "tmp"
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}["tmp"]
+    heartbeat = tmp_path / "heartbeat"
+    for probe, max_age in (("livenessProbe", LIVE_MAX_AGE_S), ("readinessProbe", READY_MAX_AGE_S)):
+        command = worker[probe]["exec"]["command"]
+        assert command[:2] == ["python", "-c"] and len(command) == 3, probe
+        assert f"'{cfg.heartbeat_path}'" in command[2], probe
+        code = command[2].replace(str(cfg.heartbeat_path), str(heartbeat))
+
+        def passes(age: float | None, code: str = code) -> bool:
+            heartbeat.unlink(missing_ok=True)
+            if age is not None:
+                heartbeat.touch()
+                then = time.time() - age
+                os.utime(heartbeat, (then, then))
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=False)
+            return proc.returncode == 0
+
+        assert passes(0.0) and passes(max_age - 5), probe
+        assert not passes(max_age + 1) and not passes(None), probe
+    live, ready = worker["livenessProbe"], worker["readinessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] <= LIVE_MAX_AGE_S
+    assert ready["timeoutSeconds"] < READY_MAX_AGE_S
+
+
+def _acl(text: str) -> dict[str, set[tuple[str, str]]]:
+    """mosquitto's acl_file: ``user NAME`` starts a block of ``topic [ACCESS] FILTER`` lines."""
+    rules: dict[str, set[tuple[str, str]]] = {}
+    user = None
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        assert words[0] in ("user", "topic"), line  # no `pattern`: it would apply to every user
+        if words[0] == "user":
+            user = words[1]
+            rules.setdefault(user, set())
+        else:
+            assert user is not None, line
+            access, topic = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
+            rules[user].add((access, topic))
+    return rules
+
+
+def _allows(rules: set[tuple[str, str]], access: str, topic: str) -> bool:
+    from paho.mqtt.client import topic_matches_sub
+
+    return any(a in (access, "readwrite") and topic_matches_sub(f, topic) for a, f in rules)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_broker_acl_grants_each_worker_exactly_its_topics(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path
+) -> None:
+    """Every worker pod is a principal of the broker's ACL with its password in the Secret,
+    granted exactly: the updates, the work order, its own verdicts (read) and its own partials
+    (write). Mosquitto 2.0's acl_file allows every SUBSCRIBE and checks each delivery against
+    the message's own topic, and in a share group a member that may not read a message loses
+    it (subs__send; see aggregator-workers-statefulset.yaml): every member of the share group
+    must be able to read every device's update topic."""
+    from fedge.protocol.topics import FleetTopics
+
+    docs = rendered[overlay]
+    acl_text = find(docs, "ConfigMap", "fedge-broker-config-")["data"]["acl"]
+    acl = _acl(acl_text)
+    assert "$share" not in acl_text  # what is delivered is checked against the plain topic
+    cfg = load_aggregator_config(_config_file(docs, tmp_path), {})
+    t = FleetTopics(cfg.fleet)
+    assert cfg.mqtt.username is not None
+    leader = acl[cfg.mqtt.username]
+
+    pods = _worker_pods(docs)
+    passwords = find(docs, "Secret", "fedge-aggregator-worker-passwords-")["data"]
+    workers = {user for user, rules in acl.items() if (("write", t.partial(user)) in rules)}
+    # Principals, passwords and the pods the StatefulSet runs: one each, none spare in the ACL.
+    assert set(passwords) == {f"{w}.mqtt-password" for w in workers}
+    assert set(pods) <= workers
+    assert workers == {f"{WORKERS}-{i}" for i in range(2)}  # prod's count: regenerate to scale up
+    for w in workers:
+        assert acl[w] == {
+            ("read", t.update_filter),
+            ("read", t.work),
+            ("read", t.verdict(w)),
+            ("write", t.partial(w)),
+        }, w
+        for other in workers - {w}:  # no worker reads another's verdicts or writes its partials
+            assert not _allows(acl[w], "read", t.verdict(other))
+            assert not _allows(acl[w], "write", t.partial(other))
+        assert not _allows(acl[w], "write", t.work) and not _allows(acl[w], "write", t.manifest)
+    # The leader: partials in, the work order and every worker's verdicts out.
+    assert {("read", t.partial_filter), ("write", t.work), ("read", t.update_filter)} <= leader
+    assert all(_allows(leader, "write", t.verdict(w)) for w in workers)
+
+    # The shared subscription's deliveries are the plain update topics; exactly the share group
+    # (the leader and the workers) may read them, and each member may read every device's.
+    shared = t.shared_update_filter(cfg.replicas.share_group)
+    assert shared == f"$share/{cfg.replicas.share_group}/{t.update_filter}"
+    devices = [u for u, rules in acl.items() if ("write", t.update(u)) in rules]
+    assert devices
+    for device in devices:
+        readers = {u for u, rules in acl.items() if _allows(rules, "read", t.update(device))}
+        assert readers == {cfg.mqtt.username} | workers, device
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_broker_config_layout(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     """Every file mosquitto.conf names is in the projected volume, where the conf says."""
@@ -348,8 +663,8 @@ def test_broker_config_layout(rendered: dict[str, list[dict[str, Any]]], overlay
     assert [p["port"] for p in service["spec"]["ports"]] == [8883]
 
 
-def _labels(docs: list[dict[str, Any]], deployment: str) -> dict[str, str]:
-    labels: dict[str, str] = find(docs, "Deployment", deployment)["spec"]["template"]["metadata"]["labels"]
+def _labels(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
+    labels: dict[str, str] = workload(docs, name)["spec"]["template"]["metadata"]["labels"]
     return labels
 
 
@@ -362,6 +677,7 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 def test_network_policies(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     docs = rendered[overlay]
     agg_labels, broker_labels = _labels(docs, AGGREGATOR), _labels(docs, BROKER)
+    worker_labels = _labels(docs, WORKERS)
 
     broker = find(docs, "NetworkPolicy", BROKER)["spec"]
     assert _selects(broker["podSelector"], broker_labels)
@@ -373,13 +689,19 @@ def test_network_policies(rendered: dict[str, list[dict[str, Any]]], overlay: st
     pods = [p for p in peers if "podSelector" in p]
     blocks = [p for p in peers if "ipBlock" in p]
     assert len(pods) + len(blocks) == len(peers)
-    assert len(pods) == 1 and "namespaceSelector" not in pods[0]
-    assert _selects(pods[0]["podSelector"], agg_labels)
-    assert not _selects(pods[0]["podSelector"], broker_labels)
+    # The aggregator's pods and the workers' pods, each by its own selector, in this namespace.
+    assert len(pods) == 2 and not any("namespaceSelector" in p for p in pods)
+    agg_peer, worker_peer = pods
+    assert _selects(agg_peer["podSelector"], agg_labels)
+    assert not _selects(agg_peer["podSelector"], worker_labels)
+    assert _selects(worker_peer["podSelector"], worker_labels)
+    assert not _selects(worker_peer["podSelector"], agg_labels)
+    assert not any(_selects(p["podSelector"], broker_labels) for p in pods)
     assert blocks and all("except" not in b["ipBlock"] for b in blocks)
 
     agg = find(docs, "NetworkPolicy", AGGREGATOR)["spec"]
     assert _selects(agg["podSelector"], agg_labels)
+    assert not _selects(agg["podSelector"], worker_labels)  # its API-server rule is not theirs
     assert agg["policyTypes"] == ["Ingress", "Egress"] and agg["ingress"] == []
     to_broker, to_dns, to_api = agg["egress"]
     (peer,) = to_broker["to"]
@@ -393,14 +715,33 @@ def test_network_policies(rendered: dict[str, list[dict[str, Any]]], overlay: st
     assert set(to_api) == {"ports"}
     assert sorted((p["protocol"], p["port"]) for p in to_api["ports"]) == [("TCP", 443), ("TCP", 6443)]
 
+    # Workers: no ingress at all; egress to the broker's MQTT port and cluster DNS, nothing else
+    # (no API server, no other pod, no address outside).
+    workers = find(docs, "NetworkPolicy", WORKERS)["spec"]
+    assert _selects(workers["podSelector"], worker_labels)
+    assert not _selects(workers["podSelector"], agg_labels)
+    assert workers["policyTypes"] == ["Ingress", "Egress"] and workers["ingress"] == []
+    assert workers["egress"] == [to_broker, to_dns]
+    # Every policy that selects the workers' pods is this one.
+    selecting = [
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and _selects(d["spec"]["podSelector"], worker_labels)
+    ]
+    assert selecting == [WORKERS]
+
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pod_disruption_budget(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     docs = rendered[overlay]
-    pdb = find(docs, "PodDisruptionBudget", AGGREGATOR)["spec"]
-    assert pdb == {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": AGGREGATOR}}}
-    assert _selects(pdb["selector"], _labels(docs, AGGREGATOR))
-    assert find(docs, "Deployment", AGGREGATOR)["spec"]["selector"] == pdb["selector"]
+    for name in (AGGREGATOR, WORKERS):
+        pdb = find(docs, "PodDisruptionBudget", name)["spec"]
+        assert pdb == {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": name}}}
+        assert _selects(pdb["selector"], _labels(docs, name))
+        assert workload(docs, name)["spec"]["selector"] == pdb["selector"]
+    # Neither budget (nor workload selector) covers the other's pods.
+    for name, other in ((AGGREGATOR, WORKERS), (WORKERS, AGGREGATOR)):
+        assert not _selects(workload(docs, name)["spec"]["selector"], _labels(docs, other))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -429,6 +770,16 @@ def test_rbac(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": AGGREGATOR, "namespace": "fedge"}]
     find(docs, "ServiceAccount", AGGREGATOR)
     assert pod_spec(docs, AGGREGATOR)["serviceAccountName"] == AGGREGATOR
+    # Workers: an account of their own that no binding names, and no token in the pod anyway.
+    worker_spec = pod_spec(docs, WORKERS)
+    assert worker_spec["serviceAccountName"] == WORKERS
+    account = find(docs, "ServiceAccount", WORKERS)
+    assert account["automountServiceAccountToken"] is False
+    assert worker_spec["automountServiceAccountToken"] is False
+    bound = [
+        s for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding") for s in d.get("subjects", [])
+    ]
+    assert bound and all(s["name"] != WORKERS for s in bound)
 
 
 def test_no_key_material_shipped() -> None:
@@ -444,10 +795,12 @@ def test_no_key_material_shipped() -> None:
 
 
 #: How k8s/base/broker/ was generated (the example fleet of k8s/base/config: two devices, one
-#: BMS user, the in-cluster broker name, paths as the broker pod sees them).
+#: BMS user, the two workers of the StatefulSet, the in-cluster broker name, paths as the
+#: broker pod sees them).
 K8S_BROKER_ARGS = (
     "broker", "config", "--fleet", "building-1", "--device", "sensor-gw-01,sensor-gw-02",
     "--aggregator", "aggregator", "--bms", "bms-1", "--tls", "lab",
+    "--aggregator-worker", f"{WORKERS}-0,{WORKERS}-1",
     "--hostname", "fedge-broker.fedge.svc.cluster.local", "--install-dir", "/mosquitto/config",
     "--data-dir", "/mosquitto/data", "--max-blob-bytes", "65536",
 )  # fmt: skip

@@ -186,3 +186,32 @@ def test_a_worker_killed_holding_updates_loses_none_of_them(
         rf"partial 1 of worker-1: (\d+) accepted, 0 refused in round {round_2}", fleet.log("aggregator")
     )
     assert brought and int(brought[-1]) >= 1, fleet.log("aggregator")[-3000:]
+
+
+def test_a_worker_stopped_with_sigterm_leaves_the_group_and_no_round_waits_for_it(
+    tmp_path: Path, mosquitto: MosquittoBroker, recorder: TrafficRecorder, har_model_dir: Path
+) -> None:
+    """A scale-down: the worker leaves the shared subscription, hands over what it holds and ends
+    its broker session, so the broker stops queueing a share of the updates for a member that is
+    gone; the next rounds count every device well before their deadline."""
+    fleet = Fleet(
+        tmp_path / "fleet",
+        mosquitto.url,
+        har_model_dir,
+        DEVICES,
+        {"rounds": 3, "min_devices": DEVICES, "round_timeout_s": 60.0},
+    )
+    try:
+        start_replicated(fleet, recorder)
+        wait_for("round 1", completed(fleet, recorder, 1), 120, fleet)
+        fleet.signal("worker-1", signal.SIGTERM)
+        assert fleet.wait_exit("worker-1", 20) == 0
+        stopped_at = time.monotonic()
+        wait_for("round 3", completed(fleet, recorder, 3), 50, fleet)
+        took_s = time.monotonic() - stopped_at
+        status = aggregator_status(fleet, recorder)
+    finally:
+        fleet.stop_all()
+    assert "left the share group holding nothing; session ended" in fleet.log("worker-1")
+    assert [r["reported"] for r in train_records(status)] == [DEVICES] * 3
+    assert took_s < 30  # no round waited for its 60 s deadline

@@ -34,6 +34,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.heartbeat import Heartbeat
@@ -63,6 +65,8 @@ RECEIVE_MAXIMUM = 1000
 #: counts it twice).
 RESEND_AFTER_S = 5.0
 EXIT_CONFIG = 78
+#: How long a stopping worker waits for the verdicts on what it holds before it leaves.
+LEAVE_S = 5.0
 _ADVICE = {
     "handler": "A bug in fedge: the message was skipped. Please report this traceback.",
     "work": "The leader's work order did not verify: give every worker the leader's signing key.",
@@ -143,8 +147,13 @@ class AggregatorWorker:
         client.subscribe(
             [
                 (self.topics.shared_update_filter(self.settings.share_group), 1),
-                (self.topics.work, 1),
-                (self.topics.verdict(self.worker_id), 1),
+                # QoS 0 on purpose: the updates the worker holds unacknowledged fill the
+                # broker's window of QoS 1 messages to it (the receive maximum), and a verdict
+                # queued behind them could never arrive to free it. Mosquitto sends QoS 0 at
+                # once. A verdict lost with the connection is asked for again (RESEND_AFTER_S);
+                # the work order is retained and comes again with the next subscription.
+                (self.topics.work, 0),
+                (self.topics.verdict(self.worker_id), 0),
             ]
         )
         log.info("worker %s connected to %s", self.worker_id, self.config.mqtt.url)
@@ -261,7 +270,7 @@ class AggregatorWorker:
         publish_queued(self.client, self.topics.partial(self.worker_id), f.payload, qos=1)
         self.counts.partials += 1
 
-    def _flush_due(self) -> None:
+    def _flush_due(self, now: bool = False) -> None:
         r = self.engine.current
         if r is None or r.batch is None or self.inflight is not None or len(r.batch) == 0:
             if self.inflight is not None and time.monotonic() - self.inflight.sent_at > RESEND_AFTER_S:
@@ -287,22 +296,55 @@ class AggregatorWorker:
         self.client.loop_start()
         try:
             while not self.stop_requested.is_set():
-                self.heartbeat.beat()
-                try:
-                    message = self.inbox.get(timeout=0.02)
-                except queue.Empty:
-                    message = None
-                if message is not None:
-                    try:
-                        self._handle(*message)
-                    except Exception as exc:  # one message never ends the worker
-                        self.dropped.count(f"handler_error:{type(exc).__name__}", message[0], repr(exc), exc)
-                        self._ack([(message[2], message[3])])
-                self._flush_due()
+                self._turn()
+            if self.exit_code == 0:
+                self._leave()
             return self.exit_code
         finally:
             self.client.disconnect()
             self.client.loop_stop()
+
+    def _turn(self, flush_now: bool = False) -> None:
+        """One turn of the loop: at most one message, then a partial if one is due."""
+        self.heartbeat.beat()
+        try:
+            message = self.inbox.get(timeout=0.02)
+        except queue.Empty:
+            message = None
+        if message is not None:
+            try:
+                self._handle(*message)
+            except Exception as exc:  # one message never ends the worker
+                self.dropped.count(f"handler_error:{type(exc).__name__}", message[0], repr(exc), exc)
+                self._ack([(message[2], message[3])])
+        self._flush_due(flush_now)
+
+    def _leave(self) -> None:
+        """A stop (SIGTERM: a scale-down, a rolling update) hands over what this worker holds.
+
+        It leaves the shared subscription first, so the broker hands it nothing more; sends what
+        it folded and waits (at most ``LEAVE_S``) for the verdicts; then, holding nothing
+        unacknowledged, it ends its broker session (session expiry 0 on DISCONNECT). A member
+        that is gone keeps its turn in the group while its session lives, and what the broker
+        queued for it would wait there unread. Holding something still, it keeps the session,
+        so the same worker started again gets those updates back."""
+        if not self.client.is_connected():
+            return
+        self.client.unsubscribe(self.topics.shared_update_filter(self.settings.share_group))
+        until = time.monotonic() + LEAVE_S
+        while time.monotonic() < until:
+            self._turn(flush_now=True)
+            if self.inflight is None and not self.batch_mids and not self.held and self.inbox.empty():
+                props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = 0
+                self.client.disconnect(properties=props)
+                log.info("worker %s left the share group holding nothing; session ended", self.worker_id)
+                return
+        log.warning(
+            "worker %s stopped holding unacknowledged updates; its broker session keeps them for the "
+            "same worker_id to take back",
+            self.worker_id,
+        )
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         self.stop_requested.set()
