@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-scale chaos images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-scale bench-replicas chaos images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -155,6 +155,11 @@ bench-fleet-budget: install
 # bench/results/scale.json and scale.png. --quick: N = 100 and 1,000, 2 rounds (~30 s).
 bench-scale: install
 	$(BIN)/python bench/bench_scale.py --out bench/results/scale.json
+
+# Aggregator replicas ([replicas]): sealed updates a second with 1, 2 and 4 aggregator processes
+# (a leader and workers on one shared subscription) at N = 1,000 and 10,000, real broker.
+bench-replicas: install
+	$(BIN)/python bench/bench_replicas.py --out bench/results/replicas.json
 
 # The long chaos loop: kill -9 of the broker, the aggregator and an agent at every phase of a
 # round, FEDGE_CHAOS_REPEATS times each (3: 54 kills, ~4 min); recovery times in
