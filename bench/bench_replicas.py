@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--task", type=Path, default=DEFAULT_TASK)
     parser.add_argument("--sizes", type=_int_list, default=None, help="fleet sizes (default 1000,10000)")
-    parser.add_argument("--replicas", type=_int_list, default=None, help="aggregator processes (default 1,2,4)")
+    parser.add_argument(
+        "--replicas", type=_int_list, default=None, help="aggregator processes (default 1,2,4)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per (N, R); the median is reported")
     parser.add_argument("--quick", action="store_true", help="N = 500 only")
     a = parser.parse_args(argv)
@@ -126,7 +127,9 @@ class CpuSampler:
         return None if a is None or b is None else b - a
 
 
-def preseal(n: int, fleet: str, files: Any, loaded: Any) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+def preseal(
+    n: int, fleet: str, files: Any, loaded: Any
+) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     """Every device's moments for round m-v1 and update for round r0001-v2, sealed as the agent
     seals them (counters 1 and 2)."""
     import numpy as np
@@ -142,15 +145,38 @@ def preseal(n: int, fleet: str, files: Any, loaded: Any) -> tuple[list[tuple[str
     features = loaded.manifest.task.input_dim
     for device, key in files.device_keys.items():
         topic = topics.update(device)
-        moments.append((topic, sealed_moments(
-            fleet=fleet, device_id=device, round_id="m-v1", version=1, counter=1,
-            moments=device_moments(rng, features), device_key=key, aggregator_public=aggregator,
-        )))
-        updates.append((topic, sealed_update(
-            fleet=fleet, device_id=device, round_id="r0001-v2", version=2, counter=2,
-            delta=random_delta(rng, loaded.manifest.parameter_count), layout=loaded.manifest.layout,
-            codec=Codec.FP32, device_key=key, aggregator_public=aggregator,
-        )))
+        moments.append(
+            (
+                topic,
+                sealed_moments(
+                    fleet=fleet,
+                    device_id=device,
+                    round_id="m-v1",
+                    version=1,
+                    counter=1,
+                    moments=device_moments(rng, features),
+                    device_key=key,
+                    aggregator_public=aggregator,
+                ),
+            )
+        )
+        updates.append(
+            (
+                topic,
+                sealed_update(
+                    fleet=fleet,
+                    device_id=device,
+                    round_id="r0001-v2",
+                    version=2,
+                    counter=2,
+                    delta=random_delta(rng, loaded.manifest.parameter_count),
+                    layout=loaded.manifest.layout,
+                    codec=Codec.FP32,
+                    device_key=key,
+                    aggregator_public=aggregator,
+                ),
+            )
+        )
     return moments, updates
 
 
@@ -168,8 +194,9 @@ class Watcher:
         self.status: dict[str, Any] = {}
         self.lock = threading.Lock()
         host, port = url.removeprefix("mqtt://").rsplit(":", 1)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+        )
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.client.on_message = self._on_message
@@ -190,8 +217,9 @@ class Watcher:
             with self.lock:
                 self.manifests.setdefault(int(version), time.monotonic())
 
-    def wait_manifest(self, version: int, timeout: float, procs: dict[str, subprocess.Popen[bytes]],
-                      logs: dict[str, Path]) -> float:
+    def wait_manifest(
+        self, version: int, timeout: float, procs: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path]
+    ) -> float:
         until = time.monotonic() + timeout
         while time.monotonic() < until:
             with self.lock:
@@ -218,9 +246,14 @@ class Watcher:
 
 def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "fedge.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {})), cwd=ROOT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedge.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {})),
+            cwd=ROOT,
+            start_new_session=True,
+        )
 
 
 def replica_run(n: int, r: int, exe: Path, model_dir: Path, loaded: Any, work: Path) -> dict[str, Any]:
@@ -232,15 +265,26 @@ def replica_run(n: int, r: int, exe: Path, model_dir: Path, loaded: Any, work: P
     run_dir = work / fleet
     t0 = time.perf_counter()
     files = create_fleet(
-        run_dir, fleet, model_dir, PLACEHOLDER_URL, dict.fromkeys(device_ids(n), 1),
-        rounds={"rounds": 1, "min_devices": n, "round_timeout_s": 600.0, "server_learning_rate": 1.0,
-                "wait_for_devices_s": 0.0},
+        run_dir,
+        fleet,
+        model_dir,
+        PLACEHOLDER_URL,
+        dict.fromkeys(device_ids(n), 1),
+        rounds={
+            "rounds": 1,
+            "min_devices": n,
+            "round_timeout_s": 600.0,
+            "server_learning_rate": 1.0,
+            "wait_for_devices_s": 0.0,
+        },
         replicas={"enabled": True} if r > 1 else None,
     )
     moments, updates = preseal(n, fleet, files, loaded)
     prepare_s = time.perf_counter() - t0
     broker = MosquittoBroker(
-        BrokerSettings(data_dir=run_dir / "mosquitto", max_queued_messages=4 * n + 1000, max_inflight_messages=1000),
+        BrokerSettings(
+            data_dir=run_dir / "mosquitto", max_queued_messages=4 * n + 1000, max_inflight_messages=1000
+        ),
         executable=exe,
     )
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -257,9 +301,11 @@ def replica_run(n: int, r: int, exe: Path, model_dir: Path, loaded: Any, work: P
         for i in range(1, r):
             name = f"worker-{i}"
             logs[name] = run_dir / f"{name}.log"
-            procs[name] = spawn(["aggregator", "run", "--config", str(files.aggregator_config)], logs[name],
-                                {"FEDGE_AGGREGATOR__REPLICAS__ROLE": "worker",
-                                 "FEDGE_AGGREGATOR__REPLICAS__WORKER_ID": name})
+            procs[name] = spawn(
+                ["aggregator", "run", "--config", str(files.aggregator_config)],
+                logs[name],
+                {"FEDGE_AGGREGATOR__REPLICAS__ROLE": "worker", "FEDGE_AGGREGATOR__REPLICAS__WORKER_ID": name},
+            )
             sampler.watch(name, procs[name].pid)
         for name in list(procs):  # every worker in the shared subscription before the leader opens
             until = time.monotonic() + 60
@@ -270,7 +316,9 @@ def replica_run(n: int, r: int, exe: Path, model_dir: Path, loaded: Any, work: P
         watcher = Watcher(broker.url, fleet)
         sampler.start()
         logs["leader"] = run_dir / "leader.log"
-        procs["leader"] = spawn(["aggregator", "run", "--config", str(files.aggregator_config)], logs["leader"])
+        procs["leader"] = spawn(
+            ["aggregator", "run", "--config", str(files.aggregator_config)], logs["leader"]
+        )
         sampler.watch("leader", procs["leader"].pid)
         watcher.wait_manifest(1, 120, procs, logs)
         m_pub0 = time.monotonic()
@@ -347,10 +395,21 @@ def decryption_floor(n: int, loaded: Any) -> dict[str, Any]:
     agg = PrivateKey.generate()
     rng = np.random.default_rng(1)
     devices = [PrivateKey.generate() for _ in range(min(n, 500))]
-    sealed = [sealed_update(fleet="f", device_id=f"d{i}", round_id="r0001-v2", version=2, counter=2,
-                            delta=random_delta(rng, loaded.manifest.parameter_count),
-                            layout=loaded.manifest.layout, codec=Codec.FP32, device_key=k,
-                            aggregator_public=agg.public_key) for i, k in enumerate(devices)]
+    sealed = [
+        sealed_update(
+            fleet="f",
+            device_id=f"d{i}",
+            round_id="r0001-v2",
+            version=2,
+            counter=2,
+            delta=random_delta(rng, loaded.manifest.parameter_count),
+            layout=loaded.manifest.layout,
+            codec=Codec.FP32,
+            device_key=k,
+            aggregator_public=agg.public_key,
+        )
+        for i, k in enumerate(devices)
+    ]
     boxes = [box_for(agg, k.public_key) for k in devices]
     t0 = time.perf_counter()
     for data, box, key in zip(sealed, boxes, devices, strict=True):
@@ -377,7 +436,9 @@ def run(cfg: Config) -> dict[str, Any]:
         build_model_dir(cfg.task_path, model_dir, tmp)
         loaded = load(model_dir)
         floor = decryption_floor(max(cfg.sizes), loaded)
-        print(f"decryption floor: {floor['us_per_update']:.1f} us per update (one core, Box cached)", flush=True)
+        print(
+            f"decryption floor: {floor['us_per_update']:.1f} us per update (one core, Box cached)", flush=True
+        )
         for n in cfg.sizes:
             for r in cfg.replicas:
                 runs = []
@@ -385,10 +446,13 @@ def run(cfg: Config) -> dict[str, Any]:
                     la = os.getloadavg()[0]
                     print(f"N={n} R={r} run {rep + 1}/{cfg.repeats} (load {la:.2f}) ...", flush=True)
                     one = replica_run(n, r, exe, model_dir, loaded, tmp)
-                    print(f"      {one['updates_per_s']:.0f} updates/s, aggregators "
-                          f"{one['aggregator_cpu_us_per_update']:.0f} us CPU/update, "
-                          f"{one['machine_cores_busy']:.2f} cores busy"
-                          + (f"; PROBLEMS {one['problems']}" if one["problems"] else ""), flush=True)
+                    print(
+                        f"      {one['updates_per_s']:.0f} updates/s, aggregators "
+                        f"{one['aggregator_cpu_us_per_update']:.0f} us CPU/update, "
+                        f"{one['machine_cores_busy']:.2f} cores busy"
+                        + (f"; PROBLEMS {one['problems']}" if one["problems"] else ""),
+                        flush=True,
+                    )
                     runs.append(one)
                 best = sorted(runs, key=lambda x: x["updates_per_s"])[len(runs) // 2]
                 best["updates_per_s_runs"] = [x["updates_per_s"] for x in runs]
@@ -396,12 +460,16 @@ def run(cfg: Config) -> dict[str, Any]:
     return assemble(cfg, floor, results, time.perf_counter() - started)
 
 
-def assemble(cfg: Config, floor: dict[str, Any], results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def assemble(
+    cfg: Config, floor: dict[str, Any], results: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
     base = {r["devices"]: r for r in results if r["replicas"] == 1}
     for r in results:
         b = base.get(r["devices"])
         r["speedup_vs_1"] = r["updates_per_s"] / b["updates_per_s"] if b else None
-        r["aggregator_cpu_vs_1"] = r["aggregator_cpu_s"] / b["aggregator_cpu_s"] if b and b["aggregator_cpu_s"] else None
+        r["aggregator_cpu_vs_1"] = (
+            r["aggregator_cpu_s"] / b["aggregator_cpu_s"] if b and b["aggregator_cpu_s"] else None
+        )
         r["vs_decryption_floor"] = r["updates_per_s"] / floor["updates_per_s"]
     at2 = [r["speedup_vs_1"] for r in results if r["replicas"] == 2 and r["speedup_vs_1"]]
     cores = os.cpu_count() or 1
@@ -409,7 +477,11 @@ def assemble(cfg: Config, floor: dict[str, Any], results: list[dict[str, Any]], 
     limit = None
     if one:
         r1 = max(one, key=lambda r: r["devices"])
-        per_update = r1["aggregator_cpu_us_per_update"] + r1["broker_cpu_us_per_update"] + r1["publisher_cpu_us_per_update"]
+        per_update = (
+            r1["aggregator_cpu_us_per_update"]
+            + r1["broker_cpu_us_per_update"]
+            + r1["publisher_cpu_us_per_update"]
+        )
         # On `cores` cores, no replica count can beat all the work per update spread over all cores.
         ceiling = 1e6 / (per_update / cores)
         limit = {
@@ -430,36 +502,48 @@ def assemble(cfg: Config, floor: dict[str, Any], results: list[dict[str, Any]], 
         "replicas": list(cfg.replicas),
         "decryption_floor": floor,
         "results": results,
-        "target": {"speedup_at_2": TARGET_SPEEDUP_AT_2, "measured": at2, "met": bool(at2) and min(at2) > TARGET_SPEEDUP_AT_2},
+        "target": {
+            "speedup_at_2": TARGET_SPEEDUP_AT_2,
+            "measured": at2,
+            "met": bool(at2) and min(at2) > TARGET_SPEEDUP_AT_2,
+        },
         "limit": limit,
         "seconds": seconds,
     }
 
 
 def render_table(result: dict[str, Any]) -> str:
-    lines = [f"{'N':>6} {'R':>2} {'updates/s':>10} {'vs R=1':>7} {'agg us/upd':>10} {'broker':>7} "
-             f"{'publisher':>9} {'cores':>6} {'leader MB':>9} {'worker MB':>9}  problems"]
+    lines = [
+        f"{'N':>6} {'R':>2} {'updates/s':>10} {'vs R=1':>7} {'agg us/upd':>10} {'broker':>7} "
+        f"{'publisher':>9} {'cores':>6} {'leader MB':>9} {'worker MB':>9}  problems"
+    ]
     for r in result["results"]:
         rss = r["peak_rss_mb"]
         workers = [v for k, v in rss.items() if k.startswith("worker") and v]
         lines.append(
-            f"{r['devices']:>6} {r['replicas']:>2} {r['updates_per_s']:>10.0f} {r['speedup_vs_1'] or 0:>6.2f}x "
+            f"{r['devices']:>6} {r['replicas']:>2} {r['updates_per_s']:>10.0f} "
+            f"{r['speedup_vs_1'] or 0:>6.2f}x "
             f"{r['aggregator_cpu_us_per_update']:>10.0f} {r['broker_cpu_us_per_update']:>7.0f} "
             f"{r['publisher_cpu_us_per_update']:>9.0f} {r['machine_cores_busy']:>6.2f} "
-            f"{rss.get('leader') or 0:>9.1f} {max(workers) if workers else 0:>9.1f}  {'; '.join(r['problems']) or '-'}"
+            f"{rss.get('leader') or 0:>9.1f} {max(workers) if workers else 0:>9.1f}  "
+            f"{'; '.join(r['problems']) or '-'}"
         )
     f = result["decryption_floor"]
     lines.append(f"decryption floor (one core, Box cached): {f['updates_per_s']:.0f} updates/s")
     t = result["target"]
-    lines.append(f"target: more than {t['speedup_at_2']}x at R=2: measured {t['measured']} -> "
-                 f"{'met' if t['met'] else 'not met'}")
+    lines.append(
+        f"target: more than {t['speedup_at_2']}x at R=2: measured {t['measured']} -> "
+        f"{'met' if t['met'] else 'not met'}"
+    )
     if result["limit"]:
         lim = result["limit"]
-        lines.append(f"limit: {lim['cores']} cores; per update at R=1 the aggregator, broker and publisher spend "
-                     f"{lim['cpu_us_per_update_at_1']['aggregator']:.0f} + {lim['cpu_us_per_update_at_1']['broker']:.0f}"
-                     f" + {lim['cpu_us_per_update_at_1']['publisher']:.0f} us: at best "
-                     f"{lim['machine_ceiling_updates_per_s']:.0f} updates/s on this machine, "
-                     f"{lim['best_possible_speedup']:.2f}x of R=1")
+        cpu = lim["cpu_us_per_update_at_1"]
+        lines.append(
+            f"limit: {lim['cores']} cores; per update at R=1 the aggregator, broker and publisher spend "
+            f"{cpu['aggregator']:.0f} + {cpu['broker']:.0f} + {cpu['publisher']:.0f} us: at best "
+            f"{lim['machine_ceiling_updates_per_s']:.0f} updates/s on this machine, "
+            f"{lim['best_possible_speedup']:.2f}x of R=1"
+        )
     return "\n".join(lines)
 
 
@@ -475,7 +559,12 @@ def plot(path: Path, result: dict[str, Any]) -> bool:
     for n in result["sizes"]:
         rows = [r for r in result["results"] if r["devices"] == n]
         ax.plot([r["replicas"] for r in rows], [r["updates_per_s"] for r in rows], marker="o", label=f"N={n}")
-    ax.axhline(result["decryption_floor"]["updates_per_s"], color="grey", linestyle=":", label="decryption floor (1 core)")
+    ax.axhline(
+        result["decryption_floor"]["updates_per_s"],
+        color="grey",
+        linestyle=":",
+        label="decryption floor (1 core)",
+    )
     ax.set_xlabel("aggregator processes (leader + workers)")
     ax.set_ylabel("sealed updates per second")
     ax.set_title("fedge aggregator replicas on one machine")

@@ -13,19 +13,9 @@ from fedge.aggregator.heartbeat import Heartbeat, heartbeat_age_s
 from fedge.aggregator.leader_config import LEADER_KEYS, LEADER_OFF, LeaderSettings, leader_settings_from_table
 from fedge.aggregator.leadership import status_data
 from fedge.protocol.config_source import ConfigError, Table
+from support.aggregator_toml import MINIMAL_AGGREGATOR_TOML
 
-BASE = """
-[aggregator]
-fleet = "f1"
-model_dir = "model"
-state_dir = "state"
-registry = "devices.toml"
-box_key_file = "keys/aggregator.box"
-signing_key_file = "keys/aggregator.sign"
-
-[mqtt]
-broker = "mqtt://localhost"
-"""
+BASE = MINIMAL_AGGREGATOR_TOML
 IN_CLUSTER = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "POD_NAME": "fedge-aggregator-7d9-x2"}
 
 

@@ -10,19 +10,9 @@ import pytest
 from fedge.aggregator.config import load_aggregator_config
 from fedge.aggregator.replica_config import REPLICAS_OFF, ReplicaSettings
 from fedge.protocol.config_source import ConfigError
+from support.aggregator_toml import MINIMAL_AGGREGATOR_TOML
 
-BASE = """
-[aggregator]
-fleet = "f1"
-model_dir = "model"
-state_dir = "state"
-registry = "devices.toml"
-box_key_file = "keys/aggregator.box"
-signing_key_file = "keys/aggregator.sign"
-
-[mqtt]
-broker = "mqtt://localhost"
-"""
+BASE = MINIMAL_AGGREGATOR_TOML
 
 
 def load(tmp_path: Path, extra: str, env: dict[str, str] | None = None) -> ReplicaSettings:

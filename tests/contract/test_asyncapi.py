@@ -240,6 +240,7 @@ AGGREGATOR_STATUS = {
     "inbox": {"messages": 0, "bytes": 0, "max_messages": 100000, "max_bytes": 67108864},
     "state_dir": {"problem": None, "failed_writes": {"full": 0, "read_only": 0}},
     "replicas": None,
+    "upstream": None,
 }
 
 

@@ -1479,3 +1479,25 @@ def test_the_cli_flag_adds_aggregator_workers(tmp_path: Path) -> None:
     access = request_from_args(parser.parse_args(args)).access
     assert access.workers == ("w-1", "w-2")
     assert [p.role for p in access.principals][:3] == ["aggregator", "aggregator-worker", "aggregator-worker"]
+
+
+def test_bridge_to_a_campus_writes_the_bridge_and_keeps_its_password_secret(tmp_path: Path) -> None:
+    from fedge.tools.broker_config import request_from_args
+
+    parser = argparse.ArgumentParser()
+    add_broker_parser(parser.add_subparsers(dest="command"))
+    secret = tmp_path / "bridge.password"
+    secret.write_text("campus-pass\n")
+    base = ["broker", "config", "--fleet", "building-1", "--device", DEV_A, "--no-tls"]
+    base += ["--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"), "--port", "18883"]
+    args = [*base, "--bridge-to", "127.0.0.1:28883", "--campus-fleet", "campus"]
+    args += ["--building-id", "building-1", "--bridge-password-file", str(secret)]
+    result = write_broker_config(request_from_args(parser.parse_args(args)))
+    conf = result.out_dir / "mosquitto.conf"
+    text = conf.read_text()
+    assert "connection campus-building-1\naddress 127.0.0.1:28883\n" in text
+    assert "remote_password campus-pass\n" in text
+    assert conf.stat().st_mode & 0o777 == 0o600
+    assert "topic write fedge/v1/campus/update/building-1" in (result.out_dir / "acl").read_text()
+    with pytest.raises(BrokerConfigError, match="--bridge-to needs --campus-fleet and --building-id"):
+        request_from_args(parser.parse_args([*base, "--bridge-to", "127.0.0.1:28883"]))

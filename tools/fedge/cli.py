@@ -303,6 +303,10 @@ def cmd_aggregator_run(args: argparse.Namespace) -> int:
 
     config = load_aggregator_config(args.config, os.environ)
     _setup_logging(args.verbose)
+    if config.upstream.enabled:  # a building gateway: rounds follow its campus's
+        from fedge.aggregator.building import run_building  # noqa: PLC0415
+
+        return run_building(config)
     if config.replicas.worker:  # [replicas] role = "worker": folds a share, sends partials
         from fedge.aggregator.worker import run_worker  # noqa: PLC0415
 

@@ -31,6 +31,12 @@ from fedge.aggregator.replica_config import (
     check_replicable,
     replica_settings_from_table,
 )
+from fedge.aggregator.upstream_config import (
+    UPSTREAM_KEYS,
+    UPSTREAM_OFF,
+    UpstreamSettings,
+    upstream_settings_from_table,
+)
 from fedge.protocol.codec import Codec
 from fedge.protocol.codec_names import DEFAULT_TOPK_FRACTION, MAX_TOPK_FRACTION, MIN_TOPK_FRACTION
 from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
@@ -163,6 +169,8 @@ class AggregatorConfig:
     privacy: PrivacySettings = PRIVACY_OFF
     #: ``[replicas]``: a leader and workers sharing the fleet's updates (off by default; docs/scale.md).
     replicas: ReplicaSettings = REPLICAS_OFF
+    #: ``[upstream]``: this aggregator is a building gateway under a campus (off by default; docs/scale.md).
+    upstream: UpstreamSettings = UPSTREAM_OFF
 
     @property
     def heartbeat_path(self) -> Path:
@@ -220,6 +228,7 @@ AGGREGATOR_TABLES: dict[str, set[str]] = {
     "privacy": PRIVACY_KEYS,
     "replicas": REPLICA_KEYS,
     "rounds": ROUND_KEYS,
+    "upstream": UPSTREAM_KEYS,
 }
 
 
@@ -338,6 +347,12 @@ def load_aggregator_config(
     privacy = privacy_settings_from_table(Table(data, "privacy", PRIVACY_KEYS), rounds)
     replicas = replica_settings_from_table(Table(data, "replicas", REPLICA_KEYS), env)
     check_replicable(replicas, rounds.strategy, rounds.robust, privacy.enabled, privacy.secure_aggregation)
+    upstream = upstream_settings_from_table(Table(data, "upstream", UPSTREAM_KEYS), base)
+    if upstream.enabled and (replicas.enabled or privacy.secure_aggregation):
+        raise ConfigError(
+            "[upstream] (a building gateway) runs without [replicas] and without secure_aggregation: "
+            "turn those off on the building (docs/scale.md)"
+        )
     return AggregatorConfig(
         fleet=fleet,
         model_dir=base / agg.text("model_dir"),
@@ -356,4 +371,5 @@ def load_aggregator_config(
         metrics=metrics_settings_from_table(Table(data, "metrics", METRICS_KEYS), AGGREGATOR_METRICS_PORT),
         privacy=privacy,
         replicas=replicas,
+        upstream=upstream,
     )

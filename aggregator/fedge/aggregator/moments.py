@@ -213,6 +213,10 @@ class MomentsAccumulator:
         self._count += sum(row[0] for row in checked)
         self._updates += len(checked)
 
+    def totals(self) -> tuple[int, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The pooled (count, sums, sums of squares): what a building gateway reports upstream."""
+        return self._count, self._sums.copy(), self._sums_sq.copy()
+
     @property
     def rows(self) -> list[tuple[int, npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
         """Each accepted report's (count, sums, sums_sq), in arrival order (a replica's partial)."""

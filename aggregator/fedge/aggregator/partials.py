@@ -37,6 +37,7 @@ __all__ = [
     "MomentRow",
     "Partial",
     "absorb_partial",
+    "fold_chain",
     "fold_parts",
 ]
 
@@ -106,7 +107,7 @@ class ReplicaError(FedgeError):
     """A configuration replicas cannot run, or folds that are not sums."""
 
 
-def _chain(folds: RoundFolds) -> tuple[NormClip, RoundMetrics, StreamingFedAvg]:
+def fold_chain(folds: RoundFolds) -> tuple[NormClip, RoundMetrics, StreamingFedAvg]:
     """The fold chain of a replicable round: NormClip(RoundMetrics(FedAvg | ServerOptimizer(FedAvg)))."""
     clip = folds.updates
     metrics = clip.inner
@@ -122,7 +123,7 @@ def _chain(folds: RoundFolds) -> tuple[NormClip, RoundMetrics, StreamingFedAvg]:
 
 def fold_parts(folds: RoundFolds, moment_devices: list[str]) -> dict[str, object]:
     """The folds' parts as :class:`Partial` fields (the round bookkeeping is the engine's)."""
-    clip, metrics, mean = _chain(folds)
+    clip, metrics, mean = fold_chain(folds)
     delta_sum, updates, examples, weight = mean.parts()
     rows = tuple(
         MomentRow(device, n, s, sq)
@@ -152,7 +153,7 @@ def absorb_partial(folds: RoundFolds, partial: Partial, moment_devices: list[str
     """Adds ``partial`` to the leader's ``folds`` (and its moment rows' devices to
     ``moment_devices``), all or nothing: ``AggregationError`` if the parts are inconsistent or
     overflow, and then nothing changed."""
-    clip, metrics, mean = _chain(folds)
+    clip, metrics, mean = fold_chain(folds)
     p = partial
     if p.updates != len(p.raw_norms) or p.clipped > p.updates or p.clipped < 0:
         raise AggregationError("a partial's update count, norms and clipped count disagree")

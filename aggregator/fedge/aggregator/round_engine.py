@@ -433,13 +433,23 @@ class RoundEngine:
         rng = np.random.default_rng([self.settings.selection_seed, version])
         return tuple(sorted(rng.choice(enrolled, size=k, replace=False).tolist()))
 
-    def open_round(self, now: float, not_ready: frozenset[str] = frozenset()) -> Publication:
+    def open_round(
+        self,
+        now: float,
+        not_ready: frozenset[str] = frozenset(),
+        *,
+        phase: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Publication:
         """Announces the next round (or the final model): bumps the version, signs the manifest.
-        ``not_ready``: devices whose status says they cannot take part yet (``select_devices``)."""
+        ``not_ready``: devices whose status says they cannot take part yet (``select_devices``).
+        ``phase`` and ``timeout_s``: a building gateway's round, which follows its campus's
+        (``fedge.aggregator.upstream``); otherwise the engine's own phase and round timeout."""
         version = self.state.version + 1
-        phase = self.phase
+        phase = self.phase if phase is None else phase
         round_id = self._round_id(phase, version)
-        timeout = 0.0 if phase == "final" else self.settings.round_timeout_s
+        own_timeout = self.settings.round_timeout_s if timeout_s is None else timeout_s
+        timeout = 0.0 if phase == "final" else own_timeout
         selected = () if phase == "final" else self.select_devices(version, not_ready)
         weights_bytes = weights_to_bytes(self.state.weights)
         weights_sha = hashlib.sha256(weights_bytes).hexdigest()

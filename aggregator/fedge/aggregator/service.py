@@ -745,6 +745,7 @@ class AggregatorService:
         status["inbox"] = self.inbox_status()
         status["state_dir"] = self.state_dir_watch.report()
         status["replicas"] = None if self.intake is None else self.intake.status()
+        status["upstream"] = None  # a building gateway's (fedge.aggregator.building)
         return status
 
     def _drain(self, timeout: float) -> None:

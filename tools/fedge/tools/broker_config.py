@@ -214,6 +214,10 @@ class FleetAccess:
     #: ``[replicas]`` workers beside the aggregator (their ``worker_id``s, each its own principal:
     #: the username is the client id, and a worker's broker session must be its own).
     workers: tuple[str, ...] = ()
+    #: A building gateway under a campus: (campus fleet, this building's id there). The
+    #: aggregator then also reads the campus's manifest and blobs (over the bridge) and writes
+    #: the building's contribution to the campus.
+    upstream: tuple[str, str] | None = None
     device_edgex: bool = True
     #: Home Assistant's discovery prefix with ``--home-assistant`` (None: off): each device may
     #: then write its own discovery config, and BMS principals read ``{prefix}/#``.
@@ -274,6 +278,16 @@ class FleetAccess:
     def topics(self) -> FleetTopics:
         return FleetTopics(self.fleet)
 
+    def _upstream_rules(self) -> list[tuple[str, str]]:
+        if self.upstream is None:
+            return []
+        campus = FleetTopics(self.upstream[0])
+        return [
+            ("read", campus.manifest),
+            ("read", campus.blob_filter),
+            ("write", campus.update(self.upstream[1])),
+        ]
+
     @property
     def principals(self) -> tuple[Principal, ...]:
         """Every principal, in the order of the rendered ACL: aggregator, BMS, monitors, EdgeX
@@ -311,6 +325,7 @@ class FleetAccess:
                 ("read", t.partial_filter),
                 ("write", t.work),
                 ("write", f"{t.base}/aggregator/verdict/+"),
+                *self._upstream_rules(),
             ]
         if principal.role == "aggregator-worker":
             # Updates through the shared subscription (mosquitto checks a $share/ subscription's
@@ -564,6 +579,61 @@ class TlsFiles:
 
 
 @dataclass(frozen=True)
+class Bridge:
+    """A building broker's bridge to its campus broker (two-tier aggregation, docs/scale.md).
+
+    Exactly three topics cross: the campus's manifest and blobs come in, this building's
+    contribution (``update/{building_id}`` of the campus fleet) goes out. On the campus broker
+    the building is a device: ``fedge broker config --device BUILDING_ID`` there gives it those
+    rights and its password (``remote_password``, which makes this conf file secret: mode 0600).
+    """
+
+    address: str  # host:port of the campus broker
+    campus_fleet: str
+    building_id: str
+    password: str | None = None
+    cafile: Path | None = None  # the campus broker's CA: TLS to the campus
+
+    def __post_init__(self) -> None:
+        _checked(self.campus_fleet, "campus fleet id")
+        _checked(self.building_id, "building id")
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or not _CONF_VALUE.fullmatch(host):
+            raise BrokerConfigError(f"bridge address {self.address!r} must be HOST:PORT")
+        if self.password is not None and not _CONF_VALUE.fullmatch(self.password):
+            raise BrokerConfigError("the bridge password must be non-empty without whitespace or '#'")
+
+    def lines(self) -> list[str]:
+        campus = FleetTopics(self.campus_fleet)
+        out = [
+            "",
+            f"# Bridge to the campus broker: fleet {self.campus_fleet!r} sees this building as the device",
+            f"# {self.building_id!r}. The campus's manifest and blobs come in (retained), this building's",
+            "# sealed contribution goes out; nothing else crosses. A persistent session on both sides",
+            "# (cleansession false) queues what crosses while the link is down and drains it after.",
+            f"connection campus-{self.building_id}",
+            f"address {self.address}",
+            "bridge_protocol_version mqttv311",
+            "cleansession false",
+            f"remote_clientid {self.building_id}",
+            f"remote_username {self.building_id}",
+            "try_private true",
+            "notifications false",
+            f"topic {campus.manifest} in 1",
+            f"topic {campus.blob_filter} in 1",
+            f"topic {campus.update(self.building_id)} out 1",
+        ]
+        if self.password is not None:
+            out.insert(
+                out.index(f"remote_username {self.building_id}") + 1, f"remote_password {self.password}"
+            )
+        if self.cafile is not None:
+            out.append(f"bridge_cafile {conf_path(self.cafile, 'bridge CA file')}")
+            out.append("bridge_tls_version tlsv1.2")
+        return out
+
+
+@dataclass(frozen=True)
 class ListenerConf:
     """Everything :func:`render_conf` needs; paths are as the *broker* sees them (absolute).
 
@@ -583,6 +653,7 @@ class ListenerConf:
     limits: BrokerLimits = field(default_factory=BrokerLimits)
     log_file: Path | None = None
     run_as: str | None = None
+    bridge: Bridge | None = None
 
     def __post_init__(self) -> None:
         _checked(self.fleet, "fleet id")
@@ -738,6 +809,8 @@ def render_conf(conf: ListenerConf) -> str:
             ]
         else:
             lines.append("require_certificate false")
+    if conf.bridge is not None:
+        lines += conf.bridge.lines()
     return "\n".join(lines) + "\n"
 
 
@@ -970,6 +1043,8 @@ class BrokerConfigRequest:
     broker_group: str | None = None
     cert_days: int = DEFAULT_CERT_DAYS
     force: bool = False
+    #: A building broker's bridge to its campus broker (two-tier aggregation).
+    bridge: Bridge | None = None
 
     def __post_init__(self) -> None:
         if self.tls not in ("lab", "files", "none"):
@@ -1198,9 +1273,12 @@ def _generate(
         limits=request.limits,
         log_file=request.log_file,
         run_as=request.run_as,
+        bridge=request.bridge,
     )
     _write_new(stage / ACL_NAME, render_acl(access), 0o644)
-    _write_new(stage / CONF_NAME, render_conf(conf), 0o644)
+    # A bridge's remote_password makes the configuration a secret.
+    secret = request.bridge is not None and request.bridge.password is not None
+    _write_new(stage / CONF_NAME, render_conf(conf), 0o600 if secret else 0o644)
     result = BrokerConfigResult(
         out_dir=request.out_dir,
         fleet=access.fleet,
@@ -1447,9 +1525,42 @@ def add_broker_parser(sub: Any) -> Any:
         "--broker-group", metavar="GROUP",
         help="make the files mosquitto reads readable by GROUP (e.g. mosquitto), mode 0640",
     )  # fmt: skip
+    bridge = cfg.add_argument_group(
+        "two-tier aggregation: this building broker's bridge to its campus broker"
+    )
+    bridge.add_argument("--bridge-to", metavar="HOST:PORT", help="the campus broker (docs/scale.md)")
+    bridge.add_argument("--campus-fleet", metavar="ID", help="the campus aggregator's fleet id")
+    bridge.add_argument("--building-id", metavar="ID", help="this building's device id in the campus fleet")
+    bridge.add_argument(
+        "--bridge-password-file", type=Path, metavar="FILE",
+        help="the building's password on the campus broker (its credentials file there)",
+    )  # fmt: skip
+    bridge.add_argument("--bridge-ca", type=Path, metavar="FILE", help="the campus broker's CA: TLS to it")
     cfg.add_argument("--json", action="store_true", help="print the summary as JSON")
     cfg.set_defaults(func=cmd_broker_config)
     return broker_sub
+
+
+def _bridge_from_args(args: argparse.Namespace) -> Bridge | None:
+    named = (args.campus_fleet, args.building_id, args.bridge_password_file, args.bridge_ca)
+    if args.bridge_to is None:
+        if any(v is not None for v in named):
+            raise BrokerConfigError(
+                "--campus-fleet, --building-id, --bridge-password-file and --bridge-ca go with --bridge-to"
+            )
+        return None
+    if args.campus_fleet is None or args.building_id is None:
+        raise BrokerConfigError("--bridge-to needs --campus-fleet and --building-id")
+    password = None
+    if args.bridge_password_file is not None:
+        try:
+            password = args.bridge_password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise BrokerConfigError(
+                f"cannot read --bridge-password-file {args.bridge_password_file}: {exc.strerror}"
+            ) from None
+    ca = args.bridge_ca.resolve() if args.bridge_ca is not None else None
+    return Bridge(args.bridge_to, args.campus_fleet, args.building_id, password, ca)
 
 
 def request_from_args(args: argparse.Namespace) -> BrokerConfigRequest:
@@ -1465,6 +1576,7 @@ def request_from_args(args: argparse.Namespace) -> BrokerConfigRequest:
         edgex_prefix=args.edgex_prefix,
         device_edgex=not args.no_device_edgex,
         home_assistant_prefix=args.home_assistant_prefix if args.home_assistant else None,
+        upstream=(args.campus_fleet, args.building_id) if args.bridge_to else None,
     )
     tls_files: TlsFiles | None = None
     if args.tls_cert is not None:
@@ -1488,6 +1600,7 @@ def request_from_args(args: argparse.Namespace) -> BrokerConfigRequest:
         max_queued_bytes=args.max_queued_bytes,
     )
     return BrokerConfigRequest(
+        bridge=_bridge_from_args(args),
         access=access,
         out_dir=args.out,
         tls=mode,

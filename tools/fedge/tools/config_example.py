@@ -1221,6 +1221,45 @@ AGGREGATOR_SECTIONS = (
             ),
         ),
     ),
+    Section(
+        "upstream",
+        "A building gateway under a campus aggregator (two-tier aggregation, docs/scale.md): rounds "
+        "follow the campus's, whose manifests and weights come over the building broker's bridge "
+        "(fedge broker config --bridge-to); each closed round sends the campus one sealed contribution.",
+        (
+            Key("enabled", BOOLEAN, "This aggregator is a building gateway under a campus.", default=False),
+            Key("campus_fleet", STRING, "The campus aggregator's fleet id.", example="campus"),
+            Key(
+                "building_id", STRING, "This building's device id in the campus fleet.", example="building-1"
+            ),
+            Key(
+                "campus_verify_keys",
+                STRINGS,
+                "The campus aggregator's signing keys (fedge keys show), as devices pin theirs.",
+                example=["<base64 Ed25519 verify key>"],
+            ),
+            Key(
+                "campus_public_key",
+                STRING,
+                "The campus aggregator's box public key, which contributions are sealed to.",
+                example="<base64 X25519 public key>",
+            ),
+            Key(
+                "key_file",
+                PATH,
+                "The building's own box private key for the campus (enrolled in the campus registry).",
+                example="keys/building-1.campus.box",
+            ),
+            Key(
+                "margin_s",
+                NUMBER,
+                "The building's round closes at least this long before the campus deadline.",
+                default=2.0,
+                lo=0.0,
+                hi=3600.0,
+            ),
+        ),
+    ),
     _metrics_section(9465, "fedge_aggregator_*"),
 )
 
