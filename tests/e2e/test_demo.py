@@ -240,3 +240,37 @@ def test_demo_refuses_replicas_with_secure_aggregation(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--aggregator-replicas above 1 cannot run with --secure-aggregation" in proc.stderr
+
+
+def test_demo_with_two_buildings_under_a_campus(tmp_path: Path) -> None:
+    """``--buildings 2``: four locked-down brokers' worth of deployment (the campus's and one per
+    building, bridged), a building aggregator each and the campus aggregator; every campus round
+    aggregates both buildings and the global model learns."""
+    out = tmp_path / "buildings"
+    s = run_demo(out, "--devices", "4", "--rounds", "3", "--data", "direct", "--buildings", "2")
+    assert (s["rounds_completed"], s["rejected"]) == (3, {})
+    assert s["buildings"] == {"building-1": ["watch-01", "watch-03"], "building-2": ["watch-02", "watch-04"]}
+    assert [(r["reported"], r["selected"]) for r in s["per_round"]] == [(2, 2)] * 3
+    assert s["final_accuracy"] > 0.5  # 7 classes: chance is 0.14
+    for building in s["buildings"]:
+        log = (out / "logs" / f"{building}.log").read_text()
+        assert log.count("sent the campus our update") == 3 and "Traceback" not in log
+    conf = (out / "broker" / "building-1" / "config" / "mosquitto.conf").read_text()
+    assert "connection campus-building-1" in conf and "bridge_cafile" in conf
+
+
+def test_demo_refuses_buildings_with_too_few_devices_or_the_edgex_replay(tmp_path: Path) -> None:
+    for args, message in (
+        (["--buildings", "3", "--devices", "4", "--data", "direct"], "--buildings 3 needs at least 6"),
+        (["--buildings", "2", "--devices", "4"], "--buildings runs without --data edgex (use --data direct)"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedge.cli", "demo", "--out", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert message in proc.stderr

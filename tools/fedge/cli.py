@@ -433,6 +433,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         secure_aggregation=args.secure_aggregation,
         drop_devices=args.drop_devices,
         aggregator_replicas=args.aggregator_replicas,
+        buildings=args.buildings,
     )
     from fedge.lab.progress import ProgressBar  # noqa: PLC0415
 
@@ -817,6 +818,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="N aggregator processes: a leader and N-1 workers sharing the updates (docs/scale.md)",
+    )
+    demo.add_argument(
+        "--buildings",
+        type=int,
+        default=0,
+        metavar="B",
+        help="split the devices over B building gateways (each its own broker, bridged) under one campus "
+        "aggregator; needs --data direct (docs/scale.md)",
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument(

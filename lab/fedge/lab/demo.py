@@ -116,6 +116,9 @@ class DemoOptions:
     # Aggregator processes sharing the fleet's updates ([replicas], docs/scale.md): 1 is the
     # lone aggregator; N starts a leader and N - 1 workers on one shared subscription.
     aggregator_replicas: int = 1
+    # Two-tier aggregation (docs/scale.md): 0 is one gateway; B splits the devices over B
+    # building gateways, each with its own broker bridged to a campus broker and aggregator.
+    buildings: int = 0
 
 
 @dataclass
@@ -153,6 +156,8 @@ class DemoSummary:
     #: With replicas: each worker's partials and the updates they counted, from the leader's
     #: status (``replicas.workers``).
     workers: dict[str, Any] = field(default_factory=dict)
+    #: With ``--buildings``: each building gateway's devices (the rounds are the campus's).
+    buildings: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -237,18 +242,7 @@ def _start_secure_broker(
     username): each device, each device's EdgeX-bus connection (``{device}.edgex``), the
     aggregator, the observer and the EdgeX simulator. ``creds`` maps each name to its
     credentials file's values. ``workers``: aggregator workers ([replicas]), one principal each."""
-    import ssl  # noqa: PLC0415
-    import tomllib  # noqa: PLC0415
-
-    from fedge.lab.broker import ConfiguredMosquitto, free_loopback_port  # noqa: PLC0415
-    from fedge.tools.broker_config import (  # noqa: PLC0415
-        BrokerConfigRequest,
-        BrokerLimits,
-        FleetAccess,
-        largest_blob_in,
-        update_bytes_in,
-        write_broker_config,
-    )
+    from fedge.tools.broker_config import FleetAccess  # noqa: PLC0415
 
     access = FleetAccess(
         FLEET,
@@ -258,20 +252,42 @@ def _start_secure_broker(
         edgex_services=("simulator",),
         workers=workers,
     )
-    data_dir = out / "broker" / "data"
+    return start_locked_broker(out / "broker", access, model_dir)
+
+
+def start_locked_broker(
+    root: Path, access: Any, model_dir: Path, bridge: Any = None
+) -> tuple[Any, str, dict[str, dict[str, Any]]]:
+    """Mosquitto for ``access`` (a ``FleetAccess``) as ``fedge broker config`` writes it, under
+    ``root`` (config, data, run); ``bridge``: a building broker's ``Bridge`` to its campus.
+    Returns the running broker, its URL and each principal's credentials."""
+    import ssl  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+
+    from fedge.lab.broker import ConfiguredMosquitto, free_loopback_port  # noqa: PLC0415
+    from fedge.tools.broker_config import (  # noqa: PLC0415
+        BrokerConfigRequest,
+        BrokerLimits,
+        largest_blob_in,
+        update_bytes_in,
+        write_broker_config,
+    )
+
+    data_dir = root / "data"
     data_dir.mkdir(parents=True)
     result = write_broker_config(
         BrokerConfigRequest(
             access=access,
-            out_dir=out / "broker" / "config",
+            out_dir=root / "config",
             tls="lab",
             port=free_loopback_port(),
             bind="127.0.0.1",
             data_dir=data_dir,
             run_as="root" if os.geteuid() == 0 else None,
             limits=BrokerLimits.for_fleet(
-                len(devices), largest_blob_in(model_dir), update_bytes=update_bytes_in(model_dir)
+                len(access.devices), largest_blob_in(model_dir), update_bytes=update_bytes_in(model_dir)
             ),
+            bridge=bridge,
         )
     )
     creds: dict[str, dict[str, Any]] = {}
@@ -281,11 +297,11 @@ def _start_secure_broker(
         if data.get("ca_file"):
             data["ca_file"] = str((path.parent / str(data["ca_file"])).resolve())
         creds[principal.name] = data
-    ca = creds["aggregator"]["ca_file"]
+    ca = creds[access.aggregator]["ca_file"]
     broker = ConfiguredMosquitto(
         result.out_dir / "mosquitto.conf",
         port=result.port,
-        work_dir=out / "broker" / "run",
+        work_dir=root / "run",
         tls_context=ssl.create_default_context(cafile=ca),
     ).start()
     return broker, result.broker_url, creds
@@ -519,6 +535,10 @@ def run_demo(
     on_progress: Callable[[FleetObserver], None] | None = None,
     on_data_progress: Callable[[int, int], None] | None = None,
 ) -> DemoSummary:
+    if options.buildings > 0:  # devices under building gateways under one campus
+        from fedge.lab.demo_buildings import run_buildings_demo  # noqa: PLC0415
+
+        return run_buildings_demo(options, on_progress)
     own = _own_data(options) if options.train_csv is not None else None  # checked before anything starts
     if own is None and not 1 <= options.devices <= MAX_DEVICES:
         raise FedgeError(f"--devices must be 1..{MAX_DEVICES} (subjects 1-7; 8-10 are held out for testing)")
@@ -999,6 +1019,11 @@ def render_table(summary: DemoSummary) -> str:
         lines.append(
             f"differential privacy: epsilon {summary.epsilon_spent:.3f} spent at delta {summary.delta:g} "
             "(per device, whole run)"
+        )
+    if summary.buildings:
+        lines.append(
+            f"buildings: {len(summary.buildings)} gateways under one campus aggregator (devices = buildings "
+            "above); " + "; ".join(f"{b}: {', '.join(d)}" for b, d in sorted(summary.buildings.items()))
         )
     if summary.aggregator_replicas > 1:
         shares = ", ".join(
