@@ -670,3 +670,31 @@ def test_the_observer_records_or_counts_any_message_never_raises(
     counted = delta(before, Counter(observer.view.error_counts))
     assert sum(counted.values()) <= 1
     assert not any(r.startswith("handler_error") for r in counted), counted
+
+
+def test_every_message_is_acknowledged_to_the_broker_once_handled_or_refused(
+    fleet: FleetFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Manual acks: a QoS 1 message is PUBACKed only once the loop handled it, or at once when it
+    is refused before the inbox; never twice, never left out (the broker's window of unacked
+    messages would shrink for good). The window is sized from the inbox: as many of the largest
+    accepted message as its bytes hold."""
+    service = AggregatorService(
+        load_aggregator_config(fleet.aggregator_config, {}), inbox_limit=3, inbox_max_bytes=100
+    )
+    acked: list[tuple[int, int]] = []
+    monkeypatch.setattr(service.client, "ack", lambda mid, qos: acked.append((mid, qos)))
+    topic = T.update("watch-01")
+    for mid, size in enumerate((40, 40, 30), start=1):
+        msg = message(topic, b"x" * size)
+        msg.mid, msg.qos = mid, 1
+        service._on_message(service.client, None, msg)
+    assert acked == [(3, 1)]  # refused (inbox full): acknowledged at once
+    service._drain(0)
+    assert acked == [(3, 1), (1, 1)]  # handled: acknowledged after
+    service._drain(0)
+    service._drain(0)  # nothing left
+    assert acked == [(3, 1), (1, 1), (2, 1)]
+    assert service.receive_maximum() == 10  # 100 bytes hold no whole update: the floor
+    default = AggregatorService(load_aggregator_config(fleet.aggregator_config, {}))
+    assert default.receive_maximum() == (64 * 1024 * 1024) // default.engine.message_limit()

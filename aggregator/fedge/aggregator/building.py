@@ -191,7 +191,7 @@ class BuildingService(AggregatorService):
         self._checkpoint()
 
     def _run_rounds(self) -> int:
-        connect(self.client, self.config.mqtt)
+        connect(self.client, self.config.mqtt, receive_maximum=self.receive_maximum())
         self.client.loop_start()
         try:
             while not self.connected.wait(0.2):

@@ -332,7 +332,8 @@ class AggregatorService:
         self.engine: RoundEngine
         if leadership is None:
             self._load_state()
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=inbox_limit)
+        # (topic, payload, (mid, qos) to acknowledge once handled, or None)
+        self.inbox: queue.Queue[tuple[str, bytes, tuple[int, int] | None]] = queue.Queue(maxsize=inbox_limit)
         self.inbox_max_bytes = inbox_max_bytes
         # Written from paho's thread and the loop's: guarded by _counts_lock.
         self._inbox_bytes = 0
@@ -370,7 +371,7 @@ class AggregatorService:
         self._connacks = 0
         self._last_publication: Publication | None = None
         self.stop_requested = threading.Event()
-        self.client = make_client(config.mqtt)
+        self.client = make_client(config.mqtt, manual_ack=True)
         watch_connection(self.client, log, self._on_connect, self.connected.clear)
         self.client.on_message = self._on_message
 
@@ -499,19 +500,26 @@ class AggregatorService:
             topic = msg.topic
             payload = bytes(msg.payload)
             self.traffic.inbound(topic, len(payload))
-            self._enqueue(topic, payload)
+            self._enqueue(topic, payload, (msg.mid, msg.qos))
         except Exception as exc:  # one message never ends the service
             self._drop(f"handler_error:{type(exc).__name__}", topic, repr(exc), exc)
 
-    def _enqueue(self, topic: str, payload: bytes) -> None:
-        # Never block paho's network thread: it also reads the PUBACKs the main thread waits
-        # for. A flood beyond the inbox is counted and reported, not queued without bound.
+    def _enqueue(self, topic: str, payload: bytes, ack: tuple[int, int] | None = None) -> None:
+        """Queues a message for the loop, which acknowledges it to the broker (``ack``: its
+        (mid, qos)) once it is handled. With the MQTT 5 receive maximum
+        (:meth:`receive_maximum`) the broker then never has more unacknowledged messages out to
+        this aggregator than its inbox holds: a burst of a whole large fleet's updates waits in
+        the broker's queue (bounded by ``max_queued_messages``) instead of overflowing the
+        inbox. Never blocks paho's network thread: it also reads the PUBACKs the main thread
+        waits for. A message refused here is acknowledged at once and counted."""
         size = len(payload)
         if size > MAX_STATUS_BYTES and topic.startswith(self.topics.base + "/status/"):
             self._drop("status_too_large", topic, f"{size} bytes > {MAX_STATUS_BYTES}")
+            self._ack(ack)
             return
         if size > MAX_INSIGHT_BYTES and topic.startswith(self.topics.base + "/insight/"):
             self._drop("insight_too_large", topic, f"{size} bytes > {MAX_INSIGHT_BYTES}")
+            self._ack(ack)
             return
         with self._counts_lock:
             queued = self._inbox_bytes
@@ -520,12 +528,26 @@ class AggregatorService:
                 self._inbox_bytes += size
         if not fits:
             self._drop("inbox_full", topic, f"{queued} bytes queued + {size} > {self.inbox_max_bytes}")
+            self._ack(ack)
             return
         try:
-            self.inbox.put_nowait((topic, payload))
+            self.inbox.put_nowait((topic, payload, ack))
         except queue.Full:
             self._release(size)
             self._drop("inbox_full", topic, f"{self.inbox.maxsize} messages queued")
+            self._ack(ack)
+
+    def _ack(self, ack: tuple[int, int] | None) -> None:
+        """PUBACKs a QoS 1 message (paho's ``manual_ack``): it is handled, or refused for good."""
+        if ack is not None and ack[1] > 0:
+            self.client.ack(*ack)
+
+    def receive_maximum(self) -> int:
+        """How many QoS 1 messages the broker may have out to this aggregator unacknowledged:
+        as many of the largest accepted message as the inbox's bytes hold (at least 10, at most
+        MQTT's 65,535). The default model's 22 KB updates: 3,000 in 64 MiB."""
+        largest = max(1, self.engine.message_limit())
+        return max(10, min(65_535, self.inbox_max_bytes // largest))
 
     def _release(self, size: int) -> None:
         with self._counts_lock:
@@ -756,18 +778,21 @@ class AggregatorService:
         self.heartbeat.beat()
         self._ensure_leader()
         try:
-            topic, payload = self.inbox.get(timeout=timeout)
+            item = self.inbox.get(timeout=timeout)
         except queue.Empty:
             self._publish_status(force=False)
             self._dashboard_tick()
             return
+        topic, payload = item[0], item[1]
+        ack: tuple[int, int] | None = item[2] if len(item) > 2 else None
         self._release(len(payload))
         try:
             self._handle(topic, payload)
         except LeadershipLost:
-            raise
+            raise  # not acknowledged: the broker keeps it in this session
         except Exception as exc:  # one message never ends the service
             self._drop(f"handler_error:{type(exc).__name__}", topic, repr(exc), exc)
+        self._ack(ack)
         self._publish_status(force=False)
         self._dashboard_tick()
 
@@ -961,7 +986,7 @@ class AggregatorService:
             self.leadership.stop()
 
     def _run_rounds(self) -> int:
-        connect(self.client, self.config.mqtt)
+        connect(self.client, self.config.mqtt, receive_maximum=self.receive_maximum())
         self.client.loop_start()
         lost = False
         try:
