@@ -46,6 +46,8 @@ from support.mqtt_fixtures import RecordedMessage, TrafficRecorder
 
 PHASES = ("announce", "train", "upload", "aggregate", "checkpoint", "publish")
 TARGETS = ("broker", "aggregator", "agent")
+#: With ``[replicas]``: the aggregator worker (the leader is the "aggregator").
+WORKER = "worker-1"
 #: how long a killed part stays down before it is started again
 DOWN_S = 0.5
 
@@ -204,8 +206,8 @@ class ChaosLoop:
     def kill(self, target: str) -> None:
         if target == "broker":
             self.broker.kill()
-        elif target == "aggregator":
-            self.fleet.kill("aggregator")
+        elif target in ("aggregator", "worker"):
+            self.fleet.kill("aggregator" if target == "aggregator" else WORKER)
         else:
             self.fleet.kill(self.victim)
 
@@ -214,6 +216,8 @@ class ChaosLoop:
             self.broker.restart()
         elif target == "aggregator":
             self.fleet.start_aggregator()
+        elif target == "worker":
+            self.fleet.start_worker(WORKER)
         else:
             self.fleet.start_agent(self.victim)
 
@@ -262,9 +266,10 @@ def mqttmatch(topic_filter: str, topic: str) -> bool:
 
 
 def check_invariants(
-    fleet: Fleet, recorder: TrafficRecorder, loop: ChaosLoop, devices: list[str]
+    fleet: Fleet, recorder: TrafficRecorder, loop: ChaosLoop, devices: list[str], workers: Iterable[str] = ()
 ) -> list[str]:
-    """Everything that went wrong, as sentences; empty when the run kept every invariant."""
+    """Everything that went wrong, as sentences; empty when the run kept every invariant.
+    ``workers``: aggregator workers ([replicas]), whose refusals are in their own logs."""
     problems: list[str] = []
     versions = [m.version for m in fleet.manifests(recorder)]
     if versions != sorted(set(versions)):
@@ -304,12 +309,15 @@ def check_invariants(
                 f"round {r['round_id']} counts {r['reported']} updates / {r['examples']} examples: {r}"
             )
     ledger = AggregatorLedger.parse(fleet.log("aggregator"))
+    for worker in workers:
+        for device, reasons in AggregatorLedger.parse(fleet.log(worker)).refused.items():
+            ledger.refused.setdefault(device, []).extend(reasons)
     crossed = _recorded_updates(fleet, recorder)
     for device in devices:  # acknowledged, though perhaps lost before anyone saw it
         for round_id in acknowledged_rounds(fleet.log(device)):
             crossed.setdefault((round_id, device), 1)
     problems.extend(reconcile_updates(ledger, crossed, aggregated))
-    for name in ("aggregator", *devices):
+    for name in ("aggregator", *workers, *devices):
         if "Traceback" in fleet.log(name):
             problems.append(f"a traceback in {name}'s log")
     return problems

@@ -43,6 +43,7 @@ class Fleet:
         rounds: dict[str, object],
         mqtt_protocol: int = 5,
         mqtt_extra: dict[str, dict[str, object]] | None = None,
+        replicas: bool = False,
     ) -> None:
         """``mqtt_extra``: per principal (device id or ``"aggregator"``), extra ``[mqtt]``
         settings such as username, password and ca_file (see ``create_fleet``)."""
@@ -60,6 +61,8 @@ class Fleet:
         self.root = root
         self.topics = FleetTopics(FLEET)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: ``replicas``: the aggregator and its workers share the updates ([replicas] enabled).
+        self.aggregator_env = {"FEDGE_AGGREGATOR__REPLICAS__ENABLED": "true"} if replicas else {}
 
     # --- processes -------------------------------------------------------------------------
 
@@ -94,7 +97,18 @@ class Fleet:
         return self.spawn(device_id, args, env_overrides, prefix)
 
     def start_aggregator(self) -> subprocess.Popen[bytes]:
-        return self.spawn("aggregator", ["aggregator", "run", "--config", str(self.files.aggregator_config)])
+        """The aggregator (the leader, with ``replicas``)."""
+        args = ["aggregator", "run", "--config", str(self.files.aggregator_config)]
+        return self.spawn("aggregator", args, dict(self.aggregator_env))
+
+    def start_worker(self, worker: str) -> subprocess.Popen[bytes]:
+        """An aggregator worker ([replicas] role = "worker") named ``worker``."""
+        env = {
+            **self.aggregator_env,
+            "FEDGE_AGGREGATOR__REPLICAS__ROLE": "worker",
+            "FEDGE_AGGREGATOR__REPLICAS__WORKER_ID": worker,
+        }
+        return self.spawn(worker, ["aggregator", "run", "--config", str(self.files.aggregator_config)], env)
 
     def signal(self, name: str, sig: signal.Signals) -> None:
         self.procs[name].send_signal(sig)

@@ -93,6 +93,9 @@ class PartialIntake:
         seen.last_seen = time.time()
         if verdict.outcome == "accepted":
             seen.updates += len(partial.accepted)
+            moments = {row.device for row in partial.moment_rows}
+            for device in partial.accepted:  # the lone aggregator's words, so one log reads the same
+                log.info("accepted %s from %s", "moments" if device in moments else "update", device)
             log.info(
                 "partial %d of %s: %d accepted, %d refused in round %s",
                 partial.batch,

@@ -52,6 +52,7 @@ from fedge.aggregator.round_engine import RoundEngine
 from fedge.aggregator.service import initial_state, load_model
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
+from fedge.protocol.reasons import RejectReason
 from fedge.protocol.topics import FleetTopics
 from fedge.shell.drops import DroppedMessages
 from fedge.shell.files import prepare_writable_dir, read_private_key
@@ -187,7 +188,11 @@ class AggregatorWorker:
         if self.engine.current is None:  # no round yet (a fresh start): the work order comes next
             self.held.append((topic, payload, mid, qos))
             return
-        self.engine.handle(topic, payload, self.clock())
+        outcome = self.engine.handle(topic, payload, self.clock())
+        if outcome.reason == RejectReason.DUPLICATE:  # a QoS 1 redelivery, a resend after a reconnect
+            log.info("rejected message from %s on %s: duplicate (counted already)", outcome.device_id, topic)
+        elif not outcome.accepted:
+            log.warning("rejected message from %s on %s: %s", outcome.device_id or "?", topic, outcome.reason)
         batch = self.engine.current.batch
         if batch is not None:
             batch.touch()
