@@ -36,6 +36,7 @@ from fedge.protocol.messages import UpdatePayload
 from fedge.protocol.reasons import RejectReason
 from fedge.protocol.round_manifest import round_manifest_from_dict
 from fedge.protocol.signing import DocType, key_id, verify_document
+from support.aggregator_toml import MINIMAL_AGGREGATOR_TOML
 from support.engine_helpers import (
     DEVICE_IDS,
     DEVICE_KEYS,
@@ -402,18 +403,7 @@ def test_the_engine_refuses_a_robust_strategy_under_secure_aggregation() -> None
 
 # --- configuration ---------------------------------------------------------------------------------
 
-BASE_TOML = """
-[aggregator]
-fleet = "f1"
-model_dir = "model"
-state_dir = "state"
-registry = "devices.toml"
-box_key_file = "keys/aggregator.box"
-signing_key_file = "keys/aggregator.sign"
-
-[mqtt]
-broker = "mqtt://localhost"
-"""
+BASE_TOML = MINIMAL_AGGREGATOR_TOML
 
 
 def load(tmp_path: Path, rounds: str, privacy: str = "") -> RoundSettings:

@@ -31,6 +31,7 @@ from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.signing import DocType, key_id, verify_document
 from fedge.protocol.task import parse_task_spec
 from fedge.protocol.weights import weights_to_bytes
+from support.aggregator_toml import MINIMAL_AGGREGATOR_TOML
 from support.engine_helpers import (
     AGGREGATOR_KEY,
     DEVICE_IDS,
@@ -267,18 +268,7 @@ def _same_round_as(base: RoundEngine, hit: RoundEngine, rejected: dict[str, int]
 
 # --- the config ---------------------------------------------------------------------------------------
 
-BASE = """
-[aggregator]
-fleet = "f1"
-model_dir = "model"
-state_dir = "state"
-registry = "devices.toml"
-box_key_file = "keys/aggregator.box"
-signing_key_file = "keys/aggregator.sign"
-
-[mqtt]
-broker = "mqtt://localhost"
-"""
+BASE = MINIMAL_AGGREGATOR_TOML
 
 
 def test_the_config_takes_a_sparse_codec_and_its_fraction(tmp_path: Path) -> None:
