@@ -46,20 +46,37 @@ def recorder(mosquitto: MosquittoBroker) -> Iterator[TrafficRecorder]:
 
 
 def _run(
-    tmp_path: Path, broker: MosquittoBroker, recorder: TrafficRecorder, model_dir: Path, long: bool
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    recorder: TrafficRecorder,
+    model_dir: Path,
+    long: bool,
+    replicated: bool = False,
 ) -> None:
+    """The loop on a fleet of DEVICES agents. ``replicated``: the aggregator has a worker
+    ([replicas]); the worker (and, in the long loop, the leader) is killed at every phase, and the
+    worker's refusals are in the ledger."""
     fleet = Fleet(
         tmp_path / "fleet",
         broker.url,
         model_dir,
         DEVICES,
         {"rounds": 100_000, "min_devices": 2, "round_timeout_s": ROUND_TIMEOUT_S},
+        replicas=replicated,
     )
     devices = sorted(fleet.files.agent_configs)
+    workers = [WORKER] if replicated else []
     loop = ChaosLoop(fleet, broker, recorder, victim=devices[-1])
-    faults = schedule(int(os.environ.get("FEDGE_CHAOS_REPEATS", "3"))) if long else short_schedule()
+    repeats = int(os.environ.get("FEDGE_CHAOS_REPEATS", "3"))
+    if replicated:
+        short = [Fault("worker", p) for p in PHASES]
+        faults = schedule(repeats, targets=("worker", "aggregator")) if long else short
+    else:
+        faults = schedule(repeats) if long else short_schedule()
     report = ChaosReport(DEVICES, ROUND_TIMEOUT_S)
     try:
+        for worker in workers:
+            fleet.start_worker(worker)
         for device in devices:
             fleet.start_agent(device)
             wait_device_online(recorder, fleet, device)
@@ -72,10 +89,13 @@ def _run(
         report.note_outbox_drops(fleet, recorder, devices)
         print(report.table())
         if long:
-            write_report(report, REPO / "bench" / "results" / "chaos.json")
+            name = "chaos-replicas.json" if replicated else "chaos.json"
+            write_report(report, REPO / "bench" / "results" / name)
     assert len(report.results) == len(faults)
-    problems = check_invariants(fleet, recorder, loop, devices)
+    problems = check_invariants(fleet, recorder, loop, devices, workers=workers)
     assert problems == [], "\n".join(problems)
+    if replicated:  # the worker did take its share between the kills: the leader counted its partials
+        assert "of worker-1:" in fleet.log("aggregator")
 
 
 def test_chaos_short_loop_every_phase_once(
@@ -92,52 +112,10 @@ def test_chaos_long_loop_every_target_at_every_phase(
     _run(tmp_path, mosquitto, recorder, har_model_dir, long=True)
 
 
-def _run_replicated(
-    tmp_path: Path, broker: MosquittoBroker, recorder: TrafficRecorder, model_dir: Path, long: bool
-) -> None:
-    """The same loop on a fleet whose aggregator has a worker ([replicas]): the worker (and, in
-    the long loop, the leader) killed at every phase, with the worker's refusals in the ledger."""
-    fleet = Fleet(
-        tmp_path / "fleet",
-        broker.url,
-        model_dir,
-        DEVICES,
-        {"rounds": 100_000, "min_devices": 2, "round_timeout_s": ROUND_TIMEOUT_S},
-        replicas=True,
-    )
-    devices = sorted(fleet.files.agent_configs)
-    loop = ChaosLoop(fleet, broker, recorder, victim=devices[-1])
-    repeats = int(os.environ.get("FEDGE_CHAOS_REPEATS", "3"))
-    faults = (
-        schedule(repeats, targets=("worker", "aggregator")) if long else [Fault("worker", p) for p in PHASES]
-    )
-    report = ChaosReport(DEVICES, ROUND_TIMEOUT_S)
-    try:
-        fleet.start_worker(WORKER)
-        for device in devices:
-            fleet.start_agent(device)
-            wait_device_online(recorder, fleet, device)
-        fleet.start_aggregator()
-        loop.run(faults, DEVICES, report)
-        fleet.signal("aggregator", signal.SIGTERM)
-        assert fleet.wait_exit("aggregator", 30) == 0, fleet.log("aggregator")[-3000:]
-    finally:
-        fleet.stop_all()
-        report.note_outbox_drops(fleet, recorder, devices)
-        print(report.table())
-        if long:
-            write_report(report, REPO / "bench" / "results" / "chaos-replicas.json")
-    assert len(report.results) == len(faults)
-    problems = check_invariants(fleet, recorder, loop, devices, workers=[WORKER])
-    assert problems == [], "\n".join(problems)
-    # The worker did take its share between the kills: the leader counted updates it folded.
-    assert "partial" in fleet.log("aggregator") and "of worker-1:" in fleet.log("aggregator")
-
-
 def test_chaos_short_loop_a_worker_killed_at_every_phase(
     tmp_path: Path, mosquitto: MosquittoBroker, recorder: TrafficRecorder, har_model_dir: Path
 ) -> None:
-    _run_replicated(tmp_path, mosquitto, recorder, har_model_dir, long=False)
+    _run(tmp_path, mosquitto, recorder, har_model_dir, long=False, replicated=True)
 
 
 @pytest.mark.chaos
@@ -145,4 +123,4 @@ def test_chaos_short_loop_a_worker_killed_at_every_phase(
 def test_chaos_long_loop_leader_and_worker_at_every_phase(
     tmp_path: Path, mosquitto: MosquittoBroker, recorder: TrafficRecorder, har_model_dir: Path
 ) -> None:
-    _run_replicated(tmp_path, mosquitto, recorder, har_model_dir, long=True)
+    _run(tmp_path, mosquitto, recorder, har_model_dir, long=True, replicated=True)
