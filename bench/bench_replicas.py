@@ -359,8 +359,13 @@ def replica_run(n: int, r: int, exe: Path, model_dir: Path, loaded: Any, work: P
     problems = []
     if train.get("outcome") != "aggregated" or train.get("reported") != n:
         problems.append(f"train round: {train.get('outcome')} with {train.get('reported')}/{n}")
-    if status.get("rejected_total"):
-        problems.append(f"rejected: {status['rejected_total']}")
+    rejected = dict(status.get("rejected_total") or {})
+    # Mosquitto before 2.0.13 sends some acknowledged updates again after the aggregator's
+    # redelivery reconnect (docs/faults.md): refused as duplicates, never counted twice.
+    duplicates = rejected.pop("duplicate", 0)
+    if rejected:
+        problems.append(f"rejected: {rejected}")
+    inbox = status.get("inbox") or {}
     workers = (status.get("replicas") or {}).get("workers", {})
     return {
         "devices": n,
@@ -378,6 +383,9 @@ def replica_run(n: int, r: int, exe: Path, model_dir: Path, loaded: Any, work: P
         "machine_cores_busy": sum(c for c in cpu.values() if c is not None) / span,
         "peak_rss_mb": {name: (v / MB if v else None) for name, v in peaks.items()},
         "worker_updates": {name: w.get("updates") for name, w in workers.items()},
+        "duplicates_refused": duplicates,
+        "inbox_deferred": inbox.get("deferred"),
+        "inbox_redeliveries": inbox.get("redeliveries"),
         "prepare_s": prepare_s,
         "problems": problems,
     }

@@ -331,7 +331,14 @@ def test_the_inbox_is_bounded_in_bytes_as_in_messages(fleet: FleetFiles) -> None
     for size in (40, 40, 30, 20, 0):  # 30 would pass 100 bytes; the 0-byte one a 4th message
         service._on_message(service.client, None, message(topic, b"x" * size))
     assert service.messages_dropped == {"inbox_full": 2}
-    assert service.inbox_status() == {"messages": 3, "bytes": 100, "max_messages": 3, "max_bytes": 100}
+    assert service.inbox_status() == {
+        "messages": 3,
+        "bytes": 100,
+        "max_messages": 3,
+        "max_bytes": 100,
+        "deferred": 0,  # QoS 0 (these): dropped; QoS 1 would be left for the broker to send again
+        "redeliveries": 0,
+    }
     # A status over its bound never reaches the inbox, whatever room there is.
     oversized_status = b"{}" + b" " * MAX_STATUS_BYTES
     service._on_message(service.client, None, message(T.status("watch-01"), oversized_status))
@@ -677,8 +684,9 @@ def test_every_message_is_acknowledged_to_the_broker_once_handled_or_refused(
 ) -> None:
     """Manual acks: a QoS 1 message is PUBACKed only once the loop handled it, or at once when it
     is refused before the inbox; never twice, never left out (the broker's window of unacked
-    messages would shrink for good). The window is sized from the inbox: as many of the largest
-    accepted message as its bytes hold."""
+    messages would shrink for good), except one that finds the inbox full, which the broker must
+    send again. The window is sized from the inbox: as many of the largest accepted message as
+    its bytes and its message bound hold, at least 10."""
     service = AggregatorService(
         load_aggregator_config(fleet.aggregator_config, {}), inbox_limit=3, inbox_max_bytes=100
     )
@@ -689,12 +697,28 @@ def test_every_message_is_acknowledged_to_the_broker_once_handled_or_refused(
         msg = message(topic, b"x" * size)
         msg.mid, msg.qos = mid, 1
         service._on_message(service.client, None, msg)
-    assert acked == [(3, 1)]  # refused (inbox full): acknowledged at once
+    # The third finds the inbox full: left unacknowledged, for the broker to send again after a
+    # reconnect (tests/e2e/test_inbox_redelivery.py has a real broker do it).
+    assert acked == []
+    assert service.inbox_status()["deferred"] == 1
+    calls: list[str] = []
+    for name in ("disconnect", "loop_stop", "connect_async", "loop_start"):
+        monkeypatch.setattr(service.client, name, lambda *a, _n=name, **k: calls.append(_n))
     service._drain(0)
-    assert acked == [(3, 1), (1, 1)]  # handled: acknowledged after
+    assert acked == [(1, 1)]  # handled: acknowledged after
     service._drain(0)
-    service._drain(0)  # nothing left
-    assert acked == [(3, 1), (1, 1), (2, 1)]
+    assert acked == [(1, 1), (2, 1)] and calls == []
+    service._drain(0)  # the inbox is empty: reconnect, and the broker sends message 3 again
+    assert calls == ["disconnect", "loop_stop", "connect_async", "loop_start"]
+    assert acked == [(1, 1), (2, 1)]
+    assert service.inbox_status()["redeliveries"] == 1
+    service._drain(0)
+    assert len(calls) == 4  # once per deferral, not on every idle turn
+    service._on_message(service.client, None, message(topic, b"x" * 30))  # QoS 0: no resend
+    service._on_message(service.client, None, message(topic, b"x" * 80))
+    assert service.messages_dropped == {"inbox_full": 1} and acked == [(1, 1), (2, 1)]
     assert service.receive_maximum() == 10  # 100 bytes hold no whole update: the floor
+    by_count = AggregatorService(load_aggregator_config(fleet.aggregator_config, {}), inbox_limit=50)
+    assert by_count.receive_maximum() == 50
     default = AggregatorService(load_aggregator_config(fleet.aggregator_config, {}))
     assert default.receive_maximum() == (64 * 1024 * 1024) // default.engine.message_limit()

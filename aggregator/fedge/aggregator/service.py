@@ -79,6 +79,8 @@ CHECKPOINT_FILE = "checkpoint.bin"
 ROTATION_FILE_PREFIX = "aggregator.rotation."  # written by `fedge keys rotate`
 MAX_CHECKPOINT_BYTES = 1024 * 1024 * 1024
 _INBOX_LIMIT = 100_000
+#: How long a redelivery's reconnect waits for paho to send what it queued and the DISCONNECT.
+REDELIVERY_DISCONNECT_S = 10.0
 #: Deployment default of the inbox's byte bound (see ``AggregatorService``).
 DEFAULT_INBOX_MAX_BYTES = 64 * 1024 * 1024
 #: A device's status is 0.3-1 KB of JSON; a bigger one is dropped in paho's thread, unparsed.
@@ -338,6 +340,14 @@ class AggregatorService:
         # Written from paho's thread and the loop's: guarded by _counts_lock.
         self._inbox_bytes = 0
         self._counts_lock = threading.Lock()
+        # QoS 1 messages that found the inbox full and were left unacknowledged, so the broker
+        # delivers them again after a reconnect (_redeliver): since the last redelivery, in all,
+        # and how many redeliveries there were. Guarded by _counts_lock.
+        self._deferred = 0
+        self._deferred_total = 0
+        self._redeliveries = 0
+        # Set while the loop reconnects for a redelivery: that CONNACK is not a broker restart.
+        self._redelivering = threading.Event()
         self.dropped = DroppedMessages(log, _DROP_ADVICE, "messages_dropped in aggregator/status")
         self._status_dirty = True
         self._status_sent_at = float("-inf")
@@ -487,7 +497,9 @@ class AggregatorService:
             topics.append((self.topics.insight_filter, 1))
         client.subscribe(topics)
         self._connacks += 1
-        if self._connacks > 1:
+        if self._redelivering.is_set():  # our own reconnect (_redeliver): the broker kept its store
+            self._redelivering.clear()
+        elif self._connacks > 1:
             self.reconnected.set()
         self.connected.set()
         log.info("connected to %s", self.config.mqtt.url)
@@ -511,7 +523,11 @@ class AggregatorService:
         this aggregator than its inbox holds: a burst of a whole large fleet's updates waits in
         the broker's queue (bounded by ``max_queued_messages``) instead of overflowing the
         inbox. Never blocks paho's network thread: it also reads the PUBACKs the main thread
-        waits for. A message refused here is acknowledged at once and counted."""
+        waits for. A message refused here is acknowledged at once and counted, except a QoS 1
+        message that finds the inbox full: a broker that ignores the receive maximum (Mosquitto
+        before 2.0.13, Debian's and Ubuntu 22.04's 2.0.11 among them, sends a whole burst at
+        once) would make the aggregator drop acknowledged updates, so it is left unacknowledged
+        (``deferred``) and :meth:`_redeliver` has the broker send it again."""
         size = len(payload)
         if size > MAX_STATUS_BYTES and topic.startswith(self.topics.base + "/status/"):
             self._drop("status_too_large", topic, f"{size} bytes > {MAX_STATUS_BYTES}")
@@ -527,15 +543,91 @@ class AggregatorService:
             if fits:
                 self._inbox_bytes += size
         if not fits:
-            self._drop("inbox_full", topic, f"{queued} bytes queued + {size} > {self.inbox_max_bytes}")
+            detail = f"{queued} bytes queued + {size} > {self.inbox_max_bytes}"
+            if ack is not None and ack[1] > 0:
+                self._defer(topic, detail)
+                return
+            self._drop("inbox_full", topic, detail)
             self._ack(ack)
             return
         try:
             self.inbox.put_nowait((topic, payload, ack))
         except queue.Full:
             self._release(size)
+            if ack is not None and ack[1] > 0:
+                self._defer(topic, f"{self.inbox.maxsize} messages queued")
+                return
             self._drop("inbox_full", topic, f"{self.inbox.maxsize} messages queued")
             self._ack(ack)
+
+    def _defer(self, topic: str, detail: str) -> None:
+        """Leaves a QoS 1 message that found the inbox full unacknowledged: the broker keeps it
+        in this aggregator's session and sends it again after the next reconnect, which
+        :meth:`_redeliver` makes once the inbox is empty. Nothing is lost and memory stays
+        bounded, whatever the broker sends."""
+        with self._counts_lock:
+            self._deferred += 1
+            self._deferred_total += 1
+            first = self._deferred_total == 1
+        self._status_dirty = True
+        if first:
+            log.warning(
+                "the inbox is full (%s, on %s): the broker sent more unacknowledged messages than "
+                "this aggregator's receive maximum (%d) allows, as Mosquitto before 2.0.13 does "
+                "under a burst. Such messages are left unacknowledged and the broker delivers them "
+                "again after a reconnect once the inbox is empty; upgrade the broker to stop the "
+                "extra traffic (docs/faults.md). Counted as inbox.deferred in aggregator/status.",
+                detail,
+                topic,
+                self.receive_maximum(),
+            )
+
+    def _redeliver_due(self) -> bool:
+        """Whether messages were deferred and the inbox has room for them again (it is empty)."""
+        with self._counts_lock:
+            return self._deferred > 0 and self._inbox_bytes == 0 and self.inbox.empty()
+
+    def _redeliver(self) -> None:
+        """Reconnects (a clean DISCONNECT, then the same persistent session) so the broker sends
+        the deferred messages again: MQTT requires it to resend every unacknowledged PUBLISH
+        of a resumed session. Runs in the main thread, between messages, so every PUBACK of a
+        handled message is queued before the DISCONNECT and none is lost with the connection."""
+        with self._counts_lock:
+            pending, self._deferred = self._deferred, 0
+            self._redeliveries += 1
+        log.info(
+            "reconnecting so the broker delivers again the %d message(s) left unacknowledged while "
+            "the inbox was full",
+            pending,
+        )
+        self._redelivering.set()
+        self.client.disconnect()
+        # paho's loop writes the queued PUBACKs, then the DISCONNECT, then calls on_disconnect
+        # (which clears ``connected``); stopping the loop before that would lose them, and
+        # without the DISCONNECT the broker would publish this aggregator's will.
+        until = time.monotonic() + REDELIVERY_DISCONNECT_S
+        while self.connected.is_set() and time.monotonic() < until:
+            self.heartbeat.beat()
+            time.sleep(0.005)
+        self.client.loop_stop()
+        # What arrived between the check that the inbox was empty and the DISCONNECT is
+        # unacknowledged too: the broker sends it again, so the copy queued here must go, or it
+        # would be handled twice (the second time refused as a duplicate). QoS 0 has no resend.
+        kept: list[tuple[str, bytes, tuple[int, int] | None]] = []
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[2] is not None and item[2][1] > 0:
+                self._release(len(item[1]))
+            else:
+                kept.append(item)
+        for item in kept:
+            self.inbox.put_nowait(item)
+        connect(self.client, self.config.mqtt, receive_maximum=self.receive_maximum())
+        self.client.loop_start()
+        self._status_dirty = True
 
     def _ack(self, ack: tuple[int, int] | None) -> None:
         """PUBACKs a QoS 1 message (paho's ``manual_ack``): it is handled, or refused for good."""
@@ -544,10 +636,10 @@ class AggregatorService:
 
     def receive_maximum(self) -> int:
         """How many QoS 1 messages the broker may have out to this aggregator unacknowledged:
-        as many of the largest accepted message as the inbox's bytes hold (at least 10, at most
-        MQTT's 65,535). The default model's 22 KB updates: 3,000 in 64 MiB."""
+        as many of the largest accepted message as the inbox holds, in bytes and in messages (at
+        least 10, at most MQTT's 65,535). The default model's 22 KB updates: 2,592 in 64 MiB."""
         largest = max(1, self.engine.message_limit())
-        return max(10, min(65_535, self.inbox_max_bytes // largest))
+        return max(10, min(65_535, self.inbox.maxsize, self.inbox_max_bytes // largest))
 
     def _release(self, size: int) -> None:
         with self._counts_lock:
@@ -578,12 +670,14 @@ class AggregatorService:
     def inbox_status(self) -> dict[str, int]:
         """What the inbox holds now, against its bounds."""
         with self._counts_lock:
-            queued_bytes = self._inbox_bytes
+            queued_bytes, deferred, redeliveries = self._inbox_bytes, self._deferred_total, self._redeliveries
         return {
             "messages": self.inbox.qsize(),
             "bytes": queued_bytes,
             "max_messages": self.inbox.maxsize,
             "max_bytes": self.inbox_max_bytes,
+            "deferred": deferred,
+            "redeliveries": redeliveries,
         }
 
     # --- main loop (one thread owns the engine) ---------------------------------------------
@@ -777,6 +871,8 @@ class AggregatorService:
         propagate."""
         self.heartbeat.beat()
         self._ensure_leader()
+        if self._redeliver_due():
+            self._redeliver()
         try:
             item = self.inbox.get(timeout=timeout)
         except queue.Empty:
