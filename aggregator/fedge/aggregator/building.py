@@ -94,6 +94,16 @@ class BuildingService(AggregatorService):
             return
         if self.campus is not None and manifest.version <= self.campus.version:
             return  # the same one again (retained, after a reconnect), or an older one
+        if manifest.secure_aggregation is not None:
+            # A building's contribution is its devices' mean, computed in the clear: it has no
+            # masked input to give a secure round, which would wait for it until its deadline.
+            self._drop(
+                "upstream_secure_round",
+                self.campus_topics.manifest,
+                f"campus round {manifest.round_id} is a secure-aggregation round, which a building "
+                "cannot take part in: turn [privacy] secure_aggregation off at the campus (docs/scale.md)",
+            )
+            return
         if manifest.model_sha256 != self.engine.model_sha256:
             self._drop(
                 "upstream_model_mismatch",
