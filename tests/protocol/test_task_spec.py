@@ -449,13 +449,27 @@ INVALID_CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "unknown model type",
         {"model.type": "cnn"},
         "model.type",
-        "unsupported model type 'cnn'; supported: 'mlp'",
+        "unsupported model type 'cnn'; supported: 'mlp', 'imported'",
     ),
     (
         "unknown statistic",
         {"features.window.statistics": ["mean", "variance"]},
         "features.window.statistics",
-        f"unknown statistic 'variance'; known: {STATS_KNOWN}",
+        f"unknown statistic 'variance'; known: {STATS_KNOWN}; or 'raw' alone (the readings themselves)",
+    ),
+    (
+        "raw mixed with statistics",
+        {"features.window.statistics": ["raw", "mean"]},
+        "features.window.statistics",
+        "'raw' (the readings themselves) cannot be mixed with statistics; "
+        'use ["raw"] alone or statistics alone',
+    ),
+    (
+        "hidden in an imported model",
+        {"model.type": "imported", "model.hidden": [8]},
+        "model.hidden",
+        "an imported model's layers and weights come from its Keras model (fedge model import); "
+        "remove the key",
     ),
     (
         "no statistics",

@@ -37,8 +37,16 @@ WINDOW_STATISTICS: tuple[str, ...] = (
     "p90",
     "mad",
 )
+#: ``statistics = ["raw"]``: a window's features are its readings themselves, not statistics of
+#: them, for a model that reads the signal (a 1D CNN). It stands alone: a vector of raw readings
+#: with a few statistics appended would have no shape a convolution can read.
+RAW_WINDOW = "raw"
 
 ModelKind = Literal["classification", "regression"]
+#: ``mlp``: ``fedge model build`` makes the model from ``hidden``; ``imported``: ``fedge model
+#: import`` makes it from a trained Keras model, whose layers the model manifest describes.
+ModelType = Literal["mlp", "imported"]
+MODEL_TYPES: tuple[ModelType, ...] = ("mlp", "imported")
 OptimizerName = Literal["sgd", "adam"]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
@@ -58,6 +66,11 @@ class WindowSpec:
     step: int
     statistics: tuple[str, ...]
 
+    @property
+    def raw(self) -> bool:
+        """Whether a window's features are its readings themselves (``statistics = ["raw"]``)."""
+        return self.statistics == (RAW_WINDOW,)
+
 
 @dataclass(frozen=True)
 class FeatureSpec:
@@ -70,15 +83,32 @@ class FeatureSpec:
     @property
     def input_dim(self) -> int:
         """Length of one feature vector (resource-major when windowed)."""
-        per_resource = len(self.window.statistics) if self.window else 1
+        if self.window is None:
+            return len(self.resources)
+        per_resource = self.window.size if self.window.raw else len(self.window.statistics)
         return len(self.resources) * per_resource
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Names of the feature vector's entries, e.g. ``accel_x.mean``."""
+        """Names of the feature vector's entries, e.g. ``accel_x.mean``, or ``accel_x[0]`` (the
+        window's oldest reading) for raw windows."""
         if self.window is None:
             return self.resources
+        if self.window.raw:
+            return tuple(f"{r}[{t}]" for r in self.resources for t in range(self.window.size))
         return tuple(f"{r}.{s}" for r in self.resources for s in self.window.statistics)
+
+    @property
+    def raw_shape(self) -> tuple[int, int] | None:
+        """``(channels, length)`` of a raw-window input, None for statistics or no window.
+
+        The flat vector is channel-major: ``x[c * length + t]`` is reading ``t`` (oldest first)
+        of resource ``c``, so ``x.reshape(-1, channels, length)`` gives the windows back, and a
+        transpose to ``(-1, length, channels)`` is what a Keras ``Conv1D`` reads.
+        """
+        if self.window is None or not self.window.raw:
+            return None
+        return len(self.resources), self.window.size
 
 
 @dataclass(frozen=True)
@@ -95,11 +125,16 @@ class ModelSpec:
 
     No hidden layers (``hidden = ()``) is a linear model: logistic (softmax) regression for
     classification, linear regression for regression.
+
+    ``type = "imported"``: the model is a user's trained Keras model (``fedge model import``);
+    its layers and trainable weights are in the model manifest's ``imported`` section, so the
+    task names only its ``kind`` (``hidden`` is empty and ``seed`` unused).
     """
 
     kind: ModelKind
     hidden: tuple[int, ...]
     seed: int
+    type: ModelType = "mlp"
 
 
 #: The largest FedProx coefficient a task may ask for (Li et al. try 0.001..1; far beyond that the
@@ -148,7 +183,9 @@ class TaskSpec:
 
     @property
     def layer_sizes(self) -> tuple[int, ...]:
-        """All layer widths, input to output, e.g. ``(48, 64, 32, 7)``; ``(48, 7)`` when linear."""
+        """All layer widths, input to output, e.g. ``(48, 64, 32, 7)``; ``(48, 7)`` when linear.
+
+        An MLP's: an imported model's layers are in its manifest (``ModelManifest.layout``)."""
         return (self.input_dim, *self.model.hidden, self.output_dim)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +198,8 @@ class TaskSpec:
             raw["training"].pop(key)
         if self.training.proximal_mu == 0.0:
             raw["training"].pop("proximal_mu")
-        raw["model"]["type"] = "mlp"
+        if self.model.type == "imported":  # only what the task says: its layers are the manifest's
+            raw["model"] = {"type": "imported", "kind": self.model.kind}
         result: dict[str, Any] = _tuples_to_lists(raw)
         return result
 
@@ -233,21 +271,32 @@ def _features(t: Mapping[str, Any]) -> FeatureSpec:
         step = _int(w, "features.window.step", lo=1, hi=MAX_WINDOW)
         stats = _str_list(w, "features.window.statistics")
         for s in stats:
-            if s not in WINDOW_STATISTICS:
+            if s not in WINDOW_STATISTICS and s != RAW_WINDOW:
                 raise TaskSpecError(
                     "features.window.statistics",
-                    f"unknown statistic {s!r}; known: {', '.join(WINDOW_STATISTICS)}",
-                    expected=WINDOW_STATISTICS,
+                    f"unknown statistic {s!r}; known: {', '.join(WINDOW_STATISTICS)}; "
+                    f"or {RAW_WINDOW!r} alone (the readings themselves)",
+                    expected=(*WINDOW_STATISTICS, RAW_WINDOW),
                     found=s,
                 )
         if len(set(stats)) != len(stats):
             raise TaskSpecError("features.window.statistics", "lists a statistic twice")
+        if RAW_WINDOW in stats and len(stats) > 1:
+            raise TaskSpecError(
+                "features.window.statistics",
+                f"{RAW_WINDOW!r} (the readings themselves) cannot be mixed with statistics; "
+                f'use ["{RAW_WINDOW}"] alone or statistics alone',
+                expected=[RAW_WINDOW],
+                found=list(stats),
+            )
         window = WindowSpec(size, step, stats)
     spec = FeatureSpec(resources, rate, window)
     if spec.input_dim > MAX_FEATURES:
+        shape = spec.raw_shape
+        what = f" ({shape[0]} resources x {shape[1]} raw readings)" if shape is not None else ""
         raise TaskSpecError(
             "features",
-            f"{spec.input_dim} features exceed the limit {MAX_FEATURES}",
+            f"{spec.input_dim} features{what} exceed the limit {MAX_FEATURES}",
             expected=f"<= {MAX_FEATURES} features",
             found=spec.input_dim,
         )
@@ -278,9 +327,12 @@ def _label(t: Mapping[str, Any], kind: ModelKind, features: FeatureSpec) -> Labe
 def _model(t: Mapping[str, Any]) -> ModelSpec:
     _only_keys(t, "model", {"type", "kind", "hidden", "seed"})
     mtype = _str(t, "model.type", default="mlp")
-    if mtype != "mlp":
+    if mtype not in MODEL_TYPES:
         raise TaskSpecError(
-            "model.type", f"unsupported model type {mtype!r}; supported: 'mlp'", expected="mlp", found=mtype
+            "model.type",
+            f"unsupported model type {mtype!r}; supported: {', '.join(map(repr, MODEL_TYPES))}",
+            expected=MODEL_TYPES,
+            found=mtype,
         )
     kind = _str(t, "model.kind")
     if kind not in ("classification", "regression"):
@@ -290,6 +342,17 @@ def _model(t: Mapping[str, Any]) -> ModelSpec:
             expected=("classification", "regression"),
             found=kind,
         )
+    if mtype == "imported":
+        for key in ("hidden", "seed"):
+            if key in t:
+                raise TaskSpecError(
+                    f"model.{key}",
+                    "an imported model's layers and weights come from its Keras model (fedge model "
+                    "import); remove the key",
+                    expected="no key",
+                    found=t[key],
+                )
+        return ModelSpec(kind, (), 0, "imported")  # type: ignore[arg-type]
     hidden_raw = t.get("hidden")
     # Required even when empty: "hidden = []" (a linear model) is a choice to write down, not
     # what a forgotten key should silently become.
