@@ -407,6 +407,8 @@ class AgentService:
             return
         if len(self._in_flight) < in_flight:  # an acknowledgement was written
             self._wrote()
+            if not self._in_flight and self.connected.is_set() and self.outbox.stats().pending == 0:
+                self._publish_status()  # the fleet sees the backlog gone now, not a status interval later
 
     def _write_failed(self, exc: StorageFault) -> None:
         """A write the state directory refused (full, read-only): logged once per episode, and
