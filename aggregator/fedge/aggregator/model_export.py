@@ -73,6 +73,11 @@ def convert_module(module: tf.Module, signatures: dict[str, Any]) -> bytes:
 
 def build_model(task: TaskSpec, normalisation: Normalisation | None = None) -> BuiltModel:
     """Builds, converts and describes the task's model; nothing is written."""
+    if task.model.type != "mlp":
+        raise ModelBuildError(
+            f"task {task.name!r} has an imported model ([model] type = {task.model.type!r}): its model "
+            "directory comes from fedge model import --keras MODEL.keras, not from its task"
+        )
     if normalisation is not None and len(normalisation.mean) != task.input_dim:
         raise ModelBuildError(
             f"normalisation has {len(normalisation.mean)} features, the task has {task.input_dim}"

@@ -9,17 +9,32 @@ models need Flex to train).
 
 Weights live in raw ``tf.Variable`` s and are read and written only through the ``get_weights``
 and ``set_weights`` signatures (LiteRT cannot address resource variables by tensor index).
+
+:class:`TrainableDense` is the general form: trainable dense layers, each with a chain of
+activations, after an optional frozen input path of constants. The task's MLP
+(:class:`TrainableMLP`) and an imported Keras model's head (:mod:`fedge.aggregator.keras_import`)
+are both one, so both train with the same hand-written backward pass and optimizers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import tensorflow as tf
 
-from fedge.protocol.model_manifest import mlp_tensor_layout
+from fedge.protocol.model_manifest import TensorLayout, mlp_tensor_layout
 from fedge.protocol.task import TaskSpec
+
+#: The activations a trainable layer may apply, each with a derivative written from its output.
+#: Softmax is not among them: a classifier's last layer gives logits, and the loss applies
+#: ``log_softmax`` (its gradient is ``(softmax - onehot) / n``, no Jacobian needed).
+HeadActivation = Literal["relu", "tanh", "sigmoid", "linear"]
+HEAD_ACTIVATIONS: tuple[HeadActivation, ...] = ("relu", "tanh", "sigmoid", "linear")
+#: The frozen path before the trainable layers: a function of TensorFlow ops on constants only.
+InputPath = Callable[[tf.Tensor], tf.Tensor]
 
 
 def initial_weights(task: TaskSpec) -> np.ndarray:
@@ -36,19 +51,43 @@ def initial_weights(task: TaskSpec) -> np.ndarray:
     return np.concatenate(parts)
 
 
-class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type stubs
-    """The model and its optimizer as a ``tf.Module`` with the five fedge signatures."""
+class TrainableDense(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type stubs
+    """Trainable dense layers and their optimizer as a ``tf.Module`` with the five fedge signatures.
 
-    def __init__(self, task: TaskSpec, weights: np.ndarray | None = None) -> None:
-        super().__init__(name="fedge_mlp")
+    ``layout`` names each layer's tensors in order: ``<layer>/kernel`` ``[n_in, n_out]``, then
+    ``<layer>/bias`` ``[n_out]`` unless the layer has none. ``activations`` holds, per layer, the
+    activations applied to its output in order (``()`` for a linear layer; the last layer's
+    output is the logits of a classification or the value of a regression). ``input_path``
+    maps the model's input ``x`` to the first layer's input with constants only: nothing before
+    the first trainable layer trains, and the backward pass stops there.
+    """
+
+    def __init__(
+        self,
+        task: TaskSpec,
+        layout: Sequence[TensorLayout],
+        weights: np.ndarray,
+        activations: Sequence[Sequence[HeadActivation]],
+        input_path: InputPath | None = None,
+        name: str = "fedge_dense",
+    ) -> None:
+        super().__init__(name=name)
         self.task = task
-        self.layout = mlp_tensor_layout(task.layer_sizes)
-        flat = initial_weights(task) if weights is None else np.asarray(weights, np.float32)
+        self.layout = tuple(layout)
+        flat = np.asarray(weights, np.float32)
         self.parameter_count = sum(t.size for t in self.layout)
         if flat.shape != (self.parameter_count,):
             raise ValueError(f"weights must have shape ({self.parameter_count},), got {flat.shape}")
+        self.dense_layers = _dense_layers(self.layout)
+        if len(activations) != len(self.dense_layers):
+            raise ValueError(
+                f"{len(self.dense_layers)} layers need as many activation chains, got {len(activations)}"
+            )
+        # "linear" is the identity: nothing to compute forward, a factor of 1 backward.
+        self.activations = [tuple(a for a in chain if a != "linear") for chain in activations]
+        self.input_path = input_path
         self.params = [
-            tf.Variable(flat[t.offset : t.offset + t.size].reshape(t.shape), name=t.name.replace("/", "_"))
+            tf.Variable(flat[t.offset : t.offset + t.size].reshape(t.shape), name=_variable_name(t.name))
             for t in self.layout
         ]
         train = task.training
@@ -93,22 +132,23 @@ class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type
 
     # --- forward and loss ----------------------------------------------------------------
 
-    def _forward(self, x: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
-        """Returns the inputs of every layer (for backprop) and the final pre-activation.
-
-        With no hidden layers (``hidden = []``) the one layer is the output layer: a linear
-        model, no ReLU, and ``_train``'s backward pass stops after its kernel and bias."""
-        activations = [x]
-        h = x
-        n_layers = len(self.params) // 2
-        for i in range(n_layers):
-            z = tf.matmul(h, self.params[2 * i]) + self.params[2 * i + 1]
-            if i < n_layers - 1:
-                h = tf.maximum(z, 0.0)
-                activations.append(h)
-            else:
-                h = z
-        return activations, h
+    def _forward(self, x: tf.Tensor) -> tuple[list[tf.Tensor], list[list[tf.Tensor]], tf.Tensor]:
+        """Returns every layer's input and the output of each of its activations (for
+        backprop), and the last layer's output (logits or values)."""
+        h = x if self.input_path is None else self.input_path(x)
+        inputs: list[tf.Tensor] = []
+        outputs: list[list[tf.Tensor]] = []
+        for (kernel, bias), chain in zip(self.dense_layers, self.activations, strict=True):
+            inputs.append(h)
+            h = tf.matmul(h, self.params[kernel])
+            if bias is not None:
+                h = h + self.params[bias]
+            stages: list[tf.Tensor] = []
+            for activation in chain:
+                h = _activate(activation, h)
+                stages.append(h)
+            outputs.append(stages)
+        return inputs, outputs, h
 
     def _loss_and_delta(self, out: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Mean loss over the batch and d(loss)/d(out), written out (no autodiff)."""
@@ -135,17 +175,23 @@ class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type
     # --- signatures ------------------------------------------------------------------------
 
     def _train(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
-        activations, out = self._forward(x)
+        inputs, outputs, out = self._forward(x)
         loss, delta = self._loss_and_delta(out, y)
         grads: list[tf.Tensor] = [tf.zeros(())] * len(self.params)
-        for i in reversed(range(len(self.params) // 2)):
-            h_in = activations[i]
-            grads[2 * i] = tf.matmul(h_in, delta, transpose_a=True)
-            grads[2 * i + 1] = tf.reduce_sum(delta, axis=0)
+        for i in reversed(range(len(self.dense_layers))):
+            kernel, bias = self.dense_layers[i]
+            grads[kernel] = tf.matmul(inputs[i], delta, transpose_a=True)
+            if bias is not None:
+                grads[bias] = tf.reduce_sum(delta, axis=0)
             if i > 0:
-                # ReLU's derivative as a mask: avoids the ReluGrad op (Flex-only).
-                mask = tf.cast(activations[i] > 0.0, tf.float32)
-                delta = tf.matmul(delta, self.params[2 * i], transpose_b=True) * mask
+                # Through the previous layer's activations, each derivative written from its
+                # output: ReLU's as a mask (avoids the ReluGrad op, Flex-only).
+                factors = [
+                    _derivative(a, h) for a, h in zip(self.activations[i - 1], outputs[i - 1], strict=True)
+                ]
+                delta = tf.matmul(delta, self.params[kernel], transpose_b=True)
+                for factor in reversed(factors):
+                    delta = delta * factor
         if self.anchor:
             # FedProx: the gradient of mu / 2 * ||w - w_round_start||**2, written out like the rest
             # (Sub, Mul, Add: builtin ops). ``loss`` stays the data loss the task measures.
@@ -172,11 +218,11 @@ class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type
             p.assign_sub(lr_t * m / (tf.sqrt(v) + self.epsilon))
 
     def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        _, out = self._forward(x)
+        *_, out = self._forward(x)
         return {"outputs": tf.nn.softmax(out) if self.classification else out}
 
     def _evaluate(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
-        _, out = self._forward(x)
+        *_, out = self._forward(x)
         loss, _ = self._loss_and_delta(out, y)
         return {"loss": loss, "metric": self._metric(out, y)}
 
@@ -194,3 +240,63 @@ class TrainableMLP(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type
             v.assign(tf.zeros_like(v))
         self.step.assign(0.0)
         return {"parameter_count": tf.constant(self.parameter_count, tf.int32)}
+
+
+class TrainableMLP(TrainableDense):
+    """The task's MLP: ReLU hidden layers and a linear output layer, Glorot-initialised."""
+
+    def __init__(self, task: TaskSpec, weights: np.ndarray | None = None) -> None:
+        layout = mlp_tensor_layout(task.layer_sizes)
+        flat = initial_weights(task) if weights is None else np.asarray(weights, np.float32)
+        n_layers = len(layout) // 2
+        hidden: tuple[HeadActivation, ...] = ("relu",)
+        chains = [hidden] * (n_layers - 1) + [()]
+        super().__init__(task, layout, flat, chains, name="fedge_mlp")
+
+
+def _dense_layers(layout: Sequence[TensorLayout]) -> list[tuple[int, int | None]]:
+    """Each layer's kernel and bias (or None) as indices into ``layout``: a ``<layer>/kernel``
+    ``[n_in, n_out]`` may be followed by its ``<layer>/bias`` ``[n_out]``; nothing else."""
+    layers: list[tuple[int, int | None]] = []
+    i = 0
+    while i < len(layout):
+        kernel = layout[i]
+        layer, _, part = kernel.name.rpartition("/")
+        if part != "kernel" or len(kernel.shape) != 2:
+            raise ValueError(f"layout entry {i} {kernel.name!r} {kernel.shape} is not a 2-D '<layer>/kernel'")
+        nxt = layout[i + 1] if i + 1 < len(layout) else None
+        if nxt is not None and nxt.name == f"{layer}/bias":
+            if nxt.shape != (kernel.shape[1],):
+                raise ValueError(f"{nxt.name} has shape {nxt.shape}; its kernel needs ({kernel.shape[1]},)")
+            layers.append((i, i + 1))
+            i += 2
+        else:
+            layers.append((i, None))
+            i += 1
+    return layers
+
+
+def _variable_name(tensor: str) -> str:
+    """A TensorFlow variable name for a layout entry: ``dense0/kernel`` -> ``dense0_kernel``."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", tensor)
+
+
+def _activate(activation: HeadActivation, z: tf.Tensor) -> tf.Tensor:
+    if activation == "relu":
+        return tf.maximum(z, 0.0)  # MAXIMUM, as the MLP has always been built
+    if activation == "tanh":
+        return tf.tanh(z)
+    if activation == "sigmoid":
+        return tf.sigmoid(z)
+    raise ValueError(f"activation {activation!r} cannot train; trainable: {', '.join(HEAD_ACTIVATIONS)}")
+
+
+def _derivative(activation: HeadActivation, out: tf.Tensor) -> tf.Tensor:
+    """d(out)/d(in) from the activation's output alone: the forward pass keeps nothing else."""
+    if activation == "relu":
+        return tf.cast(out > 0.0, tf.float32)
+    if activation == "tanh":
+        return 1.0 - out * out
+    if activation == "sigmoid":
+        return out * (1.0 - out)
+    raise ValueError(f"activation {activation!r} cannot train; trainable: {', '.join(HEAD_ACTIVATIONS)}")
