@@ -1,4 +1,4 @@
-"""Feature extraction: readings to windowed statistics, and one label per window.
+"""Feature extraction: readings to windowed statistics or raw windows, and one label per window.
 
 Expected values come from closed forms on hand-built (arange) signals or from direct numpy
 computations on each window, never from the module's own statistic table.
@@ -319,3 +319,84 @@ def test_majority_labels_match_a_direct_count(labels: list[int], size: int, step
         chunk = labels[k * step : k * step + size]
         best = max(chunk.count(c) for c in set(chunk))
         assert got == min(c for c in set(chunk) if chunk.count(c) == best)
+
+
+# --- raw windows (statistics = ["raw"]) -----------------------------------------------------
+
+
+def test_raw_windows_are_the_readings_channel_major() -> None:
+    """docs/task-spec.md's example: x[c * size + t] is reading t (oldest first) of resource c."""
+    window = WindowSpec(3, 2, ("raw",))
+    spec = _spec(("a", "b"), window)
+    readings = np.array([[1, 10], [2, 20], [3, 30], [4, 40], [5, 50], [6, 60]], dtype=np.float64)
+
+    out = extract_features(readings, spec)
+
+    assert spec.names == ("a[0]", "a[1]", "a[2]", "b[0]", "b[1]", "b[2]")
+    assert spec.raw_shape == (2, 3) and spec.input_dim == 6
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    assert out.tolist() == [[1, 2, 3, 10, 20, 30], [3, 4, 5, 30, 40, 50]]
+    # The reshape docs/task-spec.md promises gives the windows back as channels x length.
+    assert out.reshape(-1, 2, 3)[1].tolist() == [[3, 4, 5], [30, 40, 50]]
+    # Row 6 (index 5) starts no complete window: it is left over, for the caller's next call.
+    assert np.array_equal(out, extract_features(readings[:5], spec))
+
+
+def test_raw_windows_are_the_readings_rounded_once_to_float32() -> None:
+    """Nothing but a cast: a float64 reading becomes the float32 nearest to it, as a Float32
+    EdgeX reading of the same value would be."""
+    spec = _spec(("a",), WindowSpec(4, 4, ("raw",)))
+    values = [0.1, 16_777_217.0, -1e-40, 3.4e38]
+    out = extract_features(np.array(values).reshape(-1, 1), spec)
+    assert out.tobytes() == np.array(values, np.float64).astype(np.float32).tobytes()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_reading_in_a_raw_window_is_a_feature_error(bad: float) -> None:
+    spec = _spec(("a", "b"), WindowSpec(2, 1, ("raw",)))
+    readings = np.ones((4, 2))
+    readings[1, 0] = bad
+    with pytest.raises(FeatureError) as exc:
+        extract_features(readings, spec)
+    assert str(exc.value) == "readings contain NaN or infinity"
+
+
+def test_too_short_input_gives_no_raw_windows() -> None:
+    spec = _spec(("a", "b", "c"), WindowSpec(100, 50, ("raw",)))
+    out = extract_features(np.zeros((99, 3)), spec)
+    assert out.shape == (0, 300) and out.dtype == np.float32
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(0, 60),
+    size=st.integers(1, 15),
+    step=st.integers(1, 15),
+    channels=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_raw_windows_are_their_readings_bit_for_bit(
+    n: int, size: int, step: int, channels: int, seed: int
+) -> None:
+    window = WindowSpec(size, step, ("raw",))
+    spec = _spec(tuple(f"r{c}" for c in range(channels)), window)
+    readings = np.random.default_rng(seed).uniform(-100, 100, size=(n, channels))
+
+    out = extract_features(readings, spec)
+
+    assert out.shape == (window_count(n, window), channels * size)
+    for k in range(out.shape[0]):
+        chunk = readings[k * step : k * step + size]  # (size, channels)
+        expected = [chunk[t, c] for c in range(channels) for t in range(size)]
+        assert out[k].tobytes() == np.array(expected, np.float32).tobytes()
+        for name, value in zip(spec.names, out[k], strict=True):  # "r{c}[{t}]" names its reading
+            c, t = int(name[1 : name.index("[")]), int(name[name.index("[") + 1 : -1])
+            assert value == np.float32(chunk[t, c])
+
+
+def test_raw_window_labels_are_those_of_statistics_windows() -> None:
+    """The label does not depend on what the features are: majority class per window."""
+    labels = np.array([0, 0, 1, 1, 1, 2, 2])
+    raw = window_labels(labels, WindowSpec(3, 2, ("raw",)), "classification")
+    stats = window_labels(labels, WindowSpec(3, 2, ("mean",)), "classification")
+    assert raw.tolist() == stats.tolist() == [0, 1, 2]

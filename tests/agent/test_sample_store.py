@@ -356,3 +356,77 @@ def test_concurrent_writers_lose_and_double_count_nothing(tmp_path: Path) -> Non
     distinct = {k * 1000 + b * 4 + i for k in range(4) for b in range(25) for i in range(8)}
     assert sum(inserted) == stats.samples == len(distinct) == 4 * 104
     assert stats.duplicates_total == 4 * 25 * 8 - len(distinct)
+
+
+# --- raw windows: large vectors ------------------------------------------------------------
+
+
+def test_raw_window_samples_of_600_floats_round_trip_bit_for_bit(tmp_path: Path) -> None:
+    """tasks/har-watch-raw.toml's samples: 6 resources x 100 readings, 2,400 bytes each."""
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(300, 600)).astype(np.float32) * np.float32(9.81)
+    vectors[0, :3] = [np.float32(0.1), -0.0, np.finfo(np.float32).tiny / 2]  # subnormal, signed zero
+    with store(tmp_path, max_samples=1000) as s:
+        assert s.add([sample(400 - i, list(vectors[i]), i % 7) for i in range(300)], "raw", NOW) == 300
+        x, y = s.load("raw")
+    assert x.dtype == np.float32 and x.shape == (300, 600) and x.flags.c_contiguous
+    assert x.tobytes() == vectors.tobytes()
+    assert y.dtype == np.int32 and y.tolist() == [i % 7 for i in range(300)]
+    conn = sqlite3.connect(tmp_path / "samples.db")
+    try:
+        sizes = {row[0] for row in conn.execute("SELECT length(features) FROM samples")}
+    finally:
+        conn.close()
+    assert sizes == {2400}
+
+
+@pytest.mark.parametrize(
+    ("damage", "holds"),
+    [("x'00000000'", "4 bytes"), ("zeroblob(2404)", "2404 bytes"), ("'text'", "a str")],
+    ids=["short", "long", "not-a-blob"],
+)
+def test_a_damaged_sample_is_refused_by_name_and_nothing_else_is_lost(
+    tmp_path: Path, damage: str, holds: str
+) -> None:
+    path = tmp_path / "samples.db"
+    vectors = np.arange(5 * 600, dtype=np.float32).reshape(5, 600)
+    with store(tmp_path) as s:
+        s.add([sample(10 - i, list(vectors[i]), i) for i in range(5)], "raw", NOW)
+        s.add([sample(3, [1.0, 2.0], 0.5)], "other", NOW)
+        damaged_end_ns = int(NOW * NS) - round((10 - 2) * NS)
+    conn = sqlite3.connect(path)
+    try:  # what a bug or a stray tool could leave: a row SQLite itself finds nothing wrong with
+        with conn:
+            conn.execute(f"UPDATE samples SET features = {damage} WHERE end_ns = ?", (damaged_end_ns,))
+    finally:
+        conn.close()
+
+    with store(tmp_path) as s:  # the file opens: it is a valid database
+        with pytest.raises(SampleStoreError) as info:
+            s.load("raw")
+        assert str(info.value) == (
+            f"sample store {path} is damaged: the sample of task 'raw' ending at {damaged_end_ns} holds "
+            f"{holds}, not 600 float32 features (2400 bytes); move the file aside (the agent starts an "
+            "empty one)"
+        )
+        # Nothing else is lost: every sample is still there, the other task loads, the store
+        # takes new samples, and the error repeats (it does not go away by itself).
+        assert s.stats(NOW).per_task == {"raw": 5, "other": 1}
+        x, y = s.load("other")
+        assert x.tolist() == [[1.0, 2.0]] and y.tolist() == [0.5]
+        assert s.add([sample(1, [3.0, 4.0], 1.5)], "other", NOW) == 1
+        assert s.load("other")[0].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+        with pytest.raises(SampleStoreError, match="is damaged"):
+            s.load("raw")
+    conn = sqlite3.connect(path)
+    try:
+        intact = [
+            np.frombuffer(row[0], "<f4")
+            for row in conn.execute(
+                "SELECT features FROM samples WHERE task_key = 'raw' AND end_ns != ? ORDER BY end_ns",
+                (damaged_end_ns,),
+            )
+        ]
+    finally:
+        conn.close()
+    assert np.array_equal(np.stack(intact), vectors[[0, 1, 3, 4]])

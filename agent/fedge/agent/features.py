@@ -2,7 +2,9 @@
 
 Pure numpy, no I/O: the HAR loader feeds it recorded data, the EdgeX path feeds it live
 readings, and both get byte-identical features. Windowed features are resource-major:
-``[r0.stat0, r0.stat1, ..., r1.stat0, ...]``, matching :attr:`FeatureSpec.names`.
+``[r0.stat0, r0.stat1, ..., r1.stat0, ...]``, matching :attr:`FeatureSpec.names`. Raw windows
+(``statistics = ["raw"]``) are channel-major too: ``x[c * size + t]`` is reading ``t`` (oldest
+first) of resource ``c``, ``[r0[0], ..., r0[size-1], r1[0], ...]``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def extract_features(readings: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     """Feature vectors from readings of shape ``(n, len(spec.resources))`` in time order.
 
     Without a window, each reading row is one sample. With one, each complete window is one
-    sample; readings after the last complete window are left for the next call.
+    sample; readings after the last complete window are left for the next call. A raw window's
+    features are its readings cast to float32, channel-major (see the module docstring).
     """
     arr = np.asarray(readings, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != len(spec.resources):
@@ -67,6 +70,11 @@ def extract_features(readings: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     if n_win == 0:
         return np.empty((0, spec.input_dim), np.float32)
     win = _windows(arr, spec.window)[:n_win]
+    if spec.window.raw:
+        # The (n_windows, ch, size) view copied once, straight to a C-ordered float32 array (the
+        # result itself: no float64 copy of the windows); its rows are then x[c * size + t].
+        raw: np.ndarray = np.ascontiguousarray(win, dtype=np.float32).reshape(n_win, spec.input_dim)
+        return raw
     stats = np.stack([_STATS[s](win) for s in spec.window.statistics], axis=-1)  # (n, ch, stats)
     features: np.ndarray = stats.reshape(n_win, -1).astype(np.float32)
     return features

@@ -28,7 +28,9 @@ DEFAULT_LIVE_WINDOWS = 32
 
 @dataclass(frozen=True, eq=False)
 class LiveWindow:
-    """One prediction window: raw (not normalised) features and the origins it spans.
+    """One prediction window: its features as extracted, not normalised (statistics, or a raw
+    window's readings channel-major, exactly as a training sample of the same rows), and the
+    origins it spans.
 
     ``start_ns`` and ``end_ns`` are the origins of its first and last row. ``spec`` is the
     feature definition the features were computed with (the agent predicts only with a model

@@ -3,10 +3,16 @@
 Samples arrive continuously from :class:`fedge.agent.edgex.samples.SampleBuilder`; training rounds
 come every few minutes or hours and after restarts, so the samples wait here, in SQLite.
 
-*Only feature vectors and labels are stored, never raw readings.* Raw sensor data never leaves
-the device (only model updates do), and data minimisation applies on the device too: a stolen
-or decommissioned gateway's disk should hold no more than training needs, and windowed
-statistics say far less about the people in a building than the raw signal does.
+*Only feature vectors and labels are stored, never the readings themselves* (unless the task
+asks for them, below). Raw sensor data never leaves the device (only model updates do), and data
+minimisation applies on the device too: a stolen or decommissioned gateway's disk should hold no
+more than training needs, and windowed statistics say far less about the people in a building
+than the raw signal does. A task that asks for raw windows (``statistics = ["raw"]``, for a
+model that reads the signal) makes its windows' readings the feature vectors, so they are
+stored: that is the task author's choice, and they still never leave the device. Such a vector
+is large (600 float32 for 6 resources x 100 readings, 2,400 bytes), so ``max_samples`` should
+be sized for it: :meth:`SampleStore.load` holds every sample of the task in memory at once
+(``n x dim x 4`` bytes; it fills the array row by row, without a second copy).
 
 The store is bounded twice. A sample is kept at most ``max_age_s`` after its data was
 measured (``end_ns``, the readings' origin time, not when it was stored, so a backfill of old
@@ -244,18 +250,29 @@ class SampleStore(SQLiteFile):
             task = conn.execute(
                 "SELECT dim, label_kind FROM tasks WHERE task_key = ?", (task_key,)
             ).fetchone()
-            rows = conn.execute(
-                "SELECT features, label FROM samples WHERE task_key = ? ORDER BY end_ns", (task_key,)
-            ).fetchall()
-        if task is None or not rows:
+            n = conn.execute("SELECT count(*) FROM samples WHERE task_key = ?", (task_key,)).fetchone()[0]
             dim = 0 if task is None else int(task[0])
             label_dtype = np.int32 if task is not None and task[1] == "class" else np.float32
-            return np.empty((0, dim), np.float32), np.empty((0,), label_dtype)
-        dim, kind = int(task[0]), task[1]
-        x = np.frombuffer(b"".join(row[0] for row in rows), dtype="<f4").reshape(len(rows), dim)
-        labels = [row[1] for row in rows]
-        y = np.asarray(labels, np.float64).astype(np.int32 if kind == "class" else np.float32)
-        return x.astype(np.float32), y
+            if task is None or not n:
+                return np.empty((0, dim), np.float32), np.empty((0,), label_dtype)
+            # Row by row into the result: the samples are in memory once, not three times (the
+            # fetched rows, their concatenation, the array), which matters for raw windows.
+            x = np.empty((n, dim), np.float32)
+            labels = np.empty((n,), np.float64)
+            rows = conn.execute(
+                "SELECT features, label, end_ns FROM samples WHERE task_key = ? ORDER BY end_ns", (task_key,)
+            )
+            for i, (blob, label, end_ns) in enumerate(rows):
+                if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+                    size = f"{len(blob)} bytes" if isinstance(blob, bytes) else f"a {type(blob).__name__}"
+                    raise SampleStoreError(
+                        f"sample store {self.path} is damaged: the sample of task {task_key!r} ending at "
+                        f"{end_ns} holds {size}, not {dim} float32 features ({4 * dim} bytes); "
+                        "move the file aside (the agent starts an empty one)"
+                    )
+                x[i] = np.frombuffer(blob, dtype="<f4")
+                labels[i] = label
+        return x, labels.astype(label_dtype)
 
     def evict(self, now: float) -> int:
         """Drops samples older than ``max_age_s`` (unless it is 0), then the oldest beyond

@@ -53,6 +53,11 @@ _QUEUE_LIMIT = 100_000
 IDLE_FLUSH_S = 1.0
 #: With no reading stored yet, a first backfill reaches this far back.
 FIRST_BACKFILL_S = 24 * 3600.0
+#: Feature bytes of a full store (``store_max_samples`` x the task's features x 4) above which the
+#: agent warns at start: a round loads every sample of the task into memory. The default store
+#: (200,000 samples) of a 48-statistic task is 38 MB; of a raw-window task (600 inputs) 480 MB,
+#: too much for a small board.
+STORE_WARN_BYTES = 256 * 1024 * 1024
 
 
 class BackfillCursor:
@@ -118,6 +123,20 @@ class EdgeXIngest:
         self.task = task
         self.key = task_key(task)
         self.store = store
+        full_bytes = store.max_samples * task.input_dim * 4
+        if full_bytes > STORE_WARN_BYTES:
+            log.warning(
+                "[edgex] store_max_samples = %d: a full store of task %r (%d features a sample) holds "
+                "%d MB, and every round loads it all into memory; if the device cannot spare that, "
+                "lower [edgex] store_max_samples (%d stays within %d MiB; docs/task-spec.md, "
+                '"Raw windows")',
+                store.max_samples,
+                task.name,
+                task.input_dim,
+                full_bytes // 1_000_000,
+                STORE_WARN_BYTES // (task.input_dim * 4),
+                STORE_WARN_BYTES // 2**20,
+            )
         self.builder = SampleBuilder(task, limits, device=device)
         #: Prediction windows (``live``): the same windows from the features alone.
         self.live_builder = SampleBuilder(task, limits, device=device, labelled=False) if live else None
