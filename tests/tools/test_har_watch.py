@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from fedge.agent.features import window_count
 from fedge.lab import har_watch
-from fedge.protocol.task import TaskSpec
+from fedge.protocol.task import TaskSpec, parse_task_spec
 from support.tasks import task_variant
 
 
@@ -82,3 +84,19 @@ def test_task_with_other_classes_is_refused(har_task: TaskSpec) -> None:
 def test_unknown_subject_is_refused(har_task: TaskSpec) -> None:
     with pytest.raises(har_watch.DatasetError, match=r"unknown subjects \[11\]"):
         har_watch.load_devices(har_task, subjects=[1, 11])
+
+
+def test_raw_windows_are_each_recordings_readings_channel_major() -> None:
+    """tasks/har-watch-raw.toml: a sample is a window's 100 readings of each of the 6 resources,
+    x[c * 100 + t], windowed per recording as for statistics (the same windows, the same labels)."""
+    task = parse_task_spec((Path(__file__).resolve().parents[2] / "tasks" / "har-watch-raw.toml").read_text())
+    assert task.features.window is not None
+    data = har_watch.load_devices(task, subjects=[1])[1]
+    own = [r for r in har_watch.load_recordings() if r.subject == 1]
+    counts = [window_count(len(r.readings), task.features.window) for r in own]
+    assert data.x.shape == (sum(counts), 600) and data.x.dtype == np.float32
+    assert data.y.tolist() == [r.label for r, n in zip(own, counts, strict=True) for _ in range(n)]
+    # The second recording's third window: its rows 100..199, resource by resource.
+    k = counts[0] + 2
+    expected = own[1].readings[100:200].T.astype(np.float32).reshape(-1)
+    assert data.x[k].tobytes() == expected.tobytes()

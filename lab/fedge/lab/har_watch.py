@@ -5,7 +5,11 @@
 subjects 8, 9 and 10 as the test set, so accuracy is measured on people the model never saw.
 
 Windows never cross recordings: each recording is windowed on its own, and every window of a
-recording carries that recording's exercise label.
+recording carries that recording's exercise label. A window's features are what the task asks
+for, statistics or the raw readings (``statistics = ["raw"]``), computed by
+:func:`fedge.agent.features.extract_features` as the agent computes them from EdgeX readings: the
+same recordings replayed through EdgeX give byte-identical samples
+(tests/edgex/test_raw_windows_edgex.py).
 
 As an agent's source (:class:`HarWatchSource`) a subject also has live windows to predict on: the
 held-out test subjects' windows, replayed in time (one every window step, ``step /
