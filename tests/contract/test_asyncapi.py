@@ -168,6 +168,16 @@ def _values() -> dict[str, Any]:
         "last_error": None,
         "data": {"device": "watch-01", "stored_samples": 1000},
         "insights": {"publish": "change", "published": 3, "skipped": {}, "last": None},
+        "personalisation": {
+            "personal_version": 3,
+            "epochs": 5,
+            "trained_examples": 800,
+            "seconds": 0.02,
+            "metric": "accuracy",
+            "holdout_samples": 200,
+            "global": 0.81,
+            "personal": 0.93,
+        },
         "time": 1_700_000_000.5,
     }
 
@@ -182,6 +192,7 @@ def test_device_statuses_and_the_last_will_match_and_drift_is_refused() -> None:
         {k: v for k, v in status.items() if k != "samples"},  # a key missing
         {**status, "state": "sleeping"},
         {**status, "schema": "fedge.device-status/2"},
+        {**status, "personalisation": {**status["personalisation"], "f1": 0.9}},  # not in the schema
     ):
         with pytest.raises(AssertionError):
             channel.validate(T.status("watch-01"), json.dumps(broken).encode())

@@ -126,6 +126,28 @@ class WritebackRule:
         return f"when {condition} -> PUT {self.device}/{self.command}"
 
 
+#: ``[personalisation] epochs``: how many more epochs the personal weights get (1..MAX).
+MAX_PERSONAL_EPOCHS = 1000
+
+
+@dataclass(frozen=True)
+class PersonalisationSettings:
+    """``[personalisation]``: fine-tune-after-global (``docs/personalisation.md``,
+    ``fedge.agent.personal``). After each new global model is installed, and after the device has
+    trained its federated update from it, a copy of the global weights gets ``epochs`` more epochs
+    on the device's training part; predictions use the result, the federated update never does.
+
+    Off by default: it costs ``epochs`` more epochs of local training per global model, and it
+    changes what ``insight/{device_id}`` means (this device's model, not the fleet's), which a
+    BMS reading the predictions should opt into knowingly. ``epochs = 5``: a few passes over a
+    device's own data move a global model to its room (``docs/personalisation.md`` has the
+    measurements) at a cost of about ``5 / local_epochs`` times the round's training.
+    """
+
+    enabled: bool = False
+    epochs: int = 5
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     device_id: str
@@ -151,6 +173,8 @@ class AgentConfig:
     operator_verify_keys: dict[str, VerifyKey] = field(default_factory=dict)
     #: Never send a plain update: a selected device sits out train rounds without secure aggregation.
     require_secure_aggregation: bool = False
+    #: ``[personalisation]``: personal weights for this device's predictions (off by default).
+    personalisation: PersonalisationSettings = PersonalisationSettings()
 
     @property
     def secure_aggregation_ready(self) -> bool:
@@ -208,6 +232,7 @@ INSIGHT_KEYS = {
     "home_assistant_prefix",
     "writeback",
 }
+PERSONALISATION_KEYS = {"enabled", "epochs"}
 #: The keys of one ``[[insight.writeback]]`` rule.
 WRITEBACK_KEYS = {"when_label", "when_above", "when_below", "device", "command", "values", "min_interval_s"}
 #: Every table of agent.toml and the keys it accepts (any other is an error); what
@@ -219,6 +244,7 @@ AGENT_TABLES: dict[str, set[str]] = {
     "edgex": EDGEX_KEYS,
     "insight": INSIGHT_KEYS,
     "metrics": METRICS_KEYS,
+    "personalisation": PERSONALISATION_KEYS,
 }
 
 
@@ -317,6 +343,16 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         identity_certificate_file=certificate_file,
         operator_verify_keys=operator_keys,
         require_secure_aggregation=require_secure,
+        personalisation=_personalisation_settings(Table(data, "personalisation", PERSONALISATION_KEYS)),
+    )
+
+
+def _personalisation_settings(p: Table) -> PersonalisationSettings:
+    """``[personalisation]``, every key optional (see :class:`PersonalisationSettings`)."""
+    default = PersonalisationSettings()
+    return PersonalisationSettings(
+        enabled=p.flag("enabled", default.enabled),
+        epochs=p.integer("epochs", default.epochs, 1, MAX_PERSONAL_EPOCHS),
     )
 
 

@@ -2,9 +2,12 @@
 "Predictions (insight)").
 
 The device runs the *verified global model* (the weights of the newest manifest it accepted and
-whose blobs it checked, never its locally trained weights) on its live windows
+whose blobs it checked, never the weights it trained for its federated update) on its live windows
 (:mod:`fedge.agent.live`) with the LiteRT interpreter, and publishes the prediction retained,
-QoS 1, rate-limited as ``[insight]`` says (:class:`fedge.agent.config.InsightSettings`).
+QoS 1, rate-limited as ``[insight]`` says (:class:`fedge.agent.config.InsightSettings`). With
+``[personalisation]`` the device predicts with its personal weights instead, once it has them
+(fine-tuned from a global model of the same model and generation, :mod:`fedge.agent.personal`),
+and the payload says so: ``"personal": true`` and the global version they came from.
 
 Three parts:
 
@@ -21,6 +24,7 @@ Three parts:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -139,8 +143,15 @@ def insight_payload(
     published_at: float,
     manifest: RoundManifest,
     prediction: Prediction,
+    personal_version: int | None = None,
+    personalised: bool = False,
 ) -> dict[str, Any]:
-    """The JSON document published on ``insight/{device_id}`` (``docs/protocol.md``)."""
+    """The JSON document published on ``insight/{device_id}`` (``docs/protocol.md``).
+    ``model`` is the installed global model; ``personal_version``, when the prediction was made
+    with personal weights, the global version they were fine-tuned from. A device with
+    ``[personalisation]`` on (``personalised``) says which weights it used in every prediction
+    (``personal``, ``personal_version``); without it the document is as before personalisation
+    (no such keys: the global model)."""
     task = manifest.model_manifest.task
     return {
         "schema": INSIGHT_SCHEMA,
@@ -157,7 +168,11 @@ def insight_payload(
         "task": {"name": task.name, "kind": task.model.kind},
         "prediction": prediction.to_dict(),
         "source": {"edgex_device": window.edgex_device, "resources": list(window.spec.resources)},
-    }
+    } | (
+        {"personal": personal_version is not None, "personal_version": personal_version}
+        if personalised or personal_version is not None
+        else {}
+    )
 
 
 class InsightPolicy:
@@ -175,7 +190,7 @@ class InsightPolicy:
         self.skipped: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
         self.last: dict[str, Any] | None = None
         self._last_at: float | None = None
-        self._last_key: tuple[int, str | float | None] | None = None
+        self._last_key: tuple[int, int | None, str | float | None] | None = None
 
     def before_inference(
         self, window_end_s: float, now: float, have_model: bool, connected: bool
@@ -194,13 +209,15 @@ class InsightPolicy:
             return "rate_limited"
         return None
 
-    def after_inference(self, prediction: Prediction, model_version: int) -> str | None:
+    def after_inference(
+        self, prediction: Prediction, model_version: int, personal_version: int | None = None
+    ) -> str | None:
         """``unchanged`` when ``on_change`` has nothing new to say, else None (publish)."""
         if self.settings.publish != "on_change" or self._last_key is None:
             return None
-        last_version, last = self._last_key
-        if last_version != model_version:
-            return None  # a new global model: its first prediction is news
+        last_version, last_personal, last = self._last_key
+        if (last_version, last_personal) != (model_version, personal_version):
+            return None  # a new global model, or new personal weights: its first prediction is news
         new = prediction.key()
         if isinstance(new, float) and isinstance(last, float):
             return "unchanged" if abs(new - last) <= self.settings.min_change else None
@@ -214,11 +231,20 @@ class InsightPolicy:
         self.skipped[reason] += count
         return first
 
-    def published(self, now: float, window_end_s: float, prediction: Prediction, model_version: int) -> None:
+    def published(
+        self,
+        now: float,
+        window_end_s: float,
+        prediction: Prediction,
+        model_version: int,
+        personal_version: int | None = None,
+    ) -> None:
         self.published_total += 1
         self._last_at = now
-        self._last_key = (model_version, prediction.key())
+        self._last_key = (model_version, personal_version, prediction.key())
         last: dict[str, Any] = {"time": now, "window_end": window_end_s, "model_version": model_version}
+        if personal_version is not None:
+            last["personal_version"] = personal_version
         if prediction.label is not None:
             last["label"] = prediction.label
         else:
@@ -242,16 +268,21 @@ class InsightModel:
     ``Load`` the trainer gets); a model blob builds a new interpreter, the weights and the
     normalisation are set each time. A ``moments``-phase manifest carries the untrained initial
     weights, so after one there is no model to predict with (``no_model``) until a trained one.
+    :meth:`personalise` swaps the global weights for personal ones (and back).
     """
 
     def __init__(self, runtime: str) -> None:
         self.runtime = runtime
         self.manifest: RoundManifest | None = None
+        #: The global version the weights in use were fine-tuned from; None: the global weights.
+        self.personal_version: int | None = None
         self._model: bytes | None = None
         self._interpreter: LiteRTTrainer | None = None
+        self._global_weights: np.ndarray | None = None
 
     def load(self, manifest: RoundManifest, model: bytes | None, weights: bytes) -> None:
         self.manifest = None
+        self.personal_version = None
         if model is not None:
             self._model = model
         if self._interpreter is None or self._interpreter.manifest.model_sha256 != manifest.model_sha256:
@@ -263,9 +294,25 @@ class InsightModel:
             self._interpreter = LiteRTTrainer(self._model, manifest.model_manifest, self.runtime)  # type: ignore[arg-type]
         interpreter = self._interpreter
         interpreter.normalisation = manifest.normalisation
-        interpreter.set_weights(weights_from_bytes(weights, manifest.model_manifest.parameter_count))
+        self._global_weights = weights_from_bytes(weights, manifest.model_manifest.parameter_count)
+        interpreter.set_weights(self._global_weights)
         if manifest.phase != "moments":
             self.manifest = manifest
+
+    def personalise(self, weights: np.ndarray | None, version: int | None) -> None:
+        """Predicts with ``weights``, personal weights fine-tuned from global ``version`` of the
+        loaded model and generation (the caller checks: :meth:`fedge.agent.personal.PersonalWeights.refusal`),
+        or with the loaded global weights again for None."""
+        interpreter, global_weights = self._interpreter, self._global_weights
+        if self.manifest is None or interpreter is None or global_weights is None:
+            raise InsightError("no verified global model loaded to personalise")
+        if weights is None or version is None:
+            interpreter.set_weights(global_weights)
+            self.personal_version = None
+            return
+        self.personal_version = None  # until the weights are in
+        interpreter.set_weights(np.asarray(weights, np.float32))
+        self.personal_version = version
 
     def predict(self, window: LiveWindow) -> Prediction:
         manifest, interpreter = self.manifest, self._interpreter
@@ -297,8 +344,11 @@ class InsightPublisher:
         runtime: str,
         publish: PublishFn,
         on_published: Callable[[dict[str, Any], float], None] | None = None,
+        personalised: bool = False,
     ) -> None:
         self.settings = settings
+        #: ``[personalisation]`` is on: every prediction says whether personal weights made it.
+        self.personalised = personalised
         #: Called with each published payload and the time (Home Assistant discovery, write-back).
         self.on_published = on_published
         self.device_id = device_id
@@ -329,6 +379,18 @@ class InsightPublisher:
                 "insight: cannot load the model of manifest v%d: %s", manifest.version, self.load_error
             )
 
+    def personalise(self, weights: np.ndarray | None, version: int | None) -> None:
+        """Predictions from now on use these personal weights (None: the global ones again); a
+        failure is logged and predictions go on with the global weights, never raised."""
+        if self.settings.publish == "off" or self.model.manifest is None:
+            return
+        try:
+            self.model.personalise(weights, version)
+        except Exception as exc:  # the round goes on whatever the prediction model does
+            log.warning("insight: cannot predict with the personal weights of v%s: %s", version, exc)
+            with contextlib.suppress(Exception):
+                self.model.personalise(None, None)
+
     def process(self, batch: LiveWindows, now: float, connected: bool) -> None:
         """Decides, predicts and publishes for each window of ``batch`` (oldest first)."""
         if batch.dropped:
@@ -356,7 +418,8 @@ class InsightPublisher:
             if self.load_error is not None or manifest is None:
                 raise InsightError(f"the global model could not be loaded: {self.load_error}")
             prediction = self.model.predict(window)
-            reason = self.policy.after_inference(prediction, manifest.version)
+            personal = self.model.personal_version
+            reason = self.policy.after_inference(prediction, manifest.version, personal)
             if reason is not None:
                 self._skip(reason, f"prediction {prediction.key()!r} of model v{manifest.version}")
                 return
@@ -367,6 +430,8 @@ class InsightPublisher:
                 published_at=now,
                 manifest=manifest,
                 prediction=prediction,
+                personal_version=personal,
+                personalised=self.personalised,
             )
             data = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode("utf-8")
         except Exception as exc:  # a bad window or model never ends the worker
@@ -375,7 +440,7 @@ class InsightPublisher:
         if not self.publish(self.topic, data):
             self._skip("offline", "the MQTT client refused the publication")
             return
-        self.policy.published(now, end_s, prediction, manifest.version)
+        self.policy.published(now, end_s, prediction, manifest.version, personal)
         if self.policy.published_total == 1:
             log.info(
                 "insight: published the first prediction on %s (model v%d)", self.topic, manifest.version

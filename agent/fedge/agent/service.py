@@ -16,6 +16,11 @@ the secure rounds' documents; paho's thread verifies certificates and queues rou
 :class:`~fedge.agent.secure_agent.SecureRounds`, which the worker drives after the core hands it
 a trained delta (:class:`~fedge.agent.core.SecureUpdate`). Its sealed frames take the same path
 as updates: a counter reserved and persisted first, the outbox, PUBACK.
+
+Personalisation (``[personalisation]``, :mod:`fedge.agent.personal`): once the round in hand is
+done (the update sent, or the device not taking part), the worker fine-tunes a copy of the newest
+global model on the device's training part and predicts with it from then on; the trainer holds
+the global weights again afterwards, so the next update is what it would have been without.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from fedge.agent.core import (
 from fedge.agent.error_feedback import ResidualError
 from fedge.agent.home_assistant import HomeAssistantDiscovery
 from fedge.agent.insight import InsightPublisher
+from fedge.agent.personal import PersonalWeights
 from fedge.agent.secure_agent import RevealedRecords, SecureRounds
 from fedge.agent.systemd_notify import Notifier, status_line
 from fedge.agent.trainer import LiteRTTrainer
@@ -152,10 +158,14 @@ class AgentService:
         self.state = stages.state
         self.outbox = stages.outbox
         self.residuals = stages.residuals
+        self.personal = stages.personal
+        self._personal_retry_at = 0.0  # too little data to fine-tune: when to look again
+        self._personal_save_at = 0.0  # a full or read-only state dir refused personal.bin: when to retry
         self.trust = stages.trust
         self.clock = clock
         self.topics = self.core.topics
         self.data: LocalData | None = None
+        self._data_version: int | None = None  # the manifest version self.data was read for
         self._local_samples: int | None = None
         self._data_retry_at = 0.0
         self._pending_rotations: list[bytes] = []
@@ -223,6 +233,7 @@ class AgentService:
             config.runtime,
             self._publish_insight,
             on_published=self._insight_published,
+            personalised=stages.personal is not None,
         )
         # Optional, off by default: Home Assistant discovery of the prediction, and write-back
         # rules through EdgeX core-command (both act on published predictions only).
@@ -379,6 +390,7 @@ class AgentService:
             last_error=self.last_error,
             data=self.source.report(),
             insights=self._insights_report(),
+            personalisation=self.personal.report() if self.personal is not None else None,
             time=self.clock(),
         )
 
@@ -663,8 +675,14 @@ class AgentService:
             self.trainer = LiteRTTrainer(action.model, manifest.model_manifest, self.config.runtime)  # type: ignore[arg-type]
             self.core.model_loaded(manifest.model_sha256)
         self.trainer.normalisation = manifest.normalisation
-        self.trainer.set_weights(weights_from_bytes(action.weights, manifest.model_manifest.parameter_count))
+        global_weights = weights_from_bytes(action.weights, manifest.model_manifest.parameter_count)
+        self.trainer.set_weights(global_weights)
         self.insights.load(manifest, action.model, action.weights)  # never raises into the round
+        if self.personal is not None:
+            refused = self.personal.installed(manifest, global_weights)
+            if refused is not None:
+                log.info("%s", refused)
+            self._predict_with(self.personal.serving)  # an older version's until this one's fine-tune
 
     def _local_data(self, manifest: RoundManifest) -> LocalData | None:
         """This round's local data (a live source keeps growing), split (seeded) for evaluation;
@@ -675,7 +693,76 @@ class AgentService:
             return None
         d = self.config.data
         self.data = split_holdout(x, y, d.holdout_fraction, d.seed)
+        self._data_version = manifest.version
         return self.data
+
+    def _personalise(self) -> None:
+        """Fine-tunes the installed global model into this device's personal weights
+        (``[personalisation]``), once no round is in hand: after the federated update was sealed
+        from the global weights, never before. Uses the data this round already read, else reads
+        it; with too little, looks again every ``DATA_RETRY_S``. Predictions use the result."""
+        personal, trainer = self.personal, self.trainer
+        if (
+            personal is None
+            or trainer is None
+            or self.core.phase is not Phase.WAITING
+            or not personal.due()
+            or time.monotonic() < self._personal_retry_at
+        ):
+            return
+        manifest = personal.manifest
+        if manifest is None:
+            return
+        try:
+            data = self.data if self._data_version == manifest.version else self._local_data(manifest)
+        except Exception as exc:  # the data source failed: looked at again like too little data
+            log.warning("personalisation: the local data could not be read (%s: %s)", type(exc).__name__, exc)
+            data = None
+        if data is None or data.x_train.shape[0] == 0:
+            self._personal_retry_at = time.monotonic() + DATA_RETRY_S
+            return
+        try:
+            weights = personal.fine_tune(
+                trainer, (data.x_train, data.y_train), (data.x_holdout, data.y_holdout), progress=self._alive
+            )
+        except Exception as exc:  # personalisation never ends a round or the worker
+            log.warning(
+                "personalisation: fine-tuning global v%d failed (%s: %s); predictions stay on the %s "
+                "until the next global model",
+                manifest.version,
+                type(exc).__name__,
+                exc,
+                "global model" if personal.serving is None else "older personal weights",
+            )
+            return
+        self._predict_with(weights)
+        log.info("%s", weights.describe())
+        self._next_status_at = 0.0  # the status's personal vs global metrics are news
+        self._save_personal()
+
+    def _save_personal(self) -> None:
+        """Writes the newest personal weights to ``state_dir/personal.bin``. A full or read-only
+        state directory is counted and logged like every other state file's refused write (the
+        status's ``last_error``, one line per episode) and retried every ``STATE_DIR_RETRY_S``;
+        the weights serve from memory meanwhile."""
+        personal = self.personal
+        if personal is None or personal.unsaved is None:
+            return
+        try:
+            wrote = personal.save()
+        except StorageFault as exc:
+            self._write_failed(exc)
+            self._personal_save_at = time.monotonic() + STATE_DIR_RETRY_S
+            return
+        if wrote:
+            self._wrote()
+
+    def _predict_with(self, weights: PersonalWeights | None) -> None:
+        """Predictions use these personal weights, or (None) the installed global ones."""
+        if weights is None:
+            self.insights.personalise(None, None)
+        else:
+            self.insights.personalise(weights.values, weights.global_version)
 
     def _train(self, action: Train) -> list[Action]:
         """Trains (or computes moments) and hands the result to the core; with too few local
@@ -737,6 +824,9 @@ class AgentService:
             elif waiting_for_data and time.monotonic() >= self._data_retry_at:
                 self._carry_out(self.core.retry_data(self.clock()))
             self._secure_turn()
+            if self.personal is not None and time.monotonic() >= self._personal_save_at:
+                self._save_personal()  # what a full or read-only state directory refused
+            self._personalise()
             self._predict()
             if time.monotonic() >= self._next_status_at and self.connected.is_set():
                 self._publish_status()

@@ -43,6 +43,7 @@ from fedge.agent.edgex.profile import check_task_against_profile, load_profile
 from fedge.agent.error_feedback import RESIDUAL_FILE, ResidualStore
 from fedge.agent.live import NO_LIVE_WINDOWS, LiveWindows
 from fedge.agent.outbox import Outbox
+from fedge.agent.personal import PERSONAL_FILE, Personaliser, PersonalStore
 from fedge.agent.sample_store import SampleStore
 from fedge.agent.secure_agent import SecureIdentity, load_secure_identity
 from fedge.agent.trust import TrustStore
@@ -128,6 +129,8 @@ class AgentStages:
     secure: SecureIdentity | None = None
     #: Where the error-feedback residual of sparse rounds is kept; None: in memory only.
     residuals: ResidualStore | None = None
+    #: ``[personalisation]``: the personal weights (loaded from the state dir); None when off.
+    personal: Personaliser | None = None
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -250,4 +253,11 @@ def _build_agent(config: AgentConfig, source: LocalDataSource | None) -> AgentSt
     trust = TrustStore.open_or_create(
         config.state_dir / TRUST_FILE, config.fleet, config.trusted_keys.values()
     )
-    return AgentStages(config, source, core, state, trust, outbox, build_writeback(config), secure, residuals)
+    personal = None
+    if config.personalisation.enabled:  # an unreadable file: logged, and the next model fine-tuned again
+        personal = Personaliser(
+            config.personalisation, PersonalStore(config.state_dir / PERSONAL_FILE), config.data.seed
+        )
+    return AgentStages(
+        config, source, core, state, trust, outbox, build_writeback(config), secure, residuals, personal
+    )

@@ -39,6 +39,7 @@ DEVICE_STATUS_EMPTY: dict[str, Any] = {
     "last_error": None,
     "data": None,
     "insights": None,
+    "personalisation": None,
     "time": None,
 }
 

@@ -616,6 +616,31 @@ AGENT_SECTIONS = (
             ),
         ),
     ),
+    Section(
+        "personalisation",
+        "Personal weights for this device's predictions (docs/personalisation.md): after each new global "
+        "model, and after the federated update is trained from it, a copy of the global weights is "
+        "fine-tuned on the device's own training samples; insight/DEVICE then predicts with it (marked "
+        "personal), the federated update never carries it.",
+        (
+            Key(
+                "enabled",
+                BOOLEAN,
+                "Keep personal weights and predict with them (costs `epochs` more epochs of local "
+                "training per global model).",
+                default=False,
+            ),
+            Key(
+                "epochs",
+                INTEGER,
+                "Epochs of fine-tuning per global model, on the training part of [data] (the held-out "
+                "part scores the personal and the global weights in the status).",
+                default=5,
+                lo=1,
+                hi=1000,
+            ),
+        ),
+    ),
     _metrics_section(9464, "fedge_agent_*"),
 )
 
