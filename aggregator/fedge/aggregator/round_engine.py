@@ -50,6 +50,7 @@ from nacl.signing import SigningKey
 from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.fedavg import AggregationError
 from fedge.aggregator.privacy_config import SECURE_MIN_DEVICES, SecureSettings
+from fedge.aggregator.round_history import remember
 from fedge.aggregator.secure_round import SecureRoundDriver
 from fedge.aggregator.strategies.clipping import NormBounds, NormTooLarge, l2
 from fedge.aggregator.strategies.factory import (
@@ -739,7 +740,7 @@ class RoundEngine:
             epsilon_spent=None if self.accountant is None else self.accountant.epsilon_spent(),
             strategy=self.settings.strategy,
         )
-        self.state.history.append(record.to_dict())
+        remember(self.state.history, record.to_dict())  # bounded: fedge.aggregator.round_history
         self.current = None
         return record
 
@@ -816,7 +817,7 @@ class RoundEngine:
             epsilon_spent=None if self.accountant is None else self.accountant.epsilon_spent(),
             strategy=self.settings.strategy,
         )
-        self.state.history.append(record.to_dict())
+        remember(self.state.history, record.to_dict())  # bounded: fedge.aggregator.round_history
         self.current = None
         return record
 
