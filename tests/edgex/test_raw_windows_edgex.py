@@ -31,6 +31,7 @@ from fedge.agent.edgex.wire import (
     encode_envelope,
     event_to_dto,
 )
+from fedge.agent.features import extract_features
 from fedge.agent.sample_store import SampleStore
 from fedge.lab import har_watch
 from fedge.lab.edgex_core_data_server import CoreDataServer
@@ -271,3 +272,41 @@ def test_a_store_too_large_for_raw_windows_is_warned_about_at_start_naming_the_s
         "that, lower [edgex] store_max_samples (111848 stays within 256 MiB; docs/task-spec.md, "
         '"Raw windows")'
     )
+
+
+# --- data quality on raw windows -------------------------------------------------------------
+
+
+def test_nan_and_out_of_range_readings_never_reach_a_raw_window(raw_task: TaskSpec) -> None:
+    """A NaN gyro reading and an accelerometer reading outside the profile's limits are dropped
+    at the screen; their rows are incomplete, and the windows are those of the rows kept."""
+    events = _events(400)
+    readings = [r for e in events for r in e.readings]
+    t_nan, t_far = readings[7 * 120].origin_ns, readings[7 * 260].origin_ns  # rows 120 and 260
+    bad = [
+        Reading(r.device, r.resource, r.profile, r.value_type, float("nan"), r.origin_ns)
+        if (r.resource, r.origin_ns) == ("gyro_y", t_nan)
+        else Reading(r.device, r.resource, r.profile, r.value_type, 99.0, r.origin_ns)
+        if (r.resource, r.origin_ns) == ("accel_z", t_far)
+        else r
+        for r in readings
+    ]
+    limits = {"accel_z": (-20.0, 20.0)}
+    builder = SampleBuilder(raw_task, limits, device=DEVICE)
+    samples = builder.add(bad) + builder.flush()
+
+    quality = builder.quality
+    assert (quality.not_finite, quality.out_of_range, quality.incomplete, quality.rows) == (1, 1, 2, 398)
+    x = np.stack([s.features for s in samples])
+    assert np.all(np.isfinite(x)) and x.reshape(-1, 6, 100)[:, 2].max() <= 20.0
+    # The windows are those of the 398 kept rows, one after another (the holes are one row each,
+    # shorter than max_gap_ns): the loader's windows of the same rows.
+    kept = np.delete(_loader_rows(400), [120, 260], axis=0)
+    expected = extract_features(kept, raw_task.features)
+    assert x.tobytes() == expected.tobytes()
+    assert len(samples) == 6  # (398 - 100) // 50 + 1
+
+
+def _loader_rows(rows: int) -> np.ndarray:
+    first = next(r for r in har_watch.load_recordings() if r.subject == 1)
+    return first.readings[:rows]
