@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-scale bench-replicas chaos images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-personalisation bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-scale bench-replicas chaos images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -110,6 +110,13 @@ bench-secagg-mqtt: install
 # against centralized; ~10 min; writes bench/results/noniid.json and noniid.png.
 bench-noniid: install
 	$(BIN)/python bench/bench_noniid.py --out bench/results/noniid.json
+
+# Personalisation on the device (issue 17): personal vs global accuracy per device (subjects 1-7
+# of the smartwatch data) on each device's held-out part after 1, 5 and 20 federated rounds,
+# fine-tuned 1, 5 and 20 epochs; ~10 s; writes bench/results/personalisation.json and .png
+# (docs/personalisation.md's table comes from docs/results/personalisation.json: --docs-json).
+bench-personalisation: install
+	$(BIN)/python bench/bench_personalisation.py --out bench/results/personalisation.json
 
 # Held-out accuracy against bytes per update for fp32, fp16, int8 and the top-k codecs with
 # error feedback (issue 15): 7 devices, 30 rounds, 3 seeds each; ~8 min; writes

@@ -580,3 +580,15 @@ def test_a_failing_data_source_or_fine_tune_is_one_log_line_and_never_stops_the_
     )
     assert world["trainer"].get_weights().tobytes() == world["global"].tobytes()  # global again
     assert service.last_error is None
+
+
+def test_the_table_of_docs_personalisation_md_is_the_benchmarks() -> None:
+    """docs/personalisation.md shows the table bench_personalisation.py wrote to its JSON."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    report = json.loads((docs / "results" / "personalisation.json").read_text())
+    page = (docs / "personalisation.md").read_text()
+    assert report["benchmark"] == "personalisation" and report["table"]
+    assert "\n".join(report["table"]) in page
+    for split in ("random", "blocked"):
+        means = report["results"][split]["checkpoints"][str(report["rounds"])]
+        assert f"| {split} | **mean, fleet** |  | {means['mean_global']:.3f} |" in page
