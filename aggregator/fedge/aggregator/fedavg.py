@@ -69,7 +69,7 @@ def _check_weight_vector(array: Any, parameter_count: int, what: str) -> npt.NDA
         raise AggregationError(f"{what} must have shape ({parameter_count},), got {array.shape}")
     if array.dtype != np.float32:
         raise AggregationError(f"{what} must be float32, got {array.dtype}")
-    if not np.all(np.isfinite(array)):
+    if not np.isfinite(array).all():
         raise AggregationError(f"{what} contains NaN or infinity")
     return array
 
@@ -127,7 +127,12 @@ class StreamingFedAvg:
         w = float(n) if weight is None else _finite_float(weight, "weight")
         if w <= 0:
             raise AggregationError(f"weight must be > 0, got {w}")
-        np.multiply(delta, w, out=self._scratch, dtype=np.float64)
+        # In place, no temporary: the cast into the scratch buffer, then the weight (exactly
+        # np.multiply(delta, w, dtype=float64); a weight of 1 changes nothing, so it is skipped),
+        # then the sum. Three passes over P floats, a third of the time of a casting multiply.
+        self._scratch[:] = delta
+        if w != 1.0:
+            self._scratch *= w
         self._sum += self._scratch
         self._count += 1
         self._total_examples += n
@@ -238,6 +243,18 @@ class WeightedMeanAccumulator:
 
     def add(self, value: float, weight: float) -> None:
         """Adds ``value`` with ``weight`` (finite, > 0); a rejected pair changes nothing."""
+        self._weighted_sum, self._total_weight = self._added(value, weight)
+        self._count += 1
+
+    def plus(self, value: float, weight: float) -> WeightedMeanAccumulator:
+        """A new accumulator with ``value`` added, this one unchanged (all-or-nothing folds
+        keep it until the rest of the report is accepted); the same checks as :meth:`add`."""
+        out = WeightedMeanAccumulator.__new__(WeightedMeanAccumulator)
+        out._weighted_sum, out._total_weight = self._added(value, weight)
+        out._count = self._count + 1
+        return out
+
+    def _added(self, value: float, weight: float) -> tuple[float, float]:
         v = _finite_float(value, "value")
         w = _finite_float(weight, "weight")
         if w <= 0:
@@ -246,8 +263,7 @@ class WeightedMeanAccumulator:
         total_weight = self._total_weight + w
         if not (math.isfinite(weighted_sum) and math.isfinite(total_weight)):
             raise AggregationError("the weighted sum overflows")
-        self._weighted_sum, self._total_weight = weighted_sum, total_weight
-        self._count += 1
+        return weighted_sum, total_weight
 
     def parts(self) -> tuple[float, float, int]:
         """The weighted sum, total weight and count (a replica's partial carries them)."""

@@ -44,10 +44,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from nacl.public import Box, PrivateKey, PublicKey
+from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
 from fedge.aggregator.config import RoundSettings
+from fedge.aggregator.device_boxes import DeviceBoxes
 from fedge.aggregator.fedavg import AggregationError
 from fedge.aggregator.privacy_config import SECURE_MIN_DEVICES, SecureSettings
 from fedge.aggregator.round_history import remember
@@ -76,7 +77,7 @@ from fedge.protocol.model_manifest import ModelManifest, Normalisation
 from fedge.protocol.privacy_announcement import PrivacyAnnouncement
 from fedge.protocol.reasons import RejectReason
 from fedge.protocol.round_manifest import RoundManifest
-from fedge.protocol.sealing import SealError, box_for, open_sealed, read_header
+from fedge.protocol.sealing import SealError, open_sealed, read_header
 from fedge.protocol.secagg import SecAggError, choose_parameters
 from fedge.protocol.secagg.announcement import (
     SecureAggregationAnnouncement,
@@ -357,8 +358,9 @@ class RoundEngine:
             state.initial_norm = l2(state.weights)
         self.current: _OpenRound | None = None
         self._model_published = False
-        # One Box per device: the X25519 shared key is computed once, not per message.
-        self._boxes: dict[str, Box] = {}
+        # One Box per enrolled device key: the X25519 shared key is computed once, not per
+        # message; keyed by the public key, so a device re-enrolled under a new key gets a new one.
+        self.boxes = DeviceBoxes(box_key)
         self.set_registry(registry)
         self.accountant: PrivacyAccountant | None = None
         if privacy is not None:
@@ -389,10 +391,8 @@ class RoundEngine:
         starts a new counter sequence: its old counter is forgotten. That reopens no replay:
         anything sealed with the old key fails to open with the new one.
         """
-        for device, key in list(self.registry.items()):
-            if registry.get(device) != key:
-                self._boxes.pop(device, None)
         self.registry = dict(registry)
+        self.boxes.retain(self.registry.values())  # a revoked or replaced key's Box goes
         self.revoked = set(revoked or ()) - set(registry)
         for device, key in self.registry.items():
             fingerprint = key_fingerprint(key)
@@ -901,12 +901,10 @@ class RoundEngine:
             return Outcome(False, RejectReason.DUPLICATE, device, header.kind)
         if header.counter <= self.state.counters.get(device, -1):
             return Outcome(False, RejectReason.REPLAYED_COUNTER, device, header.kind)
-        box = self._boxes.get(device)
-        if box is None:
-            try:
-                box = self._boxes[device] = box_for(self.box_key, device_key)
-            except SealError as exc:
-                return Outcome(False, exc.reason, device, header.kind)
+        try:
+            box = self.boxes.get(device_key)
+        except SealError as exc:
+            return Outcome(False, exc.reason, device, header.kind)
         try:
             payload_header, body = open_sealed(
                 header, ciphertext, self.box_key, device_key, self.max_message_bytes, box=box

@@ -21,11 +21,13 @@ retained documents with its first manifest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -100,6 +102,20 @@ _DROP_ADVICE = {
     "If it is retained, clear it with an empty retained message on that topic.",
     "handler": "A bug in fedge: the message was skipped. Please report this traceback.",
 }
+
+
+def set_tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's ``on_socket_open``: turns Nagle's algorithm off on the broker connection.
+
+    Why: with manual acks the aggregator writes a small PUBACK for the round's last update and,
+    a millisecond later, the next manifest's blobs. With Nagle on, that second write waits until
+    the broker ACKs the first segment, which a broker with nothing to answer delays by its
+    delayed-ACK timer (40 ms on Linux): bench_rounds measured the aggregator's tail at N = 10
+    go from 5 to 44 ms per round. MQTT packets are whole messages, so nothing gains from Nagle's
+    coalescing. A socket that refuses the option (not TCP, e.g. a WebSocket wrapper) is left as is.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -384,6 +400,7 @@ class AggregatorService:
         self.client = make_client(config.mqtt, manual_ack=True)
         watch_connection(self.client, log, self._on_connect, self.connected.clear)
         self.client.on_message = self._on_message
+        self.client.on_socket_open = set_tcp_nodelay
 
     def _load_state(self) -> None:
         """The engine, from the checkpoint if there is one (else from the initial weights)."""

@@ -49,7 +49,7 @@ from fedge.aggregator.partial_wire import (
 from fedge.aggregator.registry import load_registry, load_registry_file
 from fedge.aggregator.replica_round import ReplicaMismatch, WorkerBatch, follow, partial_of, take_batch
 from fedge.aggregator.round_engine import RoundEngine
-from fedge.aggregator.service import initial_state, load_model
+from fedge.aggregator.service import initial_state, load_model, set_tcp_nodelay
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.reasons import RejectReason
@@ -141,6 +141,7 @@ class AggregatorWorker:
         )
         watch_connection(self.client, log, self._on_connect, lambda: None)
         self.client.on_message = self._on_message
+        self.client.on_socket_open = set_tcp_nodelay  # acks then partials: no Nagle stall
 
     # --- paho's thread ---------------------------------------------------------------------
 

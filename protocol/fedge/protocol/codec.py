@@ -293,7 +293,9 @@ def decode_tensors(
     if fraction is not None:
         out = _decode_sparse(body, layout, codec, fraction)
     elif codec is Codec.FP32:
-        out = np.frombuffer(body, WEIGHTS_DTYPE).astype(np.float32)
+        # A read-only view of ``body`` where float32 is little-endian (no copy); converted
+        # where it is not.
+        out = np.frombuffer(body, WEIGHTS_DTYPE).astype(np.float32, copy=False)
     elif codec is Codec.FP16:
         out = np.frombuffer(body, "<f2").astype(np.float32)
     else:
@@ -311,7 +313,7 @@ def decode_tensors(
             seg = codes[t.offset : t.offset + t.size].astype(np.float64)
             with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
                 out[t.offset : t.offset + t.size] = (float(lo) + seg * float(scale)).astype(np.float32)
-    if not np.all(np.isfinite(out)):
+    if not np.isfinite(out).all():  # the method: np.all() would add a microsecond of dispatch
         raise CodecError(
             "tensor values must be finite", field=f"{codec.value} body", expected="finite values"
         )

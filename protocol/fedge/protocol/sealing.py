@@ -15,7 +15,7 @@ of a ``PAYLOAD`` frame whose header is ``{"bind": <SealedHeader>, "payload": {..
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from nacl.exceptions import CryptoError
@@ -57,7 +57,17 @@ class SealedHeader:
     model_version: int
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Spelled out rather than dataclasses.asdict, which deep-copies every field: the
+        # aggregator compares it with the sealed binding of every message it opens, and asdict
+        # was a tenth of RoundEngine.handle's time (a test keeps this equal to asdict).
+        return {
+            "fleet": self.fleet,
+            "device_id": self.device_id,
+            "round_id": self.round_id,
+            "counter": self.counter,
+            "kind": self.kind,
+            "model_version": self.model_version,
+        }
 
     @staticmethod
     def from_dict(data: Any) -> SealedHeader:

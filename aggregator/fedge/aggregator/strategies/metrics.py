@@ -13,8 +13,6 @@ reasons in docs/protocol.md.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import numpy.typing as npt
 
@@ -41,22 +39,18 @@ class RoundMetrics:
         self.examples = 0
 
     def add(self, update: UpdatePayload) -> None:
-        """The metrics go into copies first (a sum may overflow), then the update into the inner
-        fold, which checks before it changes anything; only then are the copies kept."""
+        """The metrics go into new accumulators first (a sum may overflow), then the update into
+        the inner fold, which checks before it changes anything; only then are they kept."""
         ev = update.evaluation
-        train_loss, eval_loss, eval_accuracy, eval_mse = (
-            copy.copy(self.train_loss),
-            copy.copy(self.eval_loss),
-            copy.copy(self.eval_accuracy),
-            copy.copy(self.eval_mse),
-        )
-        train_loss.add(update.train_loss, self.weighting(update.examples))
+        train_loss = self.train_loss.plus(update.train_loss, self.weighting(update.examples))
+        eval_loss, eval_accuracy, eval_mse = self.eval_loss, self.eval_accuracy, self.eval_mse
         if ev is not None:
-            eval_loss.add(ev.loss, self.weighting(ev.examples))
+            eval_weight = self.weighting(ev.examples)
+            eval_loss = eval_loss.plus(ev.loss, eval_weight)
             if ev.accuracy is not None:
-                eval_accuracy.add(ev.accuracy, self.weighting(ev.examples))
+                eval_accuracy = eval_accuracy.plus(ev.accuracy, eval_weight)
             if ev.mse is not None:
-                eval_mse.add(ev.mse, self.weighting(ev.examples))
+                eval_mse = eval_mse.plus(ev.mse, eval_weight)
         self.inner.add(update)
         self.train_loss, self.eval_loss = train_loss, eval_loss
         self.eval_accuracy, self.eval_mse = eval_accuracy, eval_mse
