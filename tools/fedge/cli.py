@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from fedge.protocol.codec_names import Codec
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
+from fedge.protocol.model_manifest import Normalisation
 from fedge.protocol.task import TaskSpec, parse_task_spec
 from fedge.version import __version__
 
@@ -144,16 +145,19 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _read_normalisation(path: Path | None) -> Normalisation | None:
+    """``--normalisation FILE``: JSON ``{mean: [...], std: [...]}``, or None without the option."""
+    if path is None:
+        return None
+    try:
+        return Normalisation.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FedgeError(f"cannot read normalisation {path}: {exc}") from None
+
+
 def cmd_model_build(args: argparse.Namespace) -> int:
     task = read_task(args.task)
-    normalisation = None
-    if args.normalisation is not None:
-        from fedge.protocol.model_manifest import Normalisation  # noqa: PLC0415
-
-        try:
-            normalisation = Normalisation.from_dict(json.loads(args.normalisation.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FedgeError(f"cannot read normalisation {args.normalisation}: {exc}") from None
+    normalisation = _read_normalisation(args.normalisation)
     _quiet_tensorflow()
     from fedge.aggregator.model_export import build_model, write_model  # noqa: PLC0415 - needs TF
 
@@ -176,6 +180,48 @@ def cmd_model_build(args: argparse.Namespace) -> int:
             f"built {task.name}: layers {'-'.join(map(str, task.layer_sizes))}, "
             f"{m.parameter_count} parameters, {m.model_bytes} bytes, builtin ops only\n"
             f"  {manifest_path}\n  sha256 {m.model_sha256}"
+        )
+    return 0
+
+
+def cmd_model_import(args: argparse.Namespace) -> int:
+    """``fedge model import``: a trained Keras model's frozen base and trainable head, as a model
+    directory agents and the aggregator use unchanged (docs/fine-tuning.md)."""
+    task = read_task(args.task)
+    normalisation = _read_normalisation(args.normalisation)
+    _quiet_tensorflow()
+    from fedge.aggregator import keras_import  # noqa: PLC0415 - needs TF and Keras
+    from fedge.aggregator.model_export import write_model  # noqa: PLC0415
+
+    trainable = keras_import.parse_trainable(args.trainable)
+    if args.saved_model is not None:
+        keras_import.refuse_saved_model(args.saved_model)
+    built = keras_import.import_keras_model(args.keras, task, trainable, normalisation)
+    manifest_path = write_model(built, args.out)
+    m = built.manifest
+    imported = m.imported
+    if imported is None:  # import_keras_model always describes what it imported
+        raise FedgeError("the imported model's manifest has no imported section")
+    trains = [layer.name for layer in imported.trainable_layers]
+    summary = {
+        "task": task.name,
+        "out": str(args.out),
+        "manifest": str(manifest_path),
+        "keras_file": str(args.keras),
+        "keras_sha256": imported.keras_sha256,
+        "frozen_layers": [layer.name for layer in imported.frozen_layers],
+        "trainable_layers": trains,
+        "parameter_count": m.parameter_count,
+        "model_bytes": m.model_bytes,
+        "model_sha256": m.model_sha256,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"imported {args.keras} for {task.name}: {len(imported.frozen_layers)} frozen layers, "
+            f"trains {', '.join(trains)} ({m.parameter_count} parameters), {m.model_bytes} bytes, "
+            f"builtin ops only\n  {manifest_path}\n  sha256 {m.model_sha256}"
         )
     return 0
 
@@ -613,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    model = sub.add_parser("model", help="build trainable TFLite models (aggregator side)")
+    model = sub.add_parser("model", help="build or import trainable TFLite models (aggregator side)")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     build = model_sub.add_parser("build", help="build and convert a task's model (no Flex ops)")
     build.add_argument("--task", type=Path, required=True, help="task spec (TOML)")
@@ -623,6 +669,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--json", action="store_true", help="print a JSON summary")
     build.set_defaults(func=cmd_model_build)
+    imp = model_sub.add_parser(
+        "import",
+        help="turn a trained Keras model into a model directory: its last N Dense layers train (no Flex ops)",
+    )
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--keras", type=Path, metavar="MODEL.keras", help="the Keras model (.keras, or legacy .h5)"
+    )
+    source.add_argument(
+        "--saved-model",
+        type=Path,
+        metavar="DIR",
+        help="a TensorFlow SavedModel: refused with how to export .keras instead (docs/fine-tuning.md)",
+    )
+    imp.add_argument(
+        "--task", type=Path, required=True, help='task spec (TOML) with [model] type = "imported"'
+    )
+    imp.add_argument(
+        "--trainable",
+        required=True,
+        metavar="last:N",
+        help="the last N Dense layers train on devices; every layer before them is frozen",
+    )
+    imp.add_argument("--out", type=Path, required=True, help="output directory")
+    imp.add_argument(
+        "--normalisation",
+        type=Path,
+        help="JSON {mean: [...], std: [...]}: the scaling the Keras model was trained on (default: none)",
+    )
+    imp.add_argument("--json", action="store_true", help="print a JSON summary")
+    imp.set_defaults(func=cmd_model_import)
 
     tl = sub.add_parser(
         "train-local",
