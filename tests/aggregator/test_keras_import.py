@@ -37,6 +37,7 @@ from support.keras_models import (
     channel_major,
     cnn_flatten_model,
     cnn_model,
+    every_layer_model,
     features_task,
     features_x,
     head_weights,
@@ -89,6 +90,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Imported]:
         "mlp": (mlp_model(), FEATURES_TASK_TOML, ("hidden", "out"), features_x(64, seed=5), None),
         "cnn": (cnn_model(), RAW_TASK_TOML, ("fc", "out"), windows, channel_major(windows)),
         "cnn_flatten": (cnn_flatten_model(), RAW_TASK_TOML, ("fc", "out"), windows, channel_major(windows)),
+        "every_layer": (every_layer_model(), RAW_TASK_TOML, ("fc", "out"), windows, channel_major(windows)),
     }
     frozen = {
         "mlp": (("base", "Dense"), ("base_bn", "BatchNormalization"), ("base_drop", "Dropout")),
@@ -105,6 +107,17 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Imported]:
             ("conv_bn", "BatchNormalization"),
             ("act", "Activation"),
             ("pool", "MaxPooling1D"),
+            ("flat", "Flatten"),
+        ),
+        "every_layer": (
+            ("conv_tanh", "Conv1D"),
+            ("avg", "AveragePooling1D"),
+            ("bn_affine", "BatchNormalization"),
+            ("per_step", "Dense"),
+            ("conv_nobias", "Conv1D"),
+            ("bn_nobeta", "BatchNormalization"),
+            ("gmp", "GlobalMaxPooling1D"),
+            ("grid", "Reshape"),
             ("flat", "Flatten"),
         ),
     }
@@ -124,7 +137,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Imported]:
     return result
 
 
-MODELS = ["mlp", "cnn", "cnn_flatten"]
+MODELS = ["mlp", "cnn", "cnn_flatten", "every_layer"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -146,8 +159,10 @@ def test_the_imported_model_has_builtin_ops_only(imported: dict[str, Imported], 
     ops = set(list_ops(model))
     assert flex_ops(model) == [] and not any(op.startswith("Flex") for op in ops)
     assert {"ASSIGN_VARIABLE", "READ_VARIABLE", "BATCH_MATMUL"} <= ops  # the head trains in the model
-    if name != "mlp":
+    if name in ("cnn", "cnn_flatten"):
         assert {"CONV_2D", "MAX_POOL_2D", "TRANSPOSE"} <= ops  # the frozen convolutions are in it too
+    if name == "every_layer":
+        assert {"CONV_2D", "AVERAGE_POOL_2D", "REDUCE_MAX", "TANH", "LOGISTIC"} <= ops
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -111,7 +111,10 @@ def _unusual_batch_norm(model: Any, seed: int) -> None:
             n = layer.get_weights()[0].shape[0]
             gamma, beta = rng.uniform(0.5, 2.0, n), rng.normal(0, 0.5, n)
             mean, variance = rng.normal(0, 0.5, n), rng.uniform(0.2, 3.0, n)
-            layer.set_weights([w.astype(np.float32) for w in (gamma, beta, mean, variance)])
+            # Keras lists gamma (if scale), beta (if center), then the moving mean and variance.
+            weights = [gamma] if layer.scale else []
+            weights += [beta] if layer.center else []
+            layer.set_weights([w.astype(np.float32) for w in (*weights, mean, variance)])
 
 
 def mlp_model(seed: int = 0) -> Any:
@@ -176,6 +179,38 @@ def cnn_flatten_model(seed: int = 0) -> Any:
     return model
 
 
+def every_layer_model(seed: int = 0) -> Any:
+    """Every supported layer and option not in the models above, on raw windows: a strided
+    tanh Conv1D, AveragePooling1D, a BatchNormalization after a non-linearity (a constant scale
+    and offset), a Dense on a sequence, a Conv1D without bias and a BatchNormalization without
+    beta folded into it, GlobalMaxPooling1D, Reshape, a ReLU and a Softmax layer in the head."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((LENGTH, CHANNELS)),
+            layers.Conv1D(6, 3, strides=2, padding="same", activation="tanh", name="conv_tanh"),
+            layers.AveragePooling1D(2, name="avg"),
+            layers.BatchNormalization(name="bn_affine"),
+            layers.Dense(5, activation="sigmoid", name="per_step"),
+            layers.Conv1D(4, 2, use_bias=False, name="conv_nobias"),
+            layers.BatchNormalization(center=False, name="bn_nobeta"),
+            layers.GlobalMaxPooling1D(name="gmp"),
+            layers.Reshape((2, 2), name="grid"),
+            layers.Flatten(name="flat"),
+            layers.Dense(6, name="fc"),
+            layers.ReLU(name="fc_relu"),
+            layers.Dropout(0.1, name="fc_drop"),
+            layers.Dense(CLASSES, name="out"),
+            layers.Softmax(name="probs"),
+        ],
+        name="vendor_every_layer",
+    )
+    _fit_briefly(model, windows_x(256, seed), seed)
+    _unusual_batch_norm(model, seed)
+    return model
+
+
 def head_weights(model: Any, names: Sequence[str]) -> np.ndarray:
     """The named layers' weights (kernel, bias) as fedge's flat vector: what an import trains."""
     return np.concatenate(
@@ -219,6 +254,7 @@ __all__ = [
     "channel_major",
     "cnn_flatten_model",
     "cnn_model",
+    "every_layer_model",
     "features_task",
     "features_x",
     "head_weights",
