@@ -312,6 +312,24 @@ def test_trainable_layers_reaching_a_layer_that_is_not_dense(
     )
 
 
+def test_a_model_that_does_not_end_in_dense_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _sequential(
+        keras.layers.Dense(6, activation="relu"),
+        keras.layers.Reshape((3, 2), name="pairs"),
+        keras.layers.GlobalMaxPooling1D(name="pool"),
+        keras.layers.Softmax(name="probs"),
+        inputs=(6,),
+    )
+    toml = FEATURES_TASK_TOML.replace('"mid", ', "")
+    assert _refusal(tmp_path, model, toml, "last:1", capsys) == (
+        "layer 2 'pool' (GlobalMaxPooling1D): comes after the model's last Dense layer, and only Dense "
+        "layers train on devices (only Dropout, Activation, ReLU, Softmax may follow them): end the model "
+        "with a Dense layer"
+    )
+
+
 def test_more_trainable_layers_than_the_model_has(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = _sequential(keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3, activation="softmax"))
     assert _refusal(tmp_path, model, FEATURES_TASK_TOML, "last:3", capsys) == (

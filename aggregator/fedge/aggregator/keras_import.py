@@ -444,7 +444,8 @@ def _head_start(layers: Sequence[_Layer], trainable: int) -> int:
         elif entry.cls not in _BETWEEN_DENSE:
             if seen == 0:
                 raise entry.error(
-                    "ends the model, and only Dense layers train on devices; end the model with a Dense layer"
+                    "comes after the model's last Dense layer, and only Dense layers train on devices "
+                    f"(only {', '.join(_BETWEEN_DENSE)} may follow them): end the model with a Dense layer"
                 )
             raise entry.error(
                 f"--trainable last:{trainable} would train it, and only Dense layers train on devices "
