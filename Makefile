@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-personalisation bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-scale bench-replicas chaos images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-personalisation bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-agent-budget bench-scale bench-replicas chaos images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -154,6 +154,14 @@ images: system-deps
 # (issue 16); needs root; ~3 min on 2 cores; writes bench/results/fleet_budget.json and .png.
 bench-fleet-budget: install
 	$(BIN)/python bench/bench_fleet_budget.py --out bench/results/fleet_budget.json
+
+# The whole agent in service (issue 18): 7 real agents on fedge demo's EdgeX path (TLS broker,
+# the recordings' 1.23 M readings, then live readings at 50 Hz), 30 rounds, then 60 s idle; per
+# agent peak RSS, CPU per round, EdgeX ingest CPU per reading, idle CPU, start-up to READY
+# (sd_notify) and to first update, against the training-only process and Python+numpy in the
+# same run; ~6 min; writes bench/results/agent_budget.json and .png (--quick: 3 agents, ~2 min).
+bench-agent-budget: install
+	$(BIN)/python bench/bench_agent_budget.py --out bench/results/agent_budget.json
 
 # Rounds at scale (issue 16): 100, 1,000, 5,000 and 10,000 light simulated devices (2 worker
 # processes, one MQTT connection each, real crypto and sealed har-watch updates) against one real

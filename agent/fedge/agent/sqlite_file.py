@@ -39,6 +39,12 @@ class SQLiteFileKind:
     fault: type[StorageFault]
 
 
+#: Each connection's page cache, KiB (SQLite's default is 2000 KiB). An agent's files are small
+#: and read in whole or by the newest rows; the kernel's page cache keeps their pages hot, so a
+#: bigger cache only counts them twice in the agent's RSS. A ``pragmas`` entry can raise it.
+CACHE_KIB = 256
+
+
 def _fault_error(exc: BaseException, path: Path, kind: SQLiteFileKind) -> StorageFault | None:
     """``kind.fault`` when ``exc`` is the file system being full or read-only, else None."""
     found = storage_fault(exc, path.parent)
@@ -137,6 +143,11 @@ def _prepare(
     on_open: Callable[[sqlite3.Connection], None] | None,
 ) -> None:
     try:
+        # A small page cache, set first (quick_check reads every page through it): SQLite's
+        # default keeps up to 2 MiB per connection, and an agent holds several connections
+        # (samples, outbox, state, trust) whose working sets are a few pages each; the OS page
+        # cache holds the file anyway. See CACHE_KIB.
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         # quick_check reads every page: a torn or overwritten file is reported at start, not
         # when the file is first needed.
         check = conn.execute("PRAGMA quick_check").fetchall()

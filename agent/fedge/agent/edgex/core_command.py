@@ -15,9 +15,8 @@ of :mod:`fedge.agent.writeback`, at most once per ``min_interval_s``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import quote
-
-import requests
 
 from fedge.agent.edgex.core_data import (
     API_PREFIX,
@@ -25,10 +24,14 @@ from fedge.agent.edgex.core_data import (
     CoreDataError,
     _status_error,
     edgex_headers,
+    new_session,
     read_bounded,
 )
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
+
+if TYPE_CHECKING:  # loaded by the first write only (see core_data.new_session)
+    import requests
 
 #: Default bound of one write: connect and read each (requests' timeout).
 DEFAULT_TIMEOUT_S = 5.0
@@ -73,15 +76,16 @@ class CoreCommandClient:
         self._token = token
         self._timeout_s = timeout_s
         self._own_session = session is None
-        self._session = requests.Session() if session is None else session
+        self._session = session  # made by the first write: most agents never write back
 
     @property
     def base_url(self) -> str:
         return self._base
 
     def close(self) -> None:
-        if self._own_session:
+        if self._own_session and self._session is not None:
             self._session.close()
+            self._session = None
 
     def set_command(self, device: str, command: str, values: Mapping[str, str]) -> None:
         """``PUT /api/v3/device/name/{device}/{command}`` with ``values``; returns on a 200, else
@@ -92,7 +96,11 @@ class CoreCommandClient:
             raise CoreCommandError("invalid_argument", "values must map resource names to strings")
         path = f"{API_PREFIX}/device/name/{quote(device, safe='')}/{quote(command, safe='')}"
         where = f"PUT {path}"
+        import requests  # noqa: PLC0415 - see core_data.new_session
+
         headers = edgex_headers(self._token)
+        if self._session is None:
+            self._session = new_session()
         try:
             with self._session.put(
                 self._base + path, json=dict(values), headers=headers, timeout=self._timeout_s, stream=True

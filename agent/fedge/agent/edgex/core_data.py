@@ -44,15 +44,16 @@ import binascii
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
-
-import requests
 
 from fedge.agent.edgex.readings import OTHER_TYPES, VALUE_TYPES, Reading, ReadingError, Value, parse_value
 from fedge.agent.edgex.wire import MAX_DOCUMENT_DEPTH
 from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
+
+if TYPE_CHECKING:  # requests (and urllib3 under it, ~5 MiB) loads on the first HTTP call only
+    import requests
 
 API_PREFIX = "/api/v3"
 #: core-data's default ``MaxResultCount``: a larger ``limit`` is refused with a 400.
@@ -73,8 +74,21 @@ _READ_CHUNK = 64 * 1024
 #: An error body is one small ErrorResponse object; only its ``message`` is quoted, and only
 #: from a body this small.
 MAX_ERROR_BODY_BYTES = 64 * 1024
-#: Transport failures worth another attempt (a body cut short mid-stream included).
-_RETRIABLE_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def _retriable_exceptions() -> tuple[type[Exception], ...]:
+    """Transport failures worth another attempt (a body cut short mid-stream included)."""
+    import requests  # noqa: PLC0415 - an agent without core-data never loads it
+
+    return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def new_session() -> requests.Session:
+    """A ``requests`` session, imported here: an agent that makes no HTTP call (no core-data
+    backfill, no core-command write-back) never loads requests and urllib3 (~5 MiB of RSS)."""
+    import requests  # noqa: PLC0415
+
+    return requests.Session()
 
 
 class CoreDataError(FedgeError):
@@ -141,7 +155,7 @@ class CoreDataClient:
         self._max_readings = max_readings
         self._sleep = sleep
         self._own_session = session is None
-        self._session = requests.Session() if session is None else session
+        self._session = session  # made on the first request (see new_session)
 
     @property
     def base_url(self) -> str:
@@ -149,8 +163,9 @@ class CoreDataClient:
 
     def close(self) -> None:
         """Closes the HTTP session if this client created it (a passed-in one is the caller's)."""
-        if self._own_session:
+        if self._own_session and self._session is not None:
             self._session.close()
+            self._session = None
 
     def __enter__(self) -> CoreDataClient:
         return self
@@ -300,8 +315,13 @@ class CoreDataClient:
 
     def _get_json(self, path: str, params: dict[str, int] | None, *, retries: int) -> Any:
         """One logical GET, retried on connection errors and 5xx, returning the parsed 200 body."""
+        import requests  # noqa: PLC0415 - see new_session
+
         headers = edgex_headers(self._token)
         url = self._base + path
+        if self._session is None:
+            self._session = new_session()
+        retriable = _retriable_exceptions()
         attempt = 0
         while True:
             try:
@@ -310,7 +330,7 @@ class CoreDataClient:
                 ) as response:
                     status = response.status_code
                     data = self._read_bounded(response, path)
-            except _RETRIABLE_EXCEPTIONS as exc:
+            except retriable as exc:
                 failure = CoreDataError("unreachable", f"GET {path}: {type(exc).__name__}: {exc}")
             except requests.RequestException as exc:
                 raise CoreDataError("unreachable", f"GET {path}: {type(exc).__name__}: {exc}") from None

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedge.agent.edgex.readings import INT_RANGES, NUMERIC_TYPES, VALUE_TYPES
 from fedge.agent.edgex.samples import bool_class_indices
 from fedge.protocol.errors import FedgeError
@@ -341,6 +339,8 @@ def _load_yaml(source: str | bytes | Path, max_bytes: int, where: str) -> tuple[
         text = source
         if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
             raise ProfileError("<file>", f"larger than the limit of {max_bytes} bytes", where)
+    import yaml  # noqa: PLC0415 - only while a profile is parsed (see _yaml)
+
     _check_yaml_events(text, where)
     try:
         return yaml.safe_load(text), where
@@ -358,16 +358,21 @@ class _Frame:
     current: str = ""
 
 
-# libyaml's parser (when PyYAML has it) makes the event pass cheap; errors are re-parsed with the
-# pure-Python parser so their wording does not depend on how PyYAML was built.
-_FAST_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+#: The event pass's parser; None: libyaml's when PyYAML has it (tests set the pure-Python one).
+_FAST_LOADER: Any = None
 
 
 def _check_yaml_events(text: str, where: str) -> None:
-    """One pass over the parser's events, before anything is constructed."""
-    if _FAST_LOADER is not yaml.SafeLoader:
+    """One pass over the parser's events, before anything is constructed.
+
+    libyaml's parser (when PyYAML has it) makes the pass cheap; errors are re-parsed with the
+    pure-Python parser so their wording does not depend on how PyYAML was built."""
+    import yaml  # noqa: PLC0415 - PyYAML loads with the first profile parsed, not with the agent
+
+    fast: Any = _FAST_LOADER if _FAST_LOADER is not None else getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    if fast is not yaml.SafeLoader:
         try:
-            _scan_events(text, where, _FAST_LOADER)
+            _scan_events(text, where, fast)
             return
         except ProfileError as exc:
             if exc.path != "<yaml>":
@@ -376,6 +381,8 @@ def _check_yaml_events(text: str, where: str) -> None:
 
 
 def _scan_events(text: str, where: str, loader: Any) -> None:
+    import yaml  # noqa: PLC0415
+
     stack: list[_Frame] = []
     documents = 0
 

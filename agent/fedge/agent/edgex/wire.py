@@ -54,6 +54,7 @@ from fedge.agent.edgex.readings import (
     ARRAY_TYPES,
     FLOAT_TYPES,
     INT_RANGES,
+    VALUE_TYPES,
     Event,
     Reading,
     ReadingError,
@@ -118,6 +119,9 @@ READING_REASONS: Final = frozenset(
 
 _OBJECT_TYPES = ("Object", "ObjectArray")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: A JSON escape that can make a surrogate (an escaped backslash before "ud8.." also matches: then
+#: the full check runs, which is only slower).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
 _INT64 = (-(2**63), 2**63 - 1)
@@ -190,7 +194,13 @@ def _load_json(data: bytes) -> dict[str, Any]:
         raise ReadingError("bad_json", f"not UTF-8 JSON: {exc.detail[:120]}") from None
     if not isinstance(doc, dict):
         raise ReadingError("bad_json", "a message must be a JSON object")
-    _check_document(doc, "bad_json")
+    # What json.loads returns holds only dicts with text keys, lists, text, numbers, booleans and
+    # None, nested no deeper than loads_bounded allowed: the one thing left to refuse is a lone
+    # surrogate, which only a \uD800-\uDFFF escape can make (the bytes were strict UTF-8). The walk
+    # over every node is skipped when no such escape is in the bytes: it was half of the decoding
+    # cost of an EdgeX event (and every agent decodes every event on the bus).
+    if _SURROGATE_ESCAPE.search(data):
+        _check_document(doc, "bad_json")
     return doc
 
 
@@ -351,9 +361,11 @@ def _decode_event(doc: dict[str, Any], binary_as_bytes: bool) -> tuple[Event | N
         raise ReadingError("bad_field_value", f"event tags: {problem}")
     readings: list[Reading] = []
     rejected: list[ReadingError] = []
+    names: dict[str, str] = {}
     for index, raw in enumerate(raw_readings):
         try:
-            readings.append(_decode_reading(raw, binary_as_bytes))
+            fast = _decode_simple_reading(raw, names)
+            readings.append(fast if fast is not None else _decode_reading(raw, binary_as_bytes))
         except ReadingError as exc:
             detail = str(exc)[len(exc.reason) + 2 :]
             rejected.append(ReadingError(exc.reason, f"event {event_id} reading {index}: {detail}"))
@@ -369,6 +381,65 @@ def _is_uuid(text: str) -> bool:
     elif len(text) == 45 and text[:9].lower() == "urn:uuid:":
         text = text[9:]
     return bool(_UUID.fullmatch(text) or _HEX32.fullmatch(text))
+
+
+#: valueType spellings taken as they are by the fast path (others go through normalize_value_type).
+_SIMPLE_TYPES: Final = {t: t for t in VALUE_TYPES if t != "Binary" and t not in _OBJECT_TYPES}
+
+
+def _decode_simple_reading(raw: Any, names: dict[str, str]) -> Reading | None:
+    """The common reading (a simple value, every field of the right type), or None: then
+    :func:`_decode_reading` judges it and reports its first problem in DTO order.
+
+    Why: an agent decodes every reading on the EdgeX bus (1.23 M in the demo's backlog). Checking
+    each field once, in place, is about twice as fast as the general path, and the names every
+    reading of an event repeats (device, resource, profile, units) are kept once per event
+    (``names``), not once per reading: a queued backlog is about a third smaller. Only the value
+    may still raise (its parse is the last check on both paths, so the error is the same).
+    """
+    if type(raw) is not dict:
+        return None
+    get = raw.get
+    reading_id = get("id")
+    origin = get("origin")
+    device = get("deviceName")
+    resource = get("resourceName")
+    profile = get("profileName")
+    value_type = _SIMPLE_TYPES.get(get("valueType"))  # type: ignore[arg-type]
+    units = get("units")
+    text = get("value")
+    if (
+        value_type is None
+        or not (reading_id is None or type(reading_id) is str)
+        or type(origin) is not int
+        or origin == 0
+        or not _INT64[0] <= origin <= _INT64[1]
+        or type(device) is not str
+        or type(resource) is not str
+        or type(profile) is not str
+        or not (units is None or type(units) is str)
+        or not (text is None or type(text) is str)
+        or not (get("tags") is None or type(get("tags")) is dict)
+        or not device
+        or not resource
+        or not profile
+        or device.isspace()
+        or resource.isspace()
+        or profile.isspace()
+    ):
+        return None
+    value = None if text is None else _parse_simple(value_type, text)
+    return Reading(
+        names.setdefault(device, device),
+        names.setdefault(resource, resource),
+        names.setdefault(profile, profile),
+        value_type,
+        value,
+        origin,
+        "" if units is None else names.setdefault(units, units),
+        "",
+        reading_id or "",
+    )
 
 
 def _decode_reading(raw: Any, binary_as_bytes: bool) -> Reading:
