@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-personalisation bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-agent-budget bench-scale bench-replicas bench-long-run chaos images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-personalisation bench-fine-tuning bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-agent-budget bench-scale bench-replicas bench-long-run chaos images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -117,6 +117,14 @@ bench-noniid: install
 # (docs/personalisation.md's table comes from docs/results/personalisation.json: --docs-json).
 bench-personalisation: install
 	$(BIN)/python bench/bench_personalisation.py --out bench/results/personalisation.json
+
+# Fine-tuning a vendor's model (issue 17): a Keras 1D CNN pretrained on subjects 1-3, imported
+# with fedge model import --trainable last:2, its head fine-tuned by subjects 4-7 for 20 rounds,
+# against the MLP on features from scratch (accuracy on 8-10, update bytes), and the CNN's train
+# step and RSS in LiteRT vs TensorFlow; ~1 min; writes bench/results/fine_tuning.json and .png
+# (docs/fine-tuning.md's Evidence comes from docs/results/fine_tuning.json: --docs-json).
+bench-fine-tuning: install
+	$(BIN)/python bench/bench_fine_tuning.py --out bench/results/fine_tuning.json
 
 # Held-out accuracy against bytes per update for fp32, fp16, int8 and the top-k codecs with
 # error feedback (issue 15): 7 devices, 30 rounds, 3 seeds each; ~8 min; writes
