@@ -46,6 +46,8 @@ def _positive_int(value: Any, what: str) -> int:
 
 
 def _finite_float(value: Any, what: str) -> float:
+    if type(value) is float and math.isfinite(value):  # the common case, on every update's path
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise AggregationError(f"{what} must be a real number, got {type(value).__name__}")
     try:
