@@ -71,3 +71,22 @@ def test_a_low_order_key_is_bad_key_and_nothing_is_cached() -> None:
         "bad_key: public key is a low-order point",
     )
     assert len(boxes) == 0
+
+
+def test_a_new_aggregator_key_drops_every_box_of_the_old_one() -> None:
+    engine = make_engine(settings(min_devices=1), devices=("dev-a",))
+    dev = Device("dev-a")
+    m1 = engine.open_round(T0).manifest
+    assert engine.handle(TOPICS.update("dev-a"), dev.update(m1), T0).accepted
+    engine.close_round()
+    new_aggregator_key = PrivateKey.generate()
+    engine.box_key = new_aggregator_key
+    assert len(engine.boxes) == 0
+    m2 = engine.open_round(T0 + 100).manifest
+    # Sealed to the old aggregator key: no Box of the old key is left to open it.
+    refused = engine.handle(TOPICS.update("dev-a"), dev.update(m2), T0 + 101)
+    assert (refused.accepted, refused.reason) == (False, RejectReason.DECRYPT_FAILED)
+    sealed_to_new = dev.seal_payload(
+        dev.header(m2, "update"), *dev.update_parts(m2), aggregator=new_aggregator_key.public_key
+    )
+    assert engine.handle(TOPICS.update("dev-a"), sealed_to_new, T0 + 102).accepted

@@ -344,7 +344,6 @@ class RoundEngine:
         self.eval_metric = eval_metric(model_manifest.task.model.kind)
         self.model_bytes = model_bytes
         self.model_sha256 = hashlib.sha256(model_bytes).hexdigest()
-        self.box_key = box_key
         self.signing_key = signing_key
         self.registry: dict[str, PublicKey] = {}
         self.revoked: set[str] = set()
@@ -358,9 +357,7 @@ class RoundEngine:
             state.initial_norm = l2(state.weights)
         self.current: _OpenRound | None = None
         self._model_published = False
-        # One Box per enrolled device key: the X25519 shared key is computed once, not per
-        # message; keyed by the public key, so a device re-enrolled under a new key gets a new one.
-        self.boxes = DeviceBoxes(box_key)
+        self.box_key = box_key  # also makes the device Boxes (the property below)
         self.set_registry(registry)
         self.accountant: PrivacyAccountant | None = None
         if privacy is not None:
@@ -383,6 +380,19 @@ class RoundEngine:
             # The round the checkpoint's version opened may have been a secure round lost with
             # the previous process: clear whatever of it is retained on the broker.
             self._secagg_outbox = self._clears_of(self._round_id("train", state.version))
+
+    @property
+    def box_key(self) -> PrivateKey:
+        """The aggregator's X25519 key, which devices seal their messages to."""
+        return self._box_key
+
+    @box_key.setter
+    def box_key(self, key: PrivateKey) -> None:
+        # One Box per enrolled device key: the X25519 shared key is computed once, not per
+        # message; keyed by the device's public key, so a device re-enrolled under a new key gets
+        # a new one. A new aggregator key starts an empty cache: no Box of the old one survives.
+        self._box_key = key
+        self.boxes = DeviceBoxes(key)
 
     def set_registry(self, registry: dict[str, PublicKey], revoked: set[str] | None = None) -> None:
         """New enrollments and revocations, effective from the next round.
