@@ -118,19 +118,37 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     parser.add_argument("--task", type=Path, default=DEFAULT_TASK, help="task spec (default har-watch)")
-    parser.add_argument("--devices", type=_int_list, default=(10, 50, 100),
-                        help="fleet sizes for the rounds over MQTT (default 10,50,100)")
+    parser.add_argument(
+        "--devices",
+        type=_int_list,
+        default=(10, 50, 100),
+        help="fleet sizes for the rounds over MQTT (default 10,50,100)",
+    )
     parser.add_argument("--rounds", type=int, default=7, help="train rounds per fleet size (default 7)")
-    parser.add_argument("--codec", choices=[c.value for c in Codec], default=Codec.FP32.value,
-                        help="codec of the rounds over MQTT (default fp32)")
-    parser.add_argument("--engine-devices", type=_int_list, default=(10, 100, 1000),
-                        help="devices per round for the in-process throughput (default 10,100,1000)")
-    parser.add_argument("--rss-devices", type=_int_list, default=(100, 1000, 5000),
-                        help="devices for the fresh-process engine RSS runs (default 100,1000,5000)")
-    parser.add_argument("--reps", type=int, default=5,
-                        help="timed repetitions per throughput cell (default 5)")
-    parser.add_argument("--messages", type=int, default=400,
-                        help="sealed updates per throughput repetition (default 400)")
+    parser.add_argument(
+        "--codec",
+        choices=[c.value for c in Codec],
+        default=Codec.FP32.value,
+        help="codec of the rounds over MQTT (default fp32)",
+    )
+    parser.add_argument(
+        "--engine-devices",
+        type=_int_list,
+        default=(10, 100, 1000),
+        help="devices per round for the in-process throughput (default 10,100,1000)",
+    )
+    parser.add_argument(
+        "--rss-devices",
+        type=_int_list,
+        default=(100, 1000, 5000),
+        help="devices for the fresh-process engine RSS runs (default 100,1000,5000)",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=5, help="timed repetitions per throughput cell (default 5)"
+    )
+    parser.add_argument(
+        "--messages", type=int, default=400, help="sealed updates per throughput repetition (default 400)"
+    )
     args = parser.parse_args(argv)
     for name in ("rounds", "reps", "messages"):
         if getattr(args, name) < 1:
@@ -208,11 +226,24 @@ def start_observer(
 ) -> subprocess.Popen[str]:
     """``rounds_observer.py`` in its own process; returns once it is subscribed (bounded).
     ``timeout``: how long it waits for the final manifest."""
-    cmd = [sys.executable, str(OBSERVER), "--host", broker.host, "--port", str(broker.port), "--fleet", fleet,
-           "--verify-key", verify_key_text, "--timeout", str(timeout)]
+    cmd = [
+        sys.executable,
+        str(OBSERVER),
+        "--host",
+        broker.host,
+        "--port",
+        str(broker.port),
+        "--fleet",
+        fleet,
+        "--verify-key",
+        verify_key_text,
+        "--timeout",
+        str(timeout),
+    ]
     with log.open("ab") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
+        )
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], OBSERVER_READY_TIMEOUT_S)
     line = proc.stdout.readline().strip() if ready else ""
@@ -234,8 +265,10 @@ def finish_observer(proc: subprocess.Popen[str], n: int, log: Path) -> dict[str,
     except (IndexError, json.JSONDecodeError):
         raise BenchError(f"N={n}: the round observer printed no JSON; log tail:\n{_tail(log)}") from None
     if proc.returncode != 0 or result["errors"]:
-        raise BenchError(f"N={n}: the round observer failed (exit {proc.returncode}): "
-                         f"{result['errors'] or 'no final manifest'}")
+        raise BenchError(
+            f"N={n}: the round observer failed (exit {proc.returncode}): "
+            f"{result['errors'] or 'no final manifest'}"
+        )
     return result
 
 
@@ -281,14 +314,32 @@ def mosquitto_version(exe: Path) -> str | None:
 
 def build_model_dir(task_path: Path, out: Path, log_dir: Path) -> dict[str, Any]:
     """``fedge model build`` in a subprocess, so TensorFlow never enters this process."""
-    cmd = [sys.executable, "-m", "fedge.cli", "model", "build", "--task", str(task_path), "--out", str(out),
-           "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedge.cli",
+        "model",
+        "build",
+        "--task",
+        str(task_path),
+        "--out",
+        str(out),
+        "--json",
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     log = log_dir / "model-build.log"
     with log.open("ab") as err:
         try:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-                                  timeout=MODEL_BUILD_TIMEOUT_S, check=False)
+            done = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                timeout=MODEL_BUILD_TIMEOUT_S,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             raise BenchError(f"fedge model build took longer than {MODEL_BUILD_TIMEOUT_S:.0f}s") from None
     if done.returncode != 0:
@@ -324,8 +375,16 @@ def update_sizes(loaded: Any, seed: int) -> dict[str, Any]:
     for codec in (Codec.FP32, Codec.FP16, Codec.INT8):  # the dense codecs (top-k: bench_codecs)
         body = encode_tensors(delta, m.layout, codec)
         sealed = sealed_update(
-            fleet="bench", device_id="dev-000", round_id="r0001-v2", version=2, counter=1, delta=delta,
-            layout=m.layout, codec=codec, device_key=device, aggregator_public=agg.public_key,
+            fleet="bench",
+            device_id="dev-000",
+            round_id="r0001-v2",
+            version=2,
+            counter=1,
+            delta=delta,
+            layout=m.layout,
+            codec=codec,
+            device_key=device,
+            aggregator_public=agg.public_key,
         )
         codecs[codec.value] = {
             "tensor_bytes": len(body),
@@ -337,8 +396,16 @@ def update_sizes(loaded: Any, seed: int) -> dict[str, Any]:
     for codec in (Codec.FP32, Codec.FP16, Codec.INT8):  # the dense codecs (top-k: bench_codecs)
         codecs[codec.value]["device_encode_seal_us"] = _median_us(
             lambda c=codec: sealed_update(
-                fleet="bench", device_id="dev-000", round_id="r0001-v2", version=2, counter=1, delta=delta,
-                layout=m.layout, codec=c, device_key=device, aggregator_public=agg.public_key,
+                fleet="bench",
+                device_id="dev-000",
+                round_id="r0001-v2",
+                version=2,
+                counter=1,
+                delta=delta,
+                layout=m.layout,
+                codec=c,
+                device_key=device,
+                aggregator_public=agg.public_key,
             )
         )
     fp32_sealed = codecs["fp32"]["sealed_bytes"]
@@ -365,8 +432,11 @@ def update_sizes(loaded: Any, seed: int) -> dict[str, Any]:
         "ids": {"fleet": "bench", "device": "dev-000", "round": "r0001-v2", "topic": topic},
         "codecs": codecs,
         "naive": {
-            name: {"bytes": size, "ratio_vs_fp32_sealed": size / fp32_sealed,
-                   "ratio_vs_int8_sealed": size / codecs["int8"]["sealed_bytes"]}
+            name: {
+                "bytes": size,
+                "ratio_vs_fp32_sealed": size / fp32_sealed,
+                "ratio_vs_int8_sealed": size / codecs["int8"]["sealed_bytes"],
+            }
             for name, size in naive.items()
         },
         "pickle_protocol": pickle.DEFAULT_PROTOCOL,
@@ -447,11 +517,21 @@ def engine_throughput(loaded: Any, n: int, codec_name: str, cfg: Config, state_d
             m = eng.open_round(time.time()).manifest
             open_ms.append((time.perf_counter() - t) * 1e3)
             msgs = [
-                (eng.topics.update(d), sealed_update(
-                    fleet=eng.fleet, device_id=d, round_id=m.round_id, version=m.version, counter=m.version,
-                    delta=random_delta(rng, loaded.manifest.parameter_count), layout=m.model_manifest.layout,
-                    codec=codec, device_key=keys[d], aggregator_public=box_key.public_key,
-                ))
+                (
+                    eng.topics.update(d),
+                    sealed_update(
+                        fleet=eng.fleet,
+                        device_id=d,
+                        round_id=m.round_id,
+                        version=m.version,
+                        counter=m.version,
+                        delta=random_delta(rng, loaded.manifest.parameter_count),
+                        layout=m.model_manifest.layout,
+                        codec=codec,
+                        device_key=keys[d],
+                        aggregator_public=box_key.public_key,
+                    ),
+                )
                 for d in ids
             ]
             now = time.time()
@@ -546,7 +626,11 @@ def mqtt_rounds(
     fleet_id = f"bench-n{n}-{uuid.uuid4().hex[:6]}"  # retained topics of another run never match
     ids = device_ids(n)
     files = create_fleet(
-        work_dir / f"fleet-n{n}", fleet_id, model_dir, broker.url, dict.fromkeys(ids, 1),
+        work_dir / f"fleet-n{n}",
+        fleet_id,
+        model_dir,
+        broker.url,
+        dict.fromkeys(ids, 1),
         rounds={
             "rounds": cfg.rounds,
             "min_devices": n,
@@ -558,8 +642,17 @@ def mqtt_rounds(
     )
     verify = files.signing_key.verify_key
     m = loaded.manifest
-    sim = SimFleet(broker.host, broker.port, fleet_id, files.device_keys, files.box_key.public_key, verify,
-                   m.parameter_count, m.task.input_dim, seed=cfg.seed + n)
+    sim = SimFleet(
+        broker.host,
+        broker.port,
+        fleet_id,
+        files.device_keys,
+        files.box_key.public_key,
+        verify,
+        m.parameter_count,
+        m.task.input_dim,
+        seed=cfg.seed + n,
+    )
     log = work_dir / f"aggregator-n{n}.log"
     obs_log = work_dir / f"observer-n{n}.log"
     proc: subprocess.Popen[str] | None = None
@@ -577,8 +670,9 @@ def mqtt_rounds(
             if sim.errors:
                 raise BenchError(f"N={n}: {sim.errors[0]}")
             if time.monotonic() >= deadline:
-                raise BenchError(f"N={n}: no final manifest after {ROUNDS_TIMEOUT_S:.0f}s; "
-                                 f"log tail:\n{_tail(log)}")
+                raise BenchError(
+                    f"N={n}: no final manifest after {ROUNDS_TIMEOUT_S:.0f}s; log tail:\n{_tail(log)}"
+                )
             time.sleep(0.02)
         seen = finish_observer(obs, n, obs_log)
         agg = finish_worker(proc, f"aggregator N={n}", AGGREGATOR_EXIT_TIMEOUT_S, log)
@@ -609,27 +703,29 @@ def mqtt_rounds(
         work = sim.work.get(cur.version)
         rec = history.get(cur.round_id, {})
         all_reported = traffic.all_reported_at if traffic else None
-        rounds.append({
-            "version": cur.version,
-            "round_id": cur.round_id,
-            "phase": cur.phase,
-            "overhead_ms": (nxt.arrived - cur.arrived) * 1e3,
-            "collect_ms": (all_reported - cur.arrived) * 1e3 if all_reported else None,
-            "close_and_announce_ms": (nxt.arrived - all_reported) * 1e3 if all_reported else None,
-            "devices_busy_ms": work.busy_s * 1e3 if work else None,
-            "first_update_out_ms": _ms_since(cur.arrived, work.first_publish if work else None),
-            "last_update_out_ms": _ms_since(cur.arrived, work.last_publish if work else None),
-            # What is left after the last device published: its transport, the aggregator's
-            # backlog, close_round, checkpoint, signing, blobs and manifest out, manifest in.
-            "aggregator_tail_ms": _ms_since(work.last_publish if work else None, nxt.arrived),
-            "device_work_ms": work.busy_s * 1e3 / work.updates if work and work.updates else None,
-            "manifest_bytes": cur.frame_bytes,
-            "status_messages": traffic.status_messages if traffic else 0,
-            "status_bytes": traffic.status_bytes if traffic else 0,
-            "blob_bytes_next_round": traffic.blob_bytes if traffic else 0,
-            "devices": work.to_dict() if work else None,
-            "aggregator_record": rec,
-        })
+        rounds.append(
+            {
+                "version": cur.version,
+                "round_id": cur.round_id,
+                "phase": cur.phase,
+                "overhead_ms": (nxt.arrived - cur.arrived) * 1e3,
+                "collect_ms": (all_reported - cur.arrived) * 1e3 if all_reported else None,
+                "close_and_announce_ms": (nxt.arrived - all_reported) * 1e3 if all_reported else None,
+                "devices_busy_ms": work.busy_s * 1e3 if work else None,
+                "first_update_out_ms": _ms_since(cur.arrived, work.first_publish if work else None),
+                "last_update_out_ms": _ms_since(cur.arrived, work.last_publish if work else None),
+                # What is left after the last device published: its transport, the aggregator's
+                # backlog, close_round, checkpoint, signing, blobs and manifest out, manifest in.
+                "aggregator_tail_ms": _ms_since(work.last_publish if work else None, nxt.arrived),
+                "device_work_ms": work.busy_s * 1e3 / work.updates if work and work.updates else None,
+                "manifest_bytes": cur.frame_bytes,
+                "status_messages": traffic.status_messages if traffic else 0,
+                "status_bytes": traffic.status_bytes if traffic else 0,
+                "blob_bytes_next_round": traffic.blob_bytes if traffic else 0,
+                "devices": work.to_dict() if work else None,
+                "aggregator_record": rec,
+            }
+        )
     train = [r for r in rounds if r["phase"] == "train"]
 
     def med(key: str, rows: list[dict[str, Any]] = train) -> float | None:
@@ -745,16 +841,30 @@ def run(cfg: Config) -> dict[str, Any]:
         rss_base = run_worker(["baseline"], "baseline", tmp)
         engine_rss = [
             run_worker(
-                ["engine", "--model-dir", str(model_dir), "--devices", str(n),
-                 "--rounds", str(cfg.rss_rounds), "--codec", "fp32", "--state-dir", str(tmp / f"rss-{n}")],
-                f"engine N={n}", tmp,
+                [
+                    "engine",
+                    "--model-dir",
+                    str(model_dir),
+                    "--devices",
+                    str(n),
+                    "--rounds",
+                    str(cfg.rss_rounds),
+                    "--codec",
+                    "fp32",
+                    "--state-dir",
+                    str(tmp / f"rss-{n}"),
+                ],
+                f"engine N={n}",
+                tmp,
             )
             for n in cfg.rss_devices
         ]
         sections["engine_rss"], mark = time.perf_counter() - mark, time.perf_counter()
 
-        print(f"[5/5] rounds over Mosquitto, N = {list(cfg.devices)}, {cfg.rounds} train rounds each ...",
-              flush=True)
+        print(
+            f"[5/5] rounds over Mosquitto, N = {list(cfg.devices)}, {cfg.rounds} train rounds each ...",
+            flush=True,
+        )
         mqtt_results: list[dict[str, Any]] = []
         broker = MosquittoBroker(BrokerSettings(data_dir=tmp / "mosquitto"), executable=exe)
         old_interval = sys.getswitchinterval()
@@ -772,8 +882,18 @@ def run(cfg: Config) -> dict[str, Any]:
             broker.stop()
         sections["mqtt_rounds"] = time.perf_counter() - mark
 
-    result = assemble(cfg, task, build_summary, sizes, throughput, rss_base, engine_rss, mqtt_results, exe,
-                      time.perf_counter() - started)
+    result = assemble(
+        cfg,
+        task,
+        build_summary,
+        sizes,
+        throughput,
+        rss_base,
+        engine_rss,
+        mqtt_results,
+        exe,
+        time.perf_counter() - started,
+    )
     result["sections_s"] = sections
     return result
 
@@ -792,8 +912,11 @@ def assemble(
 ) -> dict[str, Any]:
     machine = machine_info()
     machine["versions"].update(
-        {"paho-mqtt": _version("paho-mqtt"), "pynacl": _version("pynacl", "PyNaCl"),
-         "mosquitto": mosquitto_version(exe)}
+        {
+            "paho-mqtt": _version("paho-mqtt"),
+            "pynacl": _version("pynacl", "PyNaCl"),
+            "mosquitto": mosquitto_version(exe),
+        }
     )
     p = sizes["parameter_count"]
     # Round overhead vs N: the marginal cost of one more device, and N_max / N_min.
@@ -819,7 +942,8 @@ def assemble(
         "aggregator_service_cpu_ms_per_update": cpu_per_update,
         "round_overhead_ratio_nmax_over_nmin": (
             mqtt_results[-1]["overhead_ms_median"] / mqtt_results[0]["overhead_ms_median"]
-            if len(mqtt_results) >= 2 else None
+            if len(mqtt_results) >= 2
+            else None
         ),
         "aggregator_peak_rss_ratio_nmax_over_nmin": agg_rss[-1] / agg_rss[0] if len(agg_rss) >= 2 else None,
         "engine_peak_rss_growth_mb": growth_mb,
@@ -836,7 +960,8 @@ def assemble(
     mqtt_problems = [f"N={r['devices']}: {p}" for r in mqtt_results for p in r["problems"]]
     engine_problems = [
         f"engine N={r['devices']}: accepted {r['accepted']}/{r['expected']} {r['rejected']}"
-        for r in engine_rss if r["accepted"] != r["expected"]
+        for r in engine_rss
+        if r["accepted"] != r["expected"]
     ] + [
         f"throughput N={t['devices']} {t['codec']}: rejected {t['rejected']}"
         for t in throughput
@@ -849,39 +974,44 @@ def assemble(
         "ru_maxrss_matches_vmhwm": {"pairs_bytes": pairs, "tolerance": 0.05, "passed": rss_ok},
         "aggregator_without_tensorflow": {
             "third_party_modules": mqtt_results[0]["aggregator_process"]["third_party_modules"]
-            if mqtt_results else None,
+            if mqtt_results
+            else None,
             "passed": not tf_loaded,
         },
     }
     targets = []
     if growth_mb is not None and keep_all_mb:
         limit = TARGET_RSS_GROWTH_SHARE * keep_all_mb
-        targets.append({
-            "name": "streaming_aggregation_memory",
-            "description": (
-                f"engine peak RSS grows by < {TARGET_RSS_GROWTH_SHARE:.0%} of what keeping every fp32 delta "
-                f"would add, N={eng_lo['devices']}->{eng_hi['devices']} (limit {limit:.1f} MB)"
-            ),
-            "value": growth_mb,
-            "unit": "MB",
-            "threshold": limit,
-            "passed": growth_mb < limit,
-        })
+        targets.append(
+            {
+                "name": "streaming_aggregation_memory",
+                "description": (
+                    f"engine peak RSS grows by < {TARGET_RSS_GROWTH_SHARE:.0%} of what keeping every fp32 "
+                    f"delta would add, N={eng_lo['devices']}->{eng_hi['devices']} (limit {limit:.1f} MB)"
+                ),
+                "value": growth_mb,
+                "unit": "MB",
+                "threshold": limit,
+                "passed": growth_mb < limit,
+            }
+        )
     big = [t for t in fp32_tp if t["devices"] >= TARGET_THROUGHPUT_MIN_DEVICES]
     if big:
         slowest = min(big, key=lambda t: t["updates_per_cpu_s"])
-        targets.append({
-            "name": "aggregator_throughput_per_core",
-            "description": (
-                f"RoundEngine.handle takes >= {TARGET_UPDATES_PER_CORE_S:,} sealed fp32 updates per "
-                f"second of one core's CPU time at N >= {TARGET_THROUGHPUT_MIN_DEVICES} (issue 18)"
-            ),
-            "value": slowest["updates_per_cpu_s"],
-            "unit": "updates/s",
-            "devices": slowest["devices"],
-            "threshold": TARGET_UPDATES_PER_CORE_S,
-            "passed": slowest["updates_per_cpu_s"] >= TARGET_UPDATES_PER_CORE_S,
-        })
+        targets.append(
+            {
+                "name": "aggregator_throughput_per_core",
+                "description": (
+                    f"RoundEngine.handle takes >= {TARGET_UPDATES_PER_CORE_S:,} sealed fp32 updates per "
+                    f"second of one core's CPU time at N >= {TARGET_THROUGHPUT_MIN_DEVICES} (issue 18)"
+                ),
+                "value": slowest["updates_per_cpu_s"],
+                "unit": "updates/s",
+                "devices": slowest["devices"],
+                "threshold": TARGET_UPDATES_PER_CORE_S,
+                "passed": slowest["updates_per_cpu_s"] >= TARGET_UPDATES_PER_CORE_S,
+            }
+        )
     return {
         "benchmark": "fedge-rounds",
         "format": 1,
@@ -904,8 +1034,8 @@ def assemble(
             "throughput_messages_per_rep": cfg.messages_per_rep,
             "reps": cfg.reps,
             "simulated_device": "verify manifest (Ed25519) + parse, normal(0, 0.01) float32 delta, encode, "
-                                "seal (NaCl Box), publish QoS 1 on its own connection; no training, no blob "
-                                "download",
+            "seal (NaCl Box), publish QoS 1 on its own connection; no training, no blob "
+            "download",
         },
         "sizes": sizes,
         "throughput": throughput,
@@ -962,9 +1092,18 @@ def render_table(result: dict[str, Any]) -> str:
             for r in mq
         ]
         out += _table(
-            ("devices", "overhead ms", "min-max", "= sim devices ms", "(per device ms)",
-             "+ aggregator tail ms", "close+announce ms", "aggregator peak RSS MB", "mosquitto peak MB",
-             "status B/round"),
+            (
+                "devices",
+                "overhead ms",
+                "min-max",
+                "= sim devices ms",
+                "(per device ms)",
+                "+ aggregator tail ms",
+                "close+announce ms",
+                "aggregator peak RSS MB",
+                "mosquitto peak MB",
+                "status B/round",
+            ),
             rows,
         )
         out.append(
@@ -998,18 +1137,29 @@ def render_table(result: dict[str, Any]) -> str:
     rows = []
     for n, cells in by_n.items():
         f32 = cells["fp32"]
-        rows.append((
-            f"N={n}",
-            *(f"{cells[c]['updates_per_s']:,.0f}" for c in ("fp32", "fp16", "int8")),
-            f"{f32['handle_us']:.0f}",
-            f"{f32['decrypt_only_us_box_per_message']:.0f} / {f32['decrypt_only_us_box_cached']:.0f}",
-            f"{f32['close_round_ms']:.2f}",
-            f"{f32['checkpoint_ms']:.2f}",
-            f"{f32['open_round_ms']:.2f}",
-        ))
+        rows.append(
+            (
+                f"N={n}",
+                *(f"{cells[c]['updates_per_s']:,.0f}" for c in ("fp32", "fp16", "int8")),
+                f"{f32['handle_us']:.0f}",
+                f"{f32['decrypt_only_us_box_per_message']:.0f} / {f32['decrypt_only_us_box_cached']:.0f}",
+                f"{f32['close_round_ms']:.2f}",
+                f"{f32['checkpoint_ms']:.2f}",
+                f"{f32['open_round_ms']:.2f}",
+            )
+        )
     out += _table(
-        ("devices", "fp32 upd/s", "fp16 upd/s", "int8 upd/s", "fp32 us/upd",
-         "decrypt only us (Box new/cached)", "close ms", "checkpoint ms", "open+sign ms"),
+        (
+            "devices",
+            "fp32 upd/s",
+            "fp16 upd/s",
+            "int8 upd/s",
+            "fp32 us/upd",
+            "decrypt only us (Box new/cached)",
+            "close ms",
+            "checkpoint ms",
+            "open+sign ms",
+        ),
         rows,
     )
     er = result["engine_rss"]
@@ -1024,19 +1174,32 @@ def render_table(result: dict[str, Any]) -> str:
         for r in er["runs"]
     ]
     out.append("")
-    out.append(f"   engine peak RSS, fresh process per N ({cfg['rss_rounds']} fp32 rounds; imports alone "
-               f"{base_mb:.1f} MB):")
-    out += ["   " + line for line in _table(
-        ("devices", "peak RSS MB", "RSS before rounds MB", "all fp32 deltas would be MB"), rss_rows)]
+    out.append(
+        f"   engine peak RSS, fresh process per N ({cfg['rss_rounds']} fp32 rounds; imports alone "
+        f"{base_mb:.1f} MB):"
+    )
+    out += [
+        "   " + line
+        for line in _table(
+            ("devices", "peak RSS MB", "RSS before rounds MB", "all fp32 deltas would be MB"), rss_rows
+        )
+    ]
     out.append("")
 
     s = result["sizes"]
-    out.append(f"3. Bytes per update, {result['config']['task']} ({s['parameter_count']:,} parameters, "
-               f"raw float32 {s['raw_float32_bytes']:,} B)")
+    out.append(
+        f"3. Bytes per update, {result['config']['task']} ({s['parameter_count']:,} parameters, "
+        f"raw float32 {s['raw_float32_bytes']:,} B)"
+    )
     rows = [
-        (f"fedge {c} (sealed)", f"{v['sealed_bytes']:,}", f"{v['mqtt5_publish_bytes']:,}",
-         f"{v['ratio_vs_fp32_sealed']:.2f}x", f"{v['device_encode_seal_us']:.0f}",
-         "Box-sealed, authenticated")
+        (
+            f"fedge {c} (sealed)",
+            f"{v['sealed_bytes']:,}",
+            f"{v['mqtt5_publish_bytes']:,}",
+            f"{v['ratio_vs_fp32_sealed']:.2f}x",
+            f"{v['device_encode_seal_us']:.0f}",
+            "Box-sealed, authenticated",
+        )
         for c, v in s["codecs"].items()
     ]
     labels = {
@@ -1046,8 +1209,14 @@ def render_table(result: dict[str, Any]) -> str:
         "json_float_list": "naive JSON float list",
     }
     rows += [
-        (labels[k], f"{v['bytes']:,}", "-", f"{v['ratio_vs_fp32_sealed']:.2f}x", "-",
-         "plaintext, unauthenticated")
+        (
+            labels[k],
+            f"{v['bytes']:,}",
+            "-",
+            f"{v['ratio_vs_fp32_sealed']:.2f}x",
+            "-",
+            "plaintext, unauthenticated",
+        )
         for k, v in s["naive"].items()
     ]
     out += _table(
@@ -1060,8 +1229,10 @@ def render_table(result: dict[str, Any]) -> str:
     )
     out.append("")
     for t in result["targets"]:
-        out.append(f"target {'PASS' if t['passed'] else 'MISS'}: {t['description']} "
-                   f"(measured {t['value']:,.1f} {t['unit']})")
+        out.append(
+            f"target {'PASS' if t['passed'] else 'MISS'}: {t['description']} "
+            f"(measured {t['value']:,.1f} {t['unit']})"
+        )
     for name, c in result["checks"].items():
         detail = ""
         if not c["passed"]:
@@ -1107,8 +1278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(result))
     print(f"\nresults: {cfg.out}  (total {result['duration_s']:.1f}s)")
     if not result["checks_passed"]:
-        print("bench_rounds: error: a validity check failed (see 'check FAIL' above); the numbers are not "
-              "trustworthy", file=sys.stderr)
+        print(
+            "bench_rounds: error: a validity check failed (see 'check FAIL' above); the numbers are not "
+            "trustworthy",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
