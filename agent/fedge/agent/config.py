@@ -32,13 +32,20 @@ from fedge.shell.files import read_config_file
 ENV_PREFIX = "FEDGE_AGENT"
 
 
+#: ``[data] source``: EdgeX's bus and core-data (the product), a CSV file of readings on the
+#: device (``fedge.agent.csv_source``), or the recorded smartwatch data set (lab and tests only).
+DATA_SOURCES = ("edgex", "csv", "har-watch")
+
+
 @dataclass(frozen=True)
 class DataSettings:
-    source: str  # "edgex" (readings from EdgeX) or "har-watch" (a recorded data set, for tests)
+    source: str  # one of DATA_SOURCES
     subject: int
     holdout_fraction: float
     seed: int
     task_file: Path | None  # the task this device was provisioned for (features, label)
+    #: ``source = "csv"``: the file of readings (``docs/own-data.md``), relative to the config.
+    csv_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ AGENT_KEYS = {
 }
 #: The ``[agent]`` keys secure aggregation needs, all three or none.
 IDENTITY_CONFIG_KEYS = ("identity_key_file", "identity_certificate_file", "operator_verify_keys")
-DATA_KEYS = {"source", "subject", "holdout_fraction", "seed", "task"}
+DATA_KEYS = {"source", "subject", "holdout_fraction", "seed", "task", "csv_file"}
 EDGEX_KEYS = {
     "broker",
     "protocol",
@@ -273,10 +280,11 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
     d = Table(data, "data", DATA_KEYS)
     base = path.parent
     identity_key_file, certificate_file, operator_keys, require_secure = _secure_settings(a, base, trusted)
-    source = d.choice("source", "edgex", ("edgex", "har-watch"))
+    source = d.choice("source", "edgex", DATA_SOURCES)
     task_text = d.opt_text("task")
     if source == "edgex" and not task_text:
         raise ConfigError("[data] task: the task spec this device was provisioned for is required with EdgeX")
+    csv_file = _csv_file(d, source, task_text, base)
     mqtt_table = Table(data, "mqtt", MQTT_KEYS)
     mqtt_settings = mqtt_settings_from_table(
         mqtt_table, f"fedge-agent-{device_id}", str(path.parent), read_config_file
@@ -335,6 +343,7 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
             holdout_fraction=d.number("holdout_fraction", 0.2, 0.0, 0.9),
             seed=d.integer("seed", 0, 0, 2**31 - 1),
             task_file=base / task_text if task_text else None,
+            csv_file=csv_file,
         ),
         edgex=edgex,
         insight=_checked_writeback(_insight_settings(Table(data, "insight", INSIGHT_KEYS)), edgex),
@@ -345,6 +354,25 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         require_secure_aggregation=require_secure,
         personalisation=_personalisation_settings(Table(data, "personalisation", PERSONALISATION_KEYS)),
     )
+
+
+def _csv_file(d: Table, source: str, task_text: str | None, base: Path) -> Path | None:
+    """``[data] csv_file``: required with ``source = "csv"`` (with ``task``), refused otherwise."""
+    text = d.opt_text("csv_file")
+    if source != "csv":
+        if text is not None:
+            raise ConfigError(f'[data] csv_file goes with source = "csv" (source is {source!r}); remove it')
+        return None
+    if not text:
+        raise ConfigError(
+            '[data] csv_file: source = "csv" reads the device\'s readings from a CSV file; set csv_file '
+            "to its path (docs/own-data.md has the format)"
+        )
+    if not task_text:
+        raise ConfigError(
+            '[data] task: the task spec this device was provisioned for is required with source = "csv"'
+        )
+    return base / text
 
 
 def _personalisation_settings(p: Table) -> PersonalisationSettings:

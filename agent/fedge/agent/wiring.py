@@ -2,7 +2,7 @@
 
 The stages, in the order data flows through them:
 
-    source (EdgeX bus + core-data backfill, or a lab data set)
+    source (EdgeX bus + core-data backfill, a CSV file of readings, or a lab data set)
       -> sample builder (readings -> feature windows, ``fedge.agent.edgex.samples``)
       -> sample store (SQLite on the device, ``fedge.agent.sample_store``)
       -> trainer (LiteRT, ``fedge.agent.trainer``; loaded per global model)
@@ -15,7 +15,9 @@ the sealer; its masked messages take the same outbox. The identity is checked at
 (:func:`~fedge.agent.secure_agent.load_secure_identity`).
 
 For EdgeX the first three live in :class:`~fedge.agent.edgex.ingest.EdgeXIngest` (its worker
-thread owns the builder and the store); any other source only has to give
+thread owns the builder and the store); a CSV file (``[data] source = "csv"``) goes through the
+same ingest (:class:`~fedge.agent.csv_source.CsvSource`, its worker reading the file instead of
+the bus); any other source only has to give
 :class:`LocalDataSource`'s methods. A source also hands the agent its live prediction windows
 (``live_windows``, :mod:`fedge.agent.live`), on which the agent runs the verified global model
 and publishes the predictions (``[insight]``, :mod:`fedge.agent.insight`). ``fedge agent run``
@@ -35,6 +37,8 @@ from nacl.public import PrivateKey
 
 from fedge.agent.config import AgentConfig, EdgeXSettings
 from fedge.agent.core import DeviceCore, DeviceIdentity
+from fedge.agent.csv_source import CURSOR_FILE as CSV_CURSOR_FILE
+from fedge.agent.csv_source import CsvCursor, CsvSource
 from fedge.agent.device_state import DeviceStateStore
 from fedge.agent.edgex.core_command import CoreCommandClient, CoreCommandError
 from fedge.agent.edgex.core_data import CoreDataClient
@@ -157,6 +161,41 @@ def read_task_file(path: Path) -> TaskSpec:
         raise ConfigError(f"cannot read task spec {path}: {exc}") from None
 
 
+def build_csv_source(config: AgentConfig) -> CsvSource:
+    """``[data] source = "csv"``: the device's CSV of readings through the EdgeX ingest's sample
+    builder and store, with ``[edgex] profile`` (value types, limits), ``device``,
+    ``store_max_samples`` and ``store_max_age_s`` as for EdgeX; the bus keys are not used."""
+    if config.data.task_file is None or config.data.csv_file is None:
+        raise ConfigError('[data] task and csv_file are required with source = "csv"')
+    task = read_task_file(config.data.task_file)
+    e = config.edgex
+    limits: dict[str, tuple[float | None, float | None]] = {}
+    value_types: dict[str, str] = {}
+    label_units: str | None = None
+    profile_name = ""
+    if e.profile_file is not None:
+        profile = load_profile(e.profile_file)
+        check_task_against_profile(task, profile)
+        limits = {r.name: (r.minimum, r.maximum) for r in profile.resources}
+        value_types = {r.name: r.value_type for r in profile.resources}
+        label = task.label.resource
+        label_units = next((r.units for r in profile.resources if r.name == label and r.units), None)
+        profile_name = profile.name
+    store = SampleStore(config.state_dir / SAMPLES_FILE, e.store_max_samples, e.store_max_age_s)
+    return CsvSource(
+        config.data.csv_file,
+        e.device,
+        task,
+        store,
+        limits,
+        CsvCursor(config.state_dir / CSV_CURSOR_FILE, config.data.csv_file),
+        value_types=value_types,
+        profile_name=profile_name,
+        live=config.insight.publish != "off",
+        label_units=label_units,
+    )
+
+
 def build_edgex_source(config: AgentConfig) -> EdgeXIngest:
     """The EdgeX ingest for this device: profile-checked task, sample store, bus and backfill
     (in the state directory, which :func:`build_agent` has prepared)."""
@@ -216,7 +255,8 @@ def build_writeback(config: AgentConfig) -> Writeback | None:
 
 def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> AgentStages:
     """The device's stages from its config. ``source`` None means the config's own source
-    (``[data] source = "edgex"``); lab sources (``har-watch``) are built by their package.
+    (``[data] source = "edgex"`` or ``"csv"``); lab sources (``har-watch``) are built by their
+    package.
 
     Every problem with the config, the key, the state directory or the stored state is raised
     here (a ConfigError exits 78), before anything connects. A state file that cannot be
@@ -230,11 +270,11 @@ def build_agent(config: AgentConfig, source: LocalDataSource | None = None) -> A
 
 
 def _build_agent(config: AgentConfig, source: LocalDataSource | None) -> AgentStages:
-    if source is None and config.data.source != "edgex":
+    if source is None and config.data.source not in ("edgex", "csv"):
         raise ConfigError(f"[data] source {config.data.source!r} needs fedge's lab package to build it")
     prepare_state_dir(config.state_dir)  # the sample store, the state and the outbox live there
     if source is None:
-        source = build_edgex_source(config)
+        source = build_csv_source(config) if config.data.source == "csv" else build_edgex_source(config)
     device_key = PrivateKey(read_private_key(config.key_file, "box", what="device key"))
     # Its identity key and certificate, checked against the pinned operator keys now.
     secure = load_secure_identity(config)

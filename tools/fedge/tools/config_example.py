@@ -367,10 +367,20 @@ AGENT_SECTIONS = (
             Key(
                 "source",
                 STRING,
-                "edgex: readings from EdgeX (the product); har-watch: the recorded smartwatch data "
-                "set (needs fedge's lab part; demo and tests).",
+                "edgex: readings from EdgeX (the product); csv: a CSV file of readings on the device "
+                "(csv_file; docs/own-data.md); har-watch: the recorded smartwatch data set (needs "
+                "fedge's lab part; tests).",
                 default="edgex",
-                choices=("edgex", "har-watch"),
+                choices=("edgex", "csv", "har-watch"),
+            ),
+            Key(
+                "csv_file",
+                PATH,
+                "With source = csv (required there, refused otherwise): the CSV of readings a "
+                "logger or an EdgeX export writes, a header naming the task's resources and a time "
+                "column, one row per instant; rows appended later are read too. [edgex] profile, "
+                "device, store_max_samples and store_max_age_s apply as for EdgeX.",
+                example="/var/lib/fedge-agent/readings.csv",
             ),
             Key(
                 "subject",
@@ -401,7 +411,7 @@ AGENT_SECTIONS = (
                 "task",
                 PATH,
                 "The task spec this device was provisioned for (features, label); required with "
-                "source = edgex. The agent image ships them in /opt/fedge/tasks/.",
+                "source = edgex or csv. The agent image ships them in /opt/fedge/tasks/.",
                 required=True,
                 example="tasks/har-watch.toml",
             ),

@@ -28,8 +28,11 @@ unreserved characters, the ones EdgeX's name rule allows) becomes one ``-``, and
 trailing ``-`` are removed. Two values that give the same name, an empty value, or one that
 leaves nothing are errors.
 
-No TensorFlow, no numpy at the top level: the standard library and ``fedge.protocol`` only; the
-agent's reading types are imported when readings are built.
+The header, time and cell rules are :mod:`fedge.agent.csv_format`'s, which a device reading its
+own CSV (``[data] source = "csv"``) shares; this module adds what only the CLI needs (the whole
+table, splitting into groups, the readings of a task). No TensorFlow, no numpy at the top level:
+the standard library and ``fedge.protocol`` only; the agent's reading types are imported when
+readings are built.
 """
 
 from __future__ import annotations
@@ -39,33 +42,53 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedge.protocol.errors import FedgeError
+from fedge.agent.csv_format import (
+    MAX_FIELD_CHARS,
+    TIME_COLUMNS,
+    CsvError,
+    find_time_column,
+    parse_time,
+    profile_cell,
+    read_header,
+    task_cell,
+    task_columns,
+)
 from fedge.protocol.task import TaskSpec
 
 if TYPE_CHECKING:
     from fedge.agent.edgex.profile import DeviceProfile
-    from fedge.agent.edgex.readings import Reading, Value
+    from fedge.agent.edgex.readings import Reading
 
-#: Columns taken as the time column when none is named (compared case-insensitively).
-TIME_COLUMNS = ("time", "timestamp", "date", "datetime")
+__all__ = [
+    "CSV_DEVICE",
+    "DEFAULT_PERIOD_NS",
+    "MAX_FIELD_CHARS",
+    "TIME_COLUMNS",
+    "CsvError",
+    "CsvRow",
+    "CsvTable",
+    "group_name",
+    "parse_split_by",
+    "parse_time",
+    "profile_cell",
+    "read_header",
+    "split_rows",
+    "task_cell",
+    "task_columns",
+    "task_readings",
+    "task_table",
+    "utc_day",
+]
+
 #: Row spacing without a time column when the task gives no ``sample_rate_hz``.
 DEFAULT_PERIOD_NS = 1_000_000_000
-#: A CSV field longer than this is not a reading (csv's own default limit is 128 KiB).
-MAX_FIELD_CHARS = 4096
 #: The device name readings built for a task carry when no other is given.
 CSV_DEVICE = "csv"
 
-_EPOCH = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _NOT_UNRESERVED = re.compile(r"[^A-Za-z0-9_~.\-]+")
-_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class CsvError(FedgeError):
-    """The CSV cannot be read as readings; the message names the file (and line) and why."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +126,7 @@ class CsvTable:
                 raise CsvError(f"{path}: no time column {time_column!r} in the header")
             self.time_column: str | None = time_column
         else:
-            self.time_column = next((n for n in self.header if n.casefold() in TIME_COLUMNS), None)
+            self.time_column = find_time_column(self.header)
         if self.time_column is not None and self.header.count(self.time_column) > 1:
             raise CsvError(f"{path}: the time column {self.time_column!r} appears more than once")
         wanted = [*required, *(n for n in optional if n in self.header)]
@@ -178,60 +201,7 @@ class _Reader:
             raise CsvError(f"{self.path}: not valid CSV: {exc}") from None
 
 
-def read_header(
-    path: Path, reader: Iterator[list[str]], required: Sequence[str], describe: Sequence[str] | None = None
-) -> list[str]:
-    """The header's names; each of ``required`` once. ``describe`` lists the columns in the
-    error when one is missing (default: ``required``)."""
-    listing = ", ".join(describe if describe is not None else required)
-    header = [name.strip() for name in next(reader, [])]
-    if not any(header):
-        raise CsvError(f"{path}: no header row (it names the columns: {', '.join(required) or listing})")
-    for name in required:
-        if header.count(name) > 1:
-            raise CsvError(f"{path}: column {name!r} appears {header.count(name)} times in the header")
-    missing = [name for name in required if name not in header]
-    if missing:
-        listed = ", ".join(repr(m) for m in missing)
-        raise CsvError(f"{path}: no column {listed} in the header; {_needs(describe, listing)}")
-    return header
-
-
-def _needs(describe: Sequence[str] | None, listing: str) -> str:
-    return f"the task reads {listing}" if describe is not None else f"it needs {listing}"
-
-
-def task_columns(required: Sequence[str]) -> list[str]:
-    """The columns a task's CSV needs: its features, then ``label`` marked as such."""
-    return [*required[:-1], f"{required[-1]} (label)"]
-
-
 # --- time ---------------------------------------------------------------------------------------
-
-
-def parse_time(text: str, where: str = "time") -> int:
-    """Unix nanoseconds of an ISO 8601 time (no zone: UTC) or of epoch seconds."""
-    if not text:
-        raise CsvError(f"{where}: no time")
-    if _EPOCH.fullmatch(text):
-        try:
-            ns = int((Decimal(text) * 1_000_000_000).to_integral_value())
-        except InvalidOperation:
-            raise CsvError(f"{where}: {text!r} is not a time") from None
-    else:
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise CsvError(
-                f"{where}: {text!r} is not a time (ISO 8601, e.g. 2025-03-01T08:00:00Z, or epoch seconds)"
-            ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        delta = moment - _UNIX_EPOCH
-        ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
-    if not -(2**63) <= ns < 2**63:
-        raise CsvError(f"{where}: {text!r} is out of range")
-    return ns
 
 
 def utc_day(origin_ns: int) -> str:
@@ -287,45 +257,6 @@ def split_rows(table: CsvTable, split_by: str) -> dict[str, list[CsvRow]]:
 
 
 # --- cells and readings -------------------------------------------------------------------------
-
-
-def profile_cell(where: str, name: str, text: str, value_type: str) -> Value:
-    """A cell parsed by the profile's ``valueType``, as EdgeX sends it."""
-    from fedge.agent.edgex.readings import ReadingError, parse_value  # noqa: PLC0415
-
-    try:
-        return parse_value(value_type, text)
-    except ReadingError as exc:
-        detail = str(exc).removeprefix(f"{exc.reason}: ")
-        raise CsvError(f"{where}: column {name!r}: {detail} (the profile's valueType)") from None
-
-
-def task_cell(where: str, name: str, text: str, task: TaskSpec, value_type: str | None) -> tuple[str, Value]:
-    """The EdgeX value type and value of one cell of a task's column (module docstring)."""
-    from fedge.agent.edgex.readings import ReadingError, parse_scalar  # noqa: PLC0415
-    from fedge.agent.edgex.samples import bool_class_indices, bool_value  # noqa: PLC0415
-
-    if len(text) > MAX_FIELD_CHARS:
-        raise CsvError(f"{where}: column {name!r}: a value of {len(text)} characters")
-    if value_type is not None:
-        return value_type, profile_cell(where, name, text, value_type)
-    classes = task.label.classes
-    if name == task.label.resource and classes is not None:
-        if text in classes:
-            return "String", text
-        flag = bool_value(text)
-        if flag is not None and bool_class_indices(classes) is not None:
-            return "Bool", flag
-        if text.isascii() and text.lstrip("+-").isdigit():
-            return "Int64", int(text)
-        return "String", text  # not a class: the builder drops its row (unknown_label)
-    flag = bool_value(text) if text.casefold() in ("true", "false") else None
-    if flag is not None:
-        return "Bool", flag
-    try:
-        return "Float64", parse_scalar("Float64", text)
-    except ReadingError:
-        raise CsvError(f"{where}: column {name!r}: {text!r} is not a number") from None
 
 
 def task_table(path: Path, task: TaskSpec, period_ns: int, time_column: str | None = None) -> CsvTable:
