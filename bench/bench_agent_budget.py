@@ -113,26 +113,18 @@ def rss():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
-tracemalloc.start(1)
+traced = sys.argv[1] == "traced"  # RSS is read untraced; tracemalloc's own memory would add to it
+if traced:
+    tracemalloc.start(1)
 rows = [{"stage": "python", "rss_bytes": rss(), "modules": len(sys.modules)}]
-for name in sys.argv[1:]:
+for name in sys.argv[2:]:
     importlib.import_module(name)
     rows.append({"stage": name, "rss_bytes": rss(), "modules": len(sys.modules)})
-snapshot = tracemalloc.take_snapshot()
-by_package = {}
-for stat in snapshot.statistics("filename"):
-    path = stat.traceback[0].filename
-    key = path
-    for marker in ("site-packages/", "/lib/python3", "/work/"):
-        if marker in path:
-            key = path.split(marker, 1)[1]
-    parts = key.split("/")
-    key = "/".join(parts[:2]) if parts[0] in ("fedge", "agent", "protocol", "shell", "tools") else parts[0]
-    by_package[key] = by_package.get(key, 0) + stat.size
-heavy = sorted(by_package.items(), key=lambda kv: -kv[1])[:15]
+# Python's own allocations (objects, code, module dicts) after every import: the rest of the RSS
+# is shared libraries and the allocators' overhead.
+traced_bytes = tracemalloc.get_traced_memory()[0] if traced else None
 third = sorted({m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names))
-print(json.dumps({"stages": rows, "tracemalloc_total_bytes": sum(by_package.values()),
-                  "tracemalloc_by_package": heavy, "third_party": third,
+print(json.dumps({"stages": rows, "tracemalloc_total_bytes": traced_bytes, "third_party": third,
                   "loaded": {m: m in sys.modules for m in ("requests", "urllib3", "yaml", "http.client",
                                                             "tensorflow", "seglearn", "pandas")}}))
 """
@@ -430,8 +422,18 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
         print(
             f"  {feed['readings']:,} readings stored in {marks['stored'] - feed['started']:.0f} s", flush=True
         )
+        # Every device's live readings start together (the demo starts each after its own
+        # recordings, which end at different times: some would wait minutes for their first),
+        # so that every agent takes readings at the task's rate through the rounds and the idle.
+        together = max(feed["last_origin_ns"].values())
         live_thread = demo._start_live_stream(
-            options, subjects, feed["last_origin_ns"], broker_url, 5, creds.get("simulator"), live_stop
+            options,
+            subjects,
+            dict.fromkeys(subjects, together),
+            broker_url,
+            5,
+            creds.get("simulator"),
+            live_stop,
         )
         procs["aggregator"] = spawn(
             fb.fedge_argv("aggregator", "run", "--config", str(fleet.aggregator_config)),
@@ -456,9 +458,12 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
         time.sleep(IDLE_SETTLE_S)
         marks["idle_start"] = time.time()
         statuses_before = {d: dict(observer.view.device_status.get(d, {})) for d in subjects}
+        threads_before = {d: thread_wakeups(procs[d].pid) for d in subjects}
         time.sleep(cfg.idle_s)
         marks["idle_end"] = time.time()
         statuses_after = {d: dict(observer.view.device_status.get(d, {})) for d in subjects}
+        threads_after = {d: thread_wakeups(procs[d].pid) for d in subjects}
+        wakeups = {d: wakeups_per_s(threads_before[d], threads_after[d], cfg.idle_s) for d in subjects}
         smaps["after_idle"] = smaps_breakdown(procs[first].pid)
         smaps["device"] = first
         if not live_thread.is_alive():
@@ -481,9 +486,12 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
         broker.stop()
     if sampler.errors:
         raise BenchError("the /proc sampler failed:\n" + "\n".join(sampler.errors))
-    return summarise(
+    summary = summarise(
         cfg, sampler, notify, logs, subjects, spawned, marks, feed, smaps, statuses_before, statuses_after
     )
+    for d in subjects:
+        summary["agents"][d]["idle_wakeups_per_s"] = wakeups[d]
+    return summary
 
 
 def summarise(
@@ -548,6 +556,9 @@ def summarise(
             "idle_cpu_s": idle_cpu,
             "idle_cpu_percent": 100.0 * idle_rate,
             "idle_live_readings": _live_count(after.get(d, {})) - _live_count(before.get(d, {})),
+            # EdgeX messages the agent's bus connection took in the idle window (its status).
+            "idle_bus_messages": _bus_messages(after.get(d, {})) - _bus_messages(before.get(d, {})),
+            "status_data_at_idle_end": after.get(d, {}).get("data"),
             "notify_messages": notify.messages[d],
             "cpu_s_total": tr.samples[-1][1],
         }
@@ -612,6 +623,46 @@ def summarise(
     }
 
 
+def thread_wakeups(pid: int) -> dict[str, tuple[str, int]]:
+    """Each thread of ``pid``: its name and how often it has gone to sleep and woken again
+    (``voluntary_ctxt_switches``: a wait, a select, a blocking read each count one)."""
+    out: dict[str, tuple[str, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    out[tid] = (name, int(line.split()[1]))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def wakeups_per_s(
+    before: dict[str, tuple[str, int]], after: dict[str, tuple[str, int]], seconds: float
+) -> dict[str, float]:
+    """Wake-ups a second of each thread over the idle window, by thread name (tid if unnamed)."""
+    out: dict[str, float] = {}
+    main = min(after, key=int, default="")
+    for tid, (_, count) in sorted(after.items(), key=lambda kv: int(kv[0])):
+        if tid in before:  # Python does not name its threads: the main one, then by start order
+            out["main" if tid == main else f"thread {len(out)}"] = round(
+                (count - before[tid][1]) / seconds, 2
+            )
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _bus_messages(status: dict[str, Any]) -> int:
+    data = status.get("data") if isinstance(status.get("data"), dict) else {}
+    bus = data.get("bus") if isinstance(data, dict) else None
+    value = bus.get("messages") if isinstance(bus, dict) else None
+    return int(value) if isinstance(value, int) else 0
+
+
 def _live_count(status: dict[str, Any]) -> int:
     """Live (unlabelled) readings the agent's status counts as accepted, when it reports them."""
     data = status.get("data") if isinstance(status.get("data"), dict) else {}
@@ -646,17 +697,22 @@ def baselines(model_dir: Path, work: Path) -> dict[str, Any]:
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     floor, _ = run_worker("baseline")
-    probe = subprocess.run(
-        [sys.executable, "-c", _STAGE_PROBE, *STAGES],
-        capture_output=True,
-        text=True,
-        env=fb.child_env(),
-        cwd=ROOT,
-        check=False,
-        timeout=300,
-    )
-    if probe.returncode != 0:
-        raise BenchError(f"the import probe failed:\n{probe.stderr[-2000:]}")
+    probes = {}
+    for mode in ("rss", "traced"):
+        probe = subprocess.run(
+            [sys.executable, "-c", _STAGE_PROBE, mode, *STAGES],
+            capture_output=True,
+            text=True,
+            env=fb.child_env(),
+            cwd=ROOT,
+            check=False,
+            timeout=300,
+        )
+        if probe.returncode != 0:
+            raise BenchError(f"the import probe failed:\n{probe.stderr[-2000:]}")
+        probes[mode] = json.loads(probe.stdout.strip().splitlines()[-1])
+    imports = probes["rss"]
+    imports["tracemalloc_total_bytes"] = probes["traced"]["tracemalloc_total_bytes"]
     return {
         "training_only": {
             "examples": trained["examples"],
@@ -667,7 +723,7 @@ def baselines(model_dir: Path, work: Path) -> dict[str, Any]:
             "wall_s": wall,
         },
         "floor_python_numpy": {"peak_rss_bytes": floor["peak_rss_bytes"], "numpy": floor.get("numpy")},
-        "imports": json.loads(probe.stdout.strip().splitlines()[-1]),
+        "imports": imports,
     }
 
 
@@ -697,7 +753,7 @@ def render(report: dict[str, Any]) -> str:
     row("  of it file-backed (MiB)", f["agent_peak_rss_file_bytes"], ".1f", MIB)
     row("CPU-s per round", f["agent_cpu_s_per_round"], ".3f")
     row("  less the idle cost", f["agent_cpu_s_per_round_less_idle"], ".3f")
-    row("EdgeX ingest (CPU-us per reading)", f["agent_ingest_cpu_us_per_reading"], ".1f")
+    row("EdgeX ingest (CPU-us per own rdg)", f["agent_ingest_cpu_us_per_reading"], ".1f")
     row("idle CPU (% of one core)", f["agent_idle_cpu_percent"], ".2f")
     row("start-up to READY (s)", f["agent_startup_to_ready_s"], ".2f")
     row("CPU-s to READY", f["agent_cpu_s_to_ready"], ".2f")
@@ -723,6 +779,10 @@ def render(report: dict[str, Any]) -> str:
     for s in b["imports"]["stages"]:
         lines.append(f"  {s['stage']:32} {mib(s['rss_bytes']):>7} MiB (+{mib(s['rss_bytes'] - previous)})")
         previous = s["rss_bytes"]
+    first = f["agents"][f["smaps"]["device"]]
+    if "idle_wakeups_per_s" in first:
+        woke = ", ".join(f"{k} {v:g}" for k, v in first["idle_wakeups_per_s"].items())
+        lines.append(f"{f['smaps']['device']}'s threads, wake-ups a second when idle: {woke}")
     lines.append(f"where {f['smaps']['device']}'s memory is after the rounds (smaps, resident):")
     for k, v in f["smaps"]["after_rounds_groups"].items():
         lines.append(f"  {k:70} {mib(v):>7} MiB")
@@ -737,7 +797,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     peak = f["agent_peak_rss_bytes"]["max"]
     cpu = f["agent_cpu_s_per_round"]["median"]
     idle = f["agent_idle_cpu_percent"]["max"]
+    arrived = min(a["idle_bus_messages"] for a in f["agents"].values())
     return [
+        {
+            "what": "live readings reached every agent in the idle phase (1 event of 300 a second)",
+            "met": arrived >= 0.8 * f["idle_s"],
+            "detail": f"fewest EdgeX messages taken by an agent: {arrived} in {f['idle_s']:.0f} s",
+        },
         {
             "what": "the whole agent peaks at 53 MB or less",
             "met": peak <= TARGET_PEAK_RSS_BYTES,
