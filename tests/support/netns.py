@@ -3,10 +3,10 @@ a veth pair, with the link's faults set by the kernel (no proxy, no mock).
 
 - ``rate_limit(kbit)``: a token bucket (``tc qdisc ... tbf``) on both ends (or the device's
   alone), so the device's uplink and downlink each carry ``kbit`` kbit/s;
-- ``loss(fraction)``: that fraction of packets dropped at random each way (iptables'
-  ``statistic`` match in the namespace: netem is not built into every kernel, this one's
-  included);
-- ``partition()`` / ``heal()``: every packet dropped each way while partitioned (the TCP
+- ``loss(fraction)``: that fraction of the link's packets dropped at random each way (iptables'
+  ``statistic`` match on the device's interface: netem is not built into every kernel, this
+  one's included; the namespace's loopback is never touched);
+- ``partition()`` / ``heal()``: every packet on the link dropped each way while partitioned (the TCP
   connection stays open; what is sent meanwhile waits in the sender's socket or outbox).
 
 A process runs inside with ``prefix`` (``ip netns exec NAME``). Needs root, ``ip`` (iproute2)
@@ -120,13 +120,19 @@ class DeviceLink:
             _run("tc", "qdisc", "del", "dev", self.host_if, "root")
 
     def loss(self, fraction: float) -> None:
-        """Drops ``fraction`` of the packets each way, at random."""
+        """Drops ``fraction`` of the packets each way on the link, at random.
+
+        On the link's interface only: a namespace-wide rule also dropped loopback packets, and
+        paho's client makes its wake-up socket pair over 127.0.0.1 in ``loop_start``, so an agent
+        could wait minutes in ``accept`` before its first log line (no real link loses loopback)."""
         p = f"{fraction:.3f}"
-        for chain in ("INPUT", "OUTPUT"):
+        for chain, direction in (("INPUT", "-i"), ("OUTPUT", "-o")):
             self._in_ns(
                 "iptables",
                 "-A",
                 chain,
+                direction,
+                self.device_if,
                 "-m",
                 "statistic",
                 "--mode",
@@ -138,9 +144,10 @@ class DeviceLink:
             )
 
     def partition(self) -> None:
-        """Every packet dropped each way (inserted first: it wins over any loss rule)."""
-        for chain in ("INPUT", "OUTPUT"):
-            self._in_ns("iptables", "-I", chain, "1", "-j", "DROP")
+        """Every packet on the link dropped each way (inserted first: it wins over any loss rule);
+        the namespace's loopback keeps working, as a device's does when its network is cut."""
+        for chain, direction in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            self._in_ns("iptables", "-I", chain, "1", direction, self.device_if, "-j", "DROP")
 
     def heal(self) -> None:
         for chain in ("INPUT", "OUTPUT"):
