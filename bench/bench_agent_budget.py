@@ -549,6 +549,9 @@ def summarise(
             "ingest_cpu_us_per_reading": 1e6 * ingest_cpu / readings if readings else None,
             "ingest_wall_s": feed["stored_at"][d] - feed["started"],
             "cpu_s_per_round": rounds_cpu / cfg.rounds,
+            # The whole run to the last round (start-up, the EdgeX backlog, the rounds) over R:
+            # what a device pays per round over a short fleet's life.
+            "cpu_s_whole_run_per_round": tr.cpu_at(t_last) / cfg.rounds,
             # Take away what the agent spends anyway (live readings, status, MQTT keep-alives):
             # what training, sealing and publishing a round cost.
             "cpu_s_per_round_less_idle": (rounds_cpu - idle_rate * wall_rounds) / cfg.rounds,
@@ -600,6 +603,7 @@ def summarise(
         "agent_peak_rss_file_bytes": dist("peak_rss_file_bytes"),
         "agent_cpu_s_per_round": dist("cpu_s_per_round"),
         "agent_cpu_s_per_round_less_idle": dist("cpu_s_per_round_less_idle"),
+        "agent_cpu_s_whole_run_per_round": dist("cpu_s_whole_run_per_round"),
         "agent_ingest_cpu_us_per_reading": dist("ingest_cpu_us_per_reading"),
         "agent_idle_cpu_percent": dist("idle_cpu_percent"),
         "agent_startup_to_ready_s": dist("startup_to_ready_s"),
@@ -753,6 +757,7 @@ def render(report: dict[str, Any]) -> str:
     row("  of it file-backed (MiB)", f["agent_peak_rss_file_bytes"], ".1f", MIB)
     row("CPU-s per round", f["agent_cpu_s_per_round"], ".3f")
     row("  less the idle cost", f["agent_cpu_s_per_round_less_idle"], ".3f")
+    row("  whole run to round R, over R", f["agent_cpu_s_whole_run_per_round"], ".3f")
     row("EdgeX ingest (CPU-us per own rdg)", f["agent_ingest_cpu_us_per_reading"], ".1f")
     row("idle CPU (% of one core)", f["agent_idle_cpu_percent"], ".2f")
     row("start-up to READY (s)", f["agent_startup_to_ready_s"], ".2f")
