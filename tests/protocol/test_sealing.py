@@ -431,7 +431,7 @@ def test_sealed_header_refuses_bad_ids(key: str, what: str, value: str) -> None:
 def test_sealed_header_refuses_an_unknown_kind(kind: str) -> None:
     assert _from_dict_error({**HEADER.to_dict(), "kind": kind}) == (
         "bad_header: kind must be one of ('update', 'moments', "
-        "'secagg_advertise', 'secagg_shares', 'secagg_masked', 'secagg_unmask')"
+        "'secagg_advertise', 'secagg_shares', 'secagg_masked', 'secagg_unmask', 'chunk')"
     )
 
 

@@ -29,8 +29,17 @@ from fedge.protocol.reasons import FRAME_PREFIX, PAYLOAD_PREFIX, RejectReason
 from fedge.protocol.topics import TopicError, check_id
 
 #: ``update`` and ``moments`` are the plain rounds' messages; the ``secagg_*`` kinds carry one
-#: secure-aggregation message each (:mod:`fedge.protocol.secagg.wire`), on the same topic.
-MESSAGE_KINDS = ("update", "moments", "secagg_advertise", "secagg_shares", "secagg_masked", "secagg_unmask")
+#: secure-aggregation message each (:mod:`fedge.protocol.secagg.wire`), on the same topic;
+#: ``chunk`` is one piece of a larger sealed message (:mod:`fedge.protocol.chunks`).
+MESSAGE_KINDS = (
+    "update",
+    "moments",
+    "secagg_advertise",
+    "secagg_shares",
+    "secagg_masked",
+    "secagg_unmask",
+    "chunk",
+)
 NONCE_BYTES = Box.NONCE_SIZE
 MAC_BYTES = 16  # Poly1305 tag (crypto_box_MACBYTES)
 _MAX_COUNTER = 2**63 - 1
