@@ -53,6 +53,7 @@ def test_every_fleet_topic_is_exactly_one_channel() -> None:
     topics = {
         "manifest": T.manifest,
         "blob": T.blob(SHA),
+        "blobChunk": T.blob_chunk(SHA, 3),
         "keyRotation": T.rotation(1),
         "aggregatorStatus": T.aggregator_status,
         "fleetSummary": T.fleet_summary,
@@ -113,6 +114,7 @@ def _sample(address: str) -> str:
         address.replace("{fleet}", "f1")
         .replace("{device_id}", "watch-01")
         .replace("{sha256}", SHA)
+        .replace("{chunk_index}", "000003")
         .replace("{seq}", "000001")
         .replace("{round_id}", "r0003-v7")
         .replace("{document}", "bundle")

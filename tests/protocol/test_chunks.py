@@ -214,3 +214,34 @@ def test_blob_pieces_decode_and_join() -> None:
 def test_an_unreadable_blob_piece_is_bad_chunk() -> None:
     with pytest.raises(ChunkError, match=r"^bad_chunk: "):
         decode_blob_chunk(b"not a frame at all")
+
+
+def test_blob_piece_topics_round_trip_and_refuse_strays() -> None:
+    from fedge.protocol.topics import FleetTopics, TopicError
+
+    topics = FleetTopics("f1")
+    sha = hashlib.sha256(DATA).hexdigest()
+    assert topics.blob_chunk(sha, 3) == f"fedge/v1/f1/blob/{sha}/000003"
+    assert topics.blob_chunk_parse(topics.blob_chunk(sha, 3)) == (sha, 3)
+    assert topics.blob_chunk_filter(sha) == f"fedge/v1/f1/blob/{sha}/+"
+    for stray in (
+        topics.blob(sha),
+        f"{topics.blob(sha)}/3",
+        f"{topics.blob(sha)}/00000x",
+        "fedge/v1/f2/blob/x/000001",
+    ):
+        with pytest.raises(TopicError):
+            topics.blob_chunk_parse(stray)
+    with pytest.raises(TopicError, match="invalid blob piece index -1"):
+        topics.blob_chunk(sha, -1)
+
+
+def test_a_blob_piece_is_what_the_asyncapi_channel_documents() -> None:
+    from fedge.protocol.topics import FleetTopics
+    from support.asyncapi import load_document
+
+    topics = FleetTopics("f1")
+    payload = blob_pieces(DATA, 4096)[1]
+    channel = load_document().channel_for(topics.blob_chunk(hashlib.sha256(DATA).hexdigest(), 1))
+    assert channel is not None and channel.key == "blobChunk"
+    channel.validate(topics.blob_chunk(hashlib.sha256(DATA).hexdigest(), 1), payload)

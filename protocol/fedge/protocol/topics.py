@@ -61,6 +61,24 @@ class FleetTopics:
     def blob_filter(self) -> str:
         return f"{self.base}/blob/+"
 
+    def blob_chunk(self, sha256: str, index: int) -> str:
+        """Retained piece ``index`` of a blob over ``chunk_bytes`` (``fedge.protocol.chunks``)."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 1_000_000:
+            raise TopicError(f"invalid blob piece index {index!r}")
+        return f"{self.blob(sha256)}/{index:06d}"
+
+    def blob_chunk_filter(self, sha256: str) -> str:
+        """Every piece of one blob."""
+        return f"{self.blob(sha256)}/+"
+
+    def blob_chunk_parse(self, topic: str) -> tuple[str, int]:
+        """``(sha256, index)`` of a blob piece's topic; raises :class:`TopicError` on any other."""
+        prefix = f"{self.base}/blob/"
+        parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+        if len(parts) != 2 or not is_sha256_hex(parts[0]) or not (len(parts[1]) == 6 and parts[1].isdigit()):
+            raise TopicError(f"topic {topic!r} is not a blob piece of fleet {self.fleet!r}")
+        return parts[0], int(parts[1])
+
     def rotation(self, sequence: int) -> str:
         """Retained signing-key rotation documents, one per sequence number (devices that missed
         several apply them in order)."""
@@ -71,6 +89,17 @@ class FleetTopics:
     @property
     def rotation_filter(self) -> str:
         return f"{self.base}/keys/rotation/+"
+
+    @property
+    def rollout(self) -> str:
+        """Retained, signed: the newest ``promote`` or ``rollback`` of the rollout gate, the model
+        devices predict with (``fedge.protocol.rollout``, docs/rollout.md)."""
+        return f"{self.base}/rollout"
+
+    @property
+    def rollout_decision(self) -> str:
+        """Retained, signed: the rollout gate's newest decision of any kind (refusals too)."""
+        return f"{self.base}/rollout/decision"
 
     @property
     def aggregator_status(self) -> str:
