@@ -216,8 +216,8 @@ def render(report: dict[str, Any]) -> str:
         f"{report['seconds_per_round']:.2f} s a round; RSS at the close of round "
         f"{report['config']['warmup']}, round {rounds // 2} and the last; slope and verdict over "
         "the second half",
-        f"{'process':<12} {'warm-up':>9} {'half':>9} {'last':>9} {'growth':>9} {'2nd half':>9} "
-        f"{'KB/100 r.':>9} {'peak':>9}  flat",
+        f"{'process':<12} {'warm-up':>10} {'half':>10} {'last':>10} {'growth':>10} {'2nd half':>10} "
+        f"{'KiB/100 r.':>10} {'peak':>10}  flat",
     ]
     for p in sorted(report["processes"], key=lambda p: p["process"]):
         if p["flat"] is None:
@@ -225,10 +225,10 @@ def render(report: dict[str, Any]) -> str:
             continue
         verdict = "yes" if p["flat"] else "NO"
         lines.append(
-            f"{p['process']:<12} {p['rss_after_warmup_mb']:>6.1f} MB {p['rss_half_mb']:>6.1f} MB "
-            f"{p['rss_last_round_mb']:>6.1f} MB {p['growth_mb']:>+6.2f} MB "
-            f"{p['second_half_growth_mb']:>+6.2f} MB {p['slope_kb_per_100_rounds']:>9.1f} "
-            f"{p['peak_rss_mb']:>6.1f} MB  {verdict}"
+            f"{p['process']:<12} {p['rss_after_warmup_mb']:>6.1f} MiB {p['rss_half_mb']:>6.1f} MiB "
+            f"{p['rss_last_round_mb']:>6.1f} MiB {p['growth_mb']:>+6.2f} MiB "
+            f"{p['second_half_growth_mb']:>+6.2f} MiB {p['slope_kb_per_100_rounds']:>10.1f} "
+            f"{p['peak_rss_mb']:>6.1f} MiB  {verdict}"
         )
     if report["rounds_not_aggregated_by_all"]:
         lines.append(f"rounds not aggregated by every device: {report['rounds_not_aggregated_by_all']}")
