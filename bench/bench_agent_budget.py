@@ -35,10 +35,13 @@ The baselines in the same run, each a fresh interpreter started from a small lau
 the model, one device's samples, the task's local epochs: what a round costs with nothing else
 loaded) and the floor (``training_worker.py baseline``: Python with numpy alone). And where an
 agent's import memory goes: RSS after each import stage in a fresh interpreter
-(``--stages``), with tracemalloc's allocations by module.
+and the Python objects tracemalloc counts after them. fedge's modules are compiled to bytecode
+first, as a wheel install does (``--no-precompile``: compiled from source at every start, as in
+a checkout run with ``PYTHONDONTWRITEBYTECODE``).
 
 Usage: ``python bench/bench_agent_budget.py [--devices 7] [--rounds 30] [--idle 60] [--quick]
-[--keep] [--out bench/results/agent_budget.json] [--docs-json docs/results/agent_budget.json]``
+[--keep] [--no-precompile] [--out bench/results/agent_budget.json]
+[--docs-json docs/results/agent_budget.json]``
 (``make bench-agent-budget``). ``--quick``: 3 devices, 3 rounds, 15 s idle
 (``agent_budget-quick.json``). A validity failure (a round not aggregated, an agent that exited,
 a reading that is not the agent's) exits 1 and writes ``<out>-failed.json``; a missed target is
@@ -317,6 +320,7 @@ class Config:
     docs_json: Path | None
     keep: bool
     quick: bool
+    precompile: bool
 
 
 def first_updates(aggregator_log: Path) -> dict[str, float]:
@@ -801,6 +805,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     f = report["fleet"]
     peak = f["agent_peak_rss_bytes"]["max"]
     cpu = f["agent_cpu_s_per_round"]["median"]
+    whole = f["agent_cpu_s_whole_run_per_round"]["median"]
     idle = f["agent_idle_cpu_percent"]["max"]
     arrived = min(a["idle_bus_messages"] for a in f["agents"].values())
     return [
@@ -815,9 +820,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "detail": f"max over the agents {peak / 1e6:.1f} MB ({mib(peak)} MiB)",
         },
         {
-            "what": "device CPU per round on the EdgeX path at most 0.107 s",
-            "met": cpu <= TARGET_CPU_S_PER_ROUND,
-            "detail": f"median {cpu:.3f} CPU-s per round",
+            # The measure (its 0.139): the agent's CPU from start to round R over R,
+            # the EdgeX backlog included.
+            "what": "device CPU per round on the EdgeX path (whole run / R) at most 0.107 s",
+            "met": whole <= TARGET_CPU_S_PER_ROUND,
+            "detail": f"median {whole:.3f} CPU-s; a train round alone {cpu:.3f}",
         },
         {
             "what": "an idle agent costs under 1% of one core",
@@ -870,8 +877,13 @@ def plot(path: Path, report: dict[str, Any]) -> bool:
     ax = axes[2]
     agents = f["agents"]
     names = list(agents)
-    ax.bar(names, [agents[d]["cpu_s_per_round"] for d in names], label="CPU-s per round")
-    ax.bar(names, [agents[d]["cpu_s_per_round_less_idle"] for d in names], label="less the idle cost")
+    xs = list(range(len(names)))
+    whole = [agents[d].get("cpu_s_whole_run_per_round", 0.0) for d in names]
+    ax.bar([x - 0.2 for x in xs], whole, width=0.4, label="whole run (start-up, backlog, rounds) / R")
+    ax.bar(
+        [x + 0.2 for x in xs], [agents[d]["cpu_s_per_round"] for d in names], width=0.4, label="a train round"
+    )
+    ax.set_xticks(xs, names)
     ax.axhline(TARGET_CPU_S_PER_ROUND, color="red", linestyle="--", label="target 0.107 s")
     ax.axhline(b["training_only"]["train_s_per_round"], color="green", linestyle="--", label="training only")
     ax.set_ylabel("CPU-s")
@@ -895,6 +907,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--out", type=Path, default=None, help=f"the JSON report (default {DEFAULT_OUT})")
     p.add_argument("--docs-json", type=Path, default=None, help="also write the report there (docs/results)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument(
+        "--no-precompile",
+        action="store_true",
+        help="do not compile fedge's modules to bytecode first (measure them compiled at every start)",
+    )
     a = p.parse_args(argv)
     quick = bool(a.quick)
     cfg = Config(
@@ -906,6 +923,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         docs_json=a.docs_json,
         keep=a.keep,
         quick=quick,
+        precompile=not a.no_precompile,
     )
     if not 1 <= cfg.devices <= 7:
         p.error("--devices must be 1..7 (one per training subject)")
@@ -944,6 +962,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "readings at 50 Hz)",
             "sample_interval_s": SAMPLE_INTERVAL_S,
             "min_devices": cfg.devices,
+            "bytecode": "fedge's modules compiled first, as a wheel install does"
+            if cfg.precompile
+            else "compiled from source at every start (--no-precompile)",
         },
         "work_dir": str(work),
     }
@@ -962,6 +983,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if built.returncode != 0:
             raise BenchError(f"fedge model build failed:\n{built.stdout}{built.stderr}")
+        if cfg.precompile:
+            # An agent installed from a wheel has its bytecode (pip compiles at install); this
+            # checkout may not (PYTHONDONTWRITEBYTECODE), and compiling ~100 modules at every
+            # start costs each agent ~2 MiB of RSS and CPU that a device never pays.
+            import compileall
+
+            for part in ("agent", "protocol", "shell", "tools"):
+                if not compileall.compile_dir(str(ROOT / part / "fedge"), quiet=1):
+                    raise BenchError(f"compileall failed under {part}/fedge")
         print("baselines: the training-only process, Python+numpy, the import stages...", flush=True)
         report["baselines"] = baselines(model_dir, work)
         print(
