@@ -360,6 +360,26 @@ def cmd_aggregator_run(args: argparse.Namespace) -> int:
     return run_aggregator(config)
 
 
+def cmd_model_rollback(args: argparse.Namespace) -> int:
+    """``fedge model rollback``: predictions go back to an earlier promoted model (docs/rollout.md)."""
+    import time  # noqa: PLC0415
+
+    from nacl.signing import SigningKey  # noqa: PLC0415
+
+    from fedge.aggregator.config import load_aggregator_config  # noqa: PLC0415
+    from fedge.aggregator.rollout import request_rollback  # noqa: PLC0415
+    from fedge.shell.files import read_private_key  # noqa: PLC0415
+
+    config = load_aggregator_config(args.config, os.environ)
+    key = SigningKey(read_private_key(config.signing_key_file, "signing"))
+    done = request_rollback(config.state_dir, config.fleet, key, args.to, args.wait_s, time.time())
+    print(
+        f"fleet {config.fleet}: rolled back to v{done['version']} (signed decision {done['sequence']}, "
+        f"was v{done['previous_version']}); devices predict with it once they fetch its weights"
+    )
+    return 0
+
+
 def cmd_aggregator_retire(args: argparse.Namespace) -> int:
     from fedge.aggregator.config import load_aggregator_config  # noqa: PLC0415
     from fedge.aggregator.retire import retire_fleet  # noqa: PLC0415
@@ -669,6 +689,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--json", action="store_true", help="print a JSON summary")
     build.set_defaults(func=cmd_model_build)
+    rollback = model_sub.add_parser(
+        "rollback",
+        help="devices predict with an earlier promoted model (a signed, explicit rollback: docs/rollout.md)",
+    )
+    rollback.add_argument("--config", type=Path, required=True, help="the aggregator's config (TOML)")
+    rollback.add_argument("--to", type=int, required=True, metavar="VERSION", help="a kept promoted version")
+    rollback.add_argument(
+        "--wait-s", type=float, default=30.0, help="how long to wait for the running aggregator (default 30)"
+    )
+    rollback.set_defaults(func=cmd_model_rollback)
     imp = model_sub.add_parser(
         "import",
         help="turn a trained Keras model into a model directory: its last N Dense layers train (no Flex ops)",

@@ -31,6 +31,12 @@ from fedge.aggregator.replica_config import (
     check_replicable,
     replica_settings_from_table,
 )
+from fedge.aggregator.rollout import (
+    ROLLOUT_DEFAULT,
+    ROLLOUT_KEYS,
+    RolloutSettings,
+    rollout_settings_from_table,
+)
 from fedge.aggregator.upstream_config import (
     UPSTREAM_KEYS,
     UPSTREAM_OFF,
@@ -171,6 +177,8 @@ class AggregatorConfig:
     replicas: ReplicaSettings = REPLICAS_OFF
     #: ``[upstream]``: this aggregator is a building gateway under a campus (off by default; docs/scale.md).
     upstream: UpstreamSettings = UPSTREAM_OFF
+    #: ``[rollout]``: the gate between a new global model and the devices' predictions (docs/rollout.md).
+    rollout: RolloutSettings = ROLLOUT_DEFAULT
 
     @property
     def heartbeat_path(self) -> Path:
@@ -227,6 +235,7 @@ AGGREGATOR_TABLES: dict[str, set[str]] = {
     "mqtt": MQTT_KEYS,
     "privacy": PRIVACY_KEYS,
     "replicas": REPLICA_KEYS,
+    "rollout": ROLLOUT_KEYS,
     "rounds": ROUND_KEYS,
     "upstream": UPSTREAM_KEYS,
 }
@@ -372,4 +381,5 @@ def load_aggregator_config(
         privacy=privacy,
         replicas=replicas,
         upstream=upstream,
+        rollout=rollout_settings_from_table(Table(data, "rollout", ROLLOUT_KEYS)),
     )

@@ -50,7 +50,15 @@ from fedge.aggregator.leader_config import EXIT_LEADERSHIP_LOST
 from fedge.aggregator.privacy_config import privacy_config, secure_settings
 from fedge.aggregator.registry import load_registry, load_registry_file
 from fedge.aggregator.replica_leader import PartialIntake
-from fedge.aggregator.round_engine import EngineState, Publication, RoundEngine, RoundRecord, start_generation
+from fedge.aggregator.rollout import Rollout, RolloutPublication
+from fedge.aggregator.round_engine import (
+    EngineState,
+    Publication,
+    RoundEngine,
+    RoundRecord,
+    eval_metric,
+    start_generation,
+)
 from fedge.aggregator.strategies.server_optimizers import (
     ServerOptimizerState,
     ServerOptimizerStateError,
@@ -346,6 +354,14 @@ class AggregatorService:
             PartialIntake(config.replicas, self.topics, self.box_key, self.signing_key)
             if config.replicas.enabled
             else None
+        )
+        # [rollout]: which global model devices predict with (docs/rollout.md).
+        self.rollout = Rollout(
+            config.rollout,
+            config.state_dir,
+            self.topics,
+            self.signing_key,
+            eval_metric(self.loaded.manifest.task.model.kind),
         )
         self.engine: RoundEngine
         if leadership is None:
@@ -724,7 +740,8 @@ class AggregatorService:
         self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
         self._publish_secagg(pub.secagg)
         for topic in pub.clear_blobs:
-            self._publish(topic, b"", retain=True)
+            if topic != self.rollout.kept_blob_topic():  # the promoted weights stay for predictions
+                self._publish(topic, b"", retain=True)
         self._last_publication = pub
         m = pub.manifest
         log.info(
@@ -780,8 +797,22 @@ class AggregatorService:
             self._publish(topic, blob, retain=True)
         self._publish_work_order()
         self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
+        self._publish_rollout(self.rollout.retained())
         self._status_dirty = True
         log.info("reconnected: published manifest v%d and its model again", pub.manifest.version)
+
+    def _publish_rollout(self, pub: RolloutPublication | None) -> None:
+        """The rollout gate's blob and signed decisions (``fedge.aggregator.rollout``), retained."""
+        for topic, payload in pub.items if pub is not None else ():
+            self._publish(topic, payload, retain=True)
+        if pub is not None:
+            self._status_dirty = True
+
+    def _rollout_request(self) -> None:
+        """Carries out a rollback ``fedge model rollback`` asked for, if there is one."""
+        state, model = self.engine.state, self.engine.model_sha256
+        pub = self.rollout.take_request(state.generation, model, state.published_weights_sha256, self.clock())
+        self._publish_rollout(pub)
 
     def _publish_work_order(self) -> None:
         """``[replicas]``: the open round as the workers fold it, retained, before its manifest
@@ -879,6 +910,11 @@ class AggregatorService:
         status["state_dir"] = self.state_dir_watch.report()
         status["replicas"] = None if self.intake is None else self.intake.status()
         status["upstream"] = None  # a building gateway's (fedge.aggregator.building)
+        current = self.engine.current
+        judged = (
+            current.manifest.version if current is not None and current.manifest.phase == "train" else None
+        )
+        status["rollout"] = self.rollout.status(judged)
         return status
 
     def _drain(self, timeout: float) -> None:
@@ -1114,9 +1150,11 @@ class AggregatorService:
                 return 0
             self._reload_registry()
             self._announce(self.engine.open_round(self.clock(), self._unavailable()))
+            self._publish_rollout(self.rollout.retained())
             self._publish_status()
             while not self.stop_requested.is_set():
                 self._republish_retained()
+                self._rollout_request()
                 if self.engine.current is None:  # final model published
                     self._tick()  # clears a secure round left to publish, if any
                     if self.config.exit_when_done:
@@ -1140,8 +1178,11 @@ class AggregatorService:
                         ", ".join(f"{why}: {n}" for why, n in sorted(record.rejected.items())) or "none",
                         influence_summary(record),
                     )
+                    published = self.engine.state.published_weights_sha256
+                    judged = self.rollout.judge_round(record, self._last_publication, published, self.clock())
                     self._reload_registry()
                     self._announce(self.engine.open_round(self.clock(), self._unavailable()))
+                    self._publish_rollout(judged)
                     self._publish_status()
             return 0
         except LeadershipLost:

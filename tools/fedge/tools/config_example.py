@@ -1295,6 +1295,38 @@ AGGREGATOR_SECTIONS = (
             ),
         ),
     ),
+    Section(
+        "rollout",
+        "The rollout gate (docs/rollout.md): training follows every new global model, but devices "
+        "predict with a new one only once the fleet's federated evaluation shows it is not worse than "
+        "the one they predict with (promotions and refusals are signed; fedge model rollback goes back).",
+        (
+            Key(
+                "gate",
+                BOOLEAN,
+                "Promote a new global model to the devices' predictions only when it is not worse than "
+                "the promoted one by more than margin (false: predictions follow every new model).",
+                default=True,
+            ),
+            Key(
+                "margin",
+                NUMBER,
+                "How much worse a candidate may score and still be promoted: accuracy points (0.01 = one "
+                "point) or, for regression, a relative MSE increase (0.01 = 1 %).",
+                default=0.01,
+                lo=0.0,
+                hi=1.0,
+            ),
+            Key(
+                "keep",
+                INTEGER,
+                "Promoted versions whose weights are kept for fedge model rollback.",
+                default=5,
+                lo=1,
+                hi=100,
+            ),
+        ),
+    ),
     _metrics_section(9465, "fedge_aggregator_*"),
 )
 
