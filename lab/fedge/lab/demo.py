@@ -6,6 +6,12 @@ broker; updates are sealed, manifests signed. The demo itself only provisions th
 starts the processes, and watches from outside like a building-management system would,
 evaluating every global model on the held-out subjects.
 
+With ``--data direct`` no EdgeX is involved: each device's readings (its subject's recordings,
+labels included) are written to a CSV in the device's directory, the way a logger on the device
+would have them, and the agent reads it (``[data] source = "csv"``); the held-out subjects'
+readings are then appended to it in real time, without labels, for the agents' predictions. The
+agents never import the data set's packages (seglearn, pandas): only this process does.
+
 With a building's own data (``--train``, :class:`OwnData`) the task, the EdgeX profile and the
 CSVs are the user's: each group of the training CSV (``--split-by``) is one device, fed
 through EdgeX events by the CSV replay of ``fedge edgex simulate --csv``; the centralized
@@ -57,6 +63,11 @@ LIVE_GAP_NS = 2_000_000_000
 #: How long the end of a run waits for every device's first prediction.
 PREDICTION_WAIT_S = 30.0
 MAX_DEVICES = len(har_watch.TRAIN_SUBJECTS)
+#: ``--data direct``: each device's readings file, in its directory ``fleet/devices/ID/``.
+DEVICE_CSV = "readings.csv"
+#: Rows 50 Hz apart; recordings 2 s apart, so that no window spans two (as the EdgeX replay).
+ROW_PERIOD_NS = int(1e9 / har_watch.SAMPLE_RATE_HZ)
+RECORDING_GAP_NS = 2_000_000_000
 #: ``--aggregator-replicas``: a leader and up to 7 workers (more gain nothing on one machine).
 MAX_AGGREGATOR_REPLICAS = 8
 
@@ -73,7 +84,7 @@ class DemoOptions:
     min_devices: int | None = None
     mqtt_protocol: int = 5
     reference_epochs: int = 20
-    data_path: str = "edgex"  # "edgex": simulator -> broker -> agents; "direct": agents load the data set
+    data_path: str = "edgex"  # "edgex": simulator -> broker -> agents; "direct": a CSV per device
     edgex_version: str = "v4"
     task_file: Path | None = None
     # FedAvg's averaged step over non-IID devices is shorter than each device's own step; a
@@ -421,6 +432,135 @@ def _start_live_stream(
 
 
 @dataclass(frozen=True)
+class DirectData:
+    """``--data direct``: each device's CSV, the samples its agent builds from it, and the
+    origin of its last row (the live rows follow it)."""
+
+    files: dict[str, Path]
+    expected: dict[str, int]
+    last_origin_ns: dict[str, int]
+
+
+def write_task_file(task: TaskSpec, path: Path) -> Path:
+    """The task as a task-spec TOML file (for options without ``task_file``); checked to parse
+    back to the same task."""
+    from fedge.protocol.task import parse_task_spec  # noqa: PLC0415
+
+    spec = task.to_dict()
+    tables: dict[str, dict[str, Any]] = {"task": {k: v for k, v in spec.items() if not isinstance(v, dict)}}
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items() if not isinstance(v, dict))
+        lines.append("")
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for name, values in {**tables, **{k: v for k, v in spec.items() if isinstance(v, dict)}}.items():
+        table(name, values)
+    text = "\n".join(lines)
+    if parse_task_spec(text).sha256() != task.sha256():
+        raise FedgeError(f"the task {task.name!r} does not round-trip as TOML; pass its file (--task)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _epoch_text(ns: int) -> str:
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+def _csv_row(origin_ns: int, readings: Any, label: str) -> str:
+    # repr: the shortest text that reads back as the same float64, so the agent's features are
+    # byte for byte the data-set loader's.
+    return ",".join([_epoch_text(origin_ns), *(repr(float(v)) for v in readings), label]) + "\n"
+
+
+def write_device_csvs(root: Path, task: TaskSpec, subjects: dict[str, int]) -> DirectData:
+    """Each device's subject's recordings (labels included) as the CSV a logger on the device
+    writes (``docs/own-data.md``'s format: ``time``, the six IMU resources, ``activity``), placed
+    so that they end now; written row by row, never held whole."""
+    recordings = har_watch.load_recordings()
+    expected = {
+        har_watch.device_id(s): d.x.shape[0]
+        for s, d in har_watch.load_devices(task, subjects.values()).items()
+    }
+    header = ",".join(("time", *har_watch.RESOURCES, har_watch.LABEL_RESOURCE)) + "\n"
+    now = time.time_ns()
+    files: dict[str, Path] = {}
+    last: dict[str, int] = {}
+    for device, subject in subjects.items():
+        mine = [r for r in recordings if r.subject == subject]
+        span = sum(r.readings.shape[0] * ROW_PERIOD_NS + RECORDING_GAP_NS for r in mine)
+        t = now - span
+        path = root / device / DEVICE_CSV
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8", newline="") as f:
+            f.write(header)
+            for rec in mine:
+                label = har_watch.CLASSES[rec.label]
+                for row in rec.readings:
+                    f.write(_csv_row(t, row, label))
+                    last[device] = t
+                    t += ROW_PERIOD_NS
+                t += RECORDING_GAP_NS
+        files[device] = path
+    return DirectData(files, expected, last)
+
+
+def _wait_for_csv_samples(
+    observer: FleetObserver, direct: DirectData, procs: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    """Until every agent reports the samples of its whole CSV (its status, ``data.stored_samples``)."""
+
+    def stored(device: str) -> int:
+        status = observer.view.device_status.get(device, {})
+        report = status.get("data") if isinstance(status, dict) else None
+        value = report.get("stored_samples", 0) if isinstance(report, dict) else 0
+        return value if isinstance(value, int) else 0
+
+    _wait(
+        lambda: all(stored(d) >= n for d, n in direct.expected.items()),
+        observer,
+        180,
+        "every agent to read its CSV",
+        procs,
+    )
+
+
+def _start_live_csv(direct: DirectData, subjects: dict[str, int], stop: threading.Event) -> threading.Thread:
+    """After the training rows, each device's logger keeps writing: the held-out subjects'
+    readings, without a label (an empty cell), appended in real time (50 rows a second), from
+    which the agents publish predictions once they hold a trained global model."""
+    recordings = har_watch.load_recordings()
+    held_out = har_watch.TEST_SUBJECTS
+    rows = {
+        device: [row for r in recordings if r.subject == held_out[i % len(held_out)] for row in r.readings]
+        for i, device in enumerate(subjects)
+    }
+    start_ns = max(time.time_ns(), max(direct.last_origin_ns.values(), default=0) + LIVE_GAP_NS)
+    written = dict.fromkeys(subjects, 0)
+
+    def run() -> None:
+        while not stop.wait(0.5):
+            due = (time.time_ns() - start_ns) // ROW_PERIOD_NS + 1
+            for device, path in direct.files.items():
+                source = rows[device]
+                if not source or due <= written[device]:
+                    continue
+                with path.open("a", encoding="utf-8", newline="") as f:
+                    for i in range(written[device], due):
+                        f.write(_csv_row(start_ns + i * ROW_PERIOD_NS, source[i % len(source)], ""))
+                written[device] = due
+
+    thread = threading.Thread(target=run, name="fedge-demo-live-csv", daemon=True)
+    thread.start()
+    return thread
+
+
+@dataclass(frozen=True)
 class OwnData:
     """A building's own data, read and checked before anything starts: the replay of the training
     CSV, each device's events, and how many samples each device's builder makes of them."""
@@ -614,6 +754,14 @@ def run_demo(
     host, port, _ = parse_broker_url(broker_url)
     edgex: dict[str, object] | None = None
     edgex_creds: dict[str, dict[str, object]] | None = None
+    task_file = options.task_file
+    direct: DirectData | None = None
+    if own is None and options.data_path == "direct":
+        if task_file is None:
+            task_file = write_task_file(options.task, out / "fleet" / "task.toml")
+        direct = write_device_csvs(out / "fleet" / "devices", options.task, subjects)
+        # The device's profile types and bounds its readings, as on the EdgeX path.
+        edgex = {"profile": str(bundled.profiles_dir() / "wearable-imu.yaml")}
     if options.data_path == "edgex":
         profile = bundled.profiles_dir() / "wearable-imu.yaml"
         edgex = {"prefix": "edgex", "profile": str(profile)}
@@ -650,7 +798,8 @@ def run_demo(
         replicas={"enabled": True} if workers else None,
         mqtt_protocol=mqtt_protocol,
         edgex=edgex,
-        task_file=options.task_file,
+        task_file=task_file,
+        csv_files=direct.files if direct is not None else None,
         mqtt_extra={
             name: {k: v for k, v in c.items() if k in ("username", "password", "ca_file")}
             for name, c in creds.items()
@@ -709,6 +858,9 @@ def run_demo(
             live_thread = _start_live_stream(
                 options, subjects, last_origins, broker_url, mqtt_protocol, creds.get("simulator"), live_stop
             )
+        elif direct is not None:
+            _wait_for_csv_samples(observer, direct, procs)
+            live_thread = _start_live_csv(direct, subjects, live_stop)
         if options.drop_devices:
             dropouts = Dropouts(
                 FLEET,

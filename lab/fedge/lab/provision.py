@@ -82,6 +82,7 @@ def create_fleet(
     privacy: dict[str, object] | None = None,
     secure_aggregation: bool = False,
     replicas: dict[str, object] | None = None,
+    csv_files: dict[str, Path] | None = None,
 ) -> FleetFiles:
     """Writes everything a fleet needs under ``root``; ``subjects`` maps device id -> subject.
 
@@ -95,6 +96,9 @@ def create_fleet(
     certificate signed by an operator key of the fleet (``keys/operator.sign``, which the
     aggregator never reads), pins that operator key, and requires secure rounds.
     ``replicas``: the aggregator's ``[replicas]`` table (a leader and workers), if any.
+    ``csv_files``: per device id, the CSV of readings it reads (``[data] source = "csv"``, with
+    ``task_file``; ``edgex`` then only gives ``[edgex]`` settings such as the profile). Without
+    it or ``edgex``, devices play their subject of the recorded data set (``"har-watch"``).
     """
     extra = mqtt_extra or {}
     edgex_settings = edgex_extra or {}
@@ -127,7 +131,18 @@ def create_fleet(
             "mqtt": {"broker": broker_url, "protocol": mqtt_protocol, **extra.get(device_id, {})},
             "data": {"source": "har-watch", "subject": subject},
         }
-        if edgex is not None:
+        if csv_files is not None:
+            # Readings from a CSV file on the device, as a logger writes them.
+            if task_file is None:
+                raise ValueError("a CSV fleet needs the task file its devices are provisioned for")
+            agent_tables["data"] = {
+                "source": "csv",
+                "task": str(task_file.resolve()),
+                "csv_file": str(csv_files[device_id].resolve()),
+            }
+            if edgex is not None:
+                agent_tables["edgex"] = {"device": device_id, **edgex}
+        elif edgex is not None:
             # Readings come from EdgeX; the device knows the task it was provisioned for.
             if task_file is None:
                 raise ValueError("an EdgeX fleet needs the task file its devices are provisioned for")
