@@ -55,6 +55,8 @@ def test_every_fleet_topic_is_exactly_one_channel() -> None:
         "blob": T.blob(SHA),
         "blobChunk": T.blob_chunk(SHA, 3),
         "keyRotation": T.rotation(1),
+        "rollout": T.rollout,
+        "rolloutDecision": T.rollout_decision,
         "aggregatorStatus": T.aggregator_status,
         "fleetSummary": T.fleet_summary,
         "update": T.update("watch-01"),
@@ -180,6 +182,13 @@ def _values() -> dict[str, Any]:
             "global": 0.81,
             "personal": 0.93,
         },
+        "rollout": {
+            "sequence": 4,
+            "action": "promote",
+            "promoted_version": 3,
+            "predicting_version": 3,
+            "refused": {"replayed": 1},
+        },
         "time": 1_700_000_000.5,
     }
 
@@ -261,6 +270,30 @@ AGGREGATOR_STATUS = {
     "state_dir": {"problem": None, "failed_writes": {"full": 0, "read_only": 0}},
     "replicas": None,
     "upstream": None,
+    "rollout": {
+        "gate": True,
+        "margin": 0.01,
+        "metric": "accuracy",
+        "promoted_version": 3,
+        "promoted_value": 0.7,
+        "candidate": 4,
+        "sequence": 2,
+        "promoted": 1,
+        "refused": 1,
+        "rolled_back": 0,
+        "kept_versions": [3],
+        "last_decision": {
+            "sequence": 2,
+            "action": "refuse",
+            "version": 4,
+            "value": 0.61,
+            "promoted_version": 3,
+            "previous_version": 3,
+            "issued_at": 1_700_000_000.0,
+            "reason": "accuracy 0.61 not >= 0.69 (v3's 0.7, margin 0.01)",
+        },
+        "request_errors": 0,
+    },
 }
 
 

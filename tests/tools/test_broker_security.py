@@ -904,6 +904,8 @@ topic write fedge/v1/f1/blob/#
 topic write fedge/v1/f1/aggregator/status
 topic write fedge/v1/f1/aggregator/fleet
 topic write fedge/v1/f1/keys/rotation/+
+topic write fedge/v1/f1/rollout
+topic write fedge/v1/f1/rollout/decision
 topic write fedge/v1/f1/secagg/#
 topic read fedge/v1/f1/identity/+
 topic read fedge/v1/f1/aggregator/partial/+
@@ -936,6 +938,7 @@ topic write fedge/v1/f1/insight/dev-a
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
+topic read fedge/v1/f1/rollout
 topic read fedge/v1/f1/secagg/+/config
 topic read fedge/v1/f1/secagg/+/+/dev-a
 topic write fedge/v1/f1/identity/dev-a
@@ -954,6 +957,7 @@ topic write fedge/v1/f1/insight/dev-b
 topic read fedge/v1/f1/manifest
 topic read fedge/v1/f1/blob/#
 topic read fedge/v1/f1/keys/rotation/+
+topic read fedge/v1/f1/rollout
 topic read fedge/v1/f1/secagg/+/config
 topic read fedge/v1/f1/secagg/+/+/dev-b
 topic write fedge/v1/f1/identity/dev-b

@@ -38,6 +38,7 @@ from fedge.agent.config import InsightSettings
 from fedge.agent.live import LiveWindow, LiveWindows
 from fedge.agent.trainer import LiteRTTrainer
 from fedge.protocol.errors import FedgeError
+from fedge.protocol.rollout import RolloutDecision
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.statuses import INSIGHT_SCHEMA  # the payload's "schema"
 from fedge.protocol.task import TaskSpec
@@ -145,33 +146,40 @@ def insight_payload(
     prediction: Prediction,
     personal_version: int | None = None,
     personalised: bool = False,
+    rollout: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The JSON document published on ``insight/{device_id}`` (``docs/protocol.md``).
     ``model`` is the installed global model; ``personal_version``, when the prediction was made
     with personal weights, the global version they were fine-tuned from. A device with
     ``[personalisation]`` on (``personalised``) says which weights it used in every prediction
     (``personal``, ``personal_version``); without it the document is as before personalisation
-    (no such keys: the global model)."""
+    (no such keys: the global model). ``rollout``: the promoted version whose weights made the
+    prediction and the decision that promoted it (``[rollout]`` gate, docs/rollout.md); absent
+    when the installed model's own weights did."""
     task = manifest.model_manifest.task
-    return {
-        "schema": INSIGHT_SCHEMA,
-        "device_id": device_id,
-        "fleet": fleet,
-        "window": {"start": window.start_ns / 1e9, "end": window.end_ns / 1e9},
-        "published_at": published_at,
-        "model": {
-            "version": manifest.version,
-            "generation": manifest.generation,  # signed in the manifest (absent there: 1)
-            "round_id": manifest.round_id if manifest.phase != "final" else None,  # no round open
-            "sha256": manifest.model_sha256,
-        },
-        "task": {"name": task.name, "kind": task.model.kind},
-        "prediction": prediction.to_dict(),
-        "source": {"edgex_device": window.edgex_device, "resources": list(window.spec.resources)},
-    } | (
-        {"personal": personal_version is not None, "personal_version": personal_version}
-        if personalised or personal_version is not None
-        else {}
+    return (
+        {
+            "schema": INSIGHT_SCHEMA,
+            "device_id": device_id,
+            "fleet": fleet,
+            "window": {"start": window.start_ns / 1e9, "end": window.end_ns / 1e9},
+            "published_at": published_at,
+            "model": {
+                "version": manifest.version,
+                "generation": manifest.generation,  # signed in the manifest (absent there: 1)
+                "round_id": manifest.round_id if manifest.phase != "final" else None,  # no round open
+                "sha256": manifest.model_sha256,
+            },
+            "task": {"name": task.name, "kind": task.model.kind},
+            "prediction": prediction.to_dict(),
+            "source": {"edgex_device": window.edgex_device, "resources": list(window.spec.resources)},
+        }
+        | (
+            {"personal": personal_version is not None, "personal_version": personal_version}
+            if personalised or personal_version is not None
+            else {}
+        )
+        | ({"rollout": rollout} if rollout is not None else {})
     )
 
 
@@ -279,6 +287,35 @@ class InsightModel:
         self._model: bytes | None = None
         self._interpreter: LiteRTTrainer | None = None
         self._global_weights: np.ndarray | None = None
+        #: The aggregator's newest promotion and its weights (``fedge.agent.rollout``).
+        self._promoted: tuple[RolloutDecision, bytes] | None = None
+        #: The promoted version predictions use now; None: the loaded global weights (or personal).
+        self.rollout: RolloutDecision | None = None
+
+    def promote(self, decision: RolloutDecision | None, weights: bytes | None) -> None:
+        """Predictions use ``weights``, the promoted version of ``decision``, whenever they belong
+        to the loaded model and generation (None: the loaded global weights again)."""
+        self._promoted = (decision, weights) if decision is not None and weights is not None else None
+        if self.personal_version is None:
+            self._serve()
+
+    def _serve(self) -> None:
+        """Sets the global weights predictions use: the promoted ones if they fit, else the loaded."""
+        interpreter, manifest, weights = self._interpreter, self.manifest, self._global_weights
+        self.rollout = None
+        if interpreter is None or weights is None:
+            return
+        promoted = self._promoted
+        if manifest is not None and promoted is not None:
+            decision, blob = promoted
+            fits = (
+                decision.model_sha256 == manifest.model_sha256 and decision.generation == manifest.generation
+            )
+            if fits:
+                if decision.weights_sha256 != manifest.weights_sha256:
+                    weights = weights_from_bytes(blob, manifest.model_manifest.parameter_count)
+                self.rollout = decision
+        interpreter.set_weights(weights)
 
     def load(self, manifest: RoundManifest, model: bytes | None, weights: bytes) -> None:
         self.manifest = None
@@ -295,9 +332,9 @@ class InsightModel:
         interpreter = self._interpreter
         interpreter.normalisation = manifest.normalisation
         self._global_weights = weights_from_bytes(weights, manifest.model_manifest.parameter_count)
-        interpreter.set_weights(self._global_weights)
         if manifest.phase != "moments":
             self.manifest = manifest
+        self._serve()
 
     def personalise(self, weights: np.ndarray | None, version: int | None) -> None:
         """Predicts with ``weights``, personal weights fine-tuned from global ``version`` of the
@@ -307,10 +344,11 @@ class InsightModel:
         if self.manifest is None or interpreter is None or global_weights is None:
             raise InsightError("no verified global model loaded to personalise")
         if weights is None or version is None:
-            interpreter.set_weights(global_weights)
             self.personal_version = None
+            self._serve()
             return
         self.personal_version = None  # until the weights are in
+        self.rollout = None
         interpreter.set_weights(np.asarray(weights, np.float32))
         self.personal_version = version
 
@@ -432,6 +470,7 @@ class InsightPublisher:
                 prediction=prediction,
                 personal_version=personal,
                 personalised=self.personalised,
+                rollout=self._rollout_key(),
             )
             data = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode("utf-8")
         except Exception as exc:  # a bad window or model never ends the worker
@@ -450,6 +489,35 @@ class InsightPublisher:
                 self.on_published(payload, now)
             except Exception:  # what acts on a prediction never stops the predictions
                 log.exception("insight: acting on a published prediction failed")
+
+    def _rollout_key(self) -> dict[str, int] | None:
+        d = self.model.rollout
+        if d is None or d.promoted_version is None:
+            return None
+        return {"version": d.promoted_version, "sequence": d.sequence}
+
+    @property
+    def predicting_version(self) -> int | None:
+        """The global version whose weights predictions use (the promoted one, else the loaded);
+        None before a model (personal weights: the global version they came from)."""
+        m = self.model
+        if m.manifest is None:
+            return None
+        if m.personal_version is not None:
+            return m.personal_version
+        if m.rollout is not None and m.rollout.promoted_version is not None:
+            return m.rollout.promoted_version
+        return m.manifest.version
+
+    def promote(self, decision: RolloutDecision | None, weights: bytes | None) -> None:
+        """The aggregator's promotion (``fedge.agent.rollout``); a failure is logged and
+        predictions go on with the loaded global weights, never raised."""
+        try:
+            self.model.promote(decision, weights)
+        except Exception as exc:  # the round goes on whatever the prediction model does
+            log.warning("insight: cannot predict with the promoted weights: %s", exc)
+            with contextlib.suppress(Exception):
+                self.model.promote(None, None)
 
     def _skip(self, reason: str, detail: str, count: int = 1) -> None:
         if self.policy.skip(reason, count):

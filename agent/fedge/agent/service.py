@@ -61,6 +61,7 @@ from fedge.agent.error_feedback import ResidualError
 from fedge.agent.home_assistant import HomeAssistantDiscovery
 from fedge.agent.insight import InsightPublisher
 from fedge.agent.personal import PersonalWeights
+from fedge.agent.rollout import RolloutFollower
 from fedge.agent.secure_agent import RevealedRecords, SecureRounds
 from fedge.agent.systemd_notify import Notifier, status_line
 from fedge.agent.trainer import LiteRTTrainer
@@ -235,6 +236,8 @@ class AgentService:
             on_published=self._insight_published,
             personalised=stages.personal is not None,
         )
+        # [rollout] on the aggregator: the promoted weights predictions use (fedge.agent.rollout).
+        self.rollout = RolloutFollower(config.state_dir, self.topics, self.insights.promote)
         # Optional, off by default: Home Assistant discovery of the prediction, and write-back
         # rules through EdgeX core-command (both act on published predictions only).
         self._connections = 0  # CONNACKs so far: the discovery config goes out once per connection
@@ -278,14 +281,16 @@ class AgentService:
     def _on_connect(self, client: mqtt.Client) -> None:
         """After each successful CONNACK (a refusal or a lost connection is logged by
         :func:`~fedge.shell.mqtt.watch_connection`, which clears ``connected``)."""
-        client.subscribe([(self.topics.manifest, 1), (self.topics.rotation_filter, 1)])
+        client.subscribe(
+            [(self.topics.manifest, 1), (self.topics.rotation_filter, 1), (self.topics.rollout, 1)]
+        )
         if self.secure is not None:
             client.subscribe(self.secure.subscriptions)
             own = self.secure.identity_publication()
             client.publish(own.topic, own.payload, qos=own.qos, retain=own.retain)
             self.traffic.outbound(own.topic, len(own.payload))
         with self._lock:
-            for sha in self._wanted_blobs:
+            for sha in self._wanted_blobs | {s for s in [self.rollout.wanted_blob()] if s}:
                 client.subscribe(self.topics.blob(sha), qos=1)
         self._connections += 1
         if self._connections > 1:
@@ -338,10 +343,14 @@ class AgentService:
                 return "rotation_too_large", f"{len(payload)} bytes > {MAX_MANIFEST_FRAME_BYTES}"
             if payload:
                 self._pending_rotations.append(payload)
+        elif topic == self.topics.rollout:
+            return self.rollout.offer(payload)
         elif topic.startswith(self.topics.base + "/blob/"):
             if not payload:
                 return None
             sha = topic.rsplit("/", 1)[-1]
+            if self.rollout.offer_blob(sha, payload) and sha not in self._wanted_blobs:
+                return None  # the promoted weights (fedge.agent.rollout)
             refused = check_blob(sha, payload, self._wanted_blobs)
             if refused is not None:
                 return refused
@@ -391,6 +400,7 @@ class AgentService:
             data=self.source.report(),
             insights=self._insights_report(),
             personalisation=self.personal.report() if self.personal is not None else None,
+            rollout=self.rollout.report(self.insights.predicting_version),
             time=self.clock(),
         )
 
@@ -827,6 +837,7 @@ class AgentService:
             if self.personal is not None and time.monotonic() >= self._personal_save_at:
                 self._save_personal()  # what a full or read-only state directory refused
             self._personalise()
+            self.rollout.turn(self.trust.trusted_keys(), self._subscribe if self.connected.is_set() else None)
             self._predict()
             if time.monotonic() >= self._next_status_at and self.connected.is_set():
                 self._publish_status()
@@ -844,6 +855,9 @@ class AgentService:
             self.last_error = f"{type(exc).__name__}: {exc}"
             where = self.topics.manifest if frame is not None else "the worker"
             self._drop(f"handler_error:{type(exc).__name__}", where, repr(exc), exc)
+
+    def _subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
 
     def _predict(self) -> None:
         """Runs the verified global model on the source's new live windows and publishes the

@@ -40,6 +40,7 @@ DEVICE_STATUS_EMPTY: dict[str, Any] = {
     "data": None,
     "insights": None,
     "personalisation": None,
+    "rollout": None,
     "time": None,
 }
 

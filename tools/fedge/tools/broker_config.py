@@ -319,6 +319,8 @@ class FleetAccess:
                 ("write", t.aggregator_status),
                 ("write", t.fleet_summary),
                 ("write", t.rotation_filter),
+                ("write", t.rollout),  # the rollout gate's signed decisions (docs/rollout.md)
+                ("write", t.rollout_decision),
                 ("write", f"{t.base}/secagg/#"),  # secure-aggregation rounds' signed documents
                 ("read", t.identity_filter),  # devices' operator-signed identity certificates
                 # [replicas]: its workers' partials in, the work order and the verdicts out
@@ -340,6 +342,8 @@ class FleetAccess:
             return [
                 ("read", t.manifest),
                 ("read", f"{t.base}/blob/#"),
+                ("read", t.rollout),
+                ("read", t.rollout_decision),
                 ("read", t.status_filter),
                 ("read", t.aggregator_status),
                 ("read", t.fleet_summary),
@@ -379,6 +383,7 @@ class FleetAccess:
             ("read", t.manifest),
             ("read", f"{t.base}/blob/#"),
             ("read", t.rotation_filter),  # signing-key rotations
+            ("read", t.rollout),  # the promoted model its predictions use (docs/rollout.md)
             # Secure aggregation: every round's config, and only what a round sends this device
             # (its neighbours' keys, the shares addressed to it, its unmask request).
             ("read", f"{t.base}/secagg/+/config"),
