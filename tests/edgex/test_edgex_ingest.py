@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.agent.edgex.ingest import BackfillCursor, EdgeXIngest
-from fedge.agent.edgex.readings import Reading
+from fedge.agent.edgex.ingest import IDLE_FLUSH_S, BackfillCursor, EdgeXIngest
+from fedge.agent.edgex.readings import Event, Reading
 from fedge.agent.edgex.wire import decode_message
 from fedge.agent.sample_store import SampleStore
 from fedge.protocol.task import TaskSpec, task_spec_from_dict
@@ -250,3 +252,47 @@ def test_samples_lost_to_a_store_error_are_counted_before_the_error_is_reported(
         report = ingest.report()
     assert report["store"] == {**NO_DROPS, "store_error": report["quality"]["samples"]}
     assert report["store"]["store_error"] >= 1 and report["stored_this_run"] == 0
+
+
+# --- waking only for work -------------------------------------------------------------------------
+
+
+class RecordingInbox(queue.Queue[list[Event] | None]):
+    """The ingest's inbox, recording the timeout of every wait of the ingest thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+        self.waiting = threading.Event()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> list[Event] | None:
+        self.waits.append(timeout)
+        if timeout is None:
+            self.waiting.set()
+        return super().get(block, timeout)
+
+
+def test_the_ingest_thread_sleeps_until_events_come_and_flushes_the_reorder_buffer_once_after_a_pause(
+    tmp_path: Path, clock: Clock
+) -> None:
+    with make_ingest(tmp_path, occupancy_task(), clock) as ingest:
+        inbox = RecordingInbox()
+        ingest.inbox = inbox
+        ingest.start()
+        try:
+            assert inbox.waiting.wait(5)  # nothing to do: one wait without a timeout
+            assert inbox.waits == [None]
+            inbox.waiting.clear()
+            events = decode_message(
+                event_json(round(NOW * NS), [21.0, 40.0, 300.0, 600.0, 0.004], "true")
+            ).events
+            inbox.put(events)
+            # The event, then one timed wait for the pause (the reorder buffer holds its row), the
+            # flush, and a wait without a timeout again: no polling in between.
+            assert inbox.waiting.wait(5)
+            assert len(inbox.waits) == 3
+            assert inbox.waits[0] is None and inbox.waits[2] is None
+            assert inbox.waits[1] is not None and 0 < inbox.waits[1] <= IDLE_FLUSH_S
+            assert ingest.store.stats(NOW).per_task.get(ingest.key, 0) == 1  # flushed after the pause
+        finally:
+            ingest.stop()

@@ -180,7 +180,7 @@ class EdgeXIngest:
         )
         self._thread = threading.Thread(target=self._run, name="fedge-edgex-ingest", daemon=True)
         self.bus = (
-            EdgeXBusSubscriber(bus_settings, prefix, self._on_events, on_connect=self.backfill_needed.set)
+            EdgeXBusSubscriber(bus_settings, prefix, self._on_events, on_connect=self._request_backfill)
             if bus_settings is not None
             else None
         )
@@ -189,7 +189,7 @@ class EdgeXIngest:
 
     def start(self) -> None:
         if self.core_data is not None:
-            self.backfill_needed.set()  # at first start too: catch up before going live
+            self._request_backfill()  # at first start too: catch up before going live
         self._thread.start()
         if self.bus is not None:
             self.bus.start()
@@ -207,6 +207,12 @@ class EdgeXIngest:
                 log.warning("%s", exc)
 
     # --- inputs ------------------------------------------------------------------------------
+
+    def _request_backfill(self) -> None:
+        """A (re)connection: read what core-data holds since the cursor. The ingest thread sleeps
+        until there is work, so it is woken (an empty item) rather than left to notice."""
+        self.backfill_needed.set()
+        self.inbox.put([])
 
     def _on_events(self, events: list[Event]) -> None:
         mine = [e for e in events if e.device == self.device]
@@ -355,20 +361,24 @@ class EdgeXIngest:
             log.warning("core-data backfill failed (will retry on the next connection): %s", exc)
 
     def _run(self) -> None:
+        """Wakes only for work: events, a backfill request (an empty item), stop (None), or the
+        end of a pause in the stream when rows wait in the reorder buffer (``IDLE_FLUSH_S``)."""
         while not self.stop_requested.is_set():
             if self.backfill_needed.is_set() and self.core_data is not None:
                 self.backfill_needed.clear()
                 self._backfill()
+            timeout = None if self._flushed else max(0.0, self._last_feed + IDLE_FLUSH_S - time.monotonic())
             try:
-                item = self.inbox.get(timeout=0.5)
+                item = self.inbox.get(timeout=timeout)
             except queue.Empty:
                 # The stream paused: rows waiting in the reorder buffer become samples now
                 # instead of whenever the next reading comes.
-                if not self._flushed and time.monotonic() - self._last_feed >= IDLE_FLUSH_S:
-                    self._flush()
+                self._flush()
                 continue
             if item is None:
                 break
+            if not item:  # a wake-up: a backfill was requested
+                continue
             try:
                 self.feed(r for event in item for r in event.readings)
             except FedgeError as exc:
