@@ -14,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fedge.aggregator.checkpoint import save_checkpoint
 from fedge.aggregator.config import load_aggregator_config
 from fedge.aggregator.retire import retire_fleet
+from fedge.aggregator.rollout import Candidate
 from fedge.aggregator.service import CHECKPOINT_FILE, AggregatorService, checkpoint_from_state
 from fedge.lab.broker import MosquittoBroker
 from fedge.lab.provision import create_fleet
@@ -61,6 +62,14 @@ def test_retiring_clears_the_fleet_from_the_broker_and_moves_the_checkpoint_asid
         topics.fleet_summary: b'{"schema": "fedge.fleet/1"}',
     }
     what_the_aggregator_left.update(pub.blobs)
+    # The rollout gate's decisions and the promoted weights (docs/rollout.md).
+    rollout = service.rollout
+    m = pub.manifest
+    weights = pub.blobs[topics.blob(m.weights_sha256)]
+    candidate = Candidate(m.version, m.round_id, m.weights_sha256, m.weights_bytes, 1, m.model_sha256, 0.5)
+    promoted = rollout.judge(candidate, weights, m.weights_sha256, time.time())
+    assert promoted is not None
+    what_the_aggregator_left.update(promoted.items)
     for topic, payload in what_the_aggregator_left.items():
         publisher.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
     publisher.publish(topics.status("watch-01"), b'{"state": "idle"}', qos=1, retain=True).wait_for_publish(

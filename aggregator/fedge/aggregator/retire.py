@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 
 from fedge.aggregator.checkpoint import load_checkpoint, previous_path
 from fedge.aggregator.config import AggregatorConfig
+from fedge.aggregator.rollout import read_gate_state
 from fedge.aggregator.service import CHECKPOINT_FILE, MAX_CHECKPOINT_BYTES, ROTATION_FILE_PREFIX, load_model
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
@@ -40,8 +41,8 @@ class Retirement:
 
 def retained_topics(config: AggregatorConfig) -> list[str]:
     """Every retained topic this fleet's aggregator may have published: manifest, status, fleet
-    summary, the model blob, the checkpoint's current weights blob and every rotation document beside the
-    signing key."""
+    summary, the model blob, the checkpoint's current weights blob, the rollout gate's decisions and
+    kept weights blobs, and every rotation document beside the signing key."""
     topics = FleetTopics(config.fleet)
     found = [
         topics.manifest,
@@ -54,6 +55,13 @@ def retained_topics(config: AggregatorConfig) -> list[str]:
         weights = ck.metadata.get("published_weights_sha256")
         model = ck.metadata.get("model_sha256")
         found += [topics.blob(sha) for sha in (weights, model) if isinstance(sha, str)]
+    # The rollout gate's decisions and every promoted weights blob it may have kept retained.
+    found += [topics.rollout, topics.rollout_decision]
+    try:
+        gate = read_gate_state(config.state_dir)
+    except FedgeError:
+        gate = None  # unreadable: the promoted blobs it named cannot be found (the topics still go)
+    found += [topics.blob(p.weights_sha256) for p in gate.history] if gate is not None else []
     for path in sorted(config.signing_key_file.parent.glob(f"{ROTATION_FILE_PREFIX}[0-9]*")):
         suffix = path.name[len(ROTATION_FILE_PREFIX) :]
         if suffix.isdigit():
