@@ -13,6 +13,7 @@ through the real CLI, which the test's aggregator loop answers as the service's 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -36,9 +37,12 @@ from fedge.lab import har_watch
 from fedge.lab.broker import MosquittoBroker
 from fedge.lab.provision import create_fleet
 from fedge.protocol.model_manifest import Normalisation
+from fedge.protocol.rollout import verify_decision
+from fedge.protocol.signing import key_id
 from fedge.protocol.task import TaskSpec
 from fedge.protocol.topics import FleetTopics
 from support.asyncapi import load_document
+from support.fleet_harness import Fleet, latest_status
 from support.mqtt_fixtures import TrafficRecorder
 from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
 
@@ -252,3 +256,41 @@ def test_a_worse_model_is_refused_for_predictions_a_rollback_is_taken_and_a_repl
         asyncapi.channels["deviceStatus"].validate(m.topic, m.payload)
     for m in recorder.matching(T.insight(DEVICE)):
         asyncapi.channels["insight"].validate(m.topic, m.payload)
+
+
+def test_the_aggregator_service_gates_its_rounds_and_devices_predict_with_the_promoted_model(
+    tmp_path: Path, mosquitto: MosquittoBroker, recorder: TrafficRecorder, har_model_dir: Path
+) -> None:
+    """The real ``fedge aggregator run`` and three real agents, the deployment defaults: every
+    train round's evaluation judges the model its manifest carried, and what it promoted is what
+    the devices predict with, its weights retained on the broker for devices that come later."""
+    fleet = Fleet(tmp_path / "fleet", mosquitto.url, har_model_dir, 3, {"rounds": 3, "min_devices": 3})
+    try:
+        for device in fleet.files.agent_configs:
+            fleet.start_agent(device)
+        fleet.start_aggregator()
+        assert fleet.wait_exit("aggregator", 180) == 0, fleet.log("aggregator")
+        status = latest_status(recorder.messages, fleet.topics.aggregator_status)
+        rollout = status["rollout"]
+        # Versions: 1 moments, 2..4 train (judged: the weights each carried), 5 final (not judged).
+        assert rollout["sequence"] == 3 and rollout["promoted"] + rollout["refused"] == 3, rollout
+        promoted = rollout["promoted_version"]
+        assert promoted in (2, 3, 4) and rollout["kept_versions"][-1] == promoted
+        for device in fleet.files.agent_configs:
+            topic = fleet.topics.status(device)
+            recorder.wait_for(
+                lambda ms, t=topic: (
+                    (latest_status(ms, t).get("rollout") or {}).get("predicting_version") == promoted
+                ),
+                60,
+                f"{device} predicting with v{promoted}",
+            )
+    finally:
+        fleet.stop_all()
+    frames = [m for m in recorder.matching(fleet.topics.rollout) if m.payload]
+    trusted = {key_id(fleet.files.signing_key.verify_key): fleet.files.signing_key.verify_key}
+    decision = verify_decision(frames[-1].payload, trusted, fleet.topics.fleet)
+    assert (decision.promoted_version, decision.action) == (promoted, "promote")
+    kept = recorder.matching(fleet.topics.blob(str(decision.weights_sha256)))
+    assert kept and hashlib.sha256(kept[-1].payload).hexdigest() == decision.weights_sha256  # never cleared
+    assert "rollout: promoted v2 (the first evaluated model of its generation)" in fleet.log("aggregator")
