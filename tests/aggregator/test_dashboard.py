@@ -98,7 +98,22 @@ def test_the_view() -> None:
     assert view["rejected"] == {"bad_seal": 2}
     assert [p["round"] for p in view["history"]] == [1, 2]
     assert [p["device_id"] for p in view["predictions"]] == ["a", "b"]  # newest first; "c" left out
+    assert view["rollout"] is None  # a status without the gate's block
     json.loads(view_json(view))
+
+
+def test_the_view_shows_the_rollout_gate_and_predictions_name_the_promoted_version() -> None:
+    rollout = {
+        "gate": True, "promoted_version": 5, "refused": 2,
+        "last_decision": {"action": "refuse", "version": 6, "reason": "accuracy 0.5 not >= 0.69"},
+    }  # fmt: skip
+    view = build_view(
+        {"rollout": rollout}, {}, [], [], {"a": {**insight(), "rollout": {"version": 5, "sequence": 3}}}
+    )
+    assert view["rollout"] == {
+        "gate": True, "promoted_version": 5, "refused": 2, "last": "refuse v6: accuracy 0.5 not >= 0.69",
+    }  # fmt: skip
+    assert view["predictions"][0]["model_version"] == 5  # the promoted weights made it, not v9
 
 
 def test_routes_serve_the_page_its_script_and_the_view() -> None:

@@ -78,10 +78,14 @@ def prediction_row(device: str, insight: Mapping[str, Any]) -> dict[str, Any] | 
     model = insight.get("model")
     if not isinstance(prediction, dict) or not isinstance(window, dict) or not isinstance(model, dict):
         return None
+    version = model.get("version")
+    promoted = insight.get("rollout")  # the promoted weights made it (docs/rollout.md)
+    if isinstance(promoted, dict) and isinstance(promoted.get("version"), int):
+        version = promoted["version"]
     row: dict[str, Any] = {
         "device_id": device,
         "time": status_number(window.get("end")),
-        "model_version": model.get("version") if isinstance(model.get("version"), int) else None,
+        "model_version": version if isinstance(version, int) and not isinstance(version, bool) else None,
     }
     label = prediction.get("label")
     if isinstance(label, str):
@@ -97,6 +101,24 @@ def prediction_row(device: str, insight: Mapping[str, Any]) -> dict[str, Any] | 
     row["prediction"] = f"{value:.4g}" + (f" {units[:16]}" if isinstance(units, str) and units else "")
     row["confidence"] = None
     return row
+
+
+def rollout_view(rollout: object) -> dict[str, Any] | None:
+    """The rollout gate for the header (docs/rollout.md): the version devices predict with and
+    the last decision in a line; None when the status has none."""
+    if not isinstance(rollout, dict):
+        return None
+    last = rollout.get("last_decision")
+    last = last if isinstance(last, dict) else {}
+    reason = last.get("reason")
+    return {
+        "gate": rollout.get("gate") is True,
+        "promoted_version": rollout.get("promoted_version"),
+        "refused": rollout.get("refused"),
+        "last": f"{last.get('action')} v{last.get('version')}: {reason[:160]}"
+        if isinstance(reason, str)
+        else None,
+    }
 
 
 def build_view(
@@ -137,6 +159,7 @@ def build_view(
         "rejected": dict(status.get("rejected_total") or {}),
         "history": history_points(history),
         "predictions": predictions[:MAX_PREDICTIONS],
+        "rollout": rollout_view(status.get("rollout")),
     }
 
 
@@ -188,6 +211,7 @@ DASHBOARD_HTML = """<!doctype html>
   <span>round <span class="big" id="round"></span></span>
   <span>phase <b id="phase"></b></span>
   <span>model v<b id="version"></b> (generation <b id="generation"></b>)</span>
+  <span>predictions v<b id="promoted"></b> <span class="muted" id="rollout-last"></span></span>
   <span><b id="online"></b> of <b id="devices-total"></b> devices online</span>
   <span class="muted">updated <span id="updated"></span></span>
   <span id="error"></span>
@@ -298,6 +322,10 @@ function render(view) {
   text("phase", r.state === "done" ? "done" : r.phase);
   text("version", r.version);
   text("generation", r.generation);
+  const ro = view.rollout || {};
+  const promoted = ro.promoted_version == null ? "newest" : ro.promoted_version;
+  text("promoted", ro.gate ? promoted : "newest (gate off)");
+  text("rollout-last", ro.last == null ? "" : "(" + ro.last + ", " + ro.refused + " refused)");
   const counts = view.counts || {};
   text("online", counts.online);
   text("devices-total", (view.devices || []).length);
