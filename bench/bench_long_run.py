@@ -7,8 +7,9 @@ and reads every process's memory at the close of each round.
 
 Everything is the product: a real Mosquitto, the real aggregator (``fedge aggregator run``) and
 real agents (``fedge agent run``, LiteRT) on the default task (``tasks/har-watch.toml``), 7
-devices on the smartwatch data set (``[data] source = "har-watch"``: each agent reads its
-subject itself), provisioned by :func:`fedge.lab.provision.create_fleet` as ``fedge demo`` does.
+devices on the smartwatch data set, each reading its subject's recordings from a CSV file as a
+device's logger writes them (``[data] source = "csv"``, as ``fedge demo --data direct`` does),
+provisioned by :func:`fedge.lab.provision.create_fleet` as ``fedge demo`` does.
 Every round selects every device; the deadline is far longer than a round.
 
 Measured (``/proc`` every 0.25 s, ``bench_fleet_budget.Sampler``): each process's RSS at the close
@@ -130,7 +131,9 @@ def analyse(name: str, trace: Trace, closes: list[tuple[int, float]], warmup: in
 
 def run(cfg: Config) -> dict[str, Any]:
     from fedge.lab.broker import BrokerSettings, MosquittoBroker
+    from fedge.lab.demo import write_device_csvs
     from fedge.lab.provision import create_fleet
+    from fedge.protocol.task import parse_task_spec
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedge-bench-long-") as tmp_s:
@@ -153,7 +156,20 @@ def run(cfg: Config) -> dict[str, Any]:
                 "server_learning_rate": 2.0,
                 "wait_for_devices_s": 60.0,
             }
-            fleet = create_fleet(tmp / "fleet", FLEET, model_dir, broker.url, subjects, rounds_table)
+            # Each agent reads its subject's recordings from a CSV as a device's logger writes
+            # them ([data] source = "csv", what `fedge demo --data direct` does): the agent
+            # process is the device's, with no data-set packages in it.
+            direct = write_device_csvs(tmp / "devices", parse_task_spec(DEFAULT_TASK.read_text()), subjects)
+            fleet = create_fleet(
+                tmp / "fleet",
+                FLEET,
+                model_dir,
+                broker.url,
+                subjects,
+                rounds_table,
+                task_file=DEFAULT_TASK,
+                csv_files=direct.files,
+            )
             sampler.start()
             for device, conf in fleet.agent_configs.items():
                 procs[device] = spawn(
