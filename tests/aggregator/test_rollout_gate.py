@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,10 @@ from fedge.aggregator.rollout import (
     read_gate_state,
     request_rollback,
 )
+from fedge.aggregator.rollout_validation import ValidationSet
+from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
+from fedge.protocol.model_manifest import Normalisation
 from fedge.protocol.rollout import (
     RolloutError,
     decision_from_dict,
@@ -33,6 +37,7 @@ from fedge.protocol.rollout import (
     verify_decision,
 )
 from fedge.protocol.signing import key_id
+from fedge.protocol.task import TaskSpec
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import weights_to_bytes
 
@@ -258,3 +263,91 @@ def test_a_decision_document_is_refused_when_altered_or_incomplete() -> None:
     with pytest.raises(RolloutError, match="not trusted"):
         verify_decision(sign_decision(d, SigningKey(b"\x01" * 32)), TRUSTED, "fleet-r")
     assert json.loads(json.dumps(doc)) == doc
+
+
+# --- [rollout] validation_file ---------------------------------------------------------------------
+
+
+def test_a_candidate_must_not_be_worse_on_the_validation_set_either() -> None:
+    gate = RolloutGate(RolloutSettings(margin=0.01), "fleet-r", "accuracy", GateState())
+    first = gate.judge(replace(candidate(2, 0.60), validation=0.70), 1.0)
+    assert first is not None and (first.validation, first.promoted_validation) == (0.70, 0.70)
+    # Better on the fleet, worse on the operator's set: refused, and the reason says where.
+    refused = gate.judge(replace(candidate(3, 0.65), validation=0.50), 2.0)
+    assert refused is not None and refused.action == "refuse"
+    assert refused.reason == (
+        "accuracy 0.65 >= 0.59 (v2's 0.6, margin 0.01); "
+        "validation accuracy 0.5 not >= 0.69 (v2's 0.7, margin 0.01)"
+    )
+    # A round without a fleet evaluation (e.g. secure aggregation) is judged on the set alone.
+    alone = gate.judge(replace(candidate(4, None), validation=0.72), 3.0)
+    assert alone is not None and alone.action == "promote" and alone.promoted_value is None
+
+
+def test_the_validation_set_scores_a_candidate_as_the_devices_litert_evaluation_does(
+    tmp_path: Path, har_model_dir: Path, har_task: TaskSpec
+) -> None:
+    from fedge.agent.trainer import LiteRTTrainer, load_model_dir
+    from fedge.lab import har_watch
+
+    data = har_watch.load_devices(har_task, [8])[8]
+    path = tmp_path / "validation.npz"
+    np.savez(path, x=data.x, y=data.y)
+    model, manifest = load_model_dir(har_model_dir)
+    x = data.x.astype(np.float64)
+    normalisation = Normalisation(tuple(x.mean(axis=0)), tuple(np.maximum(x.std(axis=0), 1e-6)))
+    rng = np.random.default_rng(3)
+    weights = (rng.normal(0, 0.3, manifest.parameter_count)).astype(np.float32)
+    validation = ValidationSet(path, model, manifest)
+    score = validation.evaluate(weights_to_bytes(weights), normalisation)
+    oracle = LiteRTTrainer(model, manifest)
+    oracle.normalisation = normalisation
+    oracle.set_weights(weights)
+    expected = oracle.evaluate(data.x, data.y).accuracy
+    assert (
+        expected is not None
+        and score == pytest.approx(expected, abs=1e-9)
+        and validation.size == data.x.shape[0]
+    )
+    # The shell: a candidate's score is in the signed decision and the status.
+    r = Rollout(
+        RolloutSettings(validation_file=path), tmp_path / "state", TOPICS, KEY, "accuracy", (model, manifest)
+    )
+    assert r.status(None)["validation_examples"] == data.x.shape[0]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (
+            {"x": np.zeros((3, 48)), "labels": np.zeros(3)},
+            "must hold exactly the arrays x and y, not ['labels', 'x']",
+        ),
+        ({"x": np.zeros((3, 5)), "y": np.zeros(3, np.int64)}, "x must have shape (n >= 1, 48), not (3, 5)"),
+        ({"x": np.full((3, 48), np.nan), "y": np.zeros(3, np.int64)}, "x must hold finite numbers"),
+        ({"x": np.zeros((3, 48)), "y": np.zeros(2, np.int64)}, "y must have shape (3,), not (2,)"),
+        ({"x": np.zeros((3, 48)), "y": np.array([0, 1, 7])}, "y must hold class indices 0..6"),
+    ],
+)
+def test_a_bad_validation_file_is_one_line_naming_the_fix(
+    tmp_path: Path, har_model_dir: Path, arrays: dict[str, np.ndarray], message: str
+) -> None:
+    from fedge.agent.trainer import load_model_dir
+
+    path = tmp_path / "validation.npz"
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    model, manifest = load_model_dir(har_model_dir)
+    with pytest.raises(ConfigError) as exc:
+        ValidationSet(path, model, manifest)
+    assert str(exc.value) == f"[rollout] validation_file {path}: {message}"
+    assert "\n" not in str(exc.value)
+
+
+def test_a_validation_file_that_is_not_an_npz_is_refused(tmp_path: Path, har_model_dir: Path) -> None:
+    from fedge.agent.trainer import load_model_dir
+
+    path = tmp_path / "validation.npz"
+    path.write_text("x,y\n1,2\n")
+    model, manifest = load_model_dir(har_model_dir)
+    with pytest.raises(ConfigError, match=r"cannot be read as a \.npz of x and y"):
+        ValidationSet(path, model, manifest)

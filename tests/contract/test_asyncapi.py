@@ -276,6 +276,8 @@ AGGREGATOR_STATUS = {
         "metric": "accuracy",
         "promoted_version": 3,
         "promoted_value": 0.7,
+        "promoted_validation": None,
+        "validation_examples": None,
         "candidate": 4,
         "sequence": 2,
         "promoted": 1,

@@ -381,5 +381,5 @@ def load_aggregator_config(
         privacy=privacy,
         replicas=replicas,
         upstream=upstream,
-        rollout=rollout_settings_from_table(Table(data, "rollout", ROLLOUT_KEYS)),
+        rollout=rollout_settings_from_table(Table(data, "rollout", ROLLOUT_KEYS), base),
     )

@@ -49,11 +49,13 @@ from fedge.protocol.topics import FleetTopics
 from fedge.shell.files import atomic_write
 
 if TYPE_CHECKING:
+    from fedge.aggregator.rollout_validation import ValidationSet
     from fedge.aggregator.round_engine import Publication, RoundRecord
+    from fedge.protocol.model_manifest import ModelManifest
 
 log = logging.getLogger("fedge.aggregator.rollout")
 
-ROLLOUT_KEYS = {"gate", "margin", "keep"}
+ROLLOUT_KEYS = {"gate", "margin", "keep", "validation_file"}
 #: Where the gate keeps its state and the promoted weights, under ``[aggregator] state_dir``.
 ROLLOUT_DIR = "rollout"
 STATE_FILE = "state.json"
@@ -74,16 +76,22 @@ class RolloutSettings:
     margin: float = 0.01
     #: Promoted versions whose weights are kept for ``fedge model rollback`` (bounded disk).
     keep: int = 5
+    #: The operator's own labelled set (``.npz`` of ``x`` and ``y``,
+    #: ``fedge.aggregator.rollout_validation``): candidates must not be worse there either.
+    validation_file: Path | None = None
 
 
 ROLLOUT_DEFAULT = RolloutSettings()
 
 
-def rollout_settings_from_table(t: Table) -> RolloutSettings:
+def rollout_settings_from_table(t: Table, base: Path = Path()) -> RolloutSettings:
+    """``[rollout]``; ``validation_file`` relative to the config's directory ``base``."""
+    validation = t.opt_text("validation_file")
     return RolloutSettings(
         gate=t.flag("gate", True),
         margin=t.number("margin", 0.01, 0.0, 1.0),
         keep=t.integer("keep", 5, 1, 100),
+        validation_file=base / validation if validation else None,
     )
 
 
@@ -107,6 +115,7 @@ class Candidate:
     generation: int
     model_sha256: str
     value: float | None  # the federated evaluation in the task's metric; None: not evaluated
+    validation: float | None = None  # on [rollout] validation_file; None: no such set
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,8 @@ class Promoted:
     weights_bytes: int
     generation: int
     model_sha256: str
-    value: float
+    value: float | None
+    validation: float | None = None
 
 
 @dataclass
@@ -170,7 +180,7 @@ class RolloutGate:
         """The decision on ``candidate``, or None when there is nothing to decide: no evaluation,
         or the very weights already promoted (an aborted round's retry carries them again)."""
         s = self.state
-        if candidate.value is None:
+        if candidate.value is None and candidate.validation is None:
             return None
         current = s.promoted
         if current is not None and current.weights_sha256 == candidate.weights_sha256:
@@ -185,12 +195,24 @@ class RolloutGate:
             ok, why = True, "the first evaluated model of its generation"
         else:
             assert current is not None
-            ok = not_worse(self.metric, candidate.value, current.value, margin)
+            pairs = [
+                (label, value, reference)
+                for label, value, reference in (
+                    ("", candidate.value, current.value),
+                    ("validation ", candidate.validation, current.validation),
+                )
+                if value is not None and reference is not None
+            ]
+            if not pairs:
+                return None  # no evaluation both were judged by (e.g. validation set added since)
+            verdicts = [not_worse(self.metric, value, reference, margin) for _, value, reference in pairs]
+            ok = all(verdicts)
             op = "<=" if self.metric == "mse" else ">="
-            bound = current.value * (1 + margin) if self.metric == "mse" else current.value - margin
-            why = (
-                f"{self.metric} {candidate.value:.4g} {op if ok else 'not ' + op} {bound:.4g} "
-                f"(v{current.version}'s {current.value:.4g}, margin {margin:g})"
+            why = "; ".join(
+                f"{label}{self.metric} {value:.4g} {op if good else 'not ' + op} "
+                f"{reference * (1 + margin) if self.metric == 'mse' else reference - margin:.4g} "
+                f"(v{current.version}'s {reference:.4g}, margin {margin:g})"
+                for (label, value, reference), good in zip(pairs, verdicts, strict=True)
             )
         if ok:
             promoted = Promoted(
@@ -201,9 +223,10 @@ class RolloutGate:
                 candidate.generation,
                 candidate.model_sha256,
                 candidate.value,
+                candidate.validation,
             )
-            return self._decide("promote", candidate.version, candidate.value, promoted, why, now)
-        return self._decide("refuse", candidate.version, candidate.value, current, why, now)
+            return self._decide("promote", candidate, promoted, why, now)
+        return self._decide("refuse", candidate, current, why, now)
 
     def rollback(self, to_version: int, generation: int, model_sha256: str, now: float) -> RolloutDecision:
         """An explicit rollback to an earlier promoted ``to_version`` of the running model;
@@ -223,10 +246,10 @@ class RolloutGate:
             )
         if s.promoted is not None and s.promoted.version == to_version:
             raise FedgeError(f"v{to_version} is already the promoted version: nothing to roll back")
-        return self._decide("rollback", to_version, target.value, target, "operator rollback", now)
+        return self._decide("rollback", target, target, "operator rollback", now)
 
     def _decide(
-        self, action: str, version: int, value: float | None, promoted: Promoted | None, why: str, now: float
+        self, action: str, judged: Candidate | Promoted, promoted: Promoted | None, why: str, now: float
     ) -> RolloutDecision:
         s = self.state
         previous = s.promoted
@@ -250,12 +273,14 @@ class RolloutGate:
             generation=promoted.generation if promoted is not None else 1,
             model_sha256=(promoted.model_sha256 if promoted is not None else "0" * 64),
             metric=self.metric,
-            version=version,
-            value=value,
+            version=judged.version,
+            value=judged.value,
+            validation=judged.validation,
             margin=self.settings.margin,
             promoted_version=ref.version if ref else None,
             promoted_round_id=ref.round_id if ref else None,
             promoted_value=ref.value if ref else None,
+            promoted_validation=ref.validation if ref else None,
             weights_sha256=ref.weights_sha256 if ref else None,
             weights_bytes=ref.weights_bytes if ref else None,
             previous_version=previous.version if previous else None,
@@ -274,6 +299,7 @@ class RolloutGate:
             "metric": self.metric,
             "promoted_version": p.version if p else None,
             "promoted_value": p.value if p else None,
+            "promoted_validation": p.validation if p else None,
             "candidate": candidate,
             "sequence": s.sequence,
             "promoted": s.promotions,
@@ -311,14 +337,32 @@ class Rollout:
     """The gate in the aggregator service: its files, its signatures, what it publishes."""
 
     def __init__(
-        self, settings: RolloutSettings, state_dir: Path, topics: FleetTopics, key: SigningKey, metric: str
+        self,
+        settings: RolloutSettings,
+        state_dir: Path,
+        topics: FleetTopics,
+        key: SigningKey,
+        metric: str,
+        model: tuple[bytes, ModelManifest] | None = None,
     ) -> None:
+        """``model``: the fleet's model and manifest, which score ``[rollout] validation_file``
+        (a bad file is a :class:`ConfigError` here, at start)."""
         self.settings = settings
         self.dir = state_dir / ROLLOUT_DIR
         self.topics = topics
         self.key = key
         self.gate = RolloutGate(settings, topics.fleet, metric, self._load())
         self.request_errors = 0
+        self.validation: ValidationSet | None = None
+        if settings.gate and settings.validation_file is not None and model is not None:
+            from fedge.aggregator.rollout_validation import ValidationSet  # noqa: PLC0415 - an interpreter
+
+            self.validation = ValidationSet(settings.validation_file, *model)
+            log.info(
+                "rollout: candidates are also judged on %d examples of %s",
+                self.validation.size,
+                settings.validation_file,
+            )
 
     @property
     def enabled(self) -> bool:
@@ -386,11 +430,25 @@ class Rollout:
         if weights is None or hashlib.sha256(weights).hexdigest() != candidate.weights_sha256:
             return None
         before = self.gate.state.promoted
-        decision = self.gate.judge(candidate, now)
-        if decision is None:
+        snapshot = self._snapshot()
+        try:
+            decision = self.gate.judge(candidate, now)
+            if decision is None:
+                return None
+            if decision.action == "promote":
+                self._keep_weights(candidate.weights_sha256, weights)
+            published = self._signed(decision, before, published_sha, weights if decision.serving else None)
+        except OSError as exc:  # a full or read-only state_dir: no decision rather than no aggregator
+            self.gate.state = snapshot
+            log.error(
+                "rollout: cannot write %s (%s): candidate v%d is not judged and predictions stay on v%s; "
+                "free or fix [aggregator] state_dir",
+                self.dir,
+                exc,
+                candidate.version,
+                before.version if before else "(newest)",
+            )
             return None
-        if decision.action == "promote":
-            self._keep_weights(candidate.weights_sha256, weights)
         log.info(
             "rollout: %s v%d (%s); devices predict with v%s",
             "promoted" if decision.action == "promote" else "refused",
@@ -398,7 +456,10 @@ class Rollout:
             decision.reason,
             decision.promoted_version,
         )
-        return self._signed(decision, before, published_sha, weights if decision.serving else None)
+        return published
+
+    def _snapshot(self) -> GateState:
+        return GateState.from_dict(json.loads(json.dumps(self.gate.state.to_dict())))
 
     def judge_round(
         self, record: RoundRecord, last: Publication | None, published_sha: str | None, now: float
@@ -411,16 +472,32 @@ class Rollout:
         value = record.fed_eval_mse if record.fed_eval_metric == "mse" else record.fed_eval_accuracy
         if record.outcome != "aggregated" or record.phase != "train" or record.fed_eval_examples <= 0:
             value = None  # an aborted round's few reports, a moments round: nothing to judge on
+        if record.phase != "train":
+            return None
+        weights = last.blobs.get(self.topics.blob(m.weights_sha256))
+        validation = None
+        if self.validation is not None and weights is not None:
+            try:
+                validation = self.validation.evaluate(weights, m.normalisation)
+            except Exception as exc:  # the model cannot score the set: judged on the fleet alone
+                log.error("rollout: v%d could not be scored on the validation set: %s", m.version, exc)
         candidate = Candidate(
-            m.version, m.round_id, m.weights_sha256, m.weights_bytes, m.generation, m.model_sha256, value
+            m.version,
+            m.round_id,
+            m.weights_sha256,
+            m.weights_bytes,
+            m.generation,
+            m.model_sha256,
+            value,
+            validation,
         )
-        return self.judge(candidate, last.blobs.get(self.topics.blob(m.weights_sha256)), published_sha, now)
+        return self.judge(candidate, weights, published_sha, now)
 
     def rollback(
         self, to_version: int, generation: int, model_sha256: str, published_sha: str | None, now: float
     ) -> RolloutPublication:
         before = self.gate.state.promoted
-        snapshot = GateState.from_dict(json.loads(json.dumps(self.gate.state.to_dict())))
+        snapshot = self._snapshot()
         decision = self.gate.rollback(to_version, generation, model_sha256, now)
         assert decision.weights_sha256 is not None
         weights = self.weights(decision.weights_sha256)
@@ -504,7 +581,10 @@ class Rollout:
     def status(self, candidate: int | None) -> dict[str, Any]:
         """``rollout`` in the aggregator status; ``candidate``: the version the open train round
         evaluates (None: none)."""
-        return self.gate.status(candidate if self.enabled else None) | {"request_errors": self.request_errors}
+        return self.gate.status(candidate if self.enabled else None) | {
+            "request_errors": self.request_errors,
+            "validation_examples": self.validation.size if self.validation is not None else None,
+        }
 
 
 # --- the operator's command (``fedge model rollback``) ---------------------------------------------

@@ -362,6 +362,7 @@ class AggregatorService:
             self.topics,
             self.signing_key,
             eval_metric(self.loaded.manifest.task.model.kind),
+            (self.loaded.model, self.loaded.manifest),  # to score [rollout] validation_file
         )
         self.engine: RoundEngine
         if leadership is None:

@@ -54,9 +54,10 @@ class RolloutError(ReasonError[str]):
 @dataclass(frozen=True)
 class RolloutDecision:
     """One signed decision. ``version``: the candidate judged (``promote``/``refuse``) or the
-    version rolled back to; ``promoted_*``: what devices predict with after this decision (None
-    only after a refusal while nothing was promoted yet); ``previous_version``: what was promoted
-    before it."""
+    version rolled back to, ``value`` its federated evaluation and ``validation`` its score on the
+    aggregator's validation set (None: not evaluated there); ``promoted_*``: what devices predict
+    with after this decision (None only after a refusal while nothing was promoted yet);
+    ``previous_version``: what was promoted before it."""
 
     fleet: str
     sequence: int
@@ -66,10 +67,12 @@ class RolloutDecision:
     metric: str
     version: int
     value: float | None
+    validation: float | None
     margin: float
     promoted_version: int | None
     promoted_round_id: str | None
     promoted_value: float | None
+    promoted_validation: float | None
     weights_sha256: str | None
     weights_bytes: int | None
     previous_version: int | None
@@ -148,10 +151,12 @@ def decision_from_dict(doc: Mapping[str, Any]) -> RolloutDecision:
         metric=doc["metric"],
         version=_int(doc, "version", 1) or 0,
         value=_float(doc, "value"),
+        validation=_float(doc, "validation"),
         margin=_float(doc, "margin", optional=False) or 0.0,
         promoted_version=_int(doc, "promoted_version", 1, optional=True),
         promoted_round_id=_text(doc, "promoted_round_id", optional=True, limit=128),
         promoted_value=_float(doc, "promoted_value"),
+        promoted_validation=_float(doc, "promoted_validation"),
         weights_sha256=weights_sha,
         weights_bytes=_int(doc, "weights_bytes", 1, optional=True),
         previous_version=_int(doc, "previous_version", 1, optional=True),

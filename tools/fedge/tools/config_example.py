@@ -1325,6 +1325,13 @@ AGGREGATOR_SECTIONS = (
                 lo=1,
                 hi=100,
             ),
+            Key(
+                "validation_file",
+                PATH,
+                "The operator's own labelled set (.npz of x: raw window features, y: class indices or "
+                "values): candidates must not be worse there either (docs/rollout.md).",
+                example="validation.npz",
+            ),
         ),
     ),
     _metrics_section(9465, "fedge_aggregator_*"),
