@@ -13,6 +13,7 @@ from pathlib import Path
 from nacl.public import PublicKey
 from nacl.signing import VerifyKey
 
+from fedge.protocol.chunks import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.home_assistant import check_prefix
@@ -182,6 +183,9 @@ class AgentConfig:
     require_secure_aggregation: bool = False
     #: ``[personalisation]``: personal weights for this device's predictions (off by default).
     personalisation: PersonalisationSettings = PersonalisationSettings()
+    #: A sealed update larger than this goes out in sealed pieces of this size (docs/protocol.md,
+    #: "Chunked transfers"); at most the aggregator's ``chunk_bytes``.
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     @property
     def secure_aggregation_ready(self) -> bool:
@@ -206,6 +210,7 @@ AGENT_KEYS = {
     "identity_certificate_file",
     "operator_verify_keys",
     "require_secure_aggregation",
+    "chunk_bytes",
 }
 #: The ``[agent]`` keys secure aggregation needs, all three or none.
 IDENTITY_CONFIG_KEYS = ("identity_key_file", "identity_certificate_file", "operator_verify_keys")
@@ -335,6 +340,7 @@ def load_agent_config(path: Path, env: Mapping[str, str]) -> AgentConfig:
         trusted_keys=trusted,
         runtime=a.choice("runtime", "auto", ("auto", "ai_edge_litert", "tflite_runtime")),
         blob_timeout_s=a.number("blob_timeout_s", 30.0, 0.1, 3600.0),
+        chunk_bytes=a.integer("chunk_bytes", DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES),
         status_interval_s=a.number("status_interval_s", 30.0, 0.5, 3600.0),
         mqtt=mqtt_settings,
         data=DataSettings(

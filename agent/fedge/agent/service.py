@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from fedge.agent.chunk_transfer import BlobPieces, outbox_frames
 from fedge.agent.core import (
     MAX_BLOB_BYTES,
     MAX_MANIFEST_FRAME_BYTES,
@@ -71,6 +72,7 @@ from fedge.protocol.errors import FedgeError
 from fedge.protocol.key_rotation import read_rotation_unverified
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.statuses import device_status, offline_will
+from fedge.protocol.topics import TopicError
 from fedge.protocol.weights import weights_from_bytes
 from fedge.shell.drops import DroppedMessages
 from fedge.shell.http_endpoint import HttpEndpoint
@@ -203,6 +205,8 @@ class AgentService:
         self._pending_manifest: bytes | None = None
         self._blobs: dict[str, bytes] = {}
         self._wanted_blobs: frozenset[str] = frozenset()
+        # Blobs over the aggregator's chunk_bytes arrive in pieces (fedge.agent.chunk_transfer).
+        self.blob_pieces = BlobPieces(MAX_BLOB_BYTES)
         # Outbox message id -> paho's handle; PUBACK is read off the handle by the worker, so no
         # lock is ever held across client.publish() (paho calls back under its own mutex).
         self._in_flight: dict[int, mqtt.MQTTMessageInfo] = {}
@@ -292,6 +296,8 @@ class AgentService:
         with self._lock:
             for sha in self._wanted_blobs | {s for s in [self.rollout.wanted_blob()] if s}:
                 client.subscribe(self.topics.blob(sha), qos=1)
+            for sha in self._wanted_blobs:
+                client.subscribe(self.topics.blob_chunk_filter(sha), qos=1)
         self._connections += 1
         if self._connections > 1:
             self._resend_due = True  # the broker may have lost the open round's update
@@ -348,6 +354,8 @@ class AgentService:
         elif topic.startswith(self.topics.base + "/blob/"):
             if not payload:
                 return None
+            if topic.count("/") > self.topics.blob_filter.count("/"):  # blob/{sha256}/{index}
+                return self._blob_piece_locked(topic, payload)
             sha = topic.rsplit("/", 1)[-1]
             if self.rollout.offer_blob(sha, payload) and sha not in self._wanted_blobs:
                 return None  # the promoted weights (fedge.agent.rollout)
@@ -357,6 +365,22 @@ class AgentService:
             self._blobs[sha] = payload
         else:
             return "unexpected_topic", "not a topic the agent subscribes to"
+        return None
+
+    def _blob_piece_locked(self, topic: str, payload: bytes) -> tuple[str, str] | None:
+        """One piece of a blob being fetched (``_lock`` held); the whole, once it verifies, is
+        kept like a blob that arrived whole."""
+        try:
+            sha, index = self.topics.blob_chunk_parse(topic)
+        except TopicError as exc:
+            return "blob_bad_chunk", str(exc)
+        got = self.blob_pieces.offer(sha, index, payload, self._wanted_blobs)
+        if not isinstance(got, bytes):
+            return got
+        refused = check_blob(sha, got, self._wanted_blobs)
+        if refused is not None:
+            return refused
+        self._blobs[sha] = got
         return None
 
     def _drop(self, reason: str, topic: str, detail: str, exc: BaseException | None = None) -> None:
@@ -570,7 +594,7 @@ class AgentService:
             elif isinstance(action, Train):
                 self._carry_out(self._train(action))
             elif isinstance(action, Send):
-                message_id = self.outbox.put(action.topic, action.frame, 1, action.round_id, action.kind)
+                message_id = self._queue_sealed(action.topic, action.frame, action.round_id, action.kind)
                 if action.kind == "update":
                     self._last_update, self._resends = action, 0
                 log.info(
@@ -635,7 +659,7 @@ class AgentService:
         if any(m.round_id == last.round_id and m.kind == last.kind for m in self.outbox.pending()):
             return  # still in the outbox: it goes anyway
         self._resends += 1
-        message_id = self.outbox.put(last.topic, last.frame, 1, last.round_id, last.kind)
+        message_id = self._queue_sealed(last.topic, last.frame, last.round_id, last.kind)
         log.info(
             "reconnected in round %s: sent its update again in case the broker lost it "
             "(counter %d, message %d)",
@@ -644,6 +668,15 @@ class AgentService:
             message_id,
         )
         self._flush_outbox()
+
+    def _queue_sealed(self, topic: str, frame: bytes, round_id: str, kind: str) -> int:
+        """Puts a sealed message into the outbox: whole, or over ``[agent] chunk_bytes`` as
+        sealed pieces, one entry each, so a reconnect sends again only the pieces the broker
+        has not acknowledged (``fedge.agent.chunk_transfer``). Returns the last entry's id."""
+        frames = outbox_frames(frame, self.config.chunk_bytes, self.core.identity)
+        if len(frames) > 1:
+            log.info("%s for round %s is %d bytes: %d sealed pieces", kind, round_id, len(frame), len(frames))
+        return [self.outbox.put(topic, f, 1, round_id, kind) for f in frames][-1]
 
     def _drop_other_rounds(self, round_id: str) -> None:
         dropped = self.outbox.drop_rounds(lambda r: r != round_id)
@@ -658,8 +691,10 @@ class AgentService:
         with self._wake:
             self._wanted_blobs = wanted
             self._blobs = {k: v for k, v in self._blobs.items() if k in wanted}
+            self.blob_pieces.keep_only(wanted)
         for sha in wanted:
             self.client.subscribe(self.topics.blob(sha), qos=1)
+            self.client.subscribe(self.topics.blob_chunk_filter(sha), qos=1)
         deadline = time.monotonic() + self.config.blob_timeout_s
         with self._wake:
             while not wanted <= set(self._blobs):
@@ -673,6 +708,7 @@ class AgentService:
             self._wanted_blobs = frozenset()
         for sha in wanted:
             self.client.unsubscribe(self.topics.blob(sha))
+            self.client.unsubscribe(self.topics.blob_chunk_filter(sha))
         if wanted <= set(got):
             return self.core.blobs_arrived(got, self.clock())
         return self.core.superseded() if superseded else self.core.blobs_missing()

@@ -43,6 +43,7 @@ from fedge.aggregator.upstream_config import (
     UpstreamSettings,
     upstream_settings_from_table,
 )
+from fedge.protocol.chunks import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedge.protocol.codec import Codec
 from fedge.protocol.codec_names import DEFAULT_TOPK_FRACTION, MAX_TOPK_FRACTION, MIN_TOPK_FRACTION
 from fedge.protocol.config_source import MAX_CONFIG_BYTES, ConfigError, Table, config_document
@@ -180,6 +181,14 @@ class AggregatorConfig:
     #: ``[rollout]``: the gate between a new global model and the devices' predictions (docs/rollout.md).
     rollout: RolloutSettings = ROLLOUT_DEFAULT
 
+    #: Chunked transfers (docs/protocol.md, "Chunked transfers"): a blob over ``chunk_bytes`` is
+    #: published in pieces, and a device's update pieces are taken up to that size; at most
+    #: ``chunk_transfers_per_device`` updates of one device and ``chunk_budget_bytes`` in all
+    #: are put together at once.
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunk_transfers_per_device: int = 2
+    chunk_budget_bytes: int = 128 * 1024 * 1024
+
     @property
     def heartbeat_path(self) -> Path:
         return self.heartbeat_file if self.heartbeat_file is not None else self.state_dir / "heartbeat"
@@ -225,6 +234,9 @@ AGGREGATOR_KEYS = {
     "signing_key_file",
     "exit_when_done",
     "heartbeat_file",
+    "chunk_bytes",
+    "chunk_transfers_per_device",
+    "chunk_budget_bytes",
 }
 #: Every table of aggregator.toml and the keys it accepts (any other is an error); what
 #: docs/configuration.md and ``fedge aggregator config --example`` must list (their tests check it).
@@ -370,6 +382,9 @@ def load_aggregator_config(
         box_key_file=base / agg.text("box_key_file"),
         signing_key_file=base / agg.text("signing_key_file"),
         exit_when_done=agg.flag("exit_when_done", False),
+        chunk_bytes=agg.integer("chunk_bytes", DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES),
+        chunk_transfers_per_device=agg.integer("chunk_transfers_per_device", 2, 1, 64),
+        chunk_budget_bytes=agg.integer("chunk_budget_bytes", 128 * 1024 * 1024, 1024 * 1024, 64 * 1024**3),
         mqtt=mqtt_settings_from_table(
             Table(data, "mqtt", MQTT_KEYS), f"fedge-aggregator-{fleet}", str(base), read_config_file
         ),

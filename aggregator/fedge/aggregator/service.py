@@ -42,6 +42,8 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from fedge.aggregator.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedge.aggregator.chunk_blobs import blob_messages, clear_topics
+from fedge.aggregator.chunk_intake import ChunkIntake, is_chunk
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.dashboard import build_view, view_json
 from fedge.aggregator.fleet_summary import DeviceSeen, build_fleet_summary, device_condition
@@ -109,6 +111,10 @@ _DROP_ADVICE = {
     "status": "A device wrote a malformed status (a bug or a compromised device); it is ignored. "
     "If it is retained, clear it with an empty retained message on that topic.",
     "handler": "A bug in fedge: the message was skipped. Please report this traceback.",
+    "chunk": "A piece of a chunked update was refused or its transfer cut off (docs/faults.md, "
+    "'A transfer cut mid-way'): the device's update for that round is lost unless it sends it again; "
+    "if it is over_budget or too_many_transfers, raise [aggregator] chunk_budget_bytes or "
+    "chunk_transfers_per_device; if too_large, the device's chunk_bytes is over the aggregator's.",
 }
 
 
@@ -381,7 +387,13 @@ class AggregatorService:
         self._redeliveries = 0
         # Set while the loop reconnects for a redelivery: that CONNACK is not a broker restart.
         self._redelivering = threading.Event()
-        self.dropped = DroppedMessages(log, _DROP_ADVICE, "messages_dropped in aggregator/status")
+        self.dropped = DroppedMessages(
+            log, _DROP_ADVICE, "messages_dropped in aggregator/status", frozenset({"chunk_duplicate"})
+        )
+        # Updates over chunk_bytes arrive in sealed pieces (fedge.aggregator.chunk_intake).
+        self.chunks = ChunkIntake(
+            config.chunk_bytes, config.chunk_transfers_per_device, config.chunk_budget_bytes, self._drop
+        )
         self._status_dirty = True
         self._status_sent_at = float("-inf")
         self.online: set[str] = set()
@@ -735,15 +747,18 @@ class AggregatorService:
     def _announce(self, pub: Publication) -> None:
         if not self._checkpoint():
             return  # asked to stop while the checkpoint could not be written: nothing published
-        for topic, blob in pub.blobs.items():
+        for topic, blob in blob_messages(self.topics, pub.blobs, self.config.chunk_bytes):
             self._publish(topic, blob, retain=True)
         self._publish_work_order()
         self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
         self._publish_secagg(pub.secagg)
         for topic in pub.clear_blobs:
             if topic != self.rollout.kept_blob_topic():  # the promoted weights stay for predictions
-                self._publish(topic, b"", retain=True)
+                size = max(pub.manifest.weights_bytes, pub.manifest.model_bytes)
+                for cleared in clear_topics(self.topics, topic, size, self.config.chunk_bytes):
+                    self._publish(cleared, b"", retain=True)
         self._last_publication = pub
+        self.chunks.expire(self.engine, self.clock())  # what the closed round left half-sent
         m = pub.manifest
         log.info(
             "published manifest v%d: %s round %s, %d devices selected, deadline in %.0fs",
@@ -794,7 +809,7 @@ class AggregatorService:
         if pub is None:
             return
         blobs = {self.topics.blob(self.engine.model_sha256): self.engine.model_bytes, **pub.blobs}
-        for topic, blob in blobs.items():
+        for topic, blob in blob_messages(self.topics, blobs, self.config.chunk_bytes):
             self._publish(topic, blob, retain=True)
         self._publish_work_order()
         self._publish(self.topics.manifest, pub.manifest_frame, retain=True)
@@ -959,6 +974,12 @@ class AggregatorService:
                 self._publish(answer[0], answer[1], retain=False)
             self._status_dirty = True
             return
+        if is_chunk(payload):  # a piece of a larger update: the engine sees only the whole
+            self._status_dirty = True
+            whole = self.chunks.take(self.engine, topic, payload, self.clock())
+            if whole is None:
+                return
+            payload = whole
         outcome = self.engine.handle(topic, payload, self.clock())
         if outcome.accepted:
             self.accepted.add(outcome.kind or "update")

@@ -315,6 +315,15 @@ AGENT_SECTIONS = (
                 hi=3600.0,
             ),
             Key(
+                "chunk_bytes",
+                INTEGER,
+                "A sealed update larger than this goes out as sealed pieces of this size: keep it "
+                "under the broker's max_packet_size and at most the aggregator's chunk_bytes.",
+                default=256 * 1024,  # fedge.protocol.chunks.DEFAULT_CHUNK_BYTES (a test keeps them equal)
+                lo=1024,
+                hi=64 * 1024 * 1024,
+            ),
+            Key(
                 "status_interval_s",
                 NUMBER,
                 "How often the retained status is republished, in seconds.",
@@ -723,6 +732,31 @@ AGGREGATOR_SECTIONS = (
                 "The file the round loop touches, for a liveness probe.",
                 example="/tmp/fedge-aggregator.heartbeat",
                 default_text="`<state_dir>/heartbeat`",
+            ),
+            Key(
+                "chunk_bytes",
+                INTEGER,
+                "A blob larger than this is published in retained pieces of this size, and device "
+                "update pieces are taken up to it: keep it under the broker's max_packet_size.",
+                default=256 * 1024,  # fedge.protocol.chunks.DEFAULT_CHUNK_BYTES (a test keeps them equal)
+                lo=1024,
+                hi=64 * 1024 * 1024,
+            ),
+            Key(
+                "chunk_transfers_per_device",
+                INTEGER,
+                "How many chunked updates of one device are put together at once.",
+                default=2,
+                lo=1,
+                hi=64,
+            ),
+            Key(
+                "chunk_budget_bytes",
+                INTEGER,
+                "The most memory all chunked updates being put together may take, in bytes.",
+                default=128 * 1024 * 1024,
+                lo=1024 * 1024,
+                hi=64 * 1024**3,
             ),
         ),
     ),
