@@ -130,3 +130,15 @@ def test_a_cleared_topic_means_the_newest_model_again(tmp_path: Path) -> None:
     # The sequence stays: the old promotion cannot come back.
     device.receive(sign_decision(promote2, KEY))
     assert device.follower.refused == {"replayed": 1}
+
+
+def test_on_change_publishes_the_first_prediction_after_a_rollback_even_if_unchanged() -> None:
+    from fedge.agent.config import InsightSettings
+    from fedge.agent.insight import InsightPolicy, Prediction
+
+    policy = InsightPolicy(InsightSettings())
+    walking = Prediction(label="walking", class_index=0, probabilities={"walking": 1.0})
+    policy.published(1.0, 0.5, walking, 12, None, 11)  # installed v12, predicting with promoted v11
+    assert policy.after_inference(walking, 12, None, 11) == "unchanged"
+    assert policy.after_inference(walking, 12, None, 9) is None  # rolled back to v9: news
+    assert policy.after_inference(walking, 12, None, None) is None  # the gate cleared: news

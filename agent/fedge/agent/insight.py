@@ -198,7 +198,7 @@ class InsightPolicy:
         self.skipped: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
         self.last: dict[str, Any] | None = None
         self._last_at: float | None = None
-        self._last_key: tuple[int, int | None, str | float | None] | None = None
+        self._last_key: tuple[int, int | None, int | None, str | float | None] | None = None
 
     def before_inference(
         self, window_end_s: float, now: float, have_model: bool, connected: bool
@@ -218,14 +218,19 @@ class InsightPolicy:
         return None
 
     def after_inference(
-        self, prediction: Prediction, model_version: int, personal_version: int | None = None
+        self,
+        prediction: Prediction,
+        model_version: int,
+        personal_version: int | None = None,
+        rollout_version: int | None = None,
     ) -> str | None:
-        """``unchanged`` when ``on_change`` has nothing new to say, else None (publish)."""
+        """``unchanged`` when ``on_change`` has nothing new to say, else None (publish).
+        ``rollout_version``: the promoted version whose weights predicted (docs/rollout.md)."""
         if self.settings.publish != "on_change" or self._last_key is None:
             return None
-        last_version, last_personal, last = self._last_key
-        if (last_version, last_personal) != (model_version, personal_version):
-            return None  # a new global model, or new personal weights: its first prediction is news
+        last_version, last_personal, last_rollout, last = self._last_key
+        if (last_version, last_personal, last_rollout) != (model_version, personal_version, rollout_version):
+            return None  # a new global, promoted or personal model: its first prediction is news
         new = prediction.key()
         if isinstance(new, float) and isinstance(last, float):
             return "unchanged" if abs(new - last) <= self.settings.min_change else None
@@ -246,10 +251,11 @@ class InsightPolicy:
         prediction: Prediction,
         model_version: int,
         personal_version: int | None = None,
+        rollout_version: int | None = None,
     ) -> None:
         self.published_total += 1
         self._last_at = now
-        self._last_key = (model_version, personal_version, prediction.key())
+        self._last_key = (model_version, personal_version, rollout_version, prediction.key())
         last: dict[str, Any] = {"time": now, "window_end": window_end_s, "model_version": model_version}
         if personal_version is not None:
             last["personal_version"] = personal_version
@@ -457,7 +463,9 @@ class InsightPublisher:
                 raise InsightError(f"the global model could not be loaded: {self.load_error}")
             prediction = self.model.predict(window)
             personal = self.model.personal_version
-            reason = self.policy.after_inference(prediction, manifest.version, personal)
+            promoted = self._rollout_key()
+            rollout_version = promoted["version"] if promoted is not None else None
+            reason = self.policy.after_inference(prediction, manifest.version, personal, rollout_version)
             if reason is not None:
                 self._skip(reason, f"prediction {prediction.key()!r} of model v{manifest.version}")
                 return
@@ -470,7 +478,7 @@ class InsightPublisher:
                 prediction=prediction,
                 personal_version=personal,
                 personalised=self.personalised,
-                rollout=self._rollout_key(),
+                rollout=promoted,
             )
             data = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode("utf-8")
         except Exception as exc:  # a bad window or model never ends the worker
@@ -479,7 +487,7 @@ class InsightPublisher:
         if not self.publish(self.topic, data):
             self._skip("offline", "the MQTT client refused the publication")
             return
-        self.policy.published(now, end_s, prediction, manifest.version, personal)
+        self.policy.published(now, end_s, prediction, manifest.version, personal, rollout_version)
         if self.policy.published_total == 1:
             log.info(
                 "insight: published the first prediction on %s (model v%d)", self.topic, manifest.version
