@@ -142,3 +142,16 @@ def test_on_change_publishes_the_first_prediction_after_a_rollback_even_if_uncha
     assert policy.after_inference(walking, 12, None, 11) == "unchanged"
     assert policy.after_inference(walking, 12, None, 9) is None  # rolled back to v9: news
     assert policy.after_inference(walking, 12, None, None) is None  # the gate cleared: news
+
+
+def test_a_decision_the_state_dir_cannot_record_is_not_taken(tmp_path: Path) -> None:
+    promote2 = decisions()[0]
+    blocker = tmp_path / "rollout.json"
+    blocker.mkdir()  # the file cannot be written (as on a full or read-only state directory)
+    device = Device(tmp_path)
+    device.receive(sign_decision(promote2, KEY))
+    assert device.follower.refused == {"state_dir": 1} and device.follower.sequence == 0
+    assert device.asked == [] and device.applied == []
+    blocker.rmdir()
+    device.receive(sign_decision(promote2, KEY))  # the retained copy, once it can be recorded
+    assert device.follower.sequence == 1 and len(device.asked) == 1

@@ -88,8 +88,8 @@ class RolloutFollower:
             )
             self.sequence, self.decision = 0, None
 
-    def _save(self) -> None:
-        doc = {"sequence": self.sequence, "decision": self.decision.to_dict() if self.decision else None}
+    def _save(self, decision: RolloutDecision) -> None:
+        doc = {"sequence": decision.sequence, "decision": decision.to_dict()}
         atomic_write(self.path, json.dumps(doc, sort_keys=True).encode())
 
     # --- paho's thread ---------------------------------------------------------------------
@@ -178,8 +178,18 @@ class RolloutFollower:
             return
         if decision == self.decision:
             return  # the retained copy again
+        try:
+            self._save(decision)  # before acting on it: a restart never takes an older one again
+        except OSError as exc:  # a full or read-only state_dir: not taken, tried again when resent
+            self._count("state_dir")
+            log.warning(
+                "rollout: decision %d not taken: cannot write %s (%s); free or fix [agent] state_dir",
+                decision.sequence,
+                self.path,
+                exc,
+            )
+            return
         self.sequence, self.decision = decision.sequence, decision
-        self._save()  # before acting on it: a restart never takes an older one again
         self._weights, self._applied, self._asked_at = None, False, float("-inf")
 
     def _count(self, reason: str) -> None:
