@@ -10,7 +10,7 @@ import os
 import pytest
 from nacl.public import PrivateKey
 
-from fedge.aggregator.chunk_blobs import blob_messages, clear_topics
+from fedge.aggregator.chunk_blobs import blob_messages, clear_topics, retained_messages
 from fedge.aggregator.chunk_intake import ChunkIntake, is_chunk
 from fedge.aggregator.round_engine import RoundEngine
 from fedge.protocol.chunks import ChunkInfo, blob_pieces, decode_blob_chunk, join, open_chunk, seal_chunks
@@ -179,4 +179,27 @@ def test_blobs_are_published_whole_up_to_chunk_bytes_and_in_pieces_above(size: i
     assert join([decode_blob_chunk(p) for _, p in messages], size) == blob
     assert clear_topics(TOPICS, TOPICS.blob(sha), size, PIECE) == [TOPICS.blob(sha)] + [
         t for t, _ in messages
+    ]
+
+
+def test_a_publication_mixing_blobs_and_documents_chunks_only_the_large_blobs() -> None:
+    big, small = os.urandom(3 * PIECE), os.urandom(100)
+    big_sha, small_sha, gone_sha = (
+        hashlib.sha256(big).hexdigest(),
+        hashlib.sha256(small).hexdigest(),
+        "cd" * 32,
+    )
+    document = (TOPICS.aggregator_status, b"x" * (2 * PIECE))  # not a blob: never cut
+    items = [
+        (TOPICS.blob(big_sha), big),
+        (TOPICS.blob(small_sha), small),
+        document,
+        (TOPICS.blob(gone_sha), b""),
+    ]
+    out = retained_messages(TOPICS, items, PIECE, 3 * PIECE)
+    assert out == [
+        *blob_messages(TOPICS, {TOPICS.blob(big_sha): big}, PIECE),
+        (TOPICS.blob(small_sha), small),
+        document,
+        *((t, b"") for t in [TOPICS.blob(gone_sha), *(TOPICS.blob_chunk(gone_sha, i) for i in range(3))]),
     ]

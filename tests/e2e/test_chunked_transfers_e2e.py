@@ -16,7 +16,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedge.aggregator.config import AGGREGATOR_TABLES
 from fedge.lab.broker import BrokerSettings, MosquittoBroker
 from fedge.protocol.chunks import (
     CHUNK_KIND,
@@ -90,10 +89,6 @@ def test_a_5_mb_model_completes_a_round_through_a_1_mib_broker(
             2,
             {"rounds": 1, "min_devices": 2, "round_timeout_s": 600.0},
         )
-        if "rollout" in AGGREGATOR_TABLES:
-            # The rollout gate (issue 19 part 3) publishes the promoted weights whole, which this
-            # broker refuses; until it publishes them in pieces, this test runs without it.
-            fleet.aggregator_env["FEDGE_AGGREGATOR__ROLLOUT__GATE"] = "false"
         try:
             for device in fleet.files.agent_configs:
                 fleet.start_agent(device)
@@ -106,6 +101,14 @@ def test_a_5_mb_model_completes_a_round_through_a_1_mib_broker(
                     120,
                     f"{device} on the final model",
                 )
+                # The rollout gate's promoted weights (v2) came in pieces too, and predictions use them.
+                recorder.wait_for(
+                    lambda ms, t=topic: (
+                        (latest_status(ms, t).get("rollout") or {}).get("predicting_version") == 2
+                    ),
+                    120,
+                    f"{device} predicting with the promoted v2",
+                )
         finally:
             fleet.stop_all()
         messages = recorder.messages
@@ -114,6 +117,7 @@ def test_a_5_mb_model_completes_a_round_through_a_1_mib_broker(
     assert [m.phase for m in manifests] == ["moments", "train", "final"]
     m = manifests[1]
     assert m.weights_bytes >= 5_000_000 and m.model_bytes > MAX_PACKET  # whole, neither could cross
+    assert "Packet too large" not in fleet.log("aggregator")
     status = latest_status(messages, fleet.topics.aggregator_status)
     assert status["state"] == "done" and status["completed_rounds"] == 1, status
     assert status["rejected_total"] == {}

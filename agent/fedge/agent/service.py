@@ -296,7 +296,7 @@ class AgentService:
         with self._lock:
             for sha in self._wanted_blobs | {s for s in [self.rollout.wanted_blob()] if s}:
                 client.subscribe(self.topics.blob(sha), qos=1)
-            for sha in self._wanted_blobs:
+            for sha in self._wanted_blobs | {s for s in [self.rollout.wanted_blob()] if s}:
                 client.subscribe(self.topics.blob_chunk_filter(sha), qos=1)
         self._connections += 1
         if self._connections > 1:
@@ -374,9 +374,13 @@ class AgentService:
             sha, index = self.topics.blob_chunk_parse(topic)
         except TopicError as exc:
             return "blob_bad_chunk", str(exc)
-        got = self.blob_pieces.offer(sha, index, payload, self._wanted_blobs)
+        promoted = self.rollout.wanted_blob()  # the rollout gate's weights (fedge.agent.rollout)
+        wanted = self._wanted_blobs | {promoted} if promoted else self._wanted_blobs
+        got = self.blob_pieces.offer(sha, index, payload, wanted)
         if not isinstance(got, bytes):
             return got
+        if self.rollout.offer_blob(sha, got) and sha not in self._wanted_blobs:
+            return None
         refused = check_blob(sha, got, self._wanted_blobs)
         if refused is not None:
             return refused
@@ -691,7 +695,7 @@ class AgentService:
         with self._wake:
             self._wanted_blobs = wanted
             self._blobs = {k: v for k, v in self._blobs.items() if k in wanted}
-            self.blob_pieces.keep_only(wanted)
+            self.blob_pieces.keep_only(wanted | {s for s in [self.rollout.wanted_blob()] if s})
         for sha in wanted:
             self.client.subscribe(self.topics.blob(sha), qos=1)
             self.client.subscribe(self.topics.blob_chunk_filter(sha), qos=1)
@@ -894,6 +898,8 @@ class AgentService:
 
     def _subscribe(self, topic: str) -> None:
         self.client.subscribe(topic, qos=1)
+        if topic.startswith(self.topics.base + "/blob/"):  # a blob over chunk_bytes comes in pieces
+            self.client.subscribe(f"{topic}/+", qos=1)
 
     def _predict(self) -> None:
         """Runs the verified global model on the source's new live windows and publishes the

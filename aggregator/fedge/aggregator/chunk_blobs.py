@@ -9,7 +9,7 @@ pieces for ever.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from fedge.protocol.chunks import blob_pieces, chunk_count, needs_chunks
 from fedge.protocol.topics import FleetTopics
@@ -37,3 +37,20 @@ def clear_topics(topics: FleetTopics, topic: str, size: int, chunk_bytes: int) -
         return [topic]
     sha = topic.rsplit("/", 1)[-1]
     return [topic, *(topics.blob_chunk(sha, i) for i in range(chunk_count(size, chunk_bytes)))]
+
+
+def retained_messages(
+    topics: FleetTopics, items: Iterable[tuple[str, bytes]], chunk_bytes: int, cleared_size: int
+) -> list[tuple[str, bytes]]:
+    """``items`` as published: a blob over ``chunk_bytes`` in pieces, a cleared blob with its
+    pieces (as a blob of ``cleared_size`` bytes), any other topic as it is. For publishers that
+    mix blobs with documents (the rollout gate's promoted weights and decisions)."""
+    out: list[tuple[str, bytes]] = []
+    for topic, payload in items:
+        if not topic.startswith(f"{topics.base}/blob/"):
+            out.append((topic, payload))
+        elif payload:
+            out.extend(blob_messages(topics, {topic: payload}, chunk_bytes))
+        else:
+            out.extend((t, b"") for t in clear_topics(topics, topic, cleared_size, chunk_bytes))
+    return out

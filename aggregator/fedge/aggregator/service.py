@@ -42,7 +42,7 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from fedge.aggregator.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from fedge.aggregator.chunk_blobs import blob_messages, clear_topics
+from fedge.aggregator.chunk_blobs import blob_messages, clear_topics, retained_messages
 from fedge.aggregator.chunk_intake import ChunkIntake, is_chunk
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.dashboard import build_view, view_json
@@ -819,7 +819,9 @@ class AggregatorService:
 
     def _publish_rollout(self, pub: RolloutPublication | None) -> None:
         """The rollout gate's blob and signed decisions (``fedge.aggregator.rollout``), retained."""
-        for topic, payload in pub.items if pub is not None else ():
+        items = pub.items if pub is not None else ()
+        weights_bytes = 4 * self.engine.model_manifest.parameter_count
+        for topic, payload in retained_messages(self.topics, items, self.config.chunk_bytes, weights_bytes):
             self._publish(topic, payload, retain=True)
         if pub is not None:
             self._status_dirty = True
