@@ -136,6 +136,32 @@ class Outbox(SQLiteFile):
             assert cur.lastrowid is not None
             return cur.lastrowid
 
+    def put_all(self, topic: str, payloads: list[bytes], qos: int, round_id: str, kind: str) -> list[int]:
+        """Stores the pieces of one chunked message in one transaction, in order: all of them or,
+        if they do not all fit (:class:`OutboxFullError`), none, so a crash or a full outbox
+        never leaves a transfer that can only expire half-sent at the aggregator."""
+        for payload in payloads:
+            self._validate(topic, payload, qos, round_id, kind)
+        size = sum(len(p) for p in payloads)
+        with self._transaction() as conn:
+            count, total = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
+            if count + len(payloads) > self.max_messages or total + size > self.max_bytes:
+                raise OutboxFullError(
+                    f"outbox {self.path} is full: {count} of {self.max_messages} messages, "
+                    f"{total} of {self.max_bytes} bytes; cannot add {len(payloads)} pieces of {size} bytes "
+                    f"for round {round_id!r}"
+                )
+            ids = []
+            for payload in payloads:
+                cur = conn.execute(
+                    "INSERT INTO messages (topic, payload, size, qos, round_id, kind, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (topic, bytes(payload), len(payload), qos, round_id, kind, time.time()),
+                )
+                assert cur.lastrowid is not None
+                ids.append(cur.lastrowid)
+            return ids
+
     def _validate(self, topic: str, payload: bytes, qos: int, round_id: str, kind: str) -> None:
         if not isinstance(topic, str) or not topic:
             raise OutboxError("outbox: topic must be a non-empty string")

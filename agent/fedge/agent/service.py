@@ -680,7 +680,9 @@ class AgentService:
         frames = outbox_frames(frame, self.config.chunk_bytes, self.core.identity)
         if len(frames) > 1:
             log.info("%s for round %s is %d bytes: %d sealed pieces", kind, round_id, len(frame), len(frames))
-        return [self.outbox.put(topic, f, 1, round_id, kind) for f in frames][-1]
+        if len(frames) == 1:
+            return self.outbox.put(topic, frame, 1, round_id, kind)
+        return self.outbox.put_all(topic, frames, 1, round_id, kind)[-1]
 
     def _drop_other_rounds(self, round_id: str) -> None:
         dropped = self.outbox.drop_rounds(lambda r: r != round_id)
