@@ -351,3 +351,16 @@ def test_a_validation_file_that_is_not_an_npz_is_refused(tmp_path: Path, har_mod
     model, manifest = load_model_dir(har_model_dir)
     with pytest.raises(ConfigError, match=r"cannot be read as a \.npz of x and y"):
         ValidationSet(path, model, manifest)
+
+
+def test_a_replica_that_wins_the_lease_continues_the_sequence_the_leader_left(tmp_path: Path) -> None:
+    follower = make_rollout(tmp_path)  # started while another replica led (shared state_dir)
+    leader = make_rollout(tmp_path)
+    c2 = candidate(2, 0.7)
+    leader.judge(c2, weights(2), c2.weights_sha256, 1.0)
+    assert follower.gate.state.sequence == 0
+    republished = follower.retained()  # what _run_rounds does first once it leads
+    assert follower.gate.state.sequence == 1 and TOPICS.rollout in dict(republished.items)
+    c3 = candidate(3, 0.8)
+    d = follower.judge(c3, weights(3), c3.weights_sha256, 2.0)
+    assert d is not None and verify_decision(dict(d.items)[TOPICS.rollout], TRUSTED, "fleet-r").sequence == 2

@@ -531,12 +531,17 @@ class Rollout:
         return RolloutPublication(tuple(items))
 
     def retained(self) -> RolloutPublication:
-        """At start and after a reconnect: the promoted weights and both documents again, byte
-        for byte. With the gate off, both topics are cleared: a device that still held a
-        promotion from when it was on goes back to predicting with the newest model."""
-        s = self.gate.state
+        """At start (after winning the lease, with the state re-read from ``state_dir``) and
+        after a reconnect: the promoted weights and both documents again, byte for byte. With
+        the gate off, both topics are cleared: a device that still held a promotion from when it
+        was on goes back to predicting with the newest model."""
         if not self.enabled:
             return RolloutPublication(((self.topics.rollout, b""), (self.topics.rollout_decision, b"")))
+        try:  # a replica that just won the lease: the state the previous leader left
+            self.gate.state = self._load()
+        except ConfigError as exc:
+            log.error("rollout: %s; going on with the state this process had", exc)
+        s = self.gate.state
         items: list[tuple[str, bytes]] = []
         p = s.promoted
         if self.enabled and p is not None and s.serving_frame is not None:
