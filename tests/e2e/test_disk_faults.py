@@ -303,4 +303,13 @@ def test_the_aggregator_publishes_nothing_it_could_not_checkpoint_and_goes_on_wh
     assert saved is not None and not saved.recovered_from_previous
     assert (saved.model_version, saved.round_number) == (manifests[-1].version, 4)
     assert saved.parent_hash == manifests[-1].sha256()
-    assert sorted(p.name for p in state_dir.iterdir()) == ["checkpoint.bin", "checkpoint.prev", "heartbeat"]
+    # (rollout/: the rollout gate's state and promoted weights, docs/rollout.md)
+    assert sorted(p.name for p in state_dir.iterdir()) == [
+        "checkpoint.bin",
+        "checkpoint.prev",
+        "heartbeat",
+        "rollout",
+    ]
+    assert not [
+        p.name for p in (state_dir / "rollout").iterdir() if p.name.startswith(".")
+    ]  # no temp file left
