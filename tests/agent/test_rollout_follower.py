@@ -37,6 +37,7 @@ class Device:
     def __init__(self, state_dir: Path) -> None:
         self.applied: list[tuple[int | None, bytes | None]] = []
         self.asked: list[str] = []
+        self.done: list[str] = []
         self.follower = RolloutFollower(state_dir, TOPICS, self.apply)
 
     def apply(self, decision: RolloutDecision | None, weights: bytes | None) -> None:
@@ -49,7 +50,7 @@ class Device:
     def blob_arrives(self, version: int) -> None:
         b = blob(version)
         assert self.follower.offer_blob(hashlib.sha256(b).hexdigest(), b)
-        self.follower.turn(TRUSTED, self.asked.append)
+        self.follower.turn(TRUSTED, self.asked.append, self.done.append)
 
 
 def decisions() -> list[RolloutDecision]:
@@ -74,6 +75,7 @@ def test_a_promotion_is_applied_once_its_checked_weights_are_in(tmp_path: Path) 
     assert device.follower.refused == {"bad_weights": 1}
     device.blob_arrives(2)
     assert device.applied == [(2, blob(2))]
+    assert device.done == [TOPICS.blob(candidate(2, 0.6).weights_sha256)]  # its subscription dropped
     device.receive(sign_decision(promote2, KEY))  # the retained copy again: nothing new
     assert device.applied == [(2, blob(2))] and "replayed" not in device.follower.refused
     report = device.follower.report(2)

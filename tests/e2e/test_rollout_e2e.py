@@ -244,6 +244,8 @@ def test_a_worse_model_is_refused_for_predictions_a_rollback_is_taken_and_a_repl
         )
         time.sleep(1.0)
         assert _rollout(recorder)["predicting_version"] == 1 and _rollout(recorder)["sequence"] == 4
+        # Fetched weights are unsubscribed: republished blobs are nothing the device did not want.
+        assert "blob_unwanted" not in _status(recorder)["messages_dropped"]
         assert promote1.items  # (v1's first promotion stays in the record: decision 1)
     finally:
         agent.terminate()

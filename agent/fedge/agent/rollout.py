@@ -119,9 +119,15 @@ class RolloutFollower:
 
     # --- the worker ------------------------------------------------------------------------
 
-    def turn(self, trusted: Mapping[str, VerifyKey], subscribe: Callable[[str], None] | None) -> None:
+    def turn(
+        self,
+        trusted: Mapping[str, VerifyKey],
+        subscribe: Callable[[str], None] | None,
+        fetched: Callable[[str], None] | None = None,
+    ) -> None:
         """Verifies a pending decision, asks for the weights (``subscribe``, None while offline)
-        and applies them once they are in. Never raises."""
+        and applies them once they are in (then ``fetched`` with their blob topic: no longer
+        needed). Never raises."""
         frame, self._pending = self._pending, None
         try:
             if frame is not None:
@@ -137,6 +143,8 @@ class RolloutFollower:
             if self.decision is not None and self._weights is not None and not self._applied:
                 self._applied = True
                 self.apply(self.decision, self._weights)
+                if fetched is not None and self.decision.weights_sha256 is not None:
+                    fetched(self.topics.blob(self.decision.weights_sha256))
                 log.info(
                     "rollout: predictions use v%s (decision %d: %s)",
                     self.decision.promoted_version,

@@ -879,7 +879,11 @@ class AgentService:
             if self.personal is not None and time.monotonic() >= self._personal_save_at:
                 self._save_personal()  # what a full or read-only state directory refused
             self._personalise()
-            self.rollout.turn(self.trust.trusted_keys(), self._subscribe if self.connected.is_set() else None)
+            self.rollout.turn(
+                self.trust.trusted_keys(),
+                self._subscribe if self.connected.is_set() else None,
+                self._rollout_fetched,
+            )
             self._predict()
             if time.monotonic() >= self._next_status_at and self.connected.is_set():
                 self._publish_status()
@@ -897,6 +901,14 @@ class AgentService:
             self.last_error = f"{type(exc).__name__}: {exc}"
             where = self.topics.manifest if frame is not None else "the worker"
             self._drop(f"handler_error:{type(exc).__name__}", where, repr(exc), exc)
+
+    def _rollout_fetched(self, topic: str) -> None:
+        """The promoted weights are in: their blob topic is dropped (unless a round's fetch wants
+        it), so the aggregator republishing it is not a blob nobody asked for."""
+        with self._lock:
+            busy = any(self.topics.blob(sha) == topic for sha in self._wanted_blobs)
+        if not busy:
+            self.client.unsubscribe([topic, f"{topic}/+"])
 
     def _subscribe(self, topic: str) -> None:
         self.client.subscribe(topic, qos=1)
