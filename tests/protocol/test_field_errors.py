@@ -152,7 +152,7 @@ CASES: list[tuple[str, Callable[[], object], type[FieldError], str, Any, Any]] =
         lambda: SealedHeader.from_dict({**_sealed(), "kind": "status"}),
         SealError,
         "kind",
-        ("update", "moments", "secagg_advertise", "secagg_shares", "secagg_masked", "secagg_unmask"),
+        ("update", "moments", "secagg_advertise", "secagg_shares", "secagg_masked", "secagg_unmask", "chunk"),
         "status",
     ),
     (
