@@ -358,12 +358,33 @@ def test_window_options_errors(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert_error(
         capsys, [*base, "--window", "6", "--statistics", "mean,avg"],
         "--statistics: unknown statistic 'avg'; known: mean, std, min, max, median, rms, range, p10, p25, "
-        "p75, p90, mad",
+        "p75, p90, mad; or raw alone (the readings themselves)",
     )  # fmt: skip
     assert_error(
         capsys, [*base, "--window", "6", "--statistics", "mean,mean"], "--statistics lists 'mean' twice"
     )
+    assert_error(
+        capsys, [*base, "--window", "6", "--statistics", "raw,mean"],
+        "--statistics: raw (the readings themselves) stands alone, not with statistics",
+    )  # fmt: skip
     assert not out.exists()
+
+
+def test_a_raw_window_task(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    profile = write_profile(tmp_path, SENSORS_YAML)
+    out = tmp_path / "raw.toml"
+    init_ok(
+        capsys, "--profile", str(profile), "--label", "occupied", "--window", "8,4",
+        "--statistics", "raw", "--hidden", "none", "--out", str(out),
+    )  # fmt: skip
+    task = check_written(out, profile)
+    assert task.features.window is not None and task.features.window.raw
+    assert task.features.raw_shape == (5, 8)
+    assert task.layer_sizes == (40, 2)  # 5 resources x 8 readings
+    text = out.read_text()
+    assert 'statistics = ["raw"]\n' in text
+    assert "# themselves (5 resources x 8 readings = 40 inputs),\n" in text
+    assert "# A linear model: 40 inputs, softmax over 2 classes, cross-entropy loss.\n" in text
 
 
 def test_bool_label_with_its_own_class_names(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from fedge.protocol.task import (
     MAX_HIDDEN_UNITS,
     MAX_LAYERS,
     MAX_WINDOW,
+    RAW_WINDOW,
     WINDOW_STATISTICS,
     TaskSpec,
     parse_task_spec,
@@ -255,15 +256,21 @@ def parse_window(text: str) -> tuple[int, int]:
 
 
 def parse_statistics(text: str) -> tuple[str, ...]:
-    """``--statistics``: comma-separated names of :data:`WINDOW_STATISTICS`, each once."""
+    """``--statistics``: comma-separated names of :data:`WINDOW_STATISTICS`, each once, or
+    ``raw`` alone (the window's readings themselves, for a model that reads the signal)."""
     names = split_names(text)
     for name in names:
-        if name not in WINDOW_STATISTICS:
+        if name not in WINDOW_STATISTICS and name != RAW_WINDOW:
             raise TaskInitError(
-                f"--statistics: unknown statistic {name!r}; known: {', '.join(WINDOW_STATISTICS)}"
+                f"--statistics: unknown statistic {name!r}; known: {', '.join(WINDOW_STATISTICS)}; "
+                f"or {RAW_WINDOW} alone (the readings themselves)"
             )
         if names.count(name) > 1:
             raise TaskInitError(f"--statistics lists {name!r} twice")
+    if RAW_WINDOW in names and len(names) > 1:
+        raise TaskInitError(
+            f"--statistics: {RAW_WINDOW} (the readings themselves) stands alone, not with statistics"
+        )
     return tuple(names)
 
 
@@ -383,12 +390,22 @@ def render_task(choice: TaskChoice, profile_path: str = "") -> str:
     else:
         size, step = choice.window
         stats = ", ".join(_toml_str(name) for name in choice.statistics)
+        if choice.statistics == (RAW_WINDOW,):
+            what = [
+                f"# One sample per {size} consecutive rows; its features are the window's readings",
+                f"# themselves ({len(names)} resources x {size} readings = {len(names) * size} inputs),",
+                '# resource by resource, oldest first (docs/task-spec.md, "Raw windows").',
+            ]
+        else:
+            what = [
+                f"# One sample per {size} consecutive rows; its features are these statistics of each",
+                f"# resource over the window ({len(names)} x {len(choice.statistics)} = "
+                f"{len(names) * len(choice.statistics)} inputs), resource by resource.",
+            ]
         lines += [
             "",
             "[features.window]",
-            f"# One sample per {size} consecutive rows; its features are these statistics of each",
-            f"# resource over the window ({len(names)} x {len(choice.statistics)} = "
-            f"{len(names) * len(choice.statistics)} inputs), resource by resource.",
+            *what,
             "# A classification sample takes the window's majority class, a regression its mean label.",
             f"size = {size}",
             f"step = {step}" + ("   # overlapping windows: a new one every row" if step == 1 else ""),
@@ -410,7 +427,10 @@ def render_task(choice: TaskChoice, profile_path: str = "") -> str:
         if choice.classes is not None
         else "one numeric output, squared-error loss"
     )
-    n_inputs = len(names) * (len(choice.statistics) if choice.window is not None else 1)
+    per_resource = 1
+    if choice.window is not None:
+        per_resource = choice.window[0] if choice.statistics == (RAW_WINDOW,) else len(choice.statistics)
+    n_inputs = len(names) * per_resource
     lines += [
         "",
         "[model]",
@@ -600,7 +620,7 @@ def add_parser(subparsers: Any) -> None:
         "--statistics",
         metavar="S1,S2,...",
         help=f"per-window statistics (with --window; default {','.join(DEFAULT_STATISTICS)}; "
-        f"known: {','.join(WINDOW_STATISTICS)})",
+        f"known: {','.join(WINDOW_STATISTICS)}; or {RAW_WINDOW} alone: the readings themselves)",
     )
     init.add_argument("--out", type=Path, required=True, metavar="FILE", help="task spec to write (TOML)")
     init.add_argument("--force", action="store_true", help="replace an existing --out file")
