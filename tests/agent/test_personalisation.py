@@ -29,6 +29,7 @@ from fedge.agent.insight import InsightPolicy, Prediction, insight_payload
 from fedge.agent.live import LiveWindow
 from fedge.agent.personal import (
     PERSONAL_FILE,
+    PersonalEvaluation,
     Personaliser,
     PersonalStorageFault,
     PersonalStore,
@@ -504,6 +505,41 @@ def test_fedge_agent_run_says_a_bad_personalisation_value_in_one_line(
     assert done.stderr.strip().splitlines() == [
         "fedge: error: [personalisation] epochs must be an integer in 1..1000, got -1"
     ]
+
+
+@pytest.mark.parametrize(
+    ("metric", "global_value", "personal_value", "serves"),
+    [
+        ("accuracy", 0.90, 0.95, True),
+        ("accuracy", 0.90, 0.90, True),  # not worse
+        ("accuracy", 0.90, 0.85, False),
+        ("mse", 0.40, 0.30, True),
+        ("mse", 0.40, 0.40, True),
+        ("mse", 0.40, 0.50, False),
+    ],
+)
+def test_personal_weights_that_score_worse_than_the_global_ones_do_not_serve(
+    world: dict[str, Any],
+    tmp_path: Path,
+    metric: str,
+    global_value: float,
+    personal_value: float,
+    serves: bool,
+) -> None:
+    manifest = round_manifest(world["trainer"], world["global"], 12)
+    personaliser = Personaliser(
+        PersonalisationSettings(True, EPOCHS), PersonalStore(tmp_path / PERSONAL_FILE), SEED
+    )
+    personaliser.installed(manifest, world["global"])
+    tuned = personaliser.fine_tune(world["trainer"], world["train"], world["holdout"])
+    personaliser.weights = replace(
+        tuned, evaluation=PersonalEvaluation(metric, 50, global_value, personal_value)
+    )
+    assert (personaliser.serving is personaliser.weights) is serves
+    assert personaliser.serving is None or serves
+    # Without a held-out part there is nothing to judge them by: they serve.
+    personaliser.weights = replace(tuned, evaluation=None)
+    assert personaliser.serving is personaliser.weights
 
 
 def test_the_personal_weights_file_keeps_every_field(world: dict[str, Any]) -> None:

@@ -95,6 +95,14 @@ class PersonalEvaluation:
     global_value: float
     personal_value: float
 
+    @property
+    def personal_not_worse(self) -> bool:
+        """Whether the personal weights score at least as well as the global ones here: a higher
+        or equal accuracy, a lower or equal MSE."""
+        if self.metric == "mse":
+            return self.personal_value <= self.global_value
+        return self.personal_value >= self.global_value
+
 
 @dataclass(frozen=True)
 class PersonalWeights:
@@ -402,8 +410,15 @@ class Personaliser:
 
     @property
     def serving(self) -> PersonalWeights | None:
-        """The personal weights predictions use: those kept, once a global model they fit is installed."""
-        return self.weights if self.manifest is not None else None
+        """The personal weights predictions use: those kept, once a global model they fit is
+        installed, unless they scored worse than the global weights they came from on the
+        device's held-out part (then the global model predicts: a fine-tune that over-fits a
+        small local set must not make a room's predictions worse). Without a held-out part
+        there is nothing to judge them by, and they serve."""
+        w = self.weights
+        if self.manifest is None or w is None:
+            return None
+        return w if w.evaluation is None or w.evaluation.personal_not_worse else None
 
     def due(self) -> bool:
         """Whether the installed global model is still to be fine-tuned."""

@@ -787,8 +787,14 @@ class AgentService:
                 "global model" if personal.serving is None else "older personal weights",
             )
             return
-        self._predict_with(weights)
+        self._predict_with(personal.serving)
         log.info("%s", weights.describe())
+        if personal.serving is None:
+            log.info(
+                "personalisation: the personal weights of global v%d score worse than the global ones on "
+                "this device's held-out part; predictions use the global model (the status shows both)",
+                manifest.version,
+            )
         self._next_status_at = 0.0  # the status's personal vs global metrics are news
         self._save_personal()
 
