@@ -47,7 +47,15 @@ class EdgeXFleet(Fleet):
     """The harness's fleet, provisioned to read EdgeX from the fleet's broker for ``task_file``
     (what ``fedge demo`` does) instead of reading the data set directly."""
 
-    def __init__(self, root: Path, broker_url: str, model_dir: Path, devices: int, rounds: dict[str, object]):
+    def __init__(
+        self,
+        root: Path,
+        broker_url: str,
+        model_dir: Path,
+        devices: int,
+        rounds: dict[str, object],
+        task_file: Path = RAW_TASK,
+    ):
         self.files = create_fleet(
             root,
             FLEET,
@@ -57,7 +65,7 @@ class EdgeXFleet(Fleet):
             {"wait_for_devices_s": 20.0, **rounds},
             agent_overrides={"status_interval_s": 0.5},
             edgex={"prefix": "edgex", "profile": str(PROFILE)},
-            task_file=RAW_TASK,
+            task_file=task_file,
         )
         self.root = root
         self.topics = FleetTopics(FLEET)
