@@ -23,6 +23,7 @@ from fedge.protocol.privacy_announcement import PrivacyAnnouncement
 from fedge.protocol.round_manifest import (
     MAX_SELECTED_DEVICES,
     PHASES,
+    AsyncAggregation,
     RoundManifest,
     RoundManifestError,
     round_manifest_from_dict,
@@ -186,6 +187,7 @@ _CHANGES: dict[str, Any] = {
     "secure_aggregation": SecureAggregationAnnouncement(2.0, 32, 2, 2),
     "strategy": StrategyAnnouncement("median", {"server_learning_rate": 1.0}),
     "topk_fraction": 0.2,
+    "aggregation": AsyncAggregation(buffer_size=3, max_staleness=4),
 }
 
 

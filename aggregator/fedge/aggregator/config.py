@@ -55,6 +55,7 @@ from fedge.protocol.metrics_settings import (
     metrics_settings_from_table,
 )
 from fedge.protocol.mqtt_settings import MQTT_KEYS, MqttSettings, mqtt_settings_from_table
+from fedge.protocol.round_manifest import MAX_BUFFER_SIZE, MAX_STALENESS
 from fedge.protocol.strategy_announcement import ADAPTIVE_OPTIMIZERS, ROBUST_STRATEGIES, STRATEGIES
 from fedge.protocol.topics import TopicError, check_id
 from fedge.shell.files import read_config_file
@@ -67,6 +68,8 @@ log = logging.getLogger("fedge.aggregator")
 
 #: ``[rounds] weighting``: how much each accepted update counts in the mean.
 WEIGHTINGS = ("equal", "examples")
+#: ``[rounds] aggregation``: synchronous rounds, or buffered asynchronous aggregation (docs/async.md).
+AGGREGATIONS = ("sync", "async")
 #: ``[rounds] moments_aggregation``: how devices' feature moments become the normalisation.
 MOMENTS_AGGREGATIONS = ("robust", "pooled")
 
@@ -139,6 +142,20 @@ class RoundSettings:
     #: Robust strategies hold every update of a round: at most this many (more are refused,
     #: ``too_many_updates``).
     robust_max_updates: int = 1000
+    #: "sync": a round waits for every selected device (or its deadline). "async": buffered
+    #: asynchronous aggregation (FedBuff, docs/async.md): updates trained from any of the last
+    #: ``max_staleness`` versions are folded as they arrive, weighted down by staleness, and a
+    #: new version is published every ``buffer_size`` accepted updates.
+    aggregation: str = "sync"
+    #: "async": K, the accepted updates that publish a new version.
+    buffer_size: int = 3
+    #: "async": S, how many versions behind the newest an update's base version may be.
+    max_staleness: int = 4
+
+    @property
+    def asynchronous(self) -> bool:
+        """Buffered asynchronous aggregation (``aggregation = "async"``)."""
+        return self.aggregation == "async"
 
     @property
     def robust(self) -> bool:
@@ -223,6 +240,9 @@ ROUND_KEYS = {
     "byzantine_devices",
     "multi_krum_select",
     "robust_max_updates",
+    "aggregation",
+    "buffer_size",
+    "max_staleness",
 }
 AGGREGATOR_KEYS = {
     "fleet",
@@ -294,8 +314,21 @@ def round_settings_from_table(r: Table) -> RoundSettings:
         byzantine_devices=r.integer("byzantine_devices", d.byzantine_devices, 0, 100_000),
         multi_krum_select=r.integer("multi_krum_select", d.multi_krum_select, 0, 1_000_000),
         robust_max_updates=r.integer("robust_max_updates", d.robust_max_updates, 1, 1_000_000),
+        aggregation=r.choice("aggregation", d.aggregation, AGGREGATIONS),
+        buffer_size=r.integer("buffer_size", d.buffer_size, 1, MAX_BUFFER_SIZE),
+        max_staleness=r.integer("max_staleness", d.max_staleness, 0, MAX_STALENESS),
     )
     _check_strategy(rounds)
+    if rounds.asynchronous and rounds.robust:
+        raise ConfigError(
+            f'[rounds] strategy = "{rounds.strategy}" needs a cohort of updates side by side: use '
+            'aggregation = "sync", or strategy "fedavg" or a server optimizer with "async" (docs/async.md)'
+        )
+    if rounds.asynchronous and rounds.buffer_size < rounds.min_devices:
+        raise ConfigError(
+            f"[rounds] buffer_size={rounds.buffer_size} is below min_devices={rounds.min_devices}: every "
+            "buffer would be aborted (raise buffer_size or lower min_devices)"
+        )
     if rounds.norm_unbounded:
         log.warning(
             "[rounds] update norms are unbounded (max_update_norm, update_norm_ratio and "
@@ -341,6 +374,32 @@ def _check_strategy(s: RoundSettings) -> None:
         )
 
 
+def check_asynchronous(
+    rounds: RoundSettings, privacy: PrivacySettings, replicas: bool, upstream: bool
+) -> None:
+    """``aggregation = "async"`` runs alone: secure aggregation masks a cohort's updates
+    together (no cohort, no mask), differential privacy accounts rounds of sampled devices,
+    and replicas and building gateways split or forward a round's cohort (docs/async.md)."""
+    if not rounds.asynchronous:
+        return
+    if privacy.secure_aggregation:
+        raise ConfigError(
+            '[rounds] aggregation = "async" cannot run with [privacy] secure_aggregation (its masks need '
+            'a cohort of devices): use aggregation = "sync" (docs/async.md)'
+        )
+    if privacy.enabled:
+        raise ConfigError(
+            '[rounds] aggregation = "async" cannot run with [privacy] differential privacy (its accounting '
+            'needs sampled rounds): use aggregation = "sync" (docs/async.md)'
+        )
+    if replicas or upstream:
+        table = "[replicas]" if replicas else "[upstream]"
+        raise ConfigError(
+            f'[rounds] aggregation = "async" cannot run with {table} (they split or forward a round\'s '
+            f'cohort): turn {table} off or use aggregation = "sync" (docs/async.md)'
+        )
+
+
 def _zero_or_at_least(r: Table, key: str, value: int, low: int) -> int:
     if 0 < value < low:
         raise ConfigError(
@@ -369,6 +428,7 @@ def load_aggregator_config(
     replicas = replica_settings_from_table(Table(data, "replicas", REPLICA_KEYS), env)
     check_replicable(replicas, rounds.strategy, rounds.robust, privacy.enabled, privacy.secure_aggregation)
     upstream = upstream_settings_from_table(Table(data, "upstream", UPSTREAM_KEYS), base)
+    check_asynchronous(rounds, privacy, replicas.enabled, upstream.enabled)
     if upstream.enabled and (replicas.enabled or privacy.secure_aggregation):
         raise ConfigError(
             "[upstream] (a building gateway) runs without [replicas] and without secure_aggregation: "

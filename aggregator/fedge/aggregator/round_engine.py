@@ -33,6 +33,12 @@ None. Moments rounds stay plain. The driver lives in memory only: a restart or a
 mid-round loses it, and the round is aborted (the next manifest opens a new one; an engine
 built on a checkpoint clears what the lost round may have left retained, with its first
 manifest).
+
+**Buffered asynchronous rounds** (``[rounds] aggregation = "async"``, ``docs/async.md``): a
+train round takes updates trained from any manifest of the last ``max_staleness`` versions
+(``fedge.aggregator.async_rounds.StalenessWindow``; each checked against the manifest it was
+trained from), scales each delta by its staleness weight after the norm bounds, and is due after
+``buffer_size`` accepted updates (or at its deadline). Moments rounds stay synchronous.
 """
 
 from __future__ import annotations
@@ -47,6 +53,14 @@ import numpy as np
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
+from fedge.aggregator.async_rounds import (
+    STALE,
+    StalenessScale,
+    StalenessWindow,
+    announcement,
+    build_async_round_folds,
+    staleness_weight,
+)
 from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.device_boxes import DeviceBoxes
 from fedge.aggregator.fedavg import AggregationError
@@ -291,6 +305,9 @@ class _OpenRound:
         #: The leader's round with ``[replicas]``: (worker, batch) of every partial absorbed, so
         #: a partial resent because its verdict was lost is answered, not counted again.
         self.absorbed: set[tuple[str, int]] = set()
+        #: An asynchronous train round's staleness link (``async_rounds.StalenessScale``), whose
+        #: factor is set before each update is folded; None in synchronous rounds.
+        self.scale: StalenessScale | None = None
 
     @property
     def bounds(self) -> NormBounds:
@@ -331,6 +348,16 @@ class RoundEngine:
             )
         # A server-optimizer state of another strategy or model: refused (ServerOptimizerStateError).
         check_state(state.server_optimizer, settings.strategy, model_manifest.parameter_count)
+        if settings.asynchronous and (secure is not None or privacy is not None or settings.robust):
+            raise FedgeError(
+                'aggregation = "async" runs without secure aggregation, differential privacy and robust '
+                "strategies (docs/async.md)"
+            )
+        if settings.asynchronous and settings.buffer_size < settings.min_devices:
+            raise FedgeError(
+                f"buffer_size={settings.buffer_size} is below min_devices={settings.min_devices}: "
+                "every buffer would be aborted"
+            )
         k = settings.devices_per_round
         if 0 < k < settings.min_devices:
             raise FedgeError(
@@ -376,6 +403,8 @@ class RoundEngine:
         self._secagg_outbox: list[SecAggPublication] = []
         #: ``[replicas]``: how long past a deadline the round waits for workers' partials.
         self.partial_grace_s = 0.0
+        #: ``aggregation = "async"``: the train manifests an update may still be trained from.
+        self.window = StalenessWindow(settings.max_staleness) if settings.asynchronous else None
         if secure is not None and state.version > 0 and self.phase == "train":
             # The round the checkpoint's version opened may have been a secure round lost with
             # the previous process: clear whatever of it is retained on the broker.
@@ -487,6 +516,7 @@ class RoundEngine:
             generation=self.state.generation,
             privacy=self._privacy_announcement(phase, len(selected)),
             strategy=strategy_announcement(self.settings) if phase == "train" else None,
+            aggregation=announcement(self.settings) if phase == "train" else None,
         )
         driver: SecureRoundDriver | None = None
         secure_failure: str | None = None
@@ -499,11 +529,7 @@ class RoundEngine:
         self.state.published_weights_sha256 = weights_sha
         self.state.version = version
         self.state.last_manifest_sha256 = manifest.sha256()
-        self.current = (
-            None
-            if phase == "final"
-            else _OpenRound(manifest, self._round_folds(manifest), driver, secure_failure)
-        )
+        self.current = None if phase == "final" else self._open(manifest, driver, secure_failure)
         blobs = {weights_topic: weights_bytes}
         if not self._model_published:  # retained: once per process is enough
             blobs = {self.topics.blob(self.model_sha256): self.model_bytes, **blobs}
@@ -514,6 +540,28 @@ class RoundEngine:
         return Publication(
             manifest=manifest, manifest_frame=frame, blobs=blobs, clear_blobs=clear, secagg=tuple(secagg)
         )
+
+    def _open(
+        self, manifest: RoundManifest, driver: SecureRoundDriver | None, secure_failure: str | None
+    ) -> _OpenRound:
+        """The round ``manifest`` opens; with ``aggregation = "async"`` a train round's folds
+        carry the staleness link and the manifest joins the window updates may be trained from."""
+        if self.window is None or manifest.phase != "train":
+            if self.window is not None:
+                self.window.clear()
+            return _OpenRound(manifest, self._round_folds(manifest), driver, secure_failure)
+        self.window.add(manifest)
+        folds, scale = build_async_round_folds(
+            self.settings,
+            self.state.weights,
+            self._history(),
+            self.model_manifest.parameter_count,
+            self.model_manifest.task.input_dim,
+            self.state.server_optimizer,
+        )
+        r = _OpenRound(manifest, folds, driver, secure_failure)
+        r.scale = scale
+        return r
 
     def _round_id(self, phase: str, version: int) -> str:
         if phase == "train":
@@ -685,6 +733,8 @@ class RoundEngine:
         if self.current.secure_failure is not None:  # nobody selected: wait out the round
             return now >= m.deadline
         finished = len(self.current.reported) + len(self.current.spent)
+        if self.current.scale is not None and len(self.current.reported) >= self.settings.buffer_size:
+            return True  # asynchronous: the buffer is full
         return finished >= len(m.selected_devices) or now >= m.deadline + self.partial_grace_s
 
     def close_round(self) -> RoundRecord:
@@ -894,14 +944,28 @@ class RoundEngine:
         if r is None:
             return Outcome(False, RejectReason.NO_OPEN_ROUND, device, header.kind)
         m = r.manifest
-        if header.round_id != m.round_id:
-            return Outcome(False, RejectReason.WRONG_ROUND, device, header.kind)
-        if now > m.deadline:
-            return Outcome(False, RejectReason.LATE, device, header.kind)
-        if header.model_version != m.version:
-            return Outcome(False, RejectReason.WRONG_VERSION, device, header.kind)
-        if not m.is_selected(device):
-            return Outcome(False, RejectReason.NOT_SELECTED, device, header.kind)
+        staleness = 0
+        if r.scale is not None and self.window is not None:
+            # Asynchronous: checked against the manifest the update was trained from.
+            base = self.window.base(header.model_version)
+            if base is None and header.model_version < m.version - self.window.max_staleness:
+                return Outcome(False, STALE, device, header.kind)
+            if base is None or header.round_id != base.round_id:
+                return Outcome(False, RejectReason.WRONG_ROUND, device, header.kind)
+            if now > m.deadline:
+                return Outcome(False, RejectReason.LATE, device, header.kind)
+            if not base.is_selected(device):
+                return Outcome(False, RejectReason.NOT_SELECTED, device, header.kind)
+            staleness = m.version - base.version
+        else:
+            if header.round_id != m.round_id:
+                return Outcome(False, RejectReason.WRONG_ROUND, device, header.kind)
+            if now > m.deadline:
+                return Outcome(False, RejectReason.LATE, device, header.kind)
+            if header.model_version != m.version:
+                return Outcome(False, RejectReason.WRONG_VERSION, device, header.kind)
+            if not m.is_selected(device):
+                return Outcome(False, RejectReason.NOT_SELECTED, device, header.kind)
         if r.secure is not None:
             return self._secure_message(r, device, header.kind, topic, payload, now)
         expected_kind = "moments" if m.phase == "moments" else "update"
@@ -923,6 +987,8 @@ class RoundEngine:
             return Outcome(False, exc.reason, device, header.kind)
         # Authentic: this message is the device's one for the round, accepted or not. A device
         # sending bad content again and again would otherwise cost a decryption each time.
+        if r.scale is not None:
+            r.scale.factor = staleness_weight(staleness)
         refused = self._fold_in(r, device, expected_kind, payload_header, body)
         if refused is not None:
             r.spent[device] = header.counter

@@ -42,6 +42,60 @@ class RoundManifestError(FieldError):
     """A round manifest has a missing, mistyped or inconsistent field."""
 
 
+#: ``aggregation.mode``: the only value a manifest carries (synchronous rounds leave it out).
+ASYNC_MODE = "async"
+#: Bounds on ``aggregation.buffer_size`` (K) and ``aggregation.max_staleness`` (S).
+MAX_BUFFER_SIZE = 100_000
+MAX_STALENESS = 1000
+
+
+@dataclass(frozen=True)
+class AsyncAggregation:
+    """What a train manifest of a buffered asynchronous fleet announces (docs/async.md): a new
+    version follows every ``buffer_size`` accepted updates, and an update trained from a version
+    more than ``max_staleness`` versions old is refused. Devices need nothing from it to train
+    (they answer the newest manifest as always); it is signed so what the aggregator does with
+    a late update is part of what the fleet was told."""
+
+    buffer_size: int
+    max_staleness: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": ASYNC_MODE, "buffer_size": self.buffer_size, "max_staleness": self.max_staleness}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AsyncAggregation:
+        """Strict: exactly ``mode`` ("async"), ``buffer_size`` (1..100000) and ``max_staleness``
+        (0..1000)."""
+        keys = {"mode", "buffer_size", "max_staleness"}
+        if not isinstance(data, dict) or set(data) != keys:
+            raise RoundManifestError(
+                "aggregation must be an object with exactly mode, buffer_size and max_staleness",
+                field="aggregation",
+                expected=sorted(keys),
+                found=sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__,
+            )
+        if data["mode"] != ASYNC_MODE:
+            raise RoundManifestError(
+                f'aggregation.mode must be "{ASYNC_MODE}"',
+                field="aggregation.mode",
+                expected=ASYNC_MODE,
+                found=data["mode"],
+            )
+        values: dict[str, int] = {}
+        for key, low, high in (("buffer_size", 1, MAX_BUFFER_SIZE), ("max_staleness", 0, MAX_STALENESS)):
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise RoundManifestError(
+                    f"aggregation.{key} must be an integer in {low}..{high}",
+                    field=f"aggregation.{key}",
+                    expected=f"{low}..{high}",
+                    found=value,
+                )
+            values[key] = value
+        return cls(buffer_size=values["buffer_size"], max_staleness=values["max_staleness"])
+
+
 @dataclass(frozen=True)
 class RoundManifest:
     fleet: str
@@ -81,6 +135,11 @@ class RoundManifest:
     #: update carries (``[rounds] topk_fraction``), which fixes every tensor's ``k``. Present
     #: exactly when the codec is sparse, so dense manifests are what they always were.
     topk_fraction: float | None = None
+    #: Buffered asynchronous aggregation (``[rounds] aggregation = "async"``, docs/async.md),
+    #: in train manifests only: the aggregator folds updates trained from any of the last
+    #: ``max_staleness`` versions and publishes a new one every ``buffer_size`` accepted
+    #: updates. Left out for synchronous rounds, so their manifests (and hashes) are unchanged.
+    aggregation: AsyncAggregation | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -113,6 +172,8 @@ class RoundManifest:
             doc["strategy"] = self.strategy.to_dict()
         if self.topk_fraction is not None:
             doc["topk_fraction"] = self.topk_fraction
+        if self.aggregation is not None:
+            doc["aggregation"] = self.aggregation.to_dict()
         return doc
 
     def sha256(self) -> str:
@@ -151,7 +212,7 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         "model_manifest",
         "normalisation",
     }
-    optional = {"generation", "privacy", "secure_aggregation", "strategy", "topk_fraction"}
+    optional = {"generation", "privacy", "secure_aggregation", "strategy", "topk_fraction", "aggregation"}
     if set(data) - optional != expected:
         missing, extra = sorted(expected - set(data)), sorted(set(data) - expected - optional)
         raise RoundManifestError(
@@ -265,7 +326,23 @@ def round_manifest_from_dict(data: Any) -> RoundManifest:
         secure_aggregation=_secure_aggregation(data),
         strategy=_strategy(data),
         topk_fraction=_topk_fraction(data, codec),
+        aggregation=_aggregation(data),
     )
+
+
+def _aggregation(data: dict[str, Any]) -> AsyncAggregation | None:
+    """``aggregation``: absent for synchronous rounds; present, in a train round without secure
+    aggregation (a masked sum needs a cohort, docs/async.md) and complete."""
+    if "aggregation" not in data:
+        return None
+    if data["phase"] != "train" or "secure_aggregation" in data:
+        raise RoundManifestError(
+            "aggregation is only for train rounds without secure_aggregation",
+            field="aggregation",
+            expected="absent",
+            found=data["phase"] if data["phase"] != "train" else "secure_aggregation",
+        )
+    return AsyncAggregation.from_dict(data["aggregation"])
 
 
 def _topk_fraction(data: dict[str, Any], codec: Codec) -> float | None:

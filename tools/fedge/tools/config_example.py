@@ -1018,6 +1018,33 @@ AGGREGATOR_SECTIONS = (
                 lo=1,
                 hi=1_000_000,
             ),
+            Key(
+                "aggregation",
+                STRING,
+                "sync: a round waits for every selected device or its deadline; async: buffered "
+                "asynchronous aggregation (FedBuff, docs/async.md), a new version every buffer_size "
+                "accepted updates, stale updates weighted 1/sqrt(1+staleness). async: fedavg or a "
+                "server optimizer, without [privacy], [replicas] or [upstream].",
+                default="sync",
+                choices=("sync", "async"),
+            ),
+            Key(
+                "buffer_size",
+                INTEGER,
+                "async: K, the accepted updates that publish a new version (not below min_devices).",
+                default=3,
+                lo=1,
+                hi=100_000,
+            ),
+            Key(
+                "max_staleness",
+                INTEGER,
+                "async: S, how many versions behind the newest an update's base may be (older: "
+                "refused, stale).",
+                default=4,
+                lo=0,
+                hi=1000,
+            ),
         ),
     ),
     Section(
