@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedge.agent.core import DeviceCore, DeviceIdentity, DropOtherRounds, FetchBlobs, Persist
+from fedge.agent.device_state import DeviceState
 from fedge.aggregator.async_rounds import STALE, StalenessWindow, staleness_weight
 from fedge.aggregator.config import RoundSettings, load_aggregator_config
 from fedge.aggregator.round_engine import Outcome, Publication, RoundEngine
@@ -27,10 +29,15 @@ from fedge.protocol.round_manifest import (
     RoundManifestError,
     round_manifest_from_dict,
 )
+from fedge.protocol.signing import key_id
 from support.aggregator_toml import MINIMAL_AGGREGATOR_TOML
 from support.engine_helpers import (
+    AGGREGATOR_KEY,
     DEVICE_IDS,
+    DEVICE_KEYS,
+    FLEET,
     INITIAL_WEIGHTS,
+    SIGNING_KEY,
     T0,
     Device,
     delta_for,
@@ -335,3 +342,25 @@ def test_the_rounds_table_reads_the_async_keys(tmp_path: Path) -> None:
 def test_what_async_refuses_at_start(tmp_path: Path, extra: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(tmp_path, extra)
+
+
+# --- the device core ----------------------------------------------------------------------------
+
+
+def test_a_device_keeps_its_queued_update_when_a_newer_async_manifest_arrives() -> None:
+    """A synchronous manifest drops queued messages of other rounds (they would be refused
+    ``wrong_round``); an asynchronous one keeps them: the aggregator still folds them in."""
+    identity = DeviceIdentity(FLEET, "dev-a", DEVICE_KEYS["dev-a"], AGGREGATOR_KEY.public_key)
+    trusted = {key_id(SIGNING_KEY.verify_key): SIGNING_KEY.verify_key}
+    asynchronous = async_engine().open_round(T0)
+    m = asynchronous.manifest
+    actions = DeviceCore(identity, DeviceState()).manifest_arrived(
+        asynchronous.manifest_frame, trusted, T0 + 1
+    )
+    assert actions == [
+        Persist(DeviceState(manifest_version=m.version, manifest_sha256=m.sha256())),
+        FetchBlobs(frozenset({m.model_sha256, m.weights_sha256})),
+    ]
+    sync = make_engine(settings()).open_round(T0)
+    actions = DeviceCore(identity, DeviceState()).manifest_arrived(sync.manifest_frame, trusted, T0 + 1)
+    assert DropOtherRounds(sync.manifest.round_id) in actions

@@ -479,7 +479,12 @@ class DeviceCore:
         self._move(Outcome.MANIFEST_ACCEPTED)
         self.pending = manifest
         self.wanted = frozenset(wanted)
-        actions += [DropOtherRounds(manifest.round_id), FetchBlobs(self.wanted)]
+        if manifest.aggregation is None:
+            actions.append(DropOtherRounds(manifest.round_id))
+        # else buffered asynchronous aggregation (docs/async.md): an update of an earlier
+        # round still in the outbox counts for the aggregator (weighted by its staleness, or
+        # refused ``stale`` when too old), so a newer manifest does not drop it.
+        actions.append(FetchBlobs(self.wanted))
         return actions
 
     def superseded(self) -> list[Action]:
