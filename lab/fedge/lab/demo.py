@@ -39,6 +39,7 @@ from fedge.lab import har_watch
 from fedge.lab.container_agent import podman_run_command, stage_container_agent
 from fedge.lab.dropouts import Dropouts
 from fedge.lab.observer import FleetObserver
+from fedge.lab.pacer import Pacer
 from fedge.lab.provision import create_fleet
 from fedge.lab.train_local import build_model_files, train_local, train_local_csv
 from fedge.protocol.codec import Codec
@@ -130,6 +131,20 @@ class DemoOptions:
     # Two-tier aggregation (docs/scale.md): 0 is one gateway; B splits the devices over B
     # building gateways, each with its own broker bridged to a campus broker and aggregator.
     buildings: int = 0
+    # Buffered asynchronous aggregation (the aggregator's [rounds] aggregation, docs/async.md):
+    # "sync" or "async"; with "async", buffer_size None is max(min_devices, a third of the
+    # devices) and min_devices defaults to a third of the devices.
+    aggregation: str = "sync"
+    buffer_size: int | None = None
+    max_staleness: int = 4
+    # Devices of mixed speed (fedge.lab.pacer): slow_devices run slow_factor times slower (None:
+    # a third of the devices with "async", none with "sync"); offline_devices are frozen for
+    # offline_s out of every offline_every_s seconds. Host-process agents only.
+    slow_devices: int | None = None
+    slow_factor: float = 5.0
+    offline_devices: int = 0
+    offline_s: float = 0.0
+    offline_every_s: float = 0.0
 
 
 @dataclass
@@ -169,6 +184,11 @@ class DemoSummary:
     workers: dict[str, Any] = field(default_factory=dict)
     #: With ``--buildings``: each building gateway's devices (the rounds are the campus's).
     buildings: dict[str, list[str]] = field(default_factory=dict)
+    #: ``[rounds] aggregation``: "sync" or "async" (docs/async.md).
+    aggregation: str = "sync"
+    #: The devices run slower (``slow_factor`` x) or intermittently offline (fedge.lab.pacer).
+    slow_devices: list[str] = field(default_factory=list)
+    offline_devices: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -683,7 +703,9 @@ def run_demo(
     if own is None and not 1 <= options.devices <= MAX_DEVICES:
         raise FedgeError(f"--devices must be 1..{MAX_DEVICES} (subjects 1-7; 8-10 are held out for testing)")
     n_devices = len(own.events) if own is not None else options.devices
-    min_devices = options.min_devices or max(1, (n_devices + 1) // 2)
+    asynchronous = _check_aggregation(options)
+    third = max(1, (n_devices + 2) // 3)
+    min_devices = options.min_devices or (third if asynchronous else max(1, (n_devices + 1) // 2))
     if options.secure_aggregation and options.min_devices is None:
         min_devices = max(min_devices, 3)  # the protocol's least: with 2, one sum reveals the other
     elif options.secure_aggregation and min_devices < 3:
@@ -696,6 +718,9 @@ def run_demo(
     if options.container_agents and not options.agent_image:
         raise FedgeError("--container-agents needs --agent-image (built by make images)")
     threshold = _secure_threshold(options, n_devices, min_devices)
+    buffer_size = options.buffer_size or max(min_devices, third)
+    if asynchronous and buffer_size < min_devices:
+        raise FedgeError(f"--buffer-size {buffer_size} is below --min-devices {min_devices}")
     workers = _worker_names(options)
     out = options.out.resolve()  # the broker's configuration names absolute paths
     out.mkdir(parents=True, exist_ok=True)
@@ -792,6 +817,11 @@ def run_demo(
             "codec": options.codec,
             "server_learning_rate": options.server_learning_rate,
             "wait_for_devices_s": 60.0,
+            **(
+                {"aggregation": "async", "buffer_size": buffer_size, "max_staleness": options.max_staleness}
+                if asynchronous
+                else {}
+            ),
         },
         privacy=_privacy_table(options, threshold),
         secure_aggregation=options.secure_aggregation,
@@ -823,6 +853,8 @@ def run_demo(
     live_stop = threading.Event()
     live_thread: threading.Thread | None = None
     dropouts: Dropouts | None = None
+    pacer: Pacer | None = None
+    slow, offline = _paced_devices(options, list(fleet.agent_configs), asynchronous)
     try:
         observer.start()
         for index, (device_id, cfg) in enumerate(fleet.agent_configs.items()):
@@ -880,6 +912,15 @@ def run_demo(
                 seed=options.seed,
             )
             dropouts.start()
+        if slow or offline:  # mixed speeds from here on (the data is in)
+            pacer = Pacer(
+                {d: procs[d].pid for d in slow},
+                options.slow_factor,
+                intermittent={d: procs[d].pid for d in offline},
+                outage_s=options.offline_s,
+                outage_every_s=options.offline_every_s,
+            )
+            pacer.start()
         for worker in workers:  # before the leader, so that each has joined the shared subscription
             procs[worker] = _spawn(
                 ["aggregator", "run", "--config", str(fleet.aggregator_config)],
@@ -906,6 +947,8 @@ def run_demo(
             if time.monotonic() > limit:
                 raise FedgeError(f"the demo did not finish in time; see the logs in {out / 'logs'}")
     finally:
+        if pacer is not None:
+            pacer.stop()  # thaws every paced agent, so that it can be terminated
         if dropouts is not None:
             dropouts.stop()
         live_stop.set()
@@ -916,7 +959,7 @@ def run_demo(
         observer.stop()
         if broker is not None:
             broker.stop()
-    return _summarise(
+    summary = _summarise(
         options,
         observer,
         centralized,
@@ -926,6 +969,50 @@ def run_demo(
         centralized_mse=centralized_mse,
         own=own,
     )
+    summary.aggregation = options.aggregation
+    summary.slow_devices, summary.offline_devices = slow, offline
+    return summary
+
+
+def _check_aggregation(options: DemoOptions) -> bool:
+    """``--aggregation``: True for "async", after refusing what it cannot run with (the
+    aggregator's config would refuse it too, but only once its process starts)."""
+    if options.aggregation not in ("sync", "async"):
+        raise FedgeError(f'--aggregation must be "sync" or "async", got {options.aggregation!r}')
+    if options.aggregation == "sync":
+        return False
+    for on, flag in (
+        (options.secure_aggregation, "--secure-aggregation"),
+        (options.dp_epsilon is not None, "--dp-epsilon"),
+        (options.aggregator_replicas > 1, "--aggregator-replicas"),
+        (options.buildings > 0, "--buildings"),
+    ):
+        if on:
+            raise FedgeError(
+                f"--aggregation async cannot run with {flag}: use --aggregation sync (docs/async.md)"
+            )
+    return True
+
+
+def _paced_devices(
+    options: DemoOptions, device_ids: list[str], asynchronous: bool
+) -> tuple[list[str], list[str]]:
+    """Which host-process agents run slow and which go offline at times: the last devices (the
+    first ``container_agents`` run in containers, which the pacer cannot freeze), slow ones
+    last, offline ones before them."""
+    hosts = sorted(device_ids)[options.container_agents :]
+    n_slow = options.slow_devices
+    if n_slow is None:
+        n_slow = max(1, len(device_ids) // 3) if asynchronous else 0
+    if n_slow < 0 or options.offline_devices < 0 or n_slow + options.offline_devices > len(hosts):
+        raise FedgeError(
+            f"--slow-devices {n_slow} and --offline-devices {options.offline_devices} must fit in the "
+            f"{len(hosts)} host-process agents"
+        )
+    slow = hosts[len(hosts) - n_slow :] if n_slow else []
+    rest = hosts[: len(hosts) - n_slow]
+    offline = rest[len(rest) - options.offline_devices :] if options.offline_devices else []
+    return slow, offline
 
 
 def _worker_names(options: DemoOptions) -> tuple[str, ...]:
