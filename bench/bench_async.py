@@ -124,6 +124,9 @@ def render(results: dict[str, Any]) -> str:
     def f(x: float | None) -> str:
         return "–" if x is None else f"{x:.3f}"
 
+    def rejected(counts: dict[str, int]) -> str:
+        return ", ".join(f"{why} {n}" for why, n in counts.items()) or "–"
+
     def reach(seconds: float | None, versions: int | None) -> str:
         return "never" if seconds is None else f"{seconds:.2f} s (v+{versions})"
 
@@ -138,7 +141,7 @@ def render(results: dict[str, Any]) -> str:
             f"{reach(r['seconds_to_target_held'], r['versions_to_target_held'])} | "
             f"{f(r['best_accuracy'])} | {f(r['final_accuracy'])} | "
             + " | ".join(f(acc[str(s)]) for s in CHECKPOINTS_S)
-            + f" | {r['training_seconds']} | {r['rejected'] or '–'} |"
+            + f" | {r['training_seconds']} | {rejected(r['rejected'])} |"
         )
     return "\n".join(lines)
 
