@@ -125,6 +125,7 @@ def test_async_versions_advance_without_waiting_for_the_slow_device(
     # So each of them that landed while a round was open was folded in. (A fast device may see
     # ``duplicate``: one update per device per buffer, and it can send for two versions into one.)
     assert "rejected message from watch-03" not in fleet.log("aggregator")
+    assert "accepted update from watch-03" in fleet.log("aggregator")
     for reason in ("stale", "late", "wrong_round", "wrong_version", "not_selected"):
         assert reason not in status["rejected_total"], status["rejected_total"]
     assert "Traceback" not in fleet.log("watch-03") + fleet.log("aggregator")
