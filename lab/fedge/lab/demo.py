@@ -695,6 +695,7 @@ def run_demo(
     on_progress: Callable[[FleetObserver], None] | None = None,
     on_data_progress: Callable[[int, int], None] | None = None,
 ) -> DemoSummary:
+    asynchronous = _check_aggregation(options)  # before --buildings, which it cannot run with
     if options.buildings > 0:  # devices under building gateways under one campus
         from fedge.lab.demo_buildings import run_buildings_demo  # noqa: PLC0415
 
@@ -703,7 +704,6 @@ def run_demo(
     if own is None and not 1 <= options.devices <= MAX_DEVICES:
         raise FedgeError(f"--devices must be 1..{MAX_DEVICES} (subjects 1-7; 8-10 are held out for testing)")
     n_devices = len(own.events) if own is not None else options.devices
-    asynchronous = _check_aggregation(options)
     third = max(1, (n_devices + 2) // 3)
     min_devices = options.min_devices or (third if asynchronous else max(1, (n_devices + 1) // 2))
     if options.secure_aggregation and options.min_devices is None:
