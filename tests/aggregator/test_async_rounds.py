@@ -364,3 +364,19 @@ def test_a_device_keeps_its_queued_update_when_a_newer_async_manifest_arrives() 
     sync = make_engine(settings()).open_round(T0)
     actions = DeviceCore(identity, DeviceState()).manifest_arrived(sync.manifest_frame, trusted, T0 + 1)
     assert DropOtherRounds(sync.manifest.round_id) in actions
+
+
+def test_a_server_optimizer_steps_on_each_buffer_and_keeps_its_state() -> None:
+    engine = async_engine(buffer_size=2, strategy="fedadam", server_learning_rate=0.01)
+    devs = devices(FIVE)
+    v1 = engine.open_round(T0).manifest
+    assert v1.strategy is not None and v1.aggregation is not None
+    for dev in ("dev-a", "dev-b"):
+        assert send(engine, devs[dev], devs[dev].update(v1), T0 + 1) == accepted(dev)
+    v2 = publish_next(engine, T0 + 2).manifest
+    first = engine.state.server_optimizer
+    assert first is not None and not np.array_equal(engine.state.weights, INITIAL_WEIGHTS)
+    assert send(engine, devs["dev-c"], devs["dev-c"].update(v1), T0 + 3) == accepted("dev-c")
+    assert send(engine, devs["dev-a"], devs["dev-a"].update(v2), T0 + 3) == accepted("dev-a")
+    assert engine.close_round().outcome == "aggregated"
+    assert engine.state.server_optimizer is not None and engine.state.server_optimizer != first
