@@ -151,6 +151,7 @@ def test_an_agent_whose_broker_does_not_answer_says_so_with_what_to_check(tmp_pa
         ("--server-lr", "inf", "must be a number from 0.000001 to 100, not inf"),
         ("--min-devices", "0", "must be a whole number >= 1, not 0"),
         ("--container-agents", "-1", "must be a whole number >= 0, not -1"),
+        ("--aggregation", "later", "invalid choice: 'later' (choose from 'sync', 'async')"),
     ],
 )
 def test_demo_options_are_checked_before_anything_starts(
@@ -174,8 +175,8 @@ def test_help_shows_the_defaults() -> None:
     assert "--rounds ROUNDS federated rounds (default: 20)" in text
     assert "--round-timeout ROUND_TIMEOUT round deadline in seconds (default: 60.0)" in text
     assert (
-        "--server-lr SERVER_LR server learning rate (default: 2.0 for the smartwatch data, 1.0 with --train)"
-        in text
+        "--server-lr SERVER_LR server learning rate (default: 2.0 for the smartwatch data, 1.0 with --train "
+        "or --aggregation async)" in text
     )
     assert "(default: None)" not in text and "(default: False)" not in text
     simulate = " ".join(fedge("edgex", "simulate", "--help").stdout.split())
@@ -228,3 +229,14 @@ def test_step_lines_report_the_elapsed_time() -> None:
         "fedge demo: round 1/20 done, held-out accuracy 0.700, 12.3s elapsed\n"
         "fedge demo: round 2/20 done, 30.0s elapsed\n"
     )
+
+
+def test_an_async_demo_with_secure_aggregation_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = fedge("demo", "--out", str(out), "--aggregation", "async", "--secure-aggregation")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "fedge: error: --aggregation async cannot run with --secure-aggregation: use --aggregation sync "
+        "(docs/async.md)"
+    )
+    assert not out.exists()

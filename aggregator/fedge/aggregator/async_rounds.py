@@ -44,10 +44,11 @@ from fedge.aggregator.strategies.metrics import RoundMetrics
 from fedge.aggregator.strategies.server_optimizers import ServerOptimizer, ServerOptimizerState
 from fedge.aggregator.strategies.weighting import CappedClaims
 from fedge.protocol.messages import UpdatePayload
+from fedge.protocol.reasons import RejectReason
 from fedge.protocol.round_manifest import AsyncAggregation, RoundManifest
 
 #: The rejection reason of an update trained from a version more than ``max_staleness`` behind.
-STALE = "stale"
+STALE = RejectReason.STALE
 
 
 def staleness_weight(staleness: int) -> float:

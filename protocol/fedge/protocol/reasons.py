@@ -51,6 +51,8 @@ class RejectReason(StrEnum):
     REVOKED_DEVICE = "revoked_device"
     #: No round is open (between rounds, or training is over).
     NO_OPEN_ROUND = "no_open_round"
+    #: ``[rounds] aggregation = "async"``: trained from a version older than ``max_staleness``.
+    STALE = "stale"
     #: The message names another round than the open one.
     WRONG_ROUND = "wrong_round"
     #: Arrived after the round's deadline.
