@@ -495,6 +495,16 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
     )
     for d in subjects:
         summary["agents"][d]["idle_wakeups_per_s"] = wakeups[d]
+    # Per thread name, the median over the agents (each agent's threads have the same roles).
+    names = sorted({k for w in wakeups.values() for k in w})
+    summary["agent_idle_wakeups_per_s_median"] = {
+        k: round(statistics.median(w.get(k, 0.0) for w in wakeups.values()), 2) for k in names
+    }
+    summary["agent_idle_wakeups_per_s_total"] = {
+        "min": min(sum(w.values()) for w in wakeups.values()),
+        "median": statistics.median(sum(w.values()) for w in wakeups.values()),
+        "max": max(sum(w.values()) for w in wakeups.values()),
+    }
     return summary
 
 
@@ -632,8 +642,10 @@ def summarise(
 
 
 def thread_wakeups(pid: int) -> dict[str, tuple[str, int]]:
-    """Each thread of ``pid``: its name and how often it has gone to sleep and woken again
-    (``voluntary_ctxt_switches``: a wait, a select, a blocking read each count one)."""
+    """Each thread of ``pid``: its name (``comm``: the agent names its own threads, see
+    ``fedge.shell.threads``) and how often it has been switched out and in again, the
+    voluntary (a wait, a select, a blocking read each count one) and the nonvoluntary
+    (preempted while running) context switches together."""
     out: dict[str, tuple[str, int]] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -642,9 +654,11 @@ def thread_wakeups(pid: int) -> dict[str, tuple[str, int]]:
     for tid in tids:
         try:
             name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            switches = 0
             for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    out[tid] = (name, int(line.split()[1]))
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                    switches += int(line.split()[1])
+            out[tid] = (name, switches)
         except (OSError, ValueError):
             continue
     return out
@@ -653,14 +667,19 @@ def thread_wakeups(pid: int) -> dict[str, tuple[str, int]]:
 def wakeups_per_s(
     before: dict[str, tuple[str, int]], after: dict[str, tuple[str, int]], seconds: float
 ) -> dict[str, float]:
-    """Wake-ups a second of each thread over the idle window, by thread name (tid if unnamed)."""
+    """Wake-ups a second of each thread over the idle window, by thread name: the main thread
+    is "main"; a thread whose comm is still the process's (not named) is "thread <n>" by start
+    order; two threads of one name are told apart by a suffix."""
     out: dict[str, float] = {}
     main = min(after, key=int, default="")
-    for tid, (_, count) in sorted(after.items(), key=lambda kv: int(kv[0])):
-        if tid in before:  # Python does not name its threads: the main one, then by start order
-            out["main" if tid == main else f"thread {len(out)}"] = round(
-                (count - before[tid][1]) / seconds, 2
-            )
+    process_name = after[main][0] if main else ""
+    for n, (tid, (name, count)) in enumerate(sorted(after.items(), key=lambda kv: int(kv[0]))):
+        if tid not in before:  # started in the window: not an idle thread's rate
+            continue
+        label = "main" if tid == main else (f"thread {n}" if name == process_name else name)
+        while label in out:
+            label += "'"
+        out[label] = round((count - before[tid][1]) / seconds, 2)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
@@ -792,6 +811,14 @@ def render(report: dict[str, Any]) -> str:
     if "idle_wakeups_per_s" in first:
         woke = ", ".join(f"{k} {v:g}" for k, v in first["idle_wakeups_per_s"].items())
         lines.append(f"{f['smaps']['device']}'s threads, wake-ups a second when idle: {woke}")
+    if "agent_idle_wakeups_per_s_median" in f:
+        by_thread = sorted(f["agent_idle_wakeups_per_s_median"].items(), key=lambda kv: -kv[1])
+        lines.append("median over the agents: " + ", ".join(f"{k} {v:g}" for k, v in by_thread))
+        total = f["agent_idle_wakeups_per_s_total"]
+        lines.append(
+            f"wake-ups a second of a whole idle agent: min {total['min']:.1f}, median {total['median']:.1f}, "
+            f"max {total['max']:.1f} (live readings arriving)"
+        )
     lines.append(f"where {f['smaps']['device']}'s memory is after the rounds (smaps, resident):")
     for k, v in f["smaps"]["after_rounds_groups"].items():
         lines.append(f"  {k:70} {mib(v):>7} MiB")

@@ -104,7 +104,12 @@ def append(path: Path, text: str) -> None:
 
 
 def make_source(
-    tmp_path: Path, task: TaskSpec, csv_file: Path, state: str = "state", settle_s: float = 0.2
+    tmp_path: Path,
+    task: TaskSpec,
+    csv_file: Path,
+    state: str = "state",
+    settle_s: float = 0.2,
+    poll_s: float = 0.05,
 ) -> CsvSource:
     profile = load_profile(PROFILE)
     state_dir = tmp_path / state
@@ -118,7 +123,7 @@ def make_source(
         CsvCursor(state_dir / CURSOR_FILE, csv_file),
         value_types={r.name: r.value_type for r in profile.resources},
         profile_name=profile.name,
-        poll_s=0.05,
+        poll_s=poll_s,
         settle_s=settle_s,
     )
 
@@ -423,3 +428,70 @@ def test_csv_file_is_required_with_source_csv_and_refused_with_another(tmp_path:
         with pytest.raises(ConfigError) as refused:
             load_agent_config(fleet_config(tmp_path / name.replace(" ", "-"), data), {})
         assert str(refused.value) == message, name
+
+
+def thread_switches(source: CsvSource) -> int:
+    """How often the source's thread has slept and woken (context switches, from /proc)."""
+    counts = 0
+    for line in Path(f"/proc/self/task/{source._thread.native_id}/status").read_text().splitlines():
+        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+            counts += int(line.split()[1])
+    return counts
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="inotify and /proc: Linux")
+def test_with_inotify_the_source_sleeps_until_the_file_changes_and_misses_nothing(
+    tmp_path: Path, har_task: TaskSpec, running: list[CsvSource], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A poll of an hour: only the directory's inotify events (and the source's own deadlines:
+    a half-written row settling, the reorder flush) can wake it, so appended rows, a half-written
+    last row, a rotation and stop are all seen without polling, and an unchanged file costs no
+    wake-ups."""
+    events = edgex_events(recordings())
+    lines = csv_lines(events)
+    csv_file = tmp_path / "readings.csv"
+    write_csv(csv_file, lines[:300])
+    caplog.set_level(logging.INFO, LOGGER)
+    source = start(make_source(tmp_path, har_task, csv_file, settle_s=0.2, poll_s=3600.0), running)
+    wait_for(caught_up(source, 300), "the first 300 rows")
+    time.sleep(0.5)  # the reorder flush (IDLE_FLUSH_S after the last rows) may still be due
+    wait_for(lambda: source.report()["csv"]["caught_up"], "the flush")
+    before = thread_switches(source)
+    time.sleep(1.0)  # nothing changes: the thread sleeps (it polled 20 times a second before)
+    assert thread_switches(source) - before <= 2
+    append(csv_file, "\n".join(lines[300:-1]) + "\n")
+    append(csv_file, lines[-1][:10])  # half-written: read once it settles (a deadline, not an event)
+    wait_for(caught_up(source, len(lines)), "the appended rows and the settled last row")
+    assert source.report()["csv"]["rows_read"] == len(lines)
+    replacement = tmp_path / "new.csv"
+    write_csv(replacement, lines)
+    os.replace(replacement, csv_file)  # the logger rotates
+    wait_for(caught_up(source, 2 * len(lines)), "the replaced file")
+    report = source.report()
+    assert report["csv"]["restarts"] == 1 and report["store"]["duplicate"] == 0
+    assert report["stored_samples"] == 11
+    assert not any("instead" in r.getMessage() for r in caplog.records if r.name == LOGGER)  # no polling
+    source.stop()
+    running.remove(source)
+    assert not source._thread.is_alive()  # stop woke the watch: it did not wait for an event
+
+
+def test_without_a_directory_to_watch_the_source_polls_says_so_once_and_reads_the_file_later(
+    tmp_path: Path, har_task: TaskSpec, running: list[CsvSource], caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = csv_lines(edgex_events(recordings()))
+    directory = tmp_path / "logger"
+    csv_file = directory / "readings.csv"
+    caplog.set_level(logging.INFO, LOGGER)
+    source = start(make_source(tmp_path, har_task, csv_file), running)
+    polling = (
+        f"{csv_file}: cannot watch {directory}: No such file or directory; looking for new rows "
+        "every 0.05 s instead"
+    )
+    wait_for(lambda: any(r.getMessage() == polling for r in caplog.records), "the fallback logged")
+    time.sleep(0.3)  # several polls
+    directory.mkdir()
+    write_csv(csv_file, lines)
+    wait_for(caught_up(source, len(lines)), "the file, once it exists")
+    assert [r.getMessage() for r in caplog.records].count(polling) == 1
+    assert source.report()["stored_samples"] == 11

@@ -13,9 +13,16 @@ needs neither ``lab/`` nor ``tools/``.
 :data:`BATCH_ROWS` rows at a time, each line at most :data:`MAX_LINE_BYTES` (a longer one is a
 bad row, skipped without being held in memory), so a 10 GB file costs what a batch costs.
 
-**Growing files.** A logger appends: the worker polls the file every :data:`POLL_S` and reads
-only the new rows, from its offset. A last line without its newline is a row being written: it
-is read once it has not changed for :data:`SETTLE_S`. The offset survives restarts
+**Growing files.** A logger appends: the source's thread reads only the new rows, from its
+offset, when the file changes. On Linux it sleeps until inotify reports a change in the file's
+directory (:class:`DirWatch`: a write, a close after writing, a file created, moved in or
+away, a permission change: so a rotation, a file that appears or becomes readable, all wake
+it), and otherwise only for its own deadlines (a half-written last line settling, the reorder
+buffer's flush) and once every :data:`WATCH_MAX_WAIT_S` (a network filesystem's remote writes
+raise no inotify event). Where inotify is unavailable (another OS, no free watch, a directory
+that does not exist yet) it looks every :data:`POLL_S` instead, logged once. A last line
+without its newline is a row being written: it is read once it has not changed for
+:data:`SETTLE_S`. The offset survives restarts
 (``csv_cursor.json`` in the state directory); it points at the first row of the next window
 not yet stored, so the windows after a restart are those of an uninterrupted run (the store
 drops the repeats). A file that shrinks or is replaced (another inode, another header) is read
@@ -25,16 +32,23 @@ again from its start; repeated samples are dropped by the store as ``duplicate``
 counted by reason in the status (``data.csv.bad_rows``) and logged as one line naming the file,
 the line and the fix (the first :data:`MAX_LOGGED_BAD_ROWS` of a run; the rest are counted). A
 file that is missing, unreadable or has a header the task cannot use is one log line naming the
-fix and ``data.last_error``; the worker looks again every poll.
+fix and ``data.last_error``; the source looks again when the file changes (or every poll).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import os
+import select
+import struct
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -59,11 +73,16 @@ from fedge.protocol.bounded_json import BoundedJsonError, loads_bounded
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import TaskSpec
 from fedge.shell.files import atomic_write
+from fedge.shell.threads import name_current_thread
 
 log = logging.getLogger("fedge.agent.csv")
 
-#: How often the worker looks for new rows (and for a file that was missing or unusable).
+#: Without inotify: how often the source looks for new rows (and for a file that was missing or
+#: unusable).
 POLL_S = 1.0
+#: With inotify: the longest the source sleeps without an event (a file on a network filesystem
+#: changes without one).
+WATCH_MAX_WAIT_S = 60.0
 #: Rows read between two feeds of the sample builder (and two looks at the stop flag).
 BATCH_ROWS = 2048
 #: A line longer than this is not a row of readings (a header of 4096 resources is shorter).
@@ -90,6 +109,102 @@ _FIXES = {
     "time": "give every row its time (ISO 8601, e.g. 2025-03-01T08:00:00Z, or epoch seconds)",
     "value": "fix the cell, or leave it empty for a missing reading",
 }
+
+
+# inotify(7): the events that can mean new rows, or a file to (re)open, in the file's directory.
+_IN_MODIFY = 0x002
+_IN_ATTRIB = 0x004
+_IN_CLOSE_WRITE = 0x008
+_IN_MOVED_FROM = 0x040
+_IN_MOVED_TO = 0x080
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_IGNORED = 0x8000  # the watch is gone (the directory deleted or unmounted)
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+WATCH_MASK = (
+    _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+)
+_EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+#: Bytes read from the inotify descriptor per read, and reads per wake-up: what is left waits
+#: for the next wake-up (which then comes at once), so a burst of events is never held whole.
+_EVENT_BUFFER = 64 * 1024
+_READS_PER_WAKE = 16
+
+
+class DirWatch:
+    """inotify on one directory (Linux), through libc with ctypes; :meth:`wait` sleeps until an
+    event, :meth:`wake` (another thread, e.g. stop) or a timeout. :meth:`open` returns None
+    (with the reason) where inotify is unavailable."""
+
+    def __init__(self, fd: int, directory: Path) -> None:
+        self.fd = fd
+        self.directory = directory
+        self.gone = False  # IN_IGNORED: the directory went away; the caller falls back to polling
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    @classmethod
+    def open(cls, directory: Path) -> DirWatch | str:
+        """A watch on ``directory``, or why there cannot be one."""
+        if not sys.platform.startswith("linux"):
+            return f"no inotify on {sys.platform}"
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            init1, add_watch = libc.inotify_init1, libc.inotify_add_watch
+        except (OSError, AttributeError) as exc:
+            return f"no inotify in the C library ({exc})"
+        init1.argtypes, init1.restype = [ctypes.c_int], ctypes.c_int
+        add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        add_watch.restype = ctypes.c_int
+        fd = init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            return f"inotify_init1: {os.strerror(ctypes.get_errno())}"
+        if add_watch(fd, os.fsencode(directory), WATCH_MASK) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            hint = " (raise fs.inotify.max_user_watches)" if err == errno.ENOSPC else ""
+            return f"cannot watch {directory}: {os.strerror(err)}{hint}"
+        return cls(fd, directory)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Sleeps until an event, a :meth:`wake` or ``timeout`` (None: no timeout); True if an
+        event came. Reads (and forgets) at most a bounded number of events' bytes."""
+        try:
+            ready, _, _ = select.select([self.fd, self._wake_r], [], [], timeout)
+        except InterruptedError:  # pragma: no cover (Python retries select itself)
+            return False
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        if self.fd not in ready:
+            return False
+        for _ in range(_READS_PER_WAKE):
+            try:
+                data = os.read(self.fd, _EVENT_BUFFER)
+            except BlockingIOError:
+                break
+            offset = 0
+            while offset + _EVENT_HEADER.size <= len(data):
+                _, mask, _, length = _EVENT_HEADER.unpack_from(data, offset)
+                if mask & _IN_IGNORED:
+                    self.gone = True
+                offset += _EVENT_HEADER.size + length
+        return True
+
+    def wake(self) -> None:
+        """Ends a :meth:`wait` in another thread now."""
+        with contextlib.suppress(OSError):  # a wake-up is pending already (the pipe is full)
+            os.write(self._wake_w, b"!")
+
+    def close(self) -> None:
+        for fd in (self.fd, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class _NoBackfill(BackfillCursor):
@@ -231,10 +346,29 @@ class CsvSource(EdgeXIngest):
         self._saved = cursor.load()
         self._cursor_saved_at = float("-inf")
         self._problem: str | None = None
+        self._watch: DirWatch | None = None
+        self._watch_lock = threading.Lock()  # stop() wakes the watch the thread may be closing
+        self._watch_problem: str | None = None  # why the source polls (logged once)
+        self._on_live: Callable[[], None] | None = None
+
+    def set_live_listener(self, listener: Callable[[], None]) -> None:
+        """``listener`` is called (from the source's thread) whenever new live windows are
+        ready for :meth:`live_windows`: the agent's worker sleeps until then instead of asking."""
+        self._on_live = listener
+
+    def _live(self, build: Callable[[Any], list[Any]]) -> None:
+        had = len(self.live)
+        super()._live(build)
+        if self._on_live is not None and len(self.live) > had:
+            self._on_live()
 
     # --- life cycle ----------------------------------------------------------------------
 
     def stop(self) -> None:
+        self.stop_requested.set()
+        with self._watch_lock:
+            if self._watch is not None:
+                self._watch.wake()  # the thread sleeps in the watch: it sees stop at once
         super().stop()  # the worker has ended: the offset and marks are final
         self._save_cursor(force=True)
         if self._file is not None:
@@ -242,20 +376,66 @@ class CsvSource(EdgeXIngest):
             self._file = None
 
     def _run(self) -> None:
+        name_current_thread("fedge-csv")
+        try:
+            self._loop()
+        finally:
+            with self._watch_lock:
+                if self._watch is not None:
+                    self._watch.close()
+                    self._watch = None
+
+    def _loop(self) -> None:
         while not self.stop_requested.is_set():
+            store_failed = False
             try:
                 got = self._read_batch()
             except FedgeError as exc:  # the store failed: logged, counted (store_error), tried again
                 self.last_error = str(exc)
                 log.error("could not store samples from %s: %s", self.csv_file, exc)
-                got = 0
+                got, store_failed = 0, True
             if got:
                 continue
             if not self._flushed and time.monotonic() - self._last_feed >= IDLE_FLUSH_S:
                 self._flush()  # the rows waiting in the reorder buffer become samples now
                 self._after_feed(force=True)
             self.caught_up = self._file is not None and self._flushed
-            self.stop_requested.wait(self.poll_s)
+            watch = self._ensure_watch()
+            if watch is None or store_failed:
+                self.stop_requested.wait(self.poll_s)
+            else:
+                watch.wait(self._next_look_in())
+
+    def _ensure_watch(self) -> DirWatch | None:
+        """The inotify watch on the file's directory, (re)made if there is none; None (the
+        reason logged once per reason) where there cannot be one: the source polls."""
+        with self._watch_lock:
+            if self._watch is not None and self._watch.gone:
+                self._watch.close()
+                self._watch = None
+            if self._watch is not None or self.stop_requested.is_set():
+                return self._watch
+            opened = DirWatch.open(self.csv_file.parent)
+            if isinstance(opened, str):
+                if opened != self._watch_problem:
+                    self._watch_problem = opened
+                    log.info(
+                        "%s: %s; looking for new rows every %g s instead", self.csv_file, opened, self.poll_s
+                    )
+                return None
+            self._watch, self._watch_problem = opened, None
+            return opened
+
+    def _next_look_in(self) -> float:
+        """How long the source may sleep with a watch: until the reorder buffer is due to flush
+        or a half-written last line has settled, else :data:`WATCH_MAX_WAIT_S`."""
+        now = time.monotonic()
+        due = [now + WATCH_MAX_WAIT_S]
+        if not self._flushed:
+            due.append(self._last_feed + IDLE_FLUSH_S)
+        if self._tail is not None:
+            due.append(self._tail[2] + self.settle_s)
+        return max(0.0, min(due) - now)
 
     # --- the file --------------------------------------------------------------------------
 

@@ -119,6 +119,15 @@ class RolloutFollower:
 
     # --- the worker ------------------------------------------------------------------------
 
+    def next_turn_at(self, connected: bool) -> float | None:
+        """When (``time.monotonic()``) :meth:`turn` has something to do by itself: asking the
+        broker again for promoted weights that have not come (every :data:`RESUBSCRIBE_S`,
+        while connected); None if nothing. A decision or the weights arriving wake the worker
+        anyway (the service's ``_on_message``)."""
+        if not connected or self.wanted_blob() is None:
+            return None
+        return self._asked_at + RESUBSCRIBE_S
+
     def turn(
         self,
         trusted: Mapping[str, VerifyKey],

@@ -5,7 +5,12 @@ seal); this shell does the I/O it asks for, in the order it asks: MQTT, the file
 directory, the LiteRT trainer, systemd. Its stages come from :func:`fedge.agent.wiring.build_agent`.
 
 Threads: paho's network thread only checks blobs against the wanted set and queues (manifests,
-rotations, blobs); one worker thread drives the core, loads and trains. Sealed messages go
+rotations, blobs); one worker thread drives the core, loads and trains. Neither polls: the
+worker sleeps until its nearest deadline (:meth:`AgentService._next_turn_in`: the status
+interval, a retry, the systemd watchdog, its liveness beat every :data:`IDLE_WAKE_S`) unless
+something wakes it first (a message queued, a PUBACK, a connection, new live windows, a
+write-back request ending, stop); paho's thread waits for traffic (a quarter keepalive at
+most, :func:`fedge.shell.mqtt.start_loop`); the main thread waits for stop alone. Sealed messages go
 through the on-disk outbox first and leave it only when the broker acknowledges them (PUBACK),
 so an update survives a crash or a broker outage; updates of rounds that closed are dropped (and
 logged) when a newer manifest arrives.
@@ -66,7 +71,7 @@ from fedge.agent.rollout import RolloutFollower
 from fedge.agent.secure_agent import RevealedRecords, SecureRounds
 from fedge.agent.systemd_notify import Notifier, status_line
 from fedge.agent.trainer import LiteRTTrainer
-from fedge.agent.wiring import AgentStages
+from fedge.agent.wiring import AgentStages, ProvidedData
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.key_rotation import read_rotation_unverified
@@ -77,8 +82,9 @@ from fedge.protocol.weights import weights_from_bytes
 from fedge.shell.drops import DroppedMessages
 from fedge.shell.http_endpoint import HttpEndpoint
 from fedge.shell.meters import Durations, Traffic
-from fedge.shell.mqtt import connect, make_client, publish_queued, watch_connection
+from fedge.shell.mqtt import connect, make_client, publish_queued, start_loop, stop_loop, watch_connection
 from fedge.shell.storage_faults import STATE_DIR_RETRY_S, StateDirWatch, StorageFault
+from fedge.shell.threads import name_current_thread
 
 __all__ = [
     "MAX_BLOB_BYTES",
@@ -95,6 +101,18 @@ HEARTBEAT_INTERVAL_S = 5.0
 MIN_LOCAL_SAMPLES = 2
 #: How often a device selected without enough data looks at its data again.
 DATA_RETRY_S = 5.0
+#: The longest the worker sleeps with nothing to do. Each turn pings its liveness (the heartbeat
+#: file, ``alive_at`` for /healthz): both fail after 120 s (``fedge.agent.metrics.LIVE_MAX_AGE_S``,
+#: the image's ``FEDGE_HEALTH_MAX_AGE_S``), so an idle worker is never near looking hung.
+IDLE_WAKE_S = 30.0
+#: How often the worker asks a data source that cannot tell when it has new live windows (no
+#: ``set_live_listener``) for them, while predictions are on.
+LIVE_POLL_S = 1.0
+#: While a secure-aggregation round is in hand the worker turns at least this often: the round's
+#: steps have deadlines of their own (``fedge.agent.secure_agent``); that is a round, not idle.
+SECURE_TURN_S = 0.5
+#: If the worker's next deadline cannot be worked out (a bug), it turns this often instead.
+FALLBACK_TURN_S = 0.5
 #: ``fedge_agent_training_seconds`` buckets: a local training takes seconds on a gateway,
 #: minutes on a small board.
 TRAINING_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -202,6 +220,15 @@ class AgentService:
         self._heartbeat_failing = False
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        # Set (under _lock) by whatever gives the worker work; the worker clears it before a turn
+        # and sleeps only while it is clear, so a wake-up during a turn is never lost.
+        self._kicked = False
+        #: Times the worker slept and woke (a deadline, or something to do): an idle agent's
+        #: count grows by a few a minute (tests/agent/test_agent_wakeups.py).
+        self.worker_wakeups = 0
+        self._worker_died = False
+        self._next_turn_failed = False  # _next_turn_in's failure logged (once)
+        self._flush_retry_at: float | None = None  # a flush the state directory stopped: when again
         self._pending_manifest: bytes | None = None
         self._blobs: dict[str, bytes] = {}
         self._wanted_blobs: frozenset[str] = frozenset()
@@ -228,6 +255,7 @@ class AgentService:
         self.client = make_client(config.mqtt, will=(self.topics.status(config.device_id), offline))
         watch_connection(self.client, log, self._on_connect, self.connected.clear)
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
         # Live predictions (insight/{device_id}): the verified global model in an interpreter of
         # its own, run by the worker on the source's live windows (fedge.agent.insight).
         self.insights = InsightPublisher(
@@ -256,6 +284,19 @@ class AgentService:
                 self._publish_insight,
             )
         self.writeback = stages.writeback
+        if self.writeback is not None:
+            self.writeback.on_finished = self._kick  # a failed write is pending again
+        # A source that says when it has new live windows wakes the worker for them; any other
+        # that can have some (not recorded arrays, not an EdgeX source without a live builder:
+        # [insight] publish = "off") is asked every LIVE_POLL_S.
+        listen = getattr(self.source, "set_live_listener", None)
+        if callable(listen):
+            listen(self._kick)
+        self._live_polled = (
+            not callable(listen)
+            and not isinstance(self.source, ProvidedData)
+            and getattr(self.source, "live_builder", True) is not None
+        )
         self.secure: SecureRounds | None = None
         if stages.secure is not None:
             self.secure = SecureRounds(
@@ -311,8 +352,19 @@ class AgentService:
         self._next_status_at = 0.0
         if not self._ready_sent:  # state loaded and the broker reached: the service is up
             self._ready_sent = self.notifier.ready(status_line(self.status()))
+        self._kick()  # the worker flushes the outbox, publishes the status
+
+    def _kick(self) -> None:
+        """Wakes the worker for a turn now (any thread): there is something to do."""
         with self._wake:
-            self._wake.notify_all()  # the worker flushes the outbox
+            self._kicked = True
+            self._wake.notify_all()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        """A PUBACK (paho's thread): with outbox messages in flight the worker acknowledges them
+        in the outbox now (the status's ``outbox_pending``), not at its next deadline."""
+        if self._in_flight:
+            self._kick()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Queues for the worker (which verifies). Never raises: paho 2.x re-raises a
@@ -325,13 +377,13 @@ class AgentService:
             if self.secure is not None and self.secure.handles(topic):
                 # Certificates are verified here, outside the lock; round documents only queued.
                 refused = self.secure.offer(topic, payload)
-                with self._wake:
-                    self._wake.notify_all()
+                self._kick()
                 if refused is not None:
                     self._drop(refused[0], topic, refused[1])
                 return
             with self._wake:
                 dropped = self._queue_locked(topic, payload)
+                self._kicked = True
                 self._wake.notify_all()
             if dropped is not None:
                 self._drop(dropped[0], topic, dropped[1])
@@ -454,7 +506,9 @@ class AgentService:
             self._flush_outbox_now()
         except StorageFault as exc:
             self._write_failed(exc)
+            self._flush_retry_at = time.monotonic() + STATE_DIR_RETRY_S
             return
+        self._flush_retry_at = None
         if len(self._in_flight) < in_flight:  # an acknowledgement was written
             self._wrote()
             if not self._in_flight and self.connected.is_set() and self.outbox.stats().pending == 0:
@@ -707,7 +761,7 @@ class AgentService:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.stop_requested.is_set() or self._pending_manifest is not None:
                     break
-                self._wake.wait(min(remaining, 0.5))
+                self._wake.wait(min(remaining, self._liveness_due_in()))
                 self._alive()  # a long but healthy wait is not a hang
             got = dict(self._blobs)
             superseded = self._pending_manifest is not None
@@ -848,13 +902,95 @@ class AgentService:
         return self.core.trained(delta, int(data.x_train.shape[0]), losses[-1], evaluation, self.clock())
 
     def _worker(self) -> None:
-        while not self.stop_requested.is_set():
-            self._alive()  # a hung worker stops pinging and systemd (or Docker) restarts the agent
-            secure_work = self.secure is not None and self.secure.has_work()
-            with self._wake:
-                if self._pending_manifest is None and not secure_work:
-                    self._wake.wait(0.5)
-            self._work_once()
+        """Turns until stop. An exception that escapes a turn (``_work_once`` catches every
+        Exception: an interrupt, or a bug outside it) ends the worker: it is recorded and stop is
+        requested, so :meth:`_run` returns 1 ("worker thread died") at once; the traceback goes
+        to threading's excepthook as before."""
+        name_current_thread("fedge-worker")
+        try:
+            while not self.stop_requested.is_set():
+                self._alive()  # a hung worker stops pinging and systemd (or Docker) restarts the agent
+                self._sleep_until_work()
+                self._work_once()
+        except BaseException:
+            if not self.stop_requested.is_set():
+                self._worker_died = True
+            raise
+        finally:
+            self.stop_requested.set()
+
+    def _sleep_until_work(self) -> None:
+        """Sleeps until the next deadline (:meth:`_next_turn_in`) unless there is work now: a
+        manifest, or a kick since the last turn began (``_kicked``: a message queued, a PUBACK,
+        a connection, live windows, stop)."""
+        timeout = self._next_turn_in()
+        with self._wake:
+            if not self._kicked and self._pending_manifest is None and timeout > 0:
+                self._wake.wait(timeout)
+                self.worker_wakeups += 1
+            self._kicked = False
+
+    def _liveness_due_in(self) -> float:
+        """Seconds until the worker must ping its liveness again: the systemd watchdog (half its
+        interval after the last ping), the heartbeat and /healthz (:data:`IDLE_WAKE_S`)."""
+        now = time.monotonic()
+        due = (self.alive_at if self.alive_at is not None else now) + IDLE_WAKE_S
+        watchdog = self.notifier.watchdog_due_at()
+        if watchdog is not None:
+            due = min(due, watchdog)
+        return max(0.0, due - now)
+
+    def _next_turn_in(self) -> float:
+        """Seconds until :meth:`_work_once` has something to do by itself (0: now), from every
+        deadline it keeps: its liveness, the status interval, a round waiting for data, actions
+        and flushes a full or read-only state directory stopped, personalisation's retries, the
+        rollout's resubscribe, a secure round's steps, pending write-backs, live windows of a
+        source that cannot announce them. Whatever else makes work wakes the worker (``_kick``)."""
+        try:
+            now = time.monotonic()
+            if self.secure is not None and self.secure.has_work():
+                return 0.0
+            for info in self._in_flight.values():
+                if info.is_published():  # acknowledged before its kick could find it in flight
+                    return 0.0
+            due = [now + self._liveness_due_in()]
+            connected = self.connected.is_set()
+            if connected:
+                due.append(self._next_status_at)
+            if self.core.phase is Phase.WAITING_FOR_DATA:
+                due.append(self._data_retry_at)
+            if self._parked:
+                due.append(self._parked_retry_at)
+            if self._flush_retry_at is not None:
+                due.append(self._flush_retry_at)
+            personal = self.personal
+            if personal is not None:
+                if personal.unsaved is not None:
+                    due.append(self._personal_save_at)
+                if self.trainer is not None and self.core.phase is Phase.WAITING and personal.due():
+                    due.append(self._personal_retry_at)
+            rollout = self.rollout.next_turn_at(connected)
+            if rollout is not None:
+                due.append(rollout)
+            if self.secure is not None and self.secure.round_id is not None:
+                due.append(now + SECURE_TURN_S)
+            if self.writeback is not None:
+                write = self.writeback.next_due()
+                if write is not None:
+                    due.append(now + (write - self.clock()))
+            if self._live_polled and self.config.insight.publish != "off":
+                due.append(now + LIVE_POLL_S)
+            return max(0.0, min(due) - now)
+        except Exception as exc:  # a bug here must not end the worker, nor make it spin
+            if not self._next_turn_failed:
+                self._next_turn_failed = True
+                log.error(
+                    "the worker's next deadline could not be worked out (%r); it turns every %g s",
+                    exc,
+                    FALLBACK_TURN_S,
+                    exc_info=exc,
+                )
+            return FALLBACK_TURN_S
 
     def _work_once(self) -> None:
         """One turn of the worker: flush the outbox, apply rotations, handle the newest manifest
@@ -880,6 +1016,7 @@ class AgentService:
                 self._carry_out(self.core.manifest_arrived(frame, self.trust.trusted_keys(), self.clock()))
                 self._resend_lost_update()
             elif waiting_for_data and time.monotonic() >= self._data_retry_at:
+                self._data_retry_at = time.monotonic() + DATA_RETRY_S  # whatever the retry leads to
                 self._carry_out(self.core.retry_data(self.clock()))
             self._secure_turn()
             if self.personal is not None and time.monotonic() >= self._personal_save_at:
@@ -985,15 +1122,17 @@ class AgentService:
                 self.endpoint.stop()
 
     def _run(self) -> int:
+        """Waits for stop (a signal, or the worker ending: it requests stop as it dies) without
+        waking meanwhile; 1 if the worker died."""
         connect(self.client, self.config.mqtt)
-        self.client.loop_start()
+        start_loop(self.client, "fedge-mqtt")
         worker = threading.Thread(target=self._worker, name="fedge-agent-worker", daemon=True)
         worker.start()
         try:
-            while not self.stop_requested.wait(0.5):
-                if not worker.is_alive():
-                    log.error("worker thread died")
-                    return 1
+            self.stop_requested.wait()
+            if self._worker_died:
+                log.error("worker thread died")
+                return 1
             return 0
         finally:
             self.notifier.stopping("offline")
@@ -1010,13 +1149,12 @@ class AgentService:
                     retain=True,
                 )
                 info.wait_for_publish(timeout=2)
-            self.client.disconnect()
-            self.client.loop_stop()
+            stop_loop(self.client)
             self.outbox.close()
             self.notifier.close()
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
-        self.stop_requested.set()
+        self.stop_requested.set()  # the worker is woken by _run's cleanup (notify_all)
 
 
 def run_agent(stages: AgentStages) -> int:

@@ -175,6 +175,16 @@ class Notifier:
             self._last_watchdog = now
         return self.notify("WATCHDOG=1")
 
+    def watchdog_due_at(self) -> float | None:
+        """When (on this notifier's clock) :meth:`watchdog` sends its next ``WATCHDOG=1``: half
+        a watchdog interval after the last one (now if none went yet); None without a watchdog.
+        A loop that sleeps until there is work wakes by then, so systemd sees it alive."""
+        if self.watchdog_interval_s is None:
+            return None
+        with self._lock:
+            last = self._last_watchdog
+        return self._clock() if last is None else last + self.watchdog_interval_s / 2
+
     def stopping(self, status: str | None = None) -> bool:
         """``STOPPING=1``: the agent is shutting down (publishing its offline status)."""
         return self.notify("STOPPING=1" + (f"\nSTATUS={_one_line(status)}" if status else ""))

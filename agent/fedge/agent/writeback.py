@@ -18,8 +18,9 @@ the first that does not. A rule writes once per episode:
 
 - the first prediction of an episode fires the write, unless the rule wrote (or tried to) less
   than ``min_interval_s`` ago (``rate_limited``): the episode then stays *pending* and the write
-  fires as soon as the interval has passed (:meth:`WritebackPolicy.due`, asked every turn of the
-  agent's worker), if the condition still holds on the newest published prediction;
+  fires as soon as the interval has passed (:meth:`WritebackPolicy.due`, asked by the agent's
+  worker at each turn; it wakes for :meth:`WritebackPolicy.next_due`), if the condition still
+  holds on the newest published prediction;
 - further predictions of the same episode write nothing (``already_sent``): the condition still
   holding is not news, and a device that re-writes a setpoint every few minutes fights whoever
   changed it by hand;
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedge.agent.config import WritebackRule
+from fedge.shell.threads import name_current_thread
 
 log = logging.getLogger("fedge.agent.writeback")
 
@@ -174,6 +176,16 @@ class WritebackPolicy:
                 fire.append(index)
         return fire, skips
 
+    def next_due(self) -> float | None:
+        """When (the caller's clock, as ``now``) :meth:`due` next has a pending write to fire or
+        give up; None while nothing is pending (a request in flight is not pending: its end is)."""
+        times = [
+            state.last_attempt + rule.min_interval_s
+            for rule, state in zip(self.rules, self._states, strict=True)
+            if state.holding and not state.written and not state.in_flight and state.last_attempt is not None
+        ]
+        return min(times, default=None)
+
     def started(self, index: int, now: float) -> None:
         state = self._states[index]
         state.in_flight = True
@@ -220,6 +232,9 @@ class Writeback:
         self._jobs: queue.Queue[int | None] = queue.Queue(maxsize=len(rules) + 1)
         self._failures_logged: set[str] = set()
         self._thread: threading.Thread | None = None
+        #: Called (from the write-back thread) when a request ends: a failed one is pending
+        #: again, so the agent's worker, which sleeps until its next deadline, looks again.
+        self.on_finished: Callable[[], None] | None = None
 
     def start(self) -> None:
         if self._thread is None and self.policy.rules:
@@ -237,6 +252,11 @@ class Writeback:
         with self._lock:
             fire, skips = self.policy.published(insight, now)
         self._act(fire, skips, now)
+
+    def next_due(self) -> float | None:
+        """When (the clock :meth:`tick` is given) a pending write is next due; None if none."""
+        with self._lock:
+            return self.policy.next_due()
 
     def tick(self, now: float) -> None:
         """Fires pending writes whose interval has passed (every worker turn)."""
@@ -272,6 +292,7 @@ class Writeback:
             self._jobs.put_nowait(index)  # never blocks: one slot per rule, and it was not in flight
 
     def _run(self) -> None:
+        name_current_thread("fedge-writeback")
         while True:
             index = self._jobs.get()
             if index is None:
@@ -290,6 +311,8 @@ class Writeback:
                 if first:
                     self._failures_logged.add(str(failure))
                 sent = self.policy.sent
+            if self.on_finished is not None:
+                self.on_finished()
             if failure is None:
                 if sent == 1:
                     log.info("write-back: rule %d (%s) wrote %s", index, rule.describe(), dict(rule.values))

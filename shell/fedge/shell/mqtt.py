@@ -10,6 +10,10 @@ probes do not: :mod:`fedge.lab.broker` says why), so they agree on what matters 
   restarts, so nothing published while a device was offline is lost; MQTT 3.1.1 gets the same
   with ``clean_session=False``;
 - reconnects with a backoff from 1 s to 30 s (paho's loop does them);
+- :func:`start_loop`: paho's network thread wakes for traffic, for a publish from another
+  thread (paho's socketpair) and otherwise every quarter keepalive (:data:`KEEPALIVE_WAKES`),
+  not every second: an idle service's connection costs four wake-ups a keepalive, and the ping
+  still goes out before the broker's 1.5 x keepalive limit;
 - with ``manual_ack=True`` paho does not acknowledge a QoS 1 message when ``on_message``
   returns: the caller calls ``client.ack(msg.mid, msg.qos)`` once the message is stored, so a
   message lost with a crash before that is delivered again (the session keeps it);
@@ -40,6 +44,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.mqtt_settings import MqttSettings
+from fedge.shell.threads import name_current_thread
 
 #: paho's automatic reconnects wait 1 s, then twice as long each time, at most 30 s.
 RECONNECT_MIN_DELAY_S = 1
@@ -47,8 +52,31 @@ RECONNECT_MAX_DELAY_S = 30
 #: A broker that cannot be reached is logged at once, then at most this often (with a count).
 FAILURE_LOG_INTERVAL_S = 60.0
 
+#: :func:`start_loop`'s network thread waits for traffic at most keepalive / KEEPALIVE_WAKES:
+#: paho sends its PINGREQ from that wake-up once keepalive has passed since the last packet out,
+#: so it goes out at most 1.25 x keepalive after it (the broker waits 1.5 x keepalive).
+KEEPALIVE_WAKES = 4
+
 # The settings each client was made with (make_client), for watch_connection's hints.
 _SETTINGS: weakref.WeakKeyDictionary[mqtt.Client, MqttSettings] = weakref.WeakKeyDictionary()
+
+
+class _Client(mqtt.Client):
+    """paho's client whose network thread (``loop_start``) waits ``network_wait_s`` in its
+    select instead of paho's fixed 1 s, and names itself for the kernel. Everything that needs
+    the thread sooner wakes it: incoming bytes, and paho's socketpair, written by every
+    publish, subscribe and disconnect from another thread."""
+
+    network_wait_s: float = 1.0
+    thread_comm: str | None = None
+
+    def _thread_main(self) -> None:  # paho 2.x: the body of loop_start's thread
+        if self.thread_comm:
+            name_current_thread(self.thread_comm)
+        try:
+            self.loop_forever(timeout=self.network_wait_s, retry_first_connection=True)
+        finally:
+            self._thread = None
 
 
 def ephemeral_settings(
@@ -101,12 +129,13 @@ def make_client(
     services build their clients before they start anything, so that is exit code 78.
     """
     cid = settings.client_id if client_id is None else client_id
+    client: mqtt.Client
     if settings.protocol == 5:
-        client = mqtt.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5, manual_ack=manual_ack
         )
     else:
-        client = mqtt.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=cid,
             protocol=mqtt.MQTTv311,
@@ -168,7 +197,7 @@ def check_tls_files(settings: MqttSettings) -> None:
 
 
 def connect(client: mqtt.Client, settings: MqttSettings, receive_maximum: int | None = None) -> None:
-    """Starts connecting without blocking (run ``client.loop_start()`` next; paho's loop then
+    """Starts connecting without blocking (run :func:`start_loop` next; paho's loop then
     connects and reconnects). MQTT 5: ``clean_start=False`` with the session expiry, so the
     broker resumes this client's session and delivers what it queued meanwhile.
     ``receive_maximum`` (MQTT 5): the most QoS 1 messages the broker may have sent this client
@@ -183,6 +212,26 @@ def connect(client: mqtt.Client, settings: MqttSettings, receive_maximum: int | 
         )
     else:
         client.connect_async(settings.host, settings.port, settings.keepalive)
+
+
+def start_loop(client: mqtt.Client, thread_name: str) -> None:
+    """``client.loop_start()``, its thread named ``thread_name`` (``/proc``'s comm: at most 15
+    bytes) and waking every keepalive / :data:`KEEPALIVE_WAKES` when nothing happens (a client
+    :func:`make_client` did not make: paho's own loop). Stop it with :func:`stop_loop`."""
+    if isinstance(client, _Client):
+        settings = _SETTINGS.get(client)
+        keepalive = settings.keepalive if settings is not None else 0
+        client.network_wait_s = keepalive / KEEPALIVE_WAKES if keepalive > 0 else 1.0
+        client.thread_comm = thread_name
+    client.loop_start()
+
+
+def stop_loop(client: mqtt.Client) -> None:
+    """Disconnects and ends the network thread. ``disconnect`` first: its packet wakes the
+    thread's select (paho's socketpair), which then sees the connection closing and ends at
+    once; ``loop_stop`` alone would wait for the select's timeout."""
+    client.disconnect()
+    client.loop_stop()
 
 
 def publish_queued(

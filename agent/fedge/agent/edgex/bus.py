@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 from fedge.agent.edgex.readings import Event, ReadingError
 from fedge.agent.edgex.wire import decode_message, edgex_event_filters
 from fedge.protocol.mqtt_settings import MqttSettings
-from fedge.shell.mqtt import connect, make_client, watch_connection
+from fedge.shell.mqtt import connect, make_client, start_loop, stop_loop, watch_connection
 
 log = logging.getLogger("fedge.agent.edgex")
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -56,12 +56,13 @@ class EdgeXBusSubscriber:
         self.client.on_message = self._on_message
 
     def start(self) -> None:
+        """Connects in paho's network thread (named ``fedge-edgex-bus``), which wakes for
+        messages and otherwise every quarter keepalive (:func:`fedge.shell.mqtt.start_loop`)."""
         connect(self.client, self.settings)
-        self.client.loop_start()
+        start_loop(self.client, "fedge-edgex-bus")
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        stop_loop(self.client)
 
     def report(self) -> dict[str, Any]:
         with self._lock:

@@ -1,0 +1,249 @@
+"""An idle agent wakes only when there is work (issue 18): no polling loops.
+
+A real agent (``AgentService`` from its config through ``build_agent``) on a real Mosquitto, its
+trainer stubbed as in ``test_sparse_agent_service.py`` (what is under test is the service's
+threads, not LiteRT). Wake-ups are counted twice: the worker's own count
+(``AgentService.worker_wakeups``) and the kernel's, each thread's context switches in
+``/proc/self/task/<tid>/status``. The test thread is the aggregator: a real
+:class:`~fedge.aggregator.round_engine.RoundEngine` whose manifest and blobs it publishes.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fedge.agent.config import load_agent_config
+from fedge.agent.core import Load, Train
+from fedge.agent.service import IDLE_WAKE_S, AgentService
+from fedge.agent.wiring import ProvidedData, build_agent
+from fedge.lab.broker import MosquittoBroker
+from fedge.protocol.signing import signing_key_to_text
+from fedge.protocol.task import TaskSpec
+from fedge.shell.files import atomic_write
+from support.engine_helpers import (
+    AGGREGATOR_KEY,
+    DEVICE_IDS,
+    DEVICE_KEYS,
+    FLEET,
+    SIGNING_KEY,
+    TOPICS,
+    P,
+    make_engine,
+    settings,
+)
+
+pytest_plugins = ("support.mqtt_fixtures",)
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+
+DEVICE = DEVICE_IDS[0]
+WAIT_S = 20.0  # under IDLE_WAKE_S: a worker that missed its wake-up would sleep past it
+DELTA = np.random.default_rng(7).normal(0.0, 0.02, P).astype(np.float32)
+IDLE_S = 3.0
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def write_agent_config(directory: Path, broker: MosquittoBroker, status_interval_s: float) -> Path:
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    directory.mkdir()
+    atomic_write(directory / f"{DEVICE}.box", (b64(bytes(DEVICE_KEYS[DEVICE])) + "\n").encode())
+    path = directory / "agent.toml"
+    path.write_text(
+        f'[agent]\ndevice_id = "{DEVICE}"\nfleet = "{FLEET}"\nstate_dir = "state"\n'
+        f'key_file = "{DEVICE}.box"\n'
+        f'aggregator_public_key = "{b64(bytes(AGGREGATOR_KEY.public_key))}"\n'
+        f'aggregator_verify_keys = ["{signing_key_to_text(SIGNING_KEY.verify_key)}"]\n'
+        f"status_interval_s = {status_interval_s}\n"
+        f'[mqtt]\nbroker = "{broker.url}"\n[data]\nsource = "har-watch"\n'
+    )
+    path.chmod(0o600)
+    return path
+
+
+def no_data(task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:  # the trainer is stubbed
+    return np.empty((0, task.input_dim), np.float32), np.empty((0,), np.int32)
+
+
+class Network:
+    """The test's MQTT client: publishes retained documents, collects updates and statuses."""
+
+    def __init__(self, broker: MosquittoBroker) -> None:
+        self.frames: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.statuses: queue.Queue[bytes] = queue.Queue()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.client.subscribe([(TOPICS.update_filter, 1), (TOPICS.status(DEVICE), 1)])
+        assert subscribed.wait(10)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
+        if m.topic == TOPICS.status(DEVICE):
+            self.statuses.put(bytes(m.payload))
+        else:
+            self.frames.put((m.topic, bytes(m.payload)))
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def network(mosquitto: MosquittoBroker) -> Iterator[Network]:
+    net = Network(mosquitto)
+    yield net
+    net.stop()
+
+
+def make_agent(tmp_path: Path, broker: MosquittoBroker, status_interval_s: float) -> AgentService:
+    config = load_agent_config(write_agent_config(tmp_path / "agent", broker, status_interval_s), {})
+    agent = AgentService(build_agent(config, ProvidedData(no_data)))
+
+    def load(action: Load) -> None:  # no LiteRT: what is under test is the service
+        agent.core.model_loaded(action.manifest.model_sha256)
+
+    def train(action: Train) -> list[Any]:
+        return agent.core.trained(DELTA, 40, 0.5, None, agent.clock())
+
+    agent._load = load  # type: ignore[method-assign]
+    agent._train = train  # type: ignore[method-assign]
+    return agent
+
+
+@contextmanager
+def running(agent: AgentService, result: list[int]) -> Iterator[threading.Thread]:
+    """``agent.run`` in a thread (the process's main thread in service); stopped as SIGTERM
+    stops it (``request_stop``, the signal handler)."""
+    runner = threading.Thread(target=lambda: result.append(agent.run()), daemon=True)
+    runner.start()
+    try:
+        yield runner
+    finally:
+        agent.request_stop()
+        runner.join(20)
+    assert not runner.is_alive(), "the agent did not stop"
+
+
+def switches(tid: int | None) -> int:
+    """A thread's context switches so far (voluntary and not): each sleep and wake counts."""
+    total = 0
+    for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
+        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+            total += int(line.split()[1])
+    return total
+
+
+def agent_threads(agent: AgentService, runner: threading.Thread) -> dict[str, int | None]:
+    """The agent's threads by role, with the kernel's name for those the agent names."""
+    worker = next(t for t in threading.enumerate() if t.name == "fedge-agent-worker")
+    paho = agent.client._thread
+    assert paho is not None
+    threads = {"main": runner.native_id, "worker": worker.native_id, "mqtt": paho.native_id}
+    comm = {role: Path(f"/proc/self/task/{tid}/comm").read_text().strip() for role, tid in threads.items()}
+    assert (comm["worker"], comm["mqtt"]) == ("fedge-worker", "fedge-mqtt")  # top -H tells them apart
+    return threads
+
+
+def test_an_idle_agent_sleeps_and_a_manifest_wakes_it_at_once(
+    tmp_path: Path, mosquitto: MosquittoBroker, network: Network
+) -> None:
+    """Connected, no round, a status interval of an hour: over a few seconds the worker, the
+    main thread and paho's thread each wake at most a couple of times (they woke 2, 2 and 1
+    times a second when they polled). A manifest arriving then is handled at once: the update
+    comes back well within IDLE_WAKE_S, the longest the worker could otherwise sleep."""
+    agent = make_agent(tmp_path, mosquitto, status_interval_s=3600.0)
+    result: list[int] = []
+    with running(agent, result) as runner:
+        network.statuses.get(timeout=WAIT_S)  # connected: the first status is out
+        time.sleep(0.5)  # the connection's own work (subscriptions, READY, the status's PUBACK)
+        threads = agent_threads(agent, runner)
+        before = {role: switches(tid) for role, tid in threads.items()}
+        woke = agent.worker_wakeups
+        time.sleep(IDLE_S)
+        after = {role: switches(tid) for role, tid in threads.items()}
+        assert agent.worker_wakeups - woke <= 1
+        assert {role: after[role] - before[role] <= 2 for role in threads} == dict.fromkeys(threads, True), (
+            before,
+            after,
+        )
+        assert network.frames.empty()
+
+        engine = make_engine(settings(), devices=DEVICE_IDS[:3])
+        pub = engine.open_round(time.time())
+        for topic, blob in pub.blobs.items():
+            network.publish(topic, blob)
+        network.publish(TOPICS.manifest, pub.manifest_frame)
+        assert WAIT_S < IDLE_WAKE_S
+        topic, frame = network.frames.get(timeout=WAIT_S)
+        assert topic == TOPICS.update(DEVICE)
+        assert engine.handle(topic, frame, time.time()).accepted
+        wait_for("the outbox emptied by the PUBACK", lambda: agent.outbox.stats().pending == 0)
+    assert result == [0]
+
+
+def test_the_status_still_goes_out_on_its_interval_one_wake_up_each(
+    tmp_path: Path, mosquitto: MosquittoBroker, network: Network
+) -> None:
+    agent = make_agent(tmp_path, mosquitto, status_interval_s=1.0)
+    result: list[int] = []
+    with running(agent, result):
+        network.statuses.get(timeout=WAIT_S)
+        network.statuses.get(timeout=WAIT_S)  # the interval's first
+        woke = agent.worker_wakeups
+        for _ in range(4):
+            network.statuses.get(timeout=WAIT_S)  # each within the interval: the worker woke for it
+        # One wake-up per status (the deadline), and a little slack; polling woke it 2 a second.
+        assert agent.worker_wakeups - woke <= 4 + 2
+    assert result == [0]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death, on purpose
+def test_a_dead_worker_still_makes_run_return_1_at_once(
+    tmp_path: Path, mosquitto: MosquittoBroker, network: Network, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The main thread waits for stop alone (no timeout): the dying worker requests it."""
+    agent = make_agent(tmp_path, mosquitto, status_interval_s=3600.0)
+    turns: list[int] = []
+
+    def work_once() -> None:
+        turns.append(1)
+        if len(turns) == 2:
+            raise SystemExit(3)  # escapes the turn's own handlers, as an interrupt does
+
+    agent._work_once = work_once  # type: ignore[method-assign]
+    caplog.set_level(logging.ERROR, "fedge.agent")
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(agent.run()), daemon=True)
+    runner.start()
+    network.statuses.get(timeout=WAIT_S)  # connected: the connection's kick makes the second turn
+    runner.join(WAIT_S)
+    assert not runner.is_alive() and result == [1]
+    assert "worker thread died" in [r.getMessage() for r in caplog.records]
+    assert len(turns) == 2
