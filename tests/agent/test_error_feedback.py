@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedge.agent import error_feedback
 from fedge.agent.core import (
     DeviceCore,
     DeviceIdentity,
@@ -52,6 +51,7 @@ from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.sealing import open_sealed, read_header
 from fedge.protocol.secagg.announcement import SecureAggregationAnnouncement
 from fedge.protocol.signing import DocType, key_id, sign_document
+from fedge.shell import files
 from support.engine_helpers import (
     AGGREGATOR_KEY,
     DEVICE_IDS,
@@ -219,7 +219,7 @@ def test_a_failed_write_removes_the_older_residual_so_a_restart_does_not_send_it
     def disk_full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(error_feedback, "atomic_write", disk_full)
+    monkeypatch.setattr(files, "atomic_write", disk_full)  # what replace_or_remove writes with
     with pytest.raises(ResidualError, match="No space left on device"):
         store.save(residual(generation=2))
     assert not path.exists()

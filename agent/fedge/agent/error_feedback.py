@@ -27,7 +27,6 @@ needs dense vectors), and a device refuses a manifest that combines them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import struct
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from fedge.protocol.errors import FedgeError
-from fedge.shell.files import atomic_write
+from fedge.shell.files import OversizedFile, read_bounded, replace_or_remove
 
 log = logging.getLogger("fedge.agent")
 
@@ -124,20 +123,15 @@ class ResidualStore:
     def load(self) -> Residual | None:
         """The stored residual; None (logged) when there is none or it cannot be read back."""
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read(_PREFIX.size + MAX_HEADER_BYTES + 4 * MAX_PARAMETERS + 1)
-        except FileNotFoundError:
-            return None
+            raw = read_bounded(self.path, _PREFIX.size + MAX_HEADER_BYTES + 4 * MAX_PARAMETERS)
+            return None if raw is None else from_bytes(raw)
         except OSError as exc:
             log.warning(
                 "error-feedback residual %s not read (%s): starting from zero", self.path, exc.strerror
             )
-            return None
-        try:
-            return from_bytes(raw)
-        except ResidualError as exc:
+        except (OversizedFile, ResidualError) as exc:
             log.warning("error-feedback residual %s ignored (%s): starting from zero", self.path, exc)
-            return None
+        return None
 
     def save(self, residual: Residual | None) -> None:
         """Writes ``residual`` atomically (mode 0600), or removes the file for None.
@@ -146,12 +140,6 @@ class ResidualStore:
         values this round's update already carried, and loaded after a restart it would send
         them a second time (starting from zero loses owed mass; a stale residual adds mass)."""
         try:
-            if residual is None:
-                self.path.unlink(missing_ok=True)
-            else:
-                atomic_write(self.path, to_bytes(residual))
+            replace_or_remove(self.path, None if residual is None else to_bytes(residual))
         except OSError as exc:
-            if residual is not None:
-                with contextlib.suppress(OSError):
-                    self.path.unlink(missing_ok=True)
             raise ResidualError(f"cannot write error-feedback residual {self.path}: {exc.strerror}") from None

@@ -38,7 +38,6 @@ accuracy for classification, mean squared error for regression.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -56,7 +55,7 @@ from fedge.agent.trainer import LiteRTTrainer, ProgressCallback
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.weights import weights_from_bytes, weights_to_bytes
-from fedge.shell.files import atomic_write
+from fedge.shell.files import OversizedFile, read_bounded, replace_or_remove
 from fedge.shell.storage_faults import StorageFault, storage_fault
 
 log = logging.getLogger("fedge.agent")
@@ -325,32 +324,21 @@ class PersonalStore:
     def load(self) -> PersonalWeights | None:
         """The stored personal weights; None (logged) when there are none or they cannot be read."""
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read(_PREFIX.size + MAX_HEADER_BYTES + 4 * MAX_PARAMETERS + 1)
-        except FileNotFoundError:
-            return None
+            raw = read_bounded(self.path, _PREFIX.size + MAX_HEADER_BYTES + 4 * MAX_PARAMETERS)
+            return None if raw is None else from_bytes(raw)
         except OSError as exc:
             log.warning("personal weights %s not read (%s): fine-tuning again", self.path, exc.strerror)
-            return None
-        try:
-            return from_bytes(raw)
-        except PersonalError as exc:
+        except (OversizedFile, PersonalError) as exc:
             log.warning("personal weights %s ignored (%s): fine-tuning again", self.path, exc)
-            return None
+        return None
 
     def save(self, weights: PersonalWeights | None) -> None:
         """Writes ``weights`` atomically (mode 0600), or removes the file for None. A file that
         cannot be replaced is removed if it can be, so a restart never predicts with weights
         older than the ones in memory."""
         try:
-            if weights is None:
-                self.path.unlink(missing_ok=True)
-            else:
-                atomic_write(self.path, to_bytes(weights))
+            replace_or_remove(self.path, None if weights is None else to_bytes(weights))
         except OSError as exc:
-            if weights is not None:
-                with contextlib.suppress(OSError):
-                    self.path.unlink(missing_ok=True)
             found = storage_fault(exc)
             if found is not None:
                 raise PersonalStorageFault("personal weights", self.path, *found) from None

@@ -5,10 +5,12 @@ same on the device and the gateway: a state file is never half-written (a crash 
 cut leaves the old content or the new one), a private key that others can read is refused,
 and a config file is read through one descriptor with a size bound.
 
-Errors: :func:`atomic_write` raises :class:`OSError` and leaves the wording to its caller (each
-names its own file: "cannot write device state ...", "cannot write checkpoint ..."); the
-readers raise :class:`~fedge.protocol.config_source.ConfigError` (exit 78: a key file and a
-config file are part of a service's configuration) unless told otherwise.
+Errors: :func:`atomic_write` and the small state files' :func:`read_bounded` and
+:func:`replace_or_remove` raise :class:`OSError` (and :class:`OversizedFile`) and leave the
+wording to their caller (each names its own file: "cannot write device state ...", "cannot
+write checkpoint ..."); the config readers raise
+:class:`~fedge.protocol.config_source.ConfigError` (exit 78: a key file and a config file are
+part of a service's configuration) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -76,6 +78,55 @@ def atomic_write(
         if leftover is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+
+
+class OversizedFile(FedgeError):
+    """A file :func:`read_bounded` refused for being over its limit. The message is the reason
+    alone ("over <limit> bytes"): the caller names the file, as it does for an :class:`OSError`."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        super().__init__(f"over {limit} bytes")
+        self.path = Path(path)
+        self.limit = limit
+
+
+def read_bounded(path: Path, limit: int) -> bytes | None:
+    """The content of the small state file ``path``, or None when there is no such file.
+
+    At most ``limit`` + 1 bytes are read, so a file that something else grew (or replaced) is
+    refused with :class:`OversizedFile` without being read whole. Any other failure to read is
+    the :class:`OSError`, for the caller to word (a state file that cannot be read back is
+    usually logged and started afresh, not fatal).
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except FileNotFoundError:
+        return None
+    if len(raw) > limit:
+        raise OversizedFile(path, limit)
+    return raw
+
+
+def replace_or_remove(path: Path, data: bytes | None, mode: int = 0o600) -> None:
+    """Replaces the small state file ``path`` with ``data`` (:func:`atomic_write`), or removes
+    it for None (a missing file is fine).
+
+    When ``data`` cannot be written, the old file is removed too if it can be: the caller keeps
+    the new state in memory, and an older state read back after a restart would be worse than
+    none (a residual sent twice, predictions from outdated weights). The write's
+    :class:`OSError` is raised either way, for the caller to word.
+    """
+    try:
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write(path, data, mode)
+    except OSError:
+        if data is not None:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
 
 
 def fsync_directory(directory: Path) -> None:

@@ -1,0 +1,123 @@
+"""fedge.shell.files' small state files (the personal weights, the error-feedback residual):
+a bounded read, and an atomic replace or a removal, on real files. A write that fails midway is
+a real one: the file-size limit (RLIMIT_FSIZE) of a child process, which makes the write itself
+fail with EFBIG."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedge.shell.files import OversizedFile, read_bounded, replace_or_remove
+from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+
+
+def names(directory: Path) -> list[str]:
+    """Everything in ``directory``, temp files (``.<name>.*.tmp``) included."""
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --- read_bounded ----------------------------------------------------------------------------
+
+
+def test_a_file_up_to_the_limit_is_read_whole_and_a_missing_one_is_none(tmp_path: Path) -> None:
+    path = tmp_path / "state.bin"
+    path.write_bytes(b"x" * 100)
+    assert read_bounded(path, 100) == b"x" * 100
+    assert read_bounded(tmp_path / "none.bin", 100) is None
+
+
+def test_a_file_over_the_limit_is_refused_with_the_reason_for_the_caller_to_word(tmp_path: Path) -> None:
+    path = tmp_path / "state.bin"
+    path.write_bytes(b"x" * 101)
+    with pytest.raises(OversizedFile) as info:
+        read_bounded(path, 100)
+    assert str(info.value) == "over 100 bytes"
+    assert (info.value.path, info.value.limit) == (path, 100)
+    assert path.read_bytes() == b"x" * 101  # read, never touched
+
+
+def test_a_huge_file_is_refused_after_limit_plus_one_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "huge.bin"
+    path.touch()
+    os.truncate(path, 64 * 1024**3)  # sparse: only a bounded read returns at once
+    with pytest.raises(OversizedFile) as info:
+        read_bounded(path, 1024 * 1024)
+    assert str(info.value) == "over 1048576 bytes"
+
+
+def test_a_path_that_cannot_be_read_is_the_oserror_for_the_caller_to_word(tmp_path: Path) -> None:
+    path = tmp_path / "state.bin"
+    path.mkdir()  # a directory where the file should be
+    with pytest.raises(OSError) as info:
+        read_bounded(path, 100)
+    assert info.value.strerror == "Is a directory"
+
+
+# --- replace_or_remove -----------------------------------------------------------------------
+
+
+def test_data_replaces_the_file_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "state.bin"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    replace_or_remove(path, b"new")
+    assert path.read_bytes() == b"new" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert names(tmp_path) == ["state.bin"]
+
+
+def test_none_removes_the_file_and_a_missing_one_is_fine(tmp_path: Path) -> None:
+    path = tmp_path / "state.bin"
+    path.write_bytes(b"old")
+    replace_or_remove(path, None)
+    assert names(tmp_path) == []
+    replace_or_remove(path, None)  # nothing to remove: no error
+    assert names(tmp_path) == []
+
+
+def test_a_removal_that_fails_raises_and_leaves_what_was_there(tmp_path: Path) -> None:
+    path = tmp_path / "state.bin"
+    path.mkdir()  # unlink() of a directory fails whoever runs it
+    with pytest.raises(OSError) as info:
+        replace_or_remove(path, None)
+    assert info.value.strerror == "Is a directory" and path.is_dir()
+
+
+def test_a_replace_that_fails_midway_leaves_no_half_written_file_and_drops_the_old_one(
+    tmp_path: Path,
+) -> None:
+    """The child may write files of at most 64 KiB; writing 1 MiB fails in the write itself.
+    Neither the new content nor the old file is left: the caller holds the new state in memory,
+    and the old one read back after a restart would be stale."""
+    path = tmp_path / "residual.bin"
+    path.write_bytes(b"old residual")
+    child = f"""
+import resource, signal, sys
+from pathlib import Path
+from fedge.shell.files import replace_or_remove
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    replace_or_remove(Path({str(path)!r}), b"x" * 1024 * 1024)
+except OSError as exc:
+    print(exc.errno, exc.strerror)
+    sys.exit(0)
+sys.exit("the write did not fail")
+"""
+    env = {**os.environ, "PYTHONPATH": SOURCE_PYTHONPATH}
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{errno.EFBIG} File too large"
+    assert names(tmp_path) == []  # no temp file, no half-written file, no old file
+
+
+def test_a_replace_in_a_missing_directory_is_the_oserror_for_the_caller_to_word(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        replace_or_remove(tmp_path / "gone" / "state.bin", b"new")
+    assert info.value.strerror == "No such file or directory"
