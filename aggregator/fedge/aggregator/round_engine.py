@@ -45,11 +45,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
@@ -84,14 +86,39 @@ from fedge.aggregator.strategies.server_optimizers import (
     check_state,
     optimizer_step,
 )
+from fedge.protocol.codec import Codec, CodecError, decode_tensors
 from fedge.protocol.dp_noise import noise_generator
 from fedge.protocol.errors import FedgeError
-from fedge.protocol.messages import MessageError, decode_moments, decode_update, max_sealed_bytes
+from fedge.protocol.framing import (
+    FRAME_VERSION,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    PREFIX_BYTES,
+    PREFIX_LAYOUT,
+    FrameKind,
+)
+from fedge.protocol.messages import (
+    Evaluation,
+    MessageError,
+    UpdatePayload,
+    decode_moments,
+    decode_update,
+    max_sealed_bytes,
+)
 from fedge.protocol.model_manifest import ModelManifest, Normalisation
 from fedge.protocol.privacy_announcement import PrivacyAnnouncement
 from fedge.protocol.reasons import RejectReason
 from fedge.protocol.round_manifest import RoundManifest
-from fedge.protocol.sealing import SealError, open_sealed, read_header
+from fedge.protocol.sealing import (
+    MAC_BYTES,
+    NONCE_BYTES,
+    SealedHeader,
+    SealError,
+    open_into,
+    open_sealed,
+    read_header,
+    read_payload,
+)
 from fedge.protocol.secagg import SecAggError, choose_parameters
 from fedge.protocol.secagg.announcement import (
     SecureAggregationAnnouncement,
@@ -107,12 +134,74 @@ from fedge.protocol.signing import DocType, sign_document
 from fedge.protocol.strategy_announcement import SERVER_OPTIMIZERS
 from fedge.protocol.task import ModelKind
 from fedge.protocol.topics import FleetTopics, TopicError
-from fedge.protocol.weights import weights_to_bytes
+from fedge.protocol.weights import WEIGHTS_DTYPE, weights_to_bytes
 
 if TYPE_CHECKING:
     # the accountant loads dp-accounting (~75 MB): only fleets with DP import it
     from fedge.aggregator.privacy import PrivacyAccountant, PrivacyConfig
     from fedge.aggregator.replica_round import WorkerBatch
+
+_ID = rb"([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"  # fedge.protocol.topics.check_id's ids, as bytes
+_UINT = rb"(0|[1-9][0-9]{0,18})"  # a JSON integer >= 0 without a sign, fraction or exponent
+#: The cleartext header of an update exactly as fedge writes it (canonical JSON: sorted keys, no
+#: spaces), with ids ``check_id`` accepts: what matches parses, with ``json``, to the object
+#: ``SealedHeader.from_dict`` accepts with the same values (counters are checked < 2^63 apart).
+_CANONICAL_UPDATE_HEADER = re.compile(
+    rb'\{"counter":'
+    + _UINT
+    + rb',"device_id":"'
+    + _ID
+    + rb'","fleet":"'
+    + _ID
+    + rb'","kind":"update","model_version":'
+    + _UINT
+    + rb',"round_id":"'
+    + _ID
+    + rb'"\}'
+)
+_MAX_COUNTER = 2**63 - 1
+_COUNT_END = 2**31  # decode_update's counts are below it
+_BIND_OPEN = b'{"bind":'
+_PAYLOAD_KEY = b',"payload":'
+_COUNT = rb"([1-9][0-9]{0,9})"  # a count as JSON writes it (range checked apart)
+#: A JSON number (its grammar, with bounded lengths); ``_json_number`` converts it as ``json`` does.
+_NUMBER = rb"(-?(?:0|[1-9][0-9]{0,30})(?:\.[0-9]{1,40})?(?:[eE][-+]?[0-9]{1,3})?)"
+#: The payload header of an update exactly as fedge writes it (canonical JSON, no clip indicator),
+#: matched in the ``PAYLOAD`` frame's header after ``{"bind":<header>,"payload":``.
+_CANONICAL_UPDATE_PAYLOAD = re.compile(
+    rb'\{"codec":"([a-z0-9-]{1,16})","evaluation":(null|\{"accuracy":(null|'
+    + _NUMBER[1:-1]
+    + rb")"
+    + rb',"examples":'
+    + _COUNT
+    + rb',"loss":'
+    + _NUMBER
+    + rb',"mse":(null|'
+    + _NUMBER[1:-1]
+    + rb")\})"
+    + rb',"examples":'
+    + _COUNT
+    + rb',"train_loss":'
+    + _NUMBER
+    + rb"\}\}"
+)
+
+
+class _NotJson:
+    """A number ``json`` would refuse (``loads_bounded``: not finite); never equal to a value."""
+
+
+_NOT_JSON = _NotJson()
+
+
+def _json_number(text: bytes) -> int | float | _NotJson:
+    """What ``json`` (with ``loads_bounded``'s hooks) makes of a matched ``_NUMBER``: an int
+    without fraction or exponent, else a float; ``_NOT_JSON`` where it refuses it (not finite)."""
+    if b"." in text or b"e" in text or b"E" in text:
+        value = float(text)
+        return value if math.isfinite(value) else _NOT_JSON
+    return int(text)
+
 
 #: Kept for callers that name it here; the contract is fedge.protocol.signing.DocType.
 MANIFEST_DOC_TYPE = DocType.ROUND_MANIFEST
@@ -308,6 +397,8 @@ class _OpenRound:
         #: An asynchronous train round's staleness link (``async_rounds.StalenessScale``), whose
         #: factor is set before each update is folded; None in synchronous rounds.
         self.scale: StalenessScale | None = None
+        #: Whether this round's updates can take the engine's fast path (None: not known yet).
+        self.fast: bool | None = None
 
     @property
     def bounds(self) -> NormBounds:
@@ -384,6 +475,12 @@ class RoundEngine:
             state.initial_norm = l2(state.weights)
         self.current: _OpenRound | None = None
         self._model_published = False
+        # The fast path's constants and scratch (the delta as float64, reused per update).
+        self._fleet_ascii = fleet.encode("ascii")
+        self._update_prefix = self.topics.update("x")[:-1]
+        self._cast: npt.NDArray[np.float64] | None = None
+        self._parameter_count = model_manifest.parameter_count  # a property that builds the layout
+        self._accepted: dict[str, Outcome] = {}
         self.box_key = box_key  # also makes the device Boxes (the property below)
         self.set_registry(registry)
         self.accountant: PrivacyAccountant | None = None
@@ -431,6 +528,7 @@ class RoundEngine:
         anything sealed with the old key fails to open with the new one.
         """
         self.registry = dict(registry)
+        self._accepted = {d: o for d, o in self._accepted.items() if d in self.registry}
         self.boxes.retain(self.registry.values())  # a revoked or replaced key's Box goes
         self.revoked = set(revoked or ()) - set(registry)
         for device, key in self.registry.items():
@@ -920,6 +1018,11 @@ class RoundEngine:
         return self.max_message_bytes
 
     def _check(self, topic: str, payload: bytes, now: float) -> Outcome:
+        r = self.current
+        if r is not None and r.fast is not False:
+            outcome = self._fast_update(r, topic, payload, now)
+            if outcome is not None:
+                return outcome
         limit = self.message_limit()
         if len(payload) > limit:
             return Outcome(False, RejectReason.TOO_LARGE, None)
@@ -985,6 +1088,22 @@ class RoundEngine:
             )
         except SealError as exc:
             return Outcome(False, exc.reason, device, header.kind)
+        return self._authentic(
+            r, device, header, expected_kind, staleness, payload_header, body, len(payload)
+        )
+
+    def _authentic(
+        self,
+        r: _OpenRound,
+        device: str,
+        header: SealedHeader,
+        expected_kind: str,
+        staleness: int,
+        payload_header: dict[str, Any],
+        body: bytes,
+        size: int,
+    ) -> Outcome:
+        """An opened message whose binding checked out: folded in, or refused."""
         # Authentic: this message is the device's one for the round, accepted or not. A device
         # sending bad content again and again would otherwise cost a decryption each time.
         if r.scale is not None:
@@ -996,10 +1115,10 @@ class RoundEngine:
                 r.batch.spent[device] = header.counter
             return Outcome(False, refused, device, header.kind)
         r.reported[device] = header.counter
-        r.update_bytes += len(payload)
+        r.update_bytes += size
         if r.batch is not None:
             r.batch.accepted[device] = header.counter
-            r.batch.update_bytes += len(payload)
+            r.batch.update_bytes += size
         return Outcome(True, "accepted", device, header.kind)
 
     def _secure_message(
@@ -1058,6 +1177,208 @@ class RoundEngine:
             return RejectReason.TOO_MANY_UPDATES
         except AggregationError:
             return RejectReason.REJECTED_BY_AGGREGATION
+
+    # --- the fast path (issue 18) ----------------------------------------------------------------
+    #
+    # A plain train round's update as an honest device seals it, checked and folded in with
+    # fewer Python layers, passes and copies than the general path above: the frames' prefixes
+    # and the cleartext header read directly (the header through a pattern only the canonical
+    # JSON fedge writes matches), decryption into the message's own buffer, the sealed binding
+    # compared as bytes, the payload header's usual shape checked inline, and the fp32 delta cast
+    # to float64 once for its finiteness, its norm and the fold. It decides only what it is sure
+    # the general path would decide the same way: anything unusual (any other round, codec, key
+    # order, id, a refusal of any kind) goes to the general path, from the start before the
+    # decryption, with the decrypted bytes after it, so every refusal has the general path's
+    # reason and leaves what it leaves. The one refusal it makes itself, a box that does not
+    # open, is the general path's ``decrypt_failed`` (it would cost a second decryption).
+    # tests/aggregator/test_handle_fast_path.py holds the two paths to the same outcomes.
+
+    def _round_is_fast(self, r: _OpenRound) -> bool:
+        """Whether the open round's updates can take the fast path: a synchronous plain train
+        round, a dense codec, no clip indicator, folds that take prepared updates."""
+        m = r.manifest
+        return (
+            m.phase == "train"
+            and r.secure is None
+            and r.secure_failure is None
+            and r.scale is None
+            and not m.codec.sparse
+            and not (m.privacy is not None and m.privacy.adaptive_clipping)
+            and r.folds.takes_prepared
+        )
+
+    def _fast_update(self, r: _OpenRound, topic: str, payload: bytes, now: float) -> Outcome | None:
+        """The outcome of a usual update (see above), or None: the general path decides."""
+        if r.fast is None:
+            r.fast = self._round_is_fast(r)
+            if not r.fast:
+                return None
+        limit = self.max_message_bytes
+        size = len(payload)
+        if size > limit or size < PREFIX_BYTES:
+            return None
+        magic, version, kind, reserved, hlen, blen = PREFIX_LAYOUT.unpack_from(payload)
+        if (
+            magic != MAGIC
+            or version != FRAME_VERSION
+            or kind != FrameKind.SEALED
+            or reserved != 0
+            or hlen > MAX_HEADER_BYTES
+            or blen > limit
+            or PREFIX_BYTES + hlen + blen != size
+            or blen < NONCE_BYTES + MAC_BYTES
+        ):
+            return None
+        raw_header = payload[PREFIX_BYTES : PREFIX_BYTES + hlen]
+        match = _CANONICAL_UPDATE_HEADER.fullmatch(raw_header)
+        if match is None:
+            return None
+        counter_text, device_raw, fleet_raw, version_text, round_raw = match.groups()
+        m = r.manifest
+        device = device_raw.decode("ascii")
+        if (
+            fleet_raw != self._fleet_ascii
+            or topic != self._update_prefix + device
+            or round_raw.decode("ascii") != m.round_id
+            or int(version_text) != m.version
+            or now > m.deadline
+        ):
+            return None
+        counter = int(counter_text)
+        device_key = self.registry.get(device)
+        if (
+            counter > _MAX_COUNTER
+            or device_key is None
+            or not m.is_selected(device)
+            or r.done(device)
+            or counter <= self.state.counters.get(device, -1)
+        ):
+            return None
+        try:
+            box = self.boxes.get(device_key)
+        except SealError:
+            return None
+        inner = open_into(box.shared_key(), payload, PREFIX_BYTES + hlen)
+        if inner is None:
+            return Outcome(False, RejectReason.DECRYPT_FAILED, device, "update")
+        # Authentic from here: anything unusual goes to the general path with the decrypted bytes.
+        update = self._fast_payload(m, raw_header, inner)
+        if update is None:
+            return self._general(r, device, counter, inner, size)
+        cast = self._cast
+        if cast is None or cast.shape != update.delta.shape:
+            cast = self._cast = np.empty(update.delta.shape, np.float64)
+        np.copyto(cast, update.delta)
+        norm_sq = float(np.dot(cast, cast))  # l2(update.delta) squared, to the bit; finite
+        if not math.isfinite(norm_sq):  # unless a value is NaN or inf (float64 squares of float32
+            return self._general(r, device, counter, inner, size)  # values cannot overflow)
+        try:
+            r.folds.add_prepared(update, cast, math.sqrt(norm_sq))
+        except AggregationError:  # refused, nothing changed: the general path says why
+            return self._general(r, device, counter, inner, size)
+        if r.batch is not None:
+            r.batch.keep(device, update)
+            r.batch.accepted[device] = counter
+            r.batch.update_bytes += size
+        r.reported[device] = counter
+        r.update_bytes += size
+        accepted = self._accepted.get(device)
+        if accepted is None:  # one immutable Outcome per device, not one per message
+            accepted = self._accepted[device] = Outcome(True, "accepted", device, "update")
+        return accepted
+
+    def _general(self, r: _OpenRound, device: str, counter: int, inner: bytearray, size: int) -> Outcome:
+        """The general path's decision on a message the fast path decrypted but would not fold
+        (exactly what ``_check`` does after ``open_sealed``)."""
+        m = r.manifest
+        header = SealedHeader(self.fleet, device, m.round_id, counter, "update", m.version)
+        try:
+            payload_header, body = read_payload(header, bytes(inner), self.max_message_bytes)
+        except SealError as exc:
+            return Outcome(False, exc.reason, device, "update")
+        return self._authentic(r, device, header, "update", 0, payload_header, body, size)
+
+    def _fast_payload(self, m: RoundManifest, raw_header: bytes, inner: bytearray) -> UpdatePayload | None:
+        """The update in the decrypted ``PAYLOAD`` frame ``inner`` when it is exactly as fedge
+        writes it, with every check ``read_payload``, ``decode_update`` and ``_fold_in`` run
+        before the folds, but finiteness (the caller's norm); None for anything else.
+
+        As fedge writes it: the binding is the very bytes of the cleartext header (which the
+        canonical pattern matched, so both parse to the same object) and the payload header
+        matches :data:`_CANONICAL_UPDATE_PAYLOAD`, whose numbers become what ``json`` makes of
+        them (an int without fraction or exponent, else a float, refused when not finite)."""
+        size = len(inner)
+        if size < PREFIX_BYTES:
+            return None
+        magic, version, kind, reserved, hlen, blen = PREFIX_LAYOUT.unpack_from(inner)
+        if (
+            magic != MAGIC
+            or version != FRAME_VERSION
+            or kind != FrameKind.PAYLOAD
+            or reserved != 0
+            or hlen > MAX_HEADER_BYTES
+            or blen > self.max_message_bytes
+            or PREFIX_BYTES + hlen + blen != size
+        ):
+            return None
+        end = PREFIX_BYTES + hlen
+        head = bytes(memoryview(inner)[PREFIX_BYTES:end])
+        start = len(_BIND_OPEN) + len(raw_header) + len(_PAYLOAD_KEY)
+        if (
+            not head.startswith(_BIND_OPEN)
+            or not head.startswith(raw_header, len(_BIND_OPEN))
+            or not head.startswith(_PAYLOAD_KEY, len(_BIND_OPEN) + len(raw_header))
+        ):
+            return None
+        match = _CANONICAL_UPDATE_PAYLOAD.fullmatch(head, start)
+        if match is None:
+            return None
+        (
+            codec_name,
+            ev_text,
+            accuracy_text,
+            ev_examples_text,
+            loss_text,
+            mse_text,
+            examples_text,
+            train_text,
+        ) = match.groups()
+        codec = m.codec
+        if codec_name != codec.value.encode("ascii"):
+            return None
+        limit = self.settings.max_examples_per_update
+        examples = int(examples_text)
+        train_loss = _json_number(train_text)
+        if not 1 <= examples <= limit or examples >= _COUNT_END or type(train_loss) is not float:
+            return None  # bad_count, too_many_examples, or an int loss the general path takes
+        evaluation: Evaluation | None = None
+        if ev_text != b"null":
+            ev_examples = int(ev_examples_text)
+            loss = _json_number(loss_text)
+            accuracy = None if accuracy_text == b"null" else _json_number(accuracy_text)
+            mse = None if mse_text == b"null" else _json_number(mse_text)
+            # A number json refuses (not finite) is _NOT_JSON here, never taken for null.
+            if (
+                not 1 <= ev_examples <= limit
+                or ev_examples >= _COUNT_END
+                or type(loss) is not float
+                or not (accuracy is None or (type(accuracy) is float and 0.0 <= accuracy <= 1.0))
+                or not (mse is None or (type(mse) is float and mse >= 0.0))
+            ):
+                return None
+            evaluation = Evaluation(ev_examples, loss, accuracy, mse)
+        count = self._parameter_count
+        if codec is Codec.FP32:
+            if blen != WEIGHTS_DTYPE.itemsize * count:
+                return None
+            delta = np.frombuffer(inner, WEIGHTS_DTYPE, count, end).astype(np.float32, copy=False)
+            delta.flags.writeable = False  # as decode_tensors gives it: nobody changes the message
+        else:
+            try:
+                delta = decode_tensors(bytes(memoryview(inner)[end:]), self.layout, codec, m.topk_fraction)
+            except CodecError:
+                return None
+        return UpdatePayload(delta, examples, train_loss, evaluation)
 
     # --- status ------------------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ MAGIC = b"FEDG"
 FRAME_VERSION = 1
 _PREFIX = struct.Struct(">4sBBHII")
 PREFIX_BYTES = _PREFIX.size  # 16
+#: The prefix's layout, for readers that check a frame's prefix on their own fast path.
+PREFIX_LAYOUT = _PREFIX
 MAX_HEADER_BYTES = 16 * 1024
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.fedavg import AggregationError
-from fedge.aggregator.strategies.fold import UpdateFold
+from fedge.aggregator.strategies.fold import UpdateFold, prepared
 from fedge.protocol.messages import UpdatePayload
 
 __all__ = ["NormBounds", "NormClip", "NormTooLarge", "l2", "norm_bounds"]
@@ -93,6 +93,7 @@ class NormClip:
 
     def __init__(self, inner: UpdateFold, bounds: NormBounds, *, reject: bool = False) -> None:
         self.inner = inner
+        self._prepared = prepared(inner)  # the inner fold, if it takes prepared updates
         self.bounds = bounds
         #: Refuse (``NormTooLarge``) rather than clip an update over the hard bound.
         self.reject = reject
@@ -100,6 +101,7 @@ class NormClip:
         self.clipped = 0
         #: Accepted updates' norms before clipping, in arrival order (the next adaptive bound).
         self.raw_norms: list[float] = []
+        self._scratch32: npt.NDArray[np.float32] | None = None  # add_prepared's clipped delta
 
     def add(self, update: UpdatePayload) -> None:
         norm = l2(update.delta)
@@ -110,6 +112,34 @@ class NormClip:
         if scale is not None:
             update = replace(update, delta=update.delta * np.float32(scale))  # float32 times float32
         self.inner.add(update)
+        self.clipped += scale is not None
+        self.raw_norms.append(norm)
+
+    @property
+    def takes_prepared(self) -> bool:
+        """Whether the folds inside take prepared updates (``strategies.fold.PreparedFold``)."""
+        return self._prepared is not None
+
+    def add_prepared(self, update: UpdatePayload, cast: npt.NDArray[np.float64], norm: float) -> None:
+        """:meth:`add` for an update the caller decoded, cast to float64 (``cast``, finite, its
+        scratch) and measured (``norm``: ``l2(update.delta)``, which ``sqrt(cast . cast)`` is
+        to the bit): the same bounds, refusals and arithmetic, without a second cast. A clipped
+        delta is scaled in float32, as :meth:`add` does, then cast into ``cast``."""
+        inner = self._prepared
+        if inner is None:
+            raise TypeError(f"{type(self.inner).__name__} takes no prepared updates")
+        hard, clip = self.bounds.hard, self.bounds.clip
+        if self.reject and hard is not None and norm > hard:
+            raise NormTooLarge(norm, hard)
+        scale = clip / norm if clip is not None and norm > clip else None
+        if scale is not None:
+            delta = update.delta
+            scratch = self._scratch32
+            if scratch is None or scratch.shape != delta.shape:
+                scratch = self._scratch32 = np.empty(delta.shape, np.float32)
+            np.multiply(delta, np.float32(scale), out=scratch)  # float32 times float32, as in add
+            np.copyto(cast, scratch)
+        inner.add_prepared(update, cast)
         self.clipped += scale is not None
         self.raw_norms.append(norm)
 

@@ -58,15 +58,28 @@ class DpGaussianMean:
 
     def add(self, update: UpdatePayload) -> None:
         """Folds in one clipped delta with weight 1 (and its indicator, with adaptive clipping)."""
+        self._check_indicator(update)
+        self.sum.add(update.delta, update.examples, 1.0)
+        if update.clip_indicator is not None:
+            self._indicator_sum += update.clip_indicator
+
+    #: Takes prepared updates (``strategies.fold.PreparedFold``).
+    takes_prepared = True
+
+    def add_prepared(self, update: UpdatePayload, cast: npt.NDArray[np.float64]) -> None:
+        """:meth:`add` for a delta already cast to float64 (``strategies.fold.PreparedFold``)."""
+        self._check_indicator(update)
+        self.sum.add_cast(cast, update.examples, 1.0)
+        if update.clip_indicator is not None:
+            self._indicator_sum += update.clip_indicator
+
+    def _check_indicator(self, update: UpdatePayload) -> None:
         adaptive = self.indicator_noise_stddev is not None
         indicator = update.clip_indicator
         if adaptive and indicator not in (1, -1):
             raise AggregationError("an adaptive-clipping round needs the update's clip_indicator")
         if not adaptive and indicator is not None:
             raise AggregationError("a fixed-clipping round takes no clip_indicator")
-        self.sum.add(update.delta, update.examples, 1.0)
-        if indicator is not None:
-            self._indicator_sum += indicator
 
     def mean_delta(self) -> npt.NDArray[np.float64]:
         """``(sum + N(0, sigma**2 I)) / expected_participants`` in float64: the noised mean (a

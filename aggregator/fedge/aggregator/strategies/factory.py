@@ -124,6 +124,19 @@ class RoundFolds:
         self.updates.add(update)
         self.claims.append(update.examples)
 
+    @property
+    def takes_prepared(self) -> bool:
+        """Whether the train chain takes prepared updates (:meth:`add_prepared`): the synchronous
+        chain over FedAvg, a server optimizer or the DP mean does; robust strategies and the
+        asynchronous chain's staleness link do not (they get :meth:`add_update`)."""
+        return self.updates.takes_prepared
+
+    def add_prepared(self, update: UpdatePayload, cast: npt.NDArray[np.float64], norm: float) -> None:
+        """:meth:`add_update` for an update the caller already cast to float64 and measured
+        (``NormClip.add_prepared``): the same outcome to the bit, the same refusals."""
+        self.updates.add_prepared(update, cast, norm)
+        self.claims.append(update.examples)
+
     def add_moments(self, moments: MomentsPayload) -> None:
         self.moments.add(moments)
         self.claims.append(moments.count)

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from fedge.protocol.messages import MomentsPayload, UpdatePayload
 from fedge.protocol.model_manifest import Normalisation
 
-__all__ = ["MomentsFold", "MomentsResult", "UpdateFold"]
+__all__ = ["MomentsFold", "MomentsResult", "PreparedFold", "UpdateFold", "prepared"]
 
 
 class UpdateFold(Protocol):
@@ -40,6 +40,26 @@ class UpdateFold(Protocol):
     def result(self, global_weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """The next global model from the current one; ``AggregationError`` aborts the round."""
         ...
+
+
+class PreparedFold(UpdateFold, Protocol):
+    """An update fold that can also take an update whose delta the caller already cast to
+    float64 and checked (the round engine's fast path, issue 18): ``add_prepared`` does exactly
+    what ``add`` does, to the bit and with the same refusals, without casting again.
+
+    ``cast`` is ``update.delta`` (after whatever the links outside scaled it by) as float64,
+    every value finite; the fold may change it in place (it is the caller's scratch), and it
+    must not read ``update.delta``, which an outer link may have scaled in ``cast`` only.
+    """
+
+    def add_prepared(self, update: UpdatePayload, cast: npt.NDArray[np.float64]) -> None: ...
+
+
+def prepared(fold: object) -> PreparedFold | None:
+    """``fold`` if it (and every fold inside it) takes prepared updates, else None."""
+    if getattr(fold, "takes_prepared", False):
+        return fold  # type: ignore[return-value]  # checked: the flag is set only by PreparedFolds
+    return None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.aggregator.fedavg import WeightedMeanAccumulator
-from fedge.aggregator.strategies.fold import UpdateFold
+from fedge.aggregator.strategies.fold import UpdateFold, prepared
 from fedge.aggregator.strategies.weighting import Weighting
 from fedge.protocol.messages import UpdatePayload
 
@@ -29,6 +29,7 @@ class RoundMetrics:
 
     def __init__(self, inner: UpdateFold, weighting: Weighting) -> None:
         self.inner = inner
+        self._prepared = prepared(inner)  # the inner fold, if it takes prepared updates
         self.weighting = weighting
         self.train_loss = WeightedMeanAccumulator()
         self.eval_loss = WeightedMeanAccumulator()
@@ -41,19 +42,44 @@ class RoundMetrics:
     def add(self, update: UpdatePayload) -> None:
         """The metrics go into new accumulators first (a sum may overflow), then the update into
         the inner fold, which checks before it changes anything; only then are they kept."""
+        self._add(update, None)
+
+    @property
+    def takes_prepared(self) -> bool:
+        """Whether the fold inside takes prepared updates (``strategies.fold.PreparedFold``)."""
+        return self._prepared is not None
+
+    def add_prepared(self, update: UpdatePayload, cast: npt.NDArray[np.float64]) -> None:
+        """:meth:`add` for a delta already cast to float64 (``strategies.fold.PreparedFold``)."""
+        self._add(update, cast)
+
+    def _add(self, update: UpdatePayload, cast: npt.NDArray[np.float64] | None) -> None:
+        # The new sums first (sum_with checks and may refuse), kept only once the inner fold took
+        # the update: what building new accumulators with ``plus`` did, without building them.
         ev = update.evaluation
-        train_loss = self.train_loss.plus(update.train_loss, self.weighting(update.examples))
-        eval_loss, eval_accuracy, eval_mse = self.eval_loss, self.eval_accuracy, self.eval_mse
+        train_loss = self.train_loss.sum_with(update.train_loss, self.weighting(update.examples))
+        eval_loss = eval_accuracy = eval_mse = None
         if ev is not None:
             eval_weight = self.weighting(ev.examples)
-            eval_loss = eval_loss.plus(ev.loss, eval_weight)
+            eval_loss = self.eval_loss.sum_with(ev.loss, eval_weight)
             if ev.accuracy is not None:
-                eval_accuracy = eval_accuracy.plus(ev.accuracy, eval_weight)
+                eval_accuracy = self.eval_accuracy.sum_with(ev.accuracy, eval_weight)
             if ev.mse is not None:
-                eval_mse = eval_mse.plus(ev.mse, eval_weight)
-        self.inner.add(update)
-        self.train_loss, self.eval_loss = train_loss, eval_loss
-        self.eval_accuracy, self.eval_mse = eval_accuracy, eval_mse
+                eval_mse = self.eval_mse.sum_with(ev.mse, eval_weight)
+        if cast is None:
+            self.inner.add(update)
+        else:
+            inner = self._prepared
+            if inner is None:
+                raise TypeError(f"{type(self.inner).__name__} takes no prepared updates")
+            inner.add_prepared(update, cast)
+        self.train_loss.take(train_loss)
+        if eval_loss is not None:
+            self.eval_loss.take(eval_loss)
+        if eval_accuracy is not None:
+            self.eval_accuracy.take(eval_accuracy)
+        if eval_mse is not None:
+            self.eval_mse.take(eval_mse)
         self.examples += update.examples
 
     def result(self, global_weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

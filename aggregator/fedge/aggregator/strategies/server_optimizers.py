@@ -38,6 +38,7 @@ import numpy.typing as npt
 
 from fedge.aggregator.config import RoundSettings
 from fedge.aggregator.fedavg import AggregationError
+from fedge.aggregator.strategies.fold import prepared
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import UpdatePayload
 from fedge.protocol.strategy_announcement import ADAPTIVE_OPTIMIZERS, SERVER_OPTIMIZERS
@@ -162,6 +163,7 @@ class ServerOptimizer:
 
     def __init__(self, inner: MeanFold, settings: RoundSettings, state: ServerOptimizerState | None) -> None:
         self.inner = inner
+        self._prepared = prepared(inner)  # the mean, if it takes prepared updates
         self.settings = settings
         self.state = state
         #: Set by :meth:`result`: the state after this round, for the engine to keep.
@@ -169,6 +171,17 @@ class ServerOptimizer:
 
     def add(self, update: UpdatePayload) -> None:
         self.inner.add(update)
+
+    @property
+    def takes_prepared(self) -> bool:
+        """Whether the mean inside takes prepared updates (``strategies.fold.PreparedFold``)."""
+        return self._prepared is not None
+
+    def add_prepared(self, update: UpdatePayload, cast: npt.NDArray[np.float64]) -> None:
+        inner = self._prepared
+        if inner is None:
+            raise TypeError(f"{type(self.inner).__name__} takes no prepared updates")
+        inner.add_prepared(update, cast)
 
     def result(self, global_weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         step, state = optimizer_step(self.settings, self.state, self.inner.mean_delta())
