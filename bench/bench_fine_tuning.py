@@ -329,103 +329,45 @@ def vendor_model(x: Any, y: Any, x_test: Any, y_test: Any, path: Path) -> dict[s
 def federate(
     loaded: Any, devices: dict[str, tuple[Any, Any]], test: tuple[Any, Any], rounds: int
 ) -> dict[str, Any]:
-    """``rounds`` train rounds of every device (after a moments round if the model has no
-    normalisation yet, as the aggregator service starts); test accuracy before the first and
-    after each; the sizes of the updates the devices sent."""
-    import numpy as np
-    from nacl.public import PrivateKey
-    from nacl.signing import SigningKey
-
-    from fedge.agent.core import DeviceIdentity, moments_payload, seal_contribution, update_payload
+    """``rounds`` train rounds of every device (:func:`inprocess_rounds.run_rounds`: after a
+    moments round if the model has no normalisation yet, as the aggregator service starts); test
+    accuracy before the first and after each; the sizes of the updates the devices sent."""
     from fedge.agent.trainer import LiteRTTrainer
-    from fedge.aggregator.config import RoundSettings
-    from fedge.aggregator.round_engine import EngineState, RoundEngine
-    from fedge.protocol.topics import FleetTopics
+    from inprocess_rounds import run_rounds  # type: ignore[import-not-found, unused-ignore]
 
-    topics = FleetTopics(FLEET)
     trainer = LiteRTTrainer(loaded.model, loaded.manifest)
-    box, signing = PrivateKey.generate(), SigningKey.generate()
-    keys = {d: PrivateKey.generate() for d in devices}
-    settings = RoundSettings(
-        rounds=rounds,
-        min_devices=len(devices),
-        wait_for_devices_s=0.0,
-        server_learning_rate=SERVER_LEARNING_RATE,
-    )
-    # As AggregatorService starts: the manifest's normalisation (an imported model's identity),
-    # or None for a built model without one, whose first round is the moments round.
-    state = EngineState(0, "", 0, loaded.initial_weights.copy(), loaded.manifest.normalisation, {})
-    engine = RoundEngine(
-        FLEET,
-        settings,
-        loaded.manifest,
-        loaded.model,
-        box,
-        signing,
-        {d: k.public_key for d, k in keys.items()},
-        state,
-    )
 
-    def test_accuracy() -> float:
-        trainer.set_weights(engine.state.weights)
-        trainer.normalisation = engine.state.normalisation
+    def test_accuracy(weights: Any, normalisation: Any) -> float:
+        trainer.set_weights(weights)
+        trainer.normalisation = normalisation
         value = trainer.evaluate(*test).accuracy
         return float(value) if value is not None and math.isfinite(value) else 0.0
 
-    counters = dict.fromkeys(devices, 0)
-    now = 1_700_000_000.0
     accuracy: list[float] = []
-    if engine.state.normalisation is not None:
-        accuracy.append(test_accuracy())
-    payload_bytes: list[int] = []
-    sealed_bytes: list[int] = []
-    train_seconds = 0.0
+    if loaded.manifest.normalisation is not None:  # the weights before any round, as imported
+        accuracy.append(test_accuracy(loaded.initial_weights, loaded.manifest.normalisation))
+
+    def closed(manifest: Any, engine: Any) -> None:
+        # After the moments round: the initial weights, now with the fleet's normalisation.
+        accuracy.append(test_accuracy(engine.state.weights, engine.state.normalisation))
+
     started = time.perf_counter()
-    for _ in range(2 * rounds + 3):
-        manifest = engine.open_round(now).manifest
-        if manifest.phase == "final":
-            break
-        w = engine.state.weights.copy()
-        trainer.normalisation = manifest.normalisation
-        for device_id in manifest.selected_devices:
-            x, y = devices[device_id]
-            if manifest.phase == "moments":
-                payload, kind = moments_payload(x), "moments"
-            else:
-                trainer.set_weights(w)
-                t0 = time.perf_counter()
-                losses = trainer.fit(x, y, rng=np.random.default_rng([SEED, manifest.version]))
-                train_seconds += time.perf_counter() - t0
-                delta = trainer.get_weights() - w
-                payload = update_payload(manifest, delta, int(x.shape[0]), losses[-1], None)
-                kind = "update"
-                payload_bytes.append(len(json.dumps(payload[0]).encode()) + len(payload[1]))
-            counters[device_id] += 1
-            identity = DeviceIdentity(FLEET, device_id, keys[device_id], box.public_key)
-            frame = seal_contribution(
-                identity, manifest.round_id, manifest.version, counters[device_id], kind, payload
-            )
-            if kind == "update":
-                sealed_bytes.append(len(frame))
-            reason = engine.handle(topics.update(device_id), frame, now).reason
-            if reason != "accepted":
-                raise SystemExit(f"{device_id}'s {kind} of {manifest.round_id} refused: {reason}")
-        record = engine.close_round()
-        if manifest.phase == "moments":
-            accuracy.append(test_accuracy())  # the initial weights, now with the fleet's normalisation
-        elif record.outcome != "aggregated":
-            raise SystemExit(f"round {manifest.round_id}: {record.outcome}")
-        else:
-            accuracy.append(test_accuracy())
-        now += 100.0
-    if len(accuracy) != rounds + 1:
-        raise SystemExit(f"expected {rounds} train rounds, ran {len(accuracy) - 1}")
+    run = run_rounds(
+        loaded,
+        trainer,
+        devices,
+        rounds,
+        fleet=FLEET,
+        server_learning_rate=SERVER_LEARNING_RATE,
+        seed=SEED,
+        closed=closed,
+    )
     return {
         "accuracy_per_round": [round(a, 4) for a in accuracy],
-        "codec": settings.codec.value,
-        "update_body_and_header_bytes": sorted(set(payload_bytes)),
-        "sealed_update_bytes": sorted(set(sealed_bytes)),
-        "device_training_seconds_total": round(train_seconds, 1),
+        "codec": run.settings.codec.value,
+        "update_body_and_header_bytes": sorted(set(run.payload_bytes)),
+        "sealed_update_bytes": sorted(set(run.sealed_bytes)),
+        "device_training_seconds_total": round(run.train_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -46,8 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from nacl.public import PrivateKey
-from nacl.signing import SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -55,21 +53,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_training import machine_info  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 from fedge.agent.config import PersonalisationSettings  # noqa: E402
-from fedge.agent.core import DeviceIdentity, moments_payload, seal_contribution, update_payload  # noqa: E402
 from fedge.agent.personal import fine_tune, to_bytes  # noqa: E402
 from fedge.agent.service import LocalData, split_holdout  # noqa: E402
 from fedge.agent.trainer import LiteRTTrainer  # noqa: E402
-from fedge.aggregator.config import RoundSettings  # noqa: E402
 from fedge.aggregator.model_export import build_model, write_model  # noqa: E402
-from fedge.aggregator.round_engine import EngineState, RoundEngine  # noqa: E402
+from fedge.aggregator.round_engine import RoundEngine  # noqa: E402
 from fedge.aggregator.service import load_model  # noqa: E402
 from fedge.lab import har_watch  # noqa: E402
 from fedge.protocol.round_manifest import RoundManifest  # noqa: E402
 from fedge.protocol.task import parse_task_spec  # noqa: E402
-from fedge.protocol.topics import FleetTopics  # noqa: E402
+from inprocess_rounds import run_rounds  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 
 FLEET = "personal"
-TOPICS = FleetTopics(FLEET)
 DEFAULT_OUT = ROOT / "bench" / "results" / "personalisation.json"
 HOLDOUT_FRACTION = 0.2
 SEED = 0
@@ -103,71 +98,34 @@ def federate(
     checkpoints: tuple[int, ...],
 ) -> list[float]:
     """``rounds`` train rounds (after the moments round) with every device taking part, as the
-    agents of ``fedge demo`` do; ``at_checkpoint(k, manifest, weights)`` after round ``k`` of
-    ``checkpoints`` with the manifest of the global model it produced (which the devices would
-    install and fine-tune). Returns the mean held-out accuracy over the devices after each round."""
-    box, signing = PrivateKey.generate(), SigningKey.generate()
-    keys = {d: PrivateKey.generate() for d in devices}
-    settings = RoundSettings(
-        rounds=rounds,
-        min_devices=len(devices),
-        wait_for_devices_s=0.0,
-        server_learning_rate=SERVER_LEARNING_RATE,
-    )
-    state = EngineState(0, "", 0, loaded.initial_weights.copy(), None, {})
-    engine = RoundEngine(
-        FLEET,
-        settings,
-        loaded.manifest,
-        loaded.model,
-        box,
-        signing,
-        {d: k.public_key for d, k in keys.items()},
-        state,
-    )
-    counters = dict.fromkeys(devices, 0)
-    now = 1_700_000_000.0
+    agents of ``fedge demo`` do (:func:`inprocess_rounds.run_rounds`); ``at_checkpoint(k, manifest,
+    weights)`` after round ``k`` of ``checkpoints`` with the manifest of the global model it
+    produced (which the devices would install and fine-tune). Returns the mean held-out accuracy
+    over the devices after each round."""
     mean_accuracy: list[float] = []
-    completed = 0
-    for _ in range(3 * rounds + 3):
-        manifest = engine.open_round(now).manifest
-        if completed in checkpoints and manifest.phase != "moments" and completed > 0:
-            at_checkpoint(completed, manifest, engine.state.weights.copy())
-        if manifest.phase == "final":
-            break
-        w = engine.state.weights.copy()
-        trainer.normalisation = manifest.normalisation
-        for device_id in manifest.selected_devices:
-            data = devices[device_id]
-            if manifest.phase == "moments":
-                payload = moments_payload(data.x_train)
-                kind = "moments"
-            else:
-                trainer.set_weights(w)
-                ev = trainer.evaluate(data.x_holdout, data.y_holdout)
-                losses = trainer.fit(
-                    data.x_train, data.y_train, rng=np.random.default_rng([SEED, manifest.version])
-                )
-                delta = trainer.get_weights() - w
-                payload = update_payload(manifest, delta, int(data.x_train.shape[0]), losses[-1], ev)
-                kind = "update"
-            counters[device_id] += 1
-            identity = DeviceIdentity(FLEET, device_id, keys[device_id], box.public_key)
-            frame = seal_contribution(
-                identity, manifest.round_id, manifest.version, counters[device_id], kind, payload
-            )
-            reason = engine.handle(TOPICS.update(device_id), frame, now).reason
-            if reason != "accepted":
-                raise SystemExit(f"{device_id}'s {kind} of {manifest.round_id} refused: {reason}")
-        record = engine.close_round()
+
+    def installed(k: int, manifest: RoundManifest, weights: np.ndarray) -> None:
+        if k in checkpoints:
+            at_checkpoint(k, manifest, weights)
+
+    def closed(manifest: RoundManifest, engine: RoundEngine) -> None:
         if manifest.phase == "train":
-            if record.outcome != "aggregated":
-                raise SystemExit(f"round {manifest.round_id}: {record.outcome}")
-            completed += 1
             trainer.set_weights(engine.state.weights)
             trainer.normalisation = engine.state.normalisation
             mean_accuracy.append(float(np.mean([accuracy(trainer, d) for d in devices.values()])))
-        now += 100.0
+
+    run_rounds(
+        loaded,
+        trainer,
+        {d: (data.x_train, data.y_train) for d, data in devices.items()},
+        rounds,
+        fleet=FLEET,
+        server_learning_rate=SERVER_LEARNING_RATE,
+        seed=SEED,
+        holdout={d: (data.x_holdout, data.y_holdout) for d, data in devices.items()},
+        closed=closed,
+        installed=installed,
+    )
     return mean_accuracy
 
 
