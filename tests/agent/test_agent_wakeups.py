@@ -33,6 +33,7 @@ from fedge.lab.broker import MosquittoBroker
 from fedge.protocol.signing import signing_key_to_text
 from fedge.protocol.task import TaskSpec
 from fedge.shell.files import atomic_write
+from fedge.shell.mqtt import KEEPALIVE_WAKES, connect, ephemeral_settings, make_client, start_loop, stop_loop
 from support.engine_helpers import (
     AGGREGATOR_KEY,
     DEVICE_IDS,
@@ -247,3 +248,33 @@ def test_a_dead_worker_still_makes_run_return_1_at_once(
     assert not runner.is_alive() and result == [1]
     assert "worker thread died" in [r.getMessage() for r in caplog.records]
     assert len(turns) == 2
+
+
+def test_the_idle_beat_keeps_the_worker_far_from_looking_hung() -> None:
+    """The worker's longest sleep against /healthz's and the heartbeat file's 120 s."""
+    from fedge.agent.metrics import LIVE_MAX_AGE_S
+
+    assert IDLE_WAKE_S <= LIVE_MAX_AGE_S / 4
+
+
+def test_pahos_thread_waits_a_quarter_keepalive_is_named_and_stops_at_once(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """``start_loop``: the select waits keepalive / 4 (the PINGREQ still goes out before the
+    broker's 1.5 x keepalive), the thread is named for the kernel, and ``stop_loop`` ends it
+    without waiting for that timeout (disconnect's packet wakes the select)."""
+    mqtt_settings = ephemeral_settings(mosquitto.host, mosquitto.port, False, "wakeups")
+    client = make_client(mqtt_settings, persistent=False)
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    connect(client, mqtt_settings)
+    start_loop(client, "fedge-test-mqtt")
+    assert connected.wait(WAIT_S)
+    thread = client._thread
+    assert thread is not None and thread.native_id is not None
+    assert client.network_wait_s == mqtt_settings.keepalive / KEEPALIVE_WAKES == 7.5  # type: ignore[attr-defined]
+    assert Path(f"/proc/self/task/{thread.native_id}/comm").read_text().strip() == "fedge-test-mqtt"
+    stopper = threading.Thread(target=stop_loop, args=(client,))
+    stopper.start()
+    stopper.join(5.0)  # well under the select's 7.5 s: disconnect's packet woke it
+    assert not stopper.is_alive() and not thread.is_alive()

@@ -6,12 +6,13 @@ a cleared topic means the newest model again."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
 from nacl.signing import SigningKey
 
-from fedge.agent.rollout import RolloutFollower
+from fedge.agent.rollout import RESUBSCRIBE_S, RolloutFollower
 from fedge.aggregator.rollout import Candidate, GateState, RolloutGate, RolloutSettings
 from fedge.protocol.rollout import RolloutDecision, sign_decision
 from fedge.protocol.signing import key_id
@@ -90,6 +91,20 @@ def test_a_promotion_is_applied_once_its_checked_weights_are_in(tmp_path: Path) 
         2,
         2,
     )
+
+
+def test_next_turn_at_is_the_resubscribe_while_the_weights_are_awaited_and_online(tmp_path: Path) -> None:
+    """The agent's worker sleeps until then (no polling): the turn that asks again is due."""
+    promote2, _, _, _ = decisions()
+    device = Device(tmp_path)
+    assert device.follower.next_turn_at(connected=True) is None  # nothing awaited
+    before = time.monotonic()
+    device.receive(sign_decision(promote2, KEY))
+    due = device.follower.next_turn_at(connected=True)
+    assert due is not None and before + RESUBSCRIBE_S <= due <= time.monotonic() + RESUBSCRIBE_S
+    assert device.follower.next_turn_at(connected=False) is None  # offline: the reconnect asks
+    device.blob_arrives(2)
+    assert device.follower.next_turn_at(connected=True) is None
 
 
 def test_refusals_are_not_served_and_an_old_promotion_replayed_is_refused_and_counted(tmp_path: Path) -> None:

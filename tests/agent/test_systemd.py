@@ -180,6 +180,25 @@ def test_watchdog_is_rate_limited_to_half_the_interval(receiver: tuple[socket.so
     n.close()
 
 
+def test_watchdog_due_at_says_when_a_sleeping_loop_must_wake_to_ping(
+    receiver: tuple[socket.socket, str],
+) -> None:
+    """The agent's worker sleeps until this (or sooner): half an interval after the last ping,
+    exactly when :meth:`Notifier.watchdog` sends again."""
+    sock, path = receiver
+    now = [100.0]
+    n = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000"}, clock=lambda: now[0])
+    assert n.watchdog_due_at() == 100.0  # none sent yet: now
+    assert n.watchdog()
+    assert n.watchdog_due_at() == 115.0
+    now[0] = n.watchdog_due_at() or 0.0
+    assert n.watchdog()  # woken at that time, it pings
+    assert n.watchdog_due_at() == 130.0
+    assert received(sock) == [b"WATCHDOG=1"] * 2
+    assert Notifier.from_env({"NOTIFY_SOCKET": path}).watchdog_due_at() is None  # no WatchdogSec
+    n.close()
+
+
 def test_watchdog_follows_watchdog_usec_and_pid(receiver: tuple[socket.socket, str]) -> None:
     sock, path = receiver
     assert Notifier.from_env({"NOTIFY_SOCKET": path}).watchdog_interval_s is None

@@ -114,6 +114,20 @@ def test_a_rule_writes_once_per_episode_and_a_held_back_write_follows_after_the_
     }
 
 
+def test_next_due_is_when_a_pending_write_fires_and_nothing_while_none_is_pending() -> None:
+    """The agent's worker sleeps until ``next_due`` (no polling): it must be the time ``due``
+    fires, and None while nothing is pending (a request in flight ends with a kick instead)."""
+    run = Run((OCCUPIED,))
+    assert run.policy.next_due() is None
+    assert run.publish(insight("occupied"), NOW) == ["fire"]
+    assert run.policy.next_due() is None  # in flight
+    run.policy.finished(0, "server_error")  # pending again: retried after the interval
+    assert run.policy.next_due() == NOW + 300
+    assert run.due(NOW + 300) == ["fire"]
+    run.policy.finished(0, None)
+    assert run.policy.next_due() is None  # written
+
+
 def test_a_pending_write_is_dropped_when_its_episode_ends_first() -> None:
     run = Run((OCCUPIED,))
     run.publish(insight("occupied"), NOW)
