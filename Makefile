@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-personalisation bench-fine-tuning bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-agent-budget bench-scale bench-replicas bench-long-run chaos images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-personalisation bench-fine-tuning bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-agent-budget bench-agent-memory bench-scale bench-replicas bench-long-run chaos images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -170,6 +170,11 @@ bench-fleet-budget: install
 # same run; ~6 min; writes bench/results/agent_budget.json and .png (--quick: 3 agents, ~2 min).
 bench-agent-budget: install
 	$(BIN)/python bench/bench_agent_budget.py --out bench/results/agent_budget.json
+
+# Where one agent's memory goes, phase by phase (issue 18): RSS anon/file, top mappings, pymalloc,
+# glibc malloc, SQLite caches, threads; beside the training-only process and Python+numpy.
+bench-agent-memory: install
+	$(BIN)/python bench/bench_agent_memory.py --out bench/results/agent_memory.json
 
 # Rounds at scale (issue 16): 100, 1,000, 5,000 and 10,000 light simulated devices (2 worker
 # processes, one MQTT connection each, real crypto and sealed har-watch updates) against one real
