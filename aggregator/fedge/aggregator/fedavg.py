@@ -294,6 +294,11 @@ class WeightedMeanAccumulator:
         """The weighted sum and total weight :meth:`add` would leave, this one unchanged; the same
         checks. With :meth:`take`, what :meth:`plus` does without building an accumulator (the
         round's metrics do it for every update)."""
+        if type(value) is float and type(weight) is float and weight > 0:  # every update's case
+            weighted_sum = self._weighted_sum + value * weight
+            total_weight = self._total_weight + weight
+            if math.isfinite(weighted_sum) and math.isfinite(total_weight):
+                return weighted_sum, total_weight
         return self._added(value, weight)
 
     def take(self, sums: tuple[float, float]) -> None:

@@ -160,47 +160,34 @@ _CANONICAL_UPDATE_HEADER = re.compile(
     + rb'"\}'
 )
 _MAX_COUNTER = 2**63 - 1
+_CODEC_ASCII = {codec: codec.value.encode("ascii") for codec in Codec}
 _COUNT_END = 2**31  # decode_update's counts are below it
 _BIND_OPEN = b'{"bind":'
 _PAYLOAD_KEY = b',"payload":'
 _COUNT = rb"([1-9][0-9]{0,9})"  # a count as JSON writes it (range checked apart)
-#: A JSON number (its grammar, with bounded lengths); ``_json_number`` converts it as ``json`` does.
-_NUMBER = rb"(-?(?:0|[1-9][0-9]{0,30})(?:\.[0-9]{1,40})?(?:[eE][-+]?[0-9]{1,3})?)"
+#: A JSON number with a fraction or an exponent (its grammar, bounded lengths): what ``json``
+#: reads as a float, as ``float`` does (``loads_bounded`` then refuses it if not finite). A number
+#: without either is an int to ``json`` and does not match: the general path reads it.
+_FLOAT = rb"(-?(?:0|[1-9][0-9]{0,30})(?:\.[0-9]{1,40}(?:[eE][-+]?[0-9]{1,3})?|[eE][-+]?[0-9]{1,3}))"
 #: The payload header of an update exactly as fedge writes it (canonical JSON, no clip indicator),
 #: matched in the ``PAYLOAD`` frame's header after ``{"bind":<header>,"payload":``.
 _CANONICAL_UPDATE_PAYLOAD = re.compile(
     rb'\{"codec":"([a-z0-9-]{1,16})","evaluation":(null|\{"accuracy":(null|'
-    + _NUMBER[1:-1]
+    + _FLOAT[1:-1]
     + rb")"
     + rb',"examples":'
     + _COUNT
     + rb',"loss":'
-    + _NUMBER
+    + _FLOAT
     + rb',"mse":(null|'
-    + _NUMBER[1:-1]
+    + _FLOAT[1:-1]
     + rb")\})"
     + rb',"examples":'
     + _COUNT
     + rb',"train_loss":'
-    + _NUMBER
+    + _FLOAT
     + rb"\}\}"
 )
-
-
-class _NotJson:
-    """A number ``json`` would refuse (``loads_bounded``: not finite); never equal to a value."""
-
-
-_NOT_JSON = _NotJson()
-
-
-def _json_number(text: bytes) -> int | float | _NotJson:
-    """What ``json`` (with ``loads_bounded``'s hooks) makes of a matched ``_NUMBER``: an int
-    without fraction or exponent, else a float; ``_NOT_JSON`` where it refuses it (not finite)."""
-    if b"." in text or b"e" in text or b"E" in text:
-        value = float(text)
-        return value if math.isfinite(value) else _NOT_JSON
-    return int(text)
 
 
 #: Kept for callers that name it here; the contract is fedge.protocol.signing.DocType.
@@ -399,6 +386,9 @@ class _OpenRound:
         self.scale: StalenessScale | None = None
         #: Whether this round's updates can take the engine's fast path (None: not known yet).
         self.fast: bool | None = None
+        #: The round id and version as a canonical cleartext header spells them (the fast path).
+        self.round_ascii = manifest.round_id.encode("ascii")
+        self.version_ascii = str(manifest.version).encode("ascii")
 
     @property
     def bounds(self) -> NormBounds:
@@ -1239,8 +1229,8 @@ class RoundEngine:
         if (
             fleet_raw != self._fleet_ascii
             or topic != self._update_prefix + device
-            or round_raw.decode("ascii") != m.round_id
-            or int(version_text) != m.version
+            or round_raw != r.round_ascii
+            or version_text != r.version_ascii
             or now > m.deadline
         ):
             return None
@@ -1286,6 +1276,11 @@ class RoundEngine:
         if accepted is None:  # one immutable Outcome per device, not one per message
             accepted = self._accepted[device] = Outcome(True, "accepted", device, "update")
         return accepted
+
+    @staticmethod
+    def _codec_ascii(codec: Codec) -> bytes:
+        """The codec's name as the payload header's bytes spell it."""
+        return _CODEC_ASCII[codec]
 
     def _general(self, r: _OpenRound, device: str, counter: int, inner: bytearray, size: int) -> Outcome:
         """The general path's decision on a message the fast path decrypted but would not fold
@@ -1344,26 +1339,27 @@ class RoundEngine:
             train_text,
         ) = match.groups()
         codec = m.codec
-        if codec_name != codec.value.encode("ascii"):
+        if codec_name != self._codec_ascii(codec):
             return None
         limit = self.settings.max_examples_per_update
         examples = int(examples_text)
-        train_loss = _json_number(train_text)
-        if not 1 <= examples <= limit or examples >= _COUNT_END or type(train_loss) is not float:
-            return None  # bad_count, too_many_examples, or an int loss the general path takes
+        train_loss = float(train_text)
+        # A count out of range is bad_count or too_many_examples; a number json refuses (not
+        # finite) the payload frame's bad_header: the general path says which.
+        if not 1 <= examples <= limit or examples >= _COUNT_END or not math.isfinite(train_loss):
+            return None
         evaluation: Evaluation | None = None
         if ev_text != b"null":
             ev_examples = int(ev_examples_text)
-            loss = _json_number(loss_text)
-            accuracy = None if accuracy_text == b"null" else _json_number(accuracy_text)
-            mse = None if mse_text == b"null" else _json_number(mse_text)
-            # A number json refuses (not finite) is _NOT_JSON here, never taken for null.
+            loss = float(loss_text)
+            accuracy = None if accuracy_text == b"null" else float(accuracy_text)
+            mse = None if mse_text == b"null" else float(mse_text)
             if (
                 not 1 <= ev_examples <= limit
                 or ev_examples >= _COUNT_END
-                or type(loss) is not float
-                or not (accuracy is None or (type(accuracy) is float and 0.0 <= accuracy <= 1.0))
-                or not (mse is None or (type(mse) is float and mse >= 0.0))
+                or not math.isfinite(loss)
+                or not (accuracy is None or 0.0 <= accuracy <= 1.0)  # False for NaN and inf too
+                or not (mse is None or (mse >= 0.0 and math.isfinite(mse)))
             ):
                 return None
             evaluation = Evaluation(ev_examples, loss, accuracy, mse)
