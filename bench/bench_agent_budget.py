@@ -15,9 +15,14 @@ path and reads each agent process from /proc:
   in each round;
 - the EdgeX path: the subjects' recordings replayed as EdgeX v4 events on the broker (the
   demo's 1.23 M readings for 7 devices), then, as in the demo, each device's live (unlabelled)
-  readings in real time at the task's rate (50 rows a second, 6 readings a row) until the end;
+  readings in real time at the task's rate (50 rows a second, 6 readings a row) until the quiet
+  phase;
 - R train rounds (default 30), then an idle phase (default 60 s): the aggregator has finished
-  (no round open), the agents stay connected and the live readings keep arriving;
+  (no round open), the agents stay connected and the live readings keep arriving; then a quiet
+  phase (the idle's length, at most 30 s) with the live readings stopped too: nothing arrives;
+- in both, each thread's wake-ups a second (``/proc/<pid>/task/*/status``: voluntary and
+  nonvoluntary context switches) by its kernel name (``comm``: the agent names its threads,
+  ``fedge.shell.threads``; an unnamed one is "thread <n>" by start order), and the CPU;
 - each agent gets a ``NOTIFY_SOCKET`` of its own (a datagram socket this script binds), so its
   ``READY=1`` is read as systemd would: start-up to READY is spawn -> that datagram.
 
@@ -89,6 +94,10 @@ TARGET_IDLE_CPU_PERCENT = 1.0
 #: Settle time after the aggregator exits before the idle window opens (the last round's
 #: status, predictions and outbox flush are not idle work).
 IDLE_SETTLE_S = 5.0
+#: After the idle phase, the quiet one (the live readings stopped too): at most this long, and
+#: this long after the stream stops before it opens (the ingest's last flush).
+QUIET_S = 30.0
+QUIET_SETTLE_S = 3.0
 
 #: Import stages of an agent, measured in a fresh interpreter (RSS after each).
 STAGES = (
@@ -476,6 +485,20 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
         dead = [d for d in subjects if procs[d].poll() is not None]
         if dead:
             raise BenchError(f"{dead} exited during the idle phase; see {logs}")
+        # Quiet: the live readings stop too, so nothing at all arrives; what each thread still
+        # does is its own (deadlines, keepalive), the issue's "wakes up only when there is work".
+        quiet_s = min(cfg.idle_s, QUIET_S)
+        print(f"  quiet phase ({quiet_s:.0f} s, no live readings)...", flush=True)
+        live_stop.set()
+        live_thread.join(timeout=10)
+        time.sleep(QUIET_SETTLE_S)
+        threads_before = {d: thread_wakeups(procs[d].pid) for d in subjects}
+        cpu_before = {d: process_cpu_s(procs[d].pid) for d in subjects}
+        time.sleep(quiet_s)
+        threads_after = {d: thread_wakeups(procs[d].pid) for d in subjects}
+        cpu_after = {d: process_cpu_s(procs[d].pid) for d in subjects}
+        quiet = {d: wakeups_per_s(threads_before[d], threads_after[d], quiet_s) for d in subjects}
+        quiet_cpu = {d: 100.0 * (cpu_after[d] - cpu_before[d]) / quiet_s for d in subjects}
     finally:
         live_stop.set()
         if live_thread is not None:
@@ -495,6 +518,23 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
     )
     for d in subjects:
         summary["agents"][d]["idle_wakeups_per_s"] = wakeups[d]
+        summary["agents"][d]["quiet_wakeups_per_s"] = quiet[d]
+        summary["agents"][d]["quiet_cpu_percent"] = round(quiet_cpu[d], 3)
+    summary["quiet_s"] = quiet_s
+    summary["agent_quiet_cpu_percent"] = {
+        "min": min(quiet_cpu.values()),
+        "median": statistics.median(quiet_cpu.values()),
+        "max": max(quiet_cpu.values()),
+    }
+    quiet_names = sorted({k for w in quiet.values() for k in w})
+    summary["agent_quiet_wakeups_per_s_median"] = {
+        k: round(statistics.median(w.get(k, 0.0) for w in quiet.values()), 2) for k in quiet_names
+    }
+    summary["agent_quiet_wakeups_per_s_total"] = {
+        "min": min(sum(w.values()) for w in quiet.values()),
+        "median": statistics.median(sum(w.values()) for w in quiet.values()),
+        "max": max(sum(w.values()) for w in quiet.values()),
+    }
     # Per thread name, the median over the agents (each agent's threads have the same roles).
     names = sorted({k for w in wakeups.values() for k in w})
     summary["agent_idle_wakeups_per_s_median"] = {
@@ -639,6 +679,12 @@ def summarise(
         },
         "agents": agents,
     }
+
+
+def process_cpu_s(pid: int) -> float:
+    """The process's CPU seconds so far (utime + stime of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_wakeups(pid: int) -> dict[str, tuple[str, int]]:
@@ -818,6 +864,17 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"wake-ups a second of a whole idle agent: min {total['min']:.1f}, median {total['median']:.1f}, "
             f"max {total['max']:.1f} (live readings arriving)"
+        )
+    if "agent_quiet_wakeups_per_s_median" in f:
+        by_thread = sorted(f["agent_quiet_wakeups_per_s_median"].items(), key=lambda kv: -kv[1])
+        total, cpu = f["agent_quiet_wakeups_per_s_total"], f["agent_quiet_cpu_percent"]
+        lines.append(
+            f"quiet ({f['quiet_s']:.0f} s, nothing arriving), median over the agents: "
+            + ", ".join(f"{k} {v:g}" for k, v in by_thread)
+        )
+        lines.append(
+            f"  whole agent: {total['min']:.2f} to {total['max']:.2f} wake-ups a second, "
+            f"{cpu['min']:.3f} to {cpu['max']:.3f}% of one core"
         )
     lines.append(f"where {f['smaps']['device']}'s memory is after the rounds (smaps, resident):")
     for k, v in f["smaps"]["after_rounds_groups"].items():
