@@ -11,7 +11,6 @@ import itertools
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -186,7 +185,7 @@ def test_shuffled_arrival_within_the_reorder_window_gives_the_ordered_samples(
     y = rng.integers(0, 3, n)
     # Readings of one row carry origins spread over the alignment tolerance (a quarter period).
     readings = [
-        replace(r, origin_ns=r.origin_ns + int(rng.integers(0, P // 4 + 1)))
+        r._replace(origin_ns=r.origin_ns + int(rng.integers(0, P // 4 + 1)))
         for r in stream(task, x, label_values(task, y))
     ]
     # Arrival order: origin plus a jitter under the reorder window, so no reading ever arrives
@@ -794,3 +793,73 @@ def test_har_task_defaults(har_task: TaskSpec) -> None:
     samples = run(builder, [stream(har_task, x, labels)])
     assert np.array_equal(features_of(samples, har_task.input_dim), extract_features(x, har_task.features))
     assert len(samples) == 5
+
+
+class _OneByOne(SampleBuilder):
+    """The builder with its batch path turned off: every reading through ``_take``, one by one."""
+
+    def _add_in_order(self, batch: list[Reading], rows: list[Any]) -> bool:
+        return False
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_the_batch_path_gives_what_one_by_one_gives(data: st.DataObject) -> None:
+    """Batches (``SampleBuilder.add`` of an event's readings, at once when they are new, in order
+    and usable) give the same samples, counters and buffers as every reading taken in turn,
+    whatever the stream holds: redeliveries, late and reordered readings, foreign devices and
+    resources, bad values, labels that are not classes, flushes, a small reorder buffer."""
+    labelled = data.draw(st.booleans(), label="labelled")
+    kind = data.draw(st.sampled_from(["classification", "regression"]), label="kind")
+    task = make_task(("a", "b"), (3, data.draw(st.integers(1, 4), label="step"), ("mean", "max")), kind=kind)
+    limits = {"a": (-5.0, 5.0), "label": (-10.0, 10.0)} if kind == "regression" else {"a": (-5.0, 5.0)}
+    options = {
+        "max_pending": data.draw(st.sampled_from([4, 16, 1000]), label="max_pending"),
+        "recent_keys": data.draw(st.sampled_from([0, 5, 100]), label="recent_keys"),
+    }
+    rng = random.Random(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    stream_: list[Reading] = []
+    t = T0
+    for i in range(data.draw(st.integers(1, 120), label="rows")):
+        t += P * (1 if rng.random() < 0.95 else 5)
+        label: Any = CLASSES[i % 3] if kind == "classification" else float(i % 7)
+        if kind == "classification" and rng.random() < 0.05:
+            label = "dance"
+        values = [
+            rng.choice([rng.uniform(-4, 4), 6.0, math.nan, "x"])
+            if rng.random() < 0.05
+            else rng.uniform(-4, 4)
+            for _ in range(2)
+        ]
+        out = row(task, t + rng.choice([0, 0, 0, P // 8]), values, label)
+        if rng.random() < 0.05:
+            out.append(reading("other", 1.0, t))
+        if rng.random() < 0.05:
+            out.append(reading("a", 1.0, t, device="watch-2"))
+        if rng.random() < 0.05 and stream_:
+            out.append(rng.choice(stream_))  # a redelivery (maybe late by now)
+        if rng.random() < 0.05:
+            out.append(reading("b", 0.5, t - rng.choice([P, 10 * P, 100 * P])))  # a straggler
+        stream_ += out
+    builders = [
+        SampleBuilder(task, limits, device=DEVICE, labelled=labelled, reorder_window_ns=3 * P, **options),
+        _OneByOne(task, limits, device=DEVICE, labelled=labelled, reorder_window_ns=3 * P, **options),
+    ]
+    outputs: list[list[Any]] = [[], []]
+    i = 0
+    while i < len(stream_):
+        size = rng.choice([1, 3, 7, 20, 100])
+        flush = rng.random() < 0.05
+        for builder, out in zip(builders, outputs, strict=True):
+            out += builder.add(stream_[i : i + size])
+            if flush:
+                out += builder.flush()
+        i += size
+    for builder, out in zip(builders, outputs, strict=True):
+        out += builder.flush()
+    assert builders[0].quality == builders[1].quality
+    assert builders[0].buffered == builders[1].buffered
+    assert [(s.start_ns, s.end_ns, repr(s.label), s.features.tobytes()) for s in outputs[0]] == [
+        (s.start_ns, s.end_ns, repr(s.label), s.features.tobytes()) for s in outputs[1]
+    ]
+    assert builders[0]._recent == builders[1]._recent

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any, Final, NoReturn
 
 from fedge.protocol.errors import ReasonError
@@ -34,11 +33,6 @@ DEFAULT_MAX_DEPTH: Final = 32
 #: Every ``reason`` a :class:`BoundedJsonError` can carry.
 REASONS: Final = frozenset({"too_large", "bad_utf8", "too_deep", "not_finite", "bad_json"})
 
-# A JSON string, escapes included, removed before counting so that brackets inside strings do
-# not count. An unterminated one runs to the end of the data (json.loads stops there too): were
-# it not matched, the scan would retry at every escaped quote inside it, which is quadratic.
-# The "unrolled loop" form never backtracks, so the whole scan is linear.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 # Every byte but the four brackets, for bytes.translate(None, delete).
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _OPENERS = frozenset(b"[{")
@@ -115,7 +109,7 @@ def nesting_depth_exceeds(data: bytes, max_depth: int) -> bool:
     if data.count(b"[") + data.count(b"{") <= max_depth:
         return False
     depth = 0
-    for byte in _STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+    for byte in _outside_strings(data).translate(None, _NOT_BRACKETS):
         if byte in _OPENERS:
             depth += 1
             if depth > max_depth:
@@ -123,6 +117,23 @@ def nesting_depth_exceeds(data: bytes, max_depth: int) -> bool:
         elif depth > 0:
             depth -= 1
     return False
+
+
+def _outside_strings(data: bytes) -> bytes:
+    """``data`` with every JSON string (quotes included) cut out, so brackets inside strings do
+    not count. Linear whatever the data (no regex, no backtracking).
+
+    Why not a regex substitution of the strings: an EdgeX event of 350 readings has some 2,500,
+    and substituting them cost 2 us per reading, as much as parsing the event. Splitting on
+    quotes is one pass of C: with escaped backslashes (``\\\\``) and then escaped quotes
+    removed first, every remaining quote opens or closes a string, so the even pieces are the
+    text outside strings; an unterminated string (an odd number of quotes) runs to the end, as
+    json.loads reads it. Outside strings a backslash is not JSON (json.loads stops there, having
+    read a prefix this cuts exactly as it should), so there the answer may be either.
+    """
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return b"".join(data.split(b'"')[::2])
 
 
 def loads_state_file(raw: bytes | str) -> Any:

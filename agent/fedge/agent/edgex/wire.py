@@ -52,13 +52,16 @@ import cbor2
 
 from fedge.agent.edgex.readings import (
     ARRAY_TYPES,
+    FLOAT32_ROUNDS_TO_INF,
     FLOAT_TYPES,
+    GO_DECIMAL,
     INT_RANGES,
     VALUE_TYPES,
     Event,
     Reading,
     ReadingError,
     Value,
+    new_reading,
     normalize_value_type,
     parse_value,
 )
@@ -361,10 +364,11 @@ def _decode_event(doc: dict[str, Any], binary_as_bytes: bool) -> tuple[Event | N
         raise ReadingError("bad_field_value", f"event tags: {problem}")
     readings: list[Reading] = []
     rejected: list[ReadingError] = []
-    names: dict[str, str] = {}
+    names: dict[str, str] = {}  # the event's non-blank names
+    units_seen: dict[str, str] = {}
     for index, raw in enumerate(raw_readings):
         try:
-            fast = _decode_simple_reading(raw, names)
+            fast = _decode_simple_reading(raw, names, units_seen)
             readings.append(fast if fast is not None else _decode_reading(raw, binary_as_bytes))
         except ReadingError as exc:
             detail = str(exc)[len(exc.reason) + 2 :]
@@ -385,61 +389,83 @@ def _is_uuid(text: str) -> bool:
 
 #: valueType spellings taken as they are by the fast path (others go through normalize_value_type).
 _SIMPLE_TYPES: Final = {t: t for t in VALUE_TYPES if t != "Binary" and t not in _OBJECT_TYPES}
+#: Float types and the magnitude their values must stay under (readings.parse_scalar's rule).
+_FLOAT_LIMITS: Final = {"Float32": FLOAT32_ROUNDS_TO_INF, "Float64": math.inf}
+_GO_DECIMAL_FULL: Final = GO_DECIMAL.fullmatch
+_new_reading: Final = new_reading
 
 
-def _decode_simple_reading(raw: Any, names: dict[str, str]) -> Reading | None:
+def _decode_simple_reading(raw: Any, names: dict[str, str], units_seen: dict[str, str]) -> Reading | None:
     """The common reading (a simple value, every field of the right type), or None: then
     :func:`_decode_reading` judges it and reports its first problem in DTO order.
 
     Why: an agent decodes every reading on the EdgeX bus (1.23 M in the demo's backlog). Checking
-    each field once, in place, is about twice as fast as the general path, and the names every
+    each field once, in place, is several times faster than the general path, and the names every
     reading of an event repeats (device, resource, profile, units) are kept once per event
-    (``names``), not once per reading: a queued backlog is about a third smaller. Only the value
-    may still raise (its parse is the last check on both paths, so the error is the same).
+    (``names``, ``units_seen``), not once per reading: a queued backlog is about a third smaller.
+    A float value in range is parsed here; any other value goes through :func:`_parse_simple`, and may still
+    raise (its parse is the last check on both paths, so the error is the same).
     """
     if type(raw) is not dict:
         return None
     get = raw.get
-    reading_id = get("id")
     origin = get("origin")
     device = get("deviceName")
     resource = get("resourceName")
     profile = get("profileName")
     value_type = _SIMPLE_TYPES.get(get("valueType"))  # type: ignore[arg-type]
-    units = get("units")
     text = get("value")
     if (
         value_type is None
-        or not (reading_id is None or type(reading_id) is str)
         or type(origin) is not int
-        or origin == 0
         or not _INT64[0] <= origin <= _INT64[1]
+        or origin == 0
         or type(device) is not str
         or type(resource) is not str
         or type(profile) is not str
-        or not (units is None or type(units) is str)
         or not (text is None or type(text) is str)
-        or not (get("tags") is None or type(get("tags")) is dict)
-        or not device
-        or not resource
-        or not profile
-        or device.isspace()
-        or resource.isspace()
-        or profile.isspace()
     ):
         return None
-    value = None if text is None else _parse_simple(value_type, text)
-    return Reading(
-        names.setdefault(device, device),
-        names.setdefault(resource, resource),
-        names.setdefault(profile, profile),
-        value_type,
-        value,
-        origin,
-        "" if units is None else names.setdefault(units, units),
-        "",
-        reading_id or "",
+    # Names: the same few strings in every reading; each checked once per event.
+    device = names.get(device) or _new_name(device, names)
+    resource = names.get(resource) or _new_name(resource, names)
+    profile = names.get(profile) or _new_name(profile, names)
+    if device is None or resource is None or profile is None:
+        return None
+    units = get("units")
+    reading_id = get("id")
+    if units is not None:
+        if type(units) is not str:
+            return None
+        units = units_seen.setdefault(units, units)
+    if reading_id is not None and type(reading_id) is not str:
+        return None
+    tags = get("tags")
+    if tags is not None and type(tags) is not dict:
+        return None
+    value: Value
+    if text is None:
+        value = None
+    else:
+        limit = _FLOAT_LIMITS.get(value_type)
+        if limit is not None and len(text) <= 64 and _GO_DECIMAL_FULL(text) is not None:
+            value = float(text)
+            if not -limit < value < limit:  # infinity, or beyond float32: the general parse says why
+                value = _parse_simple(value_type, text)
+        else:
+            value = _parse_simple(value_type, text)
+    return _new_reading(
+        Reading,
+        (device, resource, profile, value_type, value, origin, units or "", "", reading_id or ""),
     )
+
+
+def _new_name(name: str, names: dict[str, str]) -> str | None:
+    """A name not yet seen in this event: kept if it is not blank (EdgeX refuses blank names)."""
+    if not name or name.isspace():
+        return None
+    names[name] = name
+    return name
 
 
 def _decode_reading(raw: Any, binary_as_bytes: bool) -> Reading:
