@@ -111,8 +111,10 @@ LIVE_POLL_S = 1.0
 #: While a secure-aggregation round is in hand the worker turns at least this often: the round's
 #: steps have deadlines of their own (``fedge.agent.secure_agent``); that is a round, not idle.
 SECURE_TURN_S = 0.5
-#: If the worker's next deadline cannot be worked out (a bug), it turns this often instead.
+#: If the worker's next deadline cannot be worked out, or stays in the past for MAX_BUSY_TURNS
+#: turns in a row with nothing new (a bug), it turns this often instead of spinning.
 FALLBACK_TURN_S = 0.5
+MAX_BUSY_TURNS = 100
 #: ``fedge_agent_training_seconds`` buckets: a local training takes seconds on a gateway,
 #: minutes on a small board.
 TRAINING_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -228,6 +230,7 @@ class AgentService:
         self.worker_wakeups = 0
         self._worker_died = False
         self._next_turn_failed = False  # _next_turn_in's failure logged (once)
+        self._busy_turns = 0  # turns in a row with a deadline already due and nothing new
         self._flush_retry_at: float | None = None  # a flush the state directory stopped: when again
         self._pending_manifest: bytes | None = None
         self._blobs: dict[str, bytes] = {}
@@ -925,9 +928,19 @@ class AgentService:
         a connection, live windows, stop)."""
         timeout = self._next_turn_in()
         with self._wake:
-            if not self._kicked and self._pending_manifest is None and timeout > 0:
-                self._wake.wait(timeout)
+            if self._kicked or self._pending_manifest is not None:
+                self._busy_turns = 0
+            elif timeout > 0 or self._busy_turns >= MAX_BUSY_TURNS:
+                if timeout <= 0 and not self._next_turn_failed:  # a deadline no turn moves: a bug
+                    self._next_turn_failed = True
+                    log.error(
+                        "the worker's next deadline stays in the past; it turns every %g s", FALLBACK_TURN_S
+                    )
+                self._wake.wait(timeout if timeout > 0 else FALLBACK_TURN_S)
                 self.worker_wakeups += 1
+                self._busy_turns = 0
+            else:
+                self._busy_turns += 1
             self._kicked = False
 
     def _liveness_due_in(self) -> float:
@@ -1029,8 +1042,10 @@ class AgentService:
             )
             self._predict()
             if time.monotonic() >= self._next_status_at and self.connected.is_set():
-                self._publish_status()
+                # First: a status that fails (a source's report raising) is tried at the next
+                # interval, not at once again and again by a worker that sleeps until it is due.
                 self._next_status_at = time.monotonic() + self.config.status_interval_s
+                self._publish_status()
         except StorageFault as exc:  # not one of a round's actions (those wait in _parked): e.g. a
             # secure round's counter or a resent copy of an update; what it was for is counted
             self._write_failed(exc)
