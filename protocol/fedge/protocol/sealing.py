@@ -198,20 +198,20 @@ def open_into(shared_key: bytes, sealed: bytes, offset: int) -> bytearray | None
     open (what ``Box.decrypt`` refuses with ``CryptoError``).
 
     The same libsodium call as ``Box.decrypt`` (``crypto_box_open_easy_afternm``), without its
-    three copies of the message (nonce split, ciphertext slice, result copy): the aggregator
-    decrypts every update, and the copies were a tenth of ``RoundEngine.handle``'s time. The
-    buffer is the caller's alone, so views of it (a decoded fp32 update) need no copy either.
+    three copies of the message (nonce split, ciphertext slice, result copy), about 2 us of a
+    22 kB update on the aggregator, which decrypts every one. The buffer is the caller's alone,
+    so views of it (a decoded fp32 update) need no copy either.
     """
     clen = len(sealed) - offset - NONCE_BYTES
-    if clen < MAC_BYTES or len(shared_key) != 32:
+    if offset < 0 or clen < MAC_BYTES or len(shared_key) != 32:
         return None
     out = bytearray(max(1, clen - MAC_BYTES))
-    view = memoryview(sealed)
+    sealed_ptr = _ffi.from_buffer(sealed)  # no copy: pointers into the message for nonce and box
     rc = _lib.crypto_box_open_easy_afternm(
         _ffi.from_buffer(out, require_writable=True),
-        _ffi.from_buffer(view[offset + NONCE_BYTES :]),
+        sealed_ptr + (offset + NONCE_BYTES),
         clen,
-        _ffi.from_buffer(view[offset : offset + NONCE_BYTES]),
+        sealed_ptr + offset,
         shared_key,
     )
     if rc != 0:
