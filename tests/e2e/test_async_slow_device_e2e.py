@@ -22,13 +22,12 @@ from typing import Any
 
 import pytest
 
-from fedge.lab.broker import BrokerSettings, MosquittoBroker, free_loopback_port
 from fedge.protocol.round_manifest import round_manifest_from_dict
 from fedge.protocol.sealing import read_header
 from fedge.protocol.signing import DocType, key_id, verify_document
 from support.fleet_harness import Fleet, wait_device_online
-from support.mqtt_fixtures import TrafficRecorder, require_mosquitto
-from support.netns import DeviceLink, netns_unavailable
+from support.mqtt_fixtures import TrafficRecorder
+from support.netns import DeviceLink, broker_on, netns_unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +50,9 @@ def link() -> Iterator[DeviceLink]:
 def test_async_versions_advance_without_waiting_for_the_slow_device(
     tmp_path: Path, link: DeviceLink, har_model_dir: Path
 ) -> None:
-    port = free_loopback_port()
-    settings = BrokerSettings(
-        data_dir=tmp_path / "mosquitto", port=port, extra_lines=(f"listener {port} {link.host_ip}",)
-    )
     link.rate_limit(24, downlink=False)
     with (
-        MosquittoBroker(settings, executable=require_mosquitto()) as broker,
+        broker_on(tmp_path, [link]) as broker,
         TrafficRecorder.for_broker(broker) as recorder,
     ):
         fleet = Fleet(
@@ -74,7 +69,7 @@ def test_async_versions_advance_without_waiting_for_the_slow_device(
                 "max_staleness": ROUNDS,
             },
         )
-        slow_env = {"FEDGE_AGENT__MQTT__BROKER": f"mqtt://{link.host_ip}:{port}"}
+        slow_env = {"FEDGE_AGENT__MQTT__BROKER": f"mqtt://{link.host_ip}:{broker.port}"}
         try:
             fleet.start_agent("watch-01")
             fleet.start_agent("watch-02")

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from fedge.lab.broker import BrokerSettings, MosquittoBroker, free_loopback_port
 from fedge.protocol.chunks import CHUNK_KIND
 from fedge.protocol.sealing import read_header
 from support.fleet_harness import Fleet, latest_status, wait_device_online
-from support.mqtt_fixtures import TrafficRecorder, require_mosquitto
-from support.netns import DeviceLink, netns_unavailable
+from support.mqtt_fixtures import TrafficRecorder
+from support.netns import DeviceLink, broker_on, netns_unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -53,13 +52,9 @@ def _wait(what: str, check: object, timeout: float = WAIT_S) -> None:
 def test_a_chunked_update_cut_mid_way_on_a_slow_link_resumes_and_counts_once(
     tmp_path: Path, link: DeviceLink, har_model_dir: Path
 ) -> None:
-    port = free_loopback_port()
-    settings = BrokerSettings(
-        data_dir=tmp_path / "mosquitto", port=port, extra_lines=(f"listener {port} {link.host_ip}",)
-    )
     link.rate_limit(16, downlink=False)
     with (
-        MosquittoBroker(settings, executable=require_mosquitto()) as broker,
+        broker_on(tmp_path, [link]) as broker,
         TrafficRecorder.for_broker(broker) as recorder,
     ):
         fleet = Fleet(
@@ -72,7 +67,7 @@ def test_a_chunked_update_cut_mid_way_on_a_slow_link_resumes_and_counts_once(
         fleet.aggregator_env["FEDGE_AGGREGATOR__AGGREGATOR__CHUNK_BYTES"] = str(PIECE)
         slow_env = {
             "FEDGE_AGENT__AGENT__CHUNK_BYTES": str(PIECE),
-            "FEDGE_AGENT__MQTT__BROKER": f"mqtt://{link.host_ip}:{port}",
+            "FEDGE_AGENT__MQTT__BROKER": f"mqtt://{link.host_ip}:{broker.port}",
             "FEDGE_AGENT__MQTT__KEEPALIVE": "5",  # a cut link is noticed in seconds
         }
         try:

@@ -22,11 +22,10 @@ from typing import Any
 
 import pytest
 
-from fedge.lab.broker import BrokerSettings, MosquittoBroker, free_loopback_port
 from support.chaos import AggregatorLedger
 from support.fleet_harness import Fleet, latest_status, wait_device_online, wait_status
-from support.mqtt_fixtures import TrafficRecorder, require_mosquitto
-from support.netns import DeviceLink, netns_unavailable
+from support.mqtt_fixtures import TrafficRecorder
+from support.netns import DeviceLink, broker_on, netns_unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +37,6 @@ def netns_ok() -> None:
     why = netns_unavailable()
     if why is not None:
         pytest.skip(why)
-
-
-def broker_on(tmp_path: Path, links: list[DeviceLink]) -> MosquittoBroker:
-    """Mosquitto on loopback and on the host's end of every link, one port for all."""
-    port = free_loopback_port()
-    extra = tuple(f"listener {port} {link.host_ip}" for link in links)
-    settings = BrokerSettings(data_dir=tmp_path / "mosquitto", port=port, extra_lines=extra)
-    return MosquittoBroker(settings, executable=require_mosquitto())
 
 
 def start_behind(fleet: Fleet, device: str, link: DeviceLink, port: int) -> None:

@@ -9,8 +9,9 @@ a veth pair, with the link's faults set by the kernel (no proxy, no mock).
 - ``partition()`` / ``heal()``: every packet on the link dropped each way while partitioned (the TCP
   connection stays open; what is sent meanwhile waits in the sender's socket or outbox).
 
-A process runs inside with ``prefix`` (``ip netns exec NAME``). Needs root, ``ip`` (iproute2)
-and ``iptables``; :func:`netns_unavailable` says why not, for a skip.
+A process runs inside with ``prefix`` (``ip netns exec NAME``); :func:`broker_on` is a Mosquitto
+it reaches (listening on loopback and on the host's end of each link). Needs root, ``ip``
+(iproute2) and ``iptables``; :func:`netns_unavailable` says why not, for a skip.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
+
+from fedge.lab.broker import BrokerSettings, MosquittoBroker, free_loopback_port
+from support.mqtt_fixtures import require_mosquitto
 
 #: 10.231.<index>.0/30 per link: .1 the host's end, .2 the device's.
 SUBNET = "10.231"
@@ -154,4 +160,15 @@ class DeviceLink:
             self._in_ns("iptables", "-D", chain, "1")
 
 
-__all__ = ["DeviceLink", "netns_unavailable"]
+def broker_on(tmp_path: Path, links: Sequence[DeviceLink]) -> MosquittoBroker:
+    """Mosquitto (not started yet: a context manager) on loopback and on the host's end of every
+    link, one port for all (``broker.port``), persistence in ``tmp_path / "mosquitto"``: the
+    test's own clients use loopback, a device in a namespace ``mqtt://<link.host_ip>:<port>``.
+    Skips the test without mosquitto (:func:`~support.mqtt_fixtures.require_mosquitto`)."""
+    port = free_loopback_port()
+    extra = tuple(f"listener {port} {link.host_ip}" for link in links)
+    settings = BrokerSettings(data_dir=tmp_path / "mosquitto", port=port, extra_lines=extra)
+    return MosquittoBroker(settings, executable=require_mosquitto())
+
+
+__all__ = ["DeviceLink", "broker_on", "netns_unavailable"]
