@@ -110,6 +110,7 @@ def make_source(
     state: str = "state",
     settle_s: float = 0.2,
     poll_s: float = 0.05,
+    live: bool = False,
 ) -> CsvSource:
     profile = load_profile(PROFILE)
     state_dir = tmp_path / state
@@ -125,6 +126,7 @@ def make_source(
         profile_name=profile.name,
         poll_s=poll_s,
         settle_s=settle_s,
+        live=live,
     )
 
 
@@ -495,3 +497,24 @@ def test_without_a_directory_to_watch_the_source_polls_says_so_once_and_reads_th
     wait_for(caught_up(source, len(lines)), "the file, once it exists")
     assert [r.getMessage() for r in caplog.records].count(polling) == 1
     assert source.report()["stored_samples"] == 11
+
+
+def test_new_live_windows_are_announced_to_the_listener_so_the_worker_need_not_ask(
+    tmp_path: Path, har_task: TaskSpec, running: list[CsvSource]
+) -> None:
+    """The agent's worker sleeps until the source calls its listener (``set_live_listener``)."""
+    lines = csv_lines(edgex_events(recordings()))
+    csv_file = tmp_path / "readings.csv"
+    window = har_task.features.window
+    assert window is not None and window.size > 60
+    write_csv(csv_file, lines[:60])  # not a window yet
+    source = make_source(tmp_path, har_task, csv_file, live=True)
+    announced: list[int] = []
+    source.set_live_listener(lambda: announced.append(len(source.live)))
+    start(source, running)
+    wait_for(caught_up(source, 60), "the first rows")
+    assert announced == [] and source.live_windows(None).windows == ()
+    append(csv_file, "\n".join(lines[60:260]) + "\n")
+    wait_for(caught_up(source, 260), "the rest of the first recording")
+    assert announced and all(n > 0 for n in announced)  # called once windows were there to take
+    assert len(source.live_windows(None).windows) == (260 - window.size) // window.step + 1
