@@ -1,21 +1,20 @@
 """fedge.shell.files' small state files (the personal weights, the error-feedback residual):
 a bounded read, and an atomic replace or a removal, on real files. A write that fails midway is
-a real one: the file-size limit (RLIMIT_FSIZE) of a child process, which makes the write itself
-fail with EFBIG."""
+a real one: a tiny tmpfs (:mod:`support.tiny_fs`, needs root) too small for it."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fedge.shell.files import OversizedFile, read_bounded, replace_or_remove
-from support.source_tree import PYTHONPATH as SOURCE_PYTHONPATH
+from support.tiny_fs import TinyFs
+
+pytest_plugins = ("support.tiny_fs",)
 
 
 def names(directory: Path) -> list[str]:
@@ -90,31 +89,21 @@ def test_a_removal_that_fails_raises_and_leaves_what_was_there(tmp_path: Path) -
 
 
 def test_a_replace_that_fails_midway_leaves_no_half_written_file_and_drops_the_old_one(
-    tmp_path: Path,
+    tmp_path: Path, tiny_fs: list[TinyFs]
 ) -> None:
-    """The child may write files of at most 64 KiB; writing 1 MiB fails in the write itself.
+    """A real file system of 1 MiB and 2 MiB to write: the write itself fails part-way (ENOSPC).
     Neither the new content nor the old file is left: the caller holds the new state in memory,
     and the old one read back after a restart would be stale."""
-    path = tmp_path / "residual.bin"
+    fs = TinyFs(tmp_path / "state", "1m")
+    tiny_fs.append(fs)
+    path = fs.path / "residual.bin"
     path.write_bytes(b"old residual")
-    child = f"""
-import resource, signal, sys
-from pathlib import Path
-from fedge.shell.files import replace_or_remove
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a signal
-resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-try:
-    replace_or_remove(Path({str(path)!r}), b"x" * 1024 * 1024)
-except OSError as exc:
-    print(exc.errno, exc.strerror)
-    sys.exit(0)
-sys.exit("the write did not fail")
-"""
-    env = {**os.environ, "PYTHONPATH": SOURCE_PYTHONPATH}
-    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"{errno.EFBIG} File too large"
-    assert names(tmp_path) == []  # no temp file, no half-written file, no old file
+    with pytest.raises(OSError) as info:
+        replace_or_remove(path, b"x" * 2 * 1024 * 1024)
+    assert info.value.errno == errno.ENOSPC
+    assert names(fs.path) == []  # no temp file, no half-written file, no old file
+    replace_or_remove(path, b"new")  # the space the failed write took is back
+    assert path.read_bytes() == b"new"
 
 
 def test_a_replace_in_a_missing_directory_is_the_oserror_for_the_caller_to_word(tmp_path: Path) -> None:
