@@ -110,3 +110,12 @@ def test_a_replace_in_a_missing_directory_is_the_oserror_for_the_caller_to_word(
     with pytest.raises(FileNotFoundError) as info:
         replace_or_remove(tmp_path / "gone" / "state.bin", b"new")
     assert info.value.strerror == "No such file or directory"
+
+
+def test_a_fifo_where_the_file_should_be_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    path = tmp_path / "state.bin"
+    os.mkfifo(path)  # nobody writes to it: a blocking open would never return
+    with pytest.raises(OSError) as info:
+        read_bounded(path, 100)
+    assert (info.value.errno, info.value.strerror) == (errno.EINVAL, "Not a regular file")
+    assert stat.S_ISFIFO(os.stat(path).st_mode)  # left as it was

@@ -16,6 +16,7 @@ part of a service's configuration) unless told otherwise.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -99,10 +100,18 @@ def read_bounded(path: Path, limit: int) -> bytes | None:
     usually logged and started afresh, not fatal).
     """
     try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
+        # O_NONBLOCK: a FIFO put where the file should be must not block the service's thread
+        # on open (nobody writing to it); it is refused below like any other non-regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "Not a regular file", str(path))
+        raw = f.read(limit + 1)
     if len(raw) > limit:
         raise OversizedFile(path, limit)
     return raw
