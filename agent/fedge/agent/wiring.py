@@ -30,15 +30,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from nacl.public import PrivateKey
 
 from fedge.agent.config import AgentConfig, EdgeXSettings
 from fedge.agent.core import DeviceCore, DeviceIdentity
-from fedge.agent.csv_source import CURSOR_FILE as CSV_CURSOR_FILE
-from fedge.agent.csv_source import CsvCursor, CsvSource
 from fedge.agent.device_state import DeviceStateStore
 from fedge.agent.edgex.core_command import CoreCommandClient, CoreCommandError
 from fedge.agent.edgex.core_data import CoreDataClient
@@ -56,6 +54,9 @@ from fedge.protocol.config_source import ConfigError
 from fedge.protocol.task import TaskSpec, parse_task_spec
 from fedge.shell.files import prepare_writable_dir, read_private_key
 from fedge.shell.storage_faults import StorageFault, unwritable_dir_fix
+
+if TYPE_CHECKING:  # imported when a device reads a CSV (issue 18: an EdgeX agent never does)
+    from fedge.agent.csv_source import CsvSource
 
 SAMPLES_FILE = "samples.sqlite"
 CURSOR_FILE = "edgex_cursor.json"
@@ -167,6 +168,9 @@ def build_csv_source(config: AgentConfig) -> CsvSource:
     ``store_max_samples`` and ``store_max_age_s`` as for EdgeX; the bus keys are not used."""
     if config.data.task_file is None or config.data.csv_file is None:
         raise ConfigError('[data] task and csv_file are required with source = "csv"')
+    from fedge.agent.csv_source import CURSOR_FILE as CSV_CURSOR_FILE  # noqa: PLC0415 - csv source only
+    from fedge.agent.csv_source import CsvCursor, CsvSource  # noqa: PLC0415
+
     task = read_task_file(config.data.task_file)
     e = config.edgex
     limits: dict[str, tuple[float | None, float | None]] = {}

@@ -1,0 +1,82 @@
+"""What an EdgeX agent does not load (issue 18: device memory), checked in a fresh interpreter
+(this one has loaded everything the tests use).
+
+The CSV reader (``[data] source = "csv"``: ``fedge.agent.csv_source`` with ``csv_format`` and
+the ``csv`` module, ~0.3 MiB) is imported when a device reads a CSV, not by every agent; its
+wiring is exercised by the CSV source's own tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from fedge.protocol.sealing import key_to_text
+from fedge.protocol.signing import signing_key_to_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+_PROBE = r"""
+import json, sys
+import fedge.cli, fedge.agent.config, fedge.agent.service, fedge.agent.wiring  # fedge agent run's imports
+print(json.dumps({m: m in sys.modules for m in ("csv", "fedge.agent.csv_source", "fedge.agent.csv_format")}))
+"""
+
+
+def test_an_agent_loads_the_csv_reader_only_for_a_csv_source() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "csv": False,
+        "fedge.agent.csv_source": False,
+        "fedge.agent.csv_format": False,
+    }
+
+
+def test_a_csv_device_still_gets_its_csv_source(tmp_path: Path) -> None:
+    """The import moved into ``build_csv_source``: a ``source = "csv"`` config builds the reader."""
+    from fedge.agent.config import load_agent_config
+    from fedge.agent.csv_source import CsvSource
+    from fedge.agent.wiring import build_csv_source
+
+    csv_file = tmp_path / "readings.csv"
+    csv_file.write_text("time,accel_x\n", encoding="utf-8")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        "\n".join(
+            [
+                "[agent]",
+                'device_id = "watch-01"',
+                'fleet = "demo"',
+                'state_dir = "state"',
+                'key_file = "watch-01.box"',
+                f'aggregator_public_key = "{key_to_text(PrivateKey.generate().public_key)}"',
+                f'aggregator_verify_keys = ["{signing_key_to_text(SigningKey.generate().verify_key)}"]',
+                "[mqtt]",
+                'broker = "mqtts://broker.lan:8883"',
+                "[data]",
+                'source = "csv"',
+                f'task = "{REPO / "tasks" / "har-watch.toml"}"',
+                f'csv_file = "{csv_file}"',
+                "[edgex]",
+                'device = "watch-01"',
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    config.chmod(0o600)
+    (tmp_path / "state").mkdir(mode=0o700)  # the agent's wiring prepares it before the sources
+    source = build_csv_source(load_agent_config(config, {}))
+    try:
+        assert isinstance(source, CsvSource)
+        assert source.available() == 0  # an empty store; the file is read once the source starts
+    finally:
+        source.store.close()
