@@ -171,7 +171,10 @@ def run_stages(rows: int | None, repeat: int, profile: bool) -> dict[str, Any]:
                 while not ingest.inbox.empty():  # the ingest thread: build, store
                     item = ingest.inbox.get_nowait()
                     assert item
-                    ingest.feed(r for event in item for r in event.readings)
+                    if hasattr(ingest, "feed_events"):
+                        ingest.feed_events(item)
+                    else:  # before feed_events: what the ingest thread did
+                        ingest.feed(r for event in item for r in event.readings)
             ingest._flush()
             return ingest.report()
 

@@ -44,6 +44,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from fedge.agent.edgex import wire as wire_module
 from fedge.agent.edgex.readings import INT_RANGES, Event, Reading, ReadingError
 from fedge.agent.edgex.wire import (
     DEFAULT_MAX_BYTES,
@@ -1867,3 +1868,84 @@ def test_subscription_filters() -> None:
     assert edgex_event_filter(publisher="core", source="T+1", escape=True) == "edgex/events/core/+/+/+/T%2B1"
     with pytest.raises(ValueError, match="publisher"):
         edgex_event_filter(publisher="app")  # type: ignore[arg-type]
+
+
+_FIELD_VALUES: dict[str, list[Any]] = {
+    "id": [DROP, None, "r-1", "", 7],
+    "origin": [1700000000000000000, 1700000000000000001, 0, -5, 2**63, True, 1.5, None, DROP],
+    "deviceName": ["dev", "dev2", "", "  ", None, 3, DROP],
+    "resourceName": ["Temperature", "Humidity", "", None, ["x"], DROP],
+    "profileName": ["prof", " ", None, DROP],
+    "valueType": [
+        "Float64",
+        "Float32",
+        "String",
+        "Int16",
+        "Bool",
+        "float64",
+        "Float32Array",
+        "Binary",
+        None,
+        DROP,
+    ],
+    "value": [
+        "2.31e+01",
+        "-0",
+        "1e39",
+        "3.4028235e+38",
+        "1e999",
+        "NaN",
+        "x",
+        "1\n2",
+        "7",
+        "true",
+        "[1, 2]",
+        "",
+        None,
+        5,
+        DROP,
+    ],
+    "units": [DROP, None, "degC", "", 1],
+    "tags": [DROP, None, {"a": "b"}, "t"],
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.just({}),
+            st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in _FIELD_VALUES.items()}),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_an_event_decoded_at_once_equals_one_decoded_reading_by_reading(
+    changes: list[dict[str, Any]],
+) -> None:
+    """The decoder takes an event's readings at once when every one is simple; else one by one.
+    Both give the same readings, and the same rejections with the same messages, whatever the
+    readings hold."""
+    raw = _json(_event_doc(*(_reading_doc(**c) for c in changes)))
+    at_once = decode_message(raw)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wire_module, "_decode_simple_readings", lambda raws: None)
+        one_by_one = decode_message(raw)
+    # repr: a NaN value is equal in repr only
+    assert repr(at_once.events) == repr(one_by_one.events)
+    assert [(e.reason, str(e)) for e in at_once.rejected] == [(e.reason, str(e)) for e in one_by_one.rejected]
+
+
+def test_the_demo_event_is_decoded_at_once() -> None:
+    """The demo's events (floats and a class name) take the batch path, and give the readings
+    the one-by-one path gives."""
+    readings = [
+        _reading_doc(resourceName=f"r{i % 7}", value=f"{i / 7:.6e}", valueType="Float32") for i in range(60)
+    ]
+    readings += [_reading_doc(resourceName="activity", valueType="String", value="PEN")]
+    raws = json.loads(_json(_event_doc(*readings)))["readings"]
+    fast = wire_module._decode_simple_readings(raws)
+    assert fast is not None
+    names: dict[str, str] = {}
+    assert fast == [wire_module._decode_simple_reading(r, names, {}) for r in raws]

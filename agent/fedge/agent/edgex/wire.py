@@ -44,8 +44,10 @@ import re
 import struct
 import uuid
 from base64 import b64encode
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import not_
 from typing import Any, Final, Literal, NoReturn
 
 import cbor2
@@ -362,8 +364,11 @@ def _decode_event(doc: dict[str, Any], binary_as_bytes: bool) -> tuple[Event | N
         raise ReadingError("bad_field_type", "event tags must be an object")
     elif problem := _plain_value_problem(tags):
         raise ReadingError("bad_field_value", f"event tags: {problem}")
-    readings: list[Reading] = []
     rejected: list[ReadingError] = []
+    readings = _decode_simple_readings(raw_readings)
+    if readings is not None:
+        return Event(event_id, device, profile, source, origin, tuple(readings), tags), rejected
+    readings = []
     names: dict[str, str] = {}  # the event's non-blank names
     units_seen: dict[str, str] = {}
     for index, raw in enumerate(raw_readings):
@@ -392,7 +397,132 @@ _SIMPLE_TYPES: Final = {t: t for t in VALUE_TYPES if t != "Binary" and t not in 
 #: Float types and the magnitude their values must stay under (readings.parse_scalar's rule).
 _FLOAT_LIMITS: Final = {"Float32": FLOAT32_ROUNDS_TO_INF, "Float64": math.inf}
 _GO_DECIMAL_FULL: Final = GO_DECIMAL.fullmatch
+#: The bytes of Go's decimal syntax and the newline between values (_simple_values).
+_DECIMAL_BYTES: Final = b"0123456789+-.eE\n"
 _new_reading: Final = new_reading
+
+
+def _decode_simple_readings(raws: list[Any]) -> list[Reading] | None:
+    """Every reading of an event at once when each is a simple reading that
+    :func:`_decode_simple_reading` would take and every float value parses in range; else None
+    (then the readings are judged one by one, and the bad ones reported as always).
+
+    Why: an event of the demo carries 350 readings; checking each field as a column (a few C
+    loops over the event: ``map``, ``count``, ``sum``, one ``float`` each) instead of reading by
+    reading halves the decoder's own cost per reading. The readings are equal to those the one-by-
+    one path makes. Anything unusual (a null value, a reading ``id`` on some readings only, a
+    field of another type) takes the one-by-one path, which is always right, only slower.
+    """
+    try:
+        # dict.get refuses anything but a dict (TypeError): every reading is an object.
+        value_types = _column(raws, "valueType")
+        types = set(value_types)  # TypeError: unhashable
+        if not types <= _SIMPLE_TYPES.keys():
+            return None
+        origins = _column(raws, "origin")
+        # Integers only: a float makes the sum a float, text or null raise; true/false are
+        # refused by value (and so are 0 and 1, which then take the one-by-one path).
+        if type(sum(origins)) is not int or True in origins or False in origins:
+            return None
+        if min(origins) < _INT64[0] or max(origins) > _INT64[1]:
+            return None
+        names: list[list[str] | Iterator[str]] = []
+        for key in ("deviceName", "resourceName", "profileName"):
+            column = _column(raws, key)
+            distinct = set(column)
+            if any(type(name) is not str or not name or name.isspace() for name in distinct):
+                return None
+            names.append(repeat(column[0]) if len(distinct) == 1 else _shared(column, distinct))
+        units = _optional_strings(_column(raws, "units"))
+        ids = _optional_strings(_column(raws, "id"))
+        if units is None or ids is None or _column(raws, "tags").count(None) != len(raws):
+            return None
+        values = _simple_values(value_types, types, _column(raws, "value"))
+    except (TypeError, ValueError, ReadingError):  # one-by-one says what is wrong, if anything
+        return None
+    if values is None:
+        return None
+    return list(
+        map(
+            _new_reading,
+            repeat(Reading),
+            zip(
+                *names,
+                map(_SIMPLE_TYPES.__getitem__, value_types),
+                values,
+                origins,
+                units,
+                repeat(""),
+                ids,
+                strict=False,  # the repeats are endless; the columns have one item a reading
+            ),
+        )
+    )
+
+
+def _column(raws: list[dict[str, Any]], key: str) -> list[Any]:
+    """Every reading's ``key`` (None where absent), in order."""
+    return list(map(dict.get, raws, repeat(key)))
+
+
+def _optional_strings(column: list[Any]) -> Iterator[str] | list[str] | None:
+    """An optional text field of every reading: all absent (``""`` each), all text (one
+    string object per distinct value), or None for anything else."""
+    nones = column.count(None)
+    if nones == len(column):
+        return repeat("")
+    if nones:
+        return None
+    list(map(str.__len__, column))  # TypeError unless every one is text
+    return _shared(column, set(column))
+
+
+def _shared(column: list[str], distinct: set[str]) -> list[str]:
+    """``column`` with one string object per distinct value: a queued backlog holds each name
+    once per event, not once per reading."""
+    one = {name: name for name in distinct}
+    return list(map(one.__getitem__, column))
+
+
+def _simple_values(value_types: list[str], types: set[str], texts: list[Any]) -> list[Value] | None:
+    """The values of simple readings, or None when one is not plain: a float type's text must be
+    a decimal of at most 64 characters, in range, parsed at once (``float`` accepts nothing
+    else made of ``0-9 + - . e E``), a String's is itself; other types go through
+    :func:`_parse_simple` (which raises ReadingError for a bad one)."""
+    if texts.count(None):
+        return None  # a null reading: one by one
+    if types <= _FLOAT_LIMITS.keys():
+        is_float: list[bool] | None = None
+        floats: list[str] = texts
+    else:
+        is_float = list(map(_FLOAT_LIMITS.__contains__, value_types))
+        floats = list(compress(texts, is_float))
+    parsed: list[float] = []
+    if floats:
+        joined = "\n".join(floats)  # TypeError unless all are text
+        if (
+            joined.count("\n") != len(floats) - 1  # a text holding a newline
+            or not joined.isascii()
+            or joined.encode("ascii").translate(None, _DECIMAL_BYTES)
+            or max(map(len, floats)) > 64
+        ):
+            return None
+        parsed = list(map(float, floats))  # ValueError: not a decimal
+        limit = min(_FLOAT_LIMITS[t] for t in types if t in _FLOAT_LIMITS)
+        if max(map(abs, parsed)) >= limit:  # infinity, or beyond a float32
+            return None
+    if is_float is None:
+        return list(parsed)
+    values: list[Value] = list(texts)
+    list(map(values.__setitem__, compress(range(len(texts)), is_float), parsed))
+    if not types - _FLOAT_LIMITS.keys() <= {"String"}:
+        list(map(str.__len__, texts))  # TypeError unless every one is text
+        for i, value_type, text in zip(range(len(texts)), value_types, texts, strict=True):
+            if value_type not in _FLOAT_LIMITS and value_type != "String":
+                values[i] = _parse_simple(value_type, text)
+    else:
+        list(map(str.__len__, compress(texts, map(not_, is_float))))  # the Strings are text
+    return values
 
 
 def _decode_simple_reading(raw: Any, names: dict[str, str], units_seen: dict[str, str]) -> Reading | None:
