@@ -241,8 +241,9 @@ STAGES = (
     "fedge.agent.service",
 )
 
-#: A trainer in an agent-sized process: RSS after the agent's imports, one interpreter, one
-#: round of training, a second interpreter (insight's), its predictions.
+#: A trainer in an agent-sized process: RSS after the agent's imports, LiteRT's import (an agent
+#: loads it for its first round), one interpreter, one round of training, a second interpreter
+#: (insight's), its predictions.
 _LITERT_PROBE = r"""
 import json, sys
 from pathlib import Path
@@ -254,9 +255,11 @@ def rss():
 import fedge.agent.service, fedge.agent.wiring  # the agent's imports
 import numpy as np
 from fedge.agent.trainer import LiteRTTrainer
-rows = [("imports", rss())]
+rows = [("the agent's imports", rss())]
 model_dir, data_dir, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 x, y = np.load(data_dir / "x.npy"), np.load(data_dir / "y.npy")
+import ai_edge_litert.interpreter  # an agent imports LiteRT when it builds its first trainer
+rows.append(("LiteRT imported", rss()))
 t = LiteRTTrainer.from_dir(model_dir)
 rows.append(("one interpreter built", rss()))
 t.fit(x, y, epochs=epochs)
@@ -293,6 +296,13 @@ def status_rss(pid: int) -> dict[str, int]:
             elif name == "Threads":
                 out["threads"] = int(rest)
     return out
+
+
+def cpu_s(pid: int) -> float:
+    """The process's user + system CPU seconds (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def smaps_mappings(pid: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -350,6 +360,7 @@ class Snapshots(threading.Thread):
         self.best: dict[str, dict[str, Any]] = {}
         self.series: list[tuple[float, str, int, int, int]] = []
         self.errors: list[str] = []
+        self.cpu: dict[str, list[float]] = {}  # phase -> [first, last] CPU seconds read in it
         self.t0 = time.time()
 
     def full(self) -> dict[str, Any]:
@@ -385,6 +396,8 @@ class Snapshots(threading.Thread):
             try:
                 s = status_rss(self.pid)
                 phase = self.phase
+                cpu = cpu_s(self.pid)
+                self.cpu.setdefault(phase, [cpu, cpu])[1] = cpu
                 self.series.append(
                     (round(time.time() - self.t0, 2), phase, s["rss_bytes"], s["anon_bytes"], s["file_bytes"])
                 )
@@ -553,6 +566,7 @@ def run_agent(
         "readings": feed["readings_by_device"][device],
         "backlog_stored_s": marks["stored_s"],
         "peak_by_phase": snaps.peak,
+        "cpu_s_by_phase": {k: round(v[1] - v[0], 3) for k, v in snaps.cpu.items()},
         "phases": snaps.best,
         "series": snaps.series,
     }
@@ -625,6 +639,8 @@ def render(run: dict[str, Any]) -> str:
         f"{'  its file-backed peak':38}{'':>11}"
         + "".join(f"{mib(peak.get(p, {}).get('file_bytes')):>11}" for p in PHASES)
     )
+    cpu = a.get("cpu_s_by_phase", {})
+    lines.append(f"{'CPU-s in the phase':38}{'':>11}" + "".join(f"{cpu.get(p, 0.0):>11.2f}" for p in PHASES))
     lines.append("snapshot with the phase's highest RSS:")
     row("RSS", last_import, lambda s: s["rss_bytes"])
     row("  anonymous", None, lambda s: s["anon_bytes"])
