@@ -464,3 +464,33 @@ def test_an_fp32_delta_from_the_fast_path_is_a_read_only_view() -> None:
     (update,) = kept
     assert np.array_equal(update.delta, delta) and not update.delta.flags.writeable
     assert r.batch.accepted == {"dev-a": 1}  # type: ignore[attr-defined]
+
+
+def test_a_new_aggregator_key_leaves_no_shared_key_of_the_old_one_behind() -> None:
+    from nacl.public import PrivateKey
+
+    pair = make_pair()
+    assert pair.send("dev-a", pair.usual("dev-a")).accepted  # the fast path keeps dev-a's shared key
+    pair.close()
+    new_key = PrivateKey.generate()
+    for eng in (pair.fast, pair.general):
+        eng.box_key = new_key
+        pair.manifest = eng.open_round(T0 + 1).manifest
+    assert pair.general.current is not None
+    pair.general.current.fast = False
+    outcome = pair.send("dev-a", pair.usual("dev-a"))  # sealed to the old key: must not open
+    assert (outcome.accepted, outcome.reason) == (False, "decrypt_failed")
+    header = pair.header("dev-a", counter=pair.devices["dev-a"].counter)  # sent again, same counter
+    box = Box(DEVICE_KEYS["dev-a"], new_key.public_key)
+    inner = raw_payload_frame(payload_json(), fp32(delta_for("dev-a")), header)
+    sealed = _frame(FrameKind.SEALED, _canonical(header), bytes(box.encrypt(inner, nacl_random(24))))
+    assert pair.send("dev-a", sealed).accepted
+    pair.close()
+
+
+def test_a_buffer_that_is_not_bytes_goes_the_general_way() -> None:
+    pair = make_pair()
+    with general_path_calls(pair.fast) as calls:
+        assert pair.send("dev-a", bytearray(pair.usual("dev-a"))).accepted  # type: ignore[arg-type]
+    assert calls == ["dev-a"]
+    pair.close()
