@@ -266,9 +266,10 @@ class RecordingInbox(queue.Queue[list[Event] | None]):
         self.waiting = threading.Event()
 
     def get(self, block: bool = True, timeout: float | None = None) -> list[Event] | None:
-        self.waits.append(timeout)
-        if timeout is None:
-            self.waiting.set()
+        if block:  # get_nowait (taking what is queued behind an event) never waits
+            self.waits.append(timeout)
+            if timeout is None:
+                self.waiting.set()
         return super().get(block, timeout)
 
 
@@ -296,3 +297,42 @@ def test_the_ingest_thread_sleeps_until_events_come_and_flushes_the_reorder_buff
             assert ingest.store.stats(NOW).per_task.get(ingest.key, 0) == 1  # flushed after the pause
         finally:
             ingest.stop()
+
+
+# --- a queued backlog ---------------------------------------------------------------------------
+
+
+def test_a_queued_backlog_is_taken_in_batches_and_stored_as_event_by_event(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """Events queued faster than they are stored (a replayed backlog) are taken several at a
+    time, up to BATCH_READINGS readings, and give the samples and counters one event at a time
+    gives; a wake-up (a backfill request) and the stop behind them end a batch, nothing lost."""
+    labels = ["true", "false"] * 300
+    payloads = [
+        event_json(round((NOW + i * MINUTE) * NS), [20.0 + i, 40.0, 300.0, 600.0, 0.004], label)
+        for i, label in enumerate(labels)
+    ]
+    events = [decode_message(p).events for p in payloads]
+    reports = []
+    for name, batched in (("one-by-one", False), ("queued", True)):
+        (tmp_path / name).mkdir()
+        with make_ingest(tmp_path / name, occupancy_task(), clock) as ingest:
+            if batched:
+                for i, item in enumerate(events):
+                    ingest.inbox.put(item)
+                    if i == 400:
+                        ingest.inbox.put([])  # a wake-up in the middle of the backlog
+                ingest.inbox.put(None)
+                ingest._run()  # the ingest thread's loop, here: it stops at the None
+                assert ingest.inbox.empty()
+            else:
+                for item in events:
+                    ingest.feed_events(item)
+            ingest._flush()
+            reports.append(ingest.report())
+            stored = ingest.store.load(ingest.key)
+            reports[-1]["samples"] = (stored[0].tobytes(), stored[1].tobytes())
+    assert reports[0] == reports[1]
+    assert reports[0]["stored_this_run"] == len(labels)
+    assert reports[0]["quality"]["readings"] == 6 * len(labels)

@@ -55,6 +55,8 @@ _ORIGIN = attrgetter("origin_ns")
 _READINGS = attrgetter("readings")
 _QUEUE_LIMIT = 100_000
 IDLE_FLUSH_S = 1.0
+#: Readings the ingest thread takes from its queue at once at most (:meth:`EdgeXIngest._drain`).
+BATCH_READINGS = 4096
 #: With no reading stored yet, a first backfill reaches this far back.
 FIRST_BACKFILL_S = 24 * 3600.0
 #: Feature bytes of a full store (``store_max_samples`` x the task's features x 4) above which the
@@ -388,11 +390,39 @@ class EdgeXIngest:
                 break
             if not item:  # a wake-up: a backfill was requested
                 continue
+            events, stop = self._drain(item)
             try:
-                self.feed_events(item)
+                self.feed_events(events)
             except FedgeError as exc:
                 self.last_error = str(exc)
                 log.error("could not store samples: %s", exc)
+            if stop:
+                break
+
+    def _drain(self, first: list[Event]) -> tuple[list[Event], bool]:
+        """``first`` and the events queued behind it, up to ``BATCH_READINGS`` readings, and
+        whether a stop came next. Stops at a wake-up (a backfill request: its flag is set, so the
+        loop's next turn backfills, after these events, as it would have).
+
+        Why: a backlog (the demo replays 170,000 readings a device) queues faster than it is
+        stored; one batch of several events costs one feature extraction and one store
+        transaction instead of one each. The readings, in the same order, give the same samples
+        however they are split (the builder's and ``extract_features``' contract).
+        """
+        events = list(first)
+        readings = sum(map(len, map(_READINGS, first)))
+        while readings < BATCH_READINGS:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return events, True
+            if not item:  # a wake-up: backfill_needed is set, the loop's next turn backfills
+                break
+            events += item
+            readings += sum(map(len, map(_READINGS, item)))
+        return events, False
 
     # --- outputs -----------------------------------------------------------------------------
 
