@@ -20,7 +20,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 # (16.9 min measured with empty podman storage; the image builds are about 5 of them).
 PYTEST_ARGS ?= --durations=20
 
-.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-personalisation bench-fine-tuning bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-agent-budget bench-agent-memory bench-scale bench-replicas bench-long-run chaos images images-arm64 clean
+.PHONY: install system-deps tflite-env test lint typecheck pytest demo demo-building bench bench-dp bench-secure bench-secagg-mqtt bench-noniid bench-personalisation bench-fine-tuning bench-codecs flower-env bench-vs-flower bench-robust-mqtt bench-fleet-budget bench-agent-budget bench-agent-memory bench-ingest bench-scale bench-replicas bench-long-run chaos images images-arm64 clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -170,6 +170,14 @@ bench-fleet-budget: install
 # same run; ~6 min; writes bench/results/agent_budget.json and .png (--quick: 3 agents, ~2 min).
 bench-agent-budget: install
 	$(BIN)/python bench/bench_agent_budget.py --out bench/results/agent_budget.json
+
+# The EdgeX ingest's CPU per reading, stage by stage, in-process (issue 18): json.loads alone (the
+# floor), bounded parse, wire decode, both sample builders, features, store, the whole path; the
+# code of INGEST_BASELINE (a git revision; default: before issue 18's ingest work) in the same run;
+# ~3 min; writes bench/results/ingest.json.
+INGEST_BASELINE ?= 70b806ac541188941023256b35c67ccf2949b6b7
+bench-ingest: install
+	$(BIN)/python bench/bench_ingest.py --baseline $(INGEST_BASELINE) --out bench/results/ingest.json
 
 # Where one agent's memory goes, phase by phase (issue 18): RSS anon/file, top mappings, pymalloc,
 # glibc malloc, SQLite caches, threads; beside the training-only process and Python+numpy.
