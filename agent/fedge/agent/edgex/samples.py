@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import compress, islice, repeat
-from operator import add, attrgetter, itemgetter, le, mul, ne
+from operator import add, attrgetter, itemgetter, le, lt, mul, ne
 from typing import NamedTuple
 
 import numpy as np
@@ -185,6 +185,9 @@ _VALUE_TYPE = attrgetter("value_type")
 _VALUE = attrgetter("value")
 _FLOAT_TYPES = frozenset(("Float32", "Float64"))
 _FIRST = itemgetter(0)
+_SECOND = itemgetter(1)
+_THIRD = itemgetter(2)
+_new_row = tuple.__new__
 
 
 class SampleBuilder:
@@ -241,6 +244,8 @@ class SampleBuilder:
         #: (origin, column) as one int, ``origin * stride + column``: the keys of the duplicate
         #: checks, a third of the memory of a tuple of two ints.
         self._stride = self._n_features + 1
+        #: The columns of a whole row, in order: the features, and the label when labelled.
+        self._row_columns = list(range(self._stride if labelled else self._n_features))
 
         #: Nanoseconds between rows, from ``sample_rate_hz``; None if the task gives no rate.
         self.period_ns: float | None = 1e9 / spec.sample_rate_hz if spec.sample_rate_hz else None
@@ -553,7 +558,7 @@ class SampleBuilder:
         pending = self._pending
         tolerance = self.align_tolerance_ns
         end = len(pending)
-        i = 0
+        i = self._close_whole_rows(rows, watermark)
         floor = self._floor
         while i < end and pending[i][0] + tolerance < watermark:
             origin = pending[i][0]
@@ -575,6 +580,42 @@ class SampleBuilder:
         del pending[:i]
         self._pending_keys.difference_update(keys)
         self._remember_all(keys)
+
+    def _close_whole_rows(self, rows: list[_Row], watermark: int) -> int:
+        """The rows to close at once when they are whole (the common stream: each row's readings
+        share one origin, every column once, in column order, rows more than the tolerance
+        apart, no unknown label), as :meth:`_close_sorted` would close them; returns how many
+        entries it closed (0: it closed nothing, the row-by-row loop does it)."""
+        pending = self._pending
+        tolerance = self.align_tolerance_ns
+        width = len(self._row_columns)
+        end = bisect_left(pending, watermark - tolerance, key=_FIRST)  # rows the watermark passed
+        if end == 0 or end % width:
+            return 0
+        closing = pending[:end]
+        if list(map(_SECOND, closing)) != self._row_columns * (end // width):
+            return 0
+        origins = list(map(_FIRST, closing))
+        firsts = origins[::width]
+        if (
+            firsts != origins[width - 1 :: width]  # sorted: first == last, the whole row the same
+            or not all(map(lt, map(add, firsts, repeat(tolerance)), islice(firsts, 1, None)))
+            or (end < len(pending) and pending[end][0] <= firsts[-1] + tolerance)
+        ):
+            return 0
+        values = list(map(_THIRD, closing))
+        n = self._n_features
+        labels: Iterable[float | None] = values[n::width] if self.labelled else repeat(math.nan)
+        if self.labelled and None in labels:
+            return 0
+        features = [values[i : i + n] for i in range(0, end, width)]
+        rows.extend(
+            map(_new_row, repeat(_Row), zip(firsts, features, labels, strict=False))
+        )  # labels may repeat
+        self._quality.rows += len(firsts)
+        limit = firsts[-1] + tolerance
+        self._floor = limit if self._floor is None else max(self._floor, limit)
+        return end
 
     def _close_row(self, rows: list[_Row]) -> None:
         """Pops the earliest row: readings within the tolerance of its first, no resource twice.
