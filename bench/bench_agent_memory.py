@@ -85,6 +85,11 @@ def _as_agent(argv: list[str]) -> int:
     signal.signal(signal.SIGUSR1, dump)
     queue_limit = os.environ.get(_QUEUE_LIMIT_ENV)
     if queue_limit:  # an experiment (--ingest-queue): the EdgeX ingest queue's bound, in events
+        # The ingest module imports numpy: what ``fedge agent run`` sets before numpy loads comes
+        # first, as in the agent (it sets it again, to the same).
+        from fedge.cli import prepare_agent_process
+
+        prepare_agent_process()
         from fedge.agent.edgex import ingest
 
         ingest._QUEUE_LIMIT = int(queue_limit)
