@@ -96,6 +96,10 @@ def window_labels(labels: np.ndarray, window: WindowSpec | None, kind: ModelKind
     if kind == "regression":
         means: np.ndarray = win.astype(np.float64).mean(axis=1).astype(np.float32)
         return means
-    counts = np.apply_along_axis(np.bincount, 1, win.astype(np.int64), minlength=int(arr.max()) + 1)
-    majority: np.ndarray = counts.argmax(axis=1).astype(np.int32)
+    # Each window's class counts with one bincount: window i's classes shifted by i * classes
+    # (np.apply_along_axis, a bincount a window, cost a Python call per window).
+    classes = int(arr.max()) + 1
+    shifted = win.astype(np.int64) + (np.arange(n_win, dtype=np.int64) * classes)[:, None]
+    counts = np.bincount(shifted.ravel(), minlength=n_win * classes).reshape(n_win, classes)
+    majority: np.ndarray = counts.argmax(axis=1).astype(np.int32)  # ties: the smaller index
     return majority
