@@ -645,7 +645,10 @@ def render(run: dict[str, Any]) -> str:
         + "".join(f"{mib(peak.get(p, {}).get('file_bytes')):>11}" for p in PHASES)
     )
     cpu = a.get("cpu_s_by_phase", {})
-    lines.append(f"{'CPU-s in the phase':38}{'':>11}" + "".join(f"{cpu.get(p, 0.0):>11.2f}" for p in PHASES))
+    if cpu:  # (reports before the CPU was recorded have none)
+        lines.append(
+            f"{'CPU-s in the phase':38}{'':>11}" + "".join(f"{cpu.get(p, 0.0):>11.2f}" for p in PHASES)
+        )
     lines.append("snapshot with the phase's highest RSS:")
     row("RSS", last_import, lambda s: s["rss_bytes"])
     row("  anonymous", None, lambda s: s["anon_bytes"])
