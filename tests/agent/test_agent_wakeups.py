@@ -27,7 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge.agent.config import load_agent_config
 from fedge.agent.core import Load, Train
-from fedge.agent.service import IDLE_WAKE_S, AgentService
+from fedge.agent.live import NO_LIVE_WINDOWS, LiveWindows
+from fedge.agent.service import IDLE_WAKE_S, LIVE_POLL_MAX_S, AgentService
 from fedge.agent.wiring import ProvidedData, build_agent
 from fedge.lab.broker import MosquittoBroker
 from fedge.protocol.signing import signing_key_to_text
@@ -278,3 +279,50 @@ def test_pahos_thread_waits_a_quarter_keepalive_is_named_and_stops_at_once(
     stopper.start()
     stopper.join(5.0)  # well under the select's 7.5 s: disconnect's packet woke it
     assert not stopper.is_alive() and not thread.is_alive()
+
+
+class SilentLiveSource:
+    """A live source that cannot announce its windows (no ``set_live_listener``), as the EdgeX
+    ingest is today, and whose sensor feed is silent: it counts how often it is asked."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+    def training_data(self, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
+        return no_data(task)
+
+    def available(self) -> int | None:
+        return None
+
+    def report(self) -> dict[str, Any] | None:
+        return None
+
+    def live_windows(self, task: TaskSpec | None) -> LiveWindows:
+        self.asked += 1
+        return NO_LIVE_WINDOWS
+
+
+def test_a_source_that_cannot_announce_windows_is_asked_less_and_less_while_none_come(
+    tmp_path: Path, mosquitto: MosquittoBroker, network: Network
+) -> None:
+    """Every LIVE_POLL_S while windows come, twice as long after each empty ask, at most
+    LIVE_POLL_MAX_S: a silent feed costs the worker a wake-up every few seconds, not two a second."""
+    config = load_agent_config(write_agent_config(tmp_path / "agent", mosquitto, 3600.0), {})
+    source = SilentLiveSource()
+    agent = AgentService(build_agent(config, source))
+    result: list[int] = []
+    with running(agent, result):
+        network.statuses.get(timeout=WAIT_S)
+        wait_for(
+            "the asks to back off to the longest interval", lambda: agent._live_poll_s == LIVE_POLL_MAX_S
+        )
+        asked, woke = source.asked, agent.worker_wakeups
+        time.sleep(IDLE_S)
+        assert source.asked - asked <= 1 and agent.worker_wakeups - woke <= 1
+    assert result == [0]

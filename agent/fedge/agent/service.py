@@ -106,8 +106,11 @@ DATA_RETRY_S = 5.0
 #: the image's ``FEDGE_HEALTH_MAX_AGE_S``), so an idle worker is never near looking hung.
 IDLE_WAKE_S = 30.0
 #: How often the worker asks a data source that cannot tell when it has new live windows (no
-#: ``set_live_listener``) for them, while predictions are on.
+#: ``set_live_listener``) for them, while predictions are on: every LIVE_POLL_S while they come,
+#: twice as long after each ask that found none, at most LIVE_POLL_MAX_S (a silent sensor feed
+#: costs a wake-up every 8 s; its first window after the pause waits at most that long).
 LIVE_POLL_S = 1.0
+LIVE_POLL_MAX_S = 8.0
 #: While a secure-aggregation round is in hand the worker turns at least this often: the round's
 #: steps have deadlines of their own (``fedge.agent.secure_agent``); that is a round, not idle.
 SECURE_TURN_S = 0.5
@@ -232,6 +235,8 @@ class AgentService:
         self._next_turn_failed = False  # _next_turn_in's failure logged (once)
         self._busy_turns = 0  # turns in a row with a deadline already due and nothing new
         self._flush_retry_at: float | None = None  # a flush the state directory stopped: when again
+        self._live_asked_at = 0.0  # a source without set_live_listener: last asked (monotonic)...
+        self._live_poll_s = LIVE_POLL_S  # ... and when to ask again (backs off while none come)
         self._pending_manifest: bytes | None = None
         self._blobs: dict[str, bytes] = {}
         self._wanted_blobs: frozenset[str] = frozenset()
@@ -291,7 +296,7 @@ class AgentService:
             self.writeback.on_finished = self._kick  # a failed write is pending again
         # A source that says when it has new live windows wakes the worker for them; any other
         # that can have some (not recorded arrays, not an EdgeX source without a live builder:
-        # [insight] publish = "off") is asked every LIVE_POLL_S.
+        # [insight] publish = "off") is asked every LIVE_POLL_S, backing off to LIVE_POLL_MAX_S.
         listen = getattr(self.source, "set_live_listener", None)
         if callable(listen):
             listen(self._kick)
@@ -992,7 +997,7 @@ class AgentService:
                 if write is not None:
                     due.append(now + (write - self.clock()))
             if self._live_polled and self.config.insight.publish != "off":
-                due.append(now + LIVE_POLL_S)
+                due.append(self._live_asked_at + self._live_poll_s)
             return max(0.0, min(due) - now)
         except Exception as exc:  # a bug here must not end the worker, nor make it spin
             if not self._next_turn_failed:
@@ -1076,12 +1081,15 @@ class AgentService:
     def _predict(self) -> None:
         """Runs the verified global model on the source's new live windows and publishes the
         predictions ``[insight]`` lets through; every other window is counted by reason."""
+        self._live_asked_at = time.monotonic()
         try:
             batch = self.source.live_windows(self.insights.task)
         except Exception as exc:  # a source's failure never ends a round or the worker
             self.insights.policy.skip("error")
             log.warning("insight: the data source could not give live windows: %s", exc)
             return
+        found = bool(batch.windows or batch.dropped)
+        self._live_poll_s = LIVE_POLL_S if found else min(2 * self._live_poll_s, LIVE_POLL_MAX_S)
         self.insights.process(batch, self.clock(), self.connected.is_set())
         if self.home_assistant is not None and self.connected.is_set():
             self.home_assistant.ensure(self._connections)  # once per connection
