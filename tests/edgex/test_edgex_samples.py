@@ -11,6 +11,7 @@ import itertools
 import math
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -185,7 +186,7 @@ def test_shuffled_arrival_within_the_reorder_window_gives_the_ordered_samples(
     y = rng.integers(0, 3, n)
     # Readings of one row carry origins spread over the alignment tolerance (a quarter period).
     readings = [
-        r._replace(origin_ns=r.origin_ns + int(rng.integers(0, P // 4 + 1)))
+        replace(r, origin_ns=r.origin_ns + int(rng.integers(0, P // 4 + 1)))
         for r in stream(task, x, label_values(task, y))
     ]
     # Arrival order: origin plus a jitter under the reorder window, so no reading ever arrives

@@ -64,6 +64,7 @@ from fedge.agent.edgex.readings import (
     ReadingError,
     Value,
     new_reading,
+    new_readings,
     normalize_value_type,
     parse_value,
 )
@@ -399,7 +400,6 @@ _FLOAT_LIMITS: Final = {"Float32": FLOAT32_ROUNDS_TO_INF, "Float64": math.inf}
 _GO_DECIMAL_FULL: Final = GO_DECIMAL.fullmatch
 #: The bytes of Go's decimal syntax and the newline between values (_simple_values).
 _DECIMAL_BYTES: Final = b"0123456789+-.eE\n"
-_new_reading: Final = new_reading
 
 
 def _decode_simple_readings(raws: list[Any]) -> list[Reading] | None:
@@ -442,21 +442,17 @@ def _decode_simple_readings(raws: list[Any]) -> list[Reading] | None:
         return None
     if values is None:
         return None
-    return list(
-        map(
-            _new_reading,
-            repeat(Reading),
-            zip(
-                *names,
-                map(_SIMPLE_TYPES.__getitem__, value_types),
-                values,
-                origins,
-                units,
-                repeat(""),
-                ids,
-                strict=False,  # the repeats are endless; the columns have one item a reading
-            ),
-        )
+    return new_readings(
+        len(raws),
+        (
+            *names,
+            map(_SIMPLE_TYPES.__getitem__, value_types),
+            values,
+            origins,
+            units,
+            repeat(""),
+            ids,
+        ),
     )
 
 
@@ -525,7 +521,9 @@ def _simple_values(value_types: list[str], types: set[str], texts: list[Any]) ->
     return values
 
 
-def _decode_simple_reading(raw: Any, names: dict[str, str], units_seen: dict[str, str]) -> Reading | None:
+def _decode_simple_reading(
+    raw: Any, names: dict[str, str], units_seen: dict[str, str] | None = None
+) -> Reading | None:
     """The common reading (a simple value, every field of the right type), or None: then
     :func:`_decode_reading` judges it and reports its first problem in DTO order.
 
@@ -567,7 +565,7 @@ def _decode_simple_reading(raw: Any, names: dict[str, str], units_seen: dict[str
     if units is not None:
         if type(units) is not str:
             return None
-        units = units_seen.setdefault(units, units)
+        units = units if units_seen is None else units_seen.setdefault(units, units)
     if reading_id is not None and type(reading_id) is not str:
         return None
     tags = get("tags")
@@ -584,9 +582,8 @@ def _decode_simple_reading(raw: Any, names: dict[str, str], units_seen: dict[str
                 value = _parse_simple(value_type, text)
         else:
             value = _parse_simple(value_type, text)
-    return _new_reading(
-        Reading,
-        (device, resource, profile, value_type, value, origin, units or "", "", reading_id or ""),
+    return new_reading(
+        (device, resource, profile, value_type, value, origin, units or "", "", reading_id or "")
     )
 
 
