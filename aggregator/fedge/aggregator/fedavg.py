@@ -34,6 +34,9 @@ from fedge.protocol.messages import UpdatePayload
 __all__ = ["AggregationError", "FedAvg", "StreamingFedAvg", "WeightedMeanAccumulator"]
 
 
+_FLOAT64 = np.dtype(np.float64)
+
+
 class AggregationError(FedgeError):
     """An update or metric cannot be aggregated (shape, dtype, NaN, example count), or there
     is nothing to aggregate yet."""
@@ -144,7 +147,7 @@ class StreamingFedAvg:
         """:meth:`add` for a delta the caller already cast to float64 (``cast``, P finite
         values; used as scratch): the same checks on ``examples`` and ``weight``, the same
         arithmetic to the bit (the weight, then the sum), one cast pass fewer."""
-        if cast.shape != (self.parameter_count,) or cast.dtype != np.float64:
+        if cast.shape != (self.parameter_count,) or cast.dtype != _FLOAT64:
             raise AggregationError(f"delta must have shape ({self.parameter_count},)")
         if not (
             1 <= examples <= self.max_examples_per_update

@@ -161,6 +161,7 @@ _CANONICAL_UPDATE_HEADER = re.compile(
 )
 _MAX_COUNTER = 2**63 - 1
 _CODEC_ASCII = {codec: codec.value.encode("ascii") for codec in Codec}
+_LITTLE_ENDIAN_F32 = np.dtype(np.float32) == WEIGHTS_DTYPE
 _COUNT_END = 2**31  # decode_update's counts are below it
 _BIND_OPEN = b'{"bind":'
 _PAYLOAD_KEY = b',"payload":'
@@ -474,6 +475,7 @@ class RoundEngine:
         # device -> (its enrolled key, that key's Box's shared key), for the fast path's decryption
         self._shared_keys: dict[str, tuple[PublicKey, bytes]] = {}
         self._fp32_body = WEIGHTS_DTYPE.itemsize * self._parameter_count
+        self._max_examples = settings.max_examples_per_update
         self.box_key = box_key  # also makes the device Boxes (the property below)
         self.set_registry(registry)
         self.accountant: PrivacyAccountant | None = None
@@ -994,7 +996,9 @@ class RoundEngine:
 
     def handle(self, topic: str, payload: bytes, now: float) -> Outcome:
         """Accepts or rejects one message from ``update/+``; every rejection is counted."""
-        outcome = self._check(topic, payload, now)
+        r = self.current
+        fast = None if r is None or r.fast is False else self._fast_update(r, topic, payload, now)
+        outcome = self._general_check(topic, payload, now) if fast is None else fast
         if not outcome.accepted:
             self.state.rejected_total[outcome.reason] = self.state.rejected_total.get(outcome.reason, 0) + 1
             if self.current is not None:
@@ -1012,12 +1016,9 @@ class RoundEngine:
             return max(self.max_message_bytes, secagg_max_sealed_bytes(r.secure.config))
         return self.max_message_bytes
 
-    def _check(self, topic: str, payload: bytes, now: float) -> Outcome:
-        r = self.current
-        if r is not None and r.fast is not False:
-            outcome = self._fast_update(r, topic, payload, now)
-            if outcome is not None:
-                return outcome
+    def _general_check(self, topic: str, payload: bytes, now: float) -> Outcome:
+        """The outcome of one message, uncounted, by the general path (every message the fast path
+        does not decide: ``handle`` tries that first)."""
         limit = self.message_limit()
         if len(payload) > limit:
             return Outcome(False, RejectReason.TOO_LARGE, None)
@@ -1289,11 +1290,6 @@ class RoundEngine:
             accepted = self._accepted[device] = Outcome(True, "accepted", device, "update")
         return accepted
 
-    @staticmethod
-    def _codec_ascii(codec: Codec) -> bytes:
-        """The codec's name as the payload header's bytes spell it."""
-        return _CODEC_ASCII[codec]
-
     def _general(self, r: _OpenRound, device: str, counter: int, inner: memoryview, size: int) -> Outcome:
         """The general path's decision on a message the fast path decrypted but would not fold
         (exactly what ``_check`` does after ``open_sealed``)."""
@@ -1351,9 +1347,9 @@ class RoundEngine:
             train_text,
         ) = match.groups()
         codec = m.codec
-        if codec_name != self._codec_ascii(codec):
+        if codec_name != _CODEC_ASCII[codec]:
             return None
-        limit = self.settings.max_examples_per_update
+        limit = self._max_examples
         examples = int(examples_text)
         train_loss = float(train_text)
         # A count out of range is bad_count or too_many_examples; a number json refuses (not
@@ -1379,7 +1375,9 @@ class RoundEngine:
         if codec is Codec.FP32:
             if blen != WEIGHTS_DTYPE.itemsize * count:
                 return None
-            delta = np.frombuffer(inner, WEIGHTS_DTYPE, count, end).astype(np.float32, copy=False)
+            delta = np.frombuffer(inner, WEIGHTS_DTYPE, count, end)
+            if not _LITTLE_ENDIAN_F32:  # converted where float32 is not little-endian, as decode does
+                delta = delta.astype(np.float32)
             delta.flags.writeable = False  # as decode_tensors gives it: nobody changes the message
         else:
             try:
