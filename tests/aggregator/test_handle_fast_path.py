@@ -494,3 +494,21 @@ def test_a_buffer_that_is_not_bytes_goes_the_general_way() -> None:
         assert pair.send("dev-a", bytearray(pair.usual("dev-a"))).accepted  # type: ignore[arg-type]
     assert calls == ["dev-a"]
     pair.close()
+
+
+@pytest.mark.parametrize(
+    ("changes", "fast"),
+    [
+        ({"strategy": "fedadam", "server_learning_rate": 0.1}, True),  # a server optimizer on the mean
+        ({"weighting": "examples"}, True),
+        ({"strategy": "median"}, False),  # robust strategies keep every update: the general path
+        ({"aggregation": "async", "buffer_size": 3, "max_staleness": 2}, False),
+    ],
+)
+def test_other_strategies_decide_and_aggregate_alike(changes: dict[str, Any], fast: bool) -> None:
+    pair = make_pair(settings(min_devices=1, **changes), claim_median=50.0)
+    with general_path_calls(pair.fast) as calls:
+        for i, device in enumerate(DEVICES):
+            assert pair.send(device, pair.usual(device, examples=40 + 20 * i)).accepted
+    assert calls == ([] if fast else list(DEVICES))
+    pair.close()
