@@ -282,8 +282,9 @@ def test_pahos_thread_waits_a_quarter_keepalive_is_named_and_stops_at_once(
 
 
 class SilentLiveSource:
-    """A live source that cannot announce its windows (no ``set_live_listener``), as the EdgeX
-    ingest is today, and whose sensor feed is silent: it counts how often it is asked."""
+    """A live source that cannot announce its windows (no ``set_live_listener``: a source of
+    one's own; fedge's EdgeX and CSV sources announce them), whose sensor feed is silent: it
+    counts how often it is asked."""
 
     def __init__(self) -> None:
         self.asked = 0

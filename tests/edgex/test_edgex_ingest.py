@@ -319,13 +319,20 @@ def test_a_queued_backlog_is_taken_in_batches_and_stored_as_event_by_event(
         (tmp_path / name).mkdir()
         with make_ingest(tmp_path / name, occupancy_task(), clock) as ingest:
             if batched:
-                for i, item in enumerate(events):
-                    ingest.inbox.put(item)
-                    if i == 400:
-                        ingest.inbox.put([])  # a wake-up in the middle of the backlog
-                ingest.inbox.put(None)
+
+                def produce(ingest: EdgeXIngest = ingest) -> None:
+                    """paho's thread: blocks while the bounded queue is full (back-pressure)."""
+                    for i, item in enumerate(events):
+                        ingest.inbox.put(item)
+                        if i == 400:
+                            ingest.inbox.put([])  # a wake-up in the middle of the backlog
+                    ingest.inbox.put(None)
+
+                producer = threading.Thread(target=produce)
+                producer.start()
                 ingest._run()  # the ingest thread's loop, here: it stops at the None
-                assert ingest.inbox.empty()
+                producer.join(10)
+                assert not producer.is_alive() and ingest.inbox.empty()
             else:
                 for item in events:
                     ingest.feed_events(item)

@@ -106,3 +106,27 @@ def test_the_ingest_hands_live_windows_over_and_stores_exactly_what_it_would_wit
     assert built > 32 and len(busy.windows) == 32 and busy.dropped == built - 32
     for store in (with_live.store, without.store):
         store.close()
+
+
+def test_the_ingest_announces_new_live_windows_so_the_agent_worker_need_not_ask(
+    tmp_path: Path, har_task: TaskSpec
+) -> None:
+    """The agent's worker sleeps until the ingest calls its listener (``set_live_listener``):
+    called once windows are there to take, never for readings that close none."""
+    store = SampleStore(tmp_path / "live.sqlite", 10**6, 0)
+    cursor = BackfillCursor(tmp_path / "live.json")
+    source = EdgeXIngest(
+        DEVICE, har_task, store, {}, None, "edgex", None, cursor, clock=lambda: T0 / 1e9, live=True
+    )
+    announced: list[int] = []
+    source.set_live_listener(lambda: announced.append(len(source.live_windows(None).windows)))
+    window = har_task.features.window
+    assert window is not None
+    readings = rows(har_task, 420)
+    source.feed(readings[: 7 * (window.size - 1)])  # 7 readings a row: one row short of a window
+    assert announced == []
+    source.feed(readings[7 * (window.size - 1) :])
+    source._flush()
+    assert announced and all(n > 0 for n in announced)
+    assert sum(announced) == 7  # every window announced and taken once: (420 - 100) // 50 + 1
+    store.close()

@@ -349,18 +349,6 @@ class CsvSource(EdgeXIngest):
         self._watch: DirWatch | None = None
         self._watch_lock = threading.Lock()  # stop() wakes the watch the thread may be closing
         self._watch_problem: str | None = None  # why the source polls (logged once)
-        self._on_live: Callable[[], None] | None = None
-
-    def set_live_listener(self, listener: Callable[[], None]) -> None:
-        """``listener`` is called (from the source's thread) whenever new live windows are
-        ready for :meth:`live_windows`: the agent's worker sleeps until then instead of asking."""
-        self._on_live = listener
-
-    def _live(self, build: Callable[[Any], list[Any]]) -> None:
-        had = len(self.live)
-        super()._live(build)
-        if self._on_live is not None and len(self.live) > had:
-            self._on_live()
 
     # --- life cycle ----------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from fedge.protocol.mqtt_settings import MqttSettings
 from fedge.protocol.task import TaskSpec
 from fedge.shell.files import atomic_write
 from fedge.shell.storage_faults import StateDirWatch, StorageFault, storage_fault
+from fedge.shell.threads import name_current_thread
 
 #: The cursor is ``{"resume_ns": N}``; anything far bigger is not one.
 MAX_CURSOR_BYTES = 4096
@@ -53,7 +54,12 @@ MAX_CURSOR_BYTES = 4096
 log = logging.getLogger("fedge.agent.edgex")
 _ORIGIN = attrgetter("origin_ns")
 _READINGS = attrgetter("readings")
-_QUEUE_LIMIT = 100_000
+#: Messages of decoded events waiting for the ingest thread at most. Past it paho's EdgeX thread
+#: waits (back-pressure: the broker holds what follows), so a burst never becomes a heap of
+#: decoded readings: 100,000 let a backlog hold 7-10 MiB of Reading objects the allocator kept
+#: after; 32 messages (~11,000 readings of a 345-reading event) still fill every 4,096-reading
+#: batch (measured: bench_agent_memory.py --ingest-queue; issue 18).
+_QUEUE_LIMIT = 32
 IDLE_FLUSH_S = 1.0
 #: Readings the ingest thread takes from its queue at once at most (:meth:`EdgeXIngest._drain`).
 BATCH_READINGS = 4096
@@ -185,6 +191,9 @@ class EdgeXIngest:
             "the samples it cannot store are dropped, counted in data.store.store_error of the device status",
         )
         self._thread = threading.Thread(target=self._run, name="fedge-edgex-ingest", daemon=True)
+        #: Called (from the ingest thread) when new live windows are ready: the agent's worker
+        #: sleeps until then instead of asking on a timer (:meth:`set_live_listener`).
+        self._on_live: Callable[[], None] | None = None
         self.bus = (
             EdgeXBusSubscriber(bus_settings, prefix, self._on_events, on_connect=self._request_backfill)
             if bus_settings is not None
@@ -329,6 +338,13 @@ class EdgeXIngest:
         self.live.put(
             LiveWindow(s.features, s.start_ns, s.end_ns, spec, self.device, self.label_units) for s in windows
         )
+        if windows and self._on_live is not None:
+            self._on_live()
+
+    def set_live_listener(self, listener: Callable[[], None]) -> None:
+        """``listener`` is called (from the ingest thread) whenever new live windows are ready
+        for :meth:`live_windows`: the agent's worker sleeps until then instead of asking."""
+        self._on_live = listener
 
     def _flush(self) -> None:
         if self.live_builder is not None:
@@ -374,6 +390,7 @@ class EdgeXIngest:
     def _run(self) -> None:
         """Wakes only for work: events, a backfill request (an empty item), stop (None), or the
         end of a pause in the stream when rows wait in the reorder buffer (``IDLE_FLUSH_S``)."""
+        name_current_thread("fedge-ingest")  # what top -H and the benchmarks show
         while not self.stop_requested.is_set():
             if self.backfill_needed.is_set() and self.core_data is not None:
                 self.backfill_needed.clear()
