@@ -80,3 +80,32 @@ def test_a_csv_device_still_gets_its_csv_source(tmp_path: Path) -> None:
         assert source.available() == 0  # an empty store; the file is read once the source starts
     finally:
         source.store.close()
+
+
+_OPTIONAL_PROBE = r"""
+import json, sys
+import fedge.cli, fedge.agent.config, fedge.agent.service, fedge.agent.wiring  # fedge agent run's imports
+names = ("fedge.agent.personal", "fedge.agent.secure_agent", "fedge.agent.home_assistant",
+         "fedge.agent.writeback", "fedge.agent.edgex.core_command", "fedge.shell.http_endpoint",
+         "http.server")
+print(json.dumps({m: m in sys.modules for m in names}))
+"""
+
+
+def test_an_agent_loads_what_is_off_by_default_only_when_configured() -> None:
+    """Personalisation, secure aggregation, Home Assistant discovery, write-back rules and the
+    metrics endpoint are off by default: their modules (and ``http.server``) load when their
+    section turns them on (each feature's own tests build it that way)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _OPTIONAL_PROBE], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "fedge.agent.personal": False,
+        "fedge.agent.secure_agent": False,
+        "fedge.agent.home_assistant": False,
+        "fedge.agent.writeback": False,
+        "fedge.agent.edgex.core_command": False,
+        "fedge.shell.http_endpoint": False,
+        "http.server": False,
+    }

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -64,11 +64,8 @@ from fedge.agent.core import (
     check_blob,
 )
 from fedge.agent.error_feedback import ResidualError
-from fedge.agent.home_assistant import HomeAssistantDiscovery
 from fedge.agent.insight import InsightPublisher
-from fedge.agent.personal import PersonalWeights
 from fedge.agent.rollout import RolloutFollower
-from fedge.agent.secure_agent import RevealedRecords, SecureRounds
 from fedge.agent.systemd_notify import Notifier, status_line
 from fedge.agent.trainer import LiteRTTrainer
 from fedge.agent.wiring import AgentStages, ProvidedData
@@ -80,11 +77,16 @@ from fedge.protocol.statuses import device_status, offline_will
 from fedge.protocol.topics import TopicError
 from fedge.protocol.weights import weights_from_bytes
 from fedge.shell.drops import DroppedMessages
-from fedge.shell.http_endpoint import HttpEndpoint
 from fedge.shell.meters import Durations, Traffic
 from fedge.shell.mqtt import connect, make_client, publish_queued, start_loop, stop_loop, watch_connection
 from fedge.shell.storage_faults import STATE_DIR_RETRY_S, StateDirWatch, StorageFault
 from fedge.shell.threads import name_current_thread
+
+if TYPE_CHECKING:  # built only when configured (issue 18: what an agent does not run, it does not import)
+    from fedge.agent.home_assistant import HomeAssistantDiscovery
+    from fedge.agent.personal import PersonalWeights
+    from fedge.agent.secure_agent import SecureRounds
+    from fedge.shell.http_endpoint import HttpEndpoint
 
 __all__ = [
     "MAX_BLOB_BYTES",
@@ -283,6 +285,8 @@ class AgentService:
         self._connections = 0  # CONNACKs so far: the discovery config goes out once per connection
         self.home_assistant: HomeAssistantDiscovery | None = None
         if config.insight.home_assistant:
+            from fedge.agent.home_assistant import HomeAssistantDiscovery  # noqa: PLC0415 - when configured
+
             self.home_assistant = HomeAssistantDiscovery(
                 config.insight.home_assistant_prefix,
                 config.fleet,
@@ -307,6 +311,8 @@ class AgentService:
         )
         self.secure: SecureRounds | None = None
         if stages.secure is not None:
+            from fedge.agent.secure_agent import RevealedRecords, SecureRounds  # noqa: PLC0415 - when configured
+
             self.secure = SecureRounds(
                 fleet=config.fleet,
                 device_id=config.device_id,

@@ -38,18 +38,14 @@ from nacl.public import PrivateKey
 from fedge.agent.config import AgentConfig, EdgeXSettings
 from fedge.agent.core import DeviceCore, DeviceIdentity
 from fedge.agent.device_state import DeviceStateStore
-from fedge.agent.edgex.core_command import CoreCommandClient, CoreCommandError
 from fedge.agent.edgex.core_data import CoreDataClient
 from fedge.agent.edgex.ingest import BackfillCursor, EdgeXIngest
 from fedge.agent.edgex.profile import check_task_against_profile, load_profile
 from fedge.agent.error_feedback import RESIDUAL_FILE, ResidualStore
 from fedge.agent.live import NO_LIVE_WINDOWS, LiveWindows
 from fedge.agent.outbox import Outbox
-from fedge.agent.personal import PERSONAL_FILE, Personaliser, PersonalStore
 from fedge.agent.sample_store import SampleStore
-from fedge.agent.secure_agent import SecureIdentity, load_secure_identity
 from fedge.agent.trust import TrustStore
-from fedge.agent.writeback import Writeback
 from fedge.protocol.config_source import ConfigError
 from fedge.protocol.task import TaskSpec, parse_task_spec
 from fedge.shell.files import prepare_writable_dir, read_private_key
@@ -57,6 +53,11 @@ from fedge.shell.storage_faults import StorageFault, unwritable_dir_fix
 
 if TYPE_CHECKING:  # imported when a device reads a CSV (issue 18: an EdgeX agent never does)
     from fedge.agent.csv_source import CsvSource
+
+    # ...and these only when configured: personalisation, secure aggregation, write-back rules.
+    from fedge.agent.personal import Personaliser
+    from fedge.agent.secure_agent import SecureIdentity
+    from fedge.agent.writeback import Writeback
 
 SAMPLES_FILE = "samples.sqlite"
 CURSOR_FILE = "edgex_cursor.json"
@@ -250,6 +251,9 @@ def build_writeback(config: AgentConfig) -> Writeback | None:
     url = config.edgex.core_command_url
     if not rules or url is None:
         return None
+    from fedge.agent.edgex.core_command import CoreCommandClient, CoreCommandError  # noqa: PLC0415
+    from fedge.agent.writeback import Writeback  # noqa: PLC0415 - rules configured
+
     try:
         client = CoreCommandClient(url, token=read_edgex_token(config.edgex))
     except CoreCommandError as exc:
@@ -281,7 +285,11 @@ def _build_agent(config: AgentConfig, source: LocalDataSource | None) -> AgentSt
         source = build_csv_source(config) if config.data.source == "csv" else build_edgex_source(config)
     device_key = PrivateKey(read_private_key(config.key_file, "box", what="device key"))
     # Its identity key and certificate, checked against the pinned operator keys now.
-    secure = load_secure_identity(config)
+    secure = None
+    if config.identity_key_file or config.identity_certificate_file or config.operator_verify_keys:
+        from fedge.agent.secure_agent import load_secure_identity  # noqa: PLC0415 - configured
+
+        secure = load_secure_identity(config)
     state = DeviceStateStore(config.state_dir / STATE_FILE)
     identity = DeviceIdentity(config.fleet, config.device_id, device_key, config.aggregator_public_key)
     core = DeviceCore(  # a corrupt state file is an error now, not a reset
@@ -299,6 +307,8 @@ def _build_agent(config: AgentConfig, source: LocalDataSource | None) -> AgentSt
     )
     personal = None
     if config.personalisation.enabled:  # an unreadable file: logged, and the next model fine-tuned again
+        from fedge.agent.personal import PERSONAL_FILE, Personaliser, PersonalStore  # noqa: PLC0415
+
         personal = Personaliser(
             config.personalisation, PersonalStore(config.state_dir / PERSONAL_FILE), config.data.seed
         )
