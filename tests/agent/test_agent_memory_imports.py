@@ -24,16 +24,22 @@ REPO = Path(__file__).resolve().parents[2]
 _PROBE = r"""
 import json, sys
 import fedge.cli, fedge.agent.config, fedge.agent.service, fedge.agent.wiring  # fedge agent run's imports
-print(json.dumps({m: m in sys.modules for m in ("csv", "fedge.agent.csv_source", "fedge.agent.csv_format")}))
+print(json.dumps({m: m in sys.modules for m in sys.argv[1:]}))
 """
 
 
-def test_an_agent_loads_the_csv_reader_only_for_a_csv_source() -> None:
+def loaded_by_an_agent(*modules: str) -> dict[str, bool]:
+    """Which of ``modules`` ``fedge agent run``'s imports load, in a fresh interpreter."""
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", _PROBE, *modules], capture_output=True, text=True, timeout=120, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+    loaded: dict[str, bool] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+def test_an_agent_loads_the_csv_reader_only_for_a_csv_source() -> None:
+    assert loaded_by_an_agent("csv", "fedge.agent.csv_source", "fedge.agent.csv_format") == {
         "csv": False,
         "fedge.agent.csv_source": False,
         "fedge.agent.csv_format": False,
@@ -82,30 +88,17 @@ def test_a_csv_device_still_gets_its_csv_source(tmp_path: Path) -> None:
         source.store.close()
 
 
-_OPTIONAL_PROBE = r"""
-import json, sys
-import fedge.cli, fedge.agent.config, fedge.agent.service, fedge.agent.wiring  # fedge agent run's imports
-names = ("fedge.agent.personal", "fedge.agent.secure_agent", "fedge.agent.home_assistant",
-         "fedge.agent.writeback", "fedge.agent.edgex.core_command", "fedge.shell.http_endpoint",
-         "http.server")
-print(json.dumps({m: m in sys.modules for m in names}))
-"""
-
-
 def test_an_agent_loads_what_is_off_by_default_only_when_configured() -> None:
     """Personalisation, secure aggregation, Home Assistant discovery, write-back rules and the
     metrics endpoint are off by default: their modules (and ``http.server``) load when their
     section turns them on (each feature's own tests build it that way)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _OPTIONAL_PROBE], capture_output=True, text=True, timeout=120, check=False
+    optional = (
+        "fedge.agent.personal",
+        "fedge.agent.secure_agent",
+        "fedge.agent.home_assistant",
+        "fedge.agent.writeback",
+        "fedge.agent.edgex.core_command",
+        "fedge.shell.http_endpoint",
+        "http.server",
     )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
-        "fedge.agent.personal": False,
-        "fedge.agent.secure_agent": False,
-        "fedge.agent.home_assistant": False,
-        "fedge.agent.writeback": False,
-        "fedge.agent.edgex.core_command": False,
-        "fedge.shell.http_endpoint": False,
-        "http.server": False,
-    }
+    assert loaded_by_an_agent(*optional) == dict.fromkeys(optional, False)
