@@ -10,20 +10,15 @@ threads, not LiteRT). Wake-ups are counted twice: the worker's own count
 
 from __future__ import annotations
 
-import base64
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge.agent.config import load_agent_config
 from fedge.agent.core import Load, Train
@@ -31,95 +26,22 @@ from fedge.agent.live import NO_LIVE_WINDOWS, LiveWindows
 from fedge.agent.service import IDLE_WAKE_S, LIVE_POLL_MAX_S, AgentService
 from fedge.agent.wiring import ProvidedData, build_agent
 from fedge.lab.broker import MosquittoBroker
-from fedge.protocol.signing import signing_key_to_text
 from fedge.protocol.task import TaskSpec
-from fedge.shell.files import atomic_write
 from fedge.shell.mqtt import KEEPALIVE_WAKES, connect, ephemeral_settings, make_client, start_loop, stop_loop
-from support.engine_helpers import (
-    AGGREGATOR_KEY,
-    DEVICE_IDS,
-    DEVICE_KEYS,
-    FLEET,
-    SIGNING_KEY,
-    TOPICS,
-    P,
-    make_engine,
-    settings,
-)
+from support.agent_network import DEVICE, WAIT_S, Network, no_data, running, wait_for, write_agent_config
+from support.engine_helpers import DEVICE_IDS, TOPICS, P, make_engine, settings
 
 pytest_plugins = ("support.mqtt_fixtures",)
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
 
-DEVICE = DEVICE_IDS[0]
-WAIT_S = 20.0  # under IDLE_WAKE_S: a worker that missed its wake-up would sleep past it
+# WAIT_S is under IDLE_WAKE_S: a worker that missed its wake-up would sleep past it.
 DELTA = np.random.default_rng(7).normal(0.0, 0.02, P).astype(np.float32)
 IDLE_S = 3.0
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def write_agent_config(directory: Path, broker: MosquittoBroker, status_interval_s: float) -> Path:
-    def b64(data: bytes) -> str:
-        return base64.b64encode(data).decode()
-
-    directory.mkdir()
-    atomic_write(directory / f"{DEVICE}.box", (b64(bytes(DEVICE_KEYS[DEVICE])) + "\n").encode())
-    path = directory / "agent.toml"
-    path.write_text(
-        f'[agent]\ndevice_id = "{DEVICE}"\nfleet = "{FLEET}"\nstate_dir = "state"\n'
-        f'key_file = "{DEVICE}.box"\n'
-        f'aggregator_public_key = "{b64(bytes(AGGREGATOR_KEY.public_key))}"\n'
-        f'aggregator_verify_keys = ["{signing_key_to_text(SIGNING_KEY.verify_key)}"]\n'
-        f"status_interval_s = {status_interval_s}\n"
-        f'[mqtt]\nbroker = "{broker.url}"\n[data]\nsource = "har-watch"\n'
-    )
-    path.chmod(0o600)
-    return path
-
-
-def no_data(task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:  # the trainer is stubbed
-    return np.empty((0, task.input_dim), np.float32), np.empty((0,), np.int32)
-
-
-class Network:
-    """The test's MQTT client: publishes retained documents, collects updates and statuses."""
-
-    def __init__(self, broker: MosquittoBroker) -> None:
-        self.frames: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.statuses: queue.Queue[bytes] = queue.Queue()
-        subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe([(TOPICS.update_filter, 1), (TOPICS.status(DEVICE), 1)])
-        assert subscribed.wait(10)
-
-    def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
-        if m.topic == TOPICS.status(DEVICE):
-            self.statuses.put(bytes(m.payload))
-        else:
-            self.frames.put((m.topic, bytes(m.payload)))
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
 def network(mosquitto: MosquittoBroker) -> Iterator[Network]:
-    net = Network(mosquitto)
+    net = Network(mosquitto, statuses=True)
     yield net
     net.stop()
 
@@ -137,20 +59,6 @@ def make_agent(tmp_path: Path, broker: MosquittoBroker, status_interval_s: float
     agent._load = load  # type: ignore[method-assign]
     agent._train = train  # type: ignore[method-assign]
     return agent
-
-
-@contextmanager
-def running(agent: AgentService, result: list[int]) -> Iterator[threading.Thread]:
-    """``agent.run`` in a thread (the process's main thread in service); stopped as SIGTERM
-    stops it (``request_stop``, the signal handler)."""
-    runner = threading.Thread(target=lambda: result.append(agent.run()), daemon=True)
-    runner.start()
-    try:
-        yield runner
-    finally:
-        agent.request_stop()
-        runner.join(20)
-    assert not runner.is_alive(), "the agent did not stop"
 
 
 def switches(tid: int | None) -> int:

@@ -15,10 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,8 @@ from fedge.protocol.sealing import open_sealed, read_header
 from fedge.protocol.task import TaskSpec
 from fedge.protocol.topics import FleetTopics
 from fedge.protocol.weights import weights_to_bytes
+from support import agent_network
+from support.agent_network import run_in_thread
 from support.asyncapi import load_document
 from support.mqtt_fixtures import RecordedMessage, TrafficRecorder
 
@@ -90,24 +91,11 @@ class SubjectData:
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    """Its fleet trains the real model on LiteRT: waits are long, and polled less often."""
+    return agent_network.wait_for(what, predicate, timeout, poll_s=0.05)
 
 
-@contextmanager
-def running(target: Callable[[], int], stop: Callable[[], None]) -> Iterator[None]:
-    runner = threading.Thread(target=target, daemon=True)
-    runner.start()
-    try:
-        yield
-    finally:
-        stop()
-        runner.join(20)
-    assert not runner.is_alive(), "the service did not stop"
+running = partial(run_in_thread, what="the service")
 
 
 def payloads(messages: list[RecordedMessage], topic: str) -> list[dict[str, Any]]:

@@ -13,24 +13,19 @@ agent installs the model and sends nothing.
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import paho.mqtt.client as mqtt
 import pytest
 from nacl.signing import SigningKey
-from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge.agent.config import load_agent_config
 from fedge.agent.core import Load, Train
@@ -48,8 +43,16 @@ from fedge.protocol.secagg.quantise import clip_to_norm
 from fedge.protocol.secagg.wire import Publication as Doc
 from fedge.protocol.secure_round_config import round_config_for
 from fedge.protocol.signing import DocType, sign_document, signing_key_to_text
-from fedge.protocol.task import TaskSpec
 from fedge.shell.files import atomic_write
+from support.agent_network import (
+    DEVICE,
+    Network,
+    b64,
+    no_data,
+    running,
+    wait_for,
+    write_agent_config,
+)
 from support.engine_helpers import (
     AGGREGATOR_KEY,
     DEVICE_IDS,
@@ -63,7 +66,6 @@ from support.engine_helpers import (
 
 pytest_plugins = ("support.mqtt_fixtures",)
 
-DEVICE = DEVICE_IDS[0]
 OTHERS = DEVICE_IDS[1:]
 OPERATOR = SigningKey.generate()
 IDENTITY = {d: SigningKey.generate() for d in DEVICE_IDS}
@@ -72,68 +74,23 @@ SECURE = SecureAggregationAnnouncement(clip_norm=1.0, bits=32, degree=4, thresho
 UPDATES = {
     d: np.random.default_rng(i).normal(0.0, 0.1, P).astype(np.float32) for i, d in enumerate(DEVICE_IDS)
 }
-WAIT_S = 20.0
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def write_agent_config(directory: Path, broker: MosquittoBroker) -> Path:
-    directory.mkdir()
-    atomic_write(directory / f"{DEVICE}.box", (b64(bytes(DEVICE_KEYS[DEVICE])) + "\n").encode())
+def write_secure_agent_config(directory: Path, broker: MosquittoBroker) -> Path:
+    """The agent's config, with its identity key and certificate and secure aggregation required."""
+    path = write_agent_config(
+        directory,
+        broker,
+        extra_agent_lines=(
+            f'identity_key_file = "{DEVICE}.identity"\nidentity_certificate_file = "{DEVICE}.cert"\n'
+            f'operator_verify_keys = ["{signing_key_to_text(OPERATOR.verify_key)}"]\n'
+            "require_secure_aggregation = true\n"
+        ),
+    )
     atomic_write(directory / f"{DEVICE}.identity", (b64(bytes(IDENTITY[DEVICE])) + "\n").encode())
     cert = certify(OPERATOR, FLEET, DEVICE, IDENTITY[DEVICE].verify_key, time.time())
     atomic_write(directory / f"{DEVICE}.cert", (b64(cert) + "\n").encode(), 0o644)
-    path = directory / "agent.toml"
-    path.write_text(
-        f'[agent]\ndevice_id = "{DEVICE}"\nfleet = "{FLEET}"\nstate_dir = "state"\n'
-        f'key_file = "{DEVICE}.box"\n'
-        f'aggregator_public_key = "{b64(bytes(AGGREGATOR_KEY.public_key))}"\n'
-        f'aggregator_verify_keys = ["{signing_key_to_text(SIGNING_KEY.verify_key)}"]\n'
-        f'identity_key_file = "{DEVICE}.identity"\nidentity_certificate_file = "{DEVICE}.cert"\n'
-        f'operator_verify_keys = ["{signing_key_to_text(OPERATOR.verify_key)}"]\n'
-        "require_secure_aggregation = true\nstatus_interval_s = 0.5\n"
-        f'[mqtt]\nbroker = "{broker.url}"\n[data]\nsource = "har-watch"\n'
-    )
-    path.chmod(0o600)
     return path
-
-
-def no_data(task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:  # the trainer is stubbed
-    return np.empty((0, task.input_dim), np.float32), np.empty((0,), np.int32)
-
-
-class Network:
-    """The test's MQTT client: publishes retained documents, collects ``update/+``."""
-
-    def __init__(self, broker: MosquittoBroker) -> None:
-        self.frames: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.seen: list[tuple[str, bytes]] = []
-        subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.on_message = lambda c, u, m: self.frames.put((m.topic, bytes(m.payload)))
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe(TOPICS.update_filter, qos=1)
-        assert subscribed.wait(10)
-
-    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture
@@ -141,18 +98,6 @@ def network(mosquitto: MosquittoBroker) -> Iterator[Network]:
     net = Network(mosquitto)
     yield net
     net.stop()
-
-
-@contextmanager
-def running(agent: AgentService) -> Iterator[None]:
-    runner = threading.Thread(target=agent.run, daemon=True)
-    runner.start()
-    try:
-        yield
-    finally:
-        agent.request_stop()
-        runner.join(20)
-    assert not runner.is_alive(), "the agent did not stop"
 
 
 def signed(manifest: RoundManifest) -> bytes:
@@ -208,7 +153,7 @@ def test_an_agent_takes_part_in_a_secure_round_and_refuses_a_plain_one(
     forger = SigningKey.generate()
     network.publish(TOPICS.identity("dev-x"), certify(forger, FLEET, "dev-x", forger.verify_key, time.time()))
 
-    config = load_agent_config(write_agent_config(tmp_path / "agent", mosquitto), {})
+    config = load_agent_config(write_secure_agent_config(tmp_path / "agent", mosquitto), {})
     agent = AgentService(build_agent(config, ProvidedData(no_data)))
     loaded: list[int] = []
     stub_trainer(agent, loaded)

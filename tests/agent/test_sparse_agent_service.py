@@ -11,19 +11,13 @@ updates plus that residual are the agent's deltas, and a restarted agent loads i
 
 from __future__ import annotations
 
-import base64
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge.agent.config import load_agent_config
 from fedge.agent.core import Load, Phase, Train, sparse_update_payload
@@ -35,16 +29,12 @@ from fedge.protocol.codec import Codec
 from fedge.protocol.messages import decode_update
 from fedge.protocol.round_manifest import RoundManifest
 from fedge.protocol.sealing import open_sealed, read_header
-from fedge.protocol.signing import signing_key_to_text
-from fedge.protocol.task import TaskSpec
-from fedge.shell.files import atomic_write
+from support.agent_network import DEVICE, WAIT_S, Network, no_data, running, wait_for, write_agent_config
 from support.engine_helpers import (
     AGGREGATOR_KEY,
     DEVICE_IDS,
     DEVICE_KEYS,
-    FLEET,
     LAYOUT,
-    SIGNING_KEY,
     TOPICS,
     Device,
     P,
@@ -54,65 +44,9 @@ from support.engine_helpers import (
 
 pytest_plugins = ("support.mqtt_fixtures",)
 
-DEVICE = DEVICE_IDS[0]
 OTHERS = DEVICE_IDS[1:3]
 #: The agent's "trained" delta per round number (float32, as a trained delta is).
 DELTAS = {r: np.random.default_rng([7, r]).normal(0.0, 0.02, P).astype(np.float32) for r in (1, 2, 3)}
-WAIT_S = 20.0
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def write_agent_config(directory: Path, broker: MosquittoBroker) -> Path:
-    def b64(data: bytes) -> str:
-        return base64.b64encode(data).decode()
-
-    directory.mkdir()
-    atomic_write(directory / f"{DEVICE}.box", (b64(bytes(DEVICE_KEYS[DEVICE])) + "\n").encode())
-    path = directory / "agent.toml"
-    path.write_text(
-        f'[agent]\ndevice_id = "{DEVICE}"\nfleet = "{FLEET}"\nstate_dir = "state"\n'
-        f'key_file = "{DEVICE}.box"\n'
-        f'aggregator_public_key = "{b64(bytes(AGGREGATOR_KEY.public_key))}"\n'
-        f'aggregator_verify_keys = ["{signing_key_to_text(SIGNING_KEY.verify_key)}"]\n'
-        "status_interval_s = 0.5\n"
-        f'[mqtt]\nbroker = "{broker.url}"\n[data]\nsource = "har-watch"\n'
-    )
-    path.chmod(0o600)
-    return path
-
-
-def no_data(task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:  # the trainer is stubbed
-    return np.empty((0, task.input_dim), np.float32), np.empty((0,), np.int32)
-
-
-class Network:
-    """The test's MQTT client: publishes retained documents, collects ``update/+``."""
-
-    def __init__(self, broker: MosquittoBroker) -> None:
-        self.frames: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.on_message = lambda c, u, m: self.frames.put((m.topic, bytes(m.payload)))
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe(TOPICS.update_filter, qos=1)
-        assert subscribed.wait(10)
-
-    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture
@@ -120,18 +54,6 @@ def network(mosquitto: MosquittoBroker) -> Iterator[Network]:
     net = Network(mosquitto)
     yield net
     net.stop()
-
-
-@contextmanager
-def running(agent: AgentService) -> Iterator[None]:
-    runner = threading.Thread(target=agent.run, daemon=True)
-    runner.start()
-    try:
-        yield
-    finally:
-        agent.request_stop()
-        runner.join(20)
-    assert not runner.is_alive(), "the agent did not stop"
 
 
 def stub_trainer(agent: AgentService, trained: list[int]) -> None:
