@@ -101,7 +101,6 @@ class NormClip:
         self.clipped = 0
         #: Accepted updates' norms before clipping, in arrival order (the next adaptive bound).
         self.raw_norms: list[float] = []
-        self._scratch32: npt.NDArray[np.float32] | None = None  # add_prepared's clipped delta
 
     def add(self, update: UpdatePayload) -> None:
         norm = l2(update.delta)
@@ -132,13 +131,8 @@ class NormClip:
         if self.reject and hard is not None and norm > hard:
             raise NormTooLarge(norm, hard)
         scale = clip / norm if clip is not None and norm > clip else None
-        if scale is not None:
-            delta = update.delta
-            scratch = self._scratch32
-            if scratch is None or scratch.shape != delta.shape:
-                scratch = self._scratch32 = np.empty(delta.shape, np.float32)
-            np.multiply(delta, np.float32(scale), out=scratch)  # float32 times float32, as in add
-            np.copyto(cast, scratch)
+        if scale is not None:  # float32 times float32, as in add, each product cast into ``cast``
+            np.multiply(update.delta, np.float32(scale), out=cast, dtype=np.float32)
         inner.add_prepared(update, cast)
         self.clipped += scale is not None
         self.raw_norms.append(norm)
