@@ -41,6 +41,7 @@ import argparse
 import gc
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -161,25 +162,40 @@ def run_stages(rows: int | None, repeat: int, profile: bool) -> dict[str, Any]:
 
         return run
 
+    def fresh_ingest(tmp: Path, prefix: str, each: Callable[[EdgeXIngest], None] | None) -> EdgeXIngest:
+        """A live ingest on its own store and cursor, given every message as paho's thread gives
+        it (decoded, its events queued); ``each`` runs after each message (the ingest thread's
+        part, interleaved), or none: the queue then holds them all."""
+        d = tmp / f"{prefix}-{time.monotonic_ns()}"
+        d.mkdir()
+        store = SampleStore(d / "samples.db", 200_000, 0)
+        ingest = EdgeXIngest(
+            device, task, store, limits, None, "edgex", None, BackfillCursor(d / "cursor.json"), live=True
+        )
+        if each is None:
+            # The agent's queue is bounded (32 events since 28fae54): put() would block this,
+            # the only thread, for ever. The backlog stage measures a queue that holds it all.
+            ingest.inbox = queue.Queue()
+        for m in messages:
+            result = decode_message(m, 1024 * 1024)
+            if result.events:
+                ingest._on_events(result.events)
+            if each is not None:
+                each(ingest)
+        return ingest
+
+    def drain(ingest: EdgeXIngest) -> None:
+        while not ingest.inbox.empty():  # the ingest thread: build, store
+            item = ingest.inbox.get_nowait()
+            assert item
+            if hasattr(ingest, "feed_events"):
+                ingest.feed_events(item)
+            else:  # before feed_events: what the ingest thread did
+                ingest.feed(r for event in item for r in event.readings)
+
     def ingest_stage(tmp: Path) -> Callable[[], Any]:
         def run() -> Any:
-            d = tmp / f"ingest-{time.monotonic_ns()}"
-            d.mkdir()
-            store = SampleStore(d / "samples.db", 200_000, 0)
-            ingest = EdgeXIngest(
-                device, task, store, limits, None, "edgex", None, BackfillCursor(d / "cursor.json"), live=True
-            )
-            for m in messages:  # paho's thread: decode, queue
-                result = decode_message(m, 1024 * 1024)
-                if result.events:
-                    ingest._on_events(result.events)
-                while not ingest.inbox.empty():  # the ingest thread: build, store
-                    item = ingest.inbox.get_nowait()
-                    assert item
-                    if hasattr(ingest, "feed_events"):
-                        ingest.feed_events(item)
-                    else:  # before feed_events: what the ingest thread did
-                        ingest.feed(r for event in item for r in event.readings)
+            ingest = fresh_ingest(tmp, "ingest", drain)
             ingest._flush()
             return ingest.report()
 
@@ -187,16 +203,7 @@ def run_stages(rows: int | None, repeat: int, profile: bool) -> dict[str, Any]:
 
     def ingest_queued_stage(tmp: Path) -> Callable[[], Any]:
         def run() -> Any:
-            d = tmp / f"queued-{time.monotonic_ns()}"
-            d.mkdir()
-            store = SampleStore(d / "samples.db", 200_000, 0)
-            ingest = EdgeXIngest(
-                device, task, store, limits, None, "edgex", None, BackfillCursor(d / "cursor.json"), live=True
-            )
-            for m in messages:  # paho's thread: decode, queue (the queue holds them all)
-                result = decode_message(m, 1024 * 1024)
-                if result.events:
-                    ingest._on_events(result.events)
+            ingest = fresh_ingest(tmp, "queued", None)
             ingest.inbox.put(None)  # the end: the loop stops once it has taken everything
             ingest._run()
             ingest._flush()
