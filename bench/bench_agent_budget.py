@@ -61,9 +61,7 @@ import json
 import os
 import re
 import resource
-import select
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,7 +69,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -80,13 +78,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import agent_processes as ap  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 import bench_fleet_budget as fb  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
+from agent_processes import (  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
+    BenchError,
+    NotifyListener,
+    spawn,
+)
 from bench_training import machine_info, run_worker  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "agent_budget.json"
 TASK = ROOT / "tasks" / "har-watch.toml"
 MIB = 1024 * 1024
 SAMPLE_INTERVAL_S = 0.1
+PSS_EVERY = 20  # the Sampler's ticks between two smaps_rollup reads (2 s)
 #: The issue's targets for the whole agent on the default task.
 TARGET_PEAK_RSS_BYTES = 53 * 1000 * 1000  # "53 MB"
 TARGET_CPU_S_PER_ROUND = 0.107
@@ -117,14 +122,10 @@ STAGES = (
     "fedge.cli",
 )
 
-_STAGE_PROBE = r"""
-import importlib, json, sys, tracemalloc
-def rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+_STAGE_PROBE = (
+    "import importlib, json, sys, tracemalloc\n"
+    + ap.RSS_SOURCE
+    + r"""
 traced = sys.argv[1] == "traced"  # RSS is read untraced; tracemalloc's own memory would add to it
 if traced:
     tracemalloc.start(1)
@@ -140,53 +141,7 @@ print(json.dumps({"stages": rows, "tracemalloc_total_bytes": traced_bytes, "thir
                   "loaded": {m: m in sys.modules for m in ("requests", "urllib3", "yaml", "http.client",
                                                             "tensorflow", "seglearn", "pandas")}}))
 """
-
-
-class BenchError(Exception):
-    """A validity check failed: the run's numbers cannot be trusted."""
-
-
-# --- systemd-style readiness ----------------------------------------------------------------
-
-
-class NotifyListener(threading.Thread):
-    """One ``NOTIFY_SOCKET`` per agent (a datagram socket, as systemd binds for a Type=notify
-    unit): the time of each agent's ``READY=1`` and its last ``STATUS=``."""
-
-    def __init__(self, directory: Path, devices: Sequence[str]) -> None:
-        super().__init__(daemon=True, name="notify")
-        self.sockets: dict[str, socket.socket] = {}
-        self.paths: dict[str, str] = {}
-        for device in devices:
-            path = str(directory / f"{device}.notify")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            s.bind(path)
-            self.sockets[device], self.paths[device] = s, path
-        self.ready_at: dict[str, float] = {}
-        self.last_status: dict[str, str] = {}
-        self.messages: dict[str, int] = dict.fromkeys(devices, 0)
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        by_fd = {s.fileno(): d for d, s in self.sockets.items()}
-        while not self.stop_event.is_set():
-            readable, _, _ = select.select(list(self.sockets.values()), [], [], 0.5)
-            now = time.time()
-            for s in readable:
-                device = by_fd[s.fileno()]
-                text = s.recv(65536).decode(errors="replace")
-                self.messages[device] += 1
-                for line in text.splitlines():
-                    if line == "READY=1":
-                        self.ready_at.setdefault(device, now)
-                    elif line.startswith("STATUS="):
-                        self.last_status[device] = line[7:]
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(timeout=5)
-        for s in self.sockets.values():
-            s.close()
+)
 
 
 # --- /proc: where one process's memory is ---------------------------------------------------
@@ -195,21 +150,10 @@ class NotifyListener(threading.Thread):
 def smaps_breakdown(pid: int) -> dict[str, int]:
     """Resident bytes by mapping: each file (a shared library, a model), ``[heap]``,
     ``[stack]`` and ``anon`` (other anonymous mappings: thread stacks, arenas, numpy buffers)."""
-    out: dict[str, int] = {}
-    current = "anon"
     try:
-        with open(f"/proc/{pid}/smaps", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                head = line.split(None, 6)
-                if len(head) >= 5 and "-" in head[0] and not line[0].isupper():
-                    current = head[5].strip() if len(head) > 5 else "anon"
-                    current = os.path.basename(current) if current.startswith("/") else current
-                    current = current or "anon"
-                elif line.startswith("Rss:"):
-                    out[current] = out.get(current, 0) + int(line.split()[1]) * 1024
+        return ap.smaps_mappings(pid, split_stacks=False)[0]
     except OSError:
         return {}
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def grouped_smaps(breakdown: dict[str, int]) -> dict[str, int]:
@@ -244,16 +188,6 @@ def grouped_smaps(breakdown: dict[str, int]) -> dict[str, int]:
 
 
 # --- the fleet ------------------------------------------------------------------------------
-
-
-def spawn(argv: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = fb.child_env()
-    env.update(extra_env or {})
-    with log.open("ab") as f:
-        return subprocess.Popen(
-            argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-        )
 
 
 def feed_recordings(
@@ -346,12 +280,7 @@ def first_updates(aggregator_log: Path) -> dict[str, float]:
 
 def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
     from fedge.lab import demo, har_watch
-    from fedge.lab.observer import FleetObserver
-    from fedge.lab.provision import create_fleet
-    from fedge.protocol.mqtt_settings import parse_broker_url
     from fedge.protocol.task import parse_task_spec
-    from fedge.tools import bundled
-    from fedge.tools.broker_config import edgex_principal
 
     task = parse_task_spec(TASK.read_text(encoding="utf-8"))
     root = work / "fleet"
@@ -359,8 +288,7 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
     subjects = {har_watch.device_id(s): s for s in har_watch.TRAIN_SUBJECTS[: cfg.devices]}
     options = demo.DemoOptions(task=task, out=root, devices=cfg.devices, rounds=cfg.rounds)
     broker, broker_url, creds = demo._start_secure_broker(root, list(subjects), model_dir)
-    host, port, _ = parse_broker_url(broker_url)
-    sampler = fb.Sampler()
+    sampler = ap.Sampler(SAMPLE_INTERVAL_S, PSS_EVERY)
     notify = NotifyListener(work, list(subjects))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     live_stop = threading.Event()
@@ -372,62 +300,25 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
     try:
         sampler.add("broker", broker.pid, ())
         sampler.add("bench", os.getpid(), ())
-        edgex: dict[str, object] = {
-            "prefix": "edgex",
-            "profile": str(bundled.profiles_dir() / "wearable-imu.yaml"),
+        rounds = {
+            "rounds": cfg.rounds,
+            "min_devices": cfg.devices,
+            "round_timeout_s": cfg.round_timeout_s,
+            "codec": "fp32",
+            "server_learning_rate": 2.0,
+            "wait_for_devices_s": 60.0,
         }
-        edgex_creds = {
-            d: {k: v for k, v in creds[edgex_principal(d)].items() if k in ("username", "password")}
-            for d in subjects
-        }
-        fleet = create_fleet(
-            root / "files",
-            demo.FLEET,
-            model_dir,
-            broker_url,
-            subjects,
-            rounds={
-                "rounds": cfg.rounds,
-                "min_devices": cfg.devices,
-                "round_timeout_s": cfg.round_timeout_s,
-                "codec": "fp32",
-                "server_learning_rate": 2.0,
-                "wait_for_devices_s": 60.0,
-            },
-            edgex=edgex,
-            task_file=TASK,
-            mqtt_extra={
-                name: {k: v for k, v in c.items() if k in ("username", "password", "ca_file")}
-                for name, c in creds.items()
-            },
-            edgex_extra=edgex_creds,
-        )
-        x_test, y_test = har_watch.pooled(har_watch.load_devices(task, har_watch.TEST_SUBJECTS).values())
-        observer = FleetObserver(
-            demo.FLEET,
-            host,
-            port,
-            fleet.signing_key.verify_key,
-            (model_dir / "model.tflite").read_bytes(),
-            x_test,
-            y_test,
-            **demo._client_creds(creds.get("observer")),
-        )
+        fleet = ap.provision_locked(root, model_dir, broker_url, creds, subjects, rounds, TASK)
+        observer = ap.observer_for(fleet, model_dir, broker_url, creds, task)
         observer.start()
         notify.start()
         sampler.start()
         for device, agent_cfg in fleet.agent_configs.items():
-            argv = fb.fedge_argv("agent", "run", "--config", str(agent_cfg))
+            argv = ap.fedge_argv("agent", "run", "--config", str(agent_cfg))
             spawned[device] = time.time()
             procs[device] = spawn(argv, logs / f"{device}.log", {"NOTIFY_SOCKET": notify.paths[device]})
             sampler.add(device, procs[device].pid, ("agent", "run", str(agent_cfg)))
-        until = time.monotonic() + 120
-        while set(notify.ready_at) != set(subjects):
-            dead = [d for d, p in procs.items() if p.poll() is not None]
-            if dead or time.monotonic() > until:
-                missing = sorted(set(subjects) - set(notify.ready_at))
-                raise BenchError(f"agents {missing} sent no READY=1 (exited: {dead}); see {logs}")
-            time.sleep(0.05)
+        ap.wait_ready(notify, procs, subjects, 120, logs)
         marks["all_ready"] = time.time()
         print(f"  all {cfg.devices} agents READY; replaying the EdgeX recordings...", flush=True)
         feed = feed_recordings(options, observer, subjects, broker_url, procs, creds.get("simulator"))
@@ -449,22 +340,13 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
             live_stop,
         )
         procs["aggregator"] = spawn(
-            fb.fedge_argv("aggregator", "run", "--config", str(fleet.aggregator_config)),
+            ap.fedge_argv("aggregator", "run", "--config", str(fleet.aggregator_config)),
             logs / "aggregator.log",
         )
         sampler.add("aggregator", procs["aggregator"].pid, ("aggregator", "run"))
         marks["aggregator_start"] = time.time()
-        deadline = time.monotonic() + 120 + (cfg.rounds + 2) * cfg.round_timeout_s
-        while procs["aggregator"].poll() is None:
-            dead = [d for d, p in procs.items() if p.poll() is not None]
-            if dead:
-                raise BenchError(f"{dead} exited during the rounds; see {logs}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the aggregator did not finish in time; see {logs}")
-            time.sleep(0.2)
+        ap.wait_for_exit(procs, "aggregator", 120 + (cfg.rounds + 2) * cfg.round_timeout_s, logs)
         marks["aggregator_exit"] = time.time()
-        if procs["aggregator"].returncode != 0:
-            raise BenchError(f"the aggregator exited with {procs['aggregator'].returncode}; see {logs}")
         first = next(iter(subjects))
         smaps["after_rounds"] = smaps_breakdown(procs[first].pid)
         print(f"  rounds done; idle phase ({cfg.idle_s:.0f} s, live readings still arriving)...", flush=True)
@@ -493,17 +375,17 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
         live_thread.join(timeout=10)
         time.sleep(QUIET_SETTLE_S)
         threads_before = {d: thread_wakeups(procs[d].pid) for d in subjects}
-        cpu_before = {d: process_cpu_s(procs[d].pid) for d in subjects}
+        cpu_before = {d: ap.proc_cpu_s(procs[d].pid) for d in subjects}
         time.sleep(quiet_s)
         threads_after = {d: thread_wakeups(procs[d].pid) for d in subjects}
-        cpu_after = {d: process_cpu_s(procs[d].pid) for d in subjects}
+        cpu_after = {d: ap.proc_cpu_s(procs[d].pid) for d in subjects}
         quiet = {d: wakeups_per_s(threads_before[d], threads_after[d], quiet_s) for d in subjects}
         quiet_cpu = {d: 100.0 * (cpu_after[d] - cpu_before[d]) / quiet_s for d in subjects}
     finally:
         live_stop.set()
         if live_thread is not None:
             live_thread.join(timeout=10)
-        fb.terminate(procs)
+        ap.terminate(procs)
         if sampler.is_alive():
             sampler.stop()
         if notify.is_alive():
@@ -521,31 +403,22 @@ def run_fleet(cfg: Config, model_dir: Path, work: Path) -> dict[str, Any]:
         summary["agents"][d]["quiet_wakeups_per_s"] = quiet[d]
         summary["agents"][d]["quiet_cpu_percent"] = round(quiet_cpu[d], 3)
     summary["quiet_s"] = quiet_s
-    summary["agent_quiet_cpu_percent"] = {
-        "min": min(quiet_cpu.values()),
-        "median": statistics.median(quiet_cpu.values()),
-        "max": max(quiet_cpu.values()),
-    }
-    quiet_names = sorted({k for w in quiet.values() for k in w})
-    summary["agent_quiet_wakeups_per_s_median"] = {
-        k: round(statistics.median(w.get(k, 0.0) for w in quiet.values()), 2) for k in quiet_names
-    }
-    summary["agent_quiet_wakeups_per_s_total"] = {
-        "min": min(sum(w.values()) for w in quiet.values()),
-        "median": statistics.median(sum(w.values()) for w in quiet.values()),
-        "max": max(sum(w.values()) for w in quiet.values()),
-    }
-    # Per thread name, the median over the agents (each agent's threads have the same roles).
-    names = sorted({k for w in wakeups.values() for k in w})
-    summary["agent_idle_wakeups_per_s_median"] = {
-        k: round(statistics.median(w.get(k, 0.0) for w in wakeups.values()), 2) for k in names
-    }
-    summary["agent_idle_wakeups_per_s_total"] = {
-        "min": min(sum(w.values()) for w in wakeups.values()),
-        "median": statistics.median(sum(w.values()) for w in wakeups.values()),
-        "max": max(sum(w.values()) for w in wakeups.values()),
-    }
+    summary["agent_quiet_cpu_percent"] = _min_median_max(quiet_cpu.values())
+    for phase, rates in (("quiet", quiet), ("idle", wakeups)):
+        # Per thread name, the median over the agents (each agent's threads have the same roles).
+        names = sorted({k for w in rates.values() for k in w})
+        summary[f"agent_{phase}_wakeups_per_s_median"] = {
+            k: round(statistics.median(w.get(k, 0.0) for w in rates.values()), 2) for k in names
+        }
+        summary[f"agent_{phase}_wakeups_per_s_total"] = _min_median_max(
+            sum(w.values()) for w in rates.values()
+        )
     return summary
+
+
+def _min_median_max(values: Iterable[float]) -> dict[str, float]:
+    xs = list(values)
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
 
 
 def summarise(
@@ -681,12 +554,6 @@ def summarise(
     }
 
 
-def process_cpu_s(pid: int) -> float:
-    """The process's CPU seconds so far (utime + stime of /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def thread_wakeups(pid: int) -> dict[str, tuple[str, int]]:
     """Each thread of ``pid``: its name (``comm``: the agent names its own threads, see
     ``fedge.shell.threads``) and how often it has been switched out and in again, the
@@ -770,20 +637,9 @@ def baselines(model_dir: Path, work: Path) -> dict[str, Any]:
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     floor, _ = run_worker("baseline")
-    probes = {}
-    for mode in ("rss", "traced"):
-        probe = subprocess.run(
-            [sys.executable, "-c", _STAGE_PROBE, mode, *STAGES],
-            capture_output=True,
-            text=True,
-            env=fb.child_env(),
-            cwd=ROOT,
-            check=False,
-            timeout=300,
-        )
-        if probe.returncode != 0:
-            raise BenchError(f"the import probe failed:\n{probe.stderr[-2000:]}")
-        probes[mode] = json.loads(probe.stdout.strip().splitlines()[-1])
+    probes = {
+        mode: ap.run_probe(_STAGE_PROBE, mode, *STAGES, what="the import probe") for mode in ("rss", "traced")
+    }
     imports = probes["rss"]
     imports["tracemalloc_total_bytes"] = probes["traced"]["tracemalloc_total_bytes"]
     return {
@@ -1026,8 +882,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if find_mosquitto() is None:
         print("mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
         return 2
-    fb.SAMPLE_INTERVAL_S = SAMPLE_INTERVAL_S  # the Sampler reads it each tick
-    fb.PSS_EVERY = 20
     work = Path(tempfile.mkdtemp(prefix="fedge-agent-budget-"))
     print(f"work directory (logs): {work}", flush=True)
     started = time.time()
@@ -1057,10 +911,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("building the model (TensorFlow, once, in its own process)...", flush=True)
         model_dir = work / "model"
         built = subprocess.run(
-            fb.fedge_argv("model", "build", "--task", str(TASK), "--out", str(model_dir)),
+            ap.fedge_argv("model", "build", "--task", str(TASK), "--out", str(model_dir)),
             capture_output=True,
             text=True,
-            env=fb.child_env(),
+            env=ap.child_env(),
             cwd=ROOT,
             check=False,
             timeout=600,

@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -100,6 +99,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from agent_processes import (  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
+    BenchError,
+    Sampler,
+    Trace,
+    child_env,
+    fedge_argv,
+    machine_cpu,
+    spawn,
+    terminate,
+    wait_for_exit,
+)
 from bench_training import machine_info  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "fleet_budget.json"
@@ -115,231 +125,6 @@ PSS_EVERY = 8  # ticks between two smaps_rollup reads (2 s)
 SCRAPE_INTERVAL_S = 1.0
 #: Part B': the round deadline when the board's agent may be gone (a dead device stays selected).
 DIRECT_BOARD_TIMEOUT_S = 20.0
-PAGE = os.sysconf("SC_PAGE_SIZE")
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(Exception):
-    """A validity check failed: the run's numbers cannot be trusted."""
-
-
-# --- /proc ------------------------------------------------------------------------------------
-
-
-def proc_stat(pid: int) -> tuple[float, int] | None:
-    """(utime + stime in seconds, start time in ticks), or None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # fields[0] is field 3 (state): utime 14, stime 15, starttime 22
-    return (int(fields[11]) + int(fields[12])) / TICK, int(fields[19])
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile (bytes) and Threads from /proc/<pid>/status ({} if gone)."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                    out[key] = int(value.split()[0]) * 1024
-                elif key == "Threads":
-                    out[key] = int(value)
-    except (OSError, ValueError):
-        return {}
-    return out
-
-
-def proc_pss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def children_of(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat's cpu line."""
-    with open("/proc/stat", encoding="ascii") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return float(sum(values[:8]) - idle), float(sum(values[:8]))
-
-
-@dataclass
-class Trace:
-    """One process: what it must look like, and what was read of it."""
-
-    name: str
-    pid: int
-    must_contain: tuple[str, ...]  # words its command line must hold (checked once it exec'd)
-    start: int | None = None  # /proc start time, once the command line matched
-    samples: list[tuple[float, float, int]] = field(default_factory=list)  # t, cpu_s, rss
-    pss: list[tuple[float, int]] = field(default_factory=list)
-    peak_rss: int = 0
-    hwm: int = 0
-    peak_anon: int = 0  # RssAnon: the process's own memory (heap, stacks)
-    peak_file: int = 0  # RssFile: mapped files (shared libraries), shared with other processes
-    threads: int = 0
-    children_seen: int = 0
-    gone_at: float | None = None
-    mismatch: str | None = None
-
-    def cpu_at(self, t: float) -> float:
-        """The CPU counter at time t (linear between the samples around it)."""
-        s = self.samples
-        if not s:
-            return float("nan")
-        if t <= s[0][0]:
-            return s[0][1]
-        for (t0, c0, _), (t1, c1, _) in itertools.pairwise(s):
-            if t0 <= t <= t1:
-                return c0 if t1 == t0 else c0 + (c1 - c0) * (t - t0) / (t1 - t0)
-        return s[-1][1]
-
-    def peak_rss_between(self, a: float, b: float) -> int:
-        return max((rss for t, _, rss in self.samples if a <= t <= b), default=0)
-
-
-class Sampler(threading.Thread):
-    """Every 0.25 s: each traced process's CPU, RSS (VmRSS), high-water mark and threads; every
-    2 s its PSS; the machine's CPU counters. A process whose start time changes, or whose
-    command line does not hold what it must, is marked (a validity failure)."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True, name="sampler")
-        self.traces: dict[str, Trace] = {}
-        self.lock = threading.Lock()
-        self.stop_event = threading.Event()
-        self.errors: list[str] = []
-        self.machine: list[tuple[float, float, float]] = []  # t, busy, total
-        self.ticks = 0
-        self.extra: list[Callable[[float], None]] = []  # more readings each tick (cgroups)
-
-    def add(self, name: str, pid: int, must_contain: Sequence[str]) -> None:
-        with self.lock:
-            self.traces[name] = Trace(name, pid, tuple(must_contain))
-
-    def run(self) -> None:
-        try:
-            while not self.stop_event.is_set():
-                self.tick()
-                self.stop_event.wait(SAMPLE_INTERVAL_S)
-            self.tick()
-        except Exception:
-            self.errors.append(traceback.format_exc())
-
-    def tick(self) -> None:
-        now = time.time()
-        with self.lock:
-            traces = list(self.traces.values())
-        with_pss = self.ticks % PSS_EVERY == 0
-        self.ticks += 1
-        for tr in traces:
-            if tr.gone_at is not None or tr.mismatch is not None:
-                continue
-            st = proc_stat(tr.pid)
-            if st is None:
-                tr.gone_at = now
-                continue
-            cpu, start = st
-            if tr.start is None:
-                argv = cmdline(tr.pid)
-                if not all(w in argv for w in tr.must_contain):
-                    continue  # not exec'd yet (the board's wrapper shell): read it again next tick
-                tr.start = start
-            elif start != tr.start:
-                tr.mismatch = f"pid {tr.pid} is another process now (start time {start} != {tr.start})"
-                continue
-            status = proc_status(tr.pid)
-            if "VmRSS" not in status:
-                tr.gone_at = now
-                continue
-            rss = status["VmRSS"]
-            tr.samples.append((now, cpu, rss))
-            tr.peak_rss = max(tr.peak_rss, rss)
-            tr.hwm = max(tr.hwm, status.get("VmHWM", 0))
-            tr.peak_anon = max(tr.peak_anon, status.get("RssAnon", 0))
-            tr.peak_file = max(tr.peak_file, status.get("RssFile", 0))
-            tr.threads = max(tr.threads, status.get("Threads", 0))
-            tr.children_seen = max(tr.children_seen, len(children_of(tr.pid)))
-            if with_pss:
-                pss = proc_pss(tr.pid)
-                if pss is not None:
-                    tr.pss.append((now, pss))
-        busy, total = machine_cpu()
-        self.machine.append((now, busy, total))
-        for reading in self.extra:
-            reading(now)
-
-    def machine_busy(self, a: float, b: float) -> float | None:
-        """The machine's busy fraction (all cores) between a and b."""
-        before = [m for m in self.machine if m[0] <= a]
-        after = [m for m in self.machine if m[0] >= b]
-        if not before or not after:
-            return None
-        (_, b0, t0), (_, b1, t1) = before[-1], after[0]  # the samples around [a, b]
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else None
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(timeout=15)
-
-
-# --- the fleet's processes --------------------------------------------------------------------
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST",)}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    return env
-
-
-def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as f:
-        return subprocess.Popen(
-            argv, stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT, start_new_session=True
-        )
-
-
-def fedge_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedge.cli", *args]
-
-
-def terminate(procs: dict[str, subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
-    for p in procs.values():
-        if p.poll() is None:
-            with contextlib.suppress(OSError):
-                p.send_signal(signal.SIGTERM)
-    until = time.monotonic() + timeout
-    for p in procs.values():
-        try:
-            p.wait(max(0.1, until - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 class StatusWatch:
@@ -718,7 +503,7 @@ def run_fleet(spec: FleetSpec, model_dir: Path, work: Path) -> dict[str, Any]:
     broker = MosquittoBroker(
         BrokerSettings(data_dir=root / "broker", persistence=False, max_queued_messages=100_000)
     ).start()
-    sampler = Sampler()
+    sampler = Sampler(SAMPLE_INTERVAL_S, PSS_EVERY)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     board = BoardCgroup(f"fedge-board-{os.getpid()}") if spec.board_device else None
     watch: StatusWatch | None = None
@@ -779,18 +564,16 @@ def run_fleet(spec: FleetSpec, model_dir: Path, work: Path) -> dict[str, Any]:
             fedge_argv("aggregator", "run", "--config", str(fleet.aggregator_config)), logs / "aggregator.log"
         )
         sampler.add("aggregator", procs["aggregator"].pid, ("aggregator", "run"))
-        deadline = time.monotonic() + 120 + (spec.rounds + 2) * spec.round_timeout_s
-        aggregator = procs["aggregator"]
-        while aggregator.poll() is None:
-            if time.monotonic() > deadline:
-                raise BenchError(f"{spec.label}: the aggregator did not finish in time; see {logs}")
-            dead = [d for d, p in procs.items() if p.poll() is not None and d != spec.board_device]
-            if dead:
-                raise BenchError(f"{spec.label}: {dead} exited during the rounds; see {logs}")
-            time.sleep(0.25)
+        wait_for_exit(
+            procs,
+            "aggregator",
+            120 + (spec.rounds + 2) * spec.round_timeout_s,
+            logs,
+            prefix=f"{spec.label}: ",
+            ignore={spec.board_device} if spec.board_device else (),
+            poll_s=0.25,
+        )
         finished = time.time()
-        if aggregator.returncode != 0:
-            raise BenchError(f"{spec.label}: the aggregator exited with {aggregator.returncode}; see {logs}")
         time.sleep(2 * SAMPLE_INTERVAL_S)  # one more sample of every agent after the last round
         board_counters = board.counters() if board is not None else None
         board_settings = board.settings() if board is not None else None
