@@ -221,6 +221,7 @@ from typing import Any  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import agent_processes as ap  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 import bench_agent_budget as bab  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 import bench_fleet_budget as fb  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 
@@ -249,14 +250,10 @@ STAGES = (
 #: A trainer in an agent-sized process: RSS after the agent's imports, LiteRT's import (an agent
 #: loads it for its first round), one interpreter, one round of training, a second interpreter
 #: (insight's), its predictions.
-_LITERT_PROBE = r"""
-import json, sys
-from pathlib import Path
-def rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+_LITERT_PROBE = (
+    "import json, sys\nfrom pathlib import Path\n"
+    + ap.RSS_SOURCE
+    + r"""
 import fedge.agent.service, fedge.agent.wiring  # the agent's imports
 import numpy as np
 from fedge.agent.trainer import LiteRTTrainer
@@ -278,78 +275,27 @@ t2.predict(x[:1])
 rows.append(("a prediction", rss()))
 print(json.dumps(rows))
 """
+)
 
 
 # --- /proc --------------------------------------------------------------------------------------
 
 
 def status_rss(pid: int) -> dict[str, int]:
-    """VmRSS and its split (RssAnon, RssFile, RssShmem), VmHWM, threads from /proc/<pid>/status."""
-    keys = {
+    """VmRSS and its split (RssAnon, RssFile, RssShmem), VmHWM, threads from /proc/<pid>/status
+    (OSError if the process is gone)."""
+    names = {
         "VmRSS": "rss_bytes",
         "RssAnon": "anon_bytes",
         "RssFile": "file_bytes",
         "RssShmem": "shmem_bytes",
         "VmHWM": "hwm_bytes",
+        "Threads": "threads",
     }
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in keys:
-                out[keys[name]] = int(rest.split()[0]) * 1024
-            elif name == "Threads":
-                out["threads"] = int(rest)
-    return out
-
-
-def cpu_s(pid: int) -> float:
-    """The process's user + system CPU seconds (/proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def smaps_mappings(pid: int) -> tuple[dict[str, int], dict[str, int]]:
-    """Resident bytes by mapping name (a file's basename, ``[heap]``, ``[stack]``, ``anon``) and
-    the thread stacks: anonymous 8 MiB mappings right after a 4 KiB no-access guard page."""
-    by_name: dict[str, int] = {}
-    stacks = {"count": 0, "rss_bytes": 0}
-    current = "anon"
-    prev_guard_end = -1
-    cur_start = cur_end = 0
-    cur_is_stack = False
-    with open(f"/proc/{pid}/smaps", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            head = line.split(None, 5)
-            if len(head) >= 5 and "-" in head[0] and not line[0].isupper():
-                start_s, end_s = head[0].split("-")
-                cur_start, cur_end = int(start_s, 16), int(end_s, 16)
-                path = head[5].strip() if len(head) > 5 else ""
-                current = os.path.basename(path) if path.startswith("/") else (path or "anon")
-                cur_is_stack = (
-                    current == "anon" and cur_start == prev_guard_end and cur_end - cur_start == 8 * MIB
-                )
-                prev_guard_end = cur_end if (current == "anon" and head[1] == "---p") else -1
-                if cur_is_stack:
-                    stacks["count"] += 1
-            elif line.startswith("Rss:"):
-                kb = int(line.split()[1]) * 1024
-                key = "thread stacks" if cur_is_stack else current
-                by_name[key] = by_name.get(key, 0) + kb
-                if cur_is_stack:
-                    stacks["rss_bytes"] += kb
-    return dict(sorted(by_name.items(), key=lambda kv: -kv[1])), stacks
-
-
-def thread_names(pid: int) -> list[str]:
-    names = []
-    for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
-        try:
-            names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
-        except OSError:
-            continue
-    return names
+    status = ap.proc_status(pid)
+    if not status:
+        raise OSError(f"/proc/{pid}/status: the process is gone")
+    return {names[k]: v for k, v in status.items()}
 
 
 class Snapshots(threading.Thread):
@@ -370,7 +316,7 @@ class Snapshots(threading.Thread):
 
     def full(self) -> dict[str, Any]:
         before = status_rss(self.pid)
-        mappings, stacks = smaps_mappings(self.pid)
+        mappings, stacks = ap.smaps_mappings(self.pid)
         with_dump: dict[str, Any] = {}
         mtime = self.dump_path.stat().st_mtime_ns if self.dump_path.exists() else 0
         os.kill(self.pid, signal.SIGUSR1)
@@ -385,7 +331,7 @@ class Snapshots(threading.Thread):
             **before,
             "top_mappings": {k: v for k, v in list(mappings.items())[:14]},
             "thread_stacks": stacks,
-            "thread_names": thread_names(self.pid),
+            "thread_names": ap.thread_names(self.pid),
             "inside": with_dump,
         }
 
@@ -401,7 +347,7 @@ class Snapshots(threading.Thread):
             try:
                 s = status_rss(self.pid)
                 phase = self.phase
-                cpu = cpu_s(self.pid)
+                cpu = ap.proc_cpu_s(self.pid)
                 self.cpu.setdefault(phase, [cpu, cpu])[1] = cpu
                 self.series.append(
                     (round(time.time() - self.t0, 2), phase, s["rss_bytes"], s["anon_bytes"], s["file_bytes"])
@@ -431,12 +377,7 @@ def run_agent(
     model_dir: Path, work: Path, rounds: int, idle_s: float, every: float, agent_env: dict[str, str]
 ) -> dict[str, Any]:
     from fedge.lab import demo, har_watch
-    from fedge.lab.observer import FleetObserver
-    from fedge.lab.provision import create_fleet
-    from fedge.protocol.mqtt_settings import parse_broker_url
     from fedge.protocol.task import parse_task_spec
-    from fedge.tools import bundled
-    from fedge.tools.broker_config import edgex_principal
 
     task = parse_task_spec(TASK.read_text(encoding="utf-8"))
     root = work / "fleet"
@@ -445,8 +386,7 @@ def run_agent(
     device = next(iter(subjects))
     options = demo.DemoOptions(task=task, out=root, devices=1, rounds=rounds)
     broker, broker_url, creds = demo._start_secure_broker(root, list(subjects), model_dir)
-    host, port, _ = parse_broker_url(broker_url)
-    notify = bab.NotifyListener(work, list(subjects))
+    notify = ap.NotifyListener(work, list(subjects))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     live_stop = threading.Event()
     live_thread: threading.Thread | None = None
@@ -454,59 +394,29 @@ def run_agent(
     snaps: Snapshots | None = None
     marks: dict[str, float] = {}
     try:
-        fleet = create_fleet(
-            root / "files",
-            demo.FLEET,
-            model_dir,
-            broker_url,
-            subjects,
-            rounds={
-                "rounds": rounds,
-                "min_devices": 1,
-                "round_timeout_s": 120.0,
-                "codec": "fp32",
-                "server_learning_rate": 2.0,
-                "wait_for_devices_s": 60.0,
-            },
-            edgex={"prefix": "edgex", "profile": str(bundled.profiles_dir() / "wearable-imu.yaml")},
-            task_file=TASK,
-            mqtt_extra={
-                name: {k: v for k, v in c.items() if k in ("username", "password", "ca_file")}
-                for name, c in creds.items()
-            },
-            edgex_extra={
-                d: {k: v for k, v in creds[edgex_principal(d)].items() if k in ("username", "password")}
-                for d in subjects
-            },
-        )
-        x_test, y_test = har_watch.pooled(har_watch.load_devices(task, har_watch.TEST_SUBJECTS).values())
-        observer = FleetObserver(
-            demo.FLEET,
-            host,
-            port,
-            fleet.signing_key.verify_key,
-            (model_dir / "model.tflite").read_bytes(),
-            x_test,
-            y_test,
-            **demo._client_creds(creds.get("observer")),
-        )
+        rounds_table: dict[str, object] = {
+            "rounds": rounds,
+            "min_devices": 1,
+            "round_timeout_s": 120.0,
+            "codec": "fp32",
+            "server_learning_rate": 2.0,
+            "wait_for_devices_s": 60.0,
+        }
+        fleet = ap.provision_locked(root, model_dir, broker_url, creds, subjects, rounds_table, TASK)
+        observer = ap.observer_for(fleet, model_dir, broker_url, creds, task)
         observer.start()
         notify.start()
         dump_path = work / "agent-dump.json"
         argv = [sys.executable, str(Path(__file__).resolve()), "--as-agent", "agent", "run", "--config"]
         argv.append(str(fleet.agent_configs[device]))
-        procs[device] = bab.spawn(
+        procs[device] = ap.spawn(
             argv,
             logs / f"{device}.log",
             {"NOTIFY_SOCKET": notify.paths[device], _DUMP_PATH_ENV: str(dump_path), **agent_env},
         )
         snaps = Snapshots(procs[device].pid, dump_path, every)
         snaps.start()
-        until = time.monotonic() + 120
-        while device not in notify.ready_at:
-            if procs[device].poll() is not None or time.monotonic() > until:
-                raise bab.BenchError(f"the agent sent no READY=1; see {logs}")
-            time.sleep(0.05)
+        ap.wait_ready(notify, procs, subjects, 120, logs)
         snaps.phase = "connected"
         time.sleep(max(3.0, 2 * every))
         snaps.take()
@@ -527,19 +437,11 @@ def run_agent(
         time.sleep(2.0)
         snaps.phase = "round"
         print(f"  {feed['readings']:,} readings stored; {rounds} rounds...", flush=True)
-        procs["aggregator"] = bab.spawn(
-            fb.fedge_argv("aggregator", "run", "--config", str(fleet.aggregator_config)),
+        procs["aggregator"] = ap.spawn(
+            ap.fedge_argv("aggregator", "run", "--config", str(fleet.aggregator_config)),
             logs / "aggregator.log",
         )
-        deadline = time.monotonic() + 120 + (rounds + 2) * 120
-        while procs["aggregator"].poll() is None:
-            if procs[device].poll() is not None:
-                raise bab.BenchError(f"the agent exited during the rounds; see {logs}")
-            if time.monotonic() > deadline:
-                raise bab.BenchError(f"the aggregator did not finish in time; see {logs}")
-            time.sleep(0.2)
-        if procs["aggregator"].returncode != 0:
-            raise bab.BenchError(f"the aggregator exited with {procs['aggregator'].returncode}; see {logs}")
+        ap.wait_for_exit(procs, "aggregator", 120 + (rounds + 2) * 120, logs)
         snaps.phase = "settle"
         time.sleep(bab.IDLE_SETTLE_S)
         snaps.phase = "after"
@@ -547,25 +449,25 @@ def run_agent(
         time.sleep(idle_s)
         snaps.take()
         if procs[device].poll() is not None:
-            raise bab.BenchError(f"the agent exited; see {logs}")
+            raise ap.BenchError(f"the agent exited; see {logs}")
         rounds_done = fb.read_aggregator_log(logs / "aggregator.log")
         aggregated = sum(1 for r in rounds_done if r.phase == "train" and r.outcome == "aggregated")
         if aggregated < rounds:
-            raise bab.BenchError(f"only {aggregated} of {rounds} train rounds aggregated; see {logs}")
+            raise ap.BenchError(f"only {aggregated} of {rounds} train rounds aggregated; see {logs}")
     finally:
         if snaps is not None:
             snaps.stop()
         live_stop.set()
         if live_thread is not None:
             live_thread.join(timeout=10)
-        fb.terminate(procs)
+        ap.terminate(procs)
         notify.stop()
         if observer is not None:
             observer.stop()
         broker.stop()
     assert snaps is not None
     if snaps.errors:
-        raise bab.BenchError("reading /proc failed: " + "; ".join(snaps.errors))
+        raise ap.BenchError("reading /proc failed: " + "; ".join(snaps.errors))
     return {
         "device": device,
         "readings": feed["readings_by_device"][device],
@@ -578,31 +480,13 @@ def run_agent(
 
 
 def import_stages() -> dict[str, Any]:
-    probe = subprocess.run(
-        [sys.executable, "-c", bab._STAGE_PROBE, "rss", *STAGES],
-        capture_output=True,
-        text=True,
-        env=fb.child_env(),
-        cwd=ROOT,
-        check=True,
-        timeout=300,
-    )
-    data: dict[str, Any] = json.loads(probe.stdout.strip().splitlines()[-1])
+    data: dict[str, Any] = ap.run_probe(bab._STAGE_PROBE, "rss", *STAGES, what="the import probe")
     return data
 
 
 def litert_costs(model_dir: Path, data_dir: Path, epochs: int) -> list[tuple[str, int]]:
-    probe = subprocess.run(
-        [sys.executable, "-c", _LITERT_PROBE, str(model_dir), str(data_dir), str(epochs)],
-        capture_output=True,
-        text=True,
-        env=fb.child_env(),
-        cwd=ROOT,
-        check=True,
-        timeout=300,
-    )
-    rows: list[tuple[str, int]] = [tuple(r) for r in json.loads(probe.stdout.strip().splitlines()[-1])]
-    return rows
+    rows = ap.run_probe(_LITERT_PROBE, str(model_dir), str(data_dir), str(epochs), what="the LiteRT probe")
+    return [tuple(r) for r in rows]
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -632,18 +516,14 @@ def render(run: dict[str, Any]) -> str:
         lines.append(f"{label:38}" + "".join(f"{c:>11}" for c in cells))
 
     peak = a["peak_by_phase"]
-    lines.append(
-        f"{'peak RSS in the phase':38}{mib(last_import):>11}"
-        + "".join(f"{mib(peak.get(p, {}).get('rss_bytes')):>11}" for p in PHASES)
-    )
-    lines.append(
-        f"{'  its anonymous peak':38}{'':>11}"
-        + "".join(f"{mib(peak.get(p, {}).get('anon_bytes')):>11}" for p in PHASES)
-    )
-    lines.append(
-        f"{'  its file-backed peak':38}{'':>11}"
-        + "".join(f"{mib(peak.get(p, {}).get('file_bytes')):>11}" for p in PHASES)
-    )
+    for label, imports, key in (
+        ("peak RSS in the phase", mib(last_import), "rss_bytes"),
+        ("  its anonymous peak", "", "anon_bytes"),
+        ("  its file-backed peak", "", "file_bytes"),
+    ):
+        lines.append(
+            f"{label:38}{imports:>11}" + "".join(f"{mib(peak.get(p, {}).get(key)):>11}" for p in PHASES)
+        )
     cpu = a.get("cpu_s_by_phase", {})
     if cpu:  # (reports before the CPU was recorded have none)
         lines.append(
@@ -750,18 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if model_dir is None:
             print("building the model...", flush=True)
             model_dir = work / "model"
-            subprocess.run(
-                fb.fedge_argv("model", "build", "--task", str(TASK), "--out", str(model_dir)),
-                capture_output=True,
-                env=fb.child_env(),
-                cwd=ROOT,
-                check=True,
-                timeout=600,
-            )
-        import compileall
-
-        for part in ("agent", "protocol", "shell", "tools"):
-            compileall.compile_dir(str(ROOT / part / "fedge"), quiet=1)
+            ap.build_model(TASK, model_dir)
+        ap.precompile_fedge()
         print("baselines, import stages, LiteRT...", flush=True)
         run["baselines"] = bab.baselines(model_dir, work)
         run["imports"] = import_stages()
@@ -771,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("one agent in service...", flush=True)
         run["agent"] = run_agent(model_dir, work, a.rounds, a.idle, a.every, agent_env)
         run["agent_peak_rss_bytes"] = max(v["rss_bytes"] for v in run["agent"]["peak_by_phase"].values())
-    except (bab.BenchError, subprocess.CalledProcessError) as exc:
+    except (ap.BenchError, subprocess.CalledProcessError) as exc:
         print(f"FAILED: {exc}; logs in {work}", file=sys.stderr)
         return 1
     except Exception:
