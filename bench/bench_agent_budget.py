@@ -910,26 +910,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print("building the model (TensorFlow, once, in its own process)...", flush=True)
         model_dir = work / "model"
-        built = subprocess.run(
-            ap.fedge_argv("model", "build", "--task", str(TASK), "--out", str(model_dir)),
-            capture_output=True,
-            text=True,
-            env=ap.child_env(),
-            cwd=ROOT,
-            check=False,
-            timeout=600,
-        )
-        if built.returncode != 0:
-            raise BenchError(f"fedge model build failed:\n{built.stdout}{built.stderr}")
+        ap.build_model(TASK, model_dir)
         if cfg.precompile:
-            # An agent installed from a wheel has its bytecode (pip compiles at install); this
-            # checkout may not (PYTHONDONTWRITEBYTECODE), and compiling ~100 modules at every
-            # start costs each agent ~2 MiB of RSS and CPU that a device never pays.
-            import compileall
-
-            for part in ("agent", "protocol", "shell", "tools"):
-                if not compileall.compile_dir(str(ROOT / part / "fedge"), quiet=1):
-                    raise BenchError(f"compileall failed under {part}/fedge")
+            ap.precompile_fedge()
         print("baselines: the training-only process, Python+numpy, the import stages...", flush=True)
         report["baselines"] = baselines(model_dir, work)
         print(

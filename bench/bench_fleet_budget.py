@@ -103,7 +103,7 @@ from agent_processes import (  # type: ignore[import-not-found, unused-ignore]  
     BenchError,
     Sampler,
     Trace,
-    child_env,
+    build_model,
     fedge_argv,
     machine_cpu,
     spawn,
@@ -1493,18 +1493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"machine busy before the run (other load): {report['machine_busy_before']:.0%}", flush=True)
         print("building the model (TensorFlow, once)...", flush=True)
         model_dir = work / "model"
-        # `fedge model build` in its own process: TensorFlow never loads into this one.
-        built = subprocess.run(
-            fedge_argv("model", "build", "--task", str(TASK), "--out", str(model_dir)),
-            capture_output=True,
-            text=True,
-            env=child_env(),
-            cwd=ROOT,
-            check=False,
-            timeout=600,
-        )
-        if built.returncode != 0:
-            raise BenchError(f"fedge model build failed ({built.returncode}):\n{built.stdout}{built.stderr}")
+        build_model(TASK, model_dir)
 
         def edgex(n: int) -> tuple[str, ...]:
             return tuple(subjects_for(FleetSpec("", n, 0, 0.0))) if cfg.data == "edgex" else ()
