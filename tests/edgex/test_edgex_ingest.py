@@ -11,6 +11,7 @@ import json
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -343,3 +344,55 @@ def test_a_queued_backlog_is_taken_in_batches_and_stored_as_event_by_event(
     assert reports[0] == reports[1]
     assert reports[0]["stored_this_run"] == len(labels)
     assert reports[0]["quality"]["readings"] == 6 * len(labels)
+
+
+def test_stopping_in_a_backlog_stores_what_was_queued_and_never_hangs_paho_s_thread(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """The queue is bounded, so paho's EdgeX thread may be waiting to queue a message when the
+    agent stops: the ingest thread keeps taking (and storing) what is queued until the bus has
+    stopped and stop's None comes, so that thread finishes, stop returns and nothing is lost."""
+    labels = ["true", "false"] * 300
+    payloads = [
+        event_json(round((NOW + i * MINUTE) * NS), [20.0 + i, 40.0, 300.0, 600.0, 0.004], label)
+        for i, label in enumerate(labels)
+    ]
+    events = [decode_message(p).events for p in payloads]
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "stopped").mkdir()
+    with make_ingest(tmp_path / "whole", occupancy_task(), clock) as reference:
+        for item in events:
+            reference.feed_events(item)
+        reference._flush()
+        expected = reference.report()["stored_this_run"]
+    with make_ingest(tmp_path / "stopped", occupancy_task(), clock) as ingest:
+        ingest._thread.start()  # the ingest thread alone: paho's thread is the producer below
+        producer = threading.Thread(target=lambda: [ingest._on_events(item) for item in events], daemon=True)
+        producer.start()
+        while ingest.inbox.qsize() < 32 and producer.is_alive():  # the queue fills: paho would wait
+            time.sleep(0.001)
+        ingest.stop_requested.set()  # stop() begins: the bus stops (its thread finishes) first
+        producer.join(30)
+        assert not producer.is_alive()
+        ingest.stop()  # then the None; the ingest thread ends after what was queued
+        assert not ingest._thread.is_alive()
+        ingest._flush()
+        assert ingest.report()["stored_this_run"] == expected == len(labels)
+
+
+def test_a_stopping_agent_whose_ingest_thread_ended_drops_the_message_with_a_log_line(
+    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ingest thread ended (it never started here) and the queue is full: paho's thread does
+    not wait for ever once stop is requested; what it held is logged as not stored."""
+    event = decode_message(event_json(round(NOW * NS), [20.0, 40.0, 300.0, 600.0, 0.004], "true")).events
+    with make_ingest(tmp_path, occupancy_task(), clock) as ingest:
+        for _ in range(32):
+            ingest.inbox.put(event)
+        ingest.stop_requested.set()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            ingest._on_events(event)  # returns: the test would hang here before
+    assert [r.getMessage() for r in caplog.records if r.name == LOGGER] == [
+        f"stopping: 6 EdgeX readings of {DEVICE} not stored (the ingest thread has ended); a core-data "
+        "backfill ([edgex] core_data) reads them at the next start"
+    ]

@@ -61,6 +61,9 @@ _READINGS = attrgetter("readings")
 #: batch (measured: bench_agent_memory.py --ingest-queue; issue 18).
 _QUEUE_LIMIT = 32
 IDLE_FLUSH_S = 1.0
+#: While stopping, the longest the ingest thread waits for the next item, and paho's EdgeX thread
+#: between looks at whether the ingest thread is still there to take what it queues.
+STOP_WAIT_S = 0.5
 #: Readings the ingest thread takes from its queue at once at most (:meth:`EdgeXIngest._drain`).
 BATCH_READINGS = 4096
 #: With no reading stored yet, a first backfill reaches this far back.
@@ -213,7 +216,10 @@ class EdgeXIngest:
         self.stop_requested.set()
         if self.bus is not None:
             self.bus.stop()
-        self.inbox.put(None)
+        try:  # the ingest thread takes what is queued, then this; one that ended takes nothing
+            self.inbox.put(None, timeout=10)
+        except queue.Full:
+            log.warning("stopping: the ingest thread of %s takes no more readings", self.device)
         self._thread.join(timeout=10)
         if self.resume_ns is not None:
             try:
@@ -230,11 +236,29 @@ class EdgeXIngest:
         self.inbox.put([])
 
     def _on_events(self, events: list[Event]) -> None:
+        """paho's EdgeX thread: queues this device's events for the ingest thread. The queue is
+        bounded: a full one makes this thread wait (back-pressure: the broker holds what follows),
+        never drop; once the agent is stopping and the ingest thread no longer takes any (it
+        failed, or a disk stopped answering), the events are logged as not stored and the thread
+        goes on, so stopping never hangs on it (a core-data backfill reads them at the next start)."""
         mine = [e for e in events if e.device == self.device]
         if len(mine) != len(events):
             self.ignored_events += len(events) - len(mine)
-        if mine:
-            self.inbox.put(mine)  # bounded: blocks paho's thread (back-pressure), never drops
+        if not mine:
+            return
+        while True:
+            try:
+                self.inbox.put(mine, timeout=STOP_WAIT_S)
+                return
+            except queue.Full:
+                if self.stop_requested.is_set() and not self._thread.is_alive():
+                    log.warning(
+                        "stopping: %d EdgeX readings of %s not stored (the ingest thread has ended); "
+                        "a core-data backfill ([edgex] core_data) reads them at the next start",
+                        sum(map(len, map(_READINGS, mine))),
+                        self.device,
+                    )
+                    return
 
     def feed(self, readings: Iterable[Reading]) -> int:
         """Builds samples from readings and stores them; returns how many were stored."""
@@ -389,13 +413,21 @@ class EdgeXIngest:
 
     def _run(self) -> None:
         """Wakes only for work: events, a backfill request (an empty item), stop (None), or the
-        end of a pause in the stream when rows wait in the reorder buffer (``IDLE_FLUSH_S``)."""
+        end of a pause in the stream when rows wait in the reorder buffer (``IDLE_FLUSH_S``).
+
+        It ends at the None :meth:`stop` queues after the bus has stopped, not when stop is
+        requested: until then it stores what is queued, so paho's EdgeX thread, which may be
+        waiting to queue one more message (the queue is bounded), can finish and the bus stop;
+        nothing queued is lost (at most ``_QUEUE_LIMIT`` messages: well under a second)."""
         name_current_thread("fedge-ingest")  # what top -H and the benchmarks show
-        while not self.stop_requested.is_set():
-            if self.backfill_needed.is_set() and self.core_data is not None:
+        while True:
+            stopping = self.stop_requested.is_set()
+            if self.backfill_needed.is_set() and self.core_data is not None and not stopping:
                 self.backfill_needed.clear()
                 self._backfill()
             timeout = None if self._flushed else max(0.0, self._last_feed + IDLE_FLUSH_S - time.monotonic())
+            if stopping:  # stop() queues None after the bus stops: never wait much longer
+                timeout = STOP_WAIT_S if timeout is None else min(timeout, STOP_WAIT_S)
             try:
                 item = self.inbox.get(timeout=timeout)
             except queue.Empty:
