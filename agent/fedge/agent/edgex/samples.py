@@ -39,7 +39,6 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import bisect_left, bisect_right
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import compress, islice, repeat
@@ -49,6 +48,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedge.agent.edgex.readings import INT_RANGES, Reading, ReadingError, Value
+from fedge.agent.edgex.recent_keys import RecentKeys
 from fedge.agent.features import extract_features, window_count, window_labels
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.task import TaskSpec
@@ -269,10 +269,9 @@ class SampleBuilder:
         #: The heap is sorted too (a sorted list is a heap): rows close as slices of it.
         self._sorted = True
         self._pending_keys: set[int] = set()
-        # The last ``recent_keys`` placed keys, oldest first (a set to look up, a deque to evict):
-        # an OrderedDict of tuples held ~3 MB per builder, these ~1 MB.
-        self._recent: set[int] = set()
-        self._recent_order: deque[int] = deque()
+        # The last ``recent_keys`` placed keys: an OrderedDict of tuples held ~3 MB per builder,
+        # a set of ints with a deque ~2.9 MB, column masks per origin ~0.3 MB.
+        self._recent = RecentKeys(self.recent_keys)
         self._last_row_ns: int | None = None
         self._window_rows: list[_Row] = []  # rows of the window being filled
         self._skip = 0  # rows to skip before the next window starts (step > size)
@@ -419,7 +418,7 @@ class SampleBuilder:
             return
         origin = reading.origin_ns
         key = origin * self._stride + column
-        if key in self._pending_keys or key in self._recent:
+        if key in self._pending_keys or self._recent.has(origin, column):
             q.duplicate += 1
             return
         if self._is_late(origin):
@@ -433,7 +432,7 @@ class SampleBuilder:
             self._max_seen = origin
         if reason is not None:
             setattr(q, reason, getattr(q, reason) + 1)
-            self._remember(key)
+            self._recent.add(origin, column)
         else:
             q.accepted += 1
             q.reordered += reordered
@@ -499,31 +498,6 @@ class SampleBuilder:
             return float(value)
         return None
 
-    def _remember_all(self, keys: list[int]) -> None:
-        """:meth:`_remember` of each key in turn, at once (placed keys are new: never in it)."""
-        if self.recent_keys == 0:
-            return
-        recent = self._recent
-        if not recent.isdisjoint(keys):
-            for key in keys:
-                self._remember(key)
-            return
-        order = self._recent_order
-        recent.update(keys)
-        order.extend(keys)
-        excess = len(order) - self.recent_keys
-        if excess > 0:
-            popleft = order.popleft
-            recent.difference_update([popleft() for _ in range(excess)])
-
-    def _remember(self, key: int) -> None:
-        if self.recent_keys == 0 or key in self._recent:
-            return
-        self._recent.add(key)
-        self._recent_order.append(key)
-        if len(self._recent_order) > self.recent_keys:
-            self._recent.discard(self._recent_order.popleft())
-
     # --- alignment -----------------------------------------------------------------------
 
     def _close_ready_rows(self, rows: list[_Row]) -> None:
@@ -558,7 +532,7 @@ class SampleBuilder:
         pending = self._pending
         tolerance = self.align_tolerance_ns
         end = len(pending)
-        i = self._close_whole_rows(rows, watermark)
+        whole = i = self._close_whole_rows(rows, watermark)
         floor = self._floor
         while i < end and pending[i][0] + tolerance < watermark:
             origin = pending[i][0]
@@ -576,10 +550,16 @@ class SampleBuilder:
             self._floor = floor
             self._finish_row(origin, values, rows)
         stride = self._stride
-        keys = [when * stride + column for when, column, _ in pending[:i]]
+        closed = pending[:i]
         del pending[:i]
-        self._pending_keys.difference_update(keys)
-        self._remember_all(keys)
+        self._pending_keys.difference_update([when * stride + column for when, column, _ in closed])
+        # Closed keys were pending, so never remembered: remembered now in the order heap pops
+        # would give them (whole rows: one group each).
+        if whole:
+            width = len(self._row_columns)
+            self._recent.add_rows(list(map(_FIRST, closed[0:whole:width])), width)
+        if i > whole:
+            self._recent.add_entries(closed[whole:])
 
     def _close_whole_rows(self, rows: list[_Row], watermark: int) -> int:
         """The rows to close at once when they are whole (the common stream: each row's readings
@@ -632,7 +612,7 @@ class SampleBuilder:
             when, column, value = heapq.heappop(pending)
             key = when * stride + column
             self._pending_keys.discard(key)
-            self._remember(key)
+            self._recent.add(when, column)
             values[column] = value
         self._sorted = not pending  # popping reorders the rest
         self._floor = limit if self._floor is None else max(self._floor, limit)
