@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 _PROBE = r"""
 import json, sys
-import fedge.cli, fedge.agent.config, fedge.agent.service, fedge.agent.wiring  # fedge agent run's imports
+import fedge.cli
+fedge.cli.prepare_agent_process()  # what fedge agent run does first
+import fedge.agent.config, fedge.agent.service, fedge.agent.wiring  # then its imports
 print(json.dumps({m: m in sys.modules for m in sys.argv[1:]}))
 """
 
@@ -102,3 +104,47 @@ def test_an_agent_loads_what_is_off_by_default_only_when_configured() -> None:
         "http.server",
     )
     assert loaded_by_an_agent(*optional) == dict.fromkeys(optional, False)
+
+
+def test_an_agent_loads_urllib_request_and_difflib_only_when_used() -> None:
+    """paho imports ``urllib.request`` (with ``http.client`` and ``email``: ~1.5 MiB) for proxies
+    it looks up only with PySocks installed; the EdgeX profile's "did you mean" needs difflib
+    only for an error message."""
+    assert loaded_by_an_agent("http.client", "email", "email.parser", "difflib") == {
+        "http.client": False,
+        "email": False,
+        "email.parser": False,
+        "difflib": False,
+    }
+
+
+_USE_PROBE = r"""
+import json, sys
+import fedge.cli
+fedge.cli.prepare_agent_process()
+import fedge.agent.config, fedge.agent.service, fedge.agent.wiring, paho.mqtt.client
+out = {"stand_in": type(sys.modules["urllib.request"]).__name__}
+from urllib.request import getproxies  # the first use
+import urllib.request
+out["loaded"] = "http.client" in sys.modules
+out["module"] = type(sys.modules["urllib.request"]).__name__
+out["same"] = urllib.request.getproxies is getproxies and callable(getproxies)
+out["parent"] = sys.modules["urllib"].request is sys.modules["urllib.request"]
+import requests  # what an agent with EdgeX core-data loads
+requests.Session().close()
+out["requests"] = requests.utils.getproxies is getproxies
+print(json.dumps(out))
+"""
+
+
+def test_urllib_request_works_once_used_in_an_agent_process() -> None:
+    proc = subprocess.run([sys.executable, "-c", _USE_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "stand_in": "_StandIn",
+        "loaded": True,
+        "module": "module",
+        "same": True,
+        "parent": True,
+        "requests": True,
+    }

@@ -407,10 +407,16 @@ def prepare_agent_process() -> None:
     agent's matrices (one device's samples, a small model's weights) gain nothing from them, so
     ``OPENBLAS_NUM_THREADS`` is 1 unless the environment says otherwise. glibc's malloc arenas
     are capped at :data:`AGENT_MALLOC_ARENAS` unless ``MALLOC_ARENA_MAX`` is set (glibc has
-    read it already). Neither changes a result; both only take effect before numpy's import
-    and the agent's threads, which is why ``fedge agent run`` calls this first.
+    read it already). ``urllib.request``, which paho imports and an agent does not use, loads
+    on first use (:mod:`fedge.shell.deferred_imports`). None changes a result; all only take
+    effect before numpy's and paho's imports and the agent's threads, which is why
+    ``fedge agent run`` calls this first.
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from fedge.shell.deferred_imports import AGENT_DEFERRED, defer_until_used  # noqa: PLC0415
+
+    for name in AGENT_DEFERRED:  # before paho imports it
+        defer_until_used(name)
     if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes  # noqa: PLC0415 - numpy imports it anyway
