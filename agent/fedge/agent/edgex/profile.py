@@ -20,7 +20,6 @@ keys (which EdgeX's Go YAML decoder rejects but PyYAML silently overwrites) and 
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -796,6 +795,8 @@ def check_task_against_profile(task: TaskSpec, profile: DeviceProfile) -> None:
 
 
 def _suggest(name: str, candidates: Any) -> str:
+    import difflib  # noqa: PLC0415 - only for an error message: not in every agent's memory
+
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
