@@ -106,6 +106,7 @@ QUIET_SETTLE_S = 3.0
 
 #: Import stages of an agent, measured in a fresh interpreter (RSS after each).
 STAGES = (
+    "fedge.cli",  # first, as in fedge agent run: it prepares the process (prepare_agent_process)
     "numpy",
     "ai_edge_litert.interpreter",
     "ssl",
@@ -119,7 +120,6 @@ STAGES = (
     "fedge.agent.edgex.profile",
     "fedge.agent.wiring",
     "fedge.agent.service",
-    "fedge.cli",
 )
 
 _STAGE_PROBE = (
@@ -131,7 +131,9 @@ if traced:
     tracemalloc.start(1)
 rows = [{"stage": "python", "rss_bytes": rss(), "modules": len(sys.modules)}]
 for name in sys.argv[2:]:
-    importlib.import_module(name)
+    module = importlib.import_module(name)
+    if name == "fedge.cli":  # what fedge agent run does first (OpenBLAS, malloc, deferred imports)
+        module.prepare_agent_process()
     rows.append({"stage": name, "rss_bytes": rss(), "modules": len(sys.modules)})
 # Python's own allocations (objects, code, module dicts) after every import: the rest of the RSS
 # is shared libraries and the allocators' overhead.
