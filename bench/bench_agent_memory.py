@@ -632,12 +632,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_dir = work / "model"
             ap.build_model(TASK, model_dir)
         ap.precompile_fedge()
-        print("baselines, import stages, LiteRT...", flush=True)
-        run["baselines"] = bab.baselines(model_dir, work)
-        run["imports"] = import_stages()
-        run["litert"] = litert_costs(
-            model_dir, work / "train-data", run["baselines"]["training_only"]["epochs"]
-        )
+        if not a.agent_only:  # --agent-only: the agent in service alone (the report omits the rest)
+            print("baselines, import stages, LiteRT...", flush=True)
+            run["baselines"] = bab.baselines(model_dir, work)
+            run["imports"] = import_stages()
+            run["litert"] = litert_costs(
+                model_dir, work / "train-data", run["baselines"]["training_only"]["epochs"]
+            )
         print("one agent in service...", flush=True)
         run["agent"] = run_agent(model_dir, work, a.rounds, a.idle, a.every, agent_env)
         run["agent_peak_rss_bytes"] = max(v["rss_bytes"] for v in run["agent"]["peak_by_phase"].values())
