@@ -109,6 +109,9 @@ def test_a_demo_device_reads_its_csv_and_never_imports_the_data_set_packages(
     )
     assert "fedge.agent.csv_source" in modules and "numpy" in modules  # the list is the process's
     assert heavy(modules) == []
+    # Connected over paho, publishing status: urllib.request (paho imports it) stayed a stand-in,
+    # so what it would have loaded is not there either (fedge.shell.deferred_imports).
+    assert "paho.mqtt.client" in modules and not {"urllib.request", "http.client", "email.parser"} & modules
     assert status["data"]["csv"]["bad_rows"] == dict.fromkeys(status["data"]["csv"]["bad_rows"], 0)
     store = SampleStore(files.root / "state" / DEVICE / "samples.sqlite", 200_000, 0)
     try:
