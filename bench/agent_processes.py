@@ -18,12 +18,10 @@ that a process is spawned, sampled and stopped the same way in each, and a fix r
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -70,17 +68,11 @@ def fedge_argv(*args: str) -> list[str]:
 
 
 def terminate(procs: dict[str, subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
-    for p in procs.values():
-        if p.poll() is None:
-            with contextlib.suppress(OSError):
-                p.send_signal(signal.SIGTERM)
-    until = time.monotonic() + timeout
-    for p in procs.values():
-        try:
-            p.wait(max(0.1, until - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    """The demo's shutdown (SIGTERM, SIGKILL after ``timeout``), with more time: agents that
+    stored a backlog flush before they exit."""
+    from fedge.lab.demo import terminate_processes
+
+    terminate_processes(procs, timeout)
 
 
 def wait_for_exit(

@@ -72,6 +72,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from agent_processes import cmdline  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 from bench_training import machine_info  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 from vs_flower_report import METRICS, ReportError, publish  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 
@@ -491,13 +492,6 @@ def descendants(root: int, procs: dict[int, ProcStat]) -> list[int]:
         out.extend(children.get(out[i], []))
         i += 1
     return out
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
 
 
 _SS_SOCKET = re.compile(r"^\S+\s+\S+\s+(\S+)\s+(\S+)\s+users:\((.*)\)\s*$")

@@ -226,7 +226,11 @@ def _remove_containers(names: list[str]) -> None:
         subprocess.run(command, capture_output=True, check=False, timeout=60)
 
 
-def _terminate(procs: dict[str, subprocess.Popen[bytes]], timeout: float = 10.0) -> dict[str, int | None]:
+def terminate_processes(
+    procs: dict[str, subprocess.Popen[bytes]], timeout: float = 10.0
+) -> dict[str, int | None]:
+    """SIGTERM to each process still running, SIGKILL to any still there after ``timeout`` in
+    all; their exit codes (the demo's and the fleet benchmarks' shutdown)."""
     for p in procs.values():
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -954,7 +958,7 @@ def run_demo(
         live_stop.set()
         if live_thread is not None:
             live_thread.join(timeout=10)
-        exit_codes = _terminate(procs)
+        exit_codes = terminate_processes(procs)
         _remove_containers(containers)
         observer.stop()
         if broker is not None:

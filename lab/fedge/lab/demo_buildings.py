@@ -25,8 +25,8 @@ from fedge.lab.demo import (
     _client_creds,
     _spawn,
     _summarise,
-    _terminate,
     start_locked_broker,
+    terminate_processes,
 )
 from fedge.lab.observer import FleetObserver
 from fedge.lab.provision import FleetFiles, create_fleet
@@ -207,7 +207,7 @@ def run_buildings_demo(
             if time.monotonic() > limit:
                 raise FedgeError(f"the demo did not finish in time; see the logs in {out / 'logs'}")
     finally:
-        exit_codes = _terminate(procs)
+        exit_codes = terminate_processes(procs)
         if observer is not None:
             observer.stop()
         for broker in brokers:
