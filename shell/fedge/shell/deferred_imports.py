@@ -1,8 +1,8 @@
 """Standard-library modules a device agent would import only because a dependency does, loaded on
 first use instead (issue 18: device memory).
 
-paho-mqtt 2.x imports ``urllib.request`` at import time, and with it ``http.client``, ``email``,
-``bz2``, ``lzma`` and ``shutil`` (~40 modules, ~2.5 MiB of an agent's memory), for one call,
+paho-mqtt 2.x imports ``urllib.request`` at import time, and with it ``http.client`` and
+``email`` (23 modules an agent has no other use for, ~1.5 MiB of its memory), for one call,
 ``getproxies()``, that it makes only when PySocks is installed (fedge does not depend on it).
 :func:`defer_until_used` puts a stand-in module in ``sys.modules`` before paho is imported:
 ``import urllib.request`` still works everywhere, and the first use of any of its attributes
